@@ -1,0 +1,1 @@
+"""at_jax: attention transfer for Vision Transformers in JAX/Flax."""
