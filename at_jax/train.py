@@ -1,0 +1,220 @@
+"""train_and_evaluate(config, workdir): wires the modules; the training loop. No model math here.
+
+The only module that reads the whole config. Everything that can be wrong with the config or its
+inputs (mode, layers, heads, mesh, batch, image size, dataset, teacher) is checked in `setup` before any
+compilation or training step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from at_jax import checkpoint, data, metrics, optim, sharding, train_step, transfer
+from at_jax.errors import ConfigError
+from at_jax.models import vit
+
+TEACHER_DIR = "teacher"   # <workdir>/teacher: where a config's teacher.pretrain is trained
+EXPORT_DIR = "params"     # <run workdir>/params: the final params export, usable as teacher.init
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything built and validated from a config, before any compute."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  model: vit.ViT
+  teacher: vit.ViT | None
+  teacher_params: Any
+  t: transfer.Transfer
+  mesh: Any
+  train_source: data.Source
+  eval_source: data.Source
+  total_steps: int
+  schedule: optax.Schedule
+  tx: optax.GradientTransformation
+
+
+def teacher_path(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Where the teacher's params export is: teacher.init, or the export of its pretrain run."""
+  if config.teacher.init:
+    return config.teacher.init
+  if config.teacher.pretrain is not None:
+    return os.path.join(workdir, TEACHER_DIR, EXPORT_DIR)
+  raise ConfigError("teacher.init", f"transfer.mode={config.transfer.mode!r} needs a frozen teacher: "
+                    "set teacher.init to a params export (at_jax.checkpoint.save_params), e.g. the "
+                    f"'{EXPORT_DIR}' folder that every run leaves in its workdir")
+
+
+def _load_teacher(config, workdir: str, mesh) -> tuple[vit.ViT | None, Any]:
+  if config.transfer.mode == "none" or config.transfer.source == "precomputed":
+    return None, None
+  model_config, params = checkpoint.load_params(teacher_path(config, workdir))
+  teacher = vit.build(model_config)
+  params = jax.device_put(params, sharding.tree_shardings(mesh, params))
+  return teacher, params
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
+  """Builds and validates everything; raises ConfigError naming the field/file to fix."""
+  model = vit.build(config.model.to_dict())
+  image_size = config.data.image_size
+  if image_size % model.patch_size:
+    raise ConfigError("data.image_size", f"{image_size} is not divisible by the patch size "
+                      f"{model.patch_size} (model.variant / model.patch_size)")
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  sharding.check_batch(config.data.batch_size, mesh, "data.batch_size")
+  sharding.check_batch(config.data.eval_batch_size, mesh, "data.eval_batch_size")
+  data_dir = config.data.dir or None
+  train_source = data.make_source(config.data.name, config.data.train_split, data_dir)
+  eval_source = data.make_source(config.data.name, config.data.eval_split, data_dir)
+  teacher, teacher_params = _load_teacher(config, workdir, mesh)
+  t = transfer.resolve(config.transfer.to_dict(), model, teacher, image_size)
+
+  steps_per_epoch = max(1, len(train_source) // config.data.batch_size)
+  s = config.schedule
+  total = s.steps if s.steps > 0 else int(math.ceil(s.epochs * steps_per_epoch))
+  warmup = int(round(s.warmup_epochs * steps_per_epoch)) if s.steps <= 0 else min(
+      int(round(s.warmup_epochs * steps_per_epoch)), total - 1)
+  o = config.optim
+  schedule = optim.make_schedule(base_lr=o.base_lr, batch_size=config.data.batch_size,
+                                 warmup_steps=warmup, total_steps=total, min_lr=o.min_lr)
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, image_size, image_size, 3),
+                                                                            np.float32), train=False))
+  tx = optim.make_optimizer(abstract["params"], schedule=schedule, b1=o.b1, b2=o.b2, eps=o.eps,
+                            weight_decay=o.weight_decay, layer_decay=o.layer_decay, depth=model.depth,
+                            grad_clip=o.grad_clip or None)
+  return Run(config, workdir, model, teacher, teacher_params, t, mesh, train_source, eval_source,
+             total, schedule, tx)
+
+
+def evaluate(run: Run, eval_fn, state: train_step.TrainState) -> dict[str, float]:
+  """Top-1/top-5 (%) of raw and EMA params over the whole eval split."""
+  d = run.config.data
+  it = data.eval_iterator(run.eval_source, global_batch_size=d.eval_batch_size, image_size=d.image_size,
+                          crop_pct=d.crop_pct, normalization=d.normalization,
+                          process_index=jax.process_index(), process_count=jax.process_count(),
+                          num_threads=d.num_threads)
+  totals: dict[str, float] = {}
+  for batch in it:
+    sums = eval_fn(state.params, state.ema_params, sharding.global_batch(batch, run.mesh),
+                   run.teacher_params)
+    for k, v in jax.device_get(sums).items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  count = totals.pop("count")
+  return {k: 100.0 * v / count for k, v in sorted(totals.items())}
+
+
+def _train_iter(run: Run, start_step: int) -> Iterator[dict[str, np.ndarray]]:
+  d = run.config.data
+  return data.train_iterator(run.train_source, global_batch_size=d.batch_size, image_size=d.image_size,
+                             seed=run.config.seed, start_step=start_step, normalization=d.normalization,
+                             rrc_scale=tuple(d.rrc_scale), hflip=d.hflip,
+                             process_index=jax.process_index(), process_count=jax.process_count(),
+                             num_threads=d.num_threads)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (resuming from <workdir>/checkpoints if present), evaluates, exports params; returns evals."""
+  run = setup(config, workdir)
+  o = config.optim
+  state, shardings = train_step.create_sharded_state(run.model, run.tx, jax.random.key(config.seed),
+                                                     config.data.image_size, run.mesh)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=config.ckpt.every_steps,
+                                 keep=config.ckpt.keep)
+  if ckpt.latest_step() is not None:
+    state, _ = ckpt.restore(state)
+    print(f"Resumed from {workdir}/checkpoints at step {int(state.step)}", flush=True)
+  teacher_shardings = (None if run.teacher_params is None
+                       else jax.tree.map(lambda a: a.sharding, run.teacher_params))
+  step_fn = train_step.make_train_step(run.model, run.teacher, run.tx, run.t, schedule=run.schedule,
+                                       label_smoothing=o.label_smoothing, ema_decay=o.ema_decay)
+  eval_fn = train_step.make_eval_step(run.model, run.teacher, run.t)
+  train_fn, eval_fn = train_step.jit_steps(step_fn, eval_fn, run.mesh, shardings, teacher_shardings)
+
+  writer = metrics.MetricWriter(workdir)
+  start = int(jax.device_get(state.step))
+  s = config.schedule
+  progress = metrics.Progress(f"train[{run.t.mode}]", run.total_steps, start=start,
+                              unit_per_step=config.data.batch_size)
+  _describe(run, start)
+  batches = _train_iter(run, start)
+  pending = None  # (step, metrics) of the step before, fetched after the next one is dispatched
+  evals: dict[str, float] = {}
+  for step in range(start + 1, run.total_steps + 1):
+    state, step_metrics = train_fn(state, sharding.global_batch(next(batches), run.mesh), run.teacher_params)
+    if pending is not None:
+      _log(pending, writer, progress, ckpt)
+    pending = (step, step_metrics) if (step % s.log_every_steps == 0 or step == run.total_steps) else None
+    ckpt.save(step, state, extra={"step": step})
+    if config.evals.every_steps and step % config.evals.every_steps == 0 and step != run.total_steps:
+      writer.write(step, {f"eval/{k}": v for k, v in evaluate(run, eval_fn, state).items()})
+  if pending is not None:
+    _log(pending, writer, progress, ckpt)
+  ckpt.save(run.total_steps, state, extra={"step": run.total_steps}, force=True)
+  ckpt.wait()
+  evals = evaluate(run, eval_fn, state)
+  writer.write(run.total_steps, {f"eval/{k}": v for k, v in evals.items()})
+  writer.close()
+  ckpt.close()
+  checkpoint.save_params(os.path.join(workdir, EXPORT_DIR), jax.device_get(state.params),
+                         vit.model_fields(run.model))
+  print("eval " + "  ".join(f"{k} {v:.2f}" for k, v in evals.items()), flush=True)
+  return evals
+
+
+def _log(pending, writer: metrics.MetricWriter, progress: metrics.Progress, ckpt) -> None:
+  step, device_metrics = pending
+  values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+  if not math.isfinite(values["loss"]):
+    last = ckpt.latest_step()
+    raise FloatingPointError(f"non-finite loss {values['loss']} at step {step}; the last good checkpoint "
+                             f"(step {last}) is intact in {ckpt.directory}")
+  writer.write(step, {f"train/{k}": v for k, v in values.items()})
+  progress.update(step, {k: values[k] for k in ("loss", "distill_loss", "train_acc") if k in values})
+
+
+def _describe(run: Run, start: int) -> None:
+  if jax.process_index() != 0:
+    return
+  m, t = run.model, run.t
+  what = "" if not t.active else (f" | {t.mode} {t.what}, layers {transfer.selected(t.layers)}, heads "
+                                  f"{transfer.selected(t.heads)}, weight {t.weight}")
+  print(f"ViT width {m.width} depth {m.depth} heads {m.num_heads} patch {m.patch_size}{what} | "
+        f"{run.total_steps} steps of {run.config.data.batch_size} on mesh {dict(run.mesh.shape)}"
+        + (f" | resuming at {start}" if start else ""), flush=True)
+
+
+def run_with_teacher(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
+  """Trains the teacher first when the config says how and it isn't there yet, then the student.
+
+  Returns {"teacher": evals or {}, "student": evals}, and prints them as a table.
+  """
+  results: dict[str, dict[str, float]] = {}
+  if config.transfer.mode != "none" and not config.teacher.init and config.teacher.pretrain is not None:
+    teacher_dir = os.path.join(workdir, TEACHER_DIR)
+    results_file = os.path.join(teacher_dir, "results.json")
+    if not os.path.exists(os.path.join(teacher_dir, EXPORT_DIR, "model_config.json")):
+      print(f"== No teacher in {teacher_dir}: training one ==", flush=True)
+      evals = train_and_evaluate(config.teacher.pretrain, teacher_dir)
+      with open(results_file, "w") as f:
+        json.dump(evals, f)
+    with open(results_file) as f:
+      results["teacher"] = json.load(f)
+  print(f"== Student: {config.transfer.mode} ==", flush=True)
+  results["student"] = train_and_evaluate(config, workdir)
+  rows = [{"model": name, **{k: round(v, 2) for k, v in r.items()}} for name, r in results.items()]
+  table = metrics.format_table(rows, ["model", "top1", "ema_top1", "top5", "ema_top5"])
+  if jax.process_index() == 0:
+    print(table, flush=True)
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=1)
+  return results

@@ -1,0 +1,139 @@
+"""TrainState, sharded init and the pure train/eval steps (loss + grads + optax + EMA).
+
+Teacher params are an *argument* of the steps: never closed over, never donated, never in the state.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from at_jax import sharding, transfer
+from at_jax.models.vit import ViT, sample_drop_masks
+
+Array = jax.Array
+Batch = Mapping[str, Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: Array
+  params: Any
+  opt_state: Any
+  ema_params: Any
+  rng: Array
+
+
+def init_state(model: ViT, tx: optax.GradientTransformation, rng: Array, image_size: int) -> TrainState:
+  """A fresh state; meant to run under `jax.jit(..., out_shardings=...)` so it is born sharded."""
+  rng_init, rng_train = jax.random.split(rng)
+  images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  params = model.init(rng_init, images, train=False)["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    ema_params=params, rng=rng_train)
+
+
+def create_sharded_state(model: ViT, tx: optax.GradientTransformation, rng: Array, image_size: int,
+                         mesh: Mesh) -> tuple[TrainState, Any]:
+  """Returns (state, state_shardings); the state is created directly in its shardings."""
+  init = lambda r: init_state(model, tx, r, image_size)  # noqa: E731
+  shardings = sharding.tree_shardings(mesh, jax.eval_shape(init, rng))
+  return jax.jit(init, out_shardings=shardings)(rng), shardings
+
+
+def cross_entropy(logits: Array, labels: Array, label_smoothing: float) -> Array:
+  """Mean softmax cross-entropy; `labels` are int [B] or soft/one-hot [B, C]."""
+  num_classes = logits.shape[-1]
+  if labels.ndim == 1:
+    labels = jax.nn.one_hot(labels, num_classes)
+  labels = optax.smooth_labels(labels.astype(jnp.float32), label_smoothing)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), labels).mean()
+
+
+def _teacher_targets(teacher: ViT | None, teacher_params: Any, batch: Batch, t: transfer.Transfer,
+                     drop_masks: Array | None) -> Array | None:
+  if not t.active:
+    return None
+  if t.source == "precomputed":
+    return transfer.precomputed_targets(batch, t)
+  # The teacher runs frozen in eval mode, but with the student's drop-path masks (the paper's choice).
+  _, out = teacher.apply({"params": teacher_params}, batch["image"], train=False,
+                         drop_masks=drop_masks, want_qkv=transfer.needs_qkv(t))
+  return transfer.teacher_targets(out, t)
+
+
+def make_train_step(model: ViT, teacher: ViT | None, tx: optax.GradientTransformation,
+                    t: transfer.Transfer, *, schedule: optax.Schedule, label_smoothing: float,
+                    ema_decay: float) -> Callable[[TrainState, Batch, Any], tuple[TrainState, dict]]:
+  """The pure step `(state, batch, teacher_params) -> (state, metrics)`; jit it with shardings."""
+
+  def step(state: TrainState, batch: Batch, teacher_params: Any) -> tuple[TrainState, dict]:
+    rng = jax.random.fold_in(state.rng, state.step)
+    rng_drop, rng_model = jax.random.split(rng)
+    images, labels = batch["image"], batch["label"]
+    drop_masks = None
+    if model.drop_path > 0:
+      drop_masks = sample_drop_masks(rng_drop, images.shape[0], model.depth, model.drop_path)
+    targets = _teacher_targets(teacher, teacher_params, batch, t, drop_masks)
+    override = transfer.copy_override(targets, t) if t.mode == "copy" else None
+
+    def loss_fn(params):
+      logits, out = model.apply({"params": params}, images, train=True, override=override,
+                                drop_masks=drop_masks, want_qkv=transfer.needs_qkv(t) and t.mode == "distill",
+                                rngs={"dropout": rng_model})
+      ce = cross_entropy(logits, labels, label_smoothing)
+      distill = transfer.distill_loss(out, targets, t) if t.mode == "distill" else jnp.zeros(())
+      return ce + distill, (ce, distill, logits)
+
+    (loss, (ce, distill, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema_params, params)
+    hard = labels if labels.ndim == 1 else labels.argmax(-1)
+    metrics = {"loss": loss, "ce_loss": ce, "distill_loss": distill,
+               "train_acc": jnp.mean(logits.argmax(-1) == hard),
+               "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
+
+  return step
+
+
+def make_eval_step(model: ViT, teacher: ViT | None, t: transfer.Transfer
+                   ) -> Callable[[Any, Any, Batch, Any], dict]:
+  """`(params, ema_params, batch, teacher_params) -> sums` of top-1/top-5 hits for raw and EMA params.
+
+  In copy mode the teacher runs here too: the student cannot work without its maps.
+  """
+
+  def evaluate(params: Any, ema_params: Any, batch: Batch, teacher_params: Any) -> dict:
+    override = None
+    if t.teacher_in_eval:
+      _, out = teacher.apply({"params": teacher_params}, batch["image"], train=False,
+                             want_qkv=transfer.needs_qkv(t))
+      override = transfer.copy_override(transfer.teacher_targets(out, t), t)
+    mask = batch["mask"].astype(jnp.float32)
+    sums = {"count": mask.sum()}
+    for name, p in (("", params), ("ema_", ema_params)):
+      logits, _ = model.apply({"params": p}, batch["image"], train=False, override=override)
+      top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+      hits = top5 == batch["label"][:, None]
+      sums[f"{name}top1"] = (hits[:, 0] * mask).sum()
+      sums[f"{name}top5"] = (hits.any(-1) * mask).sum()
+    return sums
+
+  return evaluate
+
+
+def jit_steps(train_step, eval_step, mesh: Mesh, state_shardings: Any, teacher_shardings: Any):
+  """`jax.jit` with explicit shardings; the state is donated, the teacher is not."""
+  batch = sharding.batch_sharding(mesh)
+  rep = sharding.replicated(mesh)
+  train = jax.jit(train_step, in_shardings=(state_shardings, batch, teacher_shardings),
+                  out_shardings=(state_shardings, rep), donate_argnums=(0,))
+  evaluate = jax.jit(eval_step, in_shardings=(state_shardings.params, state_shardings.ema_params, batch,
+                                              teacher_shardings), out_shardings=rep)
+  return train, evaluate

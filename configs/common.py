@@ -1,0 +1,69 @@
+"""Defaults shared by every config; each config file overrides what its recipe sets.
+
+Namespaces: model, teacher, transfer, data, optim, schedule, mesh, ckpt, evals. Every field is read by
+at_jax.train. Configs are locked, so a mistyped `--config.x.y=...` override fails at start-up.
+"""
+import ml_collections
+
+
+def base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # Fields of at_jax.models.vit.ViT; `variant` ("L/16") sets width/depth/mlp_dim/num_heads/patch_size.
+  c.model = dict(variant="B/16", num_classes=1000, pool="gap", class_token=True, qkv_bias=True,
+                 drop_path=0.0, head_init_std=0.02, dtype_mm="float32", scan=False, remat_policy="none")
+
+  # init: a params export (at_jax.checkpoint.save_params) of the frozen teacher. If it is empty and
+  # `pretrain` holds a config, that config is trained first in <workdir>/teacher and its export used.
+  c.teacher = dict(init="", pretrain=None)
+
+  # mode: none | copy | distill; what: attn | q | k | v; layers/heads: "all", "first:k", "last:k",
+  # "end_layer:e" (layers [0, depth + e), the paper's --end_layer) or "0,3,5"; source: jointly |
+  # precomputed (distill only: targets arrive in the batch as teacher_<attn_logits|q|k|v>).
+  c.transfer = dict(mode="none", what="attn", layers="all", heads="all", weight=3.0, source="jointly")
+
+  # name: "fashion_mnist" (Debian package / IDX files) or a tfds dataset prepared as ArrayRecord.
+  c.data = dict(name="imagenet2012", dir="", train_split="train", eval_split="validation",
+                image_size=224, crop_pct=0.875, normalization="imagenet", rrc_scale=(0.08, 1.0),
+                hflip=True, batch_size=2048, eval_batch_size=1024, num_threads=16)
+
+  # Absolute lr = base_lr * batch_size / 256; min_lr is absolute.
+  c.optim = dict(base_lr=1e-4, min_lr=1e-6, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.3,
+                 layer_decay=1.0, grad_clip=0.0, label_smoothing=0.1, ema_decay=0.9999)
+  # Durations in epochs; `steps` > 0 overrides epochs (handy for smoke runs).
+  c.schedule = dict(epochs=100.0, warmup_epochs=5.0, steps=0, log_every_steps=50)
+
+  # Device mesh ('data', 'fsdp'); -1 fills the axis with the remaining devices.
+  c.mesh = dict(data=-1, fsdp=1)
+  c.ckpt = dict(every_steps=1000, keep=3)
+  # every_steps=0: evaluate only at the end.
+  c.evals = dict(every_steps=0)
+  return c
+
+
+def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  c.lock()
+  return c
+
+
+def imagenet_vitl(*, mode: str, epochs: float, warmup_epochs: float, base_lr: float, b2: float,
+                  weight_decay: float, layer_decay: float, drop_path: float,
+                  layers: str = "all") -> ml_collections.ConfigDict:
+  """ViT-L/16 on ImageNet-1K (tfds imagenet2012, ArrayRecord) with the paper's recipe values.
+
+  Differs from the PyTorch reference on purpose: bf16 matmuls (float32 logits/softmax/norms) and
+  scan-over-layers with remat to fit 32 images per device; set model.dtype_mm=float32 for its fp32.
+  """
+  c = base()
+  c.model = dict(variant="L/16", num_classes=1000, pool="gap", class_token=True, qkv_bias=True,
+                 drop_path=drop_path, head_init_std=0.02, dtype_mm="bfloat16", scan=True,
+                 remat_policy="dots")
+  c.transfer.mode = mode
+  c.transfer.layers = layers
+  c.optim.update(dict(base_lr=base_lr, min_lr=1e-6, b2=b2, weight_decay=weight_decay,
+                      layer_decay=layer_decay))
+  c.schedule.update(dict(epochs=epochs, warmup_epochs=warmup_epochs, log_every_steps=100))
+  c.ckpt.every_steps = 2500  # 4 epochs at 625 steps/epoch: a preempted job loses at most ~1 hour.
+  c.evals.every_steps = 6250
+  return c

@@ -1,0 +1,39 @@
+"""The embedded default: attention distillation on Fashion-MNIST, on a laptop CPU in a few minutes.
+
+  python launch/main.py --config=configs/demo.py --workdir=workdir/demo
+
+First trains a small supervised teacher in <workdir>/teacher (skipped when it is already there), then a
+student of the same architecture that distils the teacher's attention in layers 0-3 of 6 (the paper's
+end_layer=-2 analogue at this depth), and prints a table of test top-1 for both. Needs the Debian package
+`dataset-fashion-mnist` (or config.data.dir pointing at the four IDX files).
+"""
+from configs import common
+
+
+def model(**kw):
+  return dict(variant="Mu/7", num_classes=10, pool="gap", class_token=True, qkv_bias=True,
+              drop_path=0.0, head_init_std=0.02, dtype_mm="float32", scan=False, remat_policy="none", **kw)
+
+
+def get_config(arg: str | None = None):
+  del arg
+  c = common.base()
+  c.model = model()
+  c.data = dict(name="fashion_mnist", dir="", train_split="train", eval_split="test", image_size=28,
+                crop_pct=1.0, normalization="fashion_mnist", rrc_scale=(0.35, 1.0), hflip=True,
+                batch_size=128, eval_batch_size=500, num_threads=2)
+  c.optim = dict(base_lr=1e-3, min_lr=1e-5, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05,
+                 layer_decay=1.0, grad_clip=0.0, label_smoothing=0.1, ema_decay=0.998)
+  c.schedule = dict(epochs=1.0, warmup_epochs=0.1, steps=0, log_every_steps=50)
+  c.mesh = dict(data=-1, fsdp=1)
+  c.ckpt = dict(every_steps=200, keep=2)
+  c.evals = dict(every_steps=0)
+  c.transfer = dict(mode="distill", what="attn", layers="end_layer:-2", heads="all", weight=3.0,
+                    source="jointly")
+
+  teacher = common.base()
+  teacher.update(dict(model=model(), data=c.data.to_dict(), optim=c.optim.to_dict(), mesh=c.mesh.to_dict(),
+                      ckpt=c.ckpt.to_dict(), evals=c.evals.to_dict()))
+  teacher.schedule = dict(epochs=1.0, warmup_epochs=0.1, steps=0, log_every_steps=50)
+  c.teacher = dict(init="", pretrain=common.finalize(teacher))
+  return common.finalize(c)
