@@ -1,0 +1,220 @@
+"""Train-state checkpoints and params-only exports, on orbax.
+
+This is the only module that imports orbax, so an orbax API change is fixed
+here and nowhere else. All functions must be called by every process (orbax
+synchronizes processes internally).
+"""
+
+import json
+import os
+from typing import Any
+
+from etils import epath
+import jax
+from orbax import checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocp_policies
+
+from at_jax.errors import ConfigError
+
+_MODEL_CONFIG_FILE = "model_config.json"
+_PARAMS_SUBDIR = "params"
+_TEACHER_FIELD = "teacher.init"
+
+
+class Checkpointer:
+  """Train-state checkpoints in `directory` (orbax CheckpointManager).
+
+  Saves are asynchronous: `save` returns once the arrays are copied off the
+  devices and the write continues in a background thread. Only the last `keep`
+  checkpoints are kept.
+  """
+
+  def __init__(self, directory: str, *, save_every: int, keep: int = 3):
+    if save_every < 1:
+      raise ConfigError("save_every", f"must be >= 1, got {save_every}")
+    if keep < 1:
+      raise ConfigError("keep", f"must be >= 1, got {keep}")
+    # orbax rejects relative paths.
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        # Not `save_interval_steps`: its default policy also saves the first
+        # step of every run (InitialSavePolicy), whatever the interval.
+        save_decision_policy=ocp_policies.AnySavePolicy([
+            ocp_policies.FixedIntervalPolicy(save_every),
+            ocp_policies.PreemptionCheckpointingPolicy(),
+        ]),
+        max_to_keep=keep,
+        enable_async_checkpointing=True,
+        create=True,
+    )
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options, item_names=("state", "extra"))
+
+  def latest_step(self) -> int | None:
+    """Returns the newest saved step, or None if there is none."""
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, *, extra: dict | None = None,
+           force: bool = False) -> bool:
+    """Starts an async save if the step is due.
+
+    A step is due if `step % save_every == 0`, or `force`, or orbax reports a
+    preemption at this step. A step that is already saved is never saved again
+    (so a forced final save may follow a periodic one at the same step).
+
+    Args:
+      step: the training step the state belongs to.
+      state: any pytree of (possibly sharded) jax arrays, e.g. a
+        flax.struct.dataclass TrainState. Must not be donated or modified in
+        place until the device-to-host copy is done; `save` returns after it.
+      extra: a small JSON-able dict saved alongside (data iterator position,
+        config snapshot).
+      force: save even if the step is not due.
+
+    Returns:
+      Whether a save was started.
+    """
+    if step in self._manager.all_steps():
+      return False
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        extra=ocp.args.JsonSave(extra or {}))
+    return self._manager.save(step, args=args, force=force)
+
+  def restore(self, target: Any,
+              step: int | None = None) -> tuple[Any, dict]:
+    """Restores (state, extra) at `step` (default: the latest).
+
+    Args:
+      target: pytree with the structure of the saved state, of
+        jax.ShapeDtypeStruct carrying `.sharding` (as from jax.eval_shape plus
+        shardings) or of concrete arrays. Arrays come back with the target's
+        shardings, also when they were saved under another sharding or mesh.
+      step: the step to restore; None for the latest.
+
+    Returns:
+      (state, extra): state with the structure of `target`, and the `extra`
+      dict given to `save`.
+
+    Raises:
+      ConfigError: there is no checkpoint at `step` (or none at all).
+    """
+    # A save still in flight is not readable yet; it may be the one wanted.
+    self.wait()
+    steps = self._manager.all_steps()
+    if step is None:
+      step = self.latest_step()
+      if step is None:
+        raise ConfigError(self.directory, "no checkpoint to restore from")
+    elif step not in steps:
+      raise ConfigError(
+          self.directory,
+          f"no checkpoint at step {step}; saved steps: {sorted(steps)}")
+    restored = self._manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target),
+            extra=ocp.args.JsonRestore()))
+    return restored.state, restored.extra
+
+  def reached_preemption(self, step: int) -> bool:
+    """Whether the job is being preempted and all processes reached `step`."""
+    return self._manager.reached_preemption(step)
+
+  def wait(self) -> None:
+    """Blocks until all async saves are written and committed."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves, then releases orbax's threads and files."""
+    self._manager.close()
+
+
+def save_params(path: str, params: Any, model_config: dict) -> None:
+  """Exports params for use as a teacher (`teacher.init` points at `path`).
+
+  Writes `params` with orbax under path/params and `model_config` as
+  path/model_config.json. Synchronous; overwrites an existing export.
+
+  Args:
+    path: export directory.
+    params: nested dict of (possibly sharded) arrays.
+    model_config: JSON-able dict of the ViT's constructor kwargs.
+  """
+  path = os.path.abspath(path)
+  config_file = os.path.join(path, _MODEL_CONFIG_FILE)
+  config_json = json.dumps(model_config, indent=2, sort_keys=True)
+  is_writer = jax.process_index() == 0
+  # Drop the old config first: an export interrupted from here on then reads
+  # as incomplete instead of as new params with a stale config.
+  if is_writer and os.path.exists(config_file):
+    os.remove(config_file)
+  checkpointer = ocp.PyTreeCheckpointer()  # Synchronous.
+  checkpointer.save(
+      os.path.join(path, _PARAMS_SUBDIR),
+      args=ocp.args.PyTreeSave(params),
+      force=True)  # Overwrite.
+  if is_writer:
+    tmp_file = config_file + ".tmp"
+    with open(tmp_file, "w") as f:
+      f.write(config_json)
+    os.replace(tmp_file, config_file)
+
+
+def load_params(path: str, shardings: Any = None) -> tuple[dict, Any]:
+  """Loads an export written by `save_params`.
+
+  Args:
+    path: export directory (what `teacher.init` points at).
+    shardings: optional pytree of jax.sharding.Sharding matching the params,
+      to restore straight into. If None, leaves come back as numpy arrays with
+      the saved dtypes: they fit any mesh and any device count.
+
+  Returns:
+    (model_config, params).
+
+  Raises:
+    ConfigError: `path` is missing, has no model_config.json, or holds an
+      unreadable checkpoint.
+  """
+  path = os.path.abspath(path)
+  hint = (f"{_TEACHER_FIELD} must point at a directory written by "
+          "at_jax.checkpoint.save_params")
+  if not os.path.isdir(path):
+    raise ConfigError(path, f"no such directory; {hint}")
+  config_file = os.path.join(path, _MODEL_CONFIG_FILE)
+  if not os.path.isfile(config_file):
+    raise ConfigError(
+        path, f"no {_MODEL_CONFIG_FILE} (incomplete export?); {hint}")
+  try:
+    with open(config_file) as f:
+      model_config = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConfigError(
+        path, f"unreadable {_MODEL_CONFIG_FILE} ({e}); {hint}") from e
+
+  params_dir = os.path.join(path, _PARAMS_SUBDIR)
+  # orbax and tensorstore raise many exception types for damaged files
+  # (JSON, tensorstore status, missing commit marker), hence the broad except.
+  try:
+    # The handler, not the Checkpointer: Checkpointer.metadata() only logs a
+    # warning when the metadata is unreadable.
+    metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(params_dir))
+    if shardings is None:
+      # No sharding -> orbax restores numpy arrays.
+      target = jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata.tree)
+    else:
+      target = jax.tree.map(
+          lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
+          metadata.tree, shardings)
+    params = ocp.PyTreeCheckpointer().restore(
+        params_dir,
+        args=ocp.args.PyTreeRestore(
+            item=target,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    raise ConfigError(
+        path, f"unreadable params checkpoint in {params_dir} "
+        f"({type(e).__name__}: {e}); {hint}") from e
+  return model_config, params

@@ -1,0 +1,584 @@
+"""Input pipeline without TensorFlow: grain over random-access sources.
+
+Sources are anything with ``__len__`` and ``__getitem__(i) -> {"image": uint8
+[H, W, C], "label": int}``: in-memory arrays (Fashion-MNIST read from its IDX
+files, or any arrays via `ArraySource`) or a tfds ArrayRecord data source
+(e.g. ``imagenet2012`` prepared by ``tfds build``).
+
+Training order and augmentation are pure functions of ``(seed, position in the
+stream of examples)``, so the iterator's step is its whole state: resuming at
+``start_step=k`` reproduces a run that never stopped, whatever the number of
+processes or threads.
+"""
+
+from collections.abc import Callable, Iterator
+import functools
+import gzip
+import io
+import os
+import re
+import sys
+from typing import Any, Protocol
+
+import grain
+import numpy as np
+from PIL import Image
+
+from at_jax.errors import ConfigError
+
+# Where Debian's `dataset-fashion-mnist` package puts the four IDX files.
+# Module-level so tests can point it elsewhere.
+FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
+# tfds data dir searched for a prepared `fashion_mnist` (None: tfds' default,
+# i.e. $TFDS_DATA_DIR or ~/tensorflow_datasets). Module-level for tests.
+FASHION_MNIST_TFDS_DATA_DIR: str | None = None
+
+_FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_IDX_IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dims.
+_IDX_LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dim.
+
+# (mean, std) per RGB channel of pixels scaled to [0, 1].
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    # What MAE / torchvision-pretrained teachers were trained with.
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "fashion_mnist": ((0.2860,) * 3, (0.3530,) * 3),
+    "unit": ((0.5,) * 3, (0.5,) * 3),  # Maps [0, 1] to [-1, 1].
+}
+
+
+class Source(Protocol):
+  """A random-access source of ``{"image": uint8 [H, W, C], "label": int}``."""
+
+  def __len__(self) -> int:
+    ...
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    ...
+
+
+# ----------------------------------------------------------------------------
+# Fashion-MNIST from IDX files.
+
+
+def _read_idx(path: str, magic: int) -> np.ndarray:
+  """Reads one (optionally gzipped) IDX file of unsigned bytes.
+
+  Args:
+    path: the file; gzipped if it ends in ``.gz``.
+    magic: the expected magic number (type and number of dimensions).
+
+  Returns:
+    uint8 array of the shape given in the file's header.
+  """
+  try:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+      raw = f.read()
+  except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError.
+    raise ConfigError(path, f"cannot read IDX file ({e}); re-install or "
+                      "replace it.") from e
+  ndim = magic & 0xFF
+  header_bytes = 4 * (1 + ndim)
+  if len(raw) < header_bytes or int.from_bytes(raw[:4], "big") != magic:
+    raise ConfigError(path, f"not an IDX file with magic number {magic:#010x}"
+                      "; re-install or replace it.")
+  shape = tuple(int.from_bytes(raw[4 * (1 + d):4 * (2 + d)], "big")
+                for d in range(ndim))
+  data = np.frombuffer(raw, np.uint8, offset=header_bytes)
+  if data.size != np.prod(shape):
+    raise ConfigError(path, f"header says shape {shape} ({np.prod(shape)} "
+                      f"bytes) but the file holds {data.size} bytes: it is "
+                      "truncated or corrupt; re-install or replace it.")
+  return data.reshape(shape)
+
+
+def _find_idx_files(directory: str) -> tuple[str, ...] | None:
+  """Paths of the four IDX files (train images, labels, test ...) or None."""
+  paths = []
+  for name in (n for pair in _FASHION_MNIST_FILES.values() for n in pair):
+    found = [p for p in (os.path.join(directory, name),
+                         os.path.join(directory, name + ".gz"))
+             if os.path.isfile(p)]
+    if not found:
+      return None
+    paths.append(found[0])
+  return tuple(paths)
+
+
+# Only successful reads are cached (not "missing"), so installing the data
+# mid-session (e.g. in a colab) takes effect without a restart.
+@functools.lru_cache(maxsize=None)
+def _decode_idx_files(
+    paths: tuple[str, ...]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """Decodes the four IDX files; cached since it takes ~0.5 s.
+
+  The arrays are read-only since every caller shares them.
+  """
+  out = {}
+  for split, (images_path, labels_path) in zip(
+      _FASHION_MNIST_FILES, (paths[:2], paths[2:])):
+    images = _read_idx(images_path, _IDX_IMAGES_MAGIC)  # Read-only buffer.
+    labels = _read_idx(labels_path, _IDX_LABELS_MAGIC).astype(np.int32)
+    if len(images) != len(labels):
+      raise ConfigError(labels_path, f"holds {len(labels)} labels but "
+                        f"{images_path} holds {len(images)} images.")
+    labels.flags.writeable = False
+    out[split] = (images, labels)
+  return out
+
+
+def _tfds_fashion_mnist_builder(data_dir: str | None) -> Any | None:
+  """The tfds builder of a prepared random-access `fashion_mnist`, or None."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = tfds.builder("fashion_mnist", data_dir=data_dir)
+  if not builder.is_prepared():
+    return None
+  random_access = tfds.core.file_adapters.FileFormat.with_random_access()
+  if not set(builder.info.available_file_formats()) & set(random_access):
+    return None  # E.g. prepared as TFRecord, which we can't read.
+  return builder
+
+
+@functools.lru_cache(maxsize=None)
+def _read_tfds_fashion_mnist(
+    data_dir: str | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """Reads all of a prepared tfds `fashion_mnist`; cached like IDX files."""
+  builder = _tfds_fashion_mnist_builder(data_dir)
+  out = {}
+  for split in _FASHION_MNIST_FILES:
+    records = [_to_example(r) for r in builder.as_data_source(split=split)]
+    images = np.stack([r["image"][..., 0] for r in records])
+    labels = np.array([r["label"] for r in records], np.int32)
+    images.flags.writeable = False
+    labels.flags.writeable = False
+    out[split] = (images, labels)
+  return out
+
+
+def load_fashion_mnist(
+    data_dir: str | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """Loads Fashion-MNIST from IDX files (gzipped or not), without downloading.
+
+  Looks in `data_dir` (config.data.dir) if given, then in
+  `FASHION_MNIST_SYSTEM_DIR`, then for a tfds-prepared copy on disk.
+
+  Args:
+    data_dir: a folder holding the four IDX files, or None.
+
+  Returns:
+    ``{"train": (images uint8 [60000, 28, 28], labels int32 [60000]),
+    "test": (images uint8 [10000, 28, 28], labels int32 [10000])}``; the
+    arrays are shared between callers and read-only.
+
+  Raises:
+    ConfigError: no copy found (field ``data.dir``), or a file is corrupt
+      (field: its path).
+  """
+  searched = [d for d in (data_dir, FASHION_MNIST_SYSTEM_DIR) if d]
+  for directory in searched:
+    paths = _find_idx_files(os.path.abspath(directory))
+    if paths is not None:
+      return _decode_idx_files(paths)
+  # Never downloads: only a copy tfds already prepared on disk is used.
+  if _tfds_fashion_mnist_builder(FASHION_MNIST_TFDS_DATA_DIR) is not None:
+    return _read_tfds_fashion_mnist(FASHION_MNIST_TFDS_DATA_DIR)
+  names = ", ".join(n for pair in _FASHION_MNIST_FILES.values() for n in pair)
+  raise ConfigError(
+      "data.dir",
+      f"Fashion-MNIST not found in {searched} (nor prepared by tfds). Install "
+      "it with `sudo apt-get install dataset-fashion-mnist`, or set data.dir "
+      f"to a folder holding the four IDX files ({names}, each optionally "
+      ".gz).")
+
+
+# ----------------------------------------------------------------------------
+# Sources.
+
+
+class ArraySource:
+  """In-memory images and labels as a random-access source.
+
+  Attributes:
+    images: uint8 [N, H, W] or [N, H, W, C].
+    labels: integer [N].
+  """
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray):
+    if images.ndim == 3:  # Grayscale without a channel axis.
+      images = images[..., None]
+    if images.ndim != 4 or images.dtype != np.uint8:
+      raise ConfigError("images", "expected uint8 [N, H, W(, C)], got "
+                        f"{images.dtype} {images.shape}.")
+    if len(images) != len(labels):
+      raise ConfigError("labels", f"{len(labels)} labels for {len(images)} "
+                        "images.")
+    self.images = images
+    self.labels = np.asarray(labels)
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return {"image": self.images[index], "label": int(self.labels[index])}
+
+
+def _parse_split(split: str) -> tuple[str, Callable[[int], slice]]:
+  """Parses a tfds-style split like ``train[:10%]`` or ``test[100:200]``.
+
+  Args:
+    split: ``name``, or ``name[from:to]`` with each bound an int or a percent
+      (negative counts from the end, like Python slices).
+
+  Returns:
+    (name, bounds): `bounds` maps the split's size n to a `slice` of it.
+  """
+  m = re.fullmatch(r"(\w+)(?:\[(-?\d+%?)?:(-?\d+%?)?\])?", split.strip())
+  if m is None:
+    raise ConfigError("data.split", f"cannot parse split {split!r}; expected "
+                      "e.g. 'train', 'train[:90%]' or 'test[:1000]'.")
+
+  def bounds(n: int) -> slice:
+    def bound(text: str | None) -> int | None:
+      if text is None or not text.endswith("%"):
+        return None if text is None else int(text)
+      return round(int(text[:-1]) * n / 100)  # Closest example, like tfds.
+    return slice(bound(m[2]), bound(m[3]))
+
+  return m[1], bounds
+
+
+def _fashion_mnist_source(split: str, data_dir: str | None) -> ArraySource:
+  name, bounds = _parse_split(split)
+  arrays = load_fashion_mnist(data_dir)
+  if name not in arrays:
+    raise ConfigError("data.split", f"Fashion-MNIST has splits "
+                      f"{sorted(arrays)}, not {split!r}.")
+  images, labels = arrays[name]
+  s = bounds(len(images))
+  return ArraySource(images[s], labels[s])
+
+
+def _to_example(record: dict[str, Any]) -> dict[str, Any]:
+  """Normalises a tfds record to ``{"image": uint8 [H, W, C], "label": int}``.
+
+  Depending on the tfds version and decoders, images arrive decoded (numpy)
+  or as encoded bytes; grayscale may lack the channel axis.
+  """
+  image = record["image"]
+  if isinstance(image, bytes):
+    with Image.open(io.BytesIO(image)) as pil:
+      image = np.asarray(pil if pil.mode in ("L", "RGB") else
+                         pil.convert("RGB"))
+  image = np.asarray(image, np.uint8)
+  if image.ndim == 2:
+    image = image[..., None]
+  return {"image": image, "label": int(record["label"])}
+
+
+class _TfdsSource:
+  """A tfds data source that yields examples in our format."""
+
+  def __init__(self, source: Any):
+    self._source = source
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return _to_example(self._source[index])
+
+
+def make_source(name: str, split: str, data_dir: str | None = None) -> Source:
+  """Returns a random-access source for split `split` of dataset `name`.
+
+  Args:
+    name: ``"fashion_mnist"`` (IDX files, see `load_fashion_mnist`) or a tfds
+      dataset name prepared as ArrayRecord, e.g. ``"imagenet2012"``.
+    split: e.g. ``"train"``, ``"test"``, ``"train[:90%]"``, ``"train[-5000:]"``.
+    data_dir: config.data.dir: the IDX folder for Fashion-MNIST, the tfds data
+      dir otherwise (None: tfds' default).
+
+  Returns:
+    A source of ``{"image": uint8 [H, W, C], "label": int}``.
+
+  Raises:
+    ConfigError: the data is not on disk; says how to get it. Checked without
+      reading any example and without downloading.
+  """
+  if name == "fashion_mnist":
+    return _fashion_mnist_source(split, data_dir)
+
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  # tfds' own `data_source` would download by default and reports a missing
+  # dataset as an unsupported file format, so check each step here.
+  prepare = (f"Prepare it with `tfds build {name} --data_dir=DIR "
+             "--file_format=array_record` (for imagenet2012 first place the "
+             "manual tars in DIR/downloads/manual) and set data.dir=DIR.")
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.DatasetNotFoundError as e:
+    where = data_dir or tfds.core.constants.DATA_DIR
+    raise ConfigError("data.dir", f"dataset {name!r} is neither a known tfds "
+                      f"dataset nor prepared in {where}. {prepare}") from e
+  if not builder.is_prepared():
+    raise ConfigError("data.dir", f"dataset {name!r} is not prepared in "
+                      f"{builder.data_dir}. {prepare}")
+  try:
+    source = builder.as_data_source(split=split)
+  except NotImplementedError as e:  # Prepared as TFRecord: no random access.
+    raise ConfigError("data.dir", f"dataset {name!r} in {builder.data_dir} "
+                      "is not in a random-access format. " + prepare) from e
+  return _TfdsSource(source)
+
+
+def num_examples(source: Source) -> int:
+  return len(source)
+
+
+# ----------------------------------------------------------------------------
+# Augmentation and preprocessing of one example.
+
+
+def _normalization(name: str) -> tuple[np.ndarray, np.ndarray]:
+  if name not in NORMALIZATIONS:
+    raise ConfigError("data.normalization", f"unknown {name!r}; valid names "
+                      f"are {sorted(NORMALIZATIONS)}.")
+  mean, std = NORMALIZATIONS[name]
+  return np.array(mean, np.float32), np.array(std, np.float32)
+
+
+def _to_pil(image: np.ndarray) -> Image.Image:
+  """uint8 [H, W, 1 or 3] -> a PIL image in mode L or RGB."""
+  if image.shape[-1] == 1:
+    return Image.fromarray(image[..., 0], "L")
+  if image.shape[-1] == 3:
+    return Image.fromarray(image, "RGB")
+  raise ConfigError("data.name", f"images must have 1 or 3 channels, got "
+                    f"shape {image.shape}.")
+
+
+def _finish(pil: Image.Image, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+  """PIL image of size S x S -> float32 [S, S, 3] = (pixels / 255 - mean) / std.
+
+  Computed as pixels * scale - offset: two array ops instead of four, which
+  matters for small images where per-op overhead dominates.
+  """
+  x = np.asarray(pil, np.float32)
+  if x.ndim == 2:  # Models always take RGB: broadcasting replicates gray.
+    x = x[..., None]
+  return x * (1 / (255 * std)) - mean / std
+
+
+def _random_resized_crop_box(
+    height: int, width: int, rng: np.random.Generator,
+    scale: tuple[float, float], ratio: tuple[float, float]
+) -> tuple[int, int, int, int]:
+  """torchvision's RandomResizedCrop.get_params: returns (top, left, h, w)."""
+  area = height * width
+  log_ratio = (np.log(ratio[0]), np.log(ratio[1]))
+  for _ in range(10):
+    target_area = area * rng.uniform(scale[0], scale[1])
+    aspect = np.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+    w = int(round(np.sqrt(target_area * aspect)))
+    h = int(round(np.sqrt(target_area / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      top = int(rng.integers(0, height - h + 1))
+      left = int(rng.integers(0, width - w + 1))
+      return top, left, h, w
+  # Fallback: the largest centre crop whose aspect ratio is within `ratio`.
+  in_ratio = width / height
+  if in_ratio < min(ratio):
+    w, h = width, int(round(width / min(ratio)))
+  elif in_ratio > max(ratio):
+    w, h = int(round(height * max(ratio))), height
+  else:
+    w, h = width, height
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _train_example(example: dict[str, Any], rng: np.random.Generator, *,
+                   image_size: int, scale: tuple[float, float],
+                   ratio: tuple[float, float], hflip: bool, mean: np.ndarray,
+                   std: np.ndarray) -> dict[str, np.ndarray]:
+  """Random-resized-crop, bicubic resize, flip, normalise one example."""
+  image = example["image"]
+  top, left, h, w = _random_resized_crop_box(
+      image.shape[0], image.shape[1], rng, scale, ratio)
+  # One PIL call crops (box) and resizes: no intermediate copy.
+  pil = _to_pil(image).resize((image_size, image_size), Image.BICUBIC,
+                              box=(left, top, left + w, top + h))
+  x = _finish(pil, mean, std)
+  if hflip and rng.random() < 0.5:
+    x = x[:, ::-1]
+  return {"image": np.ascontiguousarray(x),
+          "label": np.int32(example["label"])}
+
+
+def _eval_example(example: dict[str, Any], *, image_size: int,
+                  resize_to: int, mean: np.ndarray,
+                  std: np.ndarray) -> dict[str, np.ndarray]:
+  """Resizes the shorter side to `resize_to`, centre-crops `image_size`."""
+  pil = _to_pil(example["image"])
+  w, h = pil.size
+  # torchvision Resize(int): the longer side keeps the aspect ratio, floored.
+  if h <= w:
+    new_h, new_w = resize_to, int(resize_to * w / h)
+  else:
+    new_h, new_w = int(resize_to * h / w), resize_to
+  if (new_w, new_h) != (w, h):
+    pil = pil.resize((new_w, new_h), Image.BICUBIC)
+  top = int(round((new_h - image_size) / 2))
+  left = int(round((new_w - image_size) / 2))
+  pil = pil.crop((left, top, left + image_size, top + image_size))
+  return {"image": _finish(pil, mean, std),
+          "label": np.int32(example["label"]), "mask": np.True_}
+
+
+# ----------------------------------------------------------------------------
+# Iterators.
+
+
+def _local_batch_size(global_batch_size: int, process_index: int,
+                      process_count: int) -> int:
+  if not 0 <= process_index < process_count:
+    raise ConfigError("process_index", f"{process_index} is not in "
+                      f"[0, {process_count}).")
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ConfigError("data.batch_size", f"{global_batch_size} must be a "
+                      f"positive multiple of the process count "
+                      f"{process_count}.")
+  return global_batch_size // process_count
+
+
+def _stream_position(j: int, b: int, global_batch_size: int,
+                     process_index: int) -> int:
+  """Position in the global stream of this process's j-th example.
+
+  Global step s is stream positions [s*B, (s+1)*B); process p owns the
+  contiguous slice [p*b, (p+1)*b) of it.
+  """
+  step, k = divmod(j, b)
+  return step * global_batch_size + process_index * b + k
+
+
+def _check_image_size(image_size: int) -> None:
+  if image_size <= 0:
+    raise ConfigError("data.image_size", f"must be positive, got {image_size}.")
+
+
+def train_iterator(
+    source: Source, *, global_batch_size: int, image_size: int, seed: int,
+    start_step: int = 0, normalization: str,
+    rrc_scale: tuple[float, float] = (0.08, 1.0),
+    rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True,
+    process_index: int = 0, process_count: int = 1, num_threads: int = 2
+) -> Iterator[dict[str, np.ndarray]]:
+  """Infinite, exactly resumable iterator of augmented training batches.
+
+  Epoch e visits the source in a permutation derived from (seed, e); epochs
+  are concatenated into one stream, global step s is its positions
+  [s*B, (s+1)*B), and this process gets the slice [p*b, (p+1)*b) of that
+  (b = B / process_count). An example's augmentation is derived from (seed,
+  its stream position). So the output depends only on (seed, step): not on
+  process_count, num_threads, or whether the run was resumed.
+
+  Args:
+    source: random-access source, see `make_source`.
+    global_batch_size: B, the batch size summed over processes.
+    image_size: S, output height and width.
+    seed: non-negative; fixes order and augmentation.
+    start_step: the first global step to yield (the checkpointed step).
+    normalization: a key of `NORMALIZATIONS`.
+    rrc_scale: random-resized-crop area range, as a fraction of the image.
+    rrc_ratio: random-resized-crop aspect ratio (w / h) range.
+    hflip: whether to flip horizontally with probability 1/2.
+    process_index: p, this process.
+    process_count: number of processes sharing each global batch.
+    num_threads: grain threads decoding and augmenting examples.
+
+  Yields:
+    ``{"image": float32 [b, S, S, 3], "label": int32 [b]}``.
+  """
+  b = _local_batch_size(global_batch_size, process_index, process_count)
+  mean, std = _normalization(normalization)
+  _check_image_size(image_size)
+  if seed < 0:
+    raise ConfigError("seed", f"must be non-negative, got {seed}.")
+  if not (0 < rrc_scale[0] <= rrc_scale[1] <= 1 and
+          0 < rrc_ratio[0] <= rrc_ratio[1]):
+    raise ConfigError("data.rrc_scale", f"scale {rrc_scale} must satisfy "
+                      f"0 < lo <= hi <= 1 and ratio {rrc_ratio} 0 < lo <= hi.")
+  n = len(source)
+  if n == 0:
+    raise ConfigError("data.split", "the training source is empty.")
+
+  # Threads ask for neighbouring epochs around epoch boundaries; 2 suffice.
+  @functools.lru_cache(maxsize=2)
+  def permutation(epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, 0, epoch]).permutation(n)
+
+  def example_at(j: int) -> dict[str, np.ndarray]:
+    g = _stream_position(j, b, global_batch_size, process_index)
+    epoch, i = divmod(g, n)
+    rng = np.random.default_rng([seed, 1, g])  # Stream 1: augmentation.
+    return _train_example(
+        source[int(permutation(epoch)[i])], rng, image_size=image_size,
+        scale=rrc_scale, ratio=rrc_ratio, hflip=hflip, mean=mean, std=std)
+
+  ds = grain.MapDataset.range(start_step * b, sys.maxsize).map(example_at)
+  ds = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=num_threads, prefetch_buffer_size=2 * b))
+  return iter(ds.batch(b, drop_remainder=True))
+
+
+def eval_iterator(
+    source: Source, *, global_batch_size: int, image_size: int,
+    crop_pct: float = 0.875, normalization: str, process_index: int = 0,
+    process_count: int = 1, num_threads: int = 2
+) -> Iterator[dict[str, np.ndarray]]:
+  """One ordered pass over `source`, padded to whole global batches.
+
+  Global batch s holds examples [s*B, (s+1)*B) (past the end: padding with
+  mask False); this process gets the slice [p*b, (p+1)*b). Summing over
+  ``mask`` across processes counts every example exactly once.
+
+  Args:
+    source: random-access source, see `make_source`.
+    global_batch_size: B, the batch size summed over processes.
+    image_size: S, output height and width.
+    crop_pct: the shorter side is resized to round(S / crop_pct) before the
+      centre S x S crop.
+    normalization: a key of `NORMALIZATIONS`.
+    process_index: p, this process.
+    process_count: number of processes sharing each global batch.
+    num_threads: grain threads decoding and preprocessing examples.
+
+  Yields:
+    ``{"image": float32 [b, S, S, 3], "label": int32 [b], "mask": bool [b]}``
+    for ceil(len(source) / B) batches.
+  """
+  b = _local_batch_size(global_batch_size, process_index, process_count)
+  mean, std = _normalization(normalization)
+  _check_image_size(image_size)
+  if not 0 < crop_pct <= 1:
+    raise ConfigError("data.crop_pct", f"must be in (0, 1], got {crop_pct}.")
+  resize_to = round(image_size / crop_pct)
+  n = len(source)
+  num_batches = -(-n // global_batch_size)
+  padding = {"image": np.zeros((image_size, image_size, 3), np.float32),
+             "label": np.int32(0), "mask": np.False_}
+
+  def example_at(j: int) -> dict[str, np.ndarray]:
+    g = _stream_position(j, b, global_batch_size, process_index)
+    if g >= n:
+      return padding
+    return _eval_example(source[g], image_size=image_size,
+                         resize_to=resize_to, mean=mean, std=std)
+
+  ds = grain.MapDataset.range(num_batches * b).map(example_at)
+  ds = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=num_threads, prefetch_buffer_size=2 * b))
+  return iter(ds.batch(b))

@@ -1,0 +1,228 @@
+"""Metric logging (JSONL + TensorBoard), console progress and result tables.
+
+Writers and printers are active on process 0 only by default, so a
+multi-process run logs every metric once.
+"""
+
+from collections.abc import Mapping
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import tensorboardX
+
+from at_jax.errors import ConfigError
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+def _is_main_process() -> bool:
+  return jax.process_index() == 0
+
+
+def _to_float(name: str, value: Any) -> float:
+  array = np.asarray(value)
+  if array.size != 1:
+    raise ValueError(
+        f"metric {name!r} must be a scalar, got shape {array.shape}")
+  return float(array.reshape(()))
+
+
+def _format_number(value: float) -> str:
+  # 4 significant digits, but no exponent for large values (e.g. img/s).
+  return f"{value:.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
+
+
+class MetricWriter:
+  """Appends metrics to workdir/metrics.jsonl and to TensorBoard."""
+
+  def __init__(self, workdir: str, *, enabled: bool | None = None):
+    """Opens the writers.
+
+    Args:
+      workdir: run directory; created if missing.
+      enabled: whether to write; default: only on process 0.
+    """
+    self.enabled = _is_main_process() if enabled is None else enabled
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self._file = None
+    self._tensorboard = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      # Append: a resumed run continues the same file.
+      self._file = open(self.path, "a")
+      self._tensorboard = tensorboardX.SummaryWriter(
+          logdir=os.path.join(workdir, TENSORBOARD_DIR))
+
+  def write(self, step: int,
+            metrics: Mapping[str, float | int | np.ndarray | jax.Array]
+           ) -> None:
+    """Writes one record of scalar metrics at `step`.
+
+    Appends the JSON line {"step": step, **metrics} (values as floats) and
+    writes each scalar to TensorBoard. Both are flushed, so a killed run keeps
+    every record written so far.
+
+    Args:
+      step: training step.
+      metrics: name -> scalar (python number, numpy or jax scalar/size-1 array).
+    """
+    if not self.enabled:
+      return
+    # One device-to-host transfer for all jax values, not one per metric.
+    host_metrics = jax.device_get(dict(metrics))
+    values = {name: _to_float(name, v) for name, v in host_metrics.items()}
+    self._file.write(json.dumps({"step": int(step), **values}) + "\n")
+    self._file.flush()
+    for name, value in values.items():
+      self._tensorboard.add_scalar(name, value, global_step=int(step))
+    self._tensorboard.flush()
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+      self._tensorboard.close()
+      self._file = self._tensorboard = None
+
+
+def read_jsonl(path: str) -> list[dict]:
+  """Reads a metrics.jsonl file written by `MetricWriter`.
+
+  A truncated last line (the run was killed mid-write) is skipped.
+
+  Args:
+    path: the .jsonl file.
+
+  Returns:
+    One dict per line, in file order.
+
+  Raises:
+    ConfigError: the file is missing or a line other than the last is not JSON.
+  """
+  if not os.path.isfile(path):
+    raise ConfigError(path, "no such metrics file")
+  with open(path) as f:
+    lines = [line for line in f.read().splitlines() if line.strip()]
+  records = []
+  for i, line in enumerate(lines):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if i == len(lines) - 1:
+        break
+      raise ConfigError(path, f"line {i + 1} is not JSON: {e}") from e
+  return records
+
+
+def _format_duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  minutes, seconds = divmod(rest, 60)
+  if hours:
+    return f"{hours}h{minutes:02d}m"
+  if minutes:
+    return f"{minutes}m{seconds:02d}s"
+  return f"{seconds}s"
+
+
+class Progress:
+  """Console progress for long loops, process 0 only.
+
+  Prints one full line per update, e.g.
+  'train   120/900 [#---------]  13% | loss 1.234 | acc 0.51 | 512 img/s |
+  eta 2m31s' (on one line), with flush=True and no carriage-return tricks, so
+  it reads the same in a terminal, a log file and colab.
+
+  Throughput and eta are averaged since construction, so they include the
+  first step's compile time; they settle as the loop runs.
+  """
+
+  _BAR_WIDTH = 10
+
+  def __init__(self, name: str, total: int, *, start: int = 0,
+               unit_per_step: int = 1, enabled: bool | None = None):
+    """Starts the clock.
+
+    Args:
+      name: loop name, first on the line ('train', 'eval').
+      total: last step of the loop.
+      start: step the loop starts from (> 0 when resuming).
+      unit_per_step: images per step (the global batch size); > 1 shows
+        'img/s', otherwise steps per second ('it/s').
+      enabled: whether to print; default: only on process 0.
+    """
+    self.name = name
+    self.total = total
+    self.start = start
+    self.unit_per_step = unit_per_step
+    self.enabled = _is_main_process() if enabled is None else enabled
+    self._start_time = time.monotonic()
+
+  def update(self, step: int, metrics: Mapping[str, float] | None = None
+            ) -> str:
+    """Prints (if enabled) and returns the progress line for `step`."""
+    fraction = min(max(step / self.total, 0.0), 1.0) if self.total else 1.0
+    filled = int(fraction * self._BAR_WIDTH)
+    bar = "#" * filled + "-" * (self._BAR_WIDTH - filled)
+    width = len(str(self.total))
+    parts = [f"{self.name:<7} {step:>{width}}/{self.total} [{bar}] "
+             f"{fraction * 100:3.0f}%"]
+    for name, value in (metrics or {}).items():
+      parts.append(f"{name} {_format_number(_to_float(name, value))}")
+    elapsed = time.monotonic() - self._start_time
+    steps_done = step - self.start
+    if steps_done > 0 and elapsed > 0:
+      steps_per_s = steps_done / elapsed
+      if self.unit_per_step > 1:
+        parts.append(f"{steps_per_s * self.unit_per_step:.0f} img/s")
+      else:
+        parts.append(f"{steps_per_s:.2f} it/s")
+      eta = max(self.total - step, 0) / steps_per_s
+      parts.append(f"eta {_format_duration(eta)}")
+    else:
+      parts.append("eta ?")
+    line = " | ".join(parts)
+    if self.enabled:
+      print(line, flush=True)
+    return line
+
+
+def _cell(value: Any) -> str:
+  if value is None:
+    return ""
+  if isinstance(value, str):
+    return value
+  if isinstance(value, (bool, np.bool_)):
+    return str(bool(value))
+  if isinstance(value, (int, np.integer)):
+    return str(int(value))
+  try:
+    return _format_number(_to_float("cell", value))
+  except (TypeError, ValueError):
+    return str(value)
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+  """Formats rows as an aligned markdown table (also fine as plain text).
+
+  Args:
+    rows: one dict per row; a missing column is left blank.
+    columns: column names, in order; also the header.
+
+  Returns:
+    The table, one line per row after a header and separator line.
+  """
+  cells = [[_cell(row.get(column)) for column in columns] for row in rows]
+  widths = [max([len(column)] + [len(row[i]) for row in cells])
+            for i, column in enumerate(columns)]
+
+  def line(values: list[str]) -> str:
+    return "| " + " | ".join(
+        v.ljust(w) for v, w in zip(values, widths)) + " |"
+
+  separator = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+  return "\n".join([line(columns), separator] + [line(row) for row in cells])

@@ -1,0 +1,182 @@
+"""The ViT contract: shapes, loop == scan, overrides, drop-path masks, variants, dtypes."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from at_jax.errors import ConfigError
+from at_jax.models import vit
+
+B, S = 3, 28
+
+
+def _model(**kw):
+  return vit.build({"variant": "Pico/4", "num_classes": 10, **kw})
+
+
+@pytest.fixture(scope="module")
+def setup():
+  model = _model()
+  images = jax.random.normal(jax.random.key(0), (B, S, S, 3))
+  params = model.init(jax.random.key(1), images, train=False)["params"]
+  return model, params, images
+
+
+def test_output_shapes_and_names(setup):
+  model, params, images = setup
+  logits, out = model.apply({"params": params}, images, train=False, want_qkv=True)
+  n = (S // 4) ** 2 + 1
+  assert logits.shape == (B, 10)
+  assert out["attn_logits"].shape == (2, B, 2, n, n) and out["attn_logits"].dtype == jnp.float32
+  assert out["q"].shape == out["k"].shape == out["v"].shape == (2, B, n, 2, 16)
+  attn = params["Transformer"]["encoderblock_1"]["MultiHeadDotProductAttention_0"]
+  assert set(attn) == {"query", "key", "value", "out"}
+  assert params["pos_embedding"].shape == (1, n, 32) and params["cls"].shape == (1, 1, 32)
+  assert set(params) == {"embedding", "cls", "pos_embedding", "Transformer", "fc_norm", "head"}
+
+
+def test_logits_are_scaled_qk(setup):
+  model, params, images = setup
+  _, out = model.apply({"params": params}, images, train=False, want_qkv=True)
+  expected = jnp.einsum("lbqhd,lbkhd->lbhqk", out["q"], out["k"]) / np.sqrt(16)
+  np.testing.assert_allclose(out["attn_logits"], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "dots"])
+def test_loop_equals_scan(setup, remat):
+  model, params, images = setup
+  scanned = _model(scan=True, remat_policy=remat)
+  scan_params = vit.loop_to_scan(params)
+  assert scan_params["Transformer"]["encoderblock"]["LayerNorm_0"]["scale"].shape == (2, 32)
+  # Same structure as a scan model's own init.
+  own = scanned.init(jax.random.key(1), images, train=False)["params"]
+  assert jax.tree.structure(own) == jax.tree.structure(scan_params)
+  a, out_a = model.apply({"params": params}, images, train=False, want_qkv=True)
+  b, out_b = scanned.apply({"params": scan_params}, images, train=False, want_qkv=True)
+  np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  for k in ("attn_logits", "q", "v"):
+    np.testing.assert_allclose(out_a[k], out_b[k], rtol=1e-6, atol=1e-6)
+  back = vit.scan_to_loop(scan_params)
+  assert jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), back, params))
+  # Gradients agree too (remat must not change them).
+  loss = lambda m, p: m.apply({"params": p}, images, train=False)[0].sum()  # noqa: E731
+  ga = vit.loop_to_scan(jax.grad(lambda p: loss(model, p))(params))
+  gb = jax.grad(lambda p: loss(scanned, p))(scan_params)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), ga, gb)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("key", ["logits", "probs", "q", "k", "v"])
+def test_override_with_own_values_changes_nothing(setup, scan, key):
+  model, params, images = setup
+  if scan:
+    model, params = _model(scan=True), vit.loop_to_scan(params)
+  ref, out = model.apply({"params": params}, images, train=False, want_qkv=True)
+  own = {"logits": out["attn_logits"], "probs": jax.nn.softmax(out["attn_logits"], -1)}.get(key)
+  own = out[key] if own is None else own
+  override = {key: own, "mask": jnp.ones((2, 2), bool)}
+  got, _ = model.apply({"params": params}, images, train=False, override=override)
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_override_applies_only_to_masked_layers_and_heads(setup):
+  model, params, images = setup
+  ref, out = model.apply({"params": params}, images, train=False)
+  uniform = jnp.zeros_like(out["attn_logits"])  # softmax -> uniform attention
+  mask = jnp.array([[False, False], [False, True]])  # layer 1, head 1 only
+  got, out2 = model.apply({"params": params}, images, train=False,
+                          override={"logits": uniform, "mask": mask})
+  assert not np.allclose(got, ref)
+  # Layer 0 is untouched, so its logits are identical; layer 1's own logits are still reported.
+  np.testing.assert_array_equal(out2["attn_logits"][0], out["attn_logits"][0])
+  none_masked, _ = model.apply({"params": params}, images, train=False,
+                               override={"logits": uniform, "mask": jnp.zeros((2, 2), bool)})
+  np.testing.assert_allclose(none_masked, ref, rtol=1e-6)
+
+
+def test_override_rejects_unknown_keys(setup):
+  model, params, images = setup
+  with pytest.raises(ValueError, match="override needs"):
+    model.apply({"params": params}, images, train=False, override={"attn": jnp.zeros(1)})
+
+
+def test_drop_masks_statistics_and_sharing(setup):
+  masks = vit.sample_drop_masks(jax.random.key(3), 4000, 4, 0.3)
+  assert masks.shape == (4, 2, 4000)
+  np.testing.assert_array_equal(masks[0], 1.0)  # linspace starts at rate 0
+  keep_last = np.mean(np.asarray(masks[-1]) > 0)
+  assert abs(keep_last - 0.7) < 0.03
+  np.testing.assert_allclose(np.asarray(masks[-1]).max(), 1 / 0.7, rtol=1e-6)  # kept samples rescaled
+  model, params, images = setup
+  dropped = _model(drop_path=0.5)
+  m = vit.sample_drop_masks(jax.random.key(4), B, 2, 0.5)
+  a, _ = dropped.apply({"params": params}, images, train=True, drop_masks=m)
+  b, _ = dropped.apply({"params": params}, images, train=False, drop_masks=m)  # masks win over `train`
+  c, _ = dropped.apply({"params": params}, images, train=False)  # eval: no drop path
+  ref, _ = model.apply({"params": params}, images, train=False)
+  np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(c, ref)
+  # Without masks, train mode samples its own from the 'dropout' rng.
+  d, _ = dropped.apply({"params": params}, images, train=True, rngs={"dropout": jax.random.key(5)})
+  assert not np.allclose(d, ref)
+
+
+def test_all_ones_masks_equal_no_drop_path(setup):
+  model, params, images = setup
+  ones = jnp.ones((2, 2, B))
+  a, _ = model.apply({"params": params}, images, train=False, drop_masks=ones)
+  b, _ = model.apply({"params": params}, images, train=False)
+  np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_cls_pool_and_headless(setup):
+  _, _, images = setup
+  cls_model = _model(pool="cls")
+  p = cls_model.init(jax.random.key(0), images, train=False)["params"]
+  assert "encoder_norm" in p and "fc_norm" not in p
+  assert cls_model.apply({"params": p}, images, train=False)[0].shape == (B, 10)
+  headless = _model(num_classes=0)
+  p = headless.init(jax.random.key(0), images, train=False)["params"]
+  assert "head" not in p
+  assert headless.apply({"params": p}, images, train=False)[0].shape == (B, 32)
+  no_cls = _model(class_token=False)
+  p = no_cls.init(jax.random.key(0), images, train=False)["params"]
+  assert no_cls.apply({"params": p}, images, train=False)[1]["attn_logits"].shape[-1] == 49
+  with pytest.raises(ConfigError, match="model.pool"):
+    _model(pool="cls", class_token=False).init(jax.random.key(0), images, train=False)
+
+
+def test_bf16_matmuls_keep_float32_logits(setup):
+  model, params, images = setup
+  bf16 = _model(dtype_mm="bfloat16")
+  a, out = bf16.apply({"params": params}, images, train=False)
+  ref, _ = model.apply({"params": params}, images, train=False)
+  assert out["attn_logits"].dtype == jnp.float32 and a.dtype == jnp.float32
+  np.testing.assert_allclose(a, ref, atol=0.1)
+
+
+@pytest.mark.parametrize("variant,expected", [
+    ("Ti/16", (192, 12, 768, 3, 16)), ("S/16", (384, 12, 1536, 6, 16)), ("B/16", (768, 12, 3072, 12, 16)),
+    ("L/16", (1024, 24, 4096, 16, 16)), ("H/14", (1280, 32, 5120, 16, 14)), ("Mu/4", (128, 6, 512, 4, 4))])
+def test_variants(variant, expected):
+  d = vit.decode_variant(variant)
+  assert (d["width"], d["depth"], d["mlp_dim"], d["num_heads"], d["patch_size"]) == expected
+
+
+def test_vitl_param_count_matches_timm():
+  model = vit.build({"variant": "L/16", "num_classes": 1000})
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False))
+  # timm vit_large_patch16_224 with global_pool='avg' and fc_norm: 304,326,632 parameters.
+  assert sum(np.prod(a.shape) for a in jax.tree.leaves(shapes)) == 304_326_632
+
+
+def test_build_errors():
+  with pytest.raises(ConfigError, match="model.variant"):
+    vit.build({"variant": "XXL/16", "num_classes": 10})
+  with pytest.raises(ConfigError, match="unknown model fields"):
+    vit.build({"variant": "Ti/16", "num_classes": 10, "dropout": 0.1})
+  with pytest.raises(ConfigError, match="model.remat_policy"):
+    vit.build({"variant": "Ti/16", "num_classes": 10, "remat_policy": "some"})
+  m = vit.build({"variant": "Ti/16", "num_classes": 10, "width": 96})
+  assert m.width == 96 and m.depth == 12  # explicit fields override the variant
+  assert vit.build(vit.model_fields(m)) == m
