@@ -63,19 +63,35 @@ def _load_teacher(config, workdir: str, mesh) -> tuple[vit.ViT | None, Any]:
   return teacher, params
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
-  """Builds and validates everything; raises ConfigError naming the field/file to fix."""
+def validate(config: ml_collections.ConfigDict) -> tuple[vit.ViT, Any, data.Source, data.Source]:
+  """Checks everything that needs no teacher (model, image size, mesh, batches, data, transfer vs student).
+
+  Returns (model, mesh, train_source, eval_source). Cheap: runs before a teacher is trained or loaded.
+  """
   model = vit.build(config.model.to_dict())
   image_size = config.data.image_size
   if image_size % model.patch_size:
     raise ConfigError("data.image_size", f"{image_size} is not divisible by the patch size "
                       f"{model.patch_size} (model.variant / model.patch_size)")
+  transfer.resolve(config.transfer.to_dict(), model, None, image_size)
+  if config.transfer.mode != "none" and config.transfer.source == "precomputed":
+    # The step supports it (batch["teacher_<key>"]); the input pipeline cannot produce them yet.
+    raise ConfigError("transfer.source", "'precomputed' needs batches carrying teacher_<attn_logits|q|k|v>; "
+                      "at_jax.data does not read stored teacher targets yet, so use 'jointly' here, or call "
+                      "train_step.make_train_step with such batches yourself")
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   sharding.check_batch(config.data.batch_size, mesh, "data.batch_size")
   sharding.check_batch(config.data.eval_batch_size, mesh, "data.eval_batch_size")
   data_dir = config.data.dir or None
   train_source = data.make_source(config.data.name, config.data.train_split, data_dir)
   eval_source = data.make_source(config.data.name, config.data.eval_split, data_dir)
+  return model, mesh, train_source, eval_source
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
+  """Builds and validates everything; raises ConfigError naming the field/file to fix."""
+  model, mesh, train_source, eval_source = validate(config)
+  image_size = config.data.image_size
   teacher, teacher_params = _load_teacher(config, workdir, mesh)
   t = transfer.resolve(config.transfer.to_dict(), model, teacher, image_size)
 
@@ -199,6 +215,7 @@ def run_with_teacher(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   Returns {"teacher": evals or {}, "student": evals}, and prints them as a table.
   """
   results: dict[str, dict[str, float]] = {}
+  validate(config)  # a typo in the student's config must not cost a teacher's training first
   if config.transfer.mode != "none" and not config.teacher.init and config.teacher.pretrain is not None:
     teacher_dir = os.path.join(workdir, TEACHER_DIR)
     results_file = os.path.join(teacher_dir, "results.json")

@@ -66,13 +66,15 @@ def _teacher_targets(teacher: ViT | None, teacher_params: Any, batch: Batch, t: 
   return transfer.teacher_targets(out, t)
 
 
-def make_train_step(model: ViT, teacher: ViT | None, tx: optax.GradientTransformation,
-                    t: transfer.Transfer, *, schedule: optax.Schedule, label_smoothing: float,
-                    ema_decay: float) -> Callable[[TrainState, Batch, Any], tuple[TrainState, dict]]:
-  """The pure step `(state, batch, teacher_params) -> (state, metrics)`; jit it with shardings."""
+def make_loss_fn(model: ViT, teacher: ViT | None, t: transfer.Transfer, *, label_smoothing: float
+                 ) -> Callable[[Any, Batch, Any, Array], tuple[Array, dict]]:
+  """`(params, batch, teacher_params, rng) -> (loss, aux)`; aux has ce_loss, distill_loss, logits.
 
-  def step(state: TrainState, batch: Batch, teacher_params: Any) -> tuple[TrainState, dict]:
-    rng = jax.random.fold_in(state.rng, state.step)
+  One draw of drop-path masks per step serves both models, so the teacher's maps come from a forward pass
+  with the same residual branches dropped as the student's.
+  """
+
+  def loss_fn(params: Any, batch: Batch, teacher_params: Any, rng: Array) -> tuple[Array, dict]:
     rng_drop, rng_model = jax.random.split(rng)
     images, labels = batch["image"], batch["label"]
     drop_masks = None
@@ -80,23 +82,33 @@ def make_train_step(model: ViT, teacher: ViT | None, tx: optax.GradientTransform
       drop_masks = sample_drop_masks(rng_drop, images.shape[0], model.depth, model.drop_path)
     targets = _teacher_targets(teacher, teacher_params, batch, t, drop_masks)
     override = transfer.copy_override(targets, t) if t.mode == "copy" else None
+    logits, out = model.apply({"params": params}, images, train=True, override=override,
+                              drop_masks=drop_masks, want_qkv=transfer.needs_qkv(t) and t.mode == "distill",
+                              rngs={"dropout": rng_model})
+    ce = cross_entropy(logits, labels, label_smoothing)
+    distill = transfer.distill_loss(out, targets, t) if t.mode == "distill" else jnp.zeros(())
+    return ce + distill, {"ce_loss": ce, "distill_loss": distill, "logits": logits}
 
-    def loss_fn(params):
-      logits, out = model.apply({"params": params}, images, train=True, override=override,
-                                drop_masks=drop_masks, want_qkv=transfer.needs_qkv(t) and t.mode == "distill",
-                                rngs={"dropout": rng_model})
-      ce = cross_entropy(logits, labels, label_smoothing)
-      distill = transfer.distill_loss(out, targets, t) if t.mode == "distill" else jnp.zeros(())
-      return ce + distill, (ce, distill, logits)
+  return loss_fn
 
-    (loss, (ce, distill, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+
+def make_train_step(model: ViT, teacher: ViT | None, tx: optax.GradientTransformation,
+                    t: transfer.Transfer, *, schedule: optax.Schedule, label_smoothing: float,
+                    ema_decay: float) -> Callable[[TrainState, Batch, Any], tuple[TrainState, dict]]:
+  """The pure step `(state, batch, teacher_params) -> (state, metrics)`; jit it with shardings."""
+  loss_fn = make_loss_fn(model, teacher, t, label_smoothing=label_smoothing)
+
+  def step(state: TrainState, batch: Batch, teacher_params: Any) -> tuple[TrainState, dict]:
+    rng = jax.random.fold_in(state.rng, state.step)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, teacher_params, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema_params, params)
+    labels = batch["label"]
     hard = labels if labels.ndim == 1 else labels.argmax(-1)
-    metrics = {"loss": loss, "ce_loss": ce, "distill_loss": distill,
-               "train_acc": jnp.mean(logits.argmax(-1) == hard),
-               "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+    metrics = {"loss": loss, "ce_loss": aux["ce_loss"], "distill_loss": aux["distill_loss"],
+               "train_acc": jnp.mean(aux["logits"].argmax(-1) == hard),
+               "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
 
   return step

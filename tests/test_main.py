@@ -1,0 +1,45 @@
+"""launch/main.py end to end, as a user runs it: a tiny demo, then a resume, then a bad override."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config.model.variant=Pico/7", "--config.transfer.layers=first:1", "--config.data.train_split=train[:640]",
+        "--config.data.eval_split=test[:500]", "--config.schedule.steps=4", "--config.schedule.log_every_steps=2",
+        "--config.teacher.pretrain.model.variant=Pico/7", "--config.teacher.pretrain.data.train_split=train[:640]",
+        "--config.teacher.pretrain.data.eval_split=test[:500]", "--config.teacher.pretrain.schedule.steps=4"]
+
+
+def _main(*args):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as on a laptop
+  return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "main.py"), *args], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_demo_end_to_end_and_resume(tmp_path):
+  workdir = str(tmp_path / "demo")
+  proc = _main(f"--workdir={workdir}", *TINY)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = proc.stdout
+  assert "No teacher" in out and "Student: distill" in out
+  assert "| teacher" in out and "| student" in out  # the results table
+  assert "train[distill]" in out and "img/s" in out  # progress lines
+  results = json.load(open(os.path.join(workdir, "results.json")))
+  assert set(results) == {"teacher", "student"} and 0 <= results["student"]["top1"] <= 100
+  for path in ("metrics.jsonl", "tensorboard", "checkpoints/4", "params/model_config.json",
+               "teacher/metrics.jsonl", "teacher/params/model_config.json"):
+    assert os.path.exists(os.path.join(workdir, path)), path
+  # Running again on the same workdir resumes: no new teacher, the student restores step 4.
+  again = _main(f"--workdir={workdir}", *TINY)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "No teacher" not in again.stdout and "Resumed" in again.stdout
+  assert json.load(open(os.path.join(workdir, "results.json"))) == results
+
+
+def test_bad_override_is_a_clear_error(tmp_path):
+  proc = _main(f"--workdir={tmp_path}", *TINY, "--config.transfer.layers=last:9")
+  assert proc.returncode == 2
+  assert "transfer.layers" in proc.stderr and "Traceback" not in proc.stderr
+  typo = _main(f"--workdir={tmp_path}", "--config.transfer.modee=copy")
+  assert typo.returncode != 0 and "modee" in typo.stderr

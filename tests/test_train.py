@@ -1,0 +1,136 @@
+"""The training loop on real Fashion-MNIST: exact resume, teacher export, start-up validation."""
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from at_jax import checkpoint, metrics, train
+from at_jax.errors import ConfigError
+from configs import demo
+
+
+def tiny_config(steps=6, layers="first:1", **transfer):
+  """The demo config shrunk to seconds: Pico ViT, batch 16 on the (4, 2) mesh of 8 emulated devices."""
+  c = demo.get_config()
+  c.unlock()
+  c.model.variant = "Pico/7"
+  c.data.update(dict(batch_size=16, eval_batch_size=400, train_split="train[:320]", eval_split="test[:800]",
+                     num_threads=0))
+  c.schedule.update(dict(steps=steps, log_every_steps=2))
+  c.ckpt.update(dict(every_steps=2, keep=5))
+  c.mesh.update(dict(data=4, fsdp=2))
+  c.transfer.update(dict(layers=layers, **transfer))
+  c.teacher.pretrain = None
+  return c
+
+
+@pytest.fixture(scope="module")
+def teacher_export(tmp_path_factory):
+  """A real teacher: trained by our own loop, exported as teacher.init expects."""
+  workdir = str(tmp_path_factory.mktemp("teacher"))
+  c = tiny_config(steps=4, mode="none")
+  train.train_and_evaluate(c, workdir)
+  return os.path.join(workdir, train.EXPORT_DIR)
+
+
+def test_interrupted_run_resumes_exactly(tmp_path, teacher_export):
+  c = tiny_config(steps=6, mode="distill", layers="first:1")
+  c.teacher.init = teacher_export
+  c.model.drop_path = 0.1
+  straight = str(tmp_path / "straight")
+  evals = train.train_and_evaluate(c, straight)
+  interrupted = str(tmp_path / "interrupted")
+  train.train_and_evaluate(c, interrupted)
+  # Simulate a kill after the step-4 checkpoint: later checkpoints and the export never happened.
+  shutil.rmtree(os.path.join(interrupted, "checkpoints", "6"))
+  shutil.rmtree(os.path.join(interrupted, train.EXPORT_DIR))
+  resumed = train.train_and_evaluate(c, interrupted)
+  assert resumed == evals
+  _, a = checkpoint.load_params(os.path.join(straight, train.EXPORT_DIR))
+  _, b = checkpoint.load_params(os.path.join(interrupted, train.EXPORT_DIR))
+  jax.tree.map(np.testing.assert_array_equal, a, b)  # bitwise on CPU: same data, rng and steps
+  # Metrics: logged every 2 steps, distillation active, evals at the end.
+  lines = metrics.read_jsonl(os.path.join(straight, "metrics.jsonl"))
+  train_steps = [x["step"] for x in lines if "train/loss" in x]
+  assert train_steps == [2, 4, 6]
+  assert all(x["train/distill_loss"] > 0 for x in lines if "train/loss" in x)
+  assert {"eval/top1", "eval/ema_top1", "eval/top5"} <= set(lines[-1])
+  assert os.path.isdir(os.path.join(straight, "tensorboard"))
+
+
+def test_copy_mode_trains_and_evaluates_with_teacher(tmp_path, teacher_export):
+  c = tiny_config(steps=2, mode="copy", layers="all")
+  c.teacher.init = teacher_export
+  evals = train.train_and_evaluate(c, str(tmp_path))
+  assert 0 <= evals["top1"] <= 100 and evals["top5"] >= evals["top1"]
+
+
+def test_run_with_teacher_trains_then_reuses_teacher(tmp_path):
+  c = tiny_config(steps=2, mode="distill")
+  t = tiny_config(steps=2, mode="none")
+  t.lock()
+  c.teacher.pretrain = t
+  results = train.run_with_teacher(c, str(tmp_path))
+  assert set(results) == {"teacher", "student"}
+  exported = os.path.join(tmp_path, train.TEACHER_DIR, train.EXPORT_DIR, "model_config.json")
+  assert json.load(open(exported))["patch_size"] == 7
+  mtime = os.path.getmtime(exported)
+  again = train.run_with_teacher(c, str(tmp_path))  # resumes: teacher kept, student already done
+  assert os.path.getmtime(exported) == mtime and again == results
+
+
+def test_bad_student_config_fails_before_teacher_training(tmp_path):
+  c = tiny_config(steps=2, mode="distill", layers="end_layer:-2")  # Pico has depth 2: selects nothing
+  c.teacher.pretrain = tiny_config(steps=2, mode="none")
+  with pytest.raises(ConfigError, match="end_layer"):
+    train.run_with_teacher(c, str(tmp_path))
+  assert not os.path.exists(os.path.join(tmp_path, train.TEACHER_DIR))
+
+
+def test_nonfinite_loss_stops_with_step_and_checkpoint(tmp_path):
+  c = tiny_config(steps=6, mode="none")
+  c.optim.base_lr = 1e30
+  with pytest.raises(FloatingPointError, match=r"non-finite loss .* at step \d+; the last good checkpoint"):
+    train.train_and_evaluate(c, str(tmp_path))
+
+
+def _setup_error(c):
+  with pytest.raises(ConfigError) as e:
+    train.setup(c, "/nonexistent-workdir")
+  return e.value
+
+
+@pytest.mark.parametrize("change,field", [
+    (lambda c: c.transfer.update(dict(mode="attend")), "transfer.mode"),
+    (lambda c: c.transfer.update(dict(layers="0,9")), "transfer.layers"),
+    (lambda c: c.transfer.update(dict(heads="last:3")), "transfer.heads"),
+    (lambda c: c.data.update(dict(image_size=30)), "data.image_size"),
+    (lambda c: c.data.update(dict(batch_size=12)), "data.batch_size"),
+    (lambda c: c.mesh.update(dict(data=3, fsdp=2)), "mesh"),
+    (lambda c: c.model.update(dict(variant="Giant/7")), "model.variant"),
+    (lambda c: c.data.update(dict(name="imagenet2012", dir="/nonexistent")), "data.dir"),
+    (lambda c: c.teacher.update(dict(init="")), "teacher.init"),
+])
+def test_bad_configs_fail_before_compute(change, field, teacher_export):
+  c = tiny_config(mode="distill")
+  c.teacher.init = teacher_export
+  change(c)
+  assert _setup_error(c).field == field
+
+
+def test_missing_teacher_file_names_path(teacher_export):
+  c = tiny_config(mode="distill")
+  c.teacher.init = "/nonexistent/teacher"
+  err = _setup_error(c)
+  assert "/nonexistent/teacher" in str(err) and "teacher.init" in str(err)
+
+
+def test_teacher_with_other_patch_size_is_rejected(tmp_path, teacher_export):
+  model_config, params = checkpoint.load_params(teacher_export)
+  c = tiny_config(mode="distill")
+  c.teacher.init = teacher_export
+  c.model.variant = "Pico/4"
+  assert _setup_error(c).field == "teacher.init"
