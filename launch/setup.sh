@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# One-time setup on a fresh Debian/Ubuntu machine (CPU): Fashion-MNIST from Debian, a venv with the pinned
+# requirements. Idempotent: re-running is cheap. On GPU/TPU hosts see README ("Launching ViT-L").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq dataset-fashion-mnist
+fi
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q -r requirements.txt
+echo "setup done: .venv ready, Fashion-MNIST in /usr/share/datasets/fashion-mnist"
