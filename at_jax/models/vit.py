@@ -11,11 +11,17 @@ except that `pos_embedding` covers the cls slot too ([1, 1 + num_patches, D]), a
 converted PyTorch teachers need no surgery. With `scan=True` the blocks live stacked under
 `Transformer/encoderblock`; `scan_to_loop` / `loop_to_scan` convert.
 
+Architecture switches a teacher family may need its student to mirror (follow-up work, arXiv 2605.07191,
+found transfer fails without them): register tokens, LayerScale, QK-norm, a LayerNorm before the encoder,
+cls or gap readout, the MLP activation, LayerNorm epsilon, and whether the position table covers the
+prefix tokens.
+
 dtype policy: params are float32; matmuls run in `dtype_mm` (bfloat16 on accelerators); the residual
 stream, attention logits, softmax and LayerNorm are float32.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any, Mapping
 
@@ -70,21 +76,42 @@ def sample_drop_masks(rng: Array, batch: int, depth: int, rate: float) -> Array:
   return keep.astype(jnp.float32) / keep_L[:, None, None]
 
 
-class Attention(nn.Module):
-  """Multi-head self-attention that exposes its logits and obeys an override."""
+ACTIVATIONS = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),   # exact, as timm/MAE/the paper
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockArch:
+  """What every encoder block shares; one hashable value instead of a field per module."""
+  mlp_dim: int
   num_heads: int
   qkv_bias: bool = True
+  qk_norm: bool = False          # LayerNorm over head_dim on q and k (timm q_norm/k_norm)
+  layerscale_init: float = 0.0   # > 0: per-channel residual scales (CaiT/DINOv2 LayerScale)
+  mlp_act: str = "gelu"
+  norm_eps: float = 1e-6
   dtype_mm: Any = jnp.float32
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention that exposes its logits and obeys an override."""
+  arch: BlockArch
 
   @nn.compact
   def __call__(self, x_BND: Array, override: Override | None, want_qkv: bool
                ) -> tuple[Array, dict[str, Array]]:
+    a = self.arch
     width = x_BND.shape[-1]
-    head_dim = width // self.num_heads
+    head_dim = width // a.num_heads
     dense = lambda name: nn.DenseGeneral(  # noqa: E731
-        (self.num_heads, head_dim), use_bias=self.qkv_bias, dtype=self.dtype_mm,
-        kernel_init=_trunc_normal, name=name)
+        (a.num_heads, head_dim), use_bias=a.qkv_bias, dtype=a.dtype_mm, kernel_init=_trunc_normal, name=name)
     qkv = {name: dense(layer)(x_BND) for name, layer in (("q", "query"), ("k", "key"), ("v", "value"))}
+    if a.qk_norm:
+      qkv["q"] = nn.LayerNorm(epsilon=a.norm_eps, name="query_norm")(qkv["q"].astype(jnp.float32))
+      qkv["k"] = nn.LayerNorm(epsilon=a.norm_eps, name="key_norm")(qkv["k"].astype(jnp.float32))
     if override is not None:
       # `jnp.where` (not arithmetic blending) so that overridden entries pass exactly zero gradient back to
       # the student's own projections.
@@ -93,7 +120,7 @@ class Attention(nn.Module):
                               override[name].astype(qkv[name].dtype), qkv[name])
     q_BNHD, k_BNHD, v_BNHD = qkv["q"], qkv["k"], qkv["v"]
 
-    logits_BHNN = jnp.einsum("bqhd,bkhd->bhqk", q_BNHD, k_BNHD,
+    logits_BHNN = jnp.einsum("bqhd,bkhd->bhqk", q_BNHD.astype(a.dtype_mm), k_BNHD.astype(a.dtype_mm),
                              preferred_element_type=jnp.float32) * head_dim**-0.5
     if override is not None and "logits" in override:
       mask_BHNN = override["mask"][None, :, None, None]
@@ -106,8 +133,8 @@ class Attention(nn.Module):
     else:
       probs_BHNN = jax.nn.softmax(logits_BHNN, axis=-1)
 
-    y_BNHD = jnp.einsum("bhqk,bkhd->bqhd", probs_BHNN.astype(self.dtype_mm), v_BNHD.astype(self.dtype_mm))
-    y_BND = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype_mm, kernel_init=_trunc_normal,
+    y_BNHD = jnp.einsum("bhqk,bkhd->bqhd", probs_BHNN.astype(a.dtype_mm), v_BNHD.astype(a.dtype_mm))
+    y_BND = nn.DenseGeneral(width, axis=(-2, -1), dtype=a.dtype_mm, kernel_init=_trunc_normal,
                             name="out")(y_BNHD)
     out = {"attn_logits": logits_BHNN}
     if want_qkv:
@@ -116,45 +143,45 @@ class Attention(nn.Module):
 
 
 class MlpBlock(nn.Module):
-  mlp_dim: int
-  dtype_mm: Any = jnp.float32
+  arch: BlockArch
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    dense = lambda n, name: nn.Dense(n, dtype=self.dtype_mm, kernel_init=_trunc_normal, name=name)  # noqa: E731
-    y = nn.gelu(dense(self.mlp_dim, "Dense_0")(x), approximate=False)  # Exact GELU, as timm/MAE.
+    a = self.arch
+    dense = lambda n, name: nn.Dense(n, dtype=a.dtype_mm, kernel_init=_trunc_normal, name=name)  # noqa: E731
+    y = ACTIVATIONS[a.mlp_act](dense(a.mlp_dim, "Dense_0")(x))
     return dense(x.shape[-1], "Dense_1")(y)
 
 
 class Block(nn.Module):
   """Pre-norm encoder block. Scan-compatible: `(x, (override, drop)) -> (x, out)`."""
-  mlp_dim: int
-  num_heads: int
-  qkv_bias: bool = True
-  dtype_mm: Any = jnp.float32
+  arch: BlockArch
   want_qkv: bool = False
 
   @nn.compact
   def __call__(self, x_BND: Array, inputs: tuple[Override | None, Array | None]
                ) -> tuple[Array, dict[str, Array]]:
+    a = self.arch
     override, drop_2B = inputs
-    scale = (lambda y, i: y) if drop_2B is None else (lambda y, i: y * drop_2B[i][:, None, None])
-    y = nn.LayerNorm(epsilon=1e-6, name="LayerNorm_0")(x_BND)
-    y, out = Attention(self.num_heads, self.qkv_bias, self.dtype_mm,
-                       name="MultiHeadDotProductAttention_0")(y, override, self.want_qkv)
-    x_BND = x_BND + scale(y, 0).astype(jnp.float32)
-    y = nn.LayerNorm(epsilon=1e-6, name="LayerNorm_1")(x_BND)
-    y = MlpBlock(self.mlp_dim, self.dtype_mm, name="MlpBlock_0")(y)
-    return x_BND + scale(y, 1).astype(jnp.float32), out
+    width = x_BND.shape[-1]
+
+    def residual(y, i):
+      y = y.astype(jnp.float32)
+      if a.layerscale_init > 0:
+        y = y * self.param(f"layerscale_{i}", nn.initializers.constant(a.layerscale_init), (width,))
+      return y if drop_2B is None else y * drop_2B[i][:, None, None]
+
+    y = nn.LayerNorm(epsilon=a.norm_eps, name="LayerNorm_0")(x_BND)
+    y, out = Attention(a, name="MultiHeadDotProductAttention_0")(y, override, self.want_qkv)
+    x_BND = x_BND + residual(y, 0)
+    y = nn.LayerNorm(epsilon=a.norm_eps, name="LayerNorm_1")(x_BND)
+    return x_BND + residual(MlpBlock(a, name="MlpBlock_0")(y), 1), out
 
 
 class Encoder(nn.Module):
   """The stack of blocks, as a Python loop or an `nn.scan`, optionally rematerialised."""
   depth: int
-  mlp_dim: int
-  num_heads: int
-  qkv_bias: bool = True
-  dtype_mm: Any = jnp.float32
+  arch: BlockArch
   scan: bool = False
   remat_policy: str = "none"
   want_qkv: bool = False
@@ -165,16 +192,15 @@ class Encoder(nn.Module):
     block = Block
     if self.remat_policy != "none":
       block = nn.remat(Block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan)
-    kwargs = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, qkv_bias=self.qkv_bias,
-                  dtype_mm=self.dtype_mm, want_qkv=self.want_qkv)
     if self.scan:
       scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                         in_axes=0, length=self.depth)
-      return scanned(name="encoderblock", **kwargs)(x_BND, (override, drop_L2B))
+      return scanned(self.arch, self.want_qkv, name="encoderblock")(x_BND, (override, drop_L2B))
     outs = []
     for i in range(self.depth):
       layer = lambda t: None if t is None else jax.tree.map(lambda a: a[i], t)  # noqa: E731
-      x_BND, out = block(name=f"encoderblock_{i}", **kwargs)(x_BND, (layer(override), layer(drop_L2B)))
+      x_BND, out = block(self.arch, self.want_qkv, name=f"encoderblock_{i}")(
+          x_BND, (layer(override), layer(drop_L2B)))
       outs.append(out)
     return x_BND, jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
@@ -182,10 +208,15 @@ class Encoder(nn.Module):
 class ViT(nn.Module):
   """ViT classifier; `num_classes=0` gives a headless encoder (e.g. an MAE teacher).
 
+  The token sequence is [cls (if class_token), registers (num_registers), patches].
+
   Attributes:
     pool: "gap" (mean of patch tokens, then LayerNorm `fc_norm`, as MAE and the paper) or "cls"
       (LayerNorm `encoder_norm` over the sequence, then the cls token). The cls token stays in the sequence
       with gap pooling too (`class_token`), so student and teacher maps are both (1 + patches)^2.
+    posemb_prefix: the learned position table also covers the cls/register tokens (timm's default, MAE);
+      False: patches only (big_vision, timm `no_embed_class`, DINOv2 with registers).
+    pre_norm: LayerNorm on the token sequence before the first block (CLIP's ln_pre, timm norm_pre).
     drop_path: max stochastic-depth rate (linear over depth), used when `train` and no masks are given.
   """
   num_classes: int
@@ -196,16 +227,27 @@ class ViT(nn.Module):
   num_heads: int = 12
   pool: str = "gap"
   class_token: bool = True
+  num_registers: int = 0
+  posemb_prefix: bool = True
+  pre_norm: bool = False
   qkv_bias: bool = True
+  qk_norm: bool = False
+  layerscale_init: float = 0.0
+  mlp_act: str = "gelu"
+  norm_eps: float = 1e-6
   drop_path: float = 0.0
   head_init_std: float = 0.02
   dtype_mm: str = "float32"
   scan: bool = False
   remat_policy: str = "none"
 
+  @property
+  def num_prefix(self) -> int:
+    return int(self.class_token) + self.num_registers
+
   @nn.compact
   def __call__(self, images_BHWC: Array, *, train: bool, override: Override | None = None,
-               drop_masks: Array | None = None, want_qkv: bool = False
+               drop_masks: Array | None = None, want_qkv: bool = False, patch_keep: Array | None = None
                ) -> tuple[Array, dict[str, Array]]:
     """Runs the ViT.
 
@@ -217,10 +259,12 @@ class ViT(nn.Module):
       drop_masks: [L, 2, B] per-sample residual scales from `sample_drop_masks`; given, they are applied
         whatever `train` is (the teacher runs with the student's masks).
       want_qkv: also return q, k, v per layer.
+      patch_keep: [B, K] int indices of the patches to keep (MAE's visible patches); None keeps all.
 
     Returns:
       logits [B, num_classes] (pre-logits [B, D] when num_classes == 0), and a dict with
-      "attn_logits" [L, B, H, N, N] float32, "pre_logits" [B, D], and "q"/"k"/"v" if asked.
+      "attn_logits" [L, B, H, N, N] float32, "pre_logits" [B, D], "tokens" [B, N, D] (the encoder's
+      output before any final norm), and "q"/"k"/"v" if asked.
     """
     dtype_mm = jnp.dtype(self.dtype_mm)
     x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2, padding="VALID",
@@ -228,11 +272,26 @@ class ViT(nn.Module):
                 # PyTorch's default Conv2d init (uniform +-1/sqrt(fan_in)), as the paper's student.
                 kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"))(images_BHWC)
     batch = x.shape[0]
-    x_BND = x.reshape(batch, -1, self.width).astype(jnp.float32)
+    patches_BPD = x.reshape(batch, -1, self.width).astype(jnp.float32)
+    num_patches = patches_BPD.shape[1]
+    table = num_patches + (self.num_prefix if self.posemb_prefix else 0)
+    pos_1TD = self.param("pos_embedding", _trunc_normal, (1, table, self.width))
+    patches_BPD = patches_BPD + pos_1TD[:, table - num_patches:]
+    if patch_keep is not None:
+      patches_BPD = jnp.take_along_axis(patches_BPD, patch_keep[:, :, None], axis=1)
+    prefix = []
     if self.class_token:
-      cls = self.param("cls", _trunc_normal, (1, 1, self.width))
-      x_BND = jnp.concatenate([jnp.tile(cls, (batch, 1, 1)), x_BND], axis=1)
-    x_BND = x_BND + self.param("pos_embedding", _trunc_normal, (1,) + x_BND.shape[1:])
+      prefix.append(self.param("cls", _trunc_normal, (1, 1, self.width)))
+    if self.num_registers:
+      prefix.append(self.param("registers", _trunc_normal, (1, self.num_registers, self.width)))
+    if prefix:
+      prefix_1RD = jnp.concatenate(prefix, axis=1)
+      if self.posemb_prefix:
+        prefix_1RD = prefix_1RD + pos_1TD[:, :self.num_prefix]
+      patches_BPD = jnp.concatenate([jnp.tile(prefix_1RD, (batch, 1, 1)), patches_BPD], axis=1)
+    x_BND = patches_BPD
+    if self.pre_norm:
+      x_BND = nn.LayerNorm(epsilon=self.norm_eps, name="pre_norm")(x_BND)
 
     if drop_masks is None and train and self.drop_path > 0:
       drop_masks = sample_drop_masks(self.make_rng("dropout"), batch, self.depth, self.drop_path)
@@ -240,16 +299,18 @@ class ViT(nn.Module):
       unknown = set(override) - set(OVERRIDE_KEYS) - {"mask"}
       if unknown or "mask" not in override:
         raise ValueError(f"override needs 'mask' and keys from {OVERRIDE_KEYS}, got {sorted(override)}")
-    x_BND, out = Encoder(self.depth, self.mlp_dim, self.num_heads, self.qkv_bias, dtype_mm, self.scan,
-                         self.remat_policy, want_qkv, name="Transformer")(x_BND, override, drop_masks)
+    arch = BlockArch(self.mlp_dim, self.num_heads, self.qkv_bias, self.qk_norm, self.layerscale_init,
+                     self.mlp_act, self.norm_eps, dtype_mm)
+    x_BND, out = Encoder(self.depth, arch, self.scan, self.remat_policy, want_qkv,
+                         name="Transformer")(x_BND, override, drop_masks)
+    out["tokens"] = x_BND
 
     if self.pool == "gap":
-      tokens = x_BND[:, 1:] if self.class_token else x_BND
-      pre_BD = nn.LayerNorm(epsilon=1e-6, name="fc_norm")(tokens.mean(axis=1))
+      pre_BD = nn.LayerNorm(epsilon=self.norm_eps, name="fc_norm")(x_BND[:, self.num_prefix:].mean(axis=1))
     elif self.pool == "cls":
       if not self.class_token:
         raise ConfigError("model.pool", "'cls' pooling needs model.class_token=True")
-      pre_BD = nn.LayerNorm(epsilon=1e-6, name="encoder_norm")(x_BND)[:, 0]
+      pre_BD = nn.LayerNorm(epsilon=self.norm_eps, name="encoder_norm")(x_BND)[:, 0]
     else:
       raise ConfigError("model.pool", f"unknown pooling {self.pool!r}; use 'gap' or 'cls'")
     out["pre_logits"] = pre_BD
@@ -260,7 +321,7 @@ class ViT(nn.Module):
     return logits, out
 
   def tokens_for(self, image_size: int) -> int:
-    return (image_size // self.patch_size) ** 2 + int(self.class_token)
+    return (image_size // self.patch_size) ** 2 + self.num_prefix
 
 
 def build(model_config: Mapping[str, Any]) -> ViT:
@@ -275,6 +336,8 @@ def build(model_config: Mapping[str, Any]) -> ViT:
     raise ConfigError("model", f"unknown model fields {sorted(unknown)}; valid: {sorted(fields)}")
   if kwargs.get("remat_policy", "none") not in REMAT_POLICIES:
     raise ConfigError("model.remat_policy", f"{kwargs['remat_policy']!r} is not one of {sorted(REMAT_POLICIES)}")
+  if kwargs.get("mlp_act", "gelu") not in ACTIVATIONS:
+    raise ConfigError("model.mlp_act", f"{kwargs['mlp_act']!r} is not one of {sorted(ACTIVATIONS)}")
   if kwargs.get("width", 768) % kwargs.get("num_heads", 12):
     raise ConfigError("model.num_heads", "width must be divisible by num_heads")
   return ViT(**kwargs)
