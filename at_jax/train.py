@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from at_jax import checkpoint, data, metrics, optim, sharding, train_step, transfer
+from at_jax import checkpoint, data, evaluate, metrics, optim, sharding, train_step, transfer
 from at_jax.errors import ConfigError
 from at_jax.models import vit
 
@@ -112,7 +112,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
              total, schedule, tx)
 
 
-def evaluate(run: Run, eval_fn, state: train_step.TrainState) -> dict[str, float]:
+def evaluate_accuracy(run: Run, eval_fn, state: train_step.TrainState) -> dict[str, float]:
   """Top-1/top-5 (%) of raw and EMA params over the whole eval split."""
   d = run.config.data
   it = data.eval_iterator(run.eval_source, global_batch_size=d.eval_batch_size, image_size=d.image_size,
@@ -172,12 +172,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     pending = (step, step_metrics) if (step % s.log_every_steps == 0 or step == run.total_steps) else None
     ckpt.save(step, state, extra={"step": step})
     if config.evals.every_steps and step % config.evals.every_steps == 0 and step != run.total_steps:
-      writer.write(step, {f"eval/{k}": v for k, v in evaluate(run, eval_fn, state).items()})
+      writer.write(step, {f"eval/{k}": v for k, v in evaluate_accuracy(run, eval_fn, state).items()})
   if pending is not None:
     _log(pending, writer, progress, ckpt)
   ckpt.save(run.total_steps, state, extra={"step": run.total_steps}, force=True)
   ckpt.wait()
-  evals = evaluate(run, eval_fn, state)
+  evals = evaluate_accuracy(run, eval_fn, state)
   writer.write(run.total_steps, {f"eval/{k}": v for k, v in evals.items()})
   writer.close()
   ckpt.close()
@@ -234,4 +234,21 @@ def run_with_teacher(config: ml_collections.ConfigDict, workdir: str) -> dict[st
     print(table, flush=True)
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=1)
+    if config.transfer.mode != "none" and config.transfer.source == "jointly":
+      attention_report(config, workdir)
   return results
+
+
+def attention_report(config: ml_collections.ConfigDict, workdir: str, num_images: int = 4) -> None:
+  """Writes <workdir>/attention.png (teacher vs student maps) and prints their per-layer agreement."""
+  d = config.data
+  source = data.make_source(d.name, d.eval_split, d.dir or None)
+  images = next(data.eval_iterator(source, global_batch_size=num_images, image_size=d.image_size,
+                                   crop_pct=d.crop_pct, normalization=d.normalization, num_threads=0))["image"]
+  models = {}
+  for name, path in (("teacher", teacher_path(config, workdir)), ("student", os.path.join(workdir, EXPORT_DIR))):
+    model_config, params = checkpoint.load_params(path)
+    models[name] = (vit.build(model_config), params)
+  png = os.path.join(workdir, "attention.png")
+  agreement = evaluate.compare_attention(models, images, png)
+  print(evaluate.format_agreement(agreement, "teacher") + f"\nattention maps: {png}", flush=True)

@@ -27,7 +27,8 @@ def test_demo_end_to_end_and_resume(tmp_path):
   assert "train[distill]" in out and "img/s" in out  # progress lines
   results = json.load(open(os.path.join(workdir, "results.json")))
   assert set(results) == {"teacher", "student"} and 0 <= results["student"]["top1"] <= 100
-  for path in ("metrics.jsonl", "tensorboard", "checkpoints/4", "params/model_config.json",
+  assert "attention of student vs teacher" in out
+  for path in ("metrics.jsonl", "tensorboard", "checkpoints/4", "params/model_config.json", "attention.png",
                "teacher/metrics.jsonl", "teacher/params/model_config.json"):
     assert os.path.exists(os.path.join(workdir, path)), path
   # Running again on the same workdir resumes: no new teacher, the student restores step 4.

@@ -1,0 +1,105 @@
+"""Evaluation beyond accuracy: attention agreement with a teacher and attention-map figures."""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from at_jax import transfer
+
+Array = jax.Array
+
+
+def attention_agreement(teacher_logits_LBHNN: Array, student_logits_LBHNN: Array) -> dict[str, np.ndarray]:
+  """Per-layer agreement of two models' attention over keys, averaged over batch, heads and queries.
+
+  Returns {"cross_entropy": [L], "teacher_entropy": [L], "jsd": [L]}: the distillation objective per layer
+  (its minimum is the teacher's entropy) and the Jensen-Shannon divergence (natural log, in [0, ln 2]).
+  """
+  t = jax.nn.log_softmax(teacher_logits_LBHNN.astype(jnp.float32), axis=-1)
+  s = jax.nn.log_softmax(student_logits_LBHNN.astype(jnp.float32), axis=-1)
+  pt, ps = jnp.exp(t), jnp.exp(s)
+  log_m = jnp.log(0.5 * (pt + ps) + 1e-30)
+  jsd = 0.5 * jnp.sum(pt * (t - log_m), -1) + 0.5 * jnp.sum(ps * (s - log_m), -1)
+  mean = lambda x: np.asarray(x.mean(axis=(1, 2, 3)))  # noqa: E731
+  return {"cross_entropy": mean(transfer.attention_cross_entropy(teacher_logits_LBHNN, student_logits_LBHNN)),
+          "teacher_entropy": mean(-jnp.sum(pt * t, -1)), "jsd": mean(jsd)}
+
+
+def query_maps(logits_LBHNN: Array, *, num_prefix: int, query: int = 0) -> np.ndarray:
+  """Attention of one query token over the patch tokens, head-averaged, as grids [L, B, g, g]."""
+  probs = jax.nn.softmax(logits_LBHNN.astype(jnp.float32), axis=-1)[:, :, :, query, num_prefix:]
+  probs = np.asarray(probs.mean(axis=2))
+  grid = int(math.isqrt(probs.shape[-1]))
+  return probs.reshape(probs.shape[:2] + (grid, grid))
+
+
+def save_attention_figure(path: str, images_BHWC: np.ndarray, maps: Mapping[str, np.ndarray],
+                          *, layers: Sequence[int] | None = None, title: str = "") -> None:
+  """A PNG grid: per image, one row per model: the image, then that model's map in each layer.
+
+  Args:
+    images_BHWC: images to show, any range (rescaled per image to [0, 1]).
+    maps: model name -> [L, B, g, g] from `query_maps`.
+    layers: which layers to show (default all).
+  """
+  import matplotlib  # noqa: PLC0415 -- only figure-making needs it
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  names = list(maps)
+  depth = next(iter(maps.values())).shape[0]
+  layers = list(range(depth)) if layers is None else list(layers)
+  rows = len(images_BHWC) * len(names)
+  fig, axes = plt.subplots(rows, len(layers) + 1, figsize=(1.3 * (len(layers) + 1), 1.3 * rows + 0.4),
+                           squeeze=False)
+  for b, image in enumerate(images_BHWC):
+    shown = (image - image.min()) / max(float(image.max() - image.min()), 1e-8)
+    for m, name in enumerate(names):
+      r = b * len(names) + m
+      axes[r, 0].imshow(shown.squeeze() if shown.shape[-1] == 1 else shown, cmap="gray")
+      axes[r, 0].set_ylabel(name, fontsize=7)
+      for c, layer in enumerate(layers):
+        axes[r, c + 1].imshow(maps[name][layer, b], cmap="viridis")
+        if r == 0:
+          axes[r, c + 1].set_title(f"layer {layer}", fontsize=7)
+  for ax in axes.ravel():
+    ax.set_xticks([])
+    ax.set_yticks([])
+  if title:
+    fig.suptitle(title, fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def compare_attention(models: Mapping[str, tuple[object, object]], images_BHWC: np.ndarray, out_png: str
+                      ) -> dict[str, dict[str, np.ndarray]]:
+  """Draws `models`' cls-token maps on `images` and returns each model's agreement with the first.
+
+  Args:
+    models: name -> (ViT module, params); the first entry is the reference (the teacher).
+    images_BHWC: normalised images, as the models expect them.
+    out_png: where the figure goes.
+  """
+  maps, logits = {}, {}
+  for name, (model, params) in models.items():
+    _, out = model.apply({"params": params}, images_BHWC, train=False)
+    logits[name] = out["attn_logits"]
+    maps[name] = query_maps(out["attn_logits"], num_prefix=model.num_prefix)
+  save_attention_figure(out_png, images_BHWC, maps,
+                        title="cls-token attention over patches, head-averaged, per layer")
+  first, *rest = list(models)
+  return {name: attention_agreement(logits[first], logits[name]) for name in rest}
+
+
+def format_agreement(agreement: Mapping[str, Mapping[str, np.ndarray]], reference: str) -> str:
+  lines = []
+  for name, values in agreement.items():
+    lines.append(f"attention of {name} vs {reference}, per layer:")
+    for key, per_layer in values.items():
+      lines.append(f"  {key:16s} " + " ".join(f"{v:.3f}" for v in np.asarray(per_layer)))
+  return "\n".join(lines)

@@ -1,0 +1,40 @@
+"""Attention agreement and attention-map figures."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from at_jax import evaluate
+from at_jax.models import vit
+
+
+def test_agreement_identical_and_different():
+  logits = jax.random.normal(jax.random.key(0), (3, 2, 2, 5, 5)) * 3
+  same = evaluate.attention_agreement(logits, logits)
+  np.testing.assert_allclose(same["cross_entropy"], same["teacher_entropy"], rtol=1e-5)
+  np.testing.assert_allclose(same["jsd"], 0.0, atol=1e-6)
+  other = evaluate.attention_agreement(logits, -logits)
+  assert np.all(other["jsd"] > 0.05) and np.all(other["jsd"] <= np.log(2) + 1e-6)
+  assert np.all(other["cross_entropy"] > other["teacher_entropy"])
+  # JSD against a numpy reference for one layer.
+  p = np.asarray(jax.nn.softmax(logits[0], -1), np.float64)
+  q = np.asarray(jax.nn.softmax(-logits[0], -1), np.float64)
+  m = (p + q) / 2
+  ref = 0.5 * (p * np.log(p / m)).sum(-1) + 0.5 * (q * np.log(q / m)).sum(-1)
+  assert other["jsd"][0] == pytest.approx(ref.mean(), rel=1e-4)
+
+
+def test_query_maps_and_figure(tmp_path):
+  model = vit.build({"variant": "Pico/7", "num_classes": 10, "num_registers": 2})
+  images = jax.random.normal(jax.random.key(0), (2, 28, 28, 3))
+  params = model.init(jax.random.key(1), images, train=False)["params"]
+  _, out = model.apply({"params": params}, images, train=False)
+  maps = evaluate.query_maps(out["attn_logits"], num_prefix=model.num_prefix)
+  assert maps.shape == (2, 2, 4, 4) and np.all(maps >= 0)
+  assert np.all(maps.sum((-1, -2)) <= 1 + 1e-6)  # prefix tokens take the rest of the mass
+  agreement = evaluate.compare_attention({"a": (model, params), "b": (model, params)}, np.asarray(images),
+                                         str(tmp_path / "maps.png"))
+  np.testing.assert_allclose(agreement["b"]["jsd"], 0, atol=1e-6)
+  png = (tmp_path / "maps.png").read_bytes()
+  assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+  assert "layer" in evaluate.format_agreement(agreement, "a")
