@@ -161,6 +161,25 @@ def save_params(path: str, params: Any, model_config: dict) -> None:
     os.replace(tmp_file, config_file)
 
 
+_HINT = (f"{_TEACHER_FIELD} must point at a directory written by at_jax.checkpoint.save_params (or a "
+         "PyTorch/timm/big_vision file that at_jax.convert reads)")
+
+
+def read_model_config(path: str) -> dict:
+  """The model_config.json of an export, without reading its params (cheap start-up checks)."""
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise ConfigError(path, f"no such directory; {_HINT}")
+  config_file = os.path.join(path, _MODEL_CONFIG_FILE)
+  if not os.path.isfile(config_file):
+    raise ConfigError(path, f"no {_MODEL_CONFIG_FILE} (incomplete export?); {_HINT}")
+  try:
+    with open(config_file) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConfigError(path, f"unreadable {_MODEL_CONFIG_FILE} ({e}); {_HINT}") from e
+
+
 def load_params(path: str, shardings: Any = None) -> tuple[dict, Any]:
   """Loads an export written by `save_params`.
 
@@ -178,21 +197,7 @@ def load_params(path: str, shardings: Any = None) -> tuple[dict, Any]:
       unreadable checkpoint.
   """
   path = os.path.abspath(path)
-  hint = (f"{_TEACHER_FIELD} must point at a directory written by "
-          "at_jax.checkpoint.save_params")
-  if not os.path.isdir(path):
-    raise ConfigError(path, f"no such directory; {hint}")
-  config_file = os.path.join(path, _MODEL_CONFIG_FILE)
-  if not os.path.isfile(config_file):
-    raise ConfigError(
-        path, f"no {_MODEL_CONFIG_FILE} (incomplete export?); {hint}")
-  try:
-    with open(config_file) as f:
-      model_config = json.load(f)
-  except (OSError, ValueError) as e:
-    raise ConfigError(
-        path, f"unreadable {_MODEL_CONFIG_FILE} ({e}); {hint}") from e
-
+  model_config = read_model_config(path)
   params_dir = os.path.join(path, _PARAMS_SUBDIR)
   # orbax and tensorstore raise many exception types for damaged files
   # (JSON, tensorstore status, missing commit marker), hence the broad except.
@@ -216,5 +221,5 @@ def load_params(path: str, shardings: Any = None) -> tuple[dict, Any]:
   except Exception as e:  # pylint: disable=broad-exception-caught
     raise ConfigError(
         path, f"unreadable params checkpoint in {params_dir} "
-        f"({type(e).__name__}: {e}); {hint}") from e
+        f"({type(e).__name__}: {e}); {_HINT}") from e
   return model_config, params

@@ -54,6 +54,28 @@ def teacher_path(config: ml_collections.ConfigDict, workdir: str) -> str:
                     f"'{EXPORT_DIR}' folder that every run leaves in its workdir")
 
 
+def teacher_model_config(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The teacher's architecture, read without its weights where possible."""
+  if config.teacher.init:
+    return checkpoint.read_model_config(config.teacher.init)
+  if config.teacher.pretrain is not None:
+    return {k: v for k, v in config.teacher.pretrain.model.to_dict().items() if k != "arch"}
+  return checkpoint.read_model_config(teacher_path(config, workdir))  # raises, naming teacher.init
+
+
+def model_config(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The student's ViT fields; `model.arch = "teacher"` mirrors the teacher's architecture."""
+  fields = config.model.to_dict()
+  arch = fields.pop("arch", "own")
+  if arch == "own":
+    return fields
+  if arch == "teacher":
+    return vit.mirror(teacher_model_config(config, workdir), fields)
+  raise ConfigError("model.arch", f"{arch!r}: use 'own' (the fields of config.model) or 'teacher' (the "
+                    "teacher's architecture, freshly initialised, with this config's recipe fields "
+                    f"{list(vit.RECIPE_FIELDS)})")
+
+
 def _load_teacher(config, workdir: str, mesh) -> tuple[vit.ViT | None, Any]:
   if config.transfer.mode == "none" or config.transfer.source == "precomputed":
     return None, None
@@ -63,12 +85,13 @@ def _load_teacher(config, workdir: str, mesh) -> tuple[vit.ViT | None, Any]:
   return teacher, params
 
 
-def validate(config: ml_collections.ConfigDict) -> tuple[vit.ViT, Any, data.Source, data.Source]:
+def validate(config: ml_collections.ConfigDict, workdir: str
+             ) -> tuple[vit.ViT, Any, data.Source, data.Source]:
   """Checks everything that needs no teacher (model, image size, mesh, batches, data, transfer vs student).
 
   Returns (model, mesh, train_source, eval_source). Cheap: runs before a teacher is trained or loaded.
   """
-  model = vit.build(config.model.to_dict())
+  model = vit.build(model_config(config, workdir))
   image_size = config.data.image_size
   if image_size % model.patch_size:
     raise ConfigError("data.image_size", f"{image_size} is not divisible by the patch size "
@@ -90,7 +113,7 @@ def validate(config: ml_collections.ConfigDict) -> tuple[vit.ViT, Any, data.Sour
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   """Builds and validates everything; raises ConfigError naming the field/file to fix."""
-  model, mesh, train_source, eval_source = validate(config)
+  model, mesh, train_source, eval_source = validate(config, workdir)
   image_size = config.data.image_size
   teacher, teacher_params = _load_teacher(config, workdir, mesh)
   t = transfer.resolve(config.transfer.to_dict(), model, teacher, image_size)
@@ -215,7 +238,7 @@ def run_with_teacher(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   Returns {"teacher": evals or {}, "student": evals}, and prints them as a table.
   """
   results: dict[str, dict[str, float]] = {}
-  validate(config)  # a typo in the student's config must not cost a teacher's training first
+  validate(config, workdir)  # a typo in the student's config must not cost a teacher's training first
   if config.transfer.mode != "none" and not config.teacher.init and config.teacher.pretrain is not None:
     teacher_dir = os.path.join(workdir, TEACHER_DIR)
     results_file = os.path.join(teacher_dir, "results.json")

@@ -11,7 +11,9 @@ def base() -> ml_collections.ConfigDict:
   c.seed = 0
 
   # Fields of at_jax.models.vit.ViT; `variant` ("L/16") sets width/depth/mlp_dim/num_heads/patch_size.
-  c.model = dict(variant="B/16", num_classes=1000, pool="gap", class_token=True, qkv_bias=True,
+  # arch="teacher": the teacher's architecture (registers, LayerScale, ...), freshly initialised; only
+  # num_classes, pool, drop_path, head_init_std, dtype_mm, scan, remat_policy are taken from here.
+  c.model = dict(arch="own", variant="B/16", num_classes=1000, pool="gap", class_token=True, qkv_bias=True,
                  drop_path=0.0, head_init_std=0.02, dtype_mm="float32", scan=False, remat_policy="none")
 
   # init: a params export (at_jax.checkpoint.save_params) of the frozen teacher. If it is empty and
@@ -56,7 +58,7 @@ def imagenet_vitl(*, mode: str, epochs: float, warmup_epochs: float, base_lr: fl
   scan-over-layers with remat to fit 32 images per device; set model.dtype_mm=float32 for its fp32.
   """
   c = base()
-  c.model = dict(variant="L/16", num_classes=1000, pool="gap", class_token=True, qkv_bias=True,
+  c.model = dict(arch="own", variant="L/16", num_classes=1000, pool="gap", class_token=True, qkv_bias=True,
                  drop_path=drop_path, head_init_std=0.02, dtype_mm="bfloat16", scan=True,
                  remat_policy="dots")
   c.transfer.mode = mode

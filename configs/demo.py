@@ -11,7 +11,7 @@ from configs import common
 
 
 def model(**kw):
-  return dict(variant="Mu/7", num_classes=10, pool="gap", class_token=True, qkv_bias=True,
+  return dict(arch="own", variant="Mu/7", num_classes=10, pool="gap", class_token=True, qkv_bias=True,
               drop_path=0.0, head_init_std=0.02, dtype_mm="float32", scan=False, remat_policy="none", **kw)
 
 

@@ -32,7 +32,7 @@ def test_config_loads_locked_and_builds(name):
   with pytest.raises(AttributeError):
     c.transfer.modee = "copy"  # locked: typos in overrides fail
   assert "python launch/main.py --config=configs/" + name in importlib.import_module(f"configs.{name}").__doc__
-  model = vit.build(c.model.to_dict())
+  model = vit.build(train.model_config(c, "/nonexistent-workdir"))
   size = c.data.image_size
   assert size % model.patch_size == 0
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
@@ -45,7 +45,7 @@ def test_config_loads_locked_and_builds(name):
   optim.make_optimizer(abstract["params"], schedule=schedule, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps,
                        weight_decay=c.optim.weight_decay, layer_decay=c.optim.layer_decay, depth=model.depth)
   if c.teacher.pretrain is not None:
-    vit.build(c.teacher.pretrain.model.to_dict())
+    vit.build(train.model_config(c.teacher.pretrain, "/nonexistent-workdir"))
   if name.endswith("vitl"):
     assert model.depth == 24 and model.width == 1024 and c.data.batch_size == 2048
     assert (t.mode, len(t.layers)) == {"distill": ("distill", 18), "copy": ("copy", 24),

@@ -9,6 +9,7 @@ import pytest
 
 from at_jax import checkpoint, metrics, train
 from at_jax.errors import ConfigError
+from at_jax.models import vit
 from configs import demo
 
 
@@ -119,6 +120,30 @@ def test_bad_configs_fail_before_compute(change, field, teacher_export):
   c.teacher.init = teacher_export
   change(c)
   assert _setup_error(c).field == field
+
+
+def test_student_mirrors_teacher_architecture(tmp_path):
+  """model.arch='teacher': the teacher's architecture (here with registers, LayerScale, QK-norm),
+  freshly initialised, with the student's own recipe fields."""
+  t = tiny_config(steps=2, mode="none")
+  t.model.update(dict(num_classes=0, pool="cls"))
+  teacher = vit.build(vit.mirror({"variant": "Pico/7", "num_registers": 2, "layerscale_init": 0.1,
+                                  "qk_norm": True, "pre_norm": True, "num_classes": 0}, t.model.to_dict()))
+  params = teacher.init(jax.random.key(0), np.zeros((1, 28, 28, 3), np.float32), train=False)["params"]
+  export = str(tmp_path / "teacher")
+  checkpoint.save_params(export, params, vit.model_fields(teacher))
+  c = tiny_config(steps=2, mode="distill")
+  c.teacher.init = export
+  c.model.update(dict(arch="teacher", variant="Nano/4", drop_path=0.1))  # shape fields ignored
+  run = train.setup(c, str(tmp_path / "student"))
+  m = run.model
+  assert (m.num_registers, m.layerscale_init, m.qk_norm, m.pre_norm, m.patch_size, m.width) == (2, 0.1, True,
+                                                                                                 True, 7, 32)
+  assert (m.num_classes, m.pool, m.drop_path) == (10, "gap", 0.1)
+  evals = train.train_and_evaluate(c, str(tmp_path / "student"))
+  assert 0 <= evals["top1"] <= 100
+  c.model.arch = "twin"
+  assert _setup_error(c).field == "model.arch"
 
 
 def test_missing_teacher_file_names_path(teacher_export):

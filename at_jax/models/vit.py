@@ -324,12 +324,27 @@ class ViT(nn.Module):
     return (image_size // self.patch_size) ** 2 + self.num_prefix
 
 
+# Fields that belong to the training recipe, not the architecture: a student that mirrors its teacher
+# (`model.arch = "teacher"`) keeps its own values of these and takes everything else from the teacher.
+RECIPE_FIELDS = ("num_classes", "pool", "drop_path", "head_init_std", "dtype_mm", "scan", "remat_policy")
+
+
+def expand(model_config: Mapping[str, Any]) -> dict[str, Any]:
+  """`variant` ("L/16") expanded into shape fields; explicit fields win over the variant's."""
+  kwargs = dict(model_config)
+  variant = kwargs.pop("variant", None)
+  return {**decode_variant(variant), **kwargs} if variant else kwargs
+
+
+def mirror(teacher_config: Mapping[str, Any], student_config: Mapping[str, Any]) -> dict[str, Any]:
+  """Same architecture as the teacher (registers, LayerScale, QK-norm, ...), the student's recipe fields."""
+  arch = {k: v for k, v in expand(teacher_config).items() if k not in RECIPE_FIELDS}
+  return {**arch, **{k: v for k, v in student_config.items() if k in RECIPE_FIELDS}}
+
+
 def build(model_config: Mapping[str, Any]) -> ViT:
   """A ViT from a plain dict of its fields; `variant` ("L/16") expands into shape fields first."""
-  kwargs = dict(model_config)
-  if kwargs.get("variant"):
-    kwargs = {**decode_variant(kwargs["variant"]), **{k: v for k, v in kwargs.items() if k != "variant"}}
-  kwargs.pop("variant", None)
+  kwargs = expand(model_config)
   fields = set(ViT.__dataclass_fields__) - {"parent", "name"}
   unknown = set(kwargs) - fields
   if unknown:
