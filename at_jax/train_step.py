@@ -28,21 +28,24 @@ class TrainState:
   rng: Array
 
 
+def new_state(params: Any, tx: optax.GradientTransformation, rng: Array) -> TrainState:
+  """Step 0 of training `params`: fresh optimizer state, EMA = params."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    ema_params=params, rng=rng)
+
+
 def init_state(model: ViT, tx: optax.GradientTransformation, rng: Array, image_size: int) -> TrainState:
-  """A fresh state; meant to run under `jax.jit(..., out_shardings=...)` so it is born sharded."""
+  """A fresh ViT state; meant to run under `jax.jit(..., out_shardings=...)` so it is born sharded."""
   rng_init, rng_train = jax.random.split(rng)
   images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  params = model.init(rng_init, images, train=False)["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    ema_params=params, rng=rng_train)
+  return new_state(model.init(rng_init, images, train=False)["params"], tx, rng_train)
 
 
-def create_sharded_state(model: ViT, tx: optax.GradientTransformation, rng: Array, image_size: int,
-                         mesh: Mesh) -> tuple[TrainState, Any]:
-  """Returns (state, state_shardings); the state is created directly in its shardings."""
-  init = lambda r: init_state(model, tx, r, image_size)  # noqa: E731
-  shardings = sharding.tree_shardings(mesh, jax.eval_shape(init, rng))
-  return jax.jit(init, out_shardings=shardings)(rng), shardings
+def create_sharded_state(init_fn: Callable[[Array], TrainState], rng: Array, mesh: Mesh
+                         ) -> tuple[TrainState, Any]:
+  """Returns (init_fn(rng), its shardings); the state is created directly in its shardings."""
+  shardings = sharding.tree_shardings(mesh, jax.eval_shape(init_fn, rng))
+  return jax.jit(init_fn, out_shardings=shardings)(rng), shardings
 
 
 def cross_entropy(logits: Array, labels: Array, label_smoothing: float) -> Array:
@@ -116,7 +119,8 @@ def make_train_step(model: ViT, teacher: ViT | None, tx: optax.GradientTransform
 
 def make_eval_step(model: ViT, teacher: ViT | None, t: transfer.Transfer
                    ) -> Callable[[Any, Any, Batch, Any], dict]:
-  """`(params, ema_params, batch, teacher_params) -> sums` of top-1/top-5 hits for raw and EMA params.
+  """`(params, ema_params, batch, teacher_params) -> sums`: 100 x top-1/top-5 hits for raw and EMA params,
+  and "count"; the loop divides every sum by the count, giving percentages.
 
   In copy mode the teacher runs here too: the student cannot work without its maps.
   """
@@ -133,8 +137,8 @@ def make_eval_step(model: ViT, teacher: ViT | None, t: transfer.Transfer
       logits, _ = model.apply({"params": p}, batch["image"], train=False, override=override)
       top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
       hits = top5 == batch["label"][:, None]
-      sums[f"{name}top1"] = (hits[:, 0] * mask).sum()
-      sums[f"{name}top5"] = (hits.any(-1) * mask).sum()
+      sums[f"{name}top1"] = 100.0 * (hits[:, 0] * mask).sum()
+      sums[f"{name}top5"] = 100.0 * (hits.any(-1) * mask).sum()
     return sums
 
   return evaluate

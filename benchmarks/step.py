@@ -62,7 +62,8 @@ def main(argv):
         abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))
         tx = optim.make_optimizer(abstract["params"], schedule=schedule, b1=0.9, b2=0.95, eps=1e-8,
                                   weight_decay=0.05, layer_decay=1.0, depth=model.depth)
-        state, shardings = train_step.create_sharded_state(model, tx, jax.random.key(0), size, mesh)
+        state, shardings = train_step.create_sharded_state(
+            lambda r: train_step.init_state(model, tx, r, size), jax.random.key(0), mesh)
         tp = None if mode == "none" else jax.jit(lambda: teacher.init(jax.random.key(1), images,
                                                                       train=False)["params"])()
         t_sh = None if tp is None else jax.tree.map(lambda a: a.sharding, tp)

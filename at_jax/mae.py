@@ -1,0 +1,255 @@
+"""MAE pre-training (He et al., 2022) of a `vit.ViT` encoder, whose params then serve as a teacher.
+
+The encoder is an ordinary ViT built by `vit.build`, so `params["encoder"]` has exactly the layout that
+`vit.build(encoder_config(mae))` expects: `encoder_params` exports it as a teacher with no conversion.
+Masking follows MAE's `random_masking` (per-sample argsort of uniform noise, keep the first K); the
+encoder runs on the K visible patches only (`ViT(..., patch_keep=...)`); a light decoder sees the visible
+tokens plus a shared mask token at every masked position, with MAE's fixed 2-D sin-cos position table, and
+predicts each patch's pixels. The loss is the MSE on the masked patches only, against per-patch
+normalised pixels (`norm_pix_loss`).
+
+The train and eval steps mirror `train_step.make_train_step` / `make_eval_step` (same arguments, same
+`TrainState`), so the training loop can jit them the same way; labels and teacher params are ignored.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from at_jax import train_step
+from at_jax.errors import ConfigError
+from at_jax.models import vit
+from at_jax.train_step import TrainState
+
+Array = jax.Array
+Batch = Mapping[str, Array]
+NORM_PIX_EPS = 1e-6
+
+
+def patchify(images_BHWC: Array, p: int) -> Array:
+  """[B, H, W, C] -> [B, P, p*p*C]; patches row-major (as the ViT's conv), pixels in (row, col, c) order."""
+  b, h, w, c = images_BHWC.shape
+  if h % p or w % p:
+    raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
+  x = images_BHWC.reshape(b, h // p, p, w // p, p, c)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(patches_BPL: Array, p: int) -> Array:
+  """Inverse of `patchify` for square images: [B, P, p*p*C] -> [B, H, W, C]."""
+  b, num_patches, length = patches_BPL.shape
+  side = int(round(num_patches**0.5))
+  if side * side != num_patches or length % (p * p):
+    raise ValueError(f"{num_patches} patches of length {length} are not a square grid of {p}x{p} patches")
+  c = length // (p * p)
+  x = patches_BPL.reshape(b, side, side, p, p, c)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, side * p, side * p, c)
+
+
+def sincos_posemb_2d(grid_h: int, grid_w: int, width: int) -> np.ndarray:
+  """MAE's fixed 2-D sin-cos table [grid_h * grid_w, width] (float32), patches row-major.
+
+  As MAE's `get_2d_sincos_pos_embed`: the first half of the channels encodes the column, the second half
+  the row, each as [sin, cos] of the coordinate times frequencies 1 / 10000 ** (i / (width / 4)).
+  """
+  if width % 4:
+    raise ConfigError("mae.decoder_width", f"sin-cos position table needs a multiple of 4, got {width}")
+  omega_F = 1.0 / 10000 ** (np.arange(width // 4, dtype=np.float64) / (width // 4))
+  row_P, col_P = [a.reshape(-1) for a in np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")]
+  halves = []
+  for coord_P in (col_P, row_P):
+    angle_PF = coord_P[:, None] * omega_F[None]
+    halves += [np.sin(angle_PF), np.cos(angle_PF)]
+  return np.concatenate(halves, axis=1).astype(np.float32)
+
+
+def num_kept(num_patches: int, mask_ratio: float) -> int:
+  """K = round(P * (1 - mask_ratio)), the number of visible patches; at least 1 patch on each side."""
+  keep = int(round(num_patches * (1 - mask_ratio)))
+  if not 0 < keep < num_patches:
+    raise ConfigError("mae.mask_ratio", f"{mask_ratio} keeps {keep} of {num_patches} patches; the encoder "
+                      "needs at least one visible patch and the loss at least one masked patch")
+  return keep
+
+
+def random_masking(rng: Array, batch: int, num_patches: int, keep: int) -> tuple[Array, Array, Array]:
+  """Per-sample random masking by argsort of uniform noise, as MAE's `random_masking`.
+
+  Returns:
+    keep_BK: int [B, K] indices of the visible patches (in shuffled order, as the encoder sees them).
+    restore_BP: int [B, P] the rank of each patch in the shuffle; gathering [visible, mask tokens] with it
+      puts every token back at its patch position.
+    mask_BP: float32 [B, P], 1 for masked (rank >= K) and 0 for visible patches.
+  """
+  noise_BP = jax.random.uniform(rng, (batch, num_patches))
+  shuffle_BP = jnp.argsort(noise_BP, axis=1)  # Ascending: the smallest noise is kept.
+  restore_BP = jnp.argsort(shuffle_BP, axis=1)
+  return shuffle_BP[:, :keep], restore_BP, (restore_BP >= keep).astype(jnp.float32)
+
+
+def reconstruction_loss(pred_BPL: Array, target_BPL: Array, mask_BP: Array, norm_pix: bool) -> Array:
+  """Per-example MSE over the masked patches only, [B].
+
+  With `norm_pix`, each target patch is normalised by its own mean and variance first. The variance is
+  the unbiased one (ddof=1), as MAE's `target.var(dim=-1)` in PyTorch.
+  """
+  target_BPL = target_BPL.astype(jnp.float32)
+  if norm_pix:
+    mean_BP1 = target_BPL.mean(axis=-1, keepdims=True)
+    var_BP1 = target_BPL.var(axis=-1, keepdims=True, ddof=1)
+    target_BPL = (target_BPL - mean_BP1) / jnp.sqrt(var_BP1 + NORM_PIX_EPS)
+  per_patch_BP = jnp.mean(jnp.square(pred_BPL.astype(jnp.float32) - target_BPL), axis=-1)
+  return (per_patch_BP * mask_BP).sum(axis=1) / mask_BP.sum(axis=1)
+
+
+def encoder_config(mae: MAE) -> dict[str, Any]:
+  """The model_config dict of the encoder, headless (num_classes=0): what `vit.build` takes for the export."""
+  return {**dict(mae.encoder), "num_classes": 0}
+
+
+def encoder_params(params: Mapping[str, Any]) -> dict[str, Any]:
+  """The encoder's params (`params["encoder"]`), a ViT of `encoder_config(mae)`: the teacher export.
+
+  With `pool="cls"` the ViT's own `encoder_norm` is the LayerNorm over all tokens that MAE's `norm` is, so
+  the trained MAE `encoder_norm` replaces it (the ViT's copy got no gradient); this is what MAE's
+  fine-tuning without global pooling keeps. With gap pooling `fc_norm` is a new layer and stays as is.
+  """
+  enc = dict(params["encoder"])
+  if "encoder_norm" in enc:
+    enc["encoder_norm"] = params["encoder_norm"]
+  return enc
+
+
+class MAE(nn.Module):
+  """Masked autoencoder around a `vit.ViT` encoder.
+
+  Attributes:
+    encoder: model_config dict for `vit.build`, e.g. {"variant": "Mu/7", "num_classes": 0, "pool": "cls"};
+      num_classes is forced to 0 (no head).
+    decoder_width, decoder_depth, decoder_heads, decoder_mlp_dim: the decoder's blocks (`vit.Block`).
+    mask_ratio: fraction of patches hidden from the encoder.
+    norm_pix_loss: regress per-patch normalised pixels (MAE's better-performing target).
+  """
+  encoder: dict
+  decoder_width: int = 128
+  decoder_depth: int = 2
+  decoder_heads: int = 4
+  decoder_mlp_dim: int = 512
+  mask_ratio: float = 0.75
+  norm_pix_loss: bool = True
+
+  @nn.compact
+  def __call__(self, images_BHWC: Array, *, train: bool, mask_rng: Array) -> tuple[Array, dict[str, Array]]:
+    """Masks, encodes the visible patches, decodes all patches, and scores the masked ones.
+
+    Args:
+      images_BHWC: float images [B, H, W, C].
+      train: enables the encoder's stochastic depth (if it has drop_path > 0).
+      mask_rng: key for the masking noise (and drop path); an argument, not `make_rng`, so that the train
+        step derives it per step and evaluation can fix it.
+
+    Returns:
+      loss (mean over examples), and aux with "pred" [B, P, p*p*C] (predicted pixels, normalised per patch
+      when norm_pix_loss), "mask" [B, P] (1 = masked), "loss", and "example_loss" [B].
+    """
+    if self.decoder_width % self.decoder_heads:
+      raise ConfigError("mae.decoder_heads", "decoder_width must be divisible by decoder_heads")
+    # `copy(name=...)`: vit.build cannot name a module, and the params must sit under "encoder".
+    encoder = vit.build(encoder_config(self)).copy(name="encoder")
+    p = encoder.patch_size
+    b, h, w, c = images_BHWC.shape
+    target_BPL = patchify(images_BHWC, p)
+    num_patches = target_BPL.shape[1]
+    keep = num_kept(num_patches, self.mask_ratio)
+    keep_BK, restore_BP, mask_BP = random_masking(mask_rng, b, num_patches, keep)
+
+    drop_masks = None
+    if train and encoder.drop_path > 0:
+      # A key independent of the masking noise.
+      drop_masks = vit.sample_drop_masks(jax.random.fold_in(mask_rng, 1), b, encoder.depth,
+                                         encoder.drop_path)
+    _, out = encoder(images_BHWC, train=train, patch_keep=keep_BK, drop_masks=drop_masks)
+    x_BND = nn.LayerNorm(epsilon=encoder.norm_eps, name="encoder_norm")(out["tokens"])  # N = R + K
+
+    dtype_mm = jnp.dtype(encoder.dtype_mm)
+    xavier = nn.initializers.xavier_uniform()  # MAE's init for its Linear layers.
+    x_BND = nn.Dense(self.decoder_width, dtype=dtype_mm, kernel_init=xavier, name="decoder_embed")(x_BND)
+    x_BND = x_BND.astype(jnp.float32)
+    num_prefix = encoder.num_prefix
+    prefix_BRD, visible_BKD = x_BND[:, :num_prefix], x_BND[:, num_prefix:]
+    mask_token_11D = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, self.decoder_width))
+    tokens_BPD = jnp.concatenate(
+        [visible_BKD, jnp.broadcast_to(mask_token_11D, (b, num_patches - keep, self.decoder_width))], axis=1)
+    tokens_BPD = jnp.take_along_axis(tokens_BPD, restore_BP[:, :, None], axis=1)  # Unshuffle.
+    tokens_BPD = tokens_BPD + sincos_posemb_2d(h // p, w // p, self.decoder_width)[None]
+    # The cls/register tokens get no decoder position (MAE's table has zeros in the cls slot).
+    x_BND = jnp.concatenate([prefix_BRD, tokens_BPD], axis=1)
+
+    arch = vit.BlockArch(self.decoder_mlp_dim, self.decoder_heads, norm_eps=encoder.norm_eps,
+                         dtype_mm=dtype_mm)
+    for i in range(self.decoder_depth):
+      x_BND, _ = vit.Block(arch, name=f"decoderblock_{i}")(x_BND, (None, None))
+    x_BND = nn.LayerNorm(epsilon=encoder.norm_eps, name="decoder_norm")(x_BND)
+    pred_BPL = nn.Dense(p * p * c, dtype=dtype_mm, kernel_init=xavier, name="decoder_pred")(
+        x_BND[:, num_prefix:]).astype(jnp.float32)
+
+    example_loss_B = reconstruction_loss(pred_BPL, target_BPL, mask_BP, self.norm_pix_loss)
+    # Every example has P - K masked patches, so this equals MAE's sum(loss * mask) / sum(mask).
+    loss = example_loss_B.mean()
+    return loss, {"pred": pred_BPL, "mask": mask_BP, "loss": loss, "example_loss": example_loss_B}
+
+
+def init_mae_state(mae: MAE, tx: optax.GradientTransformation, rng: Array, image_size: int) -> TrainState:
+  """A fresh state (params = all MAE params); meant to run under `jax.jit(..., out_shardings=...)`."""
+  rng_init, rng_train = jax.random.split(rng)
+  images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  params = mae.init(rng_init, images, train=False, mask_rng=jax.random.key(0))["params"]
+  return train_step.new_state(params, tx, rng_train)
+
+
+def make_mae_train_step(mae: MAE, tx: optax.GradientTransformation, *, schedule: optax.Schedule,
+                        ema_decay: float) -> Callable[[TrainState, Batch, Any], tuple[TrainState, dict]]:
+  """The pure step `(state, batch, unused_teacher_params) -> (state, metrics)`; jit it with shardings.
+
+  Labels are ignored: MAE pre-trains without them. The masking key is fold_in(state.rng, state.step), so a
+  resumed run masks exactly as an uninterrupted one.
+  """
+
+  def loss_fn(params: Any, images_BHWC: Array, rng: Array) -> tuple[Array, dict]:
+    return mae.apply({"params": params}, images_BHWC, train=True, mask_rng=rng)
+
+  def step(state: TrainState, batch: Batch, unused_teacher_params: Any) -> tuple[TrainState, dict]:
+    del unused_teacher_params
+    rng = jax.random.fold_in(state.rng, state.step)
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch["image"], rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema_params, params)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
+
+  return step
+
+
+def make_mae_eval_step(mae: MAE) -> Callable[[Any, Any, Batch, Any], dict]:
+  """`(params, ema_params, batch, unused_teacher_params) -> sums` of masked reconstruction losses.
+
+  The masking key is fixed (jax.random.key(0)), so evaluations of the same batches are comparable across
+  steps. Returns {"count", "loss", "ema_loss"}: sums over the examples where batch["mask"] is True.
+  """
+
+  def evaluate(params: Any, ema_params: Any, batch: Batch, unused_teacher_params: Any) -> dict:
+    del unused_teacher_params
+    mask_B = batch["mask"].astype(jnp.float32)
+    sums = {"count": mask_B.sum()}
+    for name, p in (("", params), ("ema_", ema_params)):
+      _, aux = mae.apply({"params": p}, batch["image"], train=False, mask_rng=jax.random.key(0))
+      sums[f"{name}loss"] = (aux["example_loss"] * mask_B).sum()
+    return sums
+
+  return evaluate
