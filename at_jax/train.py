@@ -11,14 +11,14 @@ import json
 import math
 import os
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import ml_collections
 import numpy as np
 import optax
 
-from at_jax import checkpoint, data, evaluate, metrics, optim, sharding, train_step, transfer
+from at_jax import checkpoint, convert, data, evaluate, mae, metrics, optim, sharding, train_step, transfer
 from at_jax.errors import ConfigError
 from at_jax.models import vit
 
@@ -41,6 +41,11 @@ class Run:
   total_steps: int
   schedule: optax.Schedule
   tx: optax.GradientTransformation
+  # What the task trains, as functions of the pieces above (see `_task_functions`):
+  init_fn: Callable[[jax.Array], train_step.TrainState]
+  step_fn: Callable
+  eval_fn: Callable
+  export: Callable[[Any], tuple[dict, Any]]   # final params -> (model_config, params) for teacher.init
 
 
 def teacher_path(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -54,8 +59,28 @@ def teacher_path(config: ml_collections.ConfigDict, workdir: str) -> str:
                     f"'{EXPORT_DIR}' folder that every run leaves in its workdir")
 
 
+def load_teacher(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, Any]:
+  """The frozen teacher as (model_config, numpy params) fitted to data.image_size.
+
+  `teacher.init` is our params export (a directory) or a PyTorch/timm/big_vision checkpoint file, converted
+  on the fly by at_jax.convert. A position table for another image size is an error unless
+  `teacher.resample_posemb` allows bicubic resampling.
+  """
+  path = teacher_path(config, workdir)
+  size, resample = config.data.image_size, config.teacher.resample_posemb
+  if os.path.isfile(path):
+    t = config.teacher
+    return convert.load_teacher(path, image_size=size, resample_posemb=resample, family=t.family or None,
+                                num_heads=t.num_heads or None)
+  model_config, params = checkpoint.load_params(path)
+  convert.fit_posemb(params, model_config, path, size, resample)
+  return model_config, params
+
+
 def teacher_model_config(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """The teacher's architecture, read without its weights where possible."""
+  if config.teacher.init and os.path.isfile(config.teacher.init):
+    return load_teacher(config, workdir)[0]
   if config.teacher.init:
     return checkpoint.read_model_config(config.teacher.init)
   if config.teacher.pretrain is not None:
@@ -79,7 +104,7 @@ def model_config(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _load_teacher(config, workdir: str, mesh) -> tuple[vit.ViT | None, Any]:
   if config.transfer.mode == "none" or config.transfer.source == "precomputed":
     return None, None
-  model_config, params = checkpoint.load_params(teacher_path(config, workdir))
+  model_config, params = load_teacher(config, workdir)
   teacher = vit.build(model_config)
   params = jax.device_put(params, sharding.tree_shardings(mesh, params))
   return teacher, params
@@ -126,17 +151,44 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   o = config.optim
   schedule = optim.make_schedule(base_lr=o.base_lr, batch_size=config.data.batch_size,
                                  warmup_steps=warmup, total_steps=total, min_lr=o.min_lr)
-  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, image_size, image_size, 3),
-                                                                            np.float32), train=False))
-  tx = optim.make_optimizer(abstract["params"], schedule=schedule, b1=o.b1, b2=o.b2, eps=o.eps,
-                            weight_decay=o.weight_decay, layer_decay=o.layer_decay, depth=model.depth,
-                            grad_clip=o.grad_clip or None)
+  # What is trained: the ViT (classification, with or without transfer) or an MAE around it.
+  images = np.zeros((1, image_size, image_size, 3), np.float32)
+  if config.task == "classify":
+    init_params = lambda r: model.init(r, images, train=False)["params"]  # noqa: E731
+  elif config.task == "mae":
+    if t.active:
+      raise ConfigError("transfer.mode", "MAE pre-training (task='mae') learns without labels or teacher; "
+                        "set transfer.mode='none'")
+    module = mae.MAE(encoder=vit.model_fields(model), **config.mae.to_dict())
+    init_params = lambda r: module.init(r, images, train=False, mask_rng=r)["params"]  # noqa: E731
+  else:
+    raise ConfigError("task", f"unknown task {config.task!r}; use 'classify' or 'mae'")
+  tx = optim.make_optimizer(jax.eval_shape(init_params, jax.random.key(0)), schedule=schedule, b1=o.b1,
+                            b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, layer_decay=o.layer_decay,
+                            depth=model.depth, grad_clip=o.grad_clip or None)
+
+  def init_fn(rng):
+    rng_init, rng_train = jax.random.split(rng)
+    return train_step.new_state(init_params(rng_init), tx, rng_train)
+
+  if config.task == "mae":
+    step_fn = mae.make_mae_train_step(module, tx, schedule=schedule, ema_decay=o.ema_decay)
+    eval_fn = mae.make_mae_eval_step(module)
+    export = lambda p: (mae.encoder_config(module), mae.encoder_params(p))  # noqa: E731
+  else:
+    step_fn = train_step.make_train_step(model, teacher, tx, t, schedule=schedule,
+                                         label_smoothing=o.label_smoothing, ema_decay=o.ema_decay)
+    eval_fn = train_step.make_eval_step(model, teacher, t)
+    export = lambda p: (vit.model_fields(model), p)  # noqa: E731
   return Run(config, workdir, model, teacher, teacher_params, t, mesh, train_source, eval_source,
-             total, schedule, tx)
+             total, schedule, tx, init_fn, step_fn, eval_fn, export)
 
 
-def evaluate_accuracy(run: Run, eval_fn, state: train_step.TrainState) -> dict[str, float]:
-  """Top-1/top-5 (%) of raw and EMA params over the whole eval split."""
+def evaluate_run(run: Run, eval_fn, state: train_step.TrainState) -> dict[str, float]:
+  """The eval step's sums over the whole eval split, divided by the example count.
+
+  Classification: top1/top5 (%) for raw and EMA params; MAE: reconstruction loss / ema_loss.
+  """
   d = run.config.data
   it = data.eval_iterator(run.eval_source, global_batch_size=d.eval_batch_size, image_size=d.image_size,
                           crop_pct=d.crop_pct, normalization=d.normalization,
@@ -149,7 +201,7 @@ def evaluate_accuracy(run: Run, eval_fn, state: train_step.TrainState) -> dict[s
     for k, v in jax.device_get(sums).items():
       totals[k] = totals.get(k, 0.0) + float(v)
   count = totals.pop("count")
-  return {k: 100.0 * v / count for k, v in sorted(totals.items())}
+  return {k: v / count for k, v in sorted(totals.items())}
 
 
 def _train_iter(run: Run, start_step: int) -> Iterator[dict[str, np.ndarray]]:
@@ -164,9 +216,7 @@ def _train_iter(run: Run, start_step: int) -> Iterator[dict[str, np.ndarray]]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (resuming from <workdir>/checkpoints if present), evaluates, exports params; returns evals."""
   run = setup(config, workdir)
-  o = config.optim
-  state, shardings = train_step.create_sharded_state(run.model, run.tx, jax.random.key(config.seed),
-                                                     config.data.image_size, run.mesh)
+  state, shardings = train_step.create_sharded_state(run.init_fn, jax.random.key(config.seed), run.mesh)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=config.ckpt.every_steps,
                                  keep=config.ckpt.keep)
   if ckpt.latest_step() is not None:
@@ -174,15 +224,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     print(f"Resumed from {workdir}/checkpoints at step {int(state.step)}", flush=True)
   teacher_shardings = (None if run.teacher_params is None
                        else jax.tree.map(lambda a: a.sharding, run.teacher_params))
-  step_fn = train_step.make_train_step(run.model, run.teacher, run.tx, run.t, schedule=run.schedule,
-                                       label_smoothing=o.label_smoothing, ema_decay=o.ema_decay)
-  eval_fn = train_step.make_eval_step(run.model, run.teacher, run.t)
-  train_fn, eval_fn = train_step.jit_steps(step_fn, eval_fn, run.mesh, shardings, teacher_shardings)
+  train_fn, eval_fn = train_step.jit_steps(run.step_fn, run.eval_fn, run.mesh, shardings, teacher_shardings)
 
   writer = metrics.MetricWriter(workdir)
   start = int(jax.device_get(state.step))
   s = config.schedule
-  progress = metrics.Progress(f"train[{run.t.mode}]", run.total_steps, start=start,
+  name = "mae" if config.task == "mae" else run.t.mode
+  progress = metrics.Progress(f"train[{name}]", run.total_steps, start=start,
                               unit_per_step=config.data.batch_size)
   _describe(run, start)
   batches = _train_iter(run, start)
@@ -195,17 +243,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     pending = (step, step_metrics) if (step % s.log_every_steps == 0 or step == run.total_steps) else None
     ckpt.save(step, state, extra={"step": step})
     if config.evals.every_steps and step % config.evals.every_steps == 0 and step != run.total_steps:
-      writer.write(step, {f"eval/{k}": v for k, v in evaluate_accuracy(run, eval_fn, state).items()})
+      writer.write(step, {f"eval/{k}": v for k, v in evaluate_run(run, eval_fn, state).items()})
   if pending is not None:
     _log(pending, writer, progress, ckpt)
   ckpt.save(run.total_steps, state, extra={"step": run.total_steps}, force=True)
   ckpt.wait()
-  evals = evaluate_accuracy(run, eval_fn, state)
+  evals = evaluate_run(run, eval_fn, state)
   writer.write(run.total_steps, {f"eval/{k}": v for k, v in evals.items()})
   writer.close()
   ckpt.close()
-  checkpoint.save_params(os.path.join(workdir, EXPORT_DIR), jax.device_get(state.params),
-                         vit.model_fields(run.model))
+  export_config, export_params = run.export(jax.device_get(state.params))
+  checkpoint.save_params(os.path.join(workdir, EXPORT_DIR), export_params, export_config)
   print("eval " + "  ".join(f"{k} {v:.2f}" for k, v in evals.items()), flush=True)
   return evals
 
@@ -249,10 +297,13 @@ def run_with_teacher(config: ml_collections.ConfigDict, workdir: str) -> dict[st
         json.dump(evals, f)
     with open(results_file) as f:
       results["teacher"] = json.load(f)
-  print(f"== Student: {config.transfer.mode} ==", flush=True)
-  results["student"] = train_and_evaluate(config, workdir)
-  rows = [{"model": name, **{k: round(v, 2) for k, v in r.items()}} for name, r in results.items()]
-  table = metrics.format_table(rows, ["model", "top1", "ema_top1", "top5", "ema_top5"])
+  name = "student" if config.transfer.mode != "none" else config.task
+  print(f"== {name.capitalize()}: {config.transfer.mode if name == 'student' else 'training'} ==", flush=True)
+  results[name] = train_and_evaluate(config, workdir)
+  rows = [{"model": name, **{k: round(v, 4 if "loss" in k else 2) for k, v in r.items()}}
+          for name, r in results.items()]
+  columns = [c for c in ("top1", "ema_top1", "top5", "ema_top5", "loss", "ema_loss") if any(c in r for r in rows)]
+  table = metrics.format_table(rows, ["model"] + columns)
   if jax.process_index() == 0:
     print(table, flush=True)
     with open(os.path.join(workdir, "results.json"), "w") as f:

@@ -9,6 +9,9 @@ import ml_collections
 def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # classify: supervised ViT, with or without attention transfer; mae: MAE pre-training of config.model
+  # (no labels), whose export is the encoder -- a teacher for teacher.init.
+  c.task = "classify"
 
   # Fields of at_jax.models.vit.ViT; `variant` ("L/16") sets width/depth/mlp_dim/num_heads/patch_size.
   # arch="teacher": the teacher's architecture (registers, LayerScale, ...), freshly initialised; only
@@ -16,9 +19,13 @@ def base() -> ml_collections.ConfigDict:
   c.model = dict(arch="own", variant="B/16", num_classes=1000, pool="gap", class_token=True, qkv_bias=True,
                  drop_path=0.0, head_init_std=0.02, dtype_mm="float32", scan=False, remat_policy="none")
 
-  # init: a params export (at_jax.checkpoint.save_params) of the frozen teacher. If it is empty and
-  # `pretrain` holds a config, that config is trained first in <workdir>/teacher and its export used.
-  c.teacher = dict(init="", pretrain=None)
+  # init: the frozen teacher: a params export (the params/ folder of a run, or `python -m at_jax.convert`
+  # output) or a PyTorch/timm/MAE/big_vision checkpoint file (.pth, .safetensors, .npz) converted on the
+  # fly. If it is empty and `pretrain` holds a config, that config is trained first in <workdir>/teacher
+  # and its export used. resample_posemb: allow bicubic resampling of the teacher's position table when
+  # it was trained at another image size. For checkpoint files only: num_heads (0: from the width) and
+  # family (at_jax.convert.FAMILIES; "" unless the file is a CLIP tower) -- what the file doesn't store.
+  c.teacher = dict(init="", pretrain=None, resample_posemb=False, num_heads=0, family="")
 
   # mode: none | copy | distill; what: attn | q | k | v; layers/heads: "all", "first:k", "last:k",
   # "end_layer:e" (layers [0, depth + e), the paper's --end_layer) or "0,3,5"; source: jointly |
@@ -29,6 +36,10 @@ def base() -> ml_collections.ConfigDict:
   c.data = dict(name="imagenet2012", dir="", train_split="train", eval_split="validation",
                 image_size=224, crop_pct=0.875, normalization="imagenet", rrc_scale=(0.08, 1.0),
                 hflip=True, batch_size=2048, eval_batch_size=1024, num_threads=16)
+
+  # MAE pre-training (task="mae"): a light decoder, 75% of patches masked, per-patch normalised pixels.
+  c.mae = dict(decoder_width=512, decoder_depth=8, decoder_heads=16, decoder_mlp_dim=2048, mask_ratio=0.75,
+               norm_pix_loss=True)
 
   # Absolute lr = base_lr * batch_size / 256; min_lr is absolute.
   c.optim = dict(base_lr=1e-4, min_lr=1e-6, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.3,

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-time setup on a fresh Debian/Ubuntu machine (CPU): Fashion-MNIST from Debian, a venv with the pinned
-# requirements. Idempotent: re-running is cheap. On GPU/TPU hosts see README ("Launching ViT-L").
+# requirements; with --tests also the test-only ones (torch, timm: parity tests against PyTorch).
+# Idempotent: re-running is cheap. On GPU/TPU hosts see README ("Launching ViT-L").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -11,4 +12,7 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -r requirements.txt
+if [ "${1:-}" = "--tests" ]; then
+  .venv/bin/pip install -q -r requirements-test.txt
+fi
 echo "setup done: .venv ready, Fashion-MNIST in /usr/share/datasets/fashion-mnist"

@@ -91,6 +91,27 @@ def test_bad_student_config_fails_before_teacher_training(tmp_path):
   assert not os.path.exists(os.path.join(tmp_path, train.TEACHER_DIR))
 
 
+def test_mae_pretraining_exports_a_teacher(tmp_path):
+  """task='mae' learns without labels; its export is the encoder, a working teacher for distillation."""
+  from configs import mae_fmnist  # noqa: PLC0415
+  c = mae_fmnist.get_config()
+  c.unlock()
+  c.model.variant = "Pico/7"
+  c.mae.update(dict(decoder_width=32, decoder_depth=1, decoder_heads=2, decoder_mlp_dim=64))
+  c.data.update(dict(batch_size=16, eval_batch_size=400, train_split="train[:320]", eval_split="test[:400]",
+                     num_threads=0))
+  c.schedule.update(dict(steps=4, log_every_steps=2))
+  c.mesh.update(dict(data=4, fsdp=2))
+  evals = train.train_and_evaluate(c, str(tmp_path / "mae"))
+  assert set(evals) == {"loss", "ema_loss"} and 0 < evals["loss"] < 5
+  export = str(tmp_path / "mae" / train.EXPORT_DIR)
+  model_config, params = checkpoint.load_params(export)
+  assert model_config["num_classes"] == 0 and "decoder_embed" not in params and "Transformer" in params
+  student = tiny_config(steps=2, mode="distill")
+  student.teacher.init = export
+  assert 0 <= train.train_and_evaluate(student, str(tmp_path / "student"))["top1"] <= 100
+
+
 def test_nonfinite_loss_stops_with_step_and_checkpoint(tmp_path):
   c = tiny_config(steps=6, mode="none")
   c.optim.base_lr = 1e30
@@ -114,6 +135,8 @@ def _setup_error(c):
     (lambda c: c.model.update(dict(variant="Giant/7")), "model.variant"),
     (lambda c: c.data.update(dict(name="imagenet2012", dir="/nonexistent")), "data.dir"),
     (lambda c: c.teacher.update(dict(init="")), "teacher.init"),
+    (lambda c: c.update(dict(task="mim")), "task"),
+    (lambda c: c.update(dict(task="mae")), "transfer.mode"),
 ])
 def test_bad_configs_fail_before_compute(change, field, teacher_export):
   c = tiny_config(mode="distill")
@@ -144,6 +167,19 @@ def test_student_mirrors_teacher_architecture(tmp_path):
   assert 0 <= evals["top1"] <= 100
   c.model.arch = "twin"
   assert _setup_error(c).field == "model.arch"
+
+
+def test_teacher_at_another_image_size_needs_resampling(tmp_path, teacher_export):
+  c = tiny_config(steps=2, mode="distill")
+  c.teacher.init = teacher_export  # trained at 28 px: a 4x4 patch grid
+  c.data.image_size = 42           # 6x6 at patch 7
+  err = _setup_error(c)
+  assert err.field == os.path.abspath(teacher_export) or err.field == teacher_export
+  assert "resample_posemb" in str(err)
+  c.teacher.resample_posemb = True
+  run = train.setup(c, str(tmp_path))
+  assert run.teacher_params["pos_embedding"].shape == (1, 37, 32)
+  assert run.teacher.tokens_for(42) == 37 == run.model.tokens_for(42)
 
 
 def test_missing_teacher_file_names_path(teacher_export):
