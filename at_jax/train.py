@@ -59,22 +59,53 @@ def teacher_path(config: ml_collections.ConfigDict, workdir: str) -> str:
                     f"'{EXPORT_DIR}' folder that every run leaves in its workdir")
 
 
-def load_teacher(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, Any]:
-  """The frozen teacher as (model_config, numpy params) fitted to data.image_size.
+def load_vit(path: str, config: ml_collections.ConfigDict) -> tuple[dict, Any]:
+  """(model_config, numpy params) of a ViT fitted to data.image_size, from our params export (a directory)
+  or a PyTorch/timm/big_vision checkpoint file (converted by at_jax.convert).
 
-  `teacher.init` is our params export (a directory) or a PyTorch/timm/big_vision checkpoint file, converted
-  on the fly by at_jax.convert. A position table for another image size is an error unless
-  `teacher.resample_posemb` allows bicubic resampling.
+  The teacher.* conversion fields apply: resample_posemb (bicubic resampling of a position table made for
+  another image size; otherwise that is an error), and for files num_heads and family.
   """
-  path = teacher_path(config, workdir)
-  size, resample = config.data.image_size, config.teacher.resample_posemb
+  size, t = config.data.image_size, config.teacher
   if os.path.isfile(path):
-    t = config.teacher
-    return convert.load_teacher(path, image_size=size, resample_posemb=resample, family=t.family or None,
-                                num_heads=t.num_heads or None)
+    return convert.load_teacher(path, image_size=size, resample_posemb=t.resample_posemb,
+                                family=t.family or None, num_heads=t.num_heads or None)
   model_config, params = checkpoint.load_params(path)
-  convert.fit_posemb(params, model_config, path, size, resample)
+  convert.fit_posemb(params, model_config, path, size, t.resample_posemb)
   return model_config, params
+
+
+def load_teacher(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, Any]:
+  """The frozen teacher: `teacher.init` (an export or a checkpoint file), or its pretrain run's export."""
+  return load_vit(teacher_path(config, workdir), config)
+
+
+def init_from_pretrained(fresh: Any, loaded: Any, scan: bool) -> tuple[dict, list[str], list[str]]:
+  """`fresh` params with every leaf that `loaded` has at the same path and shape taken from `loaded`.
+
+  Returns (params, paths kept fresh (e.g. a new head), loaded paths not used (e.g. MAE's encoder_norm when
+  the student pools with gap)). Loop/scan layouts are converted to the student's.
+  """
+  loaded = dict(loaded)
+  if "Transformer" in loaded:
+    stacked = "encoderblock" in loaded["Transformer"]
+    if scan and not stacked:
+      loaded = vit.loop_to_scan(loaded)
+    elif stacked and not scan:
+      loaded = vit.scan_to_loop(loaded)
+  flat_loaded = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(loaded)}
+  used, kept = set(), []
+
+  def pick(path, leaf):
+    key = jax.tree_util.keystr(path)
+    value = flat_loaded.get(key)
+    if value is None or tuple(value.shape) != tuple(leaf.shape):
+      kept.append(key)
+      return leaf
+    used.add(key)
+    return np.asarray(value, leaf.dtype)
+  params = jax.tree_util.tree_map_with_path(pick, fresh)
+  return params, kept, sorted(set(flat_loaded) - used)
 
 
 def teacher_model_config(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -91,6 +122,7 @@ def teacher_model_config(config: ml_collections.ConfigDict, workdir: str) -> dic
 def model_config(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """The student's ViT fields; `model.arch = "teacher"` mirrors the teacher's architecture."""
   fields = config.model.to_dict()
+  fields.pop("init", None)
   arch = fields.pop("arch", "own")
   if arch == "own":
     return fields
@@ -117,6 +149,9 @@ def validate(config: ml_collections.ConfigDict, workdir: str
   Returns (model, mesh, train_source, eval_source). Cheap: runs before a teacher is trained or loaded.
   """
   model = vit.build(model_config(config, workdir))
+  if config.model.init and not os.path.exists(config.model.init):
+    raise ConfigError("model.init", f"{config.model.init} does not exist; it should be a params export "
+                      "(a run's params/ folder) or a PyTorch/timm/big_vision checkpoint file")
   image_size = config.data.image_size
   if image_size % model.patch_size:
     raise ConfigError("data.image_size", f"{image_size} is not divisible by the patch size "
@@ -222,6 +257,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if ckpt.latest_step() is not None:
     state, _ = ckpt.restore(state)
     print(f"Resumed from {workdir}/checkpoints at step {int(state.step)}", flush=True)
+  elif config.model.init:
+    _, loaded = load_vit(config.model.init, config)
+    params, kept, unused = init_from_pretrained(jax.device_get(state.params), loaded, run.model.scan)
+    state = jax.jit(lambda p, r: train_step.new_state(p, run.tx, r), out_shardings=shardings)(params, state.rng)
+    print(f"Initialised from {config.model.init}; kept fresh: {kept or 'none'}; unused: {unused or 'none'}",
+          flush=True)
   teacher_shardings = (None if run.teacher_params is None
                        else jax.tree.map(lambda a: a.sharding, run.teacher_params))
   train_fn, eval_fn = train_step.jit_steps(run.step_fn, run.eval_fn, run.mesh, shardings, teacher_shardings)

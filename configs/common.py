@@ -16,8 +16,11 @@ def base() -> ml_collections.ConfigDict:
   # Fields of at_jax.models.vit.ViT; `variant` ("L/16") sets width/depth/mlp_dim/num_heads/patch_size.
   # arch="teacher": the teacher's architecture (registers, LayerScale, ...), freshly initialised; only
   # num_classes, pool, drop_path, head_init_std, dtype_mm, scan, remat_policy are taken from here.
-  c.model = dict(arch="own", variant="B/16", num_classes=1000, pool="gap", class_token=True, qkv_bias=True,
-                 drop_path=0.0, head_init_std=0.02, dtype_mm="float32", scan=False, remat_policy="none")
+  # init: start from these weights (fine-tuning): a params export or a checkpoint file, converted like
+  # teacher.init; leaves it lacks or shapes it doesn't match (a new head, fc_norm) stay freshly initialised.
+  c.model = dict(init="", arch="own", variant="B/16", num_classes=1000, pool="gap", class_token=True,
+                 qkv_bias=True, drop_path=0.0, head_init_std=0.02, dtype_mm="float32", scan=False,
+                 remat_policy="none")
 
   # init: the frozen teacher: a params export (the params/ folder of a run, or `python -m at_jax.convert`
   # output) or a PyTorch/timm/MAE/big_vision checkpoint file (.pth, .safetensors, .npz) converted on the
@@ -60,23 +63,29 @@ def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-def imagenet_vitl(*, mode: str, epochs: float, warmup_epochs: float, base_lr: float, b2: float,
-                  weight_decay: float, layer_decay: float, drop_path: float,
-                  layers: str = "all") -> ml_collections.ConfigDict:
-  """ViT-L/16 on ImageNet-1K (tfds imagenet2012, ArrayRecord) with the paper's recipe values.
+def imagenet(*, variant: str = "L/16", mode: str, epochs: float, warmup_epochs: float, base_lr: float,
+             b2: float, weight_decay: float, layer_decay: float, drop_path: float, layers: str = "all",
+             batch_size: int = 2048, init: str = "") -> ml_collections.ConfigDict:
+  """A ViT on ImageNet-1K (tfds imagenet2012, ArrayRecord) with a paper recipe's values.
 
   Differs from the PyTorch reference on purpose: bf16 matmuls (float32 logits/softmax/norms) and
   scan-over-layers with remat to fit 32 images per device; set model.dtype_mm=float32 for its fp32.
   """
   c = base()
-  c.model = dict(arch="own", variant="L/16", num_classes=1000, pool="gap", class_token=True, qkv_bias=True,
-                 drop_path=drop_path, head_init_std=0.02, dtype_mm="bfloat16", scan=True,
+  c.model = dict(init=init, arch="own", variant=variant, num_classes=1000, pool="gap", class_token=True,
+                 qkv_bias=True, drop_path=drop_path, head_init_std=0.02, dtype_mm="bfloat16", scan=True,
                  remat_policy="dots")
   c.transfer.mode = mode
   c.transfer.layers = layers
+  c.data.batch_size = batch_size
   c.optim.update(dict(base_lr=base_lr, min_lr=1e-6, b2=b2, weight_decay=weight_decay,
                       layer_decay=layer_decay))
   c.schedule.update(dict(epochs=epochs, warmup_epochs=warmup_epochs, log_every_steps=100))
   c.ckpt.every_steps = 2500  # 4 epochs at 625 steps/epoch: a preempted job loses at most ~1 hour.
   c.evals.every_steps = 6250
   return c
+
+
+# Fine-tuning starts from the pre-trained weights, which the user must name: this placeholder fails the
+# start-up check with a message that says so.
+FINETUNE_INIT = "<set --config.model.init=/path/to/mae_pretrain_vit_xxx.pth or a params export>"

@@ -13,6 +13,6 @@ from configs import common
 
 def get_config(arg: str | None = None):
   del arg
-  return common.finalize(common.imagenet_vitl(
+  return common.finalize(common.imagenet(
       mode="copy", epochs=100, warmup_epochs=5, base_lr=1e-3, b2=0.999, weight_decay=0.05,
       layer_decay=0.75, drop_path=0.0, layers="all"))

@@ -12,6 +12,6 @@ from configs import common
 
 def get_config(arg: str | None = None):
   del arg
-  return common.finalize(common.imagenet_vitl(
+  return common.finalize(common.imagenet(
       mode="none", epochs=200, warmup_epochs=20, base_lr=1e-4, b2=0.95, weight_decay=0.3,
       layer_decay=1.0, drop_path=0.2))

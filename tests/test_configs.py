@@ -23,7 +23,8 @@ def _load(name):
 
 
 def test_config_list():
-  assert {"demo", "distill_vitl", "copy_vitl", "scratch_vitl"} <= set(CONFIGS)
+  assert {"demo", "mae_fmnist", "mae_vitl"} | {f"{m}_vit{s}" for m in ("distill", "copy", "scratch", "finetune")
+                                              for s in ("l", "b")} <= set(CONFIGS)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -46,10 +47,11 @@ def test_config_loads_locked_and_builds(name):
                        weight_decay=c.optim.weight_decay, layer_decay=c.optim.layer_decay, depth=model.depth)
   if c.teacher.pretrain is not None:
     vit.build(train.model_config(c.teacher.pretrain, "/nonexistent-workdir"))
-  if name.endswith("vitl"):
-    assert model.depth == 24 and model.width == 1024 and c.data.batch_size == 2048
-    assert (t.mode, len(t.layers)) == {"distill": ("distill", 18), "copy": ("copy", 24),
-                                       "scratch": ("none", 0)}[name.split("_")[0]]
+  if name.endswith(("vitl", "vitb")) and not name.startswith("mae"):
+    depth = 24 if name.endswith("vitl") else 12
+    assert model.depth == depth and c.data.batch_size == (1024 if name.startswith("finetune") else 2048)
+    assert (t.mode, len(t.layers)) == {"distill": ("distill", depth * 3 // 4), "copy": ("copy", depth),
+                                       "scratch": ("none", 0), "finetune": ("none", 0)}[name.split("_")[0]]
 
 
 def test_paper_recipe_values():
@@ -61,7 +63,7 @@ def test_paper_recipe_values():
   assert np.isclose(d.optim.base_lr * d.data.batch_size / 256, 8e-4)
 
 
-@pytest.mark.parametrize("name", ["distill_vitl", "copy_vitl", "scratch_vitl"])
+@pytest.mark.parametrize("name", ["distill_vitl", "copy_vitl", "scratch_vitl", "mae_vitl", "scratch_vitb"])
 def test_imagenet_configs_stop_at_once_without_data(name, tmp_path):
   c = _load(name)
   c.data.dir = str(tmp_path)  # no ImageNet prepared here
@@ -70,7 +72,14 @@ def test_imagenet_configs_stop_at_once_without_data(name, tmp_path):
   assert e.value.field == "data.dir" and "imagenet2012" in str(e.value)
 
 
-@pytest.mark.parametrize("name", ["distill_vitl", "copy_vitl"])
+@pytest.mark.parametrize("name", ["finetune_vitl", "finetune_vitb"])
+def test_finetune_configs_stop_at_once_without_weights(name, tmp_path):
+  with pytest.raises(ConfigError) as e:
+    train.setup(_load(name), str(tmp_path))
+  assert e.value.field == "model.init" and "--config.model.init=" in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["distill_vitl", "copy_vitl", "distill_vitb"])
 def test_imagenet_configs_stop_at_once_without_teacher(name, tmp_path):
   c = _load(name)
   # Real images at hand (Fashion-MNIST), but no teacher checkpoint set.

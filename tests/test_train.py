@@ -182,6 +182,29 @@ def test_teacher_at_another_image_size_needs_resampling(tmp_path, teacher_export
   assert run.teacher.tokens_for(42) == 37 == run.model.tokens_for(42)
 
 
+def test_model_init_fine_tunes_from_an_export(tmp_path, teacher_export):
+  """model.init loads every matching leaf (lr 0 keeps them bitwise); a head of another size stays fresh."""
+  _, loaded = checkpoint.load_params(teacher_export)
+  c = tiny_config(steps=1, mode="none")
+  c.model.init = teacher_export
+  c.model.scan = True  # the export is in the loop layout: converted on load
+  c.optim.base_lr = 0.0
+  train.train_and_evaluate(c, str(tmp_path / "same"))
+  _, tuned = checkpoint.load_params(os.path.join(tmp_path, "same", train.EXPORT_DIR))
+  jax.tree.map(np.testing.assert_array_equal, vit.scan_to_loop(tuned), loaded)
+
+  fresh = {"head": {"kernel": np.zeros((32, 7)), "bias": np.zeros(7)}, "fc_norm": {"scale": np.ones(32)}}
+  pretrained = {"head": {"kernel": np.ones((32, 10)), "bias": np.ones(10)}, "fc_norm": {"scale": np.full(32, 2.0)},
+                "encoder_norm": {"scale": np.ones(32)}}
+  params, kept, unused = train.init_from_pretrained(fresh, pretrained, scan=False)
+  np.testing.assert_array_equal(params["fc_norm"]["scale"], 2.0)
+  np.testing.assert_array_equal(params["head"]["kernel"], 0.0)
+  assert kept == ["['head']['bias']", "['head']['kernel']"]
+  assert unused == ["['encoder_norm']['scale']", "['head']['bias']", "['head']['kernel']"]
+  c.model.init = "/nonexistent/weights.pth"
+  assert _setup_error(c).field == "model.init"
+
+
 def test_missing_teacher_file_names_path(teacher_export):
   c = tiny_config(mode="distill")
   c.teacher.init = "/nonexistent/teacher"
