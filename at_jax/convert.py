@@ -518,8 +518,9 @@ def resample_posemb(pos_1TD: Array, grid: int, num_prefix: int) -> Array:
 
 def fit_posemb(params: dict, config: dict, path: str, image_size: int | None, resample: bool) -> int:
   """Makes the position table fit `image_size` (resampling if allowed); returns the image size."""
-  patch = config["patch_size"]
-  num_prefix = (int(config["class_token"]) + config["num_registers"]) if config["posemb_prefix"] else 0
+  model = vit.build(config)  # reads fields with the ViT's defaults (exports may predate newer fields)
+  patch = model.patch_size
+  num_prefix = model.num_prefix if model.posemb_prefix else 0
   grid = math.isqrt(params["pos_embedding"].shape[1] - num_prefix)
   if image_size is None:
     return grid * patch

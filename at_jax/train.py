@@ -299,6 +299,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return evals
 
 
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int | None = None
+                        ) -> dict[str, float]:
+  """Evaluates <workdir>/checkpoints at `step` (default: the latest) exactly as training evaluated it."""
+  run = setup(config, workdir)
+  state, shardings = train_step.create_sharded_state(run.init_fn, jax.random.key(config.seed), run.mesh)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=config.ckpt.every_steps,
+                                 keep=config.ckpt.keep)
+  state, _ = ckpt.restore(state, step)
+  ckpt.close()
+  teacher_shardings = (None if run.teacher_params is None
+                       else jax.tree.map(lambda a: a.sharding, run.teacher_params))
+  _, eval_fn = train_step.jit_steps(run.step_fn, run.eval_fn, run.mesh, shardings, teacher_shardings)
+  return evaluate_run(run, eval_fn, state)
+
+
 def _log(pending, writer: metrics.MetricWriter, progress: metrics.Progress, ckpt) -> None:
   step, device_metrics = pending
   values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}

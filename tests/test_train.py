@@ -62,6 +62,13 @@ def test_interrupted_run_resumes_exactly(tmp_path, teacher_export):
   assert os.path.isdir(os.path.join(straight, "tensorboard"))
 
 
+def test_evaluate_checkpoint_reproduces_logged_eval(teacher_export):
+  workdir = os.path.dirname(teacher_export)
+  logged = [x for x in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "eval/top1" in x][-1]
+  got = train.evaluate_checkpoint(tiny_config(steps=4, mode="none"), workdir)
+  assert got == {k[len("eval/"):]: v for k, v in logged.items() if k.startswith("eval/")}
+
+
 def test_copy_mode_trains_and_evaluates_with_teacher(tmp_path, teacher_export):
   c = tiny_config(steps=2, mode="copy", layers="all")
   c.teacher.init = teacher_export
