@@ -24,6 +24,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from at_jax import augment
 from at_jax.errors import ConfigError
 
 # Where Debian's `dataset-fashion-mnist` package puts the four IDX files.
@@ -363,13 +364,19 @@ def _to_pil(image: np.ndarray) -> Image.Image:
 def _finish(pil: Image.Image, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
   """PIL image of size S x S -> float32 [S, S, 3] = (pixels / 255 - mean) / std.
 
-  Computed as pixels * scale - offset: two array ops instead of four, which
-  matters for small images where per-op overhead dominates.
+  A lookup in a [256, 3] table of pixels * scale - offset: 2-5x faster than
+  the arithmetic on [S, S, 3] arrays (whose innermost axis has length 3),
+  with the same float32 values.
   """
-  x = np.asarray(pil, np.float32)
-  if x.ndim == 2:  # Models always take RGB: broadcasting replicates gray.
-    x = x[..., None]
-  return x * (1 / (255 * std)) - mean / std
+  table = np.arange(256, dtype=np.float32)[:, None] * (1 / (255 * std)) - (
+      mean / std)
+  x = np.asarray(pil)
+  if x.ndim == 2:  # Models always take RGB: the table's rows replicate gray.
+    return np.take(table, x, axis=0)
+  out = np.empty(x.shape, np.float32)
+  for c in range(3):
+    np.take(table[:, c], x[..., c], out=out[..., c])
+  return out
 
 
 def _random_resized_crop_box(
@@ -402,19 +409,36 @@ def _random_resized_crop_box(
 def _train_example(example: dict[str, Any], rng: np.random.Generator, *,
                    image_size: int, scale: tuple[float, float],
                    ratio: tuple[float, float], hflip: bool, mean: np.ndarray,
-                   std: np.ndarray) -> dict[str, np.ndarray]:
-  """Random-resized-crop, bicubic resize, flip, normalise one example."""
+                   std: np.ndarray,
+                   randaugment: augment.RandAugment | None = None,
+                   random_erase: float = 0.0) -> dict[str, np.ndarray]:
+  """Augments one example in timm's order.
+
+  Random-resized-crop with bicubic resize, flip, RandAugment (if given),
+  normalise, random erasing (if `random_erase` > 0). Every random draw comes
+  from `rng`, in that order.
+  """
   image = example["image"]
   top, left, h, w = _random_resized_crop_box(
       image.shape[0], image.shape[1], rng, scale, ratio)
   # One PIL call crops (box) and resizes: no intermediate copy.
   pil = _to_pil(image).resize((image_size, image_size), Image.BICUBIC,
                               box=(left, top, left + w, top + h))
+  flip = hflip and rng.random() < 0.5
+  if randaugment is not None:
+    # RandAugment sees the flipped image, as in timm. (Otherwise flipping the
+    # floats below is cheaper and gives the same pixels.)
+    if flip:
+      pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+      flip = False
+    pil = randaugment(pil, rng)
   x = _finish(pil, mean, std)
-  if hflip and rng.random() < 0.5:
+  if flip:
     x = x[:, ::-1]
-  return {"image": np.ascontiguousarray(x),
-          "label": np.int32(example["label"])}
+  x = np.ascontiguousarray(x)
+  if random_erase > 0:
+    x = augment.random_erase(x, rng, prob=random_erase)
+  return {"image": x, "label": np.int32(example["label"])}
 
 
 def _eval_example(example: dict[str, Any], *, image_size: int,
@@ -474,6 +498,7 @@ def train_iterator(
     start_step: int = 0, normalization: str,
     rrc_scale: tuple[float, float] = (0.08, 1.0),
     rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True,
+    randaugment: str = "", random_erase: float = 0.0,
     process_index: int = 0, process_count: int = 1, num_threads: int = 2
 ) -> Iterator[dict[str, np.ndarray]]:
   """Infinite, exactly resumable iterator of augmented training batches.
@@ -495,6 +520,11 @@ def train_iterator(
     rrc_scale: random-resized-crop area range, as a fraction of the image.
     rrc_ratio: random-resized-crop aspect ratio (w / h) range.
     hflip: whether to flip horizontally with probability 1/2.
+    randaugment: a timm RandAugment string such as ``"rand-m9-mstd0.5-inc1"``
+      (see `augment.parse_randaugment`), applied after crop and flip; ""
+      for none. Geometric ops fill with the normalisation mean's colour.
+    random_erase: probability of timm's random erasing (pixel mode, one
+      rectangle) after normalisation; 0 for none.
     process_index: p, this process.
     process_count: number of processes sharing each global batch.
     num_threads: grain threads decoding and augmenting examples.
@@ -511,6 +541,15 @@ def train_iterator(
           0 < rrc_ratio[0] <= rrc_ratio[1]):
     raise ConfigError("data.rrc_scale", f"scale {rrc_scale} must satisfy "
                       f"0 < lo <= hi <= 1 and ratio {rrc_ratio} 0 < lo <= hi.")
+  if not 0 <= random_erase <= 1:
+    raise ConfigError("data.random_erase", f"must be a probability in [0, 1],"
+                      f" got {random_erase}.")
+  rand_augment = None
+  if randaugment:
+    # timm's fill: the mean pixel, e.g. (124, 116, 104) for ImageNet.
+    fill = tuple(min(255, round(255 * m))
+                 for m in NORMALIZATIONS[normalization][0])
+    rand_augment = augment.RandAugment(randaugment, fill=fill)
   n = len(source)
   if n == 0:
     raise ConfigError("data.split", "the training source is empty.")
@@ -526,7 +565,8 @@ def train_iterator(
     rng = np.random.default_rng([seed, 1, g])  # Stream 1: augmentation.
     return _train_example(
         source[int(permutation(epoch)[i])], rng, image_size=image_size,
-        scale=rrc_scale, ratio=rrc_ratio, hflip=hflip, mean=mean, std=std)
+        scale=rrc_scale, ratio=rrc_ratio, hflip=hflip, mean=mean, std=std,
+        randaugment=rand_augment, random_erase=random_erase)
 
   ds = grain.MapDataset.range(start_step * b, sys.maxsize).map(example_at)
   ds = ds.to_iter_dataset(grain.ReadOptions(

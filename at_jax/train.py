@@ -211,8 +211,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     eval_fn = mae.make_mae_eval_step(module)
     export = lambda p: (mae.encoder_config(module), mae.encoder_params(p))  # noqa: E731
   else:
+    d = config.data
+    mix = dict(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, switch_prob=d.mixup_switch_prob, prob=d.mixup_prob)
     step_fn = train_step.make_train_step(model, teacher, tx, t, schedule=schedule,
-                                         label_smoothing=o.label_smoothing, ema_decay=o.ema_decay)
+                                         label_smoothing=o.label_smoothing, ema_decay=o.ema_decay, mix=mix)
     eval_fn = train_step.make_eval_step(model, teacher, t)
     export = lambda p: (vit.model_fields(model), p)  # noqa: E731
   return Run(config, workdir, model, teacher, teacher_params, t, mesh, train_source, eval_source,
@@ -243,7 +245,8 @@ def _train_iter(run: Run, start_step: int) -> Iterator[dict[str, np.ndarray]]:
   d = run.config.data
   return data.train_iterator(run.train_source, global_batch_size=d.batch_size, image_size=d.image_size,
                              seed=run.config.seed, start_step=start_step, normalization=d.normalization,
-                             rrc_scale=tuple(d.rrc_scale), hflip=d.hflip,
+                             rrc_scale=tuple(d.rrc_scale), hflip=d.hflip, randaugment=d.randaugment,
+                             random_erase=d.random_erase,
                              process_index=jax.process_index(), process_count=jax.process_count(),
                              num_threads=d.num_threads)
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from at_jax import sharding, transfer
+from at_jax import augment, sharding, transfer
 from at_jax.models.vit import ViT, sample_drop_masks
 
 Array = jax.Array
@@ -69,17 +69,25 @@ def _teacher_targets(teacher: ViT | None, teacher_params: Any, batch: Batch, t: 
   return transfer.teacher_targets(out, t)
 
 
-def make_loss_fn(model: ViT, teacher: ViT | None, t: transfer.Transfer, *, label_smoothing: float
-                 ) -> Callable[[Any, Batch, Any, Array], tuple[Array, dict]]:
-  """`(params, batch, teacher_params, rng) -> (loss, aux)`; aux has ce_loss, distill_loss, logits.
+def make_loss_fn(model: ViT, teacher: ViT | None, t: transfer.Transfer, *, label_smoothing: float,
+                 mix: Mapping[str, float] | None = None) -> Callable[[Any, Batch, Any, Array], tuple[Array, dict]]:
+  """`(params, batch, teacher_params, rng) -> (loss, aux)`; aux has ce_loss, distill_loss, logits, labels.
 
   One draw of drop-path masks per step serves both models, so the teacher's maps come from a forward pass
-  with the same residual branches dropped as the student's.
+  with the same residual branches dropped as the student's. With `mix` (mixup_alpha, cutmix_alpha,
+  switch_prob, prob; batch mode, on the global batch) both models see the same mixed images, and the
+  label smoothing goes into the mixed soft targets.
   """
+  mixing = mix is not None and (mix["mixup_alpha"] > 0 or mix["cutmix_alpha"] > 0)
 
   def loss_fn(params: Any, batch: Batch, teacher_params: Any, rng: Array) -> tuple[Array, dict]:
-    rng_drop, rng_model = jax.random.split(rng)
+    rng_drop, rng_model, rng_mix = jax.random.split(rng, 3)
     images, labels = batch["image"], batch["label"]
+    smoothing = label_smoothing
+    if mixing:
+      images, labels = augment.mix_batch(rng_mix, images, labels, model.num_classes,
+                                         label_smoothing=label_smoothing, **mix)
+      batch, smoothing = {**batch, "image": images}, 0.0
     drop_masks = None
     if model.drop_path > 0:
       drop_masks = sample_drop_masks(rng_drop, images.shape[0], model.depth, model.drop_path)
@@ -88,18 +96,19 @@ def make_loss_fn(model: ViT, teacher: ViT | None, t: transfer.Transfer, *, label
     logits, out = model.apply({"params": params}, images, train=True, override=override,
                               drop_masks=drop_masks, want_qkv=transfer.needs_qkv(t) and t.mode == "distill",
                               rngs={"dropout": rng_model})
-    ce = cross_entropy(logits, labels, label_smoothing)
+    ce = cross_entropy(logits, labels, smoothing)
     distill = transfer.distill_loss(out, targets, t) if t.mode == "distill" else jnp.zeros(())
-    return ce + distill, {"ce_loss": ce, "distill_loss": distill, "logits": logits}
+    return ce + distill, {"ce_loss": ce, "distill_loss": distill, "logits": logits, "labels": labels}
 
   return loss_fn
 
 
 def make_train_step(model: ViT, teacher: ViT | None, tx: optax.GradientTransformation,
                     t: transfer.Transfer, *, schedule: optax.Schedule, label_smoothing: float,
-                    ema_decay: float) -> Callable[[TrainState, Batch, Any], tuple[TrainState, dict]]:
+                    ema_decay: float, mix: Mapping[str, float] | None = None
+                    ) -> Callable[[TrainState, Batch, Any], tuple[TrainState, dict]]:
   """The pure step `(state, batch, teacher_params) -> (state, metrics)`; jit it with shardings."""
-  loss_fn = make_loss_fn(model, teacher, t, label_smoothing=label_smoothing)
+  loss_fn = make_loss_fn(model, teacher, t, label_smoothing=label_smoothing, mix=mix)
 
   def step(state: TrainState, batch: Batch, teacher_params: Any) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
@@ -107,8 +116,8 @@ def make_train_step(model: ViT, teacher: ViT | None, tx: optax.GradientTransform
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema_params, params)
-    labels = batch["label"]
-    hard = labels if labels.ndim == 1 else labels.argmax(-1)
+    labels = aux["labels"]
+    hard = labels if labels.ndim == 1 else labels.argmax(-1)  # mixed: the dominant class
     metrics = {"loss": loss, "ce_loss": aux["ce_loss"], "distill_loss": aux["distill_loss"],
                "train_acc": jnp.mean(aux["logits"].argmax(-1) == hard),
                "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}

@@ -23,6 +23,9 @@ Array = jax.Array
 MODES = ("none", "copy", "distill")
 WHATS = ("attn", "q", "k", "v")
 SOURCES = ("jointly", "precomputed")
+# The paper's control: replace each image's teacher targets by their mean over the batch's images, keeping
+# layer, head and query structure but no per-image information.
+AVERAGES = ("none", "images")
 # What the teacher must expose for each `what`, in the ViT's `out` dict.
 TEACHER_KEY = {"attn": "attn_logits", "q": "q", "k": "k", "v": "v"}
 
@@ -87,6 +90,7 @@ class Transfer:
   source: str = "jointly"
   depth: int = 0
   num_heads: int = 0
+  average: str = "none"
 
   @property
   def active(self) -> bool:
@@ -130,6 +134,9 @@ def resolve(cfg: Mapping[str, Any], student: Any, teacher: Any | None, image_siz
     raise ConfigError("transfer.what", f"unknown {what!r}; use one of {WHATS}")
   if source not in SOURCES:
     raise ConfigError("transfer.source", f"unknown {source!r}; use one of {SOURCES}")
+  average = cfg.get("average", "none")
+  if average not in AVERAGES:
+    raise ConfigError("transfer.average", f"unknown {average!r}; use one of {AVERAGES}")
   if mode == "copy" and source == "precomputed":
     raise ConfigError("transfer.source", "copy mode runs the teacher at evaluation too; use 'jointly'")
   layers = parse_selection(cfg.get("layers", "all"), student.depth, "transfer.layers", "layers")
@@ -154,13 +161,19 @@ def resolve(cfg: Mapping[str, Any], student: Any, teacher: Any | None, image_siz
     if student.drop_path > 0 and teacher.depth != student.depth:
       raise ConfigError("model.drop_path", "teacher and student share drop-path masks, which needs equal "
                         f"depths (teacher {teacher.depth}, student {student.depth}); set drop_path=0")
-  return Transfer(mode, what, layers, heads, weight, source, student.depth, student.num_heads)
+  return Transfer(mode, what, layers, heads, weight, source, student.depth, student.num_heads, average)
 
 
 def teacher_targets(teacher_out: Mapping[str, Array], t: Transfer) -> Array:
   """Selected layers of the teacher's transferred quantity, [S, B, ...], with no gradient."""
-  full = teacher_out[t.teacher_key]
-  return jax.lax.stop_gradient(full[np.asarray(t.layers)])
+  targets_SB = jax.lax.stop_gradient(teacher_out[t.teacher_key][np.asarray(t.layers)])
+  if t.average == "images":
+    if t.what == "attn":  # average the maps, not the logits; log(mean map) is a logit whose softmax is it
+      mean = jnp.log(jax.nn.softmax(targets_SB.astype(jnp.float32), -1).mean(axis=1, keepdims=True))
+    else:
+      mean = targets_SB.mean(axis=1, keepdims=True)
+    targets_SB = jnp.broadcast_to(mean, targets_SB.shape)
+  return targets_SB
 
 
 def precomputed_targets(batch: Mapping[str, Array], t: Transfer) -> Array:

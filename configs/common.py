@@ -32,13 +32,19 @@ def base() -> ml_collections.ConfigDict:
 
   # mode: none | copy | distill; what: attn | q | k | v; layers/heads: "all", "first:k", "last:k",
   # "end_layer:e" (layers [0, depth + e), the paper's --end_layer) or "0,3,5"; source: jointly |
-  # precomputed (distill only: targets arrive in the batch as teacher_<attn_logits|q|k|v>).
-  c.transfer = dict(mode="none", what="attn", layers="all", heads="all", weight=3.0, source="jointly")
+  # precomputed (distill only: targets arrive in the batch as teacher_<attn_logits|q|k|v>); average:
+  # "images" replaces the teacher's targets by their mean over the batch's images (the paper's control).
+  c.transfer = dict(mode="none", what="attn", layers="all", heads="all", weight=3.0, source="jointly",
+                    average="none")
 
   # name: "fashion_mnist" (Debian package / IDX files) or a tfds dataset prepared as ArrayRecord.
   c.data = dict(name="imagenet2012", dir="", train_split="train", eval_split="validation",
                 image_size=224, crop_pct=0.875, normalization="imagenet", rrc_scale=(0.08, 1.0),
-                hflip=True, batch_size=2048, eval_batch_size=1024, num_threads=16)
+                hflip=True, batch_size=2048, eval_batch_size=1024, num_threads=16,
+                # The paper's recipe (timm semantics); off by default, on in the ImageNet configs. mixup and
+                # cutmix are Beta alphas (0: off), applied in the step to the global batch (batch mode).
+                randaugment="", random_erase=0.0, mixup=0.0, cutmix=0.0, mixup_switch_prob=0.5,
+                mixup_prob=1.0)
 
   # MAE pre-training (task="mae"): a light decoder, 75% of patches masked, per-patch normalised pixels.
   c.mae = dict(decoder_width=512, decoder_depth=8, decoder_heads=16, decoder_mlp_dim=2048, mask_ratio=0.75,
@@ -77,7 +83,8 @@ def imagenet(*, variant: str = "L/16", mode: str, epochs: float, warmup_epochs: 
                  remat_policy="dots")
   c.transfer.mode = mode
   c.transfer.layers = layers
-  c.data.batch_size = batch_size
+  c.data.update(dict(batch_size=batch_size, randaugment="rand-m9-mstd0.5-inc1", random_erase=0.25, mixup=0.8,
+                     cutmix=1.0))
   c.optim.update(dict(base_lr=base_lr, min_lr=1e-6, b2=b2, weight_decay=weight_decay,
                       layer_decay=layer_decay))
   c.schedule.update(dict(epochs=epochs, warmup_epochs=warmup_epochs, log_every_steps=100))

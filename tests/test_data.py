@@ -41,6 +41,10 @@ def _assert_batches_equal(a, b):
 
 TRAIN_KW = dict(global_batch_size=8, image_size=16, seed=3,
                 normalization="imagenet")
+# The paper's per-example recipe on top of crop and flip.
+RECIPE = dict(randaugment="rand-m9-mstd0.5-inc1", random_erase=0.25)
+with_and_without_recipe = pytest.mark.parametrize(
+    "aug", [{}, RECIPE], ids=["crop_flip", "recipe"])
 
 
 @pytest.fixture
@@ -261,28 +265,33 @@ def test_train_batches_on_fashion_mnist(normalization):
     np.testing.assert_allclose(batch["image"][..., 0], batch["image"][..., 2])
 
 
-def test_train_is_deterministic_in_seed():
+@with_and_without_recipe
+def test_train_is_deterministic_in_seed(aug):
   source = _indexed_source(40)
-  a = _take(data.train_iterator(source, **TRAIN_KW), 3)
-  b = _take(data.train_iterator(source, **TRAIN_KW, num_threads=0), 3)
+  a = _take(data.train_iterator(source, **TRAIN_KW, **aug), 3)
+  b = _take(data.train_iterator(source, **TRAIN_KW, **aug, num_threads=0), 3)
   _assert_batches_equal(a, b)
-  c = next(data.train_iterator(source, **{**TRAIN_KW, "seed": 4}))
+  c = next(data.train_iterator(source, **{**TRAIN_KW, "seed": 4}, **aug))
   assert not np.array_equal(a[0]["label"], c["label"])
   assert not np.array_equal(a[0]["image"], c["image"])
 
 
-def test_train_resumes_exactly_at_start_step():
+@with_and_without_recipe
+def test_train_resumes_exactly_at_start_step(aug):
   source = _indexed_source(20)  # Resume crosses epoch boundaries.
-  fresh = _take(data.train_iterator(source, **TRAIN_KW), 7)
-  resumed = _take(data.train_iterator(source, **TRAIN_KW, start_step=4), 3)
+  fresh = _take(data.train_iterator(source, **TRAIN_KW, **aug), 7)
+  resumed = _take(data.train_iterator(source, **TRAIN_KW, **aug,
+                                      start_step=4), 3)
   _assert_batches_equal(fresh[4:], resumed)
 
 
-def test_train_process_slices_concatenate_to_global_batch():
+@with_and_without_recipe
+def test_train_process_slices_concatenate_to_global_batch(aug):
   source = _indexed_source(30)
-  whole = _take(data.train_iterator(source, **TRAIN_KW), 5)
-  parts = [_take(data.train_iterator(source, **TRAIN_KW, process_index=p,
-                                     process_count=2, num_threads=p), 5)
+  whole = _take(data.train_iterator(source, **TRAIN_KW, **aug), 5)
+  parts = [_take(data.train_iterator(source, **TRAIN_KW, **aug,
+                                     process_index=p, process_count=2,
+                                     num_threads=p), 5)
            for p in range(2)]
   for step, batch in enumerate(whole):
     for key in batch:
@@ -318,6 +327,59 @@ def test_train_augments_with_crop_and_flip():
   pixels = (plain["image"] * std + mean) * 255
   for x in pixels:
     np.testing.assert_allclose(x, source.images[0], atol=1e-3)
+
+
+def test_train_randaugment_sees_the_flipped_crop():
+  # With ops never applied, RandAugment (flip first, then PIL) must give the
+  # pixels of the plain path (which flips the floats), from the same draws.
+  source = _indexed_source(12, size=20)
+  plain = _take(data.train_iterator(source, **TRAIN_KW), 2)
+  noop = _take(data.train_iterator(source, **TRAIN_KW, randaugment="rand-p0"),
+               2)
+  _assert_batches_equal(plain, noop)
+
+
+@requires_fashion_mnist
+def test_train_recipe_on_fashion_mnist():
+  source = data.make_source("fashion_mnist", "train[:64]")
+  kw = dict(global_batch_size=32, image_size=28, seed=0,
+            normalization="fashion_mnist", num_threads=0)
+  plain = next(data.train_iterator(source, **kw))
+  batch = next(data.train_iterator(source, **kw, **RECIPE))
+  assert batch["image"].shape == (32, 28, 28, 3)
+  assert batch["image"].dtype == np.float32
+  np.testing.assert_array_equal(batch["label"], plain["label"])
+  changed = [not np.array_equal(x, y)
+             for x, y in zip(batch["image"], plain["image"])]
+  # RandAugment leaves ~1/4 of images alone, erasing ~3/4 of those.
+  assert 16 <= sum(changed) < 32
+  # Geometric fill is the normalisation mean's colour: 0 after normalising;
+  # erasing is standard normal noise, so values leave the pixel range.
+  mean, std = map(np.array, data.NORMALIZATIONS["fashion_mnist"])
+  assert (batch["image"] * std + mean).min() < -0.5
+
+
+def test_train_random_erase_one_always_erases():
+  source = _indexed_source(8, size=16)
+  kw = {**TRAIN_KW, "rrc_scale": (1.0, 1.0), "rrc_ratio": (1.0, 1.0),
+        "hflip": False}
+  plain = next(data.train_iterator(source, **kw))
+  erased = next(data.train_iterator(source, **kw, random_erase=1.0))
+  for x, y in zip(plain["image"], erased["image"]):
+    differs = np.any(x != y, axis=-1)
+    rows, cols = np.nonzero(differs.any(1))[0], np.nonzero(differs.any(0))[0]
+    assert differs[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all()
+
+
+@pytest.mark.parametrize("aug, field", [
+    (dict(randaugment="rand-m9-bogus"), "data.randaugment"),
+    (dict(randaugment="augmix-m5"), "data.randaugment"),
+    (dict(random_erase=1.5), "data.random_erase"),
+    (dict(random_erase=-0.1), "data.random_erase")])
+def test_train_rejects_bad_augmentation(aug, field):
+  with pytest.raises(ConfigError) as e:
+    data.train_iterator(_indexed_source(10), **TRAIN_KW, **aug)
+  assert e.value.field == field
 
 
 def test_train_rejects_bad_batch_size():

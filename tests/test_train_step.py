@@ -126,6 +126,23 @@ def test_teacher_and_student_share_drop_path_masks():
   assert unshared_max > 1e-2 and shared_max < 1e-4 * unshared_max, (shared_max, unshared_max)
 
 
+def test_teacher_sees_the_mixed_batch():
+  """Mixup/CutMix happen before the teacher runs: with student == teacher the distill term is minimal."""
+  student, teacher, t, *_ = _build("distill", layers="all")
+  tp = student.init(jax.random.key(3), jnp.zeros((1, S, S, 3)), train=False)["params"]
+  tp = jax.tree_util.tree_map_with_path(
+      lambda p, x: 10 * x if [getattr(k, "key", "") for k in p][-2:] in (["query", "kernel"],
+                                                                          ["key", "kernel"]) else x, tp)
+  batch = {k: jnp.asarray(v) for k, v in _batches()[0].items()}
+  mix = dict(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, prob=1.0)
+  loss_fn = train_step.make_loss_fn(student, teacher, t, label_smoothing=0.1, mix=mix)
+  for seed in range(3):
+    _, aux = loss_fn(tp, batch, tp, jax.random.key(seed))
+    assert aux["labels"].shape == (B, 10) and np.allclose(aux["labels"].sum(-1), 1.0)
+    g = jax.grad(lambda p, s=seed: loss_fn(p, batch, tp, jax.random.key(s))[1]["distill_loss"])(tp)
+    assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g)) < 1e-5
+
+
 def test_ema_and_metrics():
   batches = _batches()
   losses, params, _, state = _run("none", jax.devices(), 2, batches[:1])

@@ -228,3 +228,16 @@ def test_selected_description():
   assert transfer.selected((0, 1, 2, 3)) == "0-3"
   assert transfer.selected((0, 2, 5)) == "0,2,5"
   assert transfer.selected((4,)) == "4"
+
+
+def test_average_over_images_control(setup):
+  student, teacher, sp, tp, images = setup
+  t = _resolve(student, teacher, layers="0,1", average="images")
+  _, out = teacher.apply({"params": tp}, images, train=False)
+  targets = transfer.teacher_targets(out, t)
+  mean_map = jax.nn.softmax(out["attn_logits"][:2], -1).mean(axis=1)
+  np.testing.assert_allclose(jax.nn.softmax(targets[:, 0], -1), mean_map, rtol=1e-5, atol=1e-7)
+  np.testing.assert_array_equal(targets[:, 0], targets[:, 1])  # every image gets the same maps
+  with pytest.raises(ConfigError) as e:
+    _resolve(student, teacher, average="queries")
+  assert e.value.field == "transfer.average"
