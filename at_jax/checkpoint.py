@@ -101,21 +101,33 @@ class Checkpointer:
     """
     # A save still in flight is not readable yet; it may be the one wanted.
     self.wait()
-    steps = self._manager.all_steps()
-    if step is None:
-      step = self.latest_step()
-      if step is None:
-        raise ConfigError(self.directory, "no checkpoint to restore from")
-    elif step not in steps:
-      raise ConfigError(
-          self.directory,
-          f"no checkpoint at step {step}; saved steps: {sorted(steps)}")
-    restored = self._manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target),
-            extra=ocp.args.JsonRestore()))
-    return restored.state, restored.extra
+    steps = sorted(self._manager.all_steps())
+    if step is not None and step not in steps:
+      raise ConfigError(self.directory, f"no checkpoint at step {step}; saved steps: {steps}")
+    if not steps:
+      raise ConfigError(self.directory, "no checkpoint to restore from")
+    # An explicit step must restore as asked; "the latest" falls back past damaged checkpoints (a torn
+    # write, a truncated file) to the newest one that reads, and says so.
+    candidates = [step] if step is not None else steps[::-1]
+    errors = []
+    for candidate in candidates:
+      try:
+        restored = self._manager.restore(
+            candidate,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target),
+                extra=ocp.args.JsonRestore()))
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        # orbax/tensorstore raise many types for damaged files; the shape/structure errors of a wrong
+        # target would repeat on every step, so they surface below with the rest.
+        errors.append(f"step {candidate}: {type(e).__name__}: {str(e)[:300]}")
+        print(f"WARNING: checkpoint step {candidate} in {self.directory} is unreadable "
+              f"({type(e).__name__}); trying an older one", flush=True)
+        continue
+      if errors:
+        print(f"WARNING: resumed from step {candidate}, the newest readable checkpoint", flush=True)
+      return restored.state, restored.extra
+    raise ConfigError(self.directory, "no readable checkpoint: " + "; ".join(errors))
 
   def reached_preemption(self, step: int) -> bool:
     """Whether the job is being preempted and all processes reached `step`."""

@@ -10,6 +10,8 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -24,6 +26,29 @@ from at_jax.models import vit
 
 TEACHER_DIR = "teacher"   # <workdir>/teacher: where a config's teacher.pretrain is trained
 EXPORT_DIR = "params"     # <run workdir>/params: the final params export, usable as teacher.init
+
+
+class Preempted(Exception):
+  """Raised after a SIGTERM / preemption notice once the state is checkpointed; relaunch to resume."""
+
+
+class _SigtermFlag:
+  """Turns SIGTERM (how Cloud TPU, Kubernetes and Slurm announce preemption) into a flag the loop polls
+  at step boundaries, so the save happens between steps, never inside one."""
+
+  def __init__(self):
+    self.raised = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.raised = True
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 @dataclasses.dataclass
@@ -279,15 +304,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   _describe(run, start)
   batches = _train_iter(run, start)
   pending = None  # (step, metrics) of the step before, fetched after the next one is dispatched
-  evals: dict[str, float] = {}
-  for step in range(start + 1, run.total_steps + 1):
-    state, step_metrics = train_fn(state, sharding.global_batch(next(batches), run.mesh), run.teacher_params)
-    if pending is not None:
-      _log(pending, writer, progress, ckpt)
-    pending = (step, step_metrics) if (step % s.log_every_steps == 0 or step == run.total_steps) else None
-    ckpt.save(step, state, extra={"step": step})
-    if config.evals.every_steps and step % config.evals.every_steps == 0 and step != run.total_steps:
-      writer.write(step, {f"eval/{k}": v for k, v in evaluate_run(run, eval_fn, state).items()})
+  sigterm = _SigtermFlag()
+  try:
+    for step in range(start + 1, run.total_steps + 1):
+      state, step_metrics = train_fn(state, sharding.global_batch(next(batches), run.mesh),
+                                     run.teacher_params)
+      if pending is not None:
+        _log(pending, writer, progress, ckpt)
+      pending = (step, step_metrics) if (step % s.log_every_steps == 0 or step == run.total_steps) else None
+      preempted = sigterm.raised or ckpt.reached_preemption(step)
+      ckpt.save(step, state, extra={"step": step}, force=preempted)
+      if preempted:
+        ckpt.wait()
+        ckpt.close()
+        writer.close()
+        raise Preempted(f"preempted at step {step}: checkpoint saved in {ckpt.directory}; relaunch with the "
+                        "same workdir to resume exactly")
+      if config.evals.every_steps and step % config.evals.every_steps == 0 and step != run.total_steps:
+        writer.write(step, {f"eval/{k}": v for k, v in evaluate_run(run, eval_fn, state).items()})
+  finally:
+    sigterm.restore()
   if pending is not None:
     _log(pending, writer, progress, ckpt)
   ckpt.save(run.total_steps, state, extra={"step": run.total_steps}, force=True)

@@ -42,6 +42,9 @@ def main(argv):
     # A config/input problem: say what to fix, without a traceback from deep inside.
     print(f"\nConfig error in {config_path}: {e}", file=sys.stderr)
     sys.exit(2)
+  except train.Preempted as e:
+    print(f"\n{e}", file=sys.stderr)
+    sys.exit(143)  # 128 + SIGTERM, what schedulers expect from a job that honoured the signal
 
 
 if __name__ == "__main__":

@@ -142,6 +142,36 @@ def test_keep_last_n_and_save_every(tmp_path):
   ckpt.close()
 
 
+def _truncate(files):
+  for name in files:  # As a copy killed midway, or a torn write, would leave them.
+    with open(name, "rb") as f:
+      data = f.read()
+    with open(name, "wb") as f:
+      f.write(data[:len(data) // 2])
+
+
+def test_torn_latest_checkpoint_falls_back_to_previous(tmp_path, capsys):
+  ckpt = checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=3)
+  for step in (1, 2, 3):
+    ckpt.save(step, _state(step), extra={"step": step})
+  ckpt.wait()
+  files = glob.glob(os.path.join(str(tmp_path), "3", "state", "**", "manifest.ocdbt"), recursive=True)
+  files += glob.glob(os.path.join(str(tmp_path), "3", "state", "_METADATA"))
+  assert files
+  _truncate(files)
+  state, extra = ckpt.restore(_state(0))
+  _assert_state_equal(state, _state(2))
+  assert extra == {"step": 2}
+  assert "resumed from step 2" in capsys.readouterr().out
+  with pytest.raises(Exception):  # an explicit step restores as asked, or fails
+    ckpt.restore(_state(0), step=3)
+  for step in (1, 2):
+    _truncate(glob.glob(os.path.join(str(tmp_path), str(step), "state", "_METADATA")))
+  with pytest.raises(ConfigError, match="no readable checkpoint"):
+    ckpt.restore(_state(0))
+  ckpt.close()
+
+
 def test_empty_directory(tmp_path):
   ckpt = checkpoint.Checkpointer(str(tmp_path / "none"), save_every=10)
   assert ckpt.latest_step() is None
