@@ -71,3 +71,50 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
   """This process's slice of a global batch -> global arrays sharded over ('data', 'fsdp')."""
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+def bytes_per_device(tree: Any, shardings: Any) -> int:
+  """Bytes one device holds of a pytree of arrays/ShapeDtypeStructs laid out by `shardings`."""
+  def one(leaf, s):
+    shard = s.shard_shape(tuple(leaf.shape)) if s is not None else tuple(leaf.shape)
+    return int(np.prod(shard, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+  return sum(jax.tree.leaves(jax.tree.map(one, tree, shardings)))
+
+
+def activation_bytes(*, examples: int, tokens: int, width: int, mlp_dim: int, heads: int, depth: int,
+                     mm_bytes: int, remat_policy: str, maps_kept: int) -> int:
+  """A rough count of the activations a training step keeps alive for the backward pass, per device.
+
+  Per layer and example without remat: the float32 residual input and two LayerNorm outputs, q/k/v and
+  the attention output in the matmul dtype, float32 logits and probabilities (H x N^2 each), and the MLP's
+  hidden pre/post activation. `full` remat keeps only each layer's input plus one layer's worth; `dots`
+  keeps the matmul outputs (about everything but the elementwise intermediates). `maps_kept` layers of
+  [H, N, N] float32 maps (teacher targets, student logits for the distillation loss) come on top.
+  """
+  n, d = tokens, width
+  per_layer = 4 * 3 * n * d + mm_bytes * 4 * n * d + 4 * 2 * heads * n * n + (4 + mm_bytes) * n * mlp_dim
+  if remat_policy == "full":
+    kept = depth * 4 * n * d + per_layer
+  elif remat_policy == "dots":
+    kept = depth * (mm_bytes * 4 * n * d + 4 * heads * n * n + mm_bytes * n * mlp_dim + 4 * n * d) + per_layer
+  else:
+    kept = depth * per_layer
+  return examples * (kept + maps_kept * 4 * heads * n * n)
+
+
+def check_fits(estimate: dict[str, int], device: Any = None) -> str:
+  """Formats a per-device memory estimate; raises ConfigError before compiling when it cannot fit."""
+  device = device or jax.devices()[0]
+  gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+  total = sum(estimate.values())
+  line = "per-device memory estimate: " + ", ".join(f"{k} {gib(v)}" for k, v in estimate.items())
+  line += f" = {gib(total)}"
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  limit = (stats or {}).get("bytes_limit")
+  if limit:
+    line += f" of {gib(limit)} on {device.device_kind}"
+    if total > 0.95 * limit:
+      raise ConfigError("data.batch_size", f"{line}: will not fit. Lower data.batch_size, raise mesh.fsdp "
+                        "(shards params/optimizer/EMA/teacher), set model.remat_policy=full or dots, or "
+                        "model.dtype_mm=bfloat16")
+  return line

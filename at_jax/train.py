@@ -246,6 +246,27 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
              total, schedule, tx, init_fn, step_fn, eval_fn, export)
 
 
+def memory_report(run: Run) -> str:
+  """Per-device memory of state (params, optimizer, EMA), teacher and activations, from shapes alone."""
+  abstract = jax.eval_shape(run.init_fn, jax.random.key(0))
+  shardings = sharding.tree_shardings(run.mesh, abstract)
+  m, t = run.model, run.t
+  state = {"params": (abstract.params, shardings.params),
+           "optimizer": (abstract.opt_state, shardings.opt_state),
+           "ema": (abstract.ema_params, shardings.ema_params)}
+  estimate = {k: sharding.bytes_per_device(*v) for k, v in state.items()}
+  if run.teacher_params is not None:
+    estimate["teacher"] = sharding.bytes_per_device(
+        run.teacher_params, jax.tree.map(lambda a: getattr(a, "sharding", None), run.teacher_params))
+  estimate["activations"] = sharding.activation_bytes(
+      examples=max(1, run.config.data.batch_size // run.mesh.size),
+      tokens=m.tokens_for(run.config.data.image_size),
+      width=m.width, mlp_dim=m.mlp_dim, heads=m.num_heads, depth=m.depth,
+      mm_bytes=jax.numpy.dtype(m.dtype_mm).itemsize, remat_policy=m.remat_policy,
+      maps_kept=2 * len(t.layers) if t.mode == "distill" else len(t.layers))
+  return sharding.check_fits(estimate)
+
+
 def evaluate_run(run: Run, eval_fn, state: train_step.TrainState) -> dict[str, float]:
   """The eval step's sums over the whole eval split, divided by the example count.
 
@@ -279,6 +300,7 @@ def _train_iter(run: Run, start_step: int) -> Iterator[dict[str, np.ndarray]]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (resuming from <workdir>/checkpoints if present), evaluates, exports params; returns evals."""
   run = setup(config, workdir)
+  print(memory_report(run), flush=True)  # raises before compiling when the config cannot fit
   state, shardings = train_step.create_sharded_state(run.init_fn, jax.random.key(config.seed), run.mesh)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=config.ckpt.every_steps,
                                  keep=config.ckpt.keep)
@@ -397,7 +419,8 @@ def run_with_teacher(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   results[name] = train_and_evaluate(config, workdir)
   rows = [{"model": name, **{k: round(v, 4 if "loss" in k else 2) for k, v in r.items()}}
           for name, r in results.items()]
-  columns = [c for c in ("top1", "ema_top1", "top5", "ema_top5", "loss", "ema_loss") if any(c in r for r in rows)]
+  columns = [c for c in ("top1", "ema_top1", "top5", "ema_top5", "loss", "ema_loss")
+             if any(c in r for r in rows)]
   table = metrics.format_table(rows, ["model"] + columns)
   if jax.process_index() == 0:
     print(table, flush=True)
@@ -415,7 +438,8 @@ def attention_report(config: ml_collections.ConfigDict, workdir: str, num_images
   images = next(data.eval_iterator(source, global_batch_size=num_images, image_size=d.image_size,
                                    crop_pct=d.crop_pct, normalization=d.normalization, num_threads=0))["image"]
   models = {}
-  for name, path in (("teacher", teacher_path(config, workdir)), ("student", os.path.join(workdir, EXPORT_DIR))):
+  paths = (("teacher", teacher_path(config, workdir)), ("student", os.path.join(workdir, EXPORT_DIR)))
+  for name, path in paths:
     model_config, params = checkpoint.load_params(path)
     models[name] = (vit.build(model_config), params)
   png = os.path.join(workdir, "attention.png")

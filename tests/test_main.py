@@ -25,6 +25,7 @@ def test_demo_end_to_end_and_resume(tmp_path):
   assert "No teacher" in out and "Student: distill" in out
   assert "| teacher" in out and "| student" in out  # the results table
   assert "train[distill]" in out and "img/s" in out  # progress lines
+  assert "per-device memory estimate: params" in out
   results = json.load(open(os.path.join(workdir, "results.json")))
   assert set(results) == {"teacher", "student"} and 0 <= results["student"]["top1"] <= 100
   assert "attention of student vs teacher" in out

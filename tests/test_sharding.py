@@ -222,3 +222,34 @@ def test_global_batch():
   # The arrays go straight into a jitted function over the mesh.
   total = jax.jit(lambda b: b["label"].sum())(batch)
   assert int(total) == int(local["label"].sum())
+
+
+class _FakeDevice:
+  device_kind = "FakeAccelerator"
+
+  def __init__(self, limit):
+    self._limit = limit
+
+  def memory_stats(self):
+    return {"bytes_limit": self._limit}
+
+
+def test_bytes_per_device_follows_shardings():
+  mesh = sharding.make_mesh(4, 2)
+  tree = {"w": jax.ShapeDtypeStruct((16, 8), jnp.float32), "b": jax.ShapeDtypeStruct((3,), jnp.bfloat16)}
+  got = sharding.bytes_per_device(tree, sharding.tree_shardings(mesh, tree))
+  assert got == 16 * 8 * 4 // 2 + 3 * 2  # w split over fsdp=2, b replicated
+
+
+def test_activation_estimate_and_fit_check():
+  kw = dict(tokens=197, width=1024, mlp_dim=4096, heads=16, depth=24, mm_bytes=2, maps_kept=0)
+  none, dots, full = (sharding.activation_bytes(examples=32, remat_policy=p, **kw) for p in ("none", "dots", "full"))
+  assert full < dots < none
+  assert sharding.activation_bytes(examples=64, remat_policy="none", **kw) == 2 * none
+  assert sharding.activation_bytes(examples=32, remat_policy="none", **{**kw, "maps_kept": 18}) > none
+  estimate = {"params": 2**30, "activations": 2**30}
+  assert "2.00 GiB of 4.00 GiB" in sharding.check_fits(estimate, _FakeDevice(4 * 2**30))
+  with pytest.raises(ConfigError, match="will not fit") as e:
+    sharding.check_fits(estimate, _FakeDevice(2 * 2**30))
+  assert e.value.field == "data.batch_size"
+  assert "of" not in sharding.check_fits(estimate).split("=")[-1]  # CPU: no limit reported, no verdict
