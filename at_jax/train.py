@@ -12,7 +12,6 @@ import math
 import os
 import signal
 import threading
-import time
 from typing import Any, Callable, Iterator
 
 import jax
@@ -158,7 +157,7 @@ def model_config(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     f"{list(vit.RECIPE_FIELDS)})")
 
 
-def _load_teacher(config, workdir: str, mesh) -> tuple[vit.ViT | None, Any]:
+def _teacher_on_mesh(config, workdir: str, mesh) -> tuple[vit.ViT | None, Any]:
   if config.transfer.mode == "none" or config.transfer.source == "precomputed":
     return None, None
   model_config, params = load_teacher(config, workdir)
@@ -200,7 +199,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   """Builds and validates everything; raises ConfigError naming the field/file to fix."""
   model, mesh, train_source, eval_source = validate(config, workdir)
   image_size = config.data.image_size
-  teacher, teacher_params = _load_teacher(config, workdir, mesh)
+  teacher, teacher_params = _teacher_on_mesh(config, workdir, mesh)
   t = transfer.resolve(config.transfer.to_dict(), model, teacher, image_size)
 
   steps_per_epoch = max(1, len(train_source) // config.data.batch_size)

@@ -1,6 +1,5 @@
 """Attention agreement and attention-map figures."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
