@@ -3,8 +3,11 @@
 # and run the same launch/main.py command on all workers with --multihost, streaming worker 0's log.
 #
 #   TPU=at-jax ZONE=us-central2-b TYPE=v4-64 bash launch/tpu_pod.sh \
-#       --config=configs/distill_vitl.py --workdir=gs://BUCKET/distill_vitl \
-#       --config.data.dir=gs://BUCKET/tensorflow_datasets --config.teacher.init=gs://BUCKET/mae_vitl_params
+#       --config=configs/distill_vitl.py --workdir=/mnt/BUCKET/distill_vitl \
+#       --config.data.dir=/mnt/BUCKET/tensorflow_datasets --config.teacher.init=/mnt/BUCKET/mae_vitl_params
+#
+# Paths must be visible to every worker (e.g. a gcsfuse mount of the bucket at /mnt/BUCKET on each worker);
+# gs:// URLs are not supported by the checkpoint and metric writers yet.
 #
 # Env: TPU (name), ZONE, TYPE (accelerator type, used only when creating), VERSION (TPU VM runtime,
 # default tpu-ubuntu2204-base), PROJECT (default: gcloud's), SPOT=1 for a preemptible slice. Re-running
