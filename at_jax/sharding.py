@@ -104,7 +104,7 @@ def activation_bytes(*, examples: int, tokens: int, width: int, mlp_dim: int, he
 
 def check_fits(estimate: dict[str, int], device: Any = None) -> str:
   """Formats a per-device memory estimate; raises ConfigError before compiling when it cannot fit."""
-  device = device or jax.devices()[0]
+  device = device or jax.local_devices()[0]
   gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
   total = sum(estimate.values())
   line = "per-device memory estimate: " + ", ".join(f"{k} {gib(v)}" for k, v in estimate.items())

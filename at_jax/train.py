@@ -15,6 +15,7 @@ import threading
 from typing import Any, Callable, Iterator
 
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import optax
@@ -353,7 +354,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer.write(run.total_steps, {f"eval/{k}": v for k, v in evals.items()})
   writer.close()
   ckpt.close()
-  export_config, export_params = run.export(jax.device_get(state.params))
+  # Params may be sharded across processes: every process gathers the full values before the export.
+  export_config, export_params = run.export(multihost_utils.process_allgather(state.params, tiled=True))
   checkpoint.save_params(os.path.join(workdir, EXPORT_DIR), export_params, export_config)
   print("eval " + "  ".join(f"{k} {v:.2f}" for k, v in evals.items()), flush=True)
   return evals

@@ -29,6 +29,8 @@ def main(argv):
   del argv
   import jax  # noqa: PLC0415 -- after absl parsed flags, so --jax_* flags apply
   if FLAGS.multihost:
+    # CPU clusters (and tests over loopback) need a cross-process collectives backend; TPU/GPU ignore it.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
   from at_jax import train  # noqa: PLC0415
   from at_jax.errors import ConfigError  # noqa: PLC0415
