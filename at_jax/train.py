@@ -297,13 +297,23 @@ def _train_iter(run: Run, start_step: int) -> Iterator[dict[str, np.ndarray]]:
                              num_threads=d.num_threads)
 
 
+def _fresh_state_and_steps(run: Run):
+  """A fresh sharded state, the run's Checkpointer, and the jitted (train, eval) steps."""
+  config = run.config
+  state, shardings = train_step.create_sharded_state(run.init_fn, jax.random.key(config.seed), run.mesh)
+  ckpt = checkpoint.Checkpointer(os.path.join(run.workdir, "checkpoints"), save_every=config.ckpt.every_steps,
+                                 keep=config.ckpt.keep)
+  teacher_shardings = (None if run.teacher_params is None
+                       else jax.tree.map(lambda a: a.sharding, run.teacher_params))
+  train_fn, eval_fn = train_step.jit_steps(run.step_fn, run.eval_fn, run.mesh, shardings, teacher_shardings)
+  return state, shardings, ckpt, train_fn, eval_fn
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (resuming from <workdir>/checkpoints if present), evaluates, exports params; returns evals."""
   run = setup(config, workdir)
   print(memory_report(run), flush=True)  # raises before compiling when the config cannot fit
-  state, shardings = train_step.create_sharded_state(run.init_fn, jax.random.key(config.seed), run.mesh)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=config.ckpt.every_steps,
-                                 keep=config.ckpt.keep)
+  state, shardings, ckpt, train_fn, eval_fn = _fresh_state_and_steps(run)
   if ckpt.latest_step() is not None:
     state, _ = ckpt.restore(state)
     print(f"Resumed from {workdir}/checkpoints at step {int(state.step)}", flush=True)
@@ -313,9 +323,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = jax.jit(lambda p, r: train_step.new_state(p, run.tx, r), out_shardings=shardings)(params, state.rng)
     print(f"Initialised from {config.model.init}; kept fresh: {kept or 'none'}; unused: {unused or 'none'}",
           flush=True)
-  teacher_shardings = (None if run.teacher_params is None
-                       else jax.tree.map(lambda a: a.sharding, run.teacher_params))
-  train_fn, eval_fn = train_step.jit_steps(run.step_fn, run.eval_fn, run.mesh, shardings, teacher_shardings)
 
   writer = metrics.MetricWriter(workdir)
   start = int(jax.device_get(state.step))
@@ -365,14 +372,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: i
                         ) -> dict[str, float]:
   """Evaluates <workdir>/checkpoints at `step` (default: the latest) exactly as training evaluated it."""
   run = setup(config, workdir)
-  state, shardings = train_step.create_sharded_state(run.init_fn, jax.random.key(config.seed), run.mesh)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=config.ckpt.every_steps,
-                                 keep=config.ckpt.keep)
+  state, _, ckpt, _, eval_fn = _fresh_state_and_steps(run)
   state, _ = ckpt.restore(state, step)
   ckpt.close()
-  teacher_shardings = (None if run.teacher_params is None
-                       else jax.tree.map(lambda a: a.sharding, run.teacher_params))
-  _, eval_fn = train_step.jit_steps(run.step_fn, run.eval_fn, run.mesh, shardings, teacher_shardings)
   return evaluate_run(run, eval_fn, state)
 
 
