@@ -7,6 +7,7 @@ compilation or training step.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -93,11 +94,21 @@ def load_vit(path: str, config: ml_collections.ConfigDict) -> tuple[dict, Any]:
   """
   size, t = config.data.image_size, config.teacher
   if os.path.isfile(path):
-    return convert.load_teacher(path, image_size=size, resample_posemb=t.resample_posemb,
-                                family=t.family or None, num_heads=t.num_heads or None)
+    return _convert_file(os.path.abspath(path), os.path.getmtime(path), size, t.resample_posemb,
+                         t.family or None, t.num_heads or None)
   model_config, params = checkpoint.load_params(path)
   convert.fit_posemb(params, model_config, path, size, t.resample_posemb)
   return model_config, params
+
+
+@functools.lru_cache(maxsize=2)
+def _convert_file(path: str, mtime: float, image_size: int, resample: bool, family: str | None,
+                  num_heads: int | None) -> tuple[dict, Any]:
+  """One conversion per file and setting: start-up reads the teacher's architecture (model.arch=teacher)
+  and its weights, and a ViT-L .pth is over a gigabyte. `mtime` makes a rewritten file a new entry."""
+  del mtime
+  return convert.load_teacher(path, image_size=image_size, resample_posemb=resample, family=family,
+                              num_heads=num_heads)
 
 
 def load_teacher(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, Any]:
