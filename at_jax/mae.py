@@ -193,7 +193,7 @@ class MAE(nn.Module):
     arch = vit.BlockArch(self.decoder_mlp_dim, self.decoder_heads, norm_eps=encoder.norm_eps,
                          dtype_mm=dtype_mm)
     for i in range(self.decoder_depth):
-      x_BND, _ = vit.Block(arch, name=f"decoderblock_{i}")(x_BND, (None, None))
+      x_BND, _ = vit.Block(arch, name=f"decoderblock_{i}")(x_BND, (None, None, None))
     x_BND = nn.LayerNorm(epsilon=encoder.norm_eps, name="decoder_norm")(x_BND)
     pred_BPL = nn.Dense(p * p * c, dtype=dtype_mm, kernel_init=xavier, name="decoder_pred")(
         x_BND[:, num_prefix:]).astype(jnp.float32)

@@ -8,7 +8,8 @@ both axes.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+import functools
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -56,6 +57,42 @@ def tree_shardings(mesh: Mesh, abstract_tree: Any) -> Any:
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """Pins `x`'s leading (batch) axis to ('data', 'fsdp') inside a step traced under `on_mesh`; else a no-op.
+
+  Activations follow the batch by default, but GSPMD may instead follow an fsdp-sharded weight (sharding
+  heads or features, then gathering the batch): for the [B, H, N, N] attention maps that would multiply
+  their per-device size. Model code calls this without knowing the mesh; `on_mesh` supplies it.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+    return x
+  return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
+
+
+def per_batch_shard(fn: Callable) -> Callable:
+  """`fn` run on each device's slice of the batch (the leading axis of every argument and of the result)
+  inside a step traced under `on_mesh`; plain `fn` elsewhere. For ops XLA cannot partition, such as Pallas
+  kernels, which it would otherwise run whole on every device after gathering the batch."""
+  @functools.wraps(fn)
+  def mapped(*args):
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+      return fn(*args)
+    spec = P(BATCH_AXES)
+    return jax.shard_map(fn, in_specs=spec, out_specs=spec, check_vma=False)(*args)
+  return mapped
+
+
+def on_mesh(fn: Callable, mesh: Mesh) -> Callable:
+  """`fn` traced with `mesh` as the abstract mesh in context, so that `constrain_batch` applies."""
+  @functools.wraps(fn)
+  def traced(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+  return traced
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

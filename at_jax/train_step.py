@@ -58,7 +58,7 @@ def cross_entropy(logits: Array, labels: Array, label_smoothing: float) -> Array
 
 
 def _teacher_targets(teacher: ViT | None, teacher_params: Any, batch: Batch, t: transfer.Transfer,
-                     drop_masks: Array | None) -> Array | None:
+                     drop_masks: Array | None) -> transfer.Targets | None:
   if not t.active:
     return None
   if t.source == "precomputed":
@@ -93,11 +93,13 @@ def make_loss_fn(model: ViT, teacher: ViT | None, t: transfer.Transfer, *, label
       drop_masks = sample_drop_masks(rng_drop, images.shape[0], model.depth, model.drop_path)
     targets = _teacher_targets(teacher, teacher_params, batch, t, drop_masks)
     override = transfer.copy_override(targets, t) if t.mode == "copy" else None
+    distilling = t.mode == "distill"
     logits, out = model.apply({"params": params}, images, train=True, override=override,
-                              drop_masks=drop_masks, want_qkv=transfer.needs_qkv(t) and t.mode == "distill",
+                              drop_masks=drop_masks, want_qkv=distilling and t.what != "attn",
+                              attn_target=transfer.attn_target(targets, t) if distilling else None,
                               rngs={"dropout": rng_model})
     ce = cross_entropy(logits, labels, smoothing)
-    distill = transfer.distill_loss(out, targets, t) if t.mode == "distill" else jnp.zeros(())
+    distill = transfer.distill_loss(out, targets, t) if distilling else jnp.zeros(())
     return ce + distill, {"ce_loss": ce, "distill_loss": distill, "logits": logits, "labels": labels}
 
   return loss_fn
@@ -157,8 +159,10 @@ def jit_steps(train_step, eval_step, mesh: Mesh, state_shardings: Any, teacher_s
   """`jax.jit` with explicit shardings; the state is donated, the teacher is not."""
   batch = sharding.batch_sharding(mesh)
   rep = sharding.replicated(mesh)
-  train = jax.jit(train_step, in_shardings=(state_shardings, batch, teacher_shardings),
+  train = jax.jit(sharding.on_mesh(train_step, mesh),
+                  in_shardings=(state_shardings, batch, teacher_shardings),
                   out_shardings=(state_shardings, rep), donate_argnums=(0,))
-  evaluate = jax.jit(eval_step, in_shardings=(state_shardings.params, state_shardings.ema_params, batch,
-                                              teacher_shardings), out_shardings=rep)
+  evaluate = jax.jit(sharding.on_mesh(eval_step, mesh),
+                     in_shardings=(state_shardings.params, state_shardings.ema_params, batch, teacher_shardings),
+                     out_shardings=rep)
   return train, evaluate

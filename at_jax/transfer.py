@@ -6,7 +6,11 @@ Mode is static Python (it changes the program):
            instead of its own; the teacher runs at evaluation too.
   distill  the student computes its own attention; an extra loss (weight `transfer.weight`) pulls it to the
            teacher's: cross-entropy over keys for `attn`, mean squared error for `q`/`k`/`v`.
-Teacher targets are laid out layer-major over the *selected* layers only: [S, B, ...] with S = len(layers).
+Teacher targets are a dict laid out layer-major over the *selected* layers only: {key: [S, B, ...]} with
+S = len(layers). Keys are the teacher's `out` names: "attn_logits" [S, B, H, N, N], or "q"/"k"/"v"
+[S, B, N, H, Dh]. Distilling attention maps hands over the teacher's q and k rather than its maps: each
+student block forms its layer's teacher logits when it needs them (`vit.AttnTarget`), so no stack of
+N x N maps is ever alive, and `loss_impl` "blockwise"/"pallas" never forms one at all.
 """
 from __future__ import annotations
 
@@ -17,7 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from at_jax import attn_loss
 from at_jax.errors import ConfigError
+from at_jax.models import vit
 
 Array = jax.Array
 MODES = ("none", "copy", "distill")
@@ -91,6 +97,7 @@ class Transfer:
   depth: int = 0
   num_heads: int = 0
   average: str = "none"
+  loss_impl: str = "direct"
 
   @property
   def active(self) -> bool:
@@ -103,6 +110,26 @@ class Transfer:
   @property
   def teacher_key(self) -> str:
     return TEACHER_KEY[self.what]
+
+  @property
+  def target_keys(self) -> tuple[str, ...]:
+    """What a jointly run teacher hands over: q and k for distilled maps (the per-layer maps are formed
+    inside the student's blocks), else the transferred quantity itself (copy needs the maps; averaging
+    over images averages maps)."""
+    if self.mode == "distill" and self.what == "attn" and self.average == "none":
+      return ("q", "k")
+    return (self.teacher_key,)
+
+  @property
+  def maps_kept(self) -> int:
+    """How many layers' [B, H, N, N] maps the transfer keeps alive on top of the student's own attention:
+    a stack of teacher logits for copy (and averaged or stored maps), one layer's teacher logits at a time
+    for direct distillation from q and k, none for the blockwise losses or q/k/v transfer."""
+    if not self.active or self.what != "attn":
+      return 0
+    if self.target_keys == ("attn_logits",):
+      return len(self.layers)
+    return 1 if self.loss_impl == "direct" else 0
 
   def head_mask(self) -> np.ndarray:
     """[S, H] bool over the selected layers: which heads transfer."""
@@ -144,6 +171,12 @@ def resolve(cfg: Mapping[str, Any], student: Any, teacher: Any | None, image_siz
   weight = float(cfg.get("weight", 3.0))
   if mode == "distill" and not weight > 0:
     raise ConfigError("transfer.weight", f"must be > 0 for distillation, got {weight}")
+  loss_impl = cfg.get("loss_impl", "direct")
+  if loss_impl not in attn_loss.IMPLS:
+    raise ConfigError("transfer.loss_impl", f"unknown {loss_impl!r}; use one of {attn_loss.IMPLS}")
+  if loss_impl != "direct" and (mode != "distill" or what != "attn" or average != "none"):
+    raise ConfigError("transfer.loss_impl", f"{loss_impl!r} computes the attention-map distillation loss "
+                      "from q and k; it needs mode='distill', what='attn', average='none' (use 'direct')")
   if teacher is not None:
     if teacher.depth <= max(layers):
       raise ConfigError("transfer.layers", f"layer {max(layers)} does not exist in the teacher "
@@ -161,40 +194,75 @@ def resolve(cfg: Mapping[str, Any], student: Any, teacher: Any | None, image_siz
     if student.drop_path > 0 and teacher.depth != student.depth:
       raise ConfigError("model.drop_path", "teacher and student share drop-path masks, which needs equal "
                         f"depths (teacher {teacher.depth}, student {student.depth}); set drop_path=0")
-  return Transfer(mode, what, layers, heads, weight, source, student.depth, student.num_heads, average)
+  return Transfer(mode, what, layers, heads, weight, source, student.depth, student.num_heads, average,
+                  loss_impl)
 
 
-def teacher_targets(teacher_out: Mapping[str, Array], t: Transfer) -> Array:
-  """Selected layers of the teacher's transferred quantity, [S, B, ...], with no gradient."""
-  targets_SB = jax.lax.stop_gradient(teacher_out[t.teacher_key][np.asarray(t.layers)])
+def needs_qkv(t: Transfer) -> bool:
+  """Whether the teacher must return q/k/v (`want_qkv`)."""
+  return t.active and t.target_keys != ("attn_logits",)
+
+
+Targets = dict[str, Array]
+
+
+def teacher_targets(teacher_out: Mapping[str, Array], t: Transfer) -> Targets:
+  """Selected layers of what the teacher hands over (`t.target_keys`), {key: [S, B, ...]}, with no gradient."""
+  targets = {k: jax.lax.stop_gradient(teacher_out[k][np.asarray(t.layers)]) for k in t.target_keys}
   if t.average == "images":
+    key, x_SB = t.teacher_key, targets[t.teacher_key]
     if t.what == "attn":  # average the maps, not the logits; log(mean map) is a logit whose softmax is it
-      mean = jnp.log(jax.nn.softmax(targets_SB.astype(jnp.float32), -1).mean(axis=1, keepdims=True))
+      mean = jnp.log(jax.nn.softmax(x_SB.astype(jnp.float32), -1).mean(axis=1, keepdims=True))
     else:
-      mean = targets_SB.mean(axis=1, keepdims=True)
-    targets_SB = jnp.broadcast_to(mean, targets_SB.shape)
-  return targets_SB
+      mean = x_SB.mean(axis=1, keepdims=True)
+    targets[key] = jnp.broadcast_to(mean, x_SB.shape)
+  return targets
 
 
-def precomputed_targets(batch: Mapping[str, Array], t: Transfer) -> Array:
-  """Targets carried in the batch as `teacher_<key>` [B, S, ...] (example-major, as stored), -> [S, B, ...]."""
-  key = f"teacher_{t.teacher_key}"
-  if key not in batch:
-    raise ConfigError("transfer.source", f"'precomputed' needs batch[{key!r}] from the data pipeline")
-  return jnp.swapaxes(batch[key], 0, 1)
+def precomputed_targets(batch: Mapping[str, Array], t: Transfer) -> Targets:
+  """Targets carried in the batch as `teacher_<key>` [B, S, ...] (example-major, as stored) -> [S, B, ...].
+
+  Distilled maps come as stored logits (`teacher_attn_logits`) or as q and k (`teacher_q`, `teacher_k`).
+  """
+  options = [(t.teacher_key,)]
+  if t.mode == "distill" and t.what == "attn":
+    options = [("q", "k"), ("attn_logits",)] if t.loss_impl != "direct" else [("attn_logits",), ("q", "k")]
+  for keys in options:
+    if all(f"teacher_{k}" in batch for k in keys):
+      return {k: jnp.swapaxes(batch[f"teacher_{k}"], 0, 1) for k in keys}
+  wanted = " or ".join("+".join(f"teacher_{k}" for k in keys) for keys in options)
+  raise ConfigError("transfer.source", f"'precomputed' needs batches carrying {wanted} "
+                    "(written by launch/precompute.py)")
 
 
-def copy_override(targets_SB: Array, t: Transfer) -> dict[str, Array]:
+def copy_override(targets: Mapping[str, Array], t: Transfer) -> dict[str, Array]:
   """The ViT `override` that swaps the teacher's quantity into the selected layers/heads."""
-  full = jnp.zeros((t.depth,) + targets_SB.shape[1:], targets_SB.dtype).at[np.asarray(t.layers)].set(targets_SB)
+  x_SB = targets[t.teacher_key]
+  full = jnp.zeros((t.depth,) + x_SB.shape[1:], x_SB.dtype).at[np.asarray(t.layers)].set(x_SB)
   key = "logits" if t.what == "attn" else t.what
   return {key: full, "mask": jnp.asarray(t.layer_head_mask())}
 
 
+def attn_target(targets: Mapping[str, Array], t: Transfer) -> vit.AttnTarget | None:
+  """The student's `attn_target` when distilling maps: its blocks then score themselves layer by layer."""
+  if t.mode != "distill" or t.what != "attn":
+    return None
+  values = {"logits": targets["attn_logits"]} if "attn_logits" in targets else {"q": targets["q"],
+                                                                                 "k": targets["k"]}
+  return vit.AttnTarget(t.layers, values, t.loss_impl)
+
+
 def attention_cross_entropy(teacher_logits: Array, student_logits: Array) -> Array:
   """-sum_j softmax(t)_j log_softmax(s)_j over the key axis (last), in float32; shape of inputs minus it."""
-  p_t = jax.nn.softmax(teacher_logits.astype(jnp.float32), axis=-1)
-  return -jnp.sum(p_t * jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1), axis=-1)
+  return attn_loss.ce_from_logits(teacher_logits, student_logits)
+
+
+def _teacher_logits(targets: Mapping[str, Array]) -> Array:
+  """[S, B, H, N, N] teacher logits from stored logits or from q and k."""
+  if "attn_logits" in targets:
+    return targets["attn_logits"]
+  q, k = targets["q"].astype(jnp.float32), targets["k"].astype(jnp.float32)
+  return jnp.einsum("sbqhd,sbkhd->sbhqk", q, k) * q.shape[-1] ** -0.5
 
 
 def _reduce(per_SH: Array, t: Transfer) -> Array:
@@ -203,23 +271,23 @@ def _reduce(per_SH: Array, t: Transfer) -> Array:
   return jnp.sum(jnp.sum(per_SH * mask_SH, axis=1) / jnp.sum(mask_SH, axis=1))
 
 
-def distill_loss(student_out: Mapping[str, Array], targets_SB: Array, t: Transfer) -> Array:
+def distill_loss(student_out: Mapping[str, Array], targets: Mapping[str, Array], t: Transfer) -> Array:
   """weight * sum over selected layers of the mean (over batch, selected heads, queries) loss.
 
   `attn`: cross-entropy between softmax(teacher logits) and log_softmax(student logits) over keys; its
-  minimum over the student is the teacher's attention entropy. `q`/`k`/`v`: mean squared error.
+  minimum over the student is the teacher's attention entropy. Taken from the per-layer "attn_ce" the
+  student's blocks computed (given `attn_target`), else from its stacked "attn_logits" (the reference
+  formula, materialising every selected layer's maps). `q`/`k`/`v`: mean squared error.
   """
-  student_SB = student_out[t.teacher_key][np.asarray(t.layers)]
-  if t.what == "attn":  # [S, B, H, N, N] -> per query [S, B, H, N] -> [S, H]
-    per_SH = attention_cross_entropy(targets_SB, student_SB).mean(axis=(1, 3))
+  layers = np.asarray(t.layers)
+  if t.what == "attn" and "attn_ce" in student_out:
+    per_SH = student_out["attn_ce"][layers]
+  elif t.what == "attn":  # [S, B, H, N, N] -> per query [S, B, H, N] -> [S, H]
+    per_SH = attention_cross_entropy(_teacher_logits(targets), student_out["attn_logits"][layers]).mean((1, 3))
   else:  # [S, B, N, H, Dh] -> [S, H]
-    err = (student_SB.astype(jnp.float32) - targets_SB.astype(jnp.float32)) ** 2
+    err = (student_out[t.what][layers].astype(jnp.float32) - targets[t.what].astype(jnp.float32)) ** 2
     per_SH = err.mean(axis=(1, 2, 4))
   return t.weight * _reduce(per_SH, t)
-
-
-def needs_qkv(t: Transfer) -> bool:
-  return t.active and t.what != "attn"
 
 
 def selected(values: Sequence[int]) -> str:

@@ -253,3 +253,28 @@ def test_activation_estimate_and_fit_check():
     sharding.check_fits(estimate, _FakeDevice(2 * 2**30))
   assert e.value.field == "data.batch_size"
   assert "of" not in sharding.check_fits(estimate).split("=")[-1]  # CPU: no limit reported, no verdict
+
+
+# -------------------------------------------------------------- activation constraints
+
+
+@pytest.mark.parametrize("data, fsdp", [(1, 8), (2, 4)])
+def test_attention_maps_stay_sharded_along_the_batch(data, fsdp):
+  """Traced under `on_mesh`, every layer pins its [B, H, N, N] maps to the batch axes (the annotation is in
+  the program, one per layer), and the maps come out split along the batch under pure FSDP too."""
+  model = vit.build({"variant": "Mu/4", "num_classes": 10, "num_heads": 8, "depth": 3})
+  mesh = sharding.make_mesh(data, fsdp)
+  images = jnp.zeros((8, 28, 28, 3))
+  params = model.init(jax.random.key(0), images[:1], train=False)["params"]
+  params = jax.device_put(params, sharding.tree_shardings(mesh, params))
+  images = jax.device_put(images, sharding.batch_sharding(mesh))
+  maps = lambda p, x: model.apply({"params": p}, x, train=False)[1]["attn_logits"]  # noqa: E731
+  program = jax.jit(sharding.on_mesh(maps, mesh)).lower(params, images).as_text()
+  pinned = [line for line in program.splitlines() if "sharding_constraint" in line]
+  assert len(pinned) == model.depth and all('[{"data", "fsdp"}, {}, {}, {}]' in line and "8x8x50x50" in line
+                                            for line in pinned), pinned
+  out = jax.jit(sharding.on_mesh(maps, mesh))(params, images)
+  assert out.sharding.spec == P(None, sharding.BATCH_AXES if data > 1 else "fsdp")
+  # Outside a mesh context (a plain model.apply) the call is a no-op; the values agree to float rounding.
+  np.testing.assert_allclose(out, maps(jax.device_get(params), np.zeros((8, 28, 28, 3), np.float32)),
+                             rtol=1e-5, atol=1e-6)

@@ -10,11 +10,11 @@ from at_jax.models import vit
 B, S, STEPS = 16, 16, 3
 
 
-def _build(mode, *, drop_path=0.0, what="attn", source="jointly", layers="first:1", depth=2):
+def _build(mode, *, drop_path=0.0, what="attn", source="jointly", layers="first:1", depth=2, loss_impl="direct"):
   student = vit.build({"variant": "Pico/4", "num_classes": 10, "drop_path": drop_path, "depth": depth})
   teacher = vit.build({"variant": "Pico/4", "num_classes": 10, "depth": depth})
-  t = transfer.resolve({"mode": mode, "what": what, "layers": layers, "source": source}, student,
-                       teacher, S)
+  t = transfer.resolve({"mode": mode, "what": what, "layers": layers, "source": source,
+                        "loss_impl": loss_impl}, student, teacher, S)
   schedule = optim.make_schedule(base_lr=1e-3, batch_size=B, warmup_steps=1, total_steps=10, min_lr=0.0)
   abstract = jax.eval_shape(lambda: student.init(jax.random.key(0), jnp.zeros((1, S, S, 3)), train=False))
   tx = optim.make_optimizer(abstract["params"], schedule=schedule, b1=0.9, b2=0.999, eps=1e-8,
@@ -66,7 +66,8 @@ def _assert_params_close(a, b):
 
 
 @pytest.mark.parametrize("mode,kw", [("distill", {"drop_path": 0.2}), ("copy", {}), ("none", {"drop_path": 0.2}),
-                                     ("distill", {"what": "q"})])
+                                     ("distill", {"what": "q"}), ("distill", {"loss_impl": "blockwise"}),
+                                     ("distill", {"loss_impl": "pallas"})])
 def test_one_device_equals_eight_device_mesh(mode, kw):
   batches = _batches()
   l1, p1, e1, _ = _run(mode, jax.devices()[:1], 1, batches, **kw)
@@ -91,7 +92,7 @@ def test_precomputed_equals_jointly(what):
 
   def targets(b):  # what launch/precompute would store: example-major [B, S, ...]
     _, out = teacher.apply({"params": tp}, b["image"], train=False, want_qkv=True)
-    return {f"teacher_{t.teacher_key}": np.asarray(jnp.swapaxes(transfer.teacher_targets(out, t), 0, 1))}
+    return {f"teacher_{k}": np.asarray(jnp.swapaxes(v, 0, 1)) for k, v in transfer.teacher_targets(out, t).items()}
   batches = _batches(targets)
   joint, pj, *_ = _run("distill", jax.devices(), 2, batches, what=what, layers="0,1")
   pre, pp, *_ = _run("distill", jax.devices(), 2, batches, what=what, layers="0,1", source="precomputed")
@@ -119,7 +120,7 @@ def test_teacher_and_student_share_drop_path_masks():
   masks = vit.sample_drop_masks(jax.random.key(11), B, student.depth, 0.5)
 
   def unshared(p):
-    _, t_out = teacher.apply({"params": tp}, batch["image"], train=False)
+    _, t_out = teacher.apply({"params": tp}, batch["image"], train=False, want_qkv=True)
     _, s_out = student.apply({"params": p}, batch["image"], train=True, drop_masks=masks)
     return transfer.distill_loss(s_out, transfer.teacher_targets(t_out, t), t)
   unshared_max = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(jax.grad(unshared)(tp)))

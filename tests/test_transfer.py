@@ -50,7 +50,11 @@ def test_resolve_errors(setup):
   cases = [({"mode": "attend"}, "transfer.mode"), ({"what": "qk"}, "transfer.what"),
            ({"source": "disk"}, "transfer.source"), ({"heads": "4"}, "transfer.heads"),
            ({"layers": "last:5"}, "transfer.layers"), ({"weight": 0.0}, "transfer.weight"),
-           ({"mode": "copy", "source": "precomputed"}, "transfer.source")]
+           ({"mode": "copy", "source": "precomputed"}, "transfer.source"),
+           ({"loss_impl": "flash"}, "transfer.loss_impl"),
+           ({"loss_impl": "blockwise", "what": "q"}, "transfer.loss_impl"),
+           ({"loss_impl": "blockwise", "average": "images"}, "transfer.loss_impl"),
+           ({"mode": "copy", "loss_impl": "pallas"}, "transfer.loss_impl")]
   for cfg, field in cases:
     with pytest.raises(ConfigError) as e:
       _resolve(student, teacher, **cfg)
@@ -164,7 +168,7 @@ def test_distill_loss_stable_for_extreme_logits():
   t = transfer.Transfer("distill", "attn", (0,), (0,), 1.0, "jointly", 1, 1)
   teacher = jnp.array([[[[[1e4, -1e4, 0.0]]]]])
   student = jnp.array([[[[[-1e4, 1e4, 0.0]]]]])
-  loss = transfer.distill_loss({"attn_logits": student}, teacher, t)
+  loss = transfer.distill_loss({"attn_logits": student}, {"attn_logits": teacher}, t)
   assert np.isfinite(loss) and float(loss) == pytest.approx(2e4, rel=1e-6)
 
 
@@ -173,7 +177,7 @@ def test_teacher_gets_no_gradient(setup):
   t = _resolve(student, teacher)
 
   def loss(sp_, tp_):
-    _, t_out = teacher.apply({"params": tp_}, images, train=False)
+    _, t_out = teacher.apply({"params": tp_}, images, train=False, want_qkv=transfer.needs_qkv(t))
     _, s_out = student.apply({"params": sp_}, images, train=False)
     return transfer.distill_loss(s_out, transfer.teacher_targets(t_out, t), t)
   gs, gt = jax.grad(loss, argnums=(0, 1))(sp, tp)
@@ -188,7 +192,7 @@ def test_qkv_variants(setup, what):
   # Copy: the student's own projection for `what` gets zero gradient in copied layers.
   t = transfer.resolve({"mode": "copy", "what": what, "layers": "first:2"}, student, teacher, S)
   targets, t_out = _teacher_targets(teacher, tp, images, t)
-  assert targets.shape == (2, B, (S // 4) ** 2 + 1, 2, 16)
+  assert targets[what].shape == (2, B, (S // 4) ** 2 + 1, 2, 16)
   grads = _copy_grads(student, sp, images, targets, t)
   for i in range(4):
     g = np.asarray(grads["Transformer"][f"encoderblock_{i}"]["MultiHeadDotProductAttention_0"][name]["kernel"])
@@ -217,10 +221,15 @@ def test_copy_q_and_k_reproduces_teacher_maps(setup):
 def test_precomputed_targets_layout(setup):
   student, teacher, sp, tp, images = setup
   t = _resolve(student, teacher, layers="1,2", source="precomputed")
-  targets, _ = _teacher_targets(teacher, tp, images, t)
-  batch = {"teacher_attn_logits": jnp.swapaxes(targets, 0, 1)}  # stored example-major [B, S, ...]
-  np.testing.assert_array_equal(transfer.precomputed_targets(batch, t), targets)
-  with pytest.raises(ConfigError, match="teacher_attn_logits"):
+  targets, t_out = _teacher_targets(teacher, tp, images, t)
+  assert set(targets) == {"q", "k"}  # distilled maps travel as q and k
+  batch = {f"teacher_{k}": jnp.swapaxes(v, 0, 1) for k, v in targets.items()}  # stored example-major
+  for k, v in transfer.precomputed_targets(batch, t).items():
+    np.testing.assert_array_equal(v, targets[k])
+  stored_maps = {"teacher_attn_logits": jnp.swapaxes(t_out["attn_logits"][1:3], 0, 1)}
+  np.testing.assert_array_equal(transfer.precomputed_targets(stored_maps, t)["attn_logits"],
+                                t_out["attn_logits"][1:3])
+  with pytest.raises(ConfigError, match=r"teacher_attn_logits or teacher_q\+teacher_k"):
     transfer.precomputed_targets({}, t)
 
 
@@ -234,10 +243,39 @@ def test_average_over_images_control(setup):
   student, teacher, sp, tp, images = setup
   t = _resolve(student, teacher, layers="0,1", average="images")
   _, out = teacher.apply({"params": tp}, images, train=False)
-  targets = transfer.teacher_targets(out, t)
+  targets = transfer.teacher_targets(out, t)["attn_logits"]
   mean_map = jax.nn.softmax(out["attn_logits"][:2], -1).mean(axis=1)
   np.testing.assert_allclose(jax.nn.softmax(targets[:, 0], -1), mean_map, rtol=1e-5, atol=1e-7)
   np.testing.assert_array_equal(targets[:, 0], targets[:, 1])  # every image gets the same maps
   with pytest.raises(ConfigError) as e:
     _resolve(student, teacher, average="queries")
   assert e.value.field == "transfer.average"
+
+
+def _distill_grads(student, sp, images, targets, t, via_encoder):
+  """(loss, grads) of the distill term computed inside the encoder or by the reference formula."""
+  def loss(p):
+    target = transfer.attn_target(targets, t) if via_encoder else None
+    _, out = student.apply({"params": p}, images, train=False, attn_target=target)
+    return transfer.distill_loss(out, targets, t)
+  return jax.value_and_grad(loss)(sp)
+
+
+@pytest.mark.parametrize("impl,scan", [("direct", False), ("direct", True), ("blockwise", False),
+                                       ("blockwise", True), ("pallas", False)])
+def test_in_encoder_loss_equals_reference(setup, impl, scan):
+  """Layer-by-layer loss inside the blocks (from the teacher's q and k, or its stored maps) equals the
+  reference formula on stacked maps, in value and in the student's gradients, loop or scan."""
+  student, teacher, sp, tp, images = setup
+  t = _resolve(student, teacher, layers="0,2,3", heads="1", loss_impl=impl)
+  targets, t_out = _teacher_targets(teacher, tp, images, t)
+  assert set(targets) == {"q", "k"}
+  if scan:
+    student, sp = _model(scan=True), vit.loop_to_scan(sp)
+  ref, g_ref = _distill_grads(student, sp, images, targets, t, via_encoder=False)
+  got, g = _distill_grads(student, sp, images, targets, t, via_encoder=True)
+  np.testing.assert_allclose(got, ref, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g, g_ref)
+  if impl == "direct":  # stored maps give the same loss
+    maps = {"attn_logits": t_out["attn_logits"][np.asarray(t.layers)]}
+    np.testing.assert_allclose(_distill_grads(student, sp, images, maps, t, via_encoder=True)[0], ref, rtol=1e-5)

@@ -3,7 +3,9 @@
 The only file with network math. `ViT.__call__` returns `(logits, out)`, where `out` holds every layer's
 pre-softmax attention logits stacked as `attn_logits` [L, B, H, N, N] (and q/k/v [L, B, N, H, Dh] when
 `want_qkv`). An optional `override` replaces, in the layers/heads its mask selects, the attention logits
-or probabilities (attention copy) or q, k or v (the paper's Q/K/V variants).
+or probabilities (attention copy) or q, k or v (the paper's Q/K/V variants). An optional `attn_target`
+(attention distillation) makes every selected layer compute, inside the block, its cross-entropy against
+the teacher's attention, so that no layer's maps outlive the layer (see `AttnTarget`).
 
 Parameter names follow big_vision's ViT (`embedding`, `pos_embedding`, `cls`,
 `Transformer/encoderblock_{i}/MultiHeadDotProductAttention_0/{query,key,value,out}`, `MlpBlock_0`, `head`),
@@ -22,6 +24,7 @@ stream, attention logits, softmax and LayerNorm are float32.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any, Mapping
 
@@ -29,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from at_jax import attn_loss, sharding
 from at_jax.errors import ConfigError
 
 Array = jax.Array
@@ -96,13 +100,47 @@ class BlockArch:
   dtype_mm: Any = jnp.float32
 
 
+@dataclasses.dataclass(frozen=True)
+class AttnTarget:
+  """The teacher's attention for the distillation loss, computed layer by layer inside the encoder.
+
+  `values` are stacked over the selected `layers` only: either "logits" [S, B, H, N, N] (stored maps) or
+  "q" and "k" [S, B, N, H, Dh_teacher], from which each block forms its layer's teacher logits
+  (scale Dh_teacher**-0.5) when it needs them. `impl` picks how the per-query cross-entropy is computed
+  (`attn_loss.IMPLS`): "direct" materialises one layer's maps; "blockwise"/"pallas" stream over blocks of
+  queries and keys from q and k and never hold an N x N map (they need "q"/"k" values).
+  """
+  layers: tuple[int, ...]
+  values: Mapping[str, Array]
+  impl: str = "direct"
+
+
+def _attention_ce(target: Mapping[str, Array], impl: str, q_BNHD: Array, k_BNHD: Array,
+                  logits_BHNN: Array) -> Array:
+  """Per-head cross-entropy [H] of this layer's attention against the teacher's, mean over batch and queries."""
+  if "logits" in target:
+    ce_BHN = attn_loss.ce_from_logits(target["logits"], logits_BHNN)
+  elif impl == "direct":
+    q_t, k_t = target["q"].astype(jnp.float32), target["k"].astype(jnp.float32)
+    t_logits = jnp.einsum("bqhd,bkhd->bhqk", q_t, k_t) * q_t.shape[-1] ** -0.5
+    ce_BHN = attn_loss.ce_from_logits(t_logits, logits_BHNN)
+  else:
+    loss = functools.partial(attn_loss.attention_ce, impl, scale_t=target["q"].shape[-1] ** -0.5,
+                             scale_s=q_BNHD.shape[-1] ** -0.5)
+    if impl == "pallas":  # a kernel is opaque to XLA's partitioner: hand each device its own examples
+      loss = sharding.per_batch_shard(loss)
+    ce_BHN = loss(target["q"], target["k"], q_BNHD, k_BNHD)
+  return ce_BHN.mean(axis=(0, 2))
+
+
 class Attention(nn.Module):
-  """Multi-head self-attention that exposes its logits and obeys an override."""
+  """Multi-head self-attention that exposes its logits, obeys an override and scores itself against a target."""
   arch: BlockArch
+  loss_impl: str = "direct"
 
   @nn.compact
-  def __call__(self, x_BND: Array, override: Override | None, want_qkv: bool
-               ) -> tuple[Array, dict[str, Array]]:
+  def __call__(self, x_BND: Array, override: Override | None, want_qkv: bool,
+               target: Mapping[str, Array] | None = None) -> tuple[Array, dict[str, Array]]:
     a = self.arch
     width = x_BND.shape[-1]
     head_dim = width // a.num_heads
@@ -122,6 +160,9 @@ class Attention(nn.Module):
 
     logits_BHNN = jnp.einsum("bqhd,bkhd->bhqk", q_BNHD.astype(a.dtype_mm), k_BNHD.astype(a.dtype_mm),
                              preferred_element_type=jnp.float32) * head_dim**-0.5
+    # The biggest activation: keep it split along the batch like the data (GSPMD could otherwise follow
+    # the fsdp-sharded projection kernels and gather the batch).
+    logits_BHNN = sharding.constrain_batch(logits_BHNN)
     if override is not None and "logits" in override:
       mask_BHNN = override["mask"][None, :, None, None]
       probs_BHNN = jax.nn.softmax(
@@ -137,6 +178,8 @@ class Attention(nn.Module):
     y_BND = nn.DenseGeneral(width, axis=(-2, -1), dtype=a.dtype_mm, kernel_init=_trunc_normal,
                             name="out")(y_BNHD)
     out = {"attn_logits": logits_BHNN}
+    if target is not None:
+      out["attn_ce"] = _attention_ce(target, self.loss_impl, q_BNHD, k_BNHD, logits_BHNN)
     if want_qkv:
       out.update(q=q_BNHD.astype(jnp.float32), k=k_BNHD.astype(jnp.float32), v=v_BNHD.astype(jnp.float32))
     return y_BND, out
@@ -154,15 +197,16 @@ class MlpBlock(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm encoder block. Scan-compatible: `(x, (override, drop)) -> (x, out)`."""
+  """Pre-norm encoder block. Scan-compatible: `(x, (override, drop, target)) -> (x, out)`."""
   arch: BlockArch
   want_qkv: bool = False
+  loss_impl: str = "direct"
 
   @nn.compact
-  def __call__(self, x_BND: Array, inputs: tuple[Override | None, Array | None]
+  def __call__(self, x_BND: Array, inputs: tuple[Override | None, Array | None, Mapping[str, Array] | None]
                ) -> tuple[Array, dict[str, Array]]:
     a = self.arch
-    override, drop_2B = inputs
+    override, drop_2B, target = inputs
     width = x_BND.shape[-1]
 
     def residual(y, i):
@@ -172,7 +216,7 @@ class Block(nn.Module):
       return y if drop_2B is None else y * drop_2B[i][:, None, None]
 
     y = nn.LayerNorm(epsilon=a.norm_eps, name="LayerNorm_0")(x_BND)
-    y, out = Attention(a, name="MultiHeadDotProductAttention_0")(y, override, self.want_qkv)
+    y, out = Attention(a, self.loss_impl, name="MultiHeadDotProductAttention_0")(y, override, self.want_qkv, target)
     x_BND = x_BND + residual(y, 0)
     y = nn.LayerNorm(epsilon=a.norm_eps, name="LayerNorm_1")(x_BND)
     return x_BND + residual(MlpBlock(a, name="MlpBlock_0")(y), 1), out
@@ -187,21 +231,33 @@ class Encoder(nn.Module):
   want_qkv: bool = False
 
   @nn.compact
-  def __call__(self, x_BND: Array, override: Override | None, drop_L2B: Array | None
-               ) -> tuple[Array, dict[str, Array]]:
+  def __call__(self, x_BND: Array, override: Override | None, drop_L2B: Array | None,
+               target: AttnTarget | None = None) -> tuple[Array, dict[str, Array]]:
     block = Block
     if self.remat_policy != "none":
       block = nn.remat(Block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan)
+    impl = "direct" if target is None else target.impl
     if self.scan:
+      # Scanned blocks need every layer's inputs alike: unselected layers get zero targets (a uniform
+      # teacher map) whose loss the reduction in `transfer` ignores.
+      full = None if target is None else {
+          k: jnp.zeros((self.depth,) + v.shape[1:], v.dtype).at[jnp.asarray(target.layers)].set(v)
+          for k, v in target.values.items()}
       scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                         in_axes=0, length=self.depth)
-      return scanned(self.arch, self.want_qkv, name="encoderblock")(x_BND, (override, drop_L2B))
+      return scanned(self.arch, self.want_qkv, impl, name="encoderblock")(x_BND, (override, drop_L2B, full))
     outs = []
     for i in range(self.depth):
       layer = lambda t: None if t is None else jax.tree.map(lambda a: a[i], t)  # noqa: E731
-      x_BND, out = block(self.arch, self.want_qkv, name=f"encoderblock_{i}")(
-          x_BND, (layer(override), layer(drop_L2B)))
+      target_i = None
+      if target is not None and i in target.layers:
+        target_i = {k: v[target.layers.index(i)] for k, v in target.values.items()}
+      x_BND, out = block(self.arch, self.want_qkv, impl, name=f"encoderblock_{i}")(
+          x_BND, (layer(override), layer(drop_L2B), target_i))
       outs.append(out)
+    if target is not None:  # layers without a target report zero loss, so that the outputs stack
+      heads = self.arch.num_heads
+      outs = [o if "attn_ce" in o else {**o, "attn_ce": jnp.zeros((heads,), jnp.float32)} for o in outs]
     return x_BND, jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
 
@@ -247,8 +303,8 @@ class ViT(nn.Module):
 
   @nn.compact
   def __call__(self, images_BHWC: Array, *, train: bool, override: Override | None = None,
-               drop_masks: Array | None = None, want_qkv: bool = False, patch_keep: Array | None = None
-               ) -> tuple[Array, dict[str, Array]]:
+               drop_masks: Array | None = None, want_qkv: bool = False, patch_keep: Array | None = None,
+               attn_target: AttnTarget | None = None) -> tuple[Array, dict[str, Array]]:
     """Runs the ViT.
 
     Args:
@@ -260,6 +316,9 @@ class ViT(nn.Module):
         whatever `train` is (the teacher runs with the student's masks).
       want_qkv: also return q, k, v per layer.
       patch_keep: [B, K] int indices of the patches to keep (MAE's visible patches); None keeps all.
+      attn_target: the teacher's attention in some layers (`AttnTarget`); each of those layers then
+        reports its per-head cross-entropy against it, mean over batch and queries, in "attn_ce" [L, H]
+        (zero in the other layers).
 
     Returns:
       logits [B, num_classes] (pre-logits [B, D] when num_classes == 0), and a dict with
@@ -301,8 +360,10 @@ class ViT(nn.Module):
         raise ValueError(f"override needs 'mask' and keys from {OVERRIDE_KEYS}, got {sorted(override)}")
     arch = BlockArch(self.mlp_dim, self.num_heads, self.qkv_bias, self.qk_norm, self.layerscale_init,
                      self.mlp_act, self.norm_eps, dtype_mm)
+    if attn_target is not None and attn_target.impl not in attn_loss.IMPLS:
+      raise ConfigError("transfer.loss_impl", f"unknown {attn_target.impl!r}; use one of {attn_loss.IMPLS}")
     x_BND, out = Encoder(self.depth, arch, self.scan, self.remat_policy, want_qkv,
-                         name="Transformer")(x_BND, override, drop_masks)
+                         name="Transformer")(x_BND, override, drop_masks, attn_target)
     out["tokens"] = x_BND
 
     if self.pool == "gap":
