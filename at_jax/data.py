@@ -8,21 +8,30 @@ files, or any arrays via `ArraySource`) or a tfds ArrayRecord data source
 Training order and augmentation are pure functions of ``(seed, position in the
 stream of examples)``, so the iterator's step is its whole state: resuming at
 ``start_step=k`` reproduces a run that never stopped, whatever the number of
-processes or threads.
+processes or threads. An example that cannot be decoded or augmented (a
+corrupt record) is replaced by the next one of the permutation that can, and
+flagged ``skipped``; the replacement is a pure function of the same inputs.
+
+Teacher targets written by `at_jax.precompute` (a zarr array per key, one
+chunk per example) are read per example by `TeacherTargets` and join the
+training batches under a fixed view: the eval preprocessing the teacher saw.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 import functools
 import gzip
 import io
+import json
 import os
 import re
 import sys
+import threading
 from typing import Any, Protocol
 
 import grain
 import numpy as np
 from PIL import Image
+import tensorstore as ts
 
 from at_jax import augment
 from at_jax.errors import ConfigError
@@ -340,6 +349,135 @@ def num_examples(source: Source) -> int:
 
 
 # ----------------------------------------------------------------------------
+# Teacher targets stored by at_jax.precompute.
+
+# <workdir>/teacher_targets, unless config.transfer.targets_dir names a folder.
+TARGETS_DIR = "teacher_targets"
+TARGETS_METADATA = "metadata.json"
+# The one view of each image that targets are computed on and trained with.
+TARGETS_VIEW = ("shorter side resized to round(image_size / crop_pct), "
+                "bicubic; centre image_size crop")
+# Metadata fields a run must agree with, and the config field to fix if not.
+TARGET_FIELDS = {
+    "what": "transfer.what",
+    "image_size": "data.image_size",
+    "crop_pct": "data.crop_pct",
+    "normalization": "data.normalization",
+    "dataset": "data.name",
+    "split": "data.train_split",
+    "num_examples": "data.train_split",
+    "num_heads": "model.num_heads",
+    "tokens": "model.patch_size",
+    "head_dim": "model.width",
+}
+_PRECOMPUTE = ("run `python launch/precompute.py` with the same --config, "
+               "overrides and --workdir")
+
+
+def targets_dir(configured: str, workdir: str) -> str:
+  """`config.transfer.targets_dir`, or <workdir>/teacher_targets if empty."""
+  return configured or os.path.join(workdir, TARGETS_DIR)
+
+
+def targets_array_spec(directory: str, key: str) -> dict[str, Any]:
+  """The tensorstore spec of the zarr array holding `teacher_<key>`."""
+  return {"driver": "zarr",
+          "kvstore": {"driver": "file", "path": os.path.join(directory, key)}}
+
+
+def read_targets_metadata(directory: str) -> dict[str, Any] | None:
+  """The metadata of a targets folder, or None if it has none yet."""
+  path = os.path.join(directory, TARGETS_METADATA)
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConfigError("transfer.targets_dir", f"unreadable {path} ({e}); "
+                      f"delete {directory} and {_PRECOMPUTE}.") from e
+
+
+class TeacherTargets:
+  """Stored teacher targets as a random-access source, by example index.
+
+  ``targets[i]`` is ``{"teacher_<key>": bfloat16 [S, ...]}`` for example i
+  of the training source: ``teacher_attn_logits`` [S, H, N, N], or
+  ``teacher_q`` and ``teacher_k`` [S, N, H, Dh], or ``teacher_<q|k|v>``, for
+  the S requested layers (a subset of the stored ones, in their order). An
+  example that precompute skipped as unreadable has none: reading it raises.
+  Thread-safe: grain threads read concurrently.
+
+  Attributes:
+    directory: the targets folder.
+    metadata: its metadata.json (see `at_jax.precompute`).
+  """
+
+  def __init__(self, directory: str, layers: Sequence[int] | None = None):
+    """Opens the arrays.
+
+    Args:
+      directory: where `at_jax.precompute` wrote.
+      layers: the layers to read (default: all stored ones).
+
+    Raises:
+      ConfigError: no targets there, an unfinished precompute, or layers
+        that were not stored.
+    """
+    self.directory = directory
+    metadata = read_targets_metadata(directory)
+    if metadata is None:
+      raise ConfigError("transfer.targets_dir", f"no teacher targets in "
+                        f"{directory} (no {TARGETS_METADATA}); {_PRECOMPUTE}"
+                        " first.")
+    if not metadata["complete"]:
+      done, n = metadata["done_examples"], metadata["num_examples"]
+      raise ConfigError("transfer.targets_dir", f"the precompute in "
+                        f"{directory} stopped after {done} of {n} examples; "
+                        f"{_PRECOMPUTE} again to finish it (it resumes).")
+    self.metadata = metadata
+    stored = list(metadata["layers"])
+    layers = stored if layers is None else [int(i) for i in layers]
+    missing = sorted(set(layers) - set(stored))
+    if missing:
+      raise ConfigError("transfer.layers", f"layers {missing} are not in the "
+                        f"teacher targets in {directory}, which hold layers "
+                        f"{stored}; select among those, or {_PRECOMPUTE}.")
+    # Reading all stored layers is one plain read; a subset is an index array.
+    self._rows = (slice(None) if layers == stored
+                  else [stored.index(i) for i in layers])
+    # An example precompute could not read has no chunk: reading it raises
+    # (and the iterator skips the example) instead of returning zeros.
+    self._arrays = {key: ts.open({**targets_array_spec(directory, key),
+                                  "fill_missing_data_reads": False},
+                                 open=True).result()
+                    for key in metadata["keys"]}
+
+  def __len__(self) -> int:
+    return self.metadata["num_examples"]
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    reads = {key: array[int(index)][self._rows].read()
+             for key, array in self._arrays.items()}
+    return {f"teacher_{key}": read.result() for key, read in reads.items()}
+
+  def check(self, **expected: Any) -> None:
+    """Raises ConfigError naming the field if a `TARGET_FIELDS` value differs.
+
+    Args:
+      **expected: metadata field -> this run's value, e.g. image_size=224.
+    """
+    for name, value in expected.items():
+      stored = self.metadata[name]
+      if stored != value:
+        raise ConfigError(TARGET_FIELDS[name], f"the teacher targets in "
+                          f"{self.directory} were computed with {name}="
+                          f"{stored!r}, this run has {value!r}; use their "
+                          f"setting, or {_PRECOMPUTE} into another "
+                          "transfer.targets_dir.")
+
+
+# ----------------------------------------------------------------------------
 # Augmentation and preprocessing of one example.
 
 
@@ -493,12 +631,47 @@ def _check_image_size(image_size: int) -> None:
     raise ConfigError("data.image_size", f"must be positive, got {image_size}.")
 
 
+def _resize_to(image_size: int, crop_pct: float) -> int:
+  """The shorter side before the eval view's centre `image_size` crop."""
+  if not 0 < crop_pct <= 1:
+    raise ConfigError("data.crop_pct", f"must be in (0, 1], got {crop_pct}.")
+  return round(image_size / crop_pct)
+
+
+# A record that cannot be decoded or augmented is skipped; this many in a row
+# mean that the data, not a record, is broken, and stop the run.
+MAX_CONSECUTIVE_FAILURES = 100
+# Per iterator, the first failures are printed with their example index and
+# error; later ones are only flagged and counted.
+MAX_SKIP_WARNINGS = 5
+
+
+class _SkipWarnings:
+  """Prints the first `MAX_SKIP_WARNINGS` unreadable examples, thread-safe."""
+
+  def __init__(self):
+    self._count = 0
+    self._lock = threading.Lock()
+
+  def __call__(self, index: int, error: Exception, action: str) -> None:
+    with self._lock:
+      self._count += 1
+      count = self._count
+    if count <= MAX_SKIP_WARNINGS:
+      last = ("; further ones are only counted"
+              if count == MAX_SKIP_WARNINGS else "")
+      print(f"WARNING: example {index} of the source is unreadable "
+            f"({type(error).__name__}: {error}); {action}{last}", flush=True)
+
+
 def train_iterator(
     source: Source, *, global_batch_size: int, image_size: int, seed: int,
     start_step: int = 0, normalization: str,
     rrc_scale: tuple[float, float] = (0.08, 1.0),
     rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True,
     randaugment: str = "", random_erase: float = 0.0,
+    fixed_view: bool = False, crop_pct: float = 0.875,
+    targets: TeacherTargets | None = None,
     process_index: int = 0, process_count: int = 1, num_threads: int = 2
 ) -> Iterator[dict[str, np.ndarray]]:
   """Infinite, exactly resumable iterator of augmented training batches.
@@ -509,6 +682,11 @@ def train_iterator(
   (b = B / process_count). An example's augmentation is derived from (seed,
   its stream position). So the output depends only on (seed, step): not on
   process_count, num_threads, or whether the run was resumed.
+
+  An example that fails to decode or augment (any exception: a corrupt
+  record) is replaced by the next example of the permutation that works,
+  augmented with the same draws, and flagged in ``skipped``; the first few
+  failures are printed with the example's index.
 
   Args:
     source: random-access source, see `make_source`.
@@ -525,12 +703,23 @@ def train_iterator(
       for none. Geometric ops fill with the normalisation mean's colour.
     random_erase: probability of timm's random erasing (pixel mode, one
       rectangle) after normalisation; 0 for none.
+    fixed_view: every example is the eval view (shorter side resized to
+      round(S / crop_pct), centre S x S crop, as `eval_iterator`) instead of
+      a random-resized crop and flip, which `rrc_*` and `hflip` then no
+      longer ask for: the pixels `at_jax.precompute` ran the teacher on.
+      RandAugment and random erasing must be off.
+    crop_pct: the fixed view's crop fraction.
+    targets: stored teacher targets; each example gets its ``teacher_<key>``
+      arrays, read by its index in `source`. Needs `fixed_view`, and the
+      view and example count they were computed with.
     process_index: p, this process.
     process_count: number of processes sharing each global batch.
     num_threads: grain threads decoding and augmenting examples.
 
   Yields:
-    ``{"image": float32 [b, S, S, 3], "label": int32 [b]}``.
+    ``{"image": float32 [b, S, S, 3], "label": int32 [b], "skipped": bool
+    [b]}`` (``skipped``: the example stands in for an unreadable one), and
+    with `targets` each ``teacher_<key>``: bfloat16 [b, layers, ...].
   """
   b = _local_batch_size(global_batch_size, process_index, process_count)
   mean, std = _normalization(normalization)
@@ -553,20 +742,65 @@ def train_iterator(
   n = len(source)
   if n == 0:
     raise ConfigError("data.split", "the training source is empty.")
+  resize_to = _resize_to(image_size, crop_pct)
+  if fixed_view and (randaugment or random_erase):
+    # The fixed view exists to match stored teacher targets pixel for pixel.
+    raise ConfigError("data.randaugment" if randaugment else
+                      "data.random_erase", "must be off with the fixed view "
+                      "(precomputed teacher targets describe unaugmented "
+                      "pixels).")
+  if targets is not None:
+    if not fixed_view:
+      raise ConfigError("fixed_view", "stored teacher targets describe the "
+                        "fixed view's pixels; pass fixed_view=True.")
+    targets.check(image_size=image_size, crop_pct=crop_pct,
+                  normalization=normalization, num_examples=n)
 
   # Threads ask for neighbouring epochs around epoch boundaries; 2 suffice.
   @functools.lru_cache(maxsize=2)
   def permutation(epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, 0, epoch]).permutation(n)
 
+  def prepare(index: int, g: int) -> dict[str, np.ndarray]:
+    example = source[index]
+    if fixed_view:
+      out = _eval_example(example, image_size=image_size,
+                          resize_to=resize_to, mean=mean, std=std)
+      del out["mask"]
+    else:
+      # A fresh generator per attempt: a replacement gets the draws the
+      # failed example would have had, whatever the failure consumed.
+      rng = np.random.default_rng([seed, 1, g])  # Stream 1: augmentation.
+      out = _train_example(
+          example, rng, image_size=image_size, scale=rrc_scale,
+          ratio=rrc_ratio, hflip=hflip, mean=mean, std=std,
+          randaugment=rand_augment, random_erase=random_erase)
+    if targets is not None:
+      out.update(targets[index])
+    return out
+
+  warn = _SkipWarnings()
+
   def example_at(j: int) -> dict[str, np.ndarray]:
     g = _stream_position(j, b, global_batch_size, process_index)
     epoch, i = divmod(g, n)
-    rng = np.random.default_rng([seed, 1, g])  # Stream 1: augmentation.
-    return _train_example(
-        source[int(permutation(epoch)[i])], rng, image_size=image_size,
-        scale=rrc_scale, ratio=rrc_ratio, hflip=hflip, mean=mean, std=std,
-        randaugment=rand_augment, random_erase=random_erase)
+    order = permutation(epoch)
+    attempts = min(n, MAX_CONSECUTIVE_FAILURES)
+    for attempt in range(attempts):
+      index = int(order[(i + attempt) % n])
+      try:
+        out = prepare(index, g)
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        # Decoders and augmentations raise many types for a bad record.
+        warn(index, e, "replaced by the next example of the shuffled order")
+        error = e
+        continue
+      out["skipped"] = np.bool_(attempt > 0)
+      return out
+    raise ConfigError("data.name", f"{attempts} examples in a row could not "
+                      f"be read or augmented (the last: {type(error).__name__}"
+                      f": {error}); the data or its pipeline is broken, not a "
+                      "record.") from error
 
   ds = grain.MapDataset.range(start_step * b, sys.maxsize).map(example_at)
   ds = ds.to_iter_dataset(grain.ReadOptions(
@@ -577,13 +811,15 @@ def train_iterator(
 def eval_iterator(
     source: Source, *, global_batch_size: int, image_size: int,
     crop_pct: float = 0.875, normalization: str, process_index: int = 0,
-    process_count: int = 1, num_threads: int = 2
+    process_count: int = 1, num_threads: int = 2, start_batch: int = 0
 ) -> Iterator[dict[str, np.ndarray]]:
   """One ordered pass over `source`, padded to whole global batches.
 
   Global batch s holds examples [s*B, (s+1)*B) (past the end: padding with
   mask False); this process gets the slice [p*b, (p+1)*b). Summing over
-  ``mask`` across processes counts every example exactly once.
+  ``mask`` across processes counts every readable example exactly once; an
+  example that fails to decode (a corrupt record) has mask False and
+  ``skipped`` True, and the first few are printed with their index.
 
   Args:
     source: random-access source, see `make_source`.
@@ -595,30 +831,37 @@ def eval_iterator(
     process_index: p, this process.
     process_count: number of processes sharing each global batch.
     num_threads: grain threads decoding and preprocessing examples.
+    start_batch: the first global batch to yield (resuming a pass).
 
   Yields:
-    ``{"image": float32 [b, S, S, 3], "label": int32 [b], "mask": bool [b]}``
-    for ceil(len(source) / B) batches.
+    ``{"image": float32 [b, S, S, 3], "label": int32 [b], "mask": bool [b],
+    "skipped": bool [b]}`` for global batches start_batch ..
+    ceil(len(source) / B) - 1.
   """
   b = _local_batch_size(global_batch_size, process_index, process_count)
   mean, std = _normalization(normalization)
   _check_image_size(image_size)
-  if not 0 < crop_pct <= 1:
-    raise ConfigError("data.crop_pct", f"must be in (0, 1], got {crop_pct}.")
-  resize_to = round(image_size / crop_pct)
+  resize_to = _resize_to(image_size, crop_pct)
   n = len(source)
   num_batches = -(-n // global_batch_size)
   padding = {"image": np.zeros((image_size, image_size, 3), np.float32),
-             "label": np.int32(0), "mask": np.False_}
+             "label": np.int32(0), "mask": np.False_, "skipped": np.False_}
+  warn = _SkipWarnings()
 
   def example_at(j: int) -> dict[str, np.ndarray]:
     g = _stream_position(j, b, global_batch_size, process_index)
     if g >= n:
       return padding
-    return _eval_example(source[g], image_size=image_size,
-                         resize_to=resize_to, mean=mean, std=std)
+    try:
+      out = _eval_example(source[g], image_size=image_size,
+                          resize_to=resize_to, mean=mean, std=std)
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      # Decoders raise many types for a bad record.
+      warn(g, e, "left out (mask False)")
+      return {**padding, "skipped": np.True_}
+    return {**out, "skipped": np.False_}
 
-  ds = grain.MapDataset.range(num_batches * b).map(example_at)
+  ds = grain.MapDataset.range(start_batch * b, num_batches * b).map(example_at)
   ds = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=num_threads, prefetch_buffer_size=2 * b))
   return iter(ds.batch(b))

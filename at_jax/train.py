@@ -178,9 +178,12 @@ def _teacher_on_mesh(config, workdir: str, mesh) -> tuple[vit.ViT | None, Any]:
   return teacher, params
 
 
-def validate(config: ml_collections.ConfigDict, workdir: str
+def validate(config: ml_collections.ConfigDict, workdir: str, *, check_targets: bool = True
              ) -> tuple[vit.ViT, Any, data.Source, data.Source]:
   """Checks everything that needs no teacher (model, image size, mesh, batches, data, transfer vs student).
+
+  With `transfer.source = "precomputed"` (and `check_targets`) also the stored teacher targets against the
+  config (at_jax.precompute; launch/precompute.py skips this check, it is about to write them).
 
   Returns (model, mesh, train_source, eval_source). Cheap: runs before a teacher is trained or loaded.
   """
@@ -192,24 +195,43 @@ def validate(config: ml_collections.ConfigDict, workdir: str
   if image_size % model.patch_size:
     raise ConfigError("data.image_size", f"{image_size} is not divisible by the patch size "
                       f"{model.patch_size} (model.variant / model.patch_size)")
-  transfer.resolve(config.transfer.to_dict(), model, None, image_size)
-  if config.transfer.mode != "none" and config.transfer.source == "precomputed":
-    # The step supports it (batch["teacher_<key>"]); the input pipeline cannot produce them yet.
-    raise ConfigError("transfer.source", "'precomputed' needs batches carrying teacher_<attn_logits|q|k|v>; "
-                      "at_jax.data does not read stored teacher targets yet, so use 'jointly' here, or call "
-                      "train_step.make_train_step with such batches yourself")
+  t = transfer.resolve(config.transfer.to_dict(), model, None, image_size)
+  precomputed = t.active and t.source == "precomputed"
+  d = config.data
+  if precomputed:
+    # Stored targets describe one fixed view of each unmixed image. Random crop and flip are the base
+    # geometry of every config, so the fixed view replaces them (_train_iter says so); the opt-in
+    # augmentations below are recipe choices, which must not be dropped behind the user's back.
+    for field, on in (("mixup", d.mixup > 0), ("cutmix", d.cutmix > 0), ("randaugment", bool(d.randaugment)),
+                      ("random_erase", d.random_erase > 0)):
+      if on:
+        raise ConfigError(f"data.{field}", "transfer.source='precomputed' trains on the fixed view the "
+                          "teacher targets were computed on, so mixup, cutmix, randaugment and random_erase "
+                          "must be off (--config.data.mixup=0 --config.data.cutmix=0 "
+                          "--config.data.randaugment='' --config.data.random_erase=0)")
+    if t.average != "none":
+      raise ConfigError("transfer.average", "averages the targets over each batch's images, which needs the "
+                        "teacher in the step; use transfer.source='jointly'")
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  sharding.check_batch(config.data.batch_size, mesh, "data.batch_size")
-  sharding.check_batch(config.data.eval_batch_size, mesh, "data.eval_batch_size")
-  data_dir = config.data.dir or None
-  train_source = data.make_source(config.data.name, config.data.train_split, data_dir)
-  eval_source = data.make_source(config.data.name, config.data.eval_split, data_dir)
+  sharding.check_batch(d.batch_size, mesh, "data.batch_size")
+  sharding.check_batch(d.eval_batch_size, mesh, "data.eval_batch_size")
+  data_dir = d.dir or None
+  train_source = data.make_source(d.name, d.train_split, data_dir)
+  eval_source = data.make_source(d.name, d.eval_split, data_dir)
+  if precomputed and check_targets:
+    targets = data.TeacherTargets(data.targets_dir(config.transfer.targets_dir, workdir), t.layers)
+    expected = dict(what=t.what, image_size=image_size, crop_pct=d.crop_pct, normalization=d.normalization,
+                    dataset=d.name, split=d.train_split, num_examples=len(train_source),
+                    num_heads=model.num_heads, tokens=model.tokens_for(image_size))
+    if t.what != "attn":  # q/k/v replace the student's own: same head size
+      expected["head_dim"] = model.width // model.num_heads
+    targets.check(**expected)
   return model, mesh, train_source, eval_source
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
+def setup(config: ml_collections.ConfigDict, workdir: str, *, check_targets: bool = True) -> Run:
   """Builds and validates everything; raises ConfigError naming the field/file to fix."""
-  model, mesh, train_source, eval_source = validate(config, workdir)
+  model, mesh, train_source, eval_source = validate(config, workdir, check_targets=check_targets)
   image_size = config.data.image_size
   teacher, teacher_params = _teacher_on_mesh(config, workdir, mesh)
   t = transfer.resolve(config.transfer.to_dict(), model, teacher, image_size)
@@ -274,7 +296,7 @@ def memory_report(run: Run) -> str:
       tokens=m.tokens_for(run.config.data.image_size),
       width=m.width, mlp_dim=m.mlp_dim, heads=m.num_heads, depth=m.depth,
       mm_bytes=jax.numpy.dtype(m.dtype_mm).itemsize, remat_policy=m.remat_policy,
-      maps_kept=2 * len(t.layers) if t.mode == "distill" else len(t.layers))
+      maps_kept=t.maps_kept)
   return sharding.check_fits(estimate)
 
 
@@ -289,21 +311,38 @@ def evaluate_run(run: Run, eval_fn, state: train_step.TrainState) -> dict[str, f
                           process_index=jax.process_index(), process_count=jax.process_count(),
                           num_threads=d.num_threads)
   totals: dict[str, float] = {}
+  skipped = 0
   for batch in it:
+    skipped += int(batch.pop("skipped").sum())  # unreadable records, already masked out of the sums
     sums = eval_fn(state.params, state.ema_params, sharding.global_batch(batch, run.mesh),
                    run.teacher_params)
     for k, v in jax.device_get(sums).items():
       totals[k] = totals.get(k, 0.0) + float(v)
   count = totals.pop("count")
+  if skipped:
+    print(f"WARNING: {skipped} unreadable eval examples skipped (this process); the figures leave them out",
+          flush=True)
   return {k: v / count for k, v in sorted(totals.items())}
 
 
 def _train_iter(run: Run, start_step: int) -> Iterator[dict[str, np.ndarray]]:
+  """Training batches; with precomputed targets, in the fixed view they were computed on, carrying them."""
   d = run.config.data
+  targets = None
+  if run.t.active and run.t.source == "precomputed":
+    directory = data.targets_dir(run.config.transfer.targets_dir, run.workdir)
+    targets = data.TeacherTargets(directory, run.t.layers)
+    if jax.process_index() == 0:
+      print(f"Teacher targets: {', '.join(targets.metadata['keys'])} from {directory} (teacher "
+            f"{targets.metadata['teacher']}); training on their fixed view ({data.TARGETS_VIEW}), which "
+            "replaces random-resized crop and flip"
+            + ("; the teacher ran without the student's drop-path masks" if run.model.drop_path > 0 else ""),
+            flush=True)
   return data.train_iterator(run.train_source, global_batch_size=d.batch_size, image_size=d.image_size,
                              seed=run.config.seed, start_step=start_step, normalization=d.normalization,
                              rrc_scale=tuple(d.rrc_scale), hflip=d.hflip, randaugment=d.randaugment,
-                             random_erase=d.random_erase,
+                             random_erase=d.random_erase, fixed_view=targets is not None,
+                             crop_pct=d.crop_pct, targets=targets,
                              process_index=jax.process_index(), process_count=jax.process_count(),
                              num_threads=d.num_threads)
 
@@ -344,14 +383,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   _describe(run, start)
   batches = _train_iter(run, start)
   pending = None  # (step, metrics) of the step before, fetched after the next one is dispatched
+  skipped = 0  # examples of this process's batches that stood in for unreadable ones, since (re)start
   sigterm = _SigtermFlag()
   try:
     for step in range(start + 1, run.total_steps + 1):
-      state, step_metrics = train_fn(state, sharding.global_batch(next(batches), run.mesh),
-                                     run.teacher_params)
+      batch = next(batches)
+      skipped += int(batch.pop("skipped").sum())  # a host-side count, not an input of the step
+      state, step_metrics = train_fn(state, sharding.global_batch(batch, run.mesh), run.teacher_params)
       if pending is not None:
         _log(pending, writer, progress, ckpt)
-      pending = (step, step_metrics) if (step % s.log_every_steps == 0 or step == run.total_steps) else None
+      pending = None
+      if step % s.log_every_steps == 0 or step == run.total_steps:
+        # Summed over processes: every process logs at the same steps, so the gather lines up.
+        total = skipped if jax.process_count() == 1 else int(np.sum(multihost_utils.process_allgather(
+            np.int64(skipped))))
+        pending = (step, {**step_metrics, "skipped_examples": total})
       preempted = sigterm.raised or ckpt.reached_preemption(step)
       ckpt.save(step, state, extra={"step": step}, force=preempted)
       if preempted:
@@ -382,7 +428,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int | None = None
                         ) -> dict[str, float]:
   """Evaluates <workdir>/checkpoints at `step` (default: the latest) exactly as training evaluated it."""
-  run = setup(config, workdir)
+  run = setup(config, workdir, check_targets=False)  # evaluation reads no stored teacher targets
   state, _, ckpt, _, eval_fn = _fresh_state_and_steps(run)
   state, _ = ckpt.restore(state, step)
   ckpt.close()
@@ -411,6 +457,25 @@ def _describe(run: Run, start: int) -> None:
         + (f" | resuming at {start}" if start else ""), flush=True)
 
 
+def ensure_teacher(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float] | None:
+  """Trains `teacher.pretrain` into <workdir>/teacher when the config says how and it isn't there yet.
+
+  Returns the teacher's evals, or None when the config names its teacher (`teacher.init`) or needs none.
+  """
+  if config.transfer.mode == "none" or config.teacher.init or config.teacher.pretrain is None:
+    return None
+  teacher_dir = os.path.join(workdir, TEACHER_DIR)
+  results_file = os.path.join(teacher_dir, "results.json")
+  if not os.path.exists(os.path.join(teacher_dir, EXPORT_DIR, "model_config.json")):
+    print(f"== No teacher in {teacher_dir}: training one ==", flush=True)
+    evals = train_and_evaluate(config.teacher.pretrain, teacher_dir)
+    if jax.process_index() == 0:
+      with open(results_file, "w") as f:
+        json.dump(evals, f)
+  with open(results_file) as f:
+    return json.load(f)
+
+
 def run_with_teacher(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
   """Trains the teacher first when the config says how and it isn't there yet, then the student.
 
@@ -418,16 +483,9 @@ def run_with_teacher(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   """
   results: dict[str, dict[str, float]] = {}
   validate(config, workdir)  # a typo in the student's config must not cost a teacher's training first
-  if config.transfer.mode != "none" and not config.teacher.init and config.teacher.pretrain is not None:
-    teacher_dir = os.path.join(workdir, TEACHER_DIR)
-    results_file = os.path.join(teacher_dir, "results.json")
-    if not os.path.exists(os.path.join(teacher_dir, EXPORT_DIR, "model_config.json")):
-      print(f"== No teacher in {teacher_dir}: training one ==", flush=True)
-      evals = train_and_evaluate(config.teacher.pretrain, teacher_dir)
-      with open(results_file, "w") as f:
-        json.dump(evals, f)
-    with open(results_file) as f:
-      results["teacher"] = json.load(f)
+  teacher_evals = ensure_teacher(config, workdir)
+  if teacher_evals is not None:
+    results["teacher"] = teacher_evals
   name = "student" if config.transfer.mode != "none" else config.task
   print(f"== {name.capitalize()}: {config.transfer.mode if name == 'student' else 'training'} ==", flush=True)
   results[name] = train_and_evaluate(config, workdir)

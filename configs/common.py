@@ -1,7 +1,8 @@
 """Defaults shared by every config; each config file overrides what its recipe sets.
 
-Namespaces: model, teacher, transfer, data, optim, schedule, mesh, ckpt, evals. Every field is read by
-at_jax.train. Configs are locked, so a mistyped `--config.x.y=...` override fails at start-up.
+Namespaces: model, teacher, transfer, data, optim, schedule, mesh, ckpt, evals, precompute. Every field is
+read by at_jax.train (precompute.* by at_jax.precompute). Configs are locked, so a mistyped
+`--config.x.y=...` override fails at start-up.
 """
 import ml_collections
 
@@ -34,8 +35,15 @@ def base() -> ml_collections.ConfigDict:
   # "end_layer:e" (layers [0, depth + e), the paper's --end_layer) or "0,3,5"; source: jointly |
   # precomputed (distill only: targets arrive in the batch as teacher_<attn_logits|q|k|v>); average:
   # "images" replaces the teacher's targets by their mean over the batch's images (the paper's control).
+  # loss_impl (distilling maps): "direct" forms one layer's N x N maps at a time; "blockwise" (pure JAX)
+  # and "pallas" stream over query/key blocks from q and k, memory linear in tokens (large images).
+  # targets_dir: where launch/precompute.py writes the teacher's targets and a "precomputed" run reads
+  # them ("": <workdir>/teacher_targets).
   c.transfer = dict(mode="none", what="attn", layers="all", heads="all", weight=3.0, source="jointly",
-                    average="none")
+                    average="none", loss_impl="direct", targets_dir="")
+  # launch/precompute.py: store, for what="attn", the teacher's "logits" (H*N*N per layer and image) or
+  # "qk" (2*N*H*Dh: smaller once N > 2*Dh; the step forms q.k/sqrt(Dh) itself).
+  c.precompute = dict(store="logits")
 
   # name: "fashion_mnist" (Debian package / IDX files) or a tfds dataset prepared as ArrayRecord.
   c.data = dict(name="imagenet2012", dir="", train_split="train", eval_split="validation",

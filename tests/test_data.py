@@ -1,5 +1,6 @@
 """Tests for at_jax.data: sources, and exact, resumable, sharded iterators."""
 import gzip
+import io
 import os
 import shutil
 import socket
@@ -465,3 +466,126 @@ def test_unknown_normalization_names_the_field(make):
                          normalization="imagenet21k")
   assert e.value.field == "data.normalization"
   assert "imagenet" in str(e.value) and "unit" in str(e.value)
+
+
+# ----------------------------------------------------------------------------
+# Unreadable records: skipped, counted, deterministic.
+
+
+def _png(image: np.ndarray) -> bytes:
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, "PNG")
+  return buffer.getvalue()
+
+
+class _DamagedSource:
+  """Records of encoded image bytes, decoded on access as a tfds source does.
+
+  `bad` maps an index to its damage: "garbage" (not an image), "truncated"
+  (half a PNG: the header reads, the pixels don't), "channels" (decodes to 2
+  channels, which fails in preprocessing). The label is the index.
+  """
+
+  def __init__(self, n: int, bad: dict[int, str], size: int = 12):
+    rng = np.random.default_rng(0)
+    self.images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    self.bad = bad
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def __getitem__(self, index: int) -> dict:
+    damage = self.bad.get(index)
+    if damage == "channels":
+      return {"image": self.images[index][..., :2], "label": index}
+    encoded = _png(self.images[index])
+    if damage == "garbage":
+      encoded = b"\x00not an image"
+    elif damage == "truncated":
+      encoded = encoded[:len(encoded) // 2]
+    # pylint: disable-next=protected-access
+    return data._to_example({"image": encoded, "label": index})
+
+
+BAD = {3: "garbage", 7: "truncated", 12: "channels"}
+
+
+@with_and_without_recipe
+def test_train_skips_unreadable_records(aug, capsys):
+  source = _DamagedSource(20, BAD)
+  batches = _take(data.train_iterator(source, **TRAIN_KW, **aug), 5)
+  labels = np.concatenate([b["label"] for b in batches])  # 40: two epochs
+  skipped = np.concatenate([b["skipped"] for b in batches])
+  assert all(b["image"].shape == (8, 16, 16, 3) for b in batches)
+  assert not set(BAD) & set(labels)
+  # Each bad record is met once per epoch and replaced once.
+  assert skipped.dtype == np.bool_ and skipped.sum() == 2 * len(BAD)
+  assert sorted(set(labels[:20])) == sorted(set(range(20)) - set(BAD))
+  out = capsys.readouterr().out
+  assert "WARNING: example 3 of the source is unreadable" in out
+  assert 0 < out.count("WARNING: example") <= data.MAX_SKIP_WARNINGS
+  # Still a pure function of (seed, step): threads, resume and process
+  # slices give the same batches, flags included.
+  _assert_batches_equal(batches, _take(data.train_iterator(
+      source, **TRAIN_KW, **aug, num_threads=0), 5))
+  _assert_batches_equal(batches[2:], _take(data.train_iterator(
+      source, **TRAIN_KW, **aug, start_step=2), 3))
+  parts = [_take(data.train_iterator(source, **TRAIN_KW, **aug,
+                                     process_index=p, process_count=2), 5)
+           for p in range(2)]
+  for step, batch in enumerate(batches):
+    for key in batch:
+      np.testing.assert_array_equal(
+          np.concatenate([parts[0][step][key], parts[1][step][key]]),
+          batch[key])
+
+
+def test_train_stops_when_no_record_is_readable():
+  source = _DamagedSource(5, {i: "garbage" for i in range(5)})
+  with pytest.raises(ConfigError, match="5 examples in a row") as e:
+    next(data.train_iterator(source, **TRAIN_KW, num_threads=0))
+  assert e.value.field == "data.name"
+
+
+def test_eval_leaves_out_unreadable_records(capsys):
+  source = _DamagedSource(20, BAD)
+  batches = list(data.eval_iterator(source, global_batch_size=8, image_size=8,
+                                    normalization="unit"))
+  mask = np.concatenate([b["mask"] for b in batches])
+  skipped = np.concatenate([b["skipped"] for b in batches])
+  labels = np.concatenate([b["label"] for b in batches])
+  assert list(labels[mask]) == [i for i in range(20) if i not in BAD]
+  assert list(np.nonzero(skipped)[0]) == sorted(BAD)
+  assert not mask[20:].any() and not skipped[20:].any()  # padding
+  assert "example 7 of the source is unreadable" in capsys.readouterr().out
+
+
+def test_train_and_evaluate_counts_skipped_examples(tmp_path, monkeypatch,
+                                                    capsys):
+  from at_jax import metrics, train  # pylint: disable=g-import-not-at-top
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  bad_train = {1: "garbage", 2: "truncated", 40: "garbage"}
+  bad_eval = {5: "garbage"}
+
+  def make_source(name, split, data_dir=None):
+    del name, data_dir
+    if split.startswith("train"):
+      return _DamagedSource(64, bad_train, size=28)
+    return _DamagedSource(40, bad_eval, size=28)
+  monkeypatch.setattr(data, "make_source", make_source)
+  c = demo.get_config()
+  c.unlock()
+  c.model.variant = "Pico/7"
+  c.data.update(dict(batch_size=16, eval_batch_size=40, num_threads=0))
+  c.schedule.update(dict(steps=4, log_every_steps=2))
+  c.transfer.mode = "none"
+  c.teacher.pretrain = None
+  evals = train.train_and_evaluate(c, str(tmp_path))  # runs through
+  assert 0 <= evals["top1"] <= 100
+  lines = [x for x in metrics.read_jsonl(str(tmp_path / "metrics.jsonl"))
+           if "train/loss" in x]
+  # 4 steps of 16: one epoch, which meets each bad record once.
+  assert lines[-1]["step"] == 4
+  assert lines[-1]["train/skipped_examples"] == len(bad_train)
+  assert lines[0]["train/skipped_examples"] <= len(bad_train)
+  assert "of the source is unreadable" in capsys.readouterr().out

@@ -136,6 +136,7 @@ def _setup_error(c):
     (lambda c: c.transfer.update(dict(mode="attend")), "transfer.mode"),
     (lambda c: c.transfer.update(dict(layers="0,9")), "transfer.layers"),
     (lambda c: c.transfer.update(dict(heads="last:3")), "transfer.heads"),
+    (lambda c: c.transfer.update(dict(loss_impl="flash")), "transfer.loss_impl"),
     (lambda c: c.data.update(dict(image_size=30)), "data.image_size"),
     (lambda c: c.data.update(dict(batch_size=12)), "data.batch_size"),
     (lambda c: c.mesh.update(dict(data=3, fsdp=2)), "mesh"),

@@ -1,0 +1,254 @@
+"""Teacher targets computed once and stored, for `transfer.source = "precomputed"` (issue #7).
+
+The teacher runs once over the training split and its transferred quantity in the selected layers is
+written to disk; distillation then trains without the teacher in the step, reading each example's targets
+with its pixels (`data.TeacherTargets`). The teacher sees one fixed view per image, the eval preprocessing
+(shorter side resized to round(image_size / crop_pct), centre image_size crop: `data._eval_example`), so the
+training run must read that same view (`data.train_iterator(fixed_view=True)`): no random crop or flip,
+RandAugment, erasing, mixup or cutmix, and the teacher runs without the student's drop-path masks.
+
+Layout of `transfer.targets_dir` (default <workdir>/teacher_targets):
+
+  metadata.json   what was computed from what (`describe`), and the progress (done_examples, complete)
+  <key>/          one zarr array per stored key (tensorstore), bfloat16, [num_examples, ...], one chunk per
+                  example, S = the selected layers in order:
+                    attn_logits  [S, H, N, N]   what="attn", precompute.store="logits"
+                    q, k         [S, N, H, Dh]  what="attn", precompute.store="qk": logits = q.k / sqrt(Dh)
+                    q | k | v    [S, N, H, Dh]  what="q" | "k" | "v"
+
+Every JAX process computes its slice of each global batch and writes those examples: chunks are per
+example, so no two processes write the same file. Progress is committed to metadata.json every
+`COMMIT_EVERY` global batches, and a rerun resumes from there.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tensorstore as ts
+
+from at_jax import data, metrics, sharding, train, transfer
+from at_jax.errors import ConfigError
+from at_jax.models import vit
+
+STORES = ("logits", "qk")
+# Global batches between commits of the progress; each commit is a barrier across processes.
+COMMIT_EVERY = 20
+# Metadata fields that record progress; all others identify the targets.
+_PROGRESS = ("done_examples", "complete", "skipped", "batch_size")
+
+
+def stored_keys(what: str, store: str) -> tuple[str, ...]:
+  """The teacher outputs stored for `transfer.what` and `precompute.store` (which only matters for 'attn')."""
+  if store not in STORES:
+    raise ConfigError("precompute.store", f"unknown {store!r}; use 'logits' (H*N*N values per layer and "
+                      "image) or 'qk' (2*N*H*Dh, fewer when N > 2*Dh)")
+  if what != "attn":
+    return (what,)
+  return ("attn_logits",) if store == "logits" else ("q", "k")
+
+
+def _targets_fn(teacher: vit.ViT, layers: Sequence[int], keys: Sequence[str]):
+  """(params, {"image", "index"}) -> {key: bfloat16 [B, S, ...] (example-major, as stored), "index"}."""
+  rows = np.asarray(layers)
+
+  def fn(params: Any, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    _, out = teacher.apply({"params": params}, batch["image"], train=False,
+                           want_qkv=tuple(keys) != ("attn_logits",))
+    stored = {k: jnp.swapaxes(out[k][rows], 0, 1).astype(jnp.bfloat16) for k in keys}
+    # The index travels with the rows, so each device's rows are written where they belong.
+    return {**stored, "index": batch["index"]}
+  return fn
+
+
+def describe(teacher: vit.ViT, *, what: str, store: str, layers: Sequence[int], image_size: int,
+             crop_pct: float, normalization: str, dataset: str, split: str, num_examples: int,
+             teacher_path: str, teacher_config: Mapping[str, Any]) -> dict[str, Any]:
+  """The metadata identifying a set of targets; `data.TeacherTargets.check` compares a run against it.
+
+  Args:
+    teacher: the teacher ViT (its heads, tokens and the stored shapes come from it).
+    what, store: `transfer.what` and `precompute.store`, see `stored_keys`.
+    layers: the selected layers (`transfer.resolve`), stored in this order.
+    image_size, crop_pct, normalization: the fixed view (`data.eval_iterator`'s preprocessing).
+    dataset, split, num_examples: the training source (`data.name`, `data.train_split`, its length).
+    teacher_path, teacher_config: where the teacher came from, and its architecture.
+
+  Returns:
+    The metadata, with no progress yet (done_examples 0, complete False), as JSON would read it back.
+  """
+  keys = stored_keys(what, store)
+  images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  shapes = jax.eval_shape(lambda: _targets_fn(teacher, layers, keys)(
+      teacher.init(jax.random.key(0), images, train=False)["params"],
+      {"image": images, "index": jnp.zeros((1,), jnp.int32)}))
+  metadata = dict(
+      format=1, what=what, store=store if what == "attn" else what, keys=list(keys),
+      shapes={k: list(shapes[k].shape[1:]) for k in keys}, dtype="bfloat16", layers=list(layers),
+      num_heads=teacher.num_heads, tokens=teacher.tokens_for(image_size),
+      head_dim=teacher.width // teacher.num_heads, image_size=image_size, crop_pct=crop_pct,
+      normalization=normalization, view=data.TARGETS_VIEW, dataset=dataset, split=split, num_examples=num_examples,
+      teacher=teacher_path, teacher_config=dict(teacher_config), done_examples=0, complete=False, skipped=0)
+  return json.loads(json.dumps(metadata))  # as it reads back: lists, not tuples
+
+
+def _write_metadata(directory: str, metadata: Mapping[str, Any]) -> None:
+  """Atomically (a reader never sees half a file, a kill never leaves one)."""
+  path = os.path.join(directory, data.TARGETS_METADATA)
+  with open(path + ".tmp", "w") as f:
+    json.dump(metadata, f, indent=1)
+  os.replace(path + ".tmp", path)
+
+
+def _open_arrays(directory: str, metadata: Mapping[str, Any], create: bool) -> dict[str, ts.TensorStore]:
+  arrays = {}
+  for key in metadata["keys"]:
+    spec = data.targets_array_spec(directory, key)
+    if create:
+      shape = metadata["shapes"][key]
+      arrays[key] = ts.open(spec, create=True, delete_existing=True, dtype=ts.bfloat16,
+                            shape=[metadata["num_examples"], *shape],
+                            chunk_layout=ts.ChunkLayout(chunk_shape=[1, *shape])).result()
+    else:
+      arrays[key] = ts.open(spec, open=True).result()
+  return arrays
+
+
+def _say(line: str) -> None:
+  if jax.process_index() == 0:
+    print(line, flush=True)
+
+
+def _global_sum(value: int) -> int:
+  if jax.process_count() == 1:
+    return value
+  return int(np.sum(multihost_utils.process_allgather(np.int64(value))))
+
+
+def write_targets(teacher: vit.ViT, teacher_params: Any, source: data.Source, directory: str,
+                  metadata: Mapping[str, Any], *, batch_size: int, mesh: jax.sharding.Mesh,
+                  num_threads: int = 2) -> dict[str, Any]:
+  """Runs the teacher over `source` in the fixed view and stores its targets; resumes an unfinished run.
+
+  Args:
+    teacher: the frozen teacher.
+    teacher_params: its params (placed on `mesh`, or numpy).
+    source: the training split; example i's targets go to row i.
+    directory: the targets folder (created).
+    metadata: from `describe`: what to compute, with which view.
+    batch_size: the global batch size of the teacher's forward passes (a multiple of the mesh size).
+    mesh: the device mesh; batches are split over all of it.
+    num_threads: grain threads decoding and preprocessing examples.
+
+  Returns:
+    The final metadata (complete, with the count of examples skipped as unreadable).
+
+  Raises:
+    ConfigError: `directory` holds targets of another setting.
+  """
+  metadata = dict(metadata)
+  old = data.read_targets_metadata(directory)
+  start_batch = 0
+  if old is not None:
+    differ = sorted(k for k in set(old) | set(metadata) if k not in _PROGRESS and old.get(k) != metadata.get(k))
+    if differ:
+      raise ConfigError("transfer.targets_dir", f"{directory} holds teacher targets of another setting "
+                        f"(differing: {', '.join(differ)}); delete it or set transfer.targets_dir elsewhere")
+    if old["complete"]:
+      _say(f"Teacher targets in {directory} are complete; nothing to do")
+      return old
+    if old["batch_size"] != batch_size:  # progress is counted in whole batches
+      raise ConfigError("data.eval_batch_size", f"the unfinished precompute in {directory} ran batches of "
+                        f"{old['batch_size']}; resume it with that batch size, or delete {directory}")
+    start_batch = old["done_examples"] // batch_size
+    metadata["skipped"] = old["skipped"]
+    _say(f"Resuming the precompute in {directory} at example {old['done_examples']}")
+  metadata["batch_size"] = batch_size
+  # Every process reads the old metadata before process 0 rewrites it, and opens arrays after they exist.
+  multihost_utils.sync_global_devices("precompute: metadata read")
+  if jax.process_index() == 0:
+    os.makedirs(directory, exist_ok=True)
+    arrays = _open_arrays(directory, metadata, create=old is None)
+    if old is None:
+      _write_metadata(directory, metadata)
+  multihost_utils.sync_global_devices("precompute: arrays created")
+  if jax.process_index() != 0:
+    arrays = _open_arrays(directory, metadata, create=False)
+
+  keys, n = metadata["keys"], metadata["num_examples"]
+  fn = jax.jit(_targets_fn(teacher, metadata["layers"], keys),
+               in_shardings=(sharding.tree_shardings(mesh, teacher_params), sharding.batch_sharding(mesh)),
+               out_shardings=sharding.batch_sharding(mesh))
+  p, b = jax.process_index(), batch_size // jax.process_count()
+  num_batches = -(-n // batch_size)
+  batches = data.eval_iterator(source, global_batch_size=batch_size, image_size=metadata["image_size"],
+                               crop_pct=metadata["crop_pct"], normalization=metadata["normalization"],
+                               process_index=p, process_count=jax.process_count(), num_threads=num_threads,
+                               start_batch=start_batch)
+  progress = metrics.Progress("precompute", num_batches, start=start_batch, unit_per_step=batch_size)
+  log_every = max(1, num_batches // 20)
+  base_skipped, skipped = metadata["skipped"], 0
+  pending: list[ts.WriteFutures] = []
+  for s, batch in enumerate(batches, start_batch):
+    # eval_iterator's layout: global batch s is examples [s*B, (s+1)*B), this process has [p*b, (p+1)*b).
+    index = np.where(batch["mask"], s * batch_size + p * b + np.arange(b), -1).astype(np.int32)
+    skipped += int(batch["skipped"].sum())
+    out = fn(teacher_params, sharding.global_batch({"image": batch["image"], "index": index}, mesh))
+    for w in pending:  # the previous batch's writes overlapped this batch's forward pass
+      w.result()
+    pending = []
+    for key in keys:
+      for rows, ids in zip(out[key].addressable_shards, out["index"].addressable_shards):
+        assert rows.device == ids.device
+        for row, i in zip(np.asarray(rows.data), np.asarray(ids.data)):
+          if i >= 0:  # not padding, not an unreadable example
+            pending.append(arrays[key][int(i)].write(row))
+    done = s + 1
+    if done % COMMIT_EVERY == 0 or done == num_batches:
+      for w in pending:
+        w.result()
+      pending = []
+      metadata.update(done_examples=min(done * batch_size, n), complete=done == num_batches,
+                      skipped=base_skipped + _global_sum(skipped))  # collective: every process is here
+      multihost_utils.sync_global_devices(f"precompute: batch {done} written")
+      if jax.process_index() == 0:
+        _write_metadata(directory, metadata)
+    if done % log_every == 0 or done == num_batches:
+      progress.update(done, {"skipped": base_skipped + skipped})  # this process's count
+  return metadata
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Precomputes `config`'s teacher targets over its training split (launch/precompute.py).
+
+  Writes to `transfer.targets_dir` (default <workdir>/teacher_targets), where a training run of the same
+  config with `transfer.source = "precomputed"` reads them. Batches of `data.eval_batch_size`.
+
+  Returns:
+    The metadata written.
+  """
+  model, mesh, train_source, _ = train.validate(config, workdir, check_targets=False)
+  if config.transfer.mode != "distill":
+    raise ConfigError("transfer.mode", f"precomputed teacher targets serve distillation; "
+                      f"{config.transfer.mode!r} needs none (copy runs the teacher at evaluation too)")
+  train.ensure_teacher(config, workdir)  # as launch/main.py would, so that precomputing can come first
+  teacher_config, params = train.load_teacher(config, workdir)
+  teacher = vit.build(teacher_config)
+  d = config.data
+  t = transfer.resolve(config.transfer.to_dict(), model, teacher, d.image_size)
+  params = jax.device_put(params, sharding.tree_shardings(mesh, params))
+  metadata = describe(teacher, what=t.what, store=config.precompute.store, layers=t.layers,
+                      image_size=d.image_size, crop_pct=d.crop_pct, normalization=d.normalization,
+                      dataset=d.name, split=d.train_split, num_examples=len(train_source),
+                      teacher_path=train.teacher_path(config, workdir), teacher_config=teacher_config)
+  directory = data.targets_dir(config.transfer.targets_dir, workdir)
+  _say(f"Precomputing teacher targets ({', '.join(metadata['keys'])} of layers {transfer.selected(t.layers)}, "
+       f"{metadata['num_examples']} examples of {d.name} {d.train_split}) into {directory}")
+  return write_targets(teacher, params, train_source, directory, metadata, batch_size=d.eval_batch_size,
+                       mesh=mesh, num_threads=d.num_threads)

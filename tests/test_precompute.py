@@ -1,0 +1,386 @@
+"""Precomputed teacher targets: stored values, alignment with the examples, resume, the loss, start-up checks."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from at_jax import checkpoint, data, metrics, precompute, sharding, train, train_step, transfer
+from at_jax.errors import ConfigError
+from at_jax.models import vit
+from configs import demo
+
+N, SIZE, BATCH = 37, 28, 16  # 37 examples: the last batch is padded
+TEACHER = dict(num_classes=0, patch_size=7, width=32, depth=2, mlp_dim=64, num_heads=2)
+VIEW = dict(image_size=SIZE, crop_pct=1.0, normalization="fashion_mnist")
+# bfloat16 keeps 8 significant bits: rounding is within 2^-9 relative, plus float noise across batchings.
+BF16_RTOL = 2.0 ** -8
+
+
+class _Corrupt:
+  """`source` whose examples in `bad` hold undecodable image bytes, as a damaged tfds record does."""
+
+  def __init__(self, source, bad):
+    self.source, self.bad = source, set(bad)
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i):
+    if i in self.bad:
+      return data._to_example({"image": b"\x89PNG garbage", "label": i})  # pylint: disable=protected-access
+    return self.source[i]
+
+
+def _source(n=N, seed=0):
+  """Fashion-MNIST-like: gray 28 x 28 uint8 images; the label is the example's index."""
+  images = np.random.default_rng(seed).integers(0, 256, (n, SIZE, SIZE), dtype=np.uint8)
+  return data.ArraySource(images, np.arange(n))
+
+
+def _fixed_view_images(source):
+  """What the teacher saw: the eval preprocessing of every example, in order."""
+  batch = next(data.eval_iterator(source, global_batch_size=len(source), **VIEW, num_threads=0))
+  return batch["image"]
+
+
+def _sharpened(params, factor):
+  """Random-init attention is near uniform, which would hide mistakes: scale q and k up."""
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: factor * x if [getattr(k, "key", "") for k in p][-2:] in (["query", "kernel"],
+                                                                             ["key", "kernel"]) else x, params)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+  model = vit.build(TEACHER)
+  params = model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)), train=False)["params"]
+  return model, _sharpened(params, 4)
+
+
+# What each stored setting keeps: (transfer.what, precompute.store) -> keys.
+SETTINGS = {"logits": ("attn", "logits"), "qk": ("attn", "qk"), "v": ("v", "logits")}
+KEYS = {"logits": ["attn_logits"], "qk": ["q", "k"], "v": ["v"]}
+
+
+def _metadata(model, setting, layers=(0, 1), num_examples=N):
+  what, store = SETTINGS[setting]
+  return precompute.describe(model, what=what, store=store, layers=layers, **VIEW, dataset="fake",
+                             split="train", num_examples=num_examples, teacher_path="random",
+                             teacher_config=TEACHER)
+
+
+def _write(teacher, directory, setting, source=None, **kw):
+  model, params = teacher
+  source = _source() if source is None else source
+  return precompute.write_targets(model, params, source, str(directory),
+                                  _metadata(model, setting, num_examples=len(source), **kw), batch_size=BATCH,
+                                  mesh=sharding.make_mesh(-1, 1))
+
+
+@pytest.fixture(scope="module")
+def stores(teacher, tmp_path_factory):
+  """Targets of every setting, written once: {setting: folder}."""
+  root = tmp_path_factory.mktemp("targets")
+  for setting in SETTINGS:
+    _write(teacher, root / setting, setting)
+  return {setting: str(root / setting) for setting in SETTINGS}
+
+
+@pytest.mark.parametrize("store", SETTINGS)
+def test_stored_targets_are_the_teacher_on_the_fixed_view(teacher, stores, store):
+  model, params = teacher
+  source = _source()
+  _, out = model.apply({"params": params}, _fixed_view_images(source), train=False, want_qkv=True)
+  targets = data.TeacherTargets(stores[store])
+  meta = targets.metadata
+  keys = KEYS[store]
+  assert meta["keys"] == keys and meta["complete"] and meta["done_examples"] == N and meta["skipped"] == 0
+  assert meta["dtype"] == "bfloat16" and meta["view"] == data.TARGETS_VIEW
+  for key in keys:
+    zarray = json.load(open(os.path.join(stores[store], key, ".zarray")))
+    assert zarray["dtype"] == "bfloat16" and zarray["shape"][0] == N and zarray["chunks"][0] == 1
+  for i in range(N):
+    row = targets[i]
+    for key in keys:
+      got = row[f"teacher_{key}"]
+      assert got.dtype == ml_dtypes.bfloat16 and list(got.shape) == meta["shapes"][key]
+      np.testing.assert_allclose(got.astype(np.float32), np.asarray(out[key][:, i]), rtol=BF16_RTOL, atol=1e-6)
+    if store == "qk":  # what the step forms from them: q.k / sqrt(Dh), within the bf16 rounding of q and k
+      q, k = (row[f"teacher_{key}"].astype(np.float32) for key in keys)
+      scale = q.shape[-1] ** -0.5
+      logits = np.einsum("sqhd,skhd->shqk", q, k) * scale
+      bound = 2 * BF16_RTOL * np.einsum("sqhd,skhd->shqk", np.abs(q), np.abs(k)) * scale
+      assert np.all(np.abs(logits - np.asarray(out["attn_logits"][:, i])) <= bound + 1e-5)
+
+
+def test_train_iterator_carries_each_examples_targets(stores):
+  source = _source()
+  targets = data.TeacherTargets(stores["logits"])
+  kw = dict(global_batch_size=8, seed=3, **VIEW, fixed_view=True, targets=targets, num_threads=2)
+  it = data.train_iterator(source, **kw)
+  batches = [next(it) for _ in range(6)]  # 48 examples: into the second epoch
+  images = _fixed_view_images(source)
+  labels = np.concatenate([b["label"] for b in batches])
+  assert not np.array_equal(labels[:N], np.arange(N)) and sorted(labels[:N]) == list(range(N))  # shuffled
+  for b in batches:
+    assert b["teacher_attn_logits"].dtype == ml_dtypes.bfloat16
+    assert not b["skipped"].any()
+    for row, label in enumerate(b["label"]):
+      np.testing.assert_array_equal(b["image"][row], images[label])  # the view the teacher saw
+      np.testing.assert_array_equal(b["teacher_attn_logits"][row], targets[label]["teacher_attn_logits"])
+  # Resuming at a step gives the same batches, targets included.
+  resumed = data.train_iterator(source, **kw, start_step=4)
+  for b in batches[4:]:
+    for key, value in next(resumed).items():
+      np.testing.assert_array_equal(value, b[key])
+  # A subset of the stored layers reads just those.
+  last = data.TeacherTargets(stores["logits"], layers=[1])
+  np.testing.assert_array_equal(last[5]["teacher_attn_logits"], targets[5]["teacher_attn_logits"][1:])
+
+
+@pytest.mark.parametrize("store", SETTINGS)
+def test_distill_loss_from_stored_targets_equals_jointly_run_teacher(teacher, stores, store):
+  model, params = teacher
+  student = vit.build({**TEACHER, "num_classes": 10})
+  # A sharp student: against near-uniform maps the loss is ~log N whatever the targets.
+  student_params = _sharpened(student.init(jax.random.key(1), jnp.zeros((1, SIZE, SIZE, 3)),
+                                           train=False)["params"], 8)
+  batch = next(data.train_iterator(_source(), global_batch_size=BATCH, seed=0, **VIEW, fixed_view=True,
+                                   targets=data.TeacherTargets(stores[store]), num_threads=0))
+  batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "skipped"}
+
+  def loss(source, fed):
+    t = transfer.resolve({"mode": "distill", "what": SETTINGS[store][0], "layers": "all", "source": source},
+                         student, model, SIZE)
+    jointly = source == "jointly"
+    loss_fn = train_step.make_loss_fn(student, model if jointly else None, t, label_smoothing=0.1)
+    _, aux = loss_fn(student_params, fed, params if jointly else None, jax.random.key(2))
+    return {k: float(aux[k]) for k in ("ce_loss", "distill_loss")}
+  jointly = loss("jointly", {k: v for k, v in batch.items() if not k.startswith("teacher_")})
+  stored = loss("precomputed", batch)
+  # Measured: 3e-7 (logits), 1.3e-6 (qk), 3.3e-5 (v: a mean squared error, closer to the rounding) relative.
+  rtol = 3e-4 if store == "v" else 2e-5
+  np.testing.assert_allclose(stored["ce_loss"], jointly["ce_loss"], rtol=1e-6)
+  np.testing.assert_allclose(stored["distill_loss"], jointly["distill_loss"], rtol=rtol)
+  # Control: the targets of other examples (each row shifted by one) move it by far more than rtol.
+  shifted = loss("precomputed", {k: jnp.roll(v, 1, axis=0) if k.startswith("teacher_") else v
+                                 for k, v in batch.items()})
+  assert abs(shifted["distill_loss"] - jointly["distill_loss"]) > 10 * rtol * jointly["distill_loss"]
+
+
+def test_unreadable_examples_are_skipped_in_precompute_and_training(teacher, tmp_path):
+  source = _Corrupt(_source(), bad={5, 20})
+  meta = _write(teacher, tmp_path, "logits", source=source)
+  assert meta["complete"] and meta["skipped"] == 2
+  targets = data.TeacherTargets(str(tmp_path))
+  with pytest.raises(ValueError, match="missing"):  # never written, so never read as zeros
+    targets[5]  # pylint: disable=pointless-statement
+  # Training skips them too, even where the pixels would decode: no targets, no example.
+  for readable in (source, _source()):
+    it = data.train_iterator(readable, global_batch_size=8, seed=0, **VIEW, fixed_view=True, targets=targets)
+    batches = [next(it) for _ in range(5)]  # one epoch and a bit
+    labels = np.concatenate([b["label"] for b in batches])
+    assert not {5, 20} & set(labels) and sum(b["skipped"].sum() for b in batches) >= 2
+
+
+def test_precompute_resumes_where_it_stopped(teacher, stores, tmp_path, capsys):
+  directory = tmp_path / "targets"
+  shutil.copytree(stores["logits"], directory)
+  array_dir = directory / "attn_logits"
+  chunks = {int(name.split(".")[0]): array_dir / name for name in os.listdir(array_dir) if name[0].isdigit()}
+  expected = {i: path.read_bytes() for i, path in chunks.items()}
+  # As if killed after committing the first batch: later rows are missing, the metadata says so.
+  meta = json.load(open(directory / data.TARGETS_METADATA))
+  meta.update(done_examples=BATCH, complete=False)
+  json.dump(meta, open(directory / data.TARGETS_METADATA, "w"))
+  for i, path in chunks.items():
+    if i >= BATCH:
+      path.unlink()
+  with pytest.raises(ConfigError, match="again to finish") as e:
+    data.TeacherTargets(str(directory))
+  assert e.value.field == "transfer.targets_dir"
+  before = {i: os.stat(chunks[i]).st_mtime_ns for i in range(BATCH)}
+  assert _write(teacher, directory, "logits")["complete"]
+  assert {i: os.stat(chunks[i]).st_mtime_ns for i in range(BATCH)} == before  # the done batch is kept
+  assert {i: path.read_bytes() for i, path in chunks.items()} == expected
+  assert "Resuming the precompute" in capsys.readouterr().out
+  _write(teacher, directory, "logits")  # complete: returns at once
+  assert "nothing to do" in capsys.readouterr().out
+
+
+def test_precompute_refuses_a_folder_of_another_setting(teacher, stores, tmp_path):
+  directory = tmp_path / "targets"
+  shutil.copytree(stores["logits"], directory)
+  with pytest.raises(ConfigError, match="differing: layers, shapes") as e:
+    _write(teacher, directory, "logits", layers=(1,))
+  assert e.value.field == "transfer.targets_dir"
+  meta = json.load(open(directory / data.TARGETS_METADATA))
+  meta.update(done_examples=BATCH, complete=False)
+  json.dump(meta, open(directory / data.TARGETS_METADATA, "w"))
+  model, params = teacher
+  with pytest.raises(ConfigError) as e:
+    precompute.write_targets(model, params, _source(), str(directory), _metadata(model, "logits"), batch_size=8,
+                             mesh=sharding.make_mesh(-1, 1))
+  assert e.value.field == "data.eval_batch_size"
+
+
+def test_reader_and_iterator_refuse_mismatches(stores, tmp_path):
+  with pytest.raises(ConfigError, match="launch/precompute.py") as e:
+    data.TeacherTargets(str(tmp_path))
+  assert e.value.field == "transfer.targets_dir"
+  with pytest.raises(ConfigError) as e:
+    data.TeacherTargets(stores["logits"], layers=[0, 5])
+  assert e.value.field == "transfer.layers"
+  targets = data.TeacherTargets(stores["logits"])
+  base = dict(global_batch_size=8, seed=0, **VIEW, fixed_view=True, targets=targets)
+  for change, field in ((dict(fixed_view=False), "fixed_view"), (dict(crop_pct=0.875), "data.crop_pct"),
+                        (dict(image_size=21), "data.image_size"), (dict(normalization="unit"), "data.normalization"),
+                        (dict(randaugment="rand-m9-mstd0.5-inc1"), "data.randaugment"),
+                        (dict(random_erase=0.25), "data.random_erase")):
+    with pytest.raises(ConfigError) as e:
+      data.train_iterator(_source(), **{**base, **change})
+    assert e.value.field == field, change
+  with pytest.raises(ConfigError) as e:
+    data.train_iterator(_source(n=N - 1), **base)
+  assert e.value.field == "data.train_split"
+  with pytest.raises(ConfigError) as e:
+    precompute.stored_keys("attn", "maps")
+  assert e.value.field == "precompute.store"
+
+
+# ----------------------------------------------------------------------------
+# Through the config: launch/precompute.py's `run`, validate's checks, and a training run.
+
+
+def _fake_make_source(name, split, data_dir=None):
+  """Small random stand-ins for the config's splits, so that no dataset is needed."""
+  del name, data_dir
+  return _source(n=64, seed=1) if split.startswith("train") else _source(n=40, seed=2)
+
+
+@pytest.fixture
+def fake_fashion_mnist(monkeypatch):
+  monkeypatch.setattr(data, "make_source", _fake_make_source)
+
+
+def _config(teacher_dir, **transfer_fields):
+  """The demo config shrunk to seconds, distilling layer 0 from stored targets."""
+  c = demo.get_config()
+  c.unlock()
+  c.model.variant = "Pico/7"
+  c.data.update(dict(batch_size=16, eval_batch_size=16, train_split="train[:64]", eval_split="test[:40]",
+                     num_threads=0))
+  c.schedule.update(dict(steps=4, log_every_steps=2))
+  c.mesh.update(dict(data=4, fsdp=2))
+  c.teacher.pretrain = None
+  c.teacher.init = teacher_dir
+  c.transfer.update({"layers": "first:1", "source": "precomputed", **transfer_fields})
+  return c
+
+
+@pytest.fixture(scope="module")
+def precomputed(tmp_path_factory):
+  """(teacher export, workdir): a random Pico/7 teacher's params export, and a workdir holding its targets
+  for `_config`, written by `precompute.run` (launch/precompute.py) into the default place."""
+  root = tmp_path_factory.mktemp("pico")
+  export = str(root / "params")
+  model_config = vit.model_fields(vit.build({"variant": "Pico/7", "num_classes": 0}))
+  params = vit.build(model_config).init(jax.random.key(5), jnp.zeros((1, SIZE, SIZE, 3)), train=False)["params"]
+  checkpoint.save_params(export, jax.device_get(params), model_config)
+  workdir = str(root / "run")
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(data, "make_source", _fake_make_source)
+    with pytest.raises(ConfigError, match="launch/precompute.py") as e:
+      train.validate(_config(export), workdir)
+    assert e.value.field == "transfer.targets_dir"
+    meta = precompute.run(_config(export), workdir)
+  assert meta["complete"] and meta["layers"] == [0] and meta["num_examples"] == 64
+  assert meta["teacher"] == export and meta["teacher_config"]["depth"] == 2
+  return export, workdir
+
+
+def test_train_with_stored_targets(precomputed, fake_fashion_mnist, tmp_path, capsys):
+  export, targets_workdir = precomputed
+  c = _config(export, targets_dir=os.path.join(targets_workdir, data.TARGETS_DIR))
+  workdir = str(tmp_path)
+  evals = train.train_and_evaluate(c, workdir)
+  assert 0 <= evals["top1"] <= 100
+  out = capsys.readouterr().out
+  assert "Teacher targets: attn_logits" in out and "replaces random-resized crop and flip" in out
+  lines = [x for x in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "train/loss" in x]
+  assert [x["step"] for x in lines] == [2, 4]
+  assert all(x["train/distill_loss"] > 0 and x["train/skipped_examples"] == 0 for x in lines)
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(data=dict(mixup=0.8)), "data.mixup"),
+    (dict(data=dict(cutmix=1.0)), "data.cutmix"),
+    (dict(data=dict(randaugment="rand-m9-mstd0.5-inc1")), "data.randaugment"),
+    (dict(data=dict(random_erase=0.25)), "data.random_erase"),
+    (dict(transfer=dict(average="images")), "transfer.average"),
+    (dict(data=dict(crop_pct=0.875)), "data.crop_pct"),
+    (dict(data=dict(train_split="train[:32]")), "data.train_split"),
+    (dict(data=dict(normalization="unit")), "data.normalization"),
+    (dict(transfer=dict(layers="all")), "transfer.layers"),
+    (dict(transfer=dict(what="q")), "transfer.what")])
+def test_validate_names_what_disagrees_with_the_stored_targets(precomputed, fake_fashion_mnist, change, field):
+  export, workdir = precomputed
+  c = _config(export)
+  train.validate(c, workdir)  # as written: fine
+  for namespace, fields in change.items():
+    c[namespace].update(fields)
+  with pytest.raises(ConfigError) as e:
+    train.validate(c, workdir)
+  assert e.value.field == field
+
+
+def test_precompute_refuses_modes_without_a_distilled_target(precomputed, fake_fashion_mnist, tmp_path):
+  with pytest.raises(ConfigError) as e:
+    precompute.run(_config(precomputed[0], mode="copy", source="jointly"), str(tmp_path))
+  assert e.value.field == "transfer.mode"
+
+
+requires_fashion_mnist = pytest.mark.skipif(not os.path.isdir(data.FASHION_MNIST_SYSTEM_DIR),
+                                            reason="needs `sudo apt-get install dataset-fashion-mnist`")
+
+
+@requires_fashion_mnist
+def test_two_processes_write_what_one_does(precomputed, tmp_path):
+  """launch/precompute.py on two processes (4 devices each, over loopback), each writing its slices of the
+  batches, stores what one 8-device process stores."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  args = [os.path.join(root, "launch", "precompute.py"), "--config.model.variant=Pico/7",
+          f"--config.teacher.init={precomputed[0]}", "--config.transfer.layers=all",
+          "--config.data.train_split=train[:600]", "--config.data.eval_batch_size=80",
+          "--config.data.num_threads=0", "--config.mesh.data=4", "--config.mesh.fsdp=2",
+          "--config.precompute.store=qk"]
+
+  def launch(workdir, devices, *extra):
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    return subprocess.Popen([sys.executable, *args, f"--workdir={workdir}", *extra], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  procs = [launch(tmp_path / "one", 8)] + [
+      launch(tmp_path / "two", 4, "--multihost", f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
+             f"--process_id={i}") for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert "Done: 600 examples" in outs[1][0] and "Done" not in outs[2][0]  # process 0 reports
+  one, two = (data.TeacherTargets(str(tmp_path / w / data.TARGETS_DIR)) for w in ("one", "two"))
+  assert one.metadata == two.metadata and one.metadata["keys"] == ["q", "k"]
+  for i in range(600):
+    for key, value in one[i].items():
+      assert value.any()
+      np.testing.assert_array_equal(two[i][key], value)
