@@ -13,7 +13,7 @@ import math
 import os
 import signal
 import threading
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 from jax.experimental import multihost_utils
@@ -359,13 +359,34 @@ def _fresh_state_and_steps(run: Run):
   return state, shardings, ckpt, train_fn, eval_fn
 
 
+def _data_position(run: Run, step: int) -> dict[str, Any]:
+  """The data iterator's position, saved with each checkpoint: the stream is a pure function of these, and
+  after `step` steps it stands at example `step * batch_size` of it."""
+  d = run.config.data
+  return {"step": step, "examples_seen": step * d.batch_size, "seed": run.config.seed,
+          "data.batch_size": d.batch_size, "data.name": d.name, "data.train_split": d.train_split,
+          "num_examples": len(run.train_source)}
+
+
+def _check_data_position(run: Run, saved: Mapping[str, Any]) -> None:
+  """Refuses to resume on a data stream other than the checkpoint's: it would replay or skip examples."""
+  now = _data_position(run, int(saved.get("step", 0)))
+  for key in ("seed", "data.batch_size", "data.name", "data.train_split", "num_examples"):
+    if key in saved and saved[key] != now[key]:
+      field = key if key.startswith("data.") or key == "seed" else "data.train_split"
+      raise ConfigError(field, f"the checkpoint in {run.workdir}/checkpoints was written with {key}="
+                        f"{saved[key]!r}, this run has {now[key]!r}: resuming would not continue its data "
+                        "stream. Restore the setting or use a new --workdir")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (resuming from <workdir>/checkpoints if present), evaluates, exports params; returns evals."""
   run = setup(config, workdir)
   print(memory_report(run), flush=True)  # raises before compiling when the config cannot fit
   state, shardings, ckpt, train_fn, eval_fn = _fresh_state_and_steps(run)
   if ckpt.latest_step() is not None:
-    state, _ = ckpt.restore(state)
+    state, extra = ckpt.restore(state)
+    _check_data_position(run, extra)
     print(f"Resumed from {workdir}/checkpoints at step {int(state.step)}", flush=True)
   elif config.model.init:
     _, loaded = load_vit(config.model.init, config)
@@ -399,7 +420,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             np.int64(skipped))))
         pending = (step, {**step_metrics, "skipped_examples": total})
       preempted = sigterm.raised or ckpt.reached_preemption(step)
-      ckpt.save(step, state, extra={"step": step}, force=preempted)
+      ckpt.save(step, state, extra=_data_position(run, step), force=preempted)
       if preempted:
         ckpt.wait()
         ckpt.close()
@@ -412,7 +433,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     sigterm.restore()
   if pending is not None:
     _log(pending, writer, progress, ckpt)
-  ckpt.save(run.total_steps, state, extra={"step": run.total_steps}, force=True)
+  ckpt.save(run.total_steps, state, extra=_data_position(run, run.total_steps), force=True)
   ckpt.wait()
   evals = evaluate_run(run, eval_fn, state)
   writer.write(run.total_steps, {f"eval/{k}": v for k, v in evals.items()})

@@ -60,6 +60,12 @@ def test_interrupted_run_resumes_exactly(tmp_path, teacher_export):
   assert all(x["train/distill_loss"] > 0 for x in lines if "train/loss" in x)
   assert {"eval/top1", "eval/ema_top1", "eval/top5"} <= set(lines[-1])
   assert os.path.isdir(os.path.join(straight, "tensorboard"))
+  # The checkpoint records the data stream's position; resuming on another stream is refused up front.
+  c.data.batch_size = 32
+  shutil.rmtree(os.path.join(interrupted, "checkpoints", "6"))
+  with pytest.raises(ConfigError, match=r"data.batch_size=16, this run has 32") as e:
+    train.train_and_evaluate(c, interrupted)
+  assert e.value.field == "data.batch_size"
 
 
 def test_evaluate_checkpoint_reproduces_logged_eval(teacher_export):
