@@ -1,97 +1,220 @@
 """Train-step throughput of scratch / copy / distill, side by side in one process (run by hand).
 
-  python benchmarks/step.py --models=Mu/7@28:128,Ti/16@224:32 --modes=none,copy,distill --steps=20
-  python benchmarks/step.py --models=L/16@224:32 --dtypes=bfloat16 --remat=dots --peak_tflops=989  # H100
+  python benchmarks/step.py --models=Mu/7@28:128,Ti/16@224:16 --modes=none,copy,distill --steps=5 --reps=5
+  python benchmarks/step.py --models=L/16@224:32 --dtypes=bfloat16 --remat=none,dots,full  # GPU: MFU
 
-Prints a markdown table: compile time, ms/step, images/s, the ratio to the scratch step of the same model,
-model TFLOPs per step (analytic: teacher forward + student forward and backward, attention included) and
-MFU when --peak_tflops is given. Absolute times mean something only on an accelerator; on a CPU report the
-ratios. Append the table to benchmarks/RESULTS.md with the machine and date.
+For every model x dtype x remat policy, the steps of all modes are compiled first and then timed in
+interleaved repetitions (mode after mode, `--reps` times `--steps` steps), so that load from other jobs
+falls on all of them alike; the table gives the median and the minimum over repetitions of ms/step. Also:
+lower+compile time, the compiled program's memory (`memory_analysis()`: arguments + outputs - aliased +
+temporaries; on a GPU also the allocator's peak so far in this process), the analytic model FLOPs of the
+step (benchmarks/flops.py: teacher forward + student forward and backward, attention included), the FLOP/s
+achieved and MFU against the device's peak (a table by device kind, or --peak_tflops). "vs scratch" is
+the transfer overhead: the ratio of the step's median time to the scratch step's of the same model.
+
+Append tables to benchmarks/RESULTS.md with the machine and date. benchmarks/torch_reference.py imports
+`JaxStep` from here to time the same step against PyTorch.
 """
+from __future__ import annotations
+
 import os
+import statistics
 import sys
 import time
+from typing import Any
 
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-flags.DEFINE_list("models", ["Mu/7@28:128"], "VARIANT@IMAGE_SIZE:BATCH entries.")
-flags.DEFINE_list("modes", ["none", "copy", "distill"], "Transfer modes to time.")
-flags.DEFINE_list("dtypes", ["float32"], "dtype_mm values.")
-flags.DEFINE_string("remat", "none", "Remat policy (none, full, dots).")
+import flops  # noqa: E402  # benchmarks/flops.py
+
+flags.DEFINE_list("models", ["Mu/7@28:128"], "VARIANT@IMAGE_SIZE:BATCH entries, e.g. Ti/16@224:16.")
+flags.DEFINE_list("modes", ["none", "copy", "distill"], "Transfer modes to time (none = scratch).")
+flags.DEFINE_list("dtypes", ["float32"], "dtype_mm values (float32, bfloat16).")
+flags.DEFINE_list("remat", ["none"], "Remat policies to time (none, full, dots).")
 flags.DEFINE_bool("scan", False, "Scan over layers.")
-flags.DEFINE_integer("steps", 20, "Timed steps (after one warm-up step).")
-flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s for MFU (e.g. 989 for H100 bf16 dense).")
+flags.DEFINE_integer("steps", 5, "Steps per timed repetition.")
+flags.DEFINE_integer("reps", 5, "Timed repetitions per step (interleaved across modes).")
+flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s for MFU; 0: look device_kind up in flops.py.")
+flags.DEFINE_float("quiet_wait", 0.0, "On a shared host: before each timed repetition wait up to this many seconds "
+                   "for the other processes to leave the CPUs idle (Linux /proc/stat); 0: never wait.")
 FLAGS = flags.FLAGS
 
+GIB = 2.0**30
 
-def vit_flops_per_image(width: int, depth: int, mlp_dim: int, tokens: int, patch: int) -> float:
-  """Forward FLOPs of one image (2 per multiply-add): embedding, qkv/out, attention maps, MLP, per layer."""
-  n, d = tokens, width
-  per_layer = 2 * n * d * 4 * d + 2 * 2 * n * n * d + 2 * 2 * n * d * mlp_dim
-  return depth * per_layer + 2 * (n - 1) * patch * patch * 3 * d
+
+def parse_model(entry: str) -> tuple[str, int, int]:
+  """"Ti/16@224:16" -> ("Ti/16", 224, 16)."""
+  variant, rest = entry.split("@")
+  size, batch = map(int, rest.split(":"))
+  return variant, size, batch
+
+
+class JaxStep:
+  """Our jitted train step (at_jax.train_step, as training runs it), compiled, with its state and batch.
+
+  Args:
+    variant, image_size, batch, mode, dtype, remat, scan: the model and step to build; all layers
+      transfer, no drop-path, label smoothing 0.1, AdamW (b2 0.95, wd 0.05) and EMA 0.9999.
+    images: [B, H, W, C] float32 and `labels` [B] int (default: random, seed 0).
+    params, teacher_params: float32 numpy pytrees in our layout (e.g. converted from timm models); default:
+      random init.
+  """
+
+  def __init__(self, variant: str, image_size: int, batch: int, mode: str, dtype: str = "float32",
+               remat: str = "none", scan: bool = False, images: Any = None, labels: Any = None,
+               params: Any = None, teacher_params: Any = None):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from at_jax import optim, sharding, train_step, transfer
+    from at_jax.models import vit
+
+    self.variant, self.image_size, self.batch, self.mode, self.dtype, self.remat = (
+        variant, image_size, batch, mode, dtype, remat)
+    mesh = sharding.make_mesh(-1, 1)
+    cfg = {"variant": variant, "num_classes": 1000, "dtype_mm": dtype, "scan": scan, "remat_policy": remat}
+    self.model = model = teacher = vit.build(cfg)
+    t = transfer.resolve({"mode": mode, "layers": "all"}, model, teacher, image_size)
+    self.layers = t.layers
+    schedule = optim.make_schedule(base_lr=1e-4, batch_size=batch, warmup_steps=1, total_steps=1000,
+                                   min_lr=0.0)
+    ones = jnp.zeros((1, image_size, image_size, 3))
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), ones, train=False))
+    tx = optim.make_optimizer(abstract["params"], schedule=schedule, b1=0.9, b2=0.95, eps=1e-8,
+                              weight_decay=0.05, layer_decay=1.0, depth=model.depth)
+    state, shardings = train_step.create_sharded_state(
+        lambda r: train_step.init_state(model, tx, r, image_size), jax.random.key(0), mesh)
+    if params is not None:  # Two puts: params and EMA must be distinct buffers (the state is donated).
+      state = state.replace(params=jax.device_put(params, shardings.params),
+                            ema_params=jax.device_put(params, shardings.ema_params))
+    tp = None
+    if mode != "none":
+      if teacher_params is None:
+        teacher_params = jax.jit(lambda: teacher.init(jax.random.key(1), ones, train=False)["params"])()
+      tp = jax.device_put(teacher_params, sharding.tree_shardings(mesh, teacher_params))
+    t_sh = None if tp is None else jax.tree.map(lambda a: a.sharding, tp)
+    step = train_step.make_train_step(model, teacher, tx, t, schedule=schedule, label_smoothing=0.1,
+                                      ema_decay=0.9999)
+    train, _ = train_step.jit_steps(step, train_step.make_eval_step(model, teacher, t), mesh, shardings, t_sh)
+    rng = np.random.default_rng(0)
+    if images is None:
+      images = rng.normal(size=(batch, image_size, image_size, 3)).astype(np.float32)
+      labels = rng.integers(0, 1000, batch).astype(np.int32)
+    self.batch_ = sharding.global_batch({"image": images, "label": labels}, mesh)
+    t0 = time.perf_counter()
+    self.compiled = train.lower(state, self.batch_, tp).compile()
+    self.compile_s = time.perf_counter() - t0
+    mem = self.compiled.memory_analysis()
+    self.program_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+                          + mem.temp_size_in_bytes)
+    self.temp_bytes = mem.temp_size_in_bytes
+    self.state, self.teacher_params = state, tp
+    self.first_metrics = None
+    self.times: list[float] = []  # seconds per step, one entry per timed repetition
+
+  def run(self, steps: int) -> float:
+    """Runs `steps` steps; returns seconds per step (blocking on the last step's metrics)."""
+    import jax
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      self.state, metrics = self.compiled(self.state, self.batch_, self.teacher_params)
+      if self.first_metrics is None:
+        self.first_metrics = jax.device_get(metrics)
+    jax.block_until_ready(metrics)
+    return (time.perf_counter() - t0) / steps
+
+  def flops_per_image(self) -> dict[str, float]:
+    m = self.model
+    return flops.train_step_flops(width=m.width, depth=m.depth, mlp_dim=m.mlp_dim, patch=m.patch_size,
+                                  num_patches=(self.image_size // m.patch_size) ** 2, num_prefix=m.num_prefix,
+                                  num_classes=m.num_classes, mode=self.mode, layers=self.layers)
+
+  def close(self) -> None:
+    del self.state, self.teacher_params, self.compiled, self.batch_
+
+
+def device_peak_bytes() -> float | None:
+  """The allocator's peak so far in this process (GPU/TPU); None where the device keeps no stats (CPU)."""
+  import jax
+  stats = jax.devices()[0].memory_stats()
+  return None if not stats or "peak_bytes_in_use" not in stats else float(stats["peak_bytes_in_use"])
+
+
+def _cpu_busy(interval: float = 0.25) -> float:
+  """Fraction of all CPUs' time spent busy over `interval` seconds (while this process sleeps)."""
+  def sample():
+    with open("/proc/stat") as f:
+      values = [int(v) for v in f.readline().split()[1:]]
+    return values[3] + values[4], sum(values)  # idle + iowait, total
+  idle0, total0 = sample()
+  time.sleep(interval)
+  idle1, total1 = sample()
+  return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def wait_for_quiet(max_wait: float, threshold: float = 0.1) -> bool:
+  """Waits (up to `max_wait` s) until other processes leave the CPUs idle; returns whether they did.
+
+  Timings on a host shared with other jobs vary several-fold; waiting for idle CPUs before each repetition
+  and keeping the minimum over repetitions recovers the uncontended time.
+  """
+  if max_wait <= 0 or not os.path.exists("/proc/stat"):
+    return False
+  deadline = time.monotonic() + max_wait
+  while time.monotonic() < deadline:
+    if _cpu_busy() < threshold:
+      return True
+    time.sleep(0.5)
+  return False
+
+
+def summarize(times: list[float]) -> tuple[float, float]:
+  """(median, min) in ms of per-step seconds."""
+  return 1000 * statistics.median(times), 1000 * min(times)
 
 
 def main(argv):
   del argv
   import jax
-  import jax.numpy as jnp
-  import numpy as np
 
-  from at_jax import optim, sharding, train_step, transfer
-  from at_jax.models import vit
-
-  mesh = sharding.make_mesh(-1, 1)
-  print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; jax {jax.__version__}")
-  print("| model | img | batch | dtype | mode | compile s | ms/step | img/s | vs scratch | TFLOP/step | MFU |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  device = jax.devices()[0]
+  print(f"devices: {jax.device_count()} x {device.device_kind}; jax {jax.__version__}; "
+        f"{FLAGS.reps} reps x {FLAGS.steps} steps, interleaved over modes")
+  print("| model | img | batch | dtype | remat | mode | compile s | ms/step median | min | img/s | vs scratch "
+        "| GFLOP/img | TFLOP/s | MFU | program GiB | device peak GiB |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for entry in FLAGS.models:
-    variant, rest = entry.split("@")
-    size, batch = map(int, rest.split(":"))
+    variant, size, batch = parse_model(entry)
     for dtype in FLAGS.dtypes:
-      base_ms = None
-      for mode in FLAGS.modes:
-        cfg = {"variant": variant, "num_classes": 1000, "dtype_mm": dtype, "scan": FLAGS.scan,
-               "remat_policy": FLAGS.remat}
-        model = teacher = vit.build(cfg)
-        t = transfer.resolve({"mode": mode, "layers": "all"}, model, teacher, size)
-        schedule = optim.make_schedule(base_lr=1e-4, batch_size=batch, warmup_steps=1, total_steps=1000,
-                                       min_lr=0.0)
-        images = jnp.zeros((1, size, size, 3))
-        abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))
-        tx = optim.make_optimizer(abstract["params"], schedule=schedule, b1=0.9, b2=0.95, eps=1e-8,
-                                  weight_decay=0.05, layer_decay=1.0, depth=model.depth)
-        state, shardings = train_step.create_sharded_state(
-            lambda r: train_step.init_state(model, tx, r, size), jax.random.key(0), mesh)
-        tp = None if mode == "none" else jax.jit(lambda: teacher.init(jax.random.key(1), images,
-                                                                      train=False)["params"])()
-        t_sh = None if tp is None else jax.tree.map(lambda a: a.sharding, tp)
-        step = train_step.make_train_step(model, teacher, tx, t, schedule=schedule, label_smoothing=0.1,
-                                          ema_decay=0.9999)
-        train, _ = train_step.jit_steps(step, train_step.make_eval_step(model, teacher, t), mesh, shardings,
-                                        t_sh)
-        rng = np.random.default_rng(0)
-        batch_ = sharding.global_batch({"image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
-                                        "label": rng.integers(0, 1000, batch).astype(np.int32)}, mesh)
-        t0 = time.perf_counter()
-        state, m = train(state, batch_, tp)
-        jax.block_until_ready(m)
-        compile_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for _ in range(FLAGS.steps):
-          state, m = train(state, batch_, tp)
-        jax.block_until_ready(m)
-        ms = 1000 * (time.perf_counter() - t0) / FLAGS.steps
-        base_ms = ms if mode == "none" else base_ms
-        tokens = model.tokens_for(size)
-        fwd = vit_flops_per_image(model.width, model.depth, model.mlp_dim, tokens, model.patch_size)
-        tflop = batch * fwd * (3 + (mode != "none")) / 1e12
-        mfu = f"{100 * tflop / (ms / 1000) / FLAGS.peak_tflops:.1f}%" if FLAGS.peak_tflops else "-"
-        ratio = f"{ms / base_ms:.2f}x" if base_ms else "-"
-        print(f"| {variant} | {size} | {batch} | {dtype} | {mode} | {compile_s:.1f} | {ms:.1f} | "
-              f"{batch / ms * 1000:.0f} | {ratio} | {tflop:.3f} | {mfu} |", flush=True)
-        del state, tp
+      peak = flops.peak_tflops(device.device_kind, dtype, FLAGS.peak_tflops)
+      for remat in FLAGS.remat:
+        steps, peaks = {}, {}
+        for mode in FLAGS.modes:
+          steps[mode] = JaxStep(variant, size, batch, mode, dtype, remat, FLAGS.scan)
+          steps[mode].run(FLAGS.warmup)
+          peaks[mode] = device_peak_bytes()
+        for _ in range(FLAGS.reps):
+          for s in steps.values():
+            wait_for_quiet(FLAGS.quiet_wait)
+            s.times.append(s.run(FLAGS.steps))
+        base = summarize(steps["none"].times)[0] if "none" in steps else None
+        for mode, s in steps.items():
+          med, low = summarize(s.times)
+          f = s.flops_per_image()["total"]
+          tflops = batch * f / (med / 1000) / 1e12
+          mfu = f"{100 * tflops / peak:.1f}%" if peak else "-"
+          ratio = f"{med / base:.2f}x" if base else "-"
+          dev_peak = f"{peaks[mode] / GIB:.2f}" if peaks[mode] is not None else "-"
+          print(f"| {variant} | {size} | {batch} | {dtype} | {remat} | {mode} | {s.compile_s:.1f} | {med:.1f} | "
+                f"{low:.1f} | {batch / med * 1000:.1f} | {ratio} | {f / 1e9:.2f} | {tflops:.3f} | {mfu} | "
+                f"{s.program_bytes / GIB:.2f} | {dev_peak} |", flush=True)
+        for s in steps.values():
+          s.close()
 
 
 if __name__ == "__main__":

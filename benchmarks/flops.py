@@ -1,0 +1,76 @@
+"""Analytic model FLOPs of one attention-transfer train step, and device peaks for MFU.
+
+Pure Python (no JAX or PyTorch import), shared by benchmarks/step.py and benchmarks/torch_reference.py so
+that both report MFU against the same count.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+# Dense (no sparsity) peak TFLOP/s per chip, as (bfloat16, float32). "float32" is what a float32 matmul
+# gets at each framework's default precision there: TF32 tensor cores on NVIDIA (XLA's default for f32
+# dots on Ampere and later; PyTorch needs torch.backends.cuda.matmul.allow_tf32, which torch_reference.py
+# sets to match), one bf16 pass on TPU (JAX's default precision). Matched by substring of
+# `device_kind`, first hit wins, so the more specific names come first.
+PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
+    ("H100 PCIe", 756.0, 378.0),
+    ("H100 NVL", 835.0, 418.0),
+    ("H100", 989.4, 494.7),   # SXM
+    ("H200", 989.4, 494.7),
+    ("GH200", 989.4, 494.7),
+    ("A100", 312.0, 156.0),
+    ("TPU v5 lite", 197.0, 197.0),
+    ("TPU v5e", 197.0, 197.0),
+    ("TPU v5p", 459.0, 459.0),
+    ("TPU v5", 459.0, 459.0),  # v5p reports device_kind "TPU v5"
+    ("TPU v4", 275.0, 275.0),
+)
+
+
+def peak_tflops(device_kind: str, dtype: str, override: float = 0.0) -> float:
+  """Peak dense TFLOP/s of `device_kind` for matmuls in `dtype`; 0.0 when unknown (e.g. a CPU)."""
+  if override > 0:
+    return override
+  for name, bf16, fp32 in PEAK_TFLOPS:
+    if name.lower() in device_kind.lower():
+      return bf16 if dtype in ("bfloat16", "bf16") else fp32
+  return 0.0
+
+
+def train_step_flops(*, width: int, depth: int, mlp_dim: int, patch: int, num_patches: int,
+                     num_prefix: int = 1, num_classes: int = 1000, channels: int = 3, mode: str = "none",
+                     layers: Sequence[int] | None = None) -> dict[str, float]:
+  """Model FLOPs (2 per multiply-add, matmuls only) per image of one train step.
+
+  Counts what the step needs: the frozen teacher's forward up to the attention logits of the last
+  transferred layer (never its head), the student's forward, and its backward at twice the forward for
+  every matmul except the patch embedding (its input needs no gradient: weight gradient only). In copy mode
+  the student's own q, k projections and q @ k^T are not needed in the transferred layers (the teacher's
+  maps replace them). Softmax, LayerNorm, GELU and the losses are elementwise and not counted.
+
+  Args:
+    width, depth, mlp_dim, patch: the ViT's shape (teacher and student share it here).
+    num_patches: patches per image; tokens = num_patches + num_prefix (cls, registers).
+    mode: "none" (scratch), "copy" or "distill".
+    layers: the transferred layers (default: all).
+
+  Returns:
+    dict of per-image FLOPs: teacher_fwd, student_fwd, student_bwd, total.
+  """
+  n, d = num_patches + num_prefix, width
+  layers = tuple(range(depth)) if layers is None else tuple(layers)
+  embed = 2 * num_patches * patch * patch * channels * d
+  qk_proj, v_proj, out_proj = 2 * n * d * 2 * d, 2 * n * d * d, 2 * n * d * d
+  qk_t = av = 2 * n * n * d  # summed over heads: n^2 * head_dim * heads
+  mlp = 2 * 2 * n * d * mlp_dim
+  block = qk_proj + v_proj + out_proj + qk_t + av + mlp
+  head = 2 * d * num_classes
+  student_block = [block - (qk_proj + qk_t if mode == "copy" and i in layers else 0) for i in range(depth)]
+  student_fwd = embed + sum(student_block) + head
+  student_bwd = embed + 2 * (sum(student_block) + head)
+  teacher_fwd = 0.0
+  if mode != "none":
+    last = max(layers)
+    teacher_fwd = embed + last * block + qk_proj + qk_t
+  return {"teacher_fwd": float(teacher_fwd), "student_fwd": float(student_fwd),
+          "student_bwd": float(student_bwd), "total": float(teacher_fwd + student_fwd + student_bwd)}
