@@ -240,7 +240,8 @@ def copy_override(targets: Mapping[str, Array], t: Transfer) -> dict[str, Array]
   x_SB = targets[t.teacher_key]
   full = jnp.zeros((t.depth,) + x_SB.shape[1:], x_SB.dtype).at[np.asarray(t.layers)].set(x_SB)
   key = "logits" if t.what == "attn" else t.what
-  return {key: full, "mask": jnp.asarray(t.layer_head_mask())}
+  # A numpy mask is static: layers that copy every head then skip their own q and k (`vit.Attention`).
+  return {key: full, "mask": t.layer_head_mask()}
 
 
 def attn_target(targets: Mapping[str, Array], t: Transfer) -> vit.AttnTarget | None:

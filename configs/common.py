@@ -16,12 +16,14 @@ def base() -> ml_collections.ConfigDict:
 
   # Fields of at_jax.models.vit.ViT; `variant` ("L/16") sets width/depth/mlp_dim/num_heads/patch_size.
   # arch="teacher": the teacher's architecture (registers, LayerScale, ...), freshly initialised; only
-  # num_classes, pool, drop_path, head_init_std, dtype_mm, scan, remat_policy are taken from here.
+  # num_classes, pool, drop_path, head_init_std, dtype_mm, scan, remat_policy, attention_impl are taken
+  # from here. attention_impl: "materialized" | "fused" (jax.nn.dot_product_attention: cuDNN flash
+  # attention on GPUs with bf16 matmuls, in the layers that need no maps; the teacher follows the student).
   # init: start from these weights (fine-tuning): a params export or a checkpoint file, converted like
   # teacher.init; leaves it lacks or shapes it doesn't match (a new head, fc_norm) stay freshly initialised.
   c.model = dict(init="", arch="own", variant="B/16", num_classes=1000, pool="gap", class_token=True,
                  qkv_bias=True, drop_path=0.0, head_init_std=0.02, dtype_mm="float32", scan=False,
-                 remat_policy="none")
+                 remat_policy="none", attention_impl="materialized")
 
   # init: the frozen teacher: a params export (the params/ folder of a run, or `python -m at_jax.convert`
   # output) or a PyTorch/timm/MAE/big_vision checkpoint file (.pth, .safetensors, .npz) converted on the
@@ -88,7 +90,7 @@ def imagenet(*, variant: str = "L/16", mode: str, epochs: float, warmup_epochs: 
   c = base()
   c.model = dict(init=init, arch="own", variant=variant, num_classes=1000, pool="gap", class_token=True,
                  qkv_bias=True, drop_path=drop_path, head_init_std=0.02, dtype_mm="bfloat16", scan=True,
-                 remat_policy="dots")
+                 remat_policy="dots", attention_impl="materialized")
   c.transfer.mode = mode
   c.transfer.layers = layers
   c.data.update(dict(batch_size=batch_size, randaugment="rand-m9-mstd0.5-inc1", random_erase=0.25, mixup=0.8,

@@ -14,7 +14,7 @@ from configs import common, mae_fmnist
 def model(**kw):
   return dict(init="", arch="own", variant="Mu/7", num_classes=10, pool="gap", class_token=True,
               qkv_bias=True, drop_path=0.0, head_init_std=0.02, dtype_mm="float32", scan=False,
-              remat_policy="none", **kw)
+              remat_policy="none", attention_impl="materialized", **kw)
 
 
 def get_config(arg: str | None = None):

@@ -17,7 +17,7 @@ def get_config(arg: str | None = None):
   c.task = "mae"
   c.model = dict(init="", arch="own", variant="Mu/7", num_classes=0, pool="cls", class_token=True,
                  qkv_bias=True, drop_path=0.0, head_init_std=0.02, dtype_mm="float32", scan=False,
-                 remat_policy="none")
+                 remat_policy="none", attention_impl="materialized")
   c.mae = dict(decoder_width=128, decoder_depth=2, decoder_heads=4, decoder_mlp_dim=512, mask_ratio=0.75,
                norm_pix_loss=True)
   c.data.update(dict(name="fashion_mnist", dir="", train_split="train", eval_split="test", image_size=28,

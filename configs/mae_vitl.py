@@ -17,7 +17,7 @@ def get_config(arg: str | None = None):
   c.task = "mae"
   c.model = dict(init="", arch="own", variant="L/16", num_classes=0, pool="cls", class_token=True,
                  qkv_bias=True, drop_path=0.0, head_init_std=0.02, dtype_mm="bfloat16", scan=True,
-                 remat_policy="dots")
+                 remat_policy="dots", attention_impl="materialized")
   c.mae = dict(decoder_width=512, decoder_depth=8, decoder_heads=16, decoder_mlp_dim=2048, mask_ratio=0.75,
                norm_pix_loss=True)
   c.data.update(dict(batch_size=4096, rrc_scale=(0.2, 1.0)))

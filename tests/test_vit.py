@@ -87,11 +87,99 @@ def test_override_applies_only_to_masked_layers_and_heads(setup):
   got, out2 = model.apply({"params": params}, images, train=False,
                           override={"logits": uniform, "mask": mask})
   assert not np.allclose(got, ref)
-  # Layer 0 is untouched, so its logits are identical; layer 1's own logits are still reported.
+  # Layer 0 is untouched, so its logits are identical; layer 1 reports the logits it attended with.
   np.testing.assert_array_equal(out2["attn_logits"][0], out["attn_logits"][0])
+  np.testing.assert_array_equal(out2["attn_logits"][1, :, 0], out["attn_logits"][1, :, 0])
+  np.testing.assert_array_equal(out2["attn_logits"][1, :, 1], 0.0)
   none_masked, _ = model.apply({"params": params}, images, train=False,
                                override={"logits": uniform, "mask": jnp.zeros((2, 2), bool)})
   np.testing.assert_allclose(none_masked, ref, rtol=1e-6)
+
+
+def _copy_loss(model, images, teacher_logits, mask):
+  """Sum of squared class logits with the teacher's logits copied where `mask`, and the reported maps."""
+  def loss(p):
+    logits, out = model.apply({"params": p}, images, train=False, override={"logits": teacher_logits, "mask": mask})
+    return jnp.sum(logits ** 2), out["attn_logits"]
+  return loss
+
+
+@pytest.mark.parametrize("scan,mask", [(False, [[1, 1], [0, 1]]), (False, [[1, 1], [1, 1]]), (True, [[1, 1], [1, 1]])])
+def test_fully_copied_layers_skip_their_own_q_and_k(setup, scan, mask):
+  """A numpy mask tells the ViT at trace time which layers copy every head: the same loss and gradients as
+  a traced mask, with the student's own q, k and q k^T (and their backward) gone from the program."""
+  model, params, images = setup
+  if scan:
+    model, params = _model(scan=True), vit.loop_to_scan(params)
+  n = (S // 4) ** 2 + 1
+  teacher_logits = 3 * jax.random.normal(jax.random.key(5), (2, B, 2, n, n))
+  static = np.asarray(mask, bool)
+  grad_fns = {kind: jax.jit(jax.value_and_grad(_copy_loss(model, images, teacher_logits, m), has_aux=True))
+              for kind, m in (("static", static), ("traced", jnp.asarray(static)))}
+  (loss_s, maps_s), g_s = grad_fns["static"](params)
+  (loss_t, maps_t), g_t = grad_fns["traced"](params)
+  np.testing.assert_allclose(loss_s, loss_t, rtol=1e-6)
+  np.testing.assert_allclose(maps_s, maps_t, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(maps_s[static.all(1)], teacher_logits[static.all(1)])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g_s, g_t)
+  flops = {k: f.lower(params).compile().cost_analysis()["flops"] for k, f in grad_fns.items()}
+  assert flops["static"] < 0.9 * flops["traced"], flops
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_fused_attention_matches_materialized(setup, scan):
+  """`attention_impl="fused"` is the same function, also where a layer needs its maps (copied logits,
+  a direct distillation loss) and so keeps the materialised path."""
+  _, params, images = setup
+  if scan:
+    params = vit.loop_to_scan(params)
+  models = {impl: _model(scan=scan, attention_impl=impl) for impl in vit.ATTENTION_IMPLS}
+  n = (S // 4) ** 2 + 1
+  rng = np.random.default_rng(0)
+  qk = {k: jnp.asarray(rng.normal(size=(1, B, n, 2, 16)), jnp.float32) for k in ("q", "k")}
+  cases = {
+      "plain": {},
+      "v override": {"override": {"v": jnp.asarray(rng.normal(size=(2, B, n, 2, 16)), jnp.float32),
+                                  "mask": np.array([[True, False], [False, False]])}},
+      "copied head": {"override": {"logits": jnp.asarray(rng.normal(size=(2, B, 2, n, n)), jnp.float32),
+                                   "mask": np.array([[False, True], [False, False]])}},
+      "direct loss": {"attn_target": vit.AttnTarget((1,), qk, "direct")},
+      "blockwise loss": {"attn_target": vit.AttnTarget((1,), qk, "blockwise")},
+  }
+  for name, kwargs in cases.items():
+    def loss(p, impl):
+      logits, out = models[impl].apply({"params": p}, images, train=False, **kwargs)
+      return jnp.sum(logits ** 2) + out.get("attn_ce", jnp.zeros(())).sum()
+    got = {impl: jax.value_and_grad(loss)(params, impl) for impl in models}
+    np.testing.assert_allclose(got["fused"][0], got["materialized"][0], rtol=1e-5, err_msg=name)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name),
+                 got["fused"][1], got["materialized"][1])
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_truncate_keeps_the_first_layers(setup, scan):
+  model, params, images = setup
+  deep = _model(depth=4, scan=scan)
+  deep_params = deep.init(jax.random.key(2), images, train=False)["params"]
+  short, short_params = vit.truncate(deep, deep_params, 3)
+  assert short.depth == 3
+  assert jax.tree.structure(short_params) == jax.tree.structure(
+      short.init(jax.random.key(2), images, train=False)["params"])
+  _, out = deep.apply({"params": deep_params}, images, train=False, want_qkv=True)
+  _, got = short.apply({"params": short_params}, images, train=False, want_qkv=True)
+  for k in ("attn_logits", "q", "k"):
+    np.testing.assert_array_equal(got[k], out[k][:3])
+  assert vit.truncate(deep, deep_params, 4)[0] is deep
+
+
+def test_gelu_is_the_exact_erf_form():
+  x = jnp.linspace(-8.0, 8.0, 2001)
+  gelu, reference = vit.ACTIVATIONS["gelu"], lambda v: jax.nn.gelu(v, approximate=False)
+  # 1 + erf(x) cancels in the far negative tail: absolute errors up to ~1e-6 where GELU is ~1e-7 (as in
+  # PyTorch's nn.GELU, which computes this same form).
+  np.testing.assert_allclose(gelu(x), reference(x), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(jax.vmap(jax.grad(gelu))(x), jax.vmap(jax.grad(reference))(x), rtol=1e-5, atol=1e-6)
+  assert gelu(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
 
 
 def test_override_rejects_unknown_keys(setup):
@@ -177,6 +265,8 @@ def test_build_errors():
     vit.build({"variant": "Ti/16", "num_classes": 10, "dropout": 0.1})
   with pytest.raises(ConfigError, match="model.remat_policy"):
     vit.build({"variant": "Ti/16", "num_classes": 10, "remat_policy": "some"})
+  with pytest.raises(ConfigError, match="model.attention_impl"):
+    vit.build({"variant": "Ti/16", "num_classes": 10, "attention_impl": "flash"})
   m = vit.build({"variant": "Ti/16", "num_classes": 10, "width": 96})
   assert m.width == 96 and m.depth == 12  # explicit fields override the variant
   assert vit.build(vit.model_fields(m)) == m

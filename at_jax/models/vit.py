@@ -1,8 +1,8 @@
 """Vision Transformer whose attention can be overridden layer by layer.
 
-The only file with network math. `ViT.__call__` returns `(logits, out)`, where `out` holds every layer's
-pre-softmax attention logits stacked as `attn_logits` [L, B, H, N, N] (and q/k/v [L, B, N, H, Dh] when
-`want_qkv`). An optional `override` replaces, in the layers/heads its mask selects, the attention logits
+The only file with network math. `ViT.__call__` returns `(logits, out)`, where `out` holds the pre-softmax
+attention logits every layer attended with (the teacher's where a "logits" override copies them), stacked
+as `attn_logits` [L, B, H, N, N] (and q/k/v [L, B, N, H, Dh] when `want_qkv`). An optional `override` replaces, in the layers/heads its mask selects, the attention logits
 or probabilities (attention copy) or q, k or v (the paper's Q/K/V variants). An optional `attn_target`
 (attention distillation) makes every selected layer compute, inside the block, its cross-entropy against
 the teacher's attention, so that no layer's maps outlive the layer (see `AttnTarget`).
@@ -31,6 +31,7 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from at_jax import attn_loss, sharding
 from at_jax.errors import ConfigError
@@ -55,6 +56,11 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 OVERRIDE_KEYS = ("logits", "probs", "q", "k", "v")
+# How a layer turns q, k, v into its output where nothing needs its N x N maps (no copied maps, no direct
+# distillation loss): "materialized" forms softmax(q k^T) v from the maps, "fused" calls
+# `jax.nn.dot_product_attention`, which is cuDNN's flash attention on GPUs for bf16/fp16 matmuls (linear
+# memory, no N x N map in HBM) and XLA's reference elsewhere (on TPUs and CPUs it still forms the maps).
+ATTENTION_IMPLS = ("materialized", "fused")
 _trunc_normal = nn.initializers.truncated_normal(0.02)
 
 
@@ -81,7 +87,9 @@ def sample_drop_masks(rng: Array, batch: int, depth: int, rate: float) -> Array:
 
 
 ACTIVATIONS = {
-    "gelu": lambda x: nn.gelu(x, approximate=False),   # exact, as timm/MAE/the paper
+    # Exact GELU, as timm/MAE/the paper, in its erf form: jax.nn.gelu's exact form goes through erfc, which
+    # XLA:CPU expands into two polynomial branches per element (12% of a Ti/16 step); same values to 1e-6.
+    "gelu": lambda x: 0.5 * x * (1.0 + jax.lax.erf(x * 2**-0.5)),
     "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP
 }
@@ -98,6 +106,7 @@ class BlockArch:
   mlp_act: str = "gelu"
   norm_eps: float = 1e-6
   dtype_mm: Any = jnp.float32
+  attention_impl: str = "materialized"   # ATTENTION_IMPLS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,10 +142,23 @@ def _attention_ce(target: Mapping[str, Array], impl: str, q_BNHD: Array, k_BNHD:
   return ce_BHN.mean(axis=(0, 2))
 
 
+def _fused_attention(q_BNHD: Array, k_BNHD: Array, v_BNHD: Array, dtype: Any) -> Array:
+  """softmax(q k^T / sqrt(Dh)) v without handing the maps back; see ATTENTION_IMPLS."""
+  flash = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  return jax.nn.dot_product_attention(q_BNHD.astype(dtype), k_BNHD.astype(dtype), v_BNHD.astype(dtype),
+                                      implementation="cudnn" if flash else "xla")
+
+
 class Attention(nn.Module):
-  """Multi-head self-attention that exposes its logits, obeys an override and scores itself against a target."""
+  """Multi-head self-attention that exposes its logits, obeys an override and scores itself against a target.
+
+  Attributes:
+    copied: every head of this layer takes the teacher's logits (a static fact of the override). The layer
+      then skips its own q and k and their gradient, which are all zero (XLA cannot tell from a traced mask).
+  """
   arch: BlockArch
   loss_impl: str = "direct"
+  copied: bool = False
 
   @nn.compact
   def __call__(self, x_BND: Array, override: Override | None, want_qkv: bool,
@@ -146,8 +168,10 @@ class Attention(nn.Module):
     head_dim = width // a.num_heads
     dense = lambda name: nn.DenseGeneral(  # noqa: E731
         (a.num_heads, head_dim), use_bias=a.qkv_bias, dtype=a.dtype_mm, kernel_init=_trunc_normal, name=name)
-    qkv = {name: dense(layer)(x_BND) for name, layer in (("q", "query"), ("k", "key"), ("v", "value"))}
-    if a.qk_norm:
+    own_qk = not self.copied or want_qkv or self.is_initializing()
+    projections = (("q", "query"), ("k", "key"), ("v", "value")) if own_qk else (("v", "value"),)
+    qkv = {name: dense(layer)(x_BND) for name, layer in projections}
+    if a.qk_norm and own_qk:
       qkv["q"] = nn.LayerNorm(epsilon=a.norm_eps, name="query_norm")(qkv["q"].astype(jnp.float32))
       qkv["k"] = nn.LayerNorm(epsilon=a.norm_eps, name="key_norm")(qkv["k"].astype(jnp.float32))
     if override is not None:
@@ -156,32 +180,39 @@ class Attention(nn.Module):
       for name in set(qkv) & set(override):
         qkv[name] = jnp.where(override["mask"][None, None, :, None],
                               override[name].astype(qkv[name].dtype), qkv[name])
-    q_BNHD, k_BNHD, v_BNHD = qkv["q"], qkv["k"], qkv["v"]
+    v_BNHD = qkv["v"]
+    maps_override = override is not None and ("logits" in override or "probs" in override)
+    needs_maps = maps_override or (target is not None and ("logits" in target or self.loss_impl == "direct"))
 
-    logits_BHNN = jnp.einsum("bqhd,bkhd->bhqk", q_BNHD.astype(a.dtype_mm), k_BNHD.astype(a.dtype_mm),
-                             preferred_element_type=jnp.float32) * head_dim**-0.5
-    # The biggest activation: keep it split along the batch like the data (GSPMD could otherwise follow
-    # the fsdp-sharded projection kernels and gather the batch).
-    logits_BHNN = sharding.constrain_batch(logits_BHNN)
-    if override is not None and "logits" in override:
-      mask_BHNN = override["mask"][None, :, None, None]
-      probs_BHNN = jax.nn.softmax(
-          jnp.where(mask_BHNN, override["logits"].astype(jnp.float32), logits_BHNN), axis=-1)
-    elif override is not None and "probs" in override:
-      mask_BHNN = override["mask"][None, :, None, None]
-      probs_BHNN = jnp.where(mask_BHNN, override["probs"].astype(jnp.float32),
-                             jax.nn.softmax(logits_BHNN, axis=-1))
+    if not own_qk:  # every head copied: the teacher's logits are this layer's
+      logits_BHNN = sharding.constrain_batch(override["logits"].astype(jnp.float32))
     else:
-      probs_BHNN = jax.nn.softmax(logits_BHNN, axis=-1)
-
-    y_BNHD = jnp.einsum("bhqk,bkhd->bqhd", probs_BHNN.astype(a.dtype_mm), v_BNHD.astype(a.dtype_mm))
+      # Formed here for `out`; where only `out` reads them and nobody reads that, XLA drops them.
+      logits_BHNN = jnp.einsum("bqhd,bkhd->bhqk", qkv["q"].astype(a.dtype_mm), qkv["k"].astype(a.dtype_mm),
+                               preferred_element_type=jnp.float32) * head_dim**-0.5
+      # The biggest activation: keep it split along the batch like the data (GSPMD could otherwise follow
+      # the fsdp-sharded projection kernels and gather the batch).
+      logits_BHNN = sharding.constrain_batch(logits_BHNN)
+    if a.attention_impl == "fused" and not needs_maps:
+      y_BNHD = _fused_attention(qkv["q"], qkv["k"], v_BNHD, a.dtype_mm)
+    else:
+      if override is not None and "logits" in override and own_qk:
+        mask_BHNN = override["mask"][None, :, None, None]
+        logits_BHNN = jnp.where(mask_BHNN, override["logits"].astype(jnp.float32), logits_BHNN)
+      if override is not None and "probs" in override:
+        mask_BHNN = override["mask"][None, :, None, None]
+        probs_BHNN = jnp.where(mask_BHNN, override["probs"].astype(jnp.float32),
+                               jax.nn.softmax(logits_BHNN, axis=-1))
+      else:
+        probs_BHNN = jax.nn.softmax(logits_BHNN, axis=-1)
+      y_BNHD = jnp.einsum("bhqk,bkhd->bqhd", probs_BHNN.astype(a.dtype_mm), v_BNHD.astype(a.dtype_mm))
     y_BND = nn.DenseGeneral(width, axis=(-2, -1), dtype=a.dtype_mm, kernel_init=_trunc_normal,
                             name="out")(y_BNHD)
     out = {"attn_logits": logits_BHNN}
     if target is not None:
-      out["attn_ce"] = _attention_ce(target, self.loss_impl, q_BNHD, k_BNHD, logits_BHNN)
+      out["attn_ce"] = _attention_ce(target, self.loss_impl, qkv["q"], qkv["k"], logits_BHNN)
     if want_qkv:
-      out.update(q=q_BNHD.astype(jnp.float32), k=k_BNHD.astype(jnp.float32), v=v_BNHD.astype(jnp.float32))
+      out.update({k: x.astype(jnp.float32) for k, x in qkv.items()})
     return y_BND, out
 
 
@@ -201,6 +232,7 @@ class Block(nn.Module):
   arch: BlockArch
   want_qkv: bool = False
   loss_impl: str = "direct"
+  copied: bool = False
 
   @nn.compact
   def __call__(self, x_BND: Array, inputs: tuple[Override | None, Array | None, Mapping[str, Array] | None]
@@ -216,10 +248,21 @@ class Block(nn.Module):
       return y if drop_2B is None else y * drop_2B[i][:, None, None]
 
     y = nn.LayerNorm(epsilon=a.norm_eps, name="LayerNorm_0")(x_BND)
-    y, out = Attention(a, self.loss_impl, name="MultiHeadDotProductAttention_0")(y, override, self.want_qkv, target)
+    y, out = Attention(a, self.loss_impl, self.copied, name="MultiHeadDotProductAttention_0")(
+        y, override, self.want_qkv, target)
     x_BND = x_BND + residual(y, 0)
     y = nn.LayerNorm(epsilon=a.norm_eps, name="LayerNorm_1")(x_BND)
     return x_BND + residual(MlpBlock(a, name="MlpBlock_0")(y), 1), out
+
+
+def _copied_layers(override: Override | None, depth: int) -> np.ndarray:
+  """[L] bool: the layers whose every head takes the teacher's logits, read from a concrete (numpy) mask.
+
+  A traced mask says nothing at trace time; those layers then compute their own q and k as well.
+  """
+  if override is None or "logits" not in override or not isinstance(override["mask"], np.ndarray):
+    return np.zeros((depth,), bool)
+  return override["mask"].all(axis=1)
 
 
 class Encoder(nn.Module):
@@ -237,6 +280,7 @@ class Encoder(nn.Module):
     if self.remat_policy != "none":
       block = nn.remat(Block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan)
     impl = "direct" if target is None else target.impl
+    copied_L = _copied_layers(override, self.depth)
     if self.scan:
       # Scanned blocks need every layer's inputs alike: unselected layers get zero targets (a uniform
       # teacher map) whose loss the reduction in `transfer` ignores.
@@ -245,14 +289,15 @@ class Encoder(nn.Module):
           for k, v in target.values.items()}
       scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                         in_axes=0, length=self.depth)
-      return scanned(self.arch, self.want_qkv, impl, name="encoderblock")(x_BND, (override, drop_L2B, full))
+      return scanned(self.arch, self.want_qkv, impl, bool(copied_L.all()), name="encoderblock")(
+          x_BND, (override, drop_L2B, full))
     outs = []
     for i in range(self.depth):
       layer = lambda t: None if t is None else jax.tree.map(lambda a: a[i], t)  # noqa: E731
       target_i = None
       if target is not None and i in target.layers:
         target_i = {k: v[target.layers.index(i)] for k, v in target.values.items()}
-      x_BND, out = block(self.arch, self.want_qkv, impl, name=f"encoderblock_{i}")(
+      x_BND, out = block(self.arch, self.want_qkv, impl, bool(copied_L[i]), name=f"encoderblock_{i}")(
           x_BND, (layer(override), layer(drop_L2B), target_i))
       outs.append(out)
     if target is not None:  # layers without a target report zero loss, so that the outputs stack
@@ -274,6 +319,8 @@ class ViT(nn.Module):
       False: patches only (big_vision, timm `no_embed_class`, DINOv2 with registers).
     pre_norm: LayerNorm on the token sequence before the first block (CLIP's ln_pre, timm norm_pre).
     drop_path: max stochastic-depth rate (linear over depth), used when `train` and no masks are given.
+    attention_impl: `ATTENTION_IMPLS`; "fused" gives the same function (to float tolerance) without the
+      maps in layers that need none.
   """
   num_classes: int
   patch_size: int = 16
@@ -296,6 +343,7 @@ class ViT(nn.Module):
   dtype_mm: str = "float32"
   scan: bool = False
   remat_policy: str = "none"
+  attention_impl: str = "materialized"
 
   @property
   def num_prefix(self) -> int:
@@ -359,7 +407,7 @@ class ViT(nn.Module):
       if unknown or "mask" not in override:
         raise ValueError(f"override needs 'mask' and keys from {OVERRIDE_KEYS}, got {sorted(override)}")
     arch = BlockArch(self.mlp_dim, self.num_heads, self.qkv_bias, self.qk_norm, self.layerscale_init,
-                     self.mlp_act, self.norm_eps, dtype_mm)
+                     self.mlp_act, self.norm_eps, dtype_mm, self.attention_impl)
     if attn_target is not None and attn_target.impl not in attn_loss.IMPLS:
       raise ConfigError("transfer.loss_impl", f"unknown {attn_target.impl!r}; use one of {attn_loss.IMPLS}")
     x_BND, out = Encoder(self.depth, arch, self.scan, self.remat_policy, want_qkv,
@@ -387,7 +435,8 @@ class ViT(nn.Module):
 
 # Fields that belong to the training recipe, not the architecture: a student that mirrors its teacher
 # (`model.arch = "teacher"`) keeps its own values of these and takes everything else from the teacher.
-RECIPE_FIELDS = ("num_classes", "pool", "drop_path", "head_init_std", "dtype_mm", "scan", "remat_policy")
+RECIPE_FIELDS = ("num_classes", "pool", "drop_path", "head_init_std", "dtype_mm", "scan", "remat_policy",
+                 "attention_impl")
 
 
 def expand(model_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -412,6 +461,8 @@ def build(model_config: Mapping[str, Any]) -> ViT:
     raise ConfigError("model", f"unknown model fields {sorted(unknown)}; valid: {sorted(fields)}")
   if kwargs.get("remat_policy", "none") not in REMAT_POLICIES:
     raise ConfigError("model.remat_policy", f"{kwargs['remat_policy']!r} is not one of {sorted(REMAT_POLICIES)}")
+  if kwargs.get("attention_impl", "materialized") not in ATTENTION_IMPLS:
+    raise ConfigError("model.attention_impl", f"{kwargs['attention_impl']!r} is not one of {ATTENTION_IMPLS}")
   if kwargs.get("mlp_act", "gelu") not in ACTIVATIONS:
     raise ConfigError("model.mlp_act", f"{kwargs['mlp_act']!r} is not one of {sorted(ACTIVATIONS)}")
   if kwargs.get("width", 768) % kwargs.get("num_heads", 12):
@@ -422,6 +473,23 @@ def build(model_config: Mapping[str, Any]) -> ViT:
 def model_fields(model: ViT) -> dict[str, Any]:
   """The plain-dict description of `model` that `build` accepts (stored beside exported params)."""
   return {k: getattr(model, k) for k in ViT.__dataclass_fields__ if k not in ("parent", "name")}
+
+
+def truncate(model: ViT, params: Mapping[str, Any], depth: int) -> tuple[ViT, dict[str, Any]]:
+  """`model` and `params` cut after block `depth - 1`: a teacher whose later layers transfer nothing.
+
+  Unrolled, XLA would drop those layers as dead code; a scan over layers runs every iteration, and their
+  params would still take memory. The final norm stays (tiny; its output goes unused).
+  """
+  if depth >= model.depth:
+    return model, dict(params)
+  enc = dict(params["Transformer"])
+  if "encoderblock" in enc:  # scanned: [L, ...] leaves
+    enc["encoderblock"] = jax.tree.map(lambda a: a[:depth], enc["encoderblock"])
+  else:
+    for i in range(depth, model.depth):
+      del enc[f"encoderblock_{i}"]
+  return model.clone(depth=depth), {**params, "Transformer": enc}
 
 
 def scan_to_loop(params: Mapping[str, Any]) -> dict[str, Any]:
