@@ -238,11 +238,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     raise ConfigError("transfer.mode", f"precomputed teacher targets serve distillation; "
                       f"{config.transfer.mode!r} needs none (copy runs the teacher at evaluation too)")
   train.ensure_teacher(config, workdir)  # as launch/main.py would, so that precomputing can come first
-  teacher_config, params = train.load_teacher(config, workdir)
-  teacher = vit.build(teacher_config)
+  teacher, params, t = train.teacher_on_mesh(config, workdir, model, mesh)
+  teacher_config = train.teacher_model_config(config, workdir)
   d = config.data
-  t = transfer.resolve(config.transfer.to_dict(), model, teacher, d.image_size)
-  params = jax.device_put(params, sharding.tree_shardings(mesh, params))
   metadata = describe(teacher, what=t.what, store=config.precompute.store, layers=t.layers,
                       image_size=d.image_size, crop_pct=d.crop_pct, normalization=d.normalization,
                       dataset=d.name, split=d.train_split, num_examples=len(train_source),

@@ -169,13 +169,16 @@ def model_config(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     f"{list(vit.RECIPE_FIELDS)})")
 
 
-def _teacher_on_mesh(config, workdir: str, mesh) -> tuple[vit.ViT | None, Any]:
-  if config.transfer.mode == "none" or config.transfer.source == "precomputed":
-    return None, None
+def teacher_on_mesh(config: ml_collections.ConfigDict, workdir: str, model: vit.ViT, mesh
+                    ) -> tuple[vit.ViT, Any, transfer.Transfer]:
+  """The frozen teacher, the transfer setting resolved against it, and the teacher cut after its last
+  transferred layer (`vit.truncate`) with its params placed on `mesh`. It computes attention as the
+  student does (`model.attention_impl`)."""
   model_config, params = load_teacher(config, workdir)
-  teacher = vit.build(model_config)
-  params = jax.device_put(params, sharding.tree_shardings(mesh, params))
-  return teacher, params
+  teacher = vit.build({**model_config, "attention_impl": model.attention_impl})
+  t = transfer.resolve(config.transfer.to_dict(), model, teacher, config.data.image_size)
+  teacher, params = vit.truncate(teacher, params, max(t.layers) + 1)
+  return teacher, jax.device_put(params, sharding.tree_shardings(mesh, params)), t
 
 
 def validate(config: ml_collections.ConfigDict, workdir: str, *, check_targets: bool = True
@@ -233,8 +236,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, check_targets: boo
   """Builds and validates everything; raises ConfigError naming the field/file to fix."""
   model, mesh, train_source, eval_source = validate(config, workdir, check_targets=check_targets)
   image_size = config.data.image_size
-  teacher, teacher_params = _teacher_on_mesh(config, workdir, mesh)
-  t = transfer.resolve(config.transfer.to_dict(), model, teacher, image_size)
+  if config.transfer.mode == "none" or config.transfer.source == "precomputed":
+    teacher, teacher_params = None, None
+    t = transfer.resolve(config.transfer.to_dict(), model, None, image_size)
+  else:
+    teacher, teacher_params, t = teacher_on_mesh(config, workdir, model, mesh)
 
   steps_per_epoch = max(1, len(train_source) // config.data.batch_size)
   s = config.schedule

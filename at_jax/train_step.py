@@ -63,7 +63,10 @@ def _teacher_targets(teacher: ViT | None, teacher_params: Any, batch: Batch, t: 
     return None
   if t.source == "precomputed":
     return transfer.precomputed_targets(batch, t)
-  # The teacher runs frozen in eval mode, but with the student's drop-path masks (the paper's choice).
+  # The teacher runs frozen in eval mode, but with the student's drop-path masks (the paper's choice);
+  # it may be cut after its last transferred layer (`vit.truncate`), so it takes the masks of its layers.
+  if drop_masks is not None:
+    drop_masks = drop_masks[:teacher.depth]
   _, out = teacher.apply({"params": teacher_params}, batch["image"], train=False,
                          drop_masks=drop_masks, want_qkv=transfer.needs_qkv(t))
   return transfer.teacher_targets(out, t)

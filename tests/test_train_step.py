@@ -183,3 +183,28 @@ def test_copy_eval_runs_teacher():
     sums = train_step.make_eval_step(student, teacher, t)(sp, sp, batch, tp)
     assert float(sums["top1"]) == 100 * float(jnp.sum(logits.argmax(-1) == batch["label"]))
     assert float(sums["count"]) == B
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_teacher_cut_after_its_last_transferred_layer_gives_the_same_loss(scan):
+  """`train.setup` cuts the teacher after the last distilled layer (`vit.truncate`); with shared drop-path
+  masks the cut teacher takes its layers' masks, and the step's losses and gradients do not change."""
+  depth = 4
+  student = vit.build({"variant": "Pico/4", "num_classes": 10, "drop_path": 0.5, "depth": depth, "scan": scan})
+  teacher = vit.build({"variant": "Pico/4", "num_classes": 10, "depth": depth, "scan": scan})
+  t = transfer.resolve({"mode": "distill", "layers": "first:2"}, student, teacher, S)
+  images = jnp.zeros((1, S, S, 3))
+  sp = student.init(jax.random.key(0), images, train=False)["params"]
+  tp = teacher.init(jax.random.key(9), images, train=False)["params"]
+  short, short_tp = vit.truncate(teacher, tp, max(t.layers) + 1)
+  assert short.depth == 2
+  batch = {k: jnp.asarray(v) for k, v in _batches()[0].items()}
+  results = []
+  for model, params in ((teacher, tp), (short, short_tp)):
+    loss_fn = train_step.make_loss_fn(student, model, t, label_smoothing=0.0)
+    results.append(jax.value_and_grad(loss_fn, has_aux=True)(sp, batch, params, jax.random.key(11)))
+  (full_loss, full_aux), full_grads = results[0]
+  (cut_loss, cut_aux), cut_grads = results[1]
+  assert float(full_aux["distill_loss"]) > 0
+  np.testing.assert_allclose(cut_loss, full_loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), cut_grads, full_grads)
