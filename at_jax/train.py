@@ -190,6 +190,32 @@ def validate(config: ml_collections.ConfigDict, workdir: str, *, check_targets: 
 
   Returns (model, mesh, train_source, eval_source). Cheap: runs before a teacher is trained or loaded.
   """
+  o, s = config.optim, config.schedule
+  # Values the code would take without complaint and then train wrongly with: a negative lr or clip norm
+  # ascends, eps 0 gives 0/0 for params without gradient, ema_decay 1 freezes the EMA, log_every_steps 0
+  # fails after compilation, a negative `steps` falls back to `epochs`. Written as what is allowed, so NaN
+  # fails too. layer_decay is also checked by optim.make_optimizer, but only after a teacher is trained.
+  allowed = {"optim.base_lr": (0 <= o.base_lr < math.inf, "finite and >= 0"),
+             "optim.min_lr": (0 <= o.min_lr < math.inf, "finite and >= 0"),
+             "optim.b1": (0 <= o.b1 < 1, "in [0, 1)"),
+             "optim.b2": (0 <= o.b2 < 1, "in [0, 1)"),
+             "optim.eps": (0 < o.eps < math.inf, "finite and > 0"),
+             "optim.weight_decay": (0 <= o.weight_decay < math.inf, "finite and >= 0"),
+             "optim.layer_decay": (0 < o.layer_decay <= 1, "in (0, 1] (1: no layer decay)"),
+             "optim.grad_clip": (0 <= o.grad_clip < math.inf, "finite and >= 0 (0: no clipping)"),
+             "optim.label_smoothing": (0 <= o.label_smoothing < 1, "in [0, 1)"),
+             "optim.ema_decay": (0 <= o.ema_decay < 1, "in [0, 1)"),
+             "schedule.steps": (s.steps >= 0, ">= 0 (0: train for schedule.epochs)"),
+             "schedule.log_every_steps": (s.log_every_steps >= 1, ">= 1")}
+  for field, (ok, expected) in allowed.items():
+    if not ok:
+      group, name = field.split(".")
+      raise ConfigError(field, f"must be {expected}, got {config[group][name]!r}")
+  if config.task == "mae" and o.layer_decay != 1:
+    # MAE's params sit under "encoder"/"decoder*", which optim.layer_decay_scales gives no layer ids: every
+    # multiplier would be 1. Layer decay is a fine-tuning setting (MAE pre-trains without it).
+    raise ConfigError("optim.layer_decay", f"{o.layer_decay} would be ignored by MAE pre-training "
+                      "(task='mae'), which uses no layer-wise lr decay; set optim.layer_decay=1")
   model = vit.build(model_config(config, workdir))
   if config.model.init and not os.path.exists(config.model.init):
     raise ConfigError("model.init", f"{config.model.init} does not exist; it should be a params export "
@@ -365,13 +391,14 @@ def _fresh_state_and_steps(run: Run):
   return state, shardings, ckpt, train_fn, eval_fn
 
 
-def _data_position(run: Run, step: int) -> dict[str, Any]:
+def _data_position(run: Run, step: int, skipped_examples: int = 0) -> dict[str, Any]:
   """The data iterator's position, saved with each checkpoint: the stream is a pure function of these, and
-  after `step` steps it stands at example `step * batch_size` of it."""
+  after `step` steps it stands at example `step * batch_size` of it. `skipped_examples`: how many of those
+  examples stood in for unreadable records (all processes), so the logged count continues on resume."""
   d = run.config.data
-  return {"step": step, "examples_seen": step * d.batch_size, "seed": run.config.seed,
-          "data.batch_size": d.batch_size, "data.name": d.name, "data.train_split": d.train_split,
-          "num_examples": len(run.train_source)}
+  return {"step": step, "examples_seen": step * d.batch_size, "skipped_examples": skipped_examples,
+          "seed": run.config.seed, "data.batch_size": d.batch_size, "data.name": d.name,
+          "data.train_split": d.train_split, "num_examples": len(run.train_source)}
 
 
 def _check_data_position(run: Run, saved: Mapping[str, Any]) -> None:
@@ -390,9 +417,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   run = setup(config, workdir)
   print(memory_report(run), flush=True)  # raises before compiling when the config cannot fit
   state, shardings, ckpt, train_fn, eval_fn = _fresh_state_and_steps(run)
+  skipped_before = 0  # examples that stood in for unreadable records before this process started
   if ckpt.latest_step() is not None:
     state, extra = ckpt.restore(state)
     _check_data_position(run, extra)
+    skipped_before = int(extra.get("skipped_examples", 0))  # absent in checkpoints from before the field
     print(f"Resumed from {workdir}/checkpoints at step {int(state.step)}", flush=True)
   elif config.model.init:
     _, loaded = load_vit(config.model.init, config)
@@ -411,6 +440,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   batches = _train_iter(run, start)
   pending = None  # (step, metrics) of the step before, fetched after the next one is dispatched
   skipped = 0  # examples of this process's batches that stood in for unreadable ones, since (re)start
+  skipped_total = skipped_before  # the run's count over all processes, as of the last step that summed it
   sigterm = _SigtermFlag()
   try:
     for step in range(start + 1, run.total_steps + 1):
@@ -420,13 +450,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if pending is not None:
         _log(pending, writer, progress, ckpt)
       pending = None
-      if step % s.log_every_steps == 0 or step == run.total_steps:
-        # Summed over processes: every process logs at the same steps, so the gather lines up.
-        total = skipped if jax.process_count() == 1 else int(np.sum(multihost_utils.process_allgather(
-            np.int64(skipped))))
-        pending = (step, {**step_metrics, "skipped_examples": total})
+      log_now = step % s.log_every_steps == 0 or step == run.total_steps
       preempted = sigterm.raised or ckpt.reached_preemption(step)
-      ckpt.save(step, state, extra=_data_position(run, step), force=preempted)
+      if log_now or preempted or step % config.ckpt.every_steps == 0 or jax.process_count() == 1:
+        # Summed over processes where it is logged or may be saved: every process reaches those steps
+        # together, so the gather lines up; on other steps no save happens and the stale value is unused.
+        skipped_total = skipped_before + (skipped if jax.process_count() == 1 else int(np.sum(
+            multihost_utils.process_allgather(np.int64(skipped)))))
+      if log_now:
+        pending = (step, {**step_metrics, "skipped_examples": skipped_total})
+      ckpt.save(step, state, extra=_data_position(run, step, skipped_total), force=preempted)
       if preempted:
         ckpt.wait()
         ckpt.close()
@@ -439,7 +472,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     sigterm.restore()
   if pending is not None:
     _log(pending, writer, progress, ckpt)
-  ckpt.save(run.total_steps, state, extra=_data_position(run, run.total_steps), force=True)
+  ckpt.save(run.total_steps, state, extra=_data_position(run, run.total_steps, skipped_total), force=True)
   ckpt.wait()
   evals = evaluate_run(run, eval_fn, state)
   writer.write(run.total_steps, {f"eval/{k}": v for k, v in evals.items()})

@@ -7,10 +7,11 @@ import jax
 import numpy as np
 import pytest
 
-from at_jax import checkpoint, metrics, train
+from at_jax import checkpoint, data, metrics, train
 from at_jax.errors import ConfigError
 from at_jax.models import vit
-from configs import demo
+from configs import demo, mae_fmnist
+from tests.test_data import _DamagedSource
 
 
 def tiny_config(steps=6, layers="first:1", **transfer):
@@ -106,7 +107,6 @@ def test_bad_student_config_fails_before_teacher_training(tmp_path):
 
 def test_mae_pretraining_exports_a_teacher(tmp_path):
   """task='mae' learns without labels; its export is the encoder, a working teacher for distillation."""
-  from configs import mae_fmnist  # noqa: PLC0415
   c = mae_fmnist.get_config()
   c.unlock()
   c.model.variant = "Pico/7"
@@ -232,3 +232,104 @@ def test_teacher_with_other_patch_size_is_rejected(tmp_path, teacher_export):
   c.teacher.init = teacher_export
   c.model.variant = "Pico/4"
   assert _setup_error(c).field == "teacher.init"
+
+
+def _validate_error(c, workdir):
+  with pytest.raises(ConfigError) as e:
+    train.validate(c, str(workdir))
+  return e.value
+
+
+@pytest.mark.parametrize("field,value", [
+    ("optim.grad_clip", -1.0),
+    ("optim.base_lr", -1e-3),
+    ("optim.base_lr", float("nan")),
+    ("optim.min_lr", -1e-6),
+    ("optim.b1", 1.0),
+    ("optim.b2", -0.1),
+    ("optim.eps", 0.0),
+    ("optim.weight_decay", -0.05),
+    ("optim.layer_decay", 0.0),
+    ("optim.layer_decay", 1.5),
+    ("optim.label_smoothing", 1.0),
+    ("optim.label_smoothing", -0.1),
+    ("optim.ema_decay", 1.0),
+    ("optim.ema_decay", -0.5),
+    ("schedule.steps", -1),
+    ("schedule.log_every_steps", 0),
+])
+def test_out_of_range_optim_and_schedule_fields_fail_validation(tmp_path, field, value):
+  c = tiny_config(mode="none")
+  group, name = field.split(".")
+  c[group][name] = value
+  err = _validate_error(c, tmp_path)
+  assert err.field == field and repr(value) in str(err)
+
+
+def test_range_boundaries_pass_validation(tmp_path):
+  """The edges that mean something (off, no decay, no smoothing, EMA = params) are accepted."""
+  c = tiny_config(mode="none")
+  c.optim.update(dict(base_lr=0.0, min_lr=0.0, b1=0.0, b2=0.0, weight_decay=0.0, layer_decay=1.0,
+                      grad_clip=0.0, label_smoothing=0.0, ema_decay=0.0))
+  c.schedule.update(dict(steps=0, log_every_steps=1))
+  train.validate(c, str(tmp_path))
+
+
+def test_layer_decay_is_rejected_for_mae_pretraining(tmp_path):
+  """MAE's param tree has no layer ids for optim.layer_decay_scales: a decay < 1 would silently do nothing."""
+  c = mae_fmnist.get_config()
+  c.unlock()
+  c.model.variant = "Pico/7"
+  c.data.eval_batch_size = 400  # divisible by the 8 emulated devices
+  c.optim.layer_decay = 0.75
+  err = _validate_error(c, tmp_path)
+  assert err.field == "optim.layer_decay" and "task='mae'" in str(err)
+  c.optim.layer_decay = 1.0
+  train.validate(c, str(tmp_path))
+  classify = tiny_config(mode="none")  # fine-tuning a classifier: layer decay is meaningful
+  classify.optim.layer_decay = 0.75
+  train.validate(classify, str(tmp_path))
+
+
+def test_skipped_examples_count_survives_resume(tmp_path, monkeypatch):
+  """train/skipped_examples counts the whole run: a resumed run logs what an uninterrupted one does."""
+  bad = {1: "garbage", 2: "truncated", 40: "garbage"}  # met once per epoch of 4 steps
+
+  def make_source(name, split, data_dir=None):
+    del name, data_dir
+    return _DamagedSource(64, bad, size=28) if split.startswith("train") else _DamagedSource(40, {}, size=28)
+  monkeypatch.setattr(data, "make_source", make_source)
+  c = tiny_config(steps=8, mode="none")
+  c.data.eval_batch_size = 40
+  straight = tmp_path / "straight"
+  train.train_and_evaluate(c, str(straight))
+
+  def skipped_by_step(workdir):
+    lines = metrics.read_jsonl(str(workdir / "metrics.jsonl"))
+    return {x["step"]: x["train/skipped_examples"] for x in lines if "train/loss" in x}
+  expected = skipped_by_step(straight)
+  assert expected == {2: expected[2], 4: len(bad), 6: expected[6], 8: 2 * len(bad)}
+
+  def kill_after_step_4(workdir):
+    """What a run killed after its step-4 checkpoint leaves: checkpoints up to 4, metrics up to 4."""
+    shutil.copytree(straight, workdir)
+    for step in (6, 8):
+      shutil.rmtree(workdir / "checkpoints" / str(step))
+    shutil.rmtree(workdir / train.EXPORT_DIR)
+    kept = [x for x in metrics.read_jsonl(str(workdir / "metrics.jsonl")) if x["step"] <= 4]
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in kept))
+
+  resumed = tmp_path / "resumed"
+  kill_after_step_4(resumed)
+  train.train_and_evaluate(c, str(resumed))
+  assert skipped_by_step(resumed) == expected
+
+  # A checkpoint written before the count was saved resumes counting from 0.
+  old = tmp_path / "old"
+  kill_after_step_4(old)
+  extra_file = old / "checkpoints" / "4" / "extra" / "metadata"
+  extra = json.loads(extra_file.read_text())
+  assert extra.pop("skipped_examples") == len(bad)
+  extra_file.write_text(json.dumps(extra))
+  train.train_and_evaluate(c, str(old))
+  assert skipped_by_step(old)[8] == len(bad)
