@@ -2,6 +2,8 @@
 
   python benchmarks/step.py --models=Mu/7@28:128,Ti/16@224:16 --modes=none,copy,distill --steps=5 --reps=5
   python benchmarks/step.py --models=L/16@224:32 --dtypes=bfloat16 --remat=none,dots,full  # GPU: MFU
+  python benchmarks/step.py --models=L/16@224:32 --dtypes=bfloat16 --remat=dots --scan --layers=end_layer:-6 \
+      --attention=materialized,fused --loss_impl=blockwise  # the ViT-L distill recipe's step, fused on GPU
 
 For every model x dtype x remat policy, the steps of all modes are compiled first and then timed in
 interleaved repetitions (mode after mode, `--reps` times `--steps` steps), so that load from other jobs
@@ -35,6 +37,9 @@ flags.DEFINE_list("modes", ["none", "copy", "distill"], "Transfer modes to time 
 flags.DEFINE_list("dtypes", ["float32"], "dtype_mm values (float32, bfloat16).")
 flags.DEFINE_list("remat", ["none"], "Remat policies to time (none, full, dots).")
 flags.DEFINE_bool("scan", False, "Scan over layers.")
+flags.DEFINE_list("attention", ["materialized"], "model.attention_impl values to time (materialized, fused).")
+flags.DEFINE_string("layers", "all", "transfer.layers, e.g. end_layer:-6 (the paper's ViT-L distillation).")
+flags.DEFINE_string("loss_impl", "direct", "transfer.loss_impl for distill (direct, blockwise, pallas).")
 flags.DEFINE_integer("steps", 5, "Steps per timed repetition.")
 flags.DEFINE_integer("reps", 5, "Timed repetitions per step (interleaved across modes).")
 flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
@@ -57,8 +62,9 @@ class JaxStep:
   """Our jitted train step (at_jax.train_step, as training runs it), compiled, with its state and batch.
 
   Args:
-    variant, image_size, batch, mode, dtype, remat, scan: the model and step to build; all layers
-      transfer, no drop-path, label smoothing 0.1, AdamW (b2 0.95, wd 0.05) and EMA 0.9999.
+    variant, image_size, batch, mode, dtype, remat, scan, attention: the model and step to build; no
+      drop-path, label smoothing 0.1, AdamW (b2 0.95, wd 0.05) and EMA 0.9999.
+    layers, loss_impl: transfer.layers and transfer.loss_impl (the latter for distill only).
     images: [B, H, W, C] float32 and `labels` [B] int (default: random, seed 0).
     params, teacher_params: float32 numpy pytrees in our layout (e.g. converted from timm models); default:
       random init.
@@ -66,7 +72,8 @@ class JaxStep:
 
   def __init__(self, variant: str, image_size: int, batch: int, mode: str, dtype: str = "float32",
                remat: str = "none", scan: bool = False, images: Any = None, labels: Any = None,
-               params: Any = None, teacher_params: Any = None):
+               params: Any = None, teacher_params: Any = None, attention: str = "materialized",
+               layers: str = "all", loss_impl: str = "direct"):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -77,9 +84,11 @@ class JaxStep:
     self.variant, self.image_size, self.batch, self.mode, self.dtype, self.remat = (
         variant, image_size, batch, mode, dtype, remat)
     mesh = sharding.make_mesh(-1, 1)
-    cfg = {"variant": variant, "num_classes": 1000, "dtype_mm": dtype, "scan": scan, "remat_policy": remat}
+    cfg = {"variant": variant, "num_classes": 1000, "dtype_mm": dtype, "scan": scan, "remat_policy": remat,
+           "attention_impl": attention}
     self.model = model = teacher = vit.build(cfg)
-    t = transfer.resolve({"mode": mode, "layers": "all"}, model, teacher, image_size)
+    t = transfer.resolve({"mode": mode, "layers": layers,
+                          "loss_impl": loss_impl if mode == "distill" else "direct"}, model, teacher, image_size)
     self.layers = t.layers
     schedule = optim.make_schedule(base_lr=1e-4, batch_size=batch, warmup_steps=1, total_steps=1000,
                                    min_lr=0.0)
@@ -96,6 +105,8 @@ class JaxStep:
     if mode != "none":
       if teacher_params is None:
         teacher_params = jax.jit(lambda: teacher.init(jax.random.key(1), ones, train=False)["params"])()
+      # Cut after the last transferred layer, as train.setup does.
+      teacher, teacher_params = vit.truncate(teacher, teacher_params, max(t.layers) + 1)
       tp = jax.device_put(teacher_params, sharding.tree_shardings(mesh, teacher_params))
     t_sh = None if tp is None else jax.tree.map(lambda a: a.sharding, tp)
     step = train_step.make_train_step(model, teacher, tx, t, schedule=schedule, label_smoothing=0.1,
@@ -184,18 +195,20 @@ def main(argv):
 
   device = jax.devices()[0]
   print(f"devices: {jax.device_count()} x {device.device_kind}; jax {jax.__version__}; "
-        f"{FLAGS.reps} reps x {FLAGS.steps} steps, interleaved over modes")
-  print("| model | img | batch | dtype | remat | mode | compile s | ms/step median | min | img/s | vs scratch "
-        "| GFLOP/img | TFLOP/s | MFU | program GiB | device peak GiB |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        f"{FLAGS.reps} reps x {FLAGS.steps} steps, interleaved over modes; layers {FLAGS.layers}, "
+        f"distill loss_impl {FLAGS.loss_impl}, scan {FLAGS.scan}")
+  print("| model | img | batch | dtype | remat | attention | mode | compile s | ms/step median | min | img/s "
+        "| vs scratch | GFLOP/img | TFLOP/s | MFU | program GiB | device peak GiB |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for entry in FLAGS.models:
     variant, size, batch = parse_model(entry)
     for dtype in FLAGS.dtypes:
       peak = flops.peak_tflops(device.device_kind, dtype, FLAGS.peak_tflops)
-      for remat in FLAGS.remat:
+      for remat, attention in [(r, a) for r in FLAGS.remat for a in FLAGS.attention]:
         steps, peaks = {}, {}
         for mode in FLAGS.modes:
-          steps[mode] = JaxStep(variant, size, batch, mode, dtype, remat, FLAGS.scan)
+          steps[mode] = JaxStep(variant, size, batch, mode, dtype, remat, FLAGS.scan, attention=attention,
+                                layers=FLAGS.layers, loss_impl=FLAGS.loss_impl)
           steps[mode].run(FLAGS.warmup)
           peaks[mode] = device_peak_bytes()
         for _ in range(FLAGS.reps):
@@ -210,7 +223,7 @@ def main(argv):
           mfu = f"{100 * tflops / peak:.1f}%" if peak else "-"
           ratio = f"{med / base:.2f}x" if base else "-"
           dev_peak = f"{peaks[mode] / GIB:.2f}" if peaks[mode] is not None else "-"
-          print(f"| {variant} | {size} | {batch} | {dtype} | {remat} | {mode} | {s.compile_s:.1f} | {med:.1f} | "
+          print(f"| {variant} | {size} | {batch} | {dtype} | {remat} | {attention} | {mode} | {s.compile_s:.1f} | {med:.1f} | "
                 f"{low:.1f} | {batch / med * 1000:.1f} | {ratio} | {f / 1e9:.2f} | {tflops:.3f} | {mfu} | "
                 f"{s.program_bytes / GIB:.2f} | {dev_peak} |", flush=True)
         for s in steps.values():
