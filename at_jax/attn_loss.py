@@ -45,10 +45,12 @@ _MASKED = -0.7 * float(np.finfo(np.float32).max)
 # Direct: materialised maps.
 
 
-def ce_from_logits(t_logits_BHNN: Array, s_logits_BHNN: Array, key_mask_BN: Array | None = None) -> Array:
+def ce_from_logits(t_logits_BHNN: Array, s_logits_BHNN: Array, key_mask_BN: Array | None = None, *,
+                   s_lse_BHN: Array | None = None) -> Array:
   """Per-query CE [B, H, Nq] from materialised teacher and student logits [B, H, Nq, Nk], in float32.
 
   Keys where `key_mask_BN` [B, Nk] is False are left out of both softmaxes. The teacher gets no gradient.
+  `s_lse_BHN`: logsumexp of the student's logits over keys, if the caller has it (no key mask then).
   """
   t = lax.stop_gradient(t_logits_BHNN.astype(jnp.float32))
   s = s_logits_BHNN.astype(jnp.float32)
@@ -57,7 +59,8 @@ def ce_from_logits(t_logits_BHNN: Array, s_logits_BHNN: Array, key_mask_BN: Arra
     t = jnp.where(valid, t, _MASKED)
     s = jnp.where(valid, s, _MASKED)
   p_t = jax.nn.softmax(t, axis=-1)  # exactly 0 on masked keys, so they drop out of the sum below
-  return jax.nn.logsumexp(s, axis=-1) - jnp.sum(p_t * s, axis=-1)
+  lse = jax.nn.logsumexp(s, axis=-1) if s_lse_BHN is None else s_lse_BHN
+  return lse - jnp.sum(p_t * s, axis=-1)
 
 
 def _logits(q_BNHD: Array, k_BNHD: Array, scale: float) -> Array:

@@ -125,14 +125,17 @@ class AttnTarget:
 
 
 def _attention_ce(target: Mapping[str, Array], impl: str, q_BNHD: Array, k_BNHD: Array,
-                  logits_BHNN: Array) -> Array:
-  """Per-head cross-entropy [H] of this layer's attention against the teacher's, mean over batch and queries."""
+                  logits_BHNN: Array, lse_BHN: Array | None) -> Array:
+  """Per-head cross-entropy [H] of this layer's attention against the teacher's, mean over batch and queries.
+
+  `lse_BHN`: logsumexp of the student's logits over keys, when the block's softmax already has it.
+  """
   if "logits" in target:
-    ce_BHN = attn_loss.ce_from_logits(target["logits"], logits_BHNN)
+    ce_BHN = attn_loss.ce_from_logits(target["logits"], logits_BHNN, s_lse_BHN=lse_BHN)
   elif impl == "direct":
     q_t, k_t = target["q"].astype(jnp.float32), target["k"].astype(jnp.float32)
     t_logits = jnp.einsum("bqhd,bkhd->bhqk", q_t, k_t) * q_t.shape[-1] ** -0.5
-    ce_BHN = attn_loss.ce_from_logits(t_logits, logits_BHNN)
+    ce_BHN = attn_loss.ce_from_logits(t_logits, logits_BHNN, s_lse_BHN=lse_BHN)
   else:
     loss = functools.partial(attn_loss.attention_ce, impl, scale_t=target["q"].shape[-1] ** -0.5,
                              scale_s=q_BNHD.shape[-1] ** -0.5)
@@ -193,6 +196,7 @@ class Attention(nn.Module):
       # The biggest activation: keep it split along the batch like the data (GSPMD could otherwise follow
       # the fsdp-sharded projection kernels and gather the batch).
       logits_BHNN = sharding.constrain_batch(logits_BHNN)
+    lse_BHN = None
     if a.attention_impl == "fused" and not needs_maps:
       y_BNHD = _fused_attention(qkv["q"], qkv["k"], v_BNHD, a.dtype_mm)
     else:
@@ -203,6 +207,10 @@ class Attention(nn.Module):
         mask_BHNN = override["mask"][None, :, None, None]
         probs_BHNN = jnp.where(mask_BHNN, override["probs"].astype(jnp.float32),
                                jax.nn.softmax(logits_BHNN, axis=-1))
+      elif target is not None and own_qk:
+        # The distillation CE needs logsumexp(logits) too: one pass over the maps serves both.
+        lse_BHN = jax.nn.logsumexp(logits_BHNN, axis=-1)
+        probs_BHNN = jnp.exp(logits_BHNN - lse_BHN[..., None])
       else:
         probs_BHNN = jax.nn.softmax(logits_BHNN, axis=-1)
       y_BNHD = jnp.einsum("bhqk,bkhd->bqhd", probs_BHNN.astype(a.dtype_mm), v_BNHD.astype(a.dtype_mm))
@@ -210,7 +218,7 @@ class Attention(nn.Module):
                             name="out")(y_BNHD)
     out = {"attn_logits": logits_BHNN}
     if target is not None:
-      out["attn_ce"] = _attention_ce(target, self.loss_impl, qkv["q"], qkv["k"], logits_BHNN)
+      out["attn_ce"] = _attention_ce(target, self.loss_impl, qkv["q"], qkv["k"], logits_BHNN, lse_BHN)
     if want_qkv:
       out.update({k: x.astype(jnp.float32) for k, x in qkv.items()})
     return y_BND, out
