@@ -125,12 +125,6 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
-def _global_sum(value: int) -> int:
-  if jax.process_count() == 1:
-    return value
-  return int(np.sum(multihost_utils.process_allgather(np.int64(value))))
-
-
 def write_targets(teacher: vit.ViT, teacher_params: Any, source: data.Source, directory: str,
                   metadata: Mapping[str, Any], *, batch_size: int, mesh: jax.sharding.Mesh,
                   num_threads: int = 2) -> dict[str, Any]:
@@ -215,7 +209,7 @@ def write_targets(teacher: vit.ViT, teacher_params: Any, source: data.Source, di
         w.result()
       pending = []
       metadata.update(done_examples=min(done * batch_size, n), complete=done == num_batches,
-                      skipped=base_skipped + _global_sum(skipped))  # collective: every process is here
+                      skipped=base_skipped + sharding.process_sum(skipped))  # collective: every process is here
       multihost_utils.sync_global_devices(f"precompute: batch {done} written")
       if jax.process_index() == 0:
         _write_metadata(directory, metadata)

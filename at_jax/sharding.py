@@ -12,6 +12,7 @@ import functools
 from typing import Any, Callable, Mapping
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -59,6 +60,19 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def _traced_on_mesh() -> bool:
+  """Whether the code is being traced under `on_mesh` (an abstract mesh with the batch axes in context)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return not mesh.empty and set(BATCH_AXES) <= set(mesh.axis_names)
+
+
+def process_sum(value: int) -> int:
+  """`value` summed over all processes (a collective: every process must call it at the same point)."""
+  if jax.process_count() == 1:
+    return value
+  return int(np.sum(multihost_utils.process_allgather(np.int64(value))))
+
+
 def constrain_batch(x: jax.Array) -> jax.Array:
   """Pins `x`'s leading (batch) axis to ('data', 'fsdp') inside a step traced under `on_mesh`; else a no-op.
 
@@ -66,8 +80,7 @@ def constrain_batch(x: jax.Array) -> jax.Array:
   heads or features, then gathering the batch): for the [B, H, N, N] attention maps that would multiply
   their per-device size. Model code calls this without knowing the mesh; `on_mesh` supplies it.
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+  if not _traced_on_mesh():
     return x
   return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
 
@@ -78,8 +91,7 @@ def per_batch_shard(fn: Callable) -> Callable:
   kernels, which it would otherwise run whole on every device after gathering the batch."""
   @functools.wraps(fn)
   def mapped(*args):
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+    if not _traced_on_mesh():
       return fn(*args)
     spec = P(BATCH_AXES)
     return jax.shard_map(fn, in_specs=spec, out_specs=spec, check_vma=False)(*args)

@@ -455,8 +455,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if log_now or preempted or step % config.ckpt.every_steps == 0 or jax.process_count() == 1:
         # Summed over processes where it is logged or may be saved: every process reaches those steps
         # together, so the gather lines up; on other steps no save happens and the stale value is unused.
-        skipped_total = skipped_before + (skipped if jax.process_count() == 1 else int(np.sum(
-            multihost_utils.process_allgather(np.int64(skipped)))))
+        skipped_total = skipped_before + sharding.process_sum(skipped)
       if log_now:
         pending = (step, {**step_metrics, "skipped_examples": skipped_total})
       ckpt.save(step, state, extra=_data_position(run, step, skipped_total), force=preempted)
