@@ -63,15 +63,16 @@ def ce_from_logits(t_logits_BHNN: Array, s_logits_BHNN: Array, key_mask_BN: Arra
   return lse - jnp.sum(p_t * s, axis=-1)
 
 
-def _logits(q_BNHD: Array, k_BNHD: Array, scale: float) -> Array:
-  return jnp.einsum("bqhd,bkhd->bhqk", q_BNHD.astype(jnp.float32), k_BNHD.astype(jnp.float32)) * scale
+def qk_logits(q_NHD: Array, k_NHD: Array, scale: float) -> Array:
+  """float32 logits [..., H, Nq, Nk] = scale q.k of q [..., Nq, H, D] and k [..., Nk, H, D] (any leading dims)."""
+  return jnp.einsum("...qhd,...khd->...hqk", q_NHD.astype(jnp.float32), k_NHD.astype(jnp.float32)) * scale
 
 
 def ce_direct(q_t: Array, k_t: Array, q_s: Array, k_s: Array, *, scale_t: float, scale_s: float,
               key_mask: Array | None = None) -> Array:
   """Per-query CE [B, H, N] through both [B, H, N, N] logit maps (the reference; O(N^2) memory)."""
   _check_shapes(q_t, k_t, q_s, k_s, key_mask)
-  return ce_from_logits(_logits(q_t, k_t, scale_t), _logits(q_s, k_s, scale_s), key_mask)
+  return ce_from_logits(qk_logits(q_t, k_t, scale_t), qk_logits(q_s, k_s, scale_s), key_mask)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -262,8 +262,7 @@ def _teacher_logits(targets: Mapping[str, Array]) -> Array:
   """[S, B, H, N, N] teacher logits from stored logits or from q and k."""
   if "attn_logits" in targets:
     return targets["attn_logits"]
-  q, k = targets["q"].astype(jnp.float32), targets["k"].astype(jnp.float32)
-  return jnp.einsum("sbqhd,sbkhd->sbhqk", q, k) * q.shape[-1] ** -0.5
+  return attn_loss.qk_logits(targets["q"], targets["k"], targets["q"].shape[-1] ** -0.5)
 
 
 def _reduce(per_SH: Array, t: Transfer) -> Array:

@@ -2,8 +2,9 @@
 
 The only file with network math. `ViT.__call__` returns `(logits, out)`, where `out` holds the pre-softmax
 attention logits every layer attended with (the teacher's where a "logits" override copies them), stacked
-as `attn_logits` [L, B, H, N, N] (and q/k/v [L, B, N, H, Dh] when `want_qkv`). An optional `override` replaces, in the layers/heads its mask selects, the attention logits
-or probabilities (attention copy) or q, k or v (the paper's Q/K/V variants). An optional `attn_target`
+as `attn_logits` [L, B, H, N, N] (and q/k/v [L, B, N, H, Dh] when `want_qkv`). An optional `override`
+replaces, in the layers/heads its mask selects, the attention logits or probabilities (attention copy) or
+q, k or v (the paper's Q/K/V variants). An optional `attn_target`
 (attention distillation) makes every selected layer compute, inside the block, its cross-entropy against
 the teacher's attention, so that no layer's maps outlive the layer (see `AttnTarget`).
 
@@ -133,8 +134,7 @@ def _attention_ce(target: Mapping[str, Array], impl: str, q_BNHD: Array, k_BNHD:
   if "logits" in target:
     ce_BHN = attn_loss.ce_from_logits(target["logits"], logits_BHNN, s_lse_BHN=lse_BHN)
   elif impl == "direct":
-    q_t, k_t = target["q"].astype(jnp.float32), target["k"].astype(jnp.float32)
-    t_logits = jnp.einsum("bqhd,bkhd->bhqk", q_t, k_t) * q_t.shape[-1] ** -0.5
+    t_logits = attn_loss.qk_logits(target["q"], target["k"], target["q"].shape[-1] ** -0.5)
     ce_BHN = attn_loss.ce_from_logits(t_logits, logits_BHNN, s_lse_BHN=lse_BHN)
   else:
     loss = functools.partial(attn_loss.attention_ce, impl, scale_t=target["q"].shape[-1] ** -0.5,
