@@ -21,6 +21,7 @@ head count. Inputs may be bfloat16; all math is float32. `key_mask` [B, N] bool 
 (padding tokens) from both softmaxes; every batch element needs at least one True key. N need not divide
 by the block sizes: inputs are padded to whole blocks, padded keys masked and padded query rows dropped.
 """
+
 from __future__ import annotations
 
 import functools
@@ -45,8 +46,13 @@ _MASKED = -0.7 * float(np.finfo(np.float32).max)
 # Direct: materialised maps.
 
 
-def ce_from_logits(t_logits_BHNN: Array, s_logits_BHNN: Array, key_mask_BN: Array | None = None, *,
-                   s_lse_BHN: Array | None = None) -> Array:
+def ce_from_logits(
+  t_logits_BHNN: Array,
+  s_logits_BHNN: Array,
+  key_mask_BN: Array | None = None,
+  *,
+  s_lse_BHN: Array | None = None,
+) -> Array:
   """Per-query CE [B, H, Nq] from materialised teacher and student logits [B, H, Nq, Nk], in float32.
 
   Keys where `key_mask_BN` [B, Nk] is False are left out of both softmaxes. The teacher gets no gradient.
@@ -65,11 +71,22 @@ def ce_from_logits(t_logits_BHNN: Array, s_logits_BHNN: Array, key_mask_BN: Arra
 
 def qk_logits(q_NHD: Array, k_NHD: Array, scale: float) -> Array:
   """float32 logits [..., H, Nq, Nk] = scale q.k of q [..., Nq, H, D] and k [..., Nk, H, D] (any leading dims)."""
-  return jnp.einsum("...qhd,...khd->...hqk", q_NHD.astype(jnp.float32), k_NHD.astype(jnp.float32)) * scale
+  return (
+    jnp.einsum("...qhd,...khd->...hqk", q_NHD.astype(jnp.float32), k_NHD.astype(jnp.float32))
+    * scale
+  )
 
 
-def ce_direct(q_t: Array, k_t: Array, q_s: Array, k_s: Array, *, scale_t: float, scale_s: float,
-              key_mask: Array | None = None) -> Array:
+def ce_direct(
+  q_t: Array,
+  k_t: Array,
+  q_s: Array,
+  k_s: Array,
+  *,
+  scale_t: float,
+  scale_s: float,
+  key_mask: Array | None = None,
+) -> Array:
   """Per-query CE [B, H, N] through both [B, H, N, N] logit maps (the reference; O(N^2) memory)."""
   _check_shapes(q_t, k_t, q_s, k_s, key_mask)
   return ce_from_logits(qk_logits(q_t, k_t, scale_t), qk_logits(q_s, k_s, scale_s), key_mask)
@@ -86,7 +103,7 @@ def _qk(q: Array, k: Array, valid: Array, scale: float) -> Array:
   return jnp.where(valid, x, _MASKED)
 
 
-def _online(m: Array, l: Array, x: Array, valid: Array) -> tuple[Array, Array, Array, Array]:
+def _online(m: Array, l: Array, x: Array, valid: Array) -> tuple[Array, Array, Array, Array]:  # noqa: E741
   """One online-softmax step over a block of logits x [..., bq, bk].
 
   Returns the new running max m and sum l (of exp(x - m)), the factor alpha that rescales sums taken
@@ -118,8 +135,9 @@ def _ce_finish(carry: tuple[Array, ...]) -> tuple[Array, Array, Array]:
   return lse_s - acc / l_t, m_t + jnp.log(l_t), lse_s
 
 
-def _dlogits(t: Array, s: Array, valid: Array, lse_t: Array, lse_s: Array, g: Array, scale_s: float
-             ) -> Array:
+def _dlogits(
+  t: Array, s: Array, valid: Array, lse_t: Array, lse_s: Array, g: Array, scale_s: float
+) -> Array:
   """Cotangent of the student's raw dot products q_s.k_s for one block: g (p_s - p_t) scale_s."""
   p_t = jnp.where(valid, jnp.exp(t - lse_t[..., None]), 0.0)
   p_s = jnp.where(valid, jnp.exp(s - lse_s[..., None]), 0.0)
@@ -128,10 +146,14 @@ def _dlogits(t: Array, s: Array, valid: Array, lse_t: Array, lse_s: Array, g: Ar
 
 def _check_shapes(q_t: Array, k_t: Array, q_s: Array, k_s: Array, key_mask: Array | None) -> None:
   if q_t.shape != k_t.shape or q_s.shape != k_s.shape or q_t.ndim != 4:
-    raise ValueError(f"q and k must match and be [B, N, H, D]: teacher {q_t.shape}, {k_t.shape}; "
-                     f"student {q_s.shape}, {k_s.shape}")
+    raise ValueError(
+      f"q and k must match and be [B, N, H, D]: teacher {q_t.shape}, {k_t.shape}; "
+      f"student {q_s.shape}, {k_s.shape}"
+    )
   if q_t.shape[:3] != q_s.shape[:3]:
-    raise ValueError(f"teacher {q_t.shape} and student {q_s.shape} differ in batch, tokens or heads")
+    raise ValueError(
+      f"teacher {q_t.shape} and student {q_s.shape} differ in batch, tokens or heads"
+    )
   if key_mask is not None and key_mask.shape != q_t.shape[:2]:
     raise ValueError(f"key_mask {key_mask.shape} must be [B, N] = {q_t.shape[:2]}")
 
@@ -166,8 +188,9 @@ def _from_blocks(x: Array) -> Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _blockwise_core(qt_b: Array, kt_b: Array, qs_b: Array, ks_b: Array, valid_b: Array, scale_t: float,
-                    scale_s: float) -> Array:
+def _blockwise_core(
+  qt_b: Array, kt_b: Array, qs_b: Array, ks_b: Array, valid_b: Array, scale_t: float, scale_s: float
+) -> Array:
   """CE [nq, B, H, bq] from block-major q/k ([n, B, H, block, D]) and key validity [nk, B, bk]."""
   return _blockwise_fwd(qt_b, kt_b, qs_b, ks_b, valid_b, scale_t, scale_s)[0]
 
@@ -198,7 +221,9 @@ def _blockwise_bwd(scale_t, scale_s, res, g_b):
 
     def q_block(dk, q):
       qt, qs, lt, ls, g, dq = q
-      ds = _dlogits(_qk(qt, kt, valid, scale_t), _qk(qs, ks, valid, scale_s), valid, lt, ls, g, scale_s)
+      ds = _dlogits(
+        _qk(qt, kt, valid, scale_t), _qk(qs, ks, valid, scale_s), valid, lt, ls, g, scale_s
+      )
       dq = dq + jnp.einsum("bhqk,bhkd->bhqd", ds, ks)
       return dk + jnp.einsum("bhqk,bhqd->bhkd", ds, qs), dq
 
@@ -214,8 +239,18 @@ def _blockwise_bwd(scale_t, scale_s, res, g_b):
 _blockwise_core.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
-def ce_blockwise(q_t: Array, k_t: Array, q_s: Array, k_s: Array, *, scale_t: float, scale_s: float,
-                 key_mask: Array | None = None, block_q: int = 128, block_k: int = 128) -> Array:
+def ce_blockwise(
+  q_t: Array,
+  k_t: Array,
+  q_s: Array,
+  k_s: Array,
+  *,
+  scale_t: float,
+  scale_s: float,
+  key_mask: Array | None = None,
+  block_q: int = 128,
+  block_k: int = 128,
+) -> Array:
   """Per-query CE [B, H, N] streamed over block_q x block_k tiles in pure JAX; O(N) memory.
 
   Gradients flow to q_s and k_s only (a custom VJP that recomputes the tiles from the saved per-row
@@ -224,8 +259,15 @@ def ce_blockwise(q_t: Array, k_t: Array, q_s: Array, k_s: Array, *, scale_t: flo
   _check_shapes(q_t, k_t, q_s, k_s, key_mask)
   batch, n, _, _ = q_t.shape
   valid_b = _valid_keys(key_mask, batch, n, block_k).reshape(batch, -1, block_k).transpose(1, 0, 2)
-  ce_b = _blockwise_core(_to_blocks(q_t, block_q), _to_blocks(k_t, block_k), _to_blocks(q_s, block_q),
-                         _to_blocks(k_s, block_k), valid_b, scale_t, scale_s)
+  ce_b = _blockwise_core(
+    _to_blocks(q_t, block_q),
+    _to_blocks(k_t, block_k),
+    _to_blocks(q_s, block_q),
+    _to_blocks(k_s, block_k),
+    valid_b,
+    scale_t,
+    scale_s,
+  )
   return _from_blocks(ce_b)[:, :, :n]
 
 
@@ -239,8 +281,20 @@ def ce_blockwise(q_t: Array, k_t: Array, q_s: Array, k_s: Array, *, scale_t: flo
 _TRITON = pltriton.CompilerParams(num_warps=4, num_stages=2)
 
 
-def _fwd_kernel(qt_ref, kt_ref, qs_ref, ks_ref, valid_ref, ce_ref, lse_t_ref, lse_s_ref, *,
-                scale_t: float, scale_s: float, block_k: int):
+def _fwd_kernel(
+  qt_ref,
+  kt_ref,
+  qs_ref,
+  ks_ref,
+  valid_ref,
+  ce_ref,
+  lse_t_ref,
+  lse_s_ref,
+  *,
+  scale_t: float,
+  scale_s: float,
+  block_k: int,
+):
   qt, qs = qt_ref[...].astype(jnp.float32), qs_ref[...].astype(jnp.float32)  # [bq, D]
 
   def k_block(j, carry):
@@ -254,8 +308,21 @@ def _fwd_kernel(qt_ref, kt_ref, qs_ref, ks_ref, valid_ref, ce_ref, lse_t_ref, ls
   ce_ref[...], lse_t_ref[...], lse_s_ref[...] = _ce_finish(carry)
 
 
-def _dq_kernel(qt_ref, qs_ref, lse_t_ref, lse_s_ref, g_ref, kt_ref, ks_ref, valid_ref, dq_ref, *,
-               scale_t: float, scale_s: float, block_k: int):
+def _dq_kernel(
+  qt_ref,
+  qs_ref,
+  lse_t_ref,
+  lse_s_ref,
+  g_ref,
+  kt_ref,
+  ks_ref,
+  valid_ref,
+  dq_ref,
+  *,
+  scale_t: float,
+  scale_s: float,
+  block_k: int,
+):
   qt, qs = qt_ref[...].astype(jnp.float32), qs_ref[...].astype(jnp.float32)
   lse_t, lse_s, g = lse_t_ref[...], lse_s_ref[...], g_ref[...]
 
@@ -267,11 +334,26 @@ def _dq_kernel(qt_ref, qs_ref, lse_t_ref, lse_s_ref, g_ref, kt_ref, ks_ref, vali
     ds = _dlogits(t, _qk(qs, ks, valid, scale_s), valid, lse_t, lse_s, g, scale_s)
     return dq + jnp.dot(ds, ks, preferred_element_type=jnp.float32)
 
-  dq_ref[...] = lax.fori_loop(0, kt_ref.shape[0] // block_k, k_block, jnp.zeros(qs.shape, jnp.float32))
+  dq_ref[...] = lax.fori_loop(
+    0, kt_ref.shape[0] // block_k, k_block, jnp.zeros(qs.shape, jnp.float32)
+  )
 
 
-def _dk_kernel(kt_ref, ks_ref, valid_ref, qt_ref, qs_ref, lse_t_ref, lse_s_ref, g_ref, dk_ref, *,
-               scale_t: float, scale_s: float, block_q: int):
+def _dk_kernel(
+  kt_ref,
+  ks_ref,
+  valid_ref,
+  qt_ref,
+  qs_ref,
+  lse_t_ref,
+  lse_s_ref,
+  g_ref,
+  dk_ref,
+  *,
+  scale_t: float,
+  scale_s: float,
+  block_q: int,
+):
   kt, ks = kt_ref[...].astype(jnp.float32), ks_ref[...].astype(jnp.float32)
   valid = valid_ref[...][None, :] != 0
 
@@ -279,11 +361,14 @@ def _dk_kernel(kt_ref, ks_ref, valid_ref, qt_ref, qs_ref, lse_t_ref, lse_s_ref, 
     rows = pl.ds(i * block_q, block_q)
     qs = qs_ref[rows, :].astype(jnp.float32)
     t = _qk(qt_ref[rows, :].astype(jnp.float32), kt, valid, scale_t)
-    ds = _dlogits(t, _qk(qs, ks, valid, scale_s), valid, lse_t_ref[rows], lse_s_ref[rows], g_ref[rows],
-                  scale_s)
+    ds = _dlogits(
+      t, _qk(qs, ks, valid, scale_s), valid, lse_t_ref[rows], lse_s_ref[rows], g_ref[rows], scale_s
+    )
     return dk + jnp.einsum("qk,qd->kd", ds, qs, preferred_element_type=jnp.float32)
 
-  dk_ref[...] = lax.fori_loop(0, qt_ref.shape[0] // block_q, q_block, jnp.zeros(ks.shape, jnp.float32))
+  dk_ref[...] = lax.fori_loop(
+    0, qt_ref.shape[0] // block_q, q_block, jnp.zeros(ks.shape, jnp.float32)
+  )
 
 
 def _row_spec(block: int, d: int) -> pl.BlockSpec:
@@ -318,15 +403,20 @@ def _pallas_fwd_call(qt, kt, qs, ks, valid, scale_t, scale_s, block_q, block_k, 
   (batch, nq, heads, dt), nk, ds = qt.shape, kt.shape[1], qs.shape[-1]
   row = jax.ShapeDtypeStruct((batch, heads, nq), jnp.float32)
   return pl.pallas_call(
-      functools.partial(_fwd_kernel, scale_t=scale_t, scale_s=scale_s, block_k=block_k),
-      out_shape=(row, row, row),
-      grid=(batch, heads, nq // block_q),
-      in_specs=[_row_spec(block_q, dt), _all_rows_spec(nk, dt), _row_spec(block_q, ds),
-                _all_rows_spec(nk, ds), _all_keys_spec(nk)],
-      out_specs=(_vec_spec(block_q),) * 3,
-      interpret=interpret,
-      compiler_params=_TRITON,
-      name="attn_ce_fwd",
+    functools.partial(_fwd_kernel, scale_t=scale_t, scale_s=scale_s, block_k=block_k),
+    out_shape=(row, row, row),
+    grid=(batch, heads, nq // block_q),
+    in_specs=[
+      _row_spec(block_q, dt),
+      _all_rows_spec(nk, dt),
+      _row_spec(block_q, ds),
+      _all_rows_spec(nk, ds),
+      _all_keys_spec(nk),
+    ],
+    out_specs=(_vec_spec(block_q),) * 3,
+    interpret=interpret,
+    compiler_params=_TRITON,
+    name="attn_ce_fwd",
   )(qt, kt, qs, ks, valid)
 
 
@@ -337,7 +427,9 @@ def _pallas_core(qt, kt, qs, ks, valid, scale_t, scale_s, block_q, block_k, inte
 
 
 def _pallas_fwd(qt, kt, qs, ks, valid, scale_t, scale_s, block_q, block_k, interpret):
-  ce, lse_t, lse_s = _pallas_fwd_call(qt, kt, qs, ks, valid, scale_t, scale_s, block_q, block_k, interpret)
+  ce, lse_t, lse_s = _pallas_fwd_call(
+    qt, kt, qs, ks, valid, scale_t, scale_s, block_q, block_k, interpret
+  )
   return ce, (qt, kt, qs, ks, valid, lse_t, lse_s)
 
 
@@ -346,26 +438,33 @@ def _pallas_bwd(scale_t, scale_s, block_q, block_k, interpret, res, g):
   (batch, nq, heads, dt), nk, ds = qt.shape, kt.shape[1], qs.shape[-1]
   scales = dict(scale_t=scale_t, scale_s=scale_s)
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, block_k=block_k, **scales),
-      out_shape=jax.ShapeDtypeStruct(qs.shape, jnp.float32),
-      grid=(batch, heads, nq // block_q),
-      in_specs=[_row_spec(block_q, dt), _row_spec(block_q, ds)] + [_vec_spec(block_q)] * 3
-               + [_all_rows_spec(nk, dt), _all_rows_spec(nk, ds), _all_keys_spec(nk)],
-      out_specs=_row_spec(block_q, ds),
-      interpret=interpret,
-      compiler_params=_TRITON,
-      name="attn_ce_dq",
+    functools.partial(_dq_kernel, block_k=block_k, **scales),
+    out_shape=jax.ShapeDtypeStruct(qs.shape, jnp.float32),
+    grid=(batch, heads, nq // block_q),
+    in_specs=[_row_spec(block_q, dt), _row_spec(block_q, ds)]
+    + [_vec_spec(block_q)] * 3
+    + [_all_rows_spec(nk, dt), _all_rows_spec(nk, ds), _all_keys_spec(nk)],
+    out_specs=_row_spec(block_q, ds),
+    interpret=interpret,
+    compiler_params=_TRITON,
+    name="attn_ce_dq",
   )(qt, qs, lse_t, lse_s, g, kt, ks, valid)
   dk = pl.pallas_call(
-      functools.partial(_dk_kernel, block_q=block_q, **scales),
-      out_shape=jax.ShapeDtypeStruct(ks.shape, jnp.float32),
-      grid=(batch, heads, nk // block_k),
-      in_specs=[_row_spec(block_k, dt), _row_spec(block_k, ds), _keys_spec(block_k),
-                _all_rows_spec(nq, dt), _all_rows_spec(nq, ds)] + [_all_vec_spec(nq)] * 3,
-      out_specs=_row_spec(block_k, ds),
-      interpret=interpret,
-      compiler_params=_TRITON,
-      name="attn_ce_dk",
+    functools.partial(_dk_kernel, block_q=block_q, **scales),
+    out_shape=jax.ShapeDtypeStruct(ks.shape, jnp.float32),
+    grid=(batch, heads, nk // block_k),
+    in_specs=[
+      _row_spec(block_k, dt),
+      _row_spec(block_k, ds),
+      _keys_spec(block_k),
+      _all_rows_spec(nq, dt),
+      _all_rows_spec(nq, ds),
+    ]
+    + [_all_vec_spec(nq)] * 3,
+    out_specs=_row_spec(block_k, ds),
+    interpret=interpret,
+    compiler_params=_TRITON,
+    name="attn_ce_dk",
   )(kt, ks, valid, qt, qs, lse_t, lse_s, g)
   return None, None, dq.astype(qs.dtype), dk.astype(ks.dtype), None
 
@@ -373,9 +472,19 @@ def _pallas_bwd(scale_t, scale_s, block_q, block_k, interpret, res, g):
 _pallas_core.defvjp(_pallas_fwd, _pallas_bwd)
 
 
-def ce_pallas(q_t: Array, k_t: Array, q_s: Array, k_s: Array, *, scale_t: float, scale_s: float,
-              key_mask: Array | None = None, block_q: int = 128, block_k: int = 128,
-              interpret: bool = False) -> Array:
+def ce_pallas(
+  q_t: Array,
+  k_t: Array,
+  q_s: Array,
+  k_s: Array,
+  *,
+  scale_t: float,
+  scale_s: float,
+  key_mask: Array | None = None,
+  block_q: int = 128,
+  block_k: int = 128,
+  interpret: bool = False,
+) -> Array:
   """Per-query CE [B, H, N] from Pallas kernels (forward, dq, dk); O(N) memory, as `ce_blockwise`.
 
   `interpret=True` runs the kernels through the Pallas interpreter (any backend, slow); otherwise they
@@ -389,17 +498,38 @@ def ce_pallas(q_t: Array, k_t: Array, q_s: Array, k_s: Array, *, scale_t: float,
   batch, n, _, _ = q_t.shape
   # int32, not bool: kernels load the mask like any other array.
   valid = _valid_keys(key_mask, batch, n, block_k).astype(jnp.int32)
-  ce = _pallas_core(_pad_tokens(q_t, block_q), _pad_tokens(k_t, block_k), _pad_tokens(q_s, block_q),
-                    _pad_tokens(k_s, block_k), valid, scale_t, scale_s, block_q, block_k, interpret)
+  ce = _pallas_core(
+    _pad_tokens(q_t, block_q),
+    _pad_tokens(k_t, block_k),
+    _pad_tokens(q_s, block_q),
+    _pad_tokens(k_s, block_k),
+    valid,
+    scale_t,
+    scale_s,
+    block_q,
+    block_k,
+    interpret,
+  )
   return ce[:, :, :n]
 
 
 # ---------------------------------------------------------------------------------------------------------
 
 
-def attention_ce(impl: str, q_t: Array, k_t: Array, q_s: Array, k_s: Array, *, scale_t: float,
-                 scale_s: float, key_mask: Array | None = None, block_q: int = 128, block_k: int = 128,
-                 interpret: bool | None = None) -> Array:
+def attention_ce(
+  impl: str,
+  q_t: Array,
+  k_t: Array,
+  q_s: Array,
+  k_s: Array,
+  *,
+  scale_t: float,
+  scale_s: float,
+  key_mask: Array | None = None,
+  block_q: int = 128,
+  block_k: int = 128,
+  interpret: bool | None = None,
+) -> Array:
   """Per-query attention CE [B, H, N] by the implementation named `impl` (one of `IMPLS`).
 
   Args:
@@ -419,5 +549,7 @@ def attention_ce(impl: str, q_t: Array, k_t: Array, q_s: Array, k_s: Array, *, s
   if impl == "pallas":
     if interpret is None:
       interpret = jax.default_backend() == "cpu"
-    return ce_pallas(q_t, k_t, q_s, k_s, block_q=block_q, block_k=block_k, interpret=interpret, **kw)
+    return ce_pallas(
+      q_t, k_t, q_s, k_s, block_q=block_q, block_k=block_k, interpret=interpret, **kw
+    )
   raise ConfigError("transfer.loss_impl", f"unknown {impl!r}; use one of {IMPLS}")

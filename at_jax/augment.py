@@ -11,10 +11,10 @@ function is pure given it, which keeps `data.train_iterator` exactly
 resumable.
 """
 
-from collections.abc import Callable
 import dataclasses
 import math
 import re
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -53,11 +53,9 @@ def _solarize(image: Image.Image, threshold: int) -> Image.Image:
   return _lut(image, [i if i < threshold else 255 - i for i in range(256)])
 
 
-def _solarize_add(image: Image.Image, add: int,
-                  threshold: int = 128) -> Image.Image:
+def _solarize_add(image: Image.Image, add: int, threshold: int = 128) -> Image.Image:
   """Adds `add` (saturating) to values below `threshold`."""
-  return _lut(image, [min(255, i + add) if i < threshold else i
-                      for i in range(256)])
+  return _lut(image, [min(255, i + add) if i < threshold else i for i in range(256)])
 
 
 def _enhance(kind: type) -> Callable[[Image.Image, float], Image.Image]:
@@ -65,19 +63,22 @@ def _enhance(kind: type) -> Callable[[Image.Image, float], Image.Image]:
   return lambda image, factor: kind(image).enhance(factor)
 
 
-def _affine(coefficients: Callable[[Image.Image, float], tuple[float, ...]]
-            ) -> Callable[..., Image.Image]:
+def _affine(
+  coefficients: Callable[[Image.Image, float], tuple[float, ...]],
+) -> Callable[..., Image.Image]:
   """A geometric op: output pixel (x, y) samples input at A @ (x, y, 1)."""
-  def apply(image: Image.Image, v: float, fill: tuple[int, ...],
-            resample: int) -> Image.Image:
-    return image.transform(image.size, Image.Transform.AFFINE,
-                           coefficients(image, v), resample=resample,
-                           fillcolor=fill)
+
+  def apply(image: Image.Image, v: float, fill: tuple[int, ...], resample: int) -> Image.Image:
+    return image.transform(
+      image.size, Image.Transform.AFFINE, coefficients(image, v), resample=resample, fillcolor=fill
+    )
+
   return apply
 
 
-def _rotate(image: Image.Image, degrees: float, fill: tuple[int, ...],
-            resample: int) -> Image.Image:
+def _rotate(
+  image: Image.Image, degrees: float, fill: tuple[int, ...], resample: int
+) -> Image.Image:
   return image.rotate(degrees, resample=resample, fillcolor=fill)
 
 
@@ -102,8 +103,7 @@ def _enhance_level(m: float, _: np.random.Generator) -> tuple[float]:
   return (m / _LEVEL_DENOM * 1.8 + 0.1,)  # [0.1, 1.9].
 
 
-def _enhance_increasing_level(m: float,
-                              rng: np.random.Generator) -> tuple[float]:
+def _enhance_increasing_level(m: float, rng: np.random.Generator) -> tuple[float]:
   # Moves away from the identity (1.0) in a random direction, >= 0.1.
   return (max(0.1, 1.0 + _signed(m / _LEVEL_DENOM * 0.9, rng)),)
 
@@ -112,8 +112,7 @@ def _posterize_level(m: float, _: np.random.Generator) -> tuple[int]:
   return (int(m / _LEVEL_DENOM * 4),)  # Bits kept, 0..4: weaker with m.
 
 
-def _posterize_increasing_level(m: float,
-                                rng: np.random.Generator) -> tuple[int]:
+def _posterize_increasing_level(m: float, rng: np.random.Generator) -> tuple[int]:
   return (4 - _posterize_level(m, rng)[0],)  # Bits kept, 4..0.
 
 
@@ -121,8 +120,7 @@ def _solarize_level(m: float, _: np.random.Generator) -> tuple[int]:
   return (min(256, int(m / _LEVEL_DENOM * 256)),)  # Threshold: weaker with m.
 
 
-def _solarize_increasing_level(m: float,
-                               rng: np.random.Generator) -> tuple[int]:
+def _solarize_increasing_level(m: float, rng: np.random.Generator) -> tuple[int]:
   return (256 - _solarize_level(m, rng)[0],)
 
 
@@ -139,58 +137,79 @@ class Op(NamedTuple):
       and mode.
     geometric: whether `apply` also takes (fill, resample).
   """
+
   level: Callable[[float, np.random.Generator], tuple[Any, ...]]
   apply: Callable[..., Image.Image]
   geometric: bool = False
 
 
 OPS: dict[str, Op] = {
-    "AutoContrast": Op(_no_args, ImageOps.autocontrast),
-    "Equalize": Op(_no_args, ImageOps.equalize),
-    "Invert": Op(_no_args, _invert),
-    "Rotate": Op(_scaled_signed(30.0), _rotate, True),  # Degrees.
-    "Posterize": Op(_posterize_level, _posterize),
-    "PosterizeIncreasing": Op(_posterize_increasing_level, _posterize),
-    "Solarize": Op(_solarize_level, _solarize),
-    "SolarizeIncreasing": Op(_solarize_increasing_level, _solarize),
-    "SolarizeAdd": Op(_solarize_add_level, _solarize_add),
-    "Color": Op(_enhance_level, _enhance(ImageEnhance.Color)),
-    "ColorIncreasing": Op(_enhance_increasing_level,
-                          _enhance(ImageEnhance.Color)),
-    "Contrast": Op(_enhance_level, _enhance(ImageEnhance.Contrast)),
-    "ContrastIncreasing": Op(_enhance_increasing_level,
-                             _enhance(ImageEnhance.Contrast)),
-    "Brightness": Op(_enhance_level, _enhance(ImageEnhance.Brightness)),
-    "BrightnessIncreasing": Op(_enhance_increasing_level,
-                               _enhance(ImageEnhance.Brightness)),
-    "Sharpness": Op(_enhance_level, _enhance(ImageEnhance.Sharpness)),
-    "SharpnessIncreasing": Op(_enhance_increasing_level,
-                              _enhance(ImageEnhance.Sharpness)),
-    # Shear factor in [-0.3, 0.3]; translation as a fraction of the size.
-    "ShearX": Op(_scaled_signed(0.3),
-                 _affine(lambda im, v: (1, v, 0, 0, 1, 0)), True),
-    "ShearY": Op(_scaled_signed(0.3),
-                 _affine(lambda im, v: (1, 0, 0, v, 1, 0)), True),
-    "TranslateXRel": Op(_scaled_signed(0.45), _affine(
-        lambda im, v: (1, 0, v * im.size[0], 0, 1, 0)), True),
-    "TranslateYRel": Op(_scaled_signed(0.45), _affine(
-        lambda im, v: (1, 0, 0, 0, 1, v * im.size[1])), True),
+  "AutoContrast": Op(_no_args, ImageOps.autocontrast),
+  "Equalize": Op(_no_args, ImageOps.equalize),
+  "Invert": Op(_no_args, _invert),
+  "Rotate": Op(_scaled_signed(30.0), _rotate, True),  # Degrees.
+  "Posterize": Op(_posterize_level, _posterize),
+  "PosterizeIncreasing": Op(_posterize_increasing_level, _posterize),
+  "Solarize": Op(_solarize_level, _solarize),
+  "SolarizeIncreasing": Op(_solarize_increasing_level, _solarize),
+  "SolarizeAdd": Op(_solarize_add_level, _solarize_add),
+  "Color": Op(_enhance_level, _enhance(ImageEnhance.Color)),
+  "ColorIncreasing": Op(_enhance_increasing_level, _enhance(ImageEnhance.Color)),
+  "Contrast": Op(_enhance_level, _enhance(ImageEnhance.Contrast)),
+  "ContrastIncreasing": Op(_enhance_increasing_level, _enhance(ImageEnhance.Contrast)),
+  "Brightness": Op(_enhance_level, _enhance(ImageEnhance.Brightness)),
+  "BrightnessIncreasing": Op(_enhance_increasing_level, _enhance(ImageEnhance.Brightness)),
+  "Sharpness": Op(_enhance_level, _enhance(ImageEnhance.Sharpness)),
+  "SharpnessIncreasing": Op(_enhance_increasing_level, _enhance(ImageEnhance.Sharpness)),
+  # Shear factor in [-0.3, 0.3]; translation as a fraction of the size.
+  "ShearX": Op(_scaled_signed(0.3), _affine(lambda im, v: (1, v, 0, 0, 1, 0)), True),
+  "ShearY": Op(_scaled_signed(0.3), _affine(lambda im, v: (1, 0, 0, v, 1, 0)), True),
+  "TranslateXRel": Op(
+    _scaled_signed(0.45), _affine(lambda im, v: (1, 0, v * im.size[0], 0, 1, 0)), True
+  ),
+  "TranslateYRel": Op(
+    _scaled_signed(0.45), _affine(lambda im, v: (1, 0, 0, 0, 1, v * im.size[1])), True
+  ),
 }
 
 # timm's _RAND_TRANSFORMS ("inc0") and _RAND_INCREASING_TRANSFORMS ("inc1"),
 # in timm's order (the order matters only for which op an index draws).
-DEFAULT_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize",
-               "Solarize", "SolarizeAdd", "Color", "Contrast", "Brightness",
-               "Sharpness", "ShearX", "ShearY", "TranslateXRel",
-               "TranslateYRel")
-INCREASING_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate",
-                  "PosterizeIncreasing", "SolarizeIncreasing", "SolarizeAdd",
-                  "ColorIncreasing", "ContrastIncreasing",
-                  "BrightnessIncreasing", "SharpnessIncreasing", "ShearX",
-                  "ShearY", "TranslateXRel", "TranslateYRel")
+DEFAULT_OPS = (
+  "AutoContrast",
+  "Equalize",
+  "Invert",
+  "Rotate",
+  "Posterize",
+  "Solarize",
+  "SolarizeAdd",
+  "Color",
+  "Contrast",
+  "Brightness",
+  "Sharpness",
+  "ShearX",
+  "ShearY",
+  "TranslateXRel",
+  "TranslateYRel",
+)
+INCREASING_OPS = (
+  "AutoContrast",
+  "Equalize",
+  "Invert",
+  "Rotate",
+  "PosterizeIncreasing",
+  "SolarizeIncreasing",
+  "SolarizeAdd",
+  "ColorIncreasing",
+  "ContrastIncreasing",
+  "BrightnessIncreasing",
+  "SharpnessIncreasing",
+  "ShearX",
+  "ShearY",
+  "TranslateXRel",
+  "TranslateYRel",
+)
 
-_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC,
-             "bilinear": Image.Resampling.BILINEAR}
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +226,7 @@ class RandAugmentSpec:
     magnitude_max: "mmax": the noisy magnitude is clipped to [0, this].
     increasing: "inc": use the op set whose severity grows with magnitude.
   """
+
   magnitude: int = 10
   num_ops: int = 2
   prob: float = 0.5
@@ -216,9 +236,14 @@ class RandAugmentSpec:
 
 
 # Section key -> (field, type); numbers as timm: ints except p and mstd.
-_SPEC_SECTIONS = {"m": ("magnitude", int), "n": ("num_ops", int),
-                  "p": ("prob", float), "mstd": ("magnitude_std", float),
-                  "mmax": ("magnitude_max", int), "inc": ("increasing", int)}
+_SPEC_SECTIONS = {
+  "m": ("magnitude", int),
+  "n": ("num_ops", int),
+  "p": ("prob", float),
+  "mstd": ("magnitude_std", float),
+  "mmax": ("magnitude_max", int),
+  "inc": ("increasing", int),
+}
 
 
 def parse_randaugment(spec: str) -> RandAugmentSpec:
@@ -236,11 +261,15 @@ def parse_randaugment(spec: str) -> RandAugmentSpec:
     ConfigError: (field ``data.randaugment``) an unknown, repeated or
       out-of-range section.
   """
+
   def fail(why: str) -> ConfigError:
-    return ConfigError("data.randaugment", f"cannot parse {spec!r}: {why}; "
-                       "expected e.g. 'rand-m9-mstd0.5-inc1' (sections m<int>,"
-                       " n<int>, p<float>, mstd<float>, mmax<int>, inc<0|1>),"
-                       " or '' for none.")
+    return ConfigError(
+      "data.randaugment",
+      f"cannot parse {spec!r}: {why}; "
+      "expected e.g. 'rand-m9-mstd0.5-inc1' (sections m<int>,"
+      " n<int>, p<float>, mstd<float>, mmax<int>, inc<0|1>),"
+      " or '' for none.",
+    )
 
   head, *sections = spec.split("-")
   if head != "rand":
@@ -277,9 +306,9 @@ class RandAugment:
   fill uncovered pixels with `fill`.
   """
 
-  def __init__(self, spec: str, *,
-               fill: tuple[int, int, int] = (124, 116, 104),
-               interpolation: str = "bicubic"):
+  def __init__(
+    self, spec: str, *, fill: tuple[int, int, int] = (124, 116, 104), interpolation: str = "bicubic"
+  ):
     """Parses `spec`.
 
     Args:
@@ -293,8 +322,10 @@ class RandAugment:
     self.names = INCREASING_OPS if self.spec.increasing else DEFAULT_OPS
     self.fill = tuple(fill)
     if interpolation not in (*_RESAMPLE, "random"):
-      raise ConfigError("data.interpolation", f"unknown {interpolation!r}; "
-                        f"expected one of {[*_RESAMPLE, 'random']}.")
+      raise ConfigError(
+        "data.interpolation",
+        f"unknown {interpolation!r}; expected one of {[*_RESAMPLE, 'random']}.",
+      )
     self.interpolation = interpolation
 
   def _magnitude(self, rng: np.random.Generator) -> float:
@@ -305,8 +336,7 @@ class RandAugment:
       m = rng.normal(m, std)
     return min(max(m, 0.0), self.spec.magnitude_max)
 
-  def __call__(self, image: Image.Image,
-               rng: np.random.Generator) -> Image.Image:
+  def __call__(self, image: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Augments one image.
 
     Args:
@@ -326,8 +356,11 @@ class RandAugment:
         continue
       args = op.level(self._magnitude(rng), rng)
       if op.geometric:
-        name = (self.interpolation if self.interpolation != "random" else
-                ("bilinear", "bicubic")[rng.integers(2)])
+        name = (
+          self.interpolation
+          if self.interpolation != "random"
+          else ("bilinear", "bicubic")[rng.integers(2)]
+        )
         args += (self.fill, _RESAMPLE[name])
       image = op.apply(image, *args)
     return image
@@ -337,10 +370,17 @@ class RandAugment:
 # Random erasing of one normalised example.
 
 
-def random_erase(image: np.ndarray, rng: np.random.Generator, *, prob: float,
-                 min_area: float = 0.02, max_area: float = 1 / 3,
-                 min_aspect: float = 0.3, max_aspect: float | None = None,
-                 mode: str = "pixel") -> np.ndarray:
+def random_erase(
+  image: np.ndarray,
+  rng: np.random.Generator,
+  *,
+  prob: float,
+  min_area: float = 0.02,
+  max_area: float = 1 / 3,
+  min_aspect: float = 0.3,
+  max_aspect: float | None = None,
+  mode: str = "pixel",
+) -> np.ndarray:
   """timm's RandomErasing (count 1) of one normalised image.
 
   With probability `prob`, tries up to 10 times to draw a rectangle of area
@@ -362,8 +402,9 @@ def random_erase(image: np.ndarray, rng: np.random.Generator, *, prob: float,
     float [H, W, C]: `image` itself if nothing was erased, else a copy.
   """
   if mode not in ("pixel", "rand", "const"):
-    raise ConfigError("data.random_erase_mode", f"unknown {mode!r}; expected "
-                      "'pixel', 'rand' or 'const'.")
+    raise ConfigError(
+      "data.random_erase_mode", f"unknown {mode!r}; expected 'pixel', 'rand' or 'const'."
+    )
   if rng.random() >= prob:
     return image
   height, width, channels = image.shape
@@ -376,11 +417,11 @@ def random_erase(image: np.ndarray, rng: np.random.Generator, *, prob: float,
     if h < height and w < width:
       top = int(rng.integers(height - h + 1))
       left = int(rng.integers(width - w + 1))
-      shape = {"pixel": (h, w, channels), "rand": (1, 1, channels),
-               "const": None}[mode]
+      shape = {"pixel": (h, w, channels), "rand": (1, 1, channels), "const": None}[mode]
       out = image.copy()
-      out[top:top + h, left:left + w] = (
-          0 if shape is None else rng.standard_normal(shape, image.dtype))
+      out[top : top + h, left : left + w] = (
+        0 if shape is None else rng.standard_normal(shape, image.dtype)
+      )
       return out
   return image
 
@@ -389,8 +430,9 @@ def random_erase(image: np.ndarray, rng: np.random.Generator, *, prob: float,
 # Mixup / CutMix of the global batch, in JAX.
 
 
-def mixup_target(labels: jax.Array, num_classes: int, lam: jax.Array | float,
-                 label_smoothing: float) -> jax.Array:
+def mixup_target(
+  labels: jax.Array, num_classes: int, lam: jax.Array | float, label_smoothing: float
+) -> jax.Array:
   """timm's `mixup_target`: smoothed one-hots mixed with the flipped batch's.
 
   Args:
@@ -407,10 +449,9 @@ def mixup_target(labels: jax.Array, num_classes: int, lam: jax.Array | float,
   return lam * y + (1 - lam) * y[::-1]
 
 
-def cutmix_box(lam: jax.Array, center_y: jax.Array, center_x: jax.Array,
-               height: int, width: int
-               ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array,
-                          jax.Array]:
+def cutmix_box(
+  lam: jax.Array, center_y: jax.Array, center_x: jax.Array, height: int, width: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
   """timm's `rand_bbox` + `cutmix_bbox_and_lam` for a given centre.
 
   The box has sides floor(size * sqrt(1 - lam)) around the centre, clipped to
@@ -431,29 +472,38 @@ def cutmix_box(lam: jax.Array, center_y: jax.Array, center_x: jax.Array,
   return top, bottom, left, right, 1 - area / (height * width)
 
 
-def _check_mix_args(num_classes: int, mixup_alpha: float, cutmix_alpha: float,
-                    switch_prob: float, prob: float,
-                    label_smoothing: float) -> None:
-  for field, value in (("data.mixup", mixup_alpha),
-                       ("data.cutmix", cutmix_alpha)):
+def _check_mix_args(
+  num_classes: int,
+  mixup_alpha: float,
+  cutmix_alpha: float,
+  switch_prob: float,
+  prob: float,
+  label_smoothing: float,
+) -> None:
+  for field, value in (("data.mixup", mixup_alpha), ("data.cutmix", cutmix_alpha)):
     if value < 0:
       raise ConfigError(field, f"alpha must be >= 0 (0: off), got {value}.")
-  for field, value in (("data.mixup_switch_prob", switch_prob),
-                       ("data.mixup_prob", prob)):
+  for field, value in (("data.mixup_switch_prob", switch_prob), ("data.mixup_prob", prob)):
     if not 0 <= value <= 1:
       raise ConfigError(field, f"must be in [0, 1], got {value}.")
   if not 0 <= label_smoothing < 1:
-    raise ConfigError("optim.label_smoothing", f"must be in [0, 1), got "
-                      f"{label_smoothing}.")
+    raise ConfigError("optim.label_smoothing", f"must be in [0, 1), got {label_smoothing}.")
   if num_classes < 1:
-    raise ConfigError("model.num_classes", f"must be positive, got "
-                      f"{num_classes}.")
+    raise ConfigError("model.num_classes", f"must be positive, got {num_classes}.")
 
 
-def mix_batch(rng: jax.Array, images: jax.Array, labels: jax.Array,
-              num_classes: int, *, mixup_alpha: float, cutmix_alpha: float,
-              switch_prob: float = 0.5, prob: float = 1.0,
-              label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
+def mix_batch(
+  rng: jax.Array,
+  images: jax.Array,
+  labels: jax.Array,
+  num_classes: int,
+  *,
+  mixup_alpha: float,
+  cutmix_alpha: float,
+  switch_prob: float = 0.5,
+  prob: float = 1.0,
+  label_smoothing: float = 0.0,
+) -> tuple[jax.Array, jax.Array]:
   """timm's Mixup(mode="batch"): one Mixup or CutMix draw for the batch.
 
   Example i is mixed with example B-1-i (the flipped batch). With
@@ -484,8 +534,7 @@ def mix_batch(rng: jax.Array, images: jax.Array, labels: jax.Array,
   Raises:
     ConfigError: an argument out of range (named by its config field).
   """
-  _check_mix_args(num_classes, mixup_alpha, cutmix_alpha, switch_prob, prob,
-                  label_smoothing)
+  _check_mix_args(num_classes, mixup_alpha, cutmix_alpha, switch_prob, prob, label_smoothing)
   if mixup_alpha == 0 and cutmix_alpha == 0:
     return images, mixup_target(labels, num_classes, 1.0, label_smoothing)
   keys = jax.random.split(rng, 6)
@@ -494,17 +543,23 @@ def mix_batch(rng: jax.Array, images: jax.Array, labels: jax.Array,
   else:
     use_cutmix = jnp.asarray(cutmix_alpha > 0)
   # Only the enabled Beta is drawn: Beta(0, 0) is undefined.
-  lam_mixup = (jax.random.beta(keys[1], mixup_alpha, mixup_alpha)
-               if mixup_alpha > 0 else jnp.float32(1))
-  lam_cutmix = (jax.random.beta(keys[2], cutmix_alpha, cutmix_alpha)
-                if cutmix_alpha > 0 else jnp.float32(1))
+  lam_mixup = (
+    jax.random.beta(keys[1], mixup_alpha, mixup_alpha) if mixup_alpha > 0 else jnp.float32(1)
+  )
+  lam_cutmix = (
+    jax.random.beta(keys[2], cutmix_alpha, cutmix_alpha) if cutmix_alpha > 0 else jnp.float32(1)
+  )
   lam = jnp.where(use_cutmix, lam_cutmix, lam_mixup)
   lam = jnp.where(jax.random.uniform(keys[3]) < prob, lam, 1.0)
 
   _, height, width, _ = images.shape
   top, bottom, left, right, lam_box = cutmix_box(
-      lam, jax.random.randint(keys[4], (), 0, height),
-      jax.random.randint(keys[5], (), 0, width), height, width)
+    lam,
+    jax.random.randint(keys[4], (), 0, height),
+    jax.random.randint(keys[5], (), 0, width),
+    height,
+    width,
+  )
   rows, cols = jnp.arange(height)[:, None], jnp.arange(width)[None, :]
   in_box = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
   # Per-pixel weight [H, W] of each image's own pixels. With weights 0 and 1

@@ -9,8 +9,8 @@ import json
 import os
 from typing import Any
 
-from etils import epath
 import jax
+from etils import epath
 from orbax import checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_policies
 
@@ -37,25 +37,27 @@ class Checkpointer:
     # orbax rejects relative paths.
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
-        # Not `save_interval_steps`: its default policy also saves the first
-        # step of every run (InitialSavePolicy), whatever the interval.
-        save_decision_policy=ocp_policies.AnySavePolicy([
-            ocp_policies.FixedIntervalPolicy(save_every),
-            ocp_policies.PreemptionCheckpointingPolicy(),
-        ]),
-        max_to_keep=keep,
-        enable_async_checkpointing=True,
-        create=True,
+      # Not `save_interval_steps`: its default policy also saves the first
+      # step of every run (InitialSavePolicy), whatever the interval.
+      save_decision_policy=ocp_policies.AnySavePolicy(
+        [
+          ocp_policies.FixedIntervalPolicy(save_every),
+          ocp_policies.PreemptionCheckpointingPolicy(),
+        ]
+      ),
+      max_to_keep=keep,
+      enable_async_checkpointing=True,
+      create=True,
     )
     self._manager = ocp.CheckpointManager(
-        self.directory, options=options, item_names=("state", "extra"))
+      self.directory, options=options, item_names=("state", "extra")
+    )
 
   def latest_step(self) -> int | None:
     """Returns the newest saved step, or None if there is none."""
     return self._manager.latest_step()
 
-  def save(self, step: int, state: Any, *, extra: dict | None = None,
-           force: bool = False) -> bool:
+  def save(self, step: int, state: Any, *, extra: dict | None = None, force: bool = False) -> bool:
     """Starts an async save if the step is due.
 
     A step is due if `step % save_every == 0`, or `force`, or orbax reports a
@@ -77,12 +79,11 @@ class Checkpointer:
     if step in self._manager.all_steps():
       return False
     args = ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        extra=ocp.args.JsonSave(extra or {}))
+      state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra or {})
+    )
     return self._manager.save(step, args=args, force=force)
 
-  def restore(self, target: Any,
-              step: int | None = None) -> tuple[Any, dict]:
+  def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict]:
     """Restores (state, extra) at `step` (default: the latest).
 
     Args:
@@ -113,16 +114,20 @@ class Checkpointer:
     for candidate in candidates:
       try:
         restored = self._manager.restore(
-            candidate,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target),
-                extra=ocp.args.JsonRestore()))
+          candidate,
+          args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()
+          ),
+        )
       except Exception as e:  # pylint: disable=broad-exception-caught
         # orbax/tensorstore raise many types for damaged files; the shape/structure errors of a wrong
         # target would repeat on every step, so they surface below with the rest.
         errors.append(f"step {candidate}: {type(e).__name__}: {str(e)[:300]}")
-        print(f"WARNING: checkpoint step {candidate} in {self.directory} is unreadable "
-              f"({type(e).__name__}); trying an older one", flush=True)
+        print(
+          f"WARNING: checkpoint step {candidate} in {self.directory} is unreadable "
+          f"({type(e).__name__}); trying an older one",
+          flush=True,
+        )
         continue
       if errors:
         print(f"WARNING: resumed from step {candidate}, the newest readable checkpoint", flush=True)
@@ -163,9 +168,8 @@ def save_params(path: str, params: Any, model_config: dict) -> None:
     os.remove(config_file)
   checkpointer = ocp.PyTreeCheckpointer()  # Synchronous.
   checkpointer.save(
-      os.path.join(path, _PARAMS_SUBDIR),
-      args=ocp.args.PyTreeSave(params),
-      force=True)  # Overwrite.
+    os.path.join(path, _PARAMS_SUBDIR), args=ocp.args.PyTreeSave(params), force=True
+  )  # Overwrite.
   if is_writer:
     tmp_file = config_file + ".tmp"
     with open(tmp_file, "w") as f:
@@ -173,8 +177,10 @@ def save_params(path: str, params: Any, model_config: dict) -> None:
     os.replace(tmp_file, config_file)
 
 
-_HINT = (f"{_TEACHER_FIELD} must point at a directory written by at_jax.checkpoint.save_params (or a "
-         "PyTorch/timm/big_vision file that at_jax.convert reads)")
+_HINT = (
+  f"{_TEACHER_FIELD} must point at a directory written by at_jax.checkpoint.save_params (or a "
+  "PyTorch/timm/big_vision file that at_jax.convert reads)"
+)
 
 
 def read_model_config(path: str) -> dict:
@@ -219,19 +225,19 @@ def load_params(path: str, shardings: Any = None) -> tuple[dict, Any]:
     metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(params_dir))
     if shardings is None:
       # No sharding -> orbax restores numpy arrays.
-      target = jax.tree.map(
-          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata.tree)
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata.tree)
     else:
       target = jax.tree.map(
-          lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
-          metadata.tree, shardings)
+        lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), metadata.tree, shardings
+      )
     params = ocp.PyTreeCheckpointer().restore(
-        params_dir,
-        args=ocp.args.PyTreeRestore(
-            item=target,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+      params_dir,
+      args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)
+      ),
+    )
   except Exception as e:  # pylint: disable=broad-exception-caught
     raise ConfigError(
-        path, f"unreadable params checkpoint in {params_dir} "
-        f"({type(e).__name__}: {e}); {_HINT}") from e
+      path, f"unreadable params checkpoint in {params_dir} ({type(e).__name__}: {e}); {_HINT}"
+    ) from e
   return model_config, params

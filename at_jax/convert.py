@@ -15,6 +15,7 @@ position table with the prefix slots when the checkpoint has them):
 
   python -m at_jax.convert mae_pretrain_vit_large.pth /tmp/mae_l      # then --config.teacher.init=/tmp/mae_l
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,8 @@ import os
 import pickle
 import re
 import sys
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,42 +47,62 @@ _WRAPPERS = ("model", "state_dict", "model_ema", "state_dict_ema")
 _PREFIXES = ("module.", "base_encoder.", "backbone.")
 # Pre-training parts that are not the encoder: MAE's decoder and mask token, MoCo-v3's momentum encoder,
 # predictor and projection MLP (head.0, head.1, ...), DINO's projection head, DINOv2's mask token.
-_IGNORED = re.compile(r"^(decoder[._]|mask_token$|momentum_encoder\.|predictor\.|head\.(\d+|mlp|last_layer)\.)")
+_IGNORED = re.compile(
+  r"^(decoder[._]|mask_token$|momentum_encoder\.|predictor\.|head\.(\d+|mlp|last_layer)\.)"
+)
 # big_vision keeps params under one of these (checked in order); keys elsewhere are optimizer state.
 _NPZ_PREFIXES = ("params/", "opt/target/", "params/img/", "")
 
 # Widths of the released ViT sizes (Ti, S, B, L, H, g, DINOv2-g, G) -> heads. Mostly head_dim 64, but not
 # ViT-H/g/G, so this is a table and not `width // 64`.
 _HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1536: 24, 1664: 16}
-_DEFAULT_LAYERSCALE = 1e-5  # Only decides that the params exist; their values come from the checkpoint.
+_DEFAULT_LAYERSCALE = (
+  1e-5  # Only decides that the params exist; their values come from the checkpoint.
+)
 
 # Per family, the architecture fields a checkpoint does not store. Empty: the reader's defaults fit (exact
 # GELU and eps 1e-6 for PyTorch files; tanh GELU, flax's nn.gelu, for big_vision .npz).
 FAMILIES: dict[str, dict[str, Any]] = {
-    "vit": {}, "deit": {}, "augreg": {}, "mae": {}, "mocov3": {}, "dino": {}, "dinov2": {}, "big_vision": {},
-    # timm's CLIP towers use torch.nn.LayerNorm's eps; OpenAI's models also QuickGELU.
-    "clip": {"norm_eps": 1e-5},
-    "clip_openai": {"norm_eps": 1e-5, "mlp_act": "quick_gelu"},
+  "vit": {},
+  "deit": {},
+  "augreg": {},
+  "mae": {},
+  "mocov3": {},
+  "dino": {},
+  "dinov2": {},
+  "big_vision": {},
+  # timm's CLIP towers use torch.nn.LayerNorm's eps; OpenAI's models also QuickGELU.
+  "clip": {"norm_eps": 1e-5},
+  "clip_openai": {"norm_eps": 1e-5, "mlp_act": "quick_gelu"},
 }
 
 # Keys of architectures our ViT cannot express, and why (searched before anything else is inferred).
 _UNSUPPORTED = (
-    (r"relative_position|rel_pos", "relative position bias (BEiT, data2vec, Swin)"),
-    (r"\.(q_bias|v_bias)$", "separate q/v biases (BEiT)"),
-    (r"dist_token|head_dist", "a distillation token whose head is averaged with the cls head (DeiT distilled)"),
-    (r"attn_pool\.|MAPHead_", "attention-pooling (MAP) head"),
-    (r"\.attn\.norm\.", "a LayerNorm on the attention output (timm scale_attn_norm)"),
-    (r"\.mlp\.norm\.", "a LayerNorm inside the MLP (timm scale_mlp_norm)"),
-    (r"\.mlp\.(fc1_g|fc1_x|w12|w3)\.", "a SwiGLU MLP (e.g. DINOv2 ViT-g)"),
-    (r"\.attn\.gate\.", "gated attention"),
-    (r"patch_embed\.backbone|^stem\.", "a hybrid CNN stem"),
-    (r"pre_logits", "a pre-logits representation layer"),
+  (r"relative_position|rel_pos", "relative position bias (BEiT, data2vec, Swin)"),
+  (r"\.(q_bias|v_bias)$", "separate q/v biases (BEiT)"),
+  (
+    r"dist_token|head_dist",
+    "a distillation token whose head is averaged with the cls head (DeiT distilled)",
+  ),
+  (r"attn_pool\.|MAPHead_", "attention-pooling (MAP) head"),
+  (r"\.attn\.norm\.", "a LayerNorm on the attention output (timm scale_attn_norm)"),
+  (r"\.mlp\.norm\.", "a LayerNorm inside the MLP (timm scale_mlp_norm)"),
+  (r"\.mlp\.(fc1_g|fc1_x|w12|w3)\.", "a SwiGLU MLP (e.g. DINOv2 ViT-g)"),
+  (r"\.attn\.gate\.", "gated attention"),
+  (r"patch_embed\.backbone|^stem\.", "a hybrid CNN stem"),
+  (r"pre_logits", "a pre-logits representation layer"),
 )
 _MAX_LISTED = 10
 
 
-def load_teacher(path: str, *, image_size: int | None = None, resample_posemb: bool = False,
-                 family: str | None = None, num_heads: int | None = None) -> tuple[dict, dict]:
+def load_teacher(
+  path: str,
+  *,
+  image_size: int | None = None,
+  resample_posemb: bool = False,
+  family: str | None = None,
+  num_heads: int | None = None,
+) -> tuple[dict, dict]:
   """Reads a pretrained ViT checkpoint as (model_config, params) for `vit.build`.
 
   Args:
@@ -110,9 +132,12 @@ def load_teacher(path: str, *, image_size: int | None = None, resample_posemb: b
     config, params = _from_timm(flat, path, num_heads)
   config.update(FAMILIES.get(family, {}))
   if config["pre_norm"] and family is None:
-    raise ConfigError("family", f"{path}: a LayerNorm before the blocks (norm_pre) marks a CLIP tower, whose "
-                      "LayerNorm eps and MLP activation the checkpoint does not store; pass family='clip' "
-                      "(GELU, eps 1e-5) or 'clip_openai' (QuickGELU, eps 1e-5)")
+    raise ConfigError(
+      "family",
+      f"{path}: a LayerNorm before the blocks (norm_pre) marks a CLIP tower, whose "
+      "LayerNorm eps and MLP activation the checkpoint does not store; pass family='clip' "
+      "(GELU, eps 1e-5) or 'clip_openai' (QuickGELU, eps 1e-5)",
+    )
   image_size = fit_posemb(params, config, path, image_size, resample_posemb)
   _check_against_model(config, params, image_size, path)
   return config, params
@@ -123,8 +148,11 @@ def load_teacher(path: str, *, image_size: int | None = None, resample_posemb: b
 
 
 def _unreadable(path: str, error: Exception) -> ConfigError:
-  return ConfigError(path, f"cannot read the file (truncated or not a checkpoint): {type(error).__name__}: "
-                     f"{str(error)[:200]}")
+  return ConfigError(
+    path,
+    f"cannot read the file (truncated or not a checkpoint): {type(error).__name__}: "
+    f"{str(error)[:200]}",
+  )
 
 
 def _read(path: str) -> dict[str, Any]:
@@ -138,8 +166,11 @@ def _read(path: str) -> dict[str, Any]:
     return _read_safetensors(path)
   if name.endswith(_TORCH_SUFFIXES):
     return _read_torch(path)
-  raise ConfigError(path, "unknown checkpoint type; expected a file ending in "
-                    f"{', '.join(('.npz', '.safetensors') + _TORCH_SUFFIXES)}")
+  raise ConfigError(
+    path,
+    "unknown checkpoint type; expected a file ending in "
+    f"{', '.join(('.npz', '.safetensors') + _TORCH_SUFFIXES)}",
+  )
 
 
 def _read_npz(path: str) -> dict[str, Any]:
@@ -155,7 +186,9 @@ def _read_safetensors(path: str) -> dict[str, Any]:
   try:
     from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    raise ConfigError(path, "reading .safetensors needs the safetensors package: pip install safetensors") from e
+    raise ConfigError(
+      path, "reading .safetensors needs the safetensors package: pip install safetensors"
+    ) from e
   try:
     return load_file(path)
   except Exception as e:  # pylint: disable=broad-exception-caught  # SafetensorError, OSError, ...
@@ -166,8 +199,11 @@ def _read_torch(path: str) -> dict[str, Any]:
   try:
     import torch  # pylint: disable=import-outside-toplevel  # Only PyTorch files need it.
   except ImportError as e:
-    raise ConfigError(path, "reading PyTorch checkpoints needs torch: pip install torch (the CPU wheel is "
-                      "enough), or convert the file to .safetensors elsewhere") from e
+    raise ConfigError(
+      path,
+      "reading PyTorch checkpoints needs torch: pip install torch (the CPU wheel is "
+      "enough), or convert the file to .safetensors elsewhere",
+    ) from e
   try:
     # weights_only: a checkpoint is data; never run the pickled code of an arbitrary file.
     obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -175,9 +211,12 @@ def _read_torch(path: str) -> dict[str, Any]:
     found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
     if found is None:  # Random bytes also fail as "weights only" unpickling errors.
       raise _unreadable(path, e) from e
-    raise ConfigError(path, f"holds a Python object ({found.group(1)}) besides tensors, which torch.load("
-                      "weights_only=True) refuses to unpickle; if you trust the file, save just its state "
-                      "dict: torch.save(torch.load(f, weights_only=False)['model'], 'model.pth')") from e
+    raise ConfigError(
+      path,
+      f"holds a Python object ({found.group(1)}) besides tensors, which torch.load("
+      "weights_only=True) refuses to unpickle; if you trust the file, save just its state "
+      "dict: torch.save(torch.load(f, weights_only=False)['model'], 'model.pth')",
+    ) from e
   except Exception as e:  # pylint: disable=broad-exception-caught  # RuntimeError, EOFError, ... vary.
     raise _unreadable(path, e) from e
   return _pick_state_dict(obj, path)
@@ -195,12 +234,17 @@ def _pick_state_dict(obj: Any, path: str) -> Mapping[str, Any]:
       if _is_state_dict(obj.get(key)):
         return obj[key]
   top = _listed(list(obj)) if isinstance(obj, Mapping) else type(obj).__name__
-  raise ConfigError(path, f"no state dict found: expected a dict of tensors, or one under any of {_WRAPPERS}; "
-                    f"found {top}")
+  raise ConfigError(
+    path,
+    f"no state dict found: expected a dict of tensors, or one under any of {_WRAPPERS}; "
+    f"found {top}",
+  )
 
 
 def _f32(value: Any) -> Array:
-  if hasattr(value, "detach"):  # A torch tensor (bf16/fp16 have no numpy twin: cast in torch first).
+  if hasattr(
+    value, "detach"
+  ):  # A torch tensor (bf16/fp16 have no numpy twin: cast in torch first).
     value = value.detach().float().numpy()
   return np.asarray(value, np.float32)
 
@@ -218,13 +262,18 @@ def _check_supported(keys: list[str], path: str) -> None:
   found = [(why, [k for k in keys if re.search(pattern, k)]) for pattern, why in _UNSUPPORTED]
   found = [f"{why} (keys {_listed(hits)})" for why, hits in found if hits]
   if found:
-    raise ConfigError(path, f"unsupported architecture: {'; '.join(found)}; at_jax's ViT cannot express it")
+    raise ConfigError(
+      path, f"unsupported architecture: {'; '.join(found)}; at_jax's ViT cannot express it"
+    )
 
 
 def _not_a_vit(keys: list[str], path: str, anchor: str) -> ConfigError:
-  return ConfigError(path, f"not a ViT checkpoint: no {anchor!r}; its keys ({_listed(keys)}) match none of "
-                     "the supported families (timm-named DeiT/AugReg/MAE/MoCo-v3/DINO/DINOv2/CLIP ViTs, "
-                     "big_vision .npz ViTs)")
+  return ConfigError(
+    path,
+    f"not a ViT checkpoint: no {anchor!r}; its keys ({_listed(keys)}) match none of "
+    "the supported families (timm-named DeiT/AugReg/MAE/MoCo-v3/DINO/DINOv2/CLIP ViTs, "
+    "big_vision .npz ViTs)",
+  )
 
 
 def _shape(flat: Mapping[str, Any], key: str, path: str, ndim: int) -> tuple[int, ...]:
@@ -233,7 +282,9 @@ def _shape(flat: Mapping[str, Any], key: str, path: str, ndim: int) -> tuple[int
     # Name what the block has instead (e.g. timm's parallel blocks, `blocks.0.attns.0...`).
     block = re.match(r"blocks\.\d+\.|Transformer/encoderblock_\d+/|", key).group(0)
     near = [k for k in flat if block and k.startswith(block)]
-    raise ConfigError(path, f"missing key {key!r}" + (f"; {block} has {_listed(near)}" if near else ""))
+    raise ConfigError(
+      path, f"missing key {key!r}" + (f"; {block} has {_listed(near)}" if near else "")
+    )
   shape = tuple(flat[key].shape)
   if len(shape) != ndim:
     raise ConfigError(path, f"{key} has shape {shape}, expected {ndim} axes")
@@ -250,11 +301,16 @@ def _depth(keys: list[str], pattern: str, path: str, example: str) -> int:
 def _resolve_heads(width: int, num_heads: int | None, stored: int | None, path: str) -> int:
   """`num_heads` if given, else what the checkpoint shows (`stored`), else the width table."""
   if num_heads is not None and stored is not None and num_heads != stored:
-    raise ConfigError("num_heads", f"{path} has {stored} heads (from its q/k shapes), not {num_heads}")
+    raise ConfigError(
+      "num_heads", f"{path} has {stored} heads (from its q/k shapes), not {num_heads}"
+    )
   heads = num_heads or stored or _HEADS_BY_WIDTH.get(width)
   if heads is None:
-    raise ConfigError("num_heads", f"{path}: the number of attention heads is not stored and width {width} "
-                      f"is not a known ViT size {_HEADS_BY_WIDTH}; pass num_heads (--num_heads)")
+    raise ConfigError(
+      "num_heads",
+      f"{path}: the number of attention heads is not stored and width {width} "
+      f"is not a known ViT size {_HEADS_BY_WIDTH}; pass num_heads (--num_heads)",
+    )
   if width % heads:
     raise ConfigError("num_heads", f"width {width} of {path} is not divisible by {heads} heads")
   return heads
@@ -272,7 +328,8 @@ def _apply(flat: Mapping[str, Any], rules: Rules, path: str, what: str) -> dict[
   unknown = sorted(set(flat) - set(rules))
   if missing or unknown:
     problems = ([f"missing keys {_listed(missing)}"] if missing else []) + (
-        [f"unknown keys {_listed(unknown)}"] if unknown else [])
+      [f"unknown keys {_listed(unknown)}"] if unknown else []
+    )
     raise ConfigError(path, f"does not match {what}: {'; '.join(problems)}")
   params: dict[str, Any] = {}
   for key, (shape, to_ours) in rules.items():
@@ -314,7 +371,9 @@ def _from_timm(raw: Mapping[str, Any], path: str, num_heads: int | None) -> tupl
   heads = _resolve_heads(width, num_heads, stored_heads, path)
   head_dim = width // heads
   class_token = "cls_token" in sd
-  meta_registers = "register_tokens" in sd  # Meta's DINOv2: position table covers cls but not registers.
+  meta_registers = (
+    "register_tokens" in sd
+  )  # Meta's DINOv2: position table covers cls but not registers.
   reg_key = "register_tokens" if meta_registers else "reg_token"
   registers = _shape(sd, reg_key, path, 3)[1] if reg_key in sd else 0
   qkv_bias = "blocks.0.attn.qkv.bias" in sd
@@ -325,23 +384,36 @@ def _from_timm(raw: Mapping[str, Any], path: str, num_heads: int | None) -> tupl
   # MAE fine-tuning (and timm's global_pool="avg") replaces `norm` by `fc_norm` after averaging.
   has_norm, has_fc_norm = "norm.weight" in sd, "fc_norm.weight" in sd
   if has_norm == has_fc_norm:
-    raise ConfigError(path, "expected exactly one final LayerNorm, 'norm' (cls readout) or 'fc_norm' "
-                      f"(average pooling); found {'both' if has_norm else 'neither'}")
+    raise ConfigError(
+      path,
+      "expected exactly one final LayerNorm, 'norm' (cls readout) or 'fc_norm' "
+      f"(average pooling); found {'both' if has_norm else 'neither'}",
+    )
   if has_norm and not class_token:
-    raise ConfigError(path, "unsupported architecture: a final 'norm' without a cls token (timm "
-                      "global_pool='avg' with fc_norm=False normalises before averaging); at_jax's ViT "
-                      "averages first, then applies fc_norm")
+    raise ConfigError(
+      path,
+      "unsupported architecture: a final 'norm' without a cls token (timm "
+      "global_pool='avg' with fc_norm=False normalises before averaging); at_jax's ViT "
+      "averages first, then applies fc_norm",
+    )
 
   if "pos_embed" not in sd:
-    raise ConfigError(path, "unsupported architecture: no learned position table 'pos_embed' (rotary or "
-                      "no position embeddings, e.g. timm's EVA/RoPE ViTs)")
+    raise ConfigError(
+      path,
+      "unsupported architecture: no learned position table 'pos_embed' (rotary or "
+      "no position embeddings, e.g. timm's EVA/RoPE ViTs)",
+    )
   pos_len = _shape(sd, "pos_embed", path, 3)[1]
-  posemb_prefix = _posemb_has_prefix(pos_len, int(class_token) + (0 if meta_registers else registers), path)
+  posemb_prefix = _posemb_has_prefix(
+    pos_len, int(class_token) + (0 if meta_registers else registers), path
+  )
 
   rules: Rules = {
-      "patch_embed.proj.weight": ((width, channels, patch, patch),  # OIHW -> HWIO
-                                  lambda a: {"embedding/kernel": a.transpose(2, 3, 1, 0)}),
-      "pos_embed": ((1, pos_len, width), lambda a: {"pos_embedding": a}),
+    "patch_embed.proj.weight": (
+      (width, channels, patch, patch),  # OIHW -> HWIO
+      lambda a: {"embedding/kernel": a.transpose(2, 3, 1, 0)},
+    ),
+    "pos_embed": ((1, pos_len, width), lambda a: {"pos_embedding": a}),
   }
   # CLIP-style stems have no patch bias; ours always has one, so it stays zero.
   if "patch_embed.proj.bias" in sd:
@@ -360,8 +432,12 @@ def _from_timm(raw: Mapping[str, Any], path: str, num_heads: int | None) -> tupl
   def split_qkv(a: Array, dst: str) -> dict[str, Array]:
     """Fused [3D, D] (out, in) weight or [3D] bias -> query/key/value [D, H, Dh] kernels or [H, Dh] biases."""
     a = a.reshape(3, heads, head_dim, *a.shape[1:])
-    return {f"{dst}/{name}/{'kernel' if a.ndim == 4 else 'bias'}": (
-        a[j].transpose(2, 0, 1) if a.ndim == 4 else a[j]) for j, name in enumerate(("query", "key", "value"))}
+    return {
+      f"{dst}/{name}/{'kernel' if a.ndim == 4 else 'bias'}": (
+        a[j].transpose(2, 0, 1) if a.ndim == 4 else a[j]
+      )
+      for j, name in enumerate(("query", "key", "value"))
+    }
 
   for i in range(depth):
     src, dst = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
@@ -375,7 +451,9 @@ def _from_timm(raw: Mapping[str, Any], path: str, num_heads: int | None) -> tupl
       _ln(src + "attn.q_norm", attn + "/query_norm", head_dim, rules)
       _ln(src + "attn.k_norm", attn + "/key_norm", head_dim, rules)
     rules[src + "attn.proj.weight"] = (  # [D, H*Dh] (out, in) -> [H, Dh, D]
-        (width, width), lambda a, d=attn: {f"{d}/out/kernel": a.T.reshape(heads, head_dim, width)})
+      (width, width),
+      lambda a, d=attn: {f"{d}/out/kernel": a.T.reshape(heads, head_dim, width)},
+    )
     rules[src + "attn.proj.bias"] = ((width,), lambda a, d=attn: {f"{d}/out/bias": a})
     for j, fc, shape in ((0, "fc1", (mlp_dim, width)), (1, "fc2", (width, mlp_dim))):
       mlp = f"{dst}MlpBlock_0/Dense_{j}"
@@ -393,11 +471,25 @@ def _from_timm(raw: Mapping[str, Any], path: str, num_heads: int | None) -> tupl
     params["cls"] = params["cls"] + params["pos_embedding"][:, :1]
     params["pos_embedding"] = params["pos_embedding"][:, 1:]
     posemb_prefix = False
-  config = dict(num_classes=num_classes, patch_size=patch, width=width, depth=depth, mlp_dim=mlp_dim,
-                num_heads=heads, pool="cls" if has_norm else "gap", class_token=class_token,
-                num_registers=registers, posemb_prefix=posemb_prefix, pre_norm=pre_norm, qkv_bias=qkv_bias,
-                qk_norm=qk_norm, layerscale_init=_DEFAULT_LAYERSCALE if layerscale else 0.0,
-                mlp_act="gelu", norm_eps=1e-6, scan=False)
+  config = dict(
+    num_classes=num_classes,
+    patch_size=patch,
+    width=width,
+    depth=depth,
+    mlp_dim=mlp_dim,
+    num_heads=heads,
+    pool="cls" if has_norm else "gap",
+    class_token=class_token,
+    num_registers=registers,
+    posemb_prefix=posemb_prefix,
+    pre_norm=pre_norm,
+    qkv_bias=qkv_bias,
+    qk_norm=qk_norm,
+    layerscale_init=_DEFAULT_LAYERSCALE if layerscale else 0.0,
+    mlp_act="gelu",
+    norm_eps=1e-6,
+    scan=False,
+  )
   return config, params
 
 
@@ -406,13 +498,15 @@ def _from_big_vision(raw: Mapping[str, Any], path: str, num_heads: int | None) -
   prefix = next((p for p in _NPZ_PREFIXES if p + "embedding/kernel" in raw), None)
   if prefix is None:
     raise _not_a_vit(list(raw), path, "params/embedding/kernel")
-  w = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
+  w = {k[len(prefix) :]: v for k, v in raw.items() if k.startswith(prefix)}
   _check_supported(list(w), path)
   # Scan layout: one [L, ...] array per block parameter; unstack into encoderblock_{i}.
   stacked = {k: w.pop(k) for k in list(w) if k.startswith("Transformer/encoderblock/")}
   depths = {a.shape[:1] for a in stacked.values()}
   if len(depths) > 1 or () in depths:
-    raise ConfigError(path, f"scan-layout blocks disagree on their leading (layer) axis: {sorted(depths)}")
+    raise ConfigError(
+      path, f"scan-layout blocks disagree on their leading (layer) axis: {sorted(depths)}"
+    )
   for key, array in stacked.items():
     for i, layer in enumerate(array):
       w[key.replace("encoderblock/", f"encoderblock_{i}/")] = layer
@@ -422,11 +516,16 @@ def _from_big_vision(raw: Mapping[str, Any], path: str, num_heads: int | None) -
   if kernel[0] != kernel[1]:
     raise ConfigError(path, f"embedding/kernel has shape {kernel}: non-square patches")
   patch, _, channels, width = kernel
-  depth = _depth(keys, r"Transformer/encoderblock_(\d+)/", path, "Transformer/encoderblock_0/LayerNorm_0/scale")
+  depth = _depth(
+    keys, r"Transformer/encoderblock_(\d+)/", path, "Transformer/encoderblock_0/LayerNorm_0/scale"
+  )
   # google-research/vision_transformer numbers submodules in creation order; big_vision names them.
   legacy = "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel" in w
-  mha, ln2, mlp = ("MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3") if legacy else (
-      "MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0")
+  mha, ln2, mlp = (
+    ("MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3")
+    if legacy
+    else ("MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0")
+  )
   query = _shape(w, f"Transformer/encoderblock_0/{mha}/query/kernel", path, 3)  # [D, H, Dh]
   heads = _resolve_heads(width, num_heads, query[1], path)
   head_dim = width // heads
@@ -434,28 +533,40 @@ def _from_big_vision(raw: Mapping[str, Any], path: str, num_heads: int | None) -
   class_token = "cls" in w
   num_classes = _shape(w, "head/kernel", path, 2)[1] if "head/kernel" in w else 0
   if not class_token:
-    raise ConfigError(path, "unsupported architecture: no cls token, i.e. big_vision pool_type 'gap', which "
-                      "applies encoder_norm to every token before averaging; at_jax's ViT averages first, "
-                      "then applies fc_norm")
+    raise ConfigError(
+      path,
+      "unsupported architecture: no cls token, i.e. big_vision pool_type 'gap', which "
+      "applies encoder_norm to every token before averaging; at_jax's ViT averages first, "
+      "then applies fc_norm",
+    )
   # big_vision's table covers the patches only; the original ViT's (posembed_input) the cls token too.
-  pos_key = next((k for k in ("pos_embedding", "Transformer/posembed_input/pos_embedding") if k in w), None)
+  pos_key = next(
+    (k for k in ("pos_embedding", "Transformer/posembed_input/pos_embedding") if k in w), None
+  )
   if pos_key is None:
-    raise ConfigError(path, "no stored position table (pos_embedding): fixed 'sincos2d' tables are not "
-                      "supported")
+    raise ConfigError(
+      path, "no stored position table (pos_embedding): fixed 'sincos2d' tables are not supported"
+    )
   pos_len = _shape(w, pos_key, path, 3)[1]
   posemb_prefix = pos_key != "pos_embedding"
-  if pos_len - posemb_prefix < 1 or math.isqrt(pos_len - posemb_prefix) ** 2 != pos_len - posemb_prefix:
-    raise ConfigError(path, f"{pos_key} has {pos_len} positions, not a square grid"
-                      + (" plus the cls slot" if posemb_prefix else ""))
+  if (
+    pos_len - posemb_prefix < 1
+    or math.isqrt(pos_len - posemb_prefix) ** 2 != pos_len - posemb_prefix
+  ):
+    raise ConfigError(
+      path,
+      f"{pos_key} has {pos_len} positions, not a square grid"
+      + (" plus the cls slot" if posemb_prefix else ""),
+    )
 
-  same = lambda dst: lambda a: {dst: a}  # noqa: E731
+  same = lambda dst: lambda a: {dst: a}
   rules: Rules = {
-      "embedding/kernel": ((patch, patch, channels, width), same("embedding/kernel")),
-      "embedding/bias": ((width,), same("embedding/bias")),
-      "cls": ((1, 1, width), same("cls")),
-      pos_key: ((1, pos_len, width), same("pos_embedding")),
-      "Transformer/encoder_norm/scale": ((width,), same("encoder_norm/scale")),
-      "Transformer/encoder_norm/bias": ((width,), same("encoder_norm/bias")),
+    "embedding/kernel": ((patch, patch, channels, width), same("embedding/kernel")),
+    "embedding/bias": ((width,), same("embedding/bias")),
+    "cls": ((1, 1, width), same("cls")),
+    pos_key: ((1, pos_len, width), same("pos_embedding")),
+    "Transformer/encoder_norm/scale": ((width,), same("encoder_norm/scale")),
+    "Transformer/encoder_norm/bias": ((width,), same("encoder_norm/bias")),
   }
   if num_classes:
     rules["head/kernel"] = ((width, num_classes), same("head/kernel"))
@@ -467,21 +578,42 @@ def _from_big_vision(raw: Mapping[str, Any], path: str, num_heads: int | None) -
       for leaf in ("scale", "bias"):
         rules[f"{block}{theirs}/{leaf}"] = ((width,), same(f"{block}{name}/{leaf}"))
     for name in ("query", "key", "value"):
-      rules[f"{block}{mha}/{name}/kernel"] = ((width, heads, head_dim), same(f"{ours}{name}/kernel"))
+      rules[f"{block}{mha}/{name}/kernel"] = (
+        (width, heads, head_dim),
+        same(f"{ours}{name}/kernel"),
+      )
       rules[f"{block}{mha}/{name}/bias"] = ((heads, head_dim), same(f"{ours}{name}/bias"))
     rules[f"{block}{mha}/out/kernel"] = ((heads, head_dim, width), same(f"{ours}out/kernel"))
     rules[f"{block}{mha}/out/bias"] = ((width,), same(f"{ours}out/bias"))
     for j, shape in ((0, (width, mlp_dim)), (1, (mlp_dim, width))):
       rules[f"{block}{mlp}/Dense_{j}/kernel"] = (shape, same(f"{block}MlpBlock_0/Dense_{j}/kernel"))
-      rules[f"{block}{mlp}/Dense_{j}/bias"] = ((shape[1],), same(f"{block}MlpBlock_0/Dense_{j}/bias"))
+      rules[f"{block}{mlp}/Dense_{j}/bias"] = (
+        (shape[1],),
+        same(f"{block}MlpBlock_0/Dense_{j}/bias"),
+      )
 
   what = f"a big_vision ViT of width {width}, depth {depth}, MLP {mlp_dim}, patch {patch}"
   params = _apply(w, rules, path, what)
-  config = dict(num_classes=num_classes, patch_size=patch, width=width, depth=depth, mlp_dim=mlp_dim,
-                num_heads=heads, pool="cls", class_token=True, num_registers=0, posemb_prefix=posemb_prefix,
-                pre_norm=False, qkv_bias=True, qk_norm=False, layerscale_init=0.0,
-                # flax's nn.gelu, which big_vision and vision_transformer use, is the tanh approximation.
-                mlp_act="gelu_tanh", norm_eps=1e-6, scan=False)
+  config = dict(
+    num_classes=num_classes,
+    patch_size=patch,
+    width=width,
+    depth=depth,
+    mlp_dim=mlp_dim,
+    num_heads=heads,
+    pool="cls",
+    class_token=True,
+    num_registers=0,
+    posemb_prefix=posemb_prefix,
+    pre_norm=False,
+    qkv_bias=True,
+    qk_norm=False,
+    layerscale_init=0.0,
+    # flax's nn.gelu, which big_vision and vision_transformer use, is the tanh approximation.
+    mlp_act="gelu_tanh",
+    norm_eps=1e-6,
+    scan=False,
+  )
   return config, params
 
 
@@ -491,14 +623,17 @@ def _from_big_vision(raw: Mapping[str, Any], path: str, num_heads: int | None) -
 
 def _posemb_has_prefix(pos_len: int, num_prefix: int, path: str) -> bool:
   """Whether a table of `pos_len` positions covers `num_prefix` prefix tokens besides a square grid."""
-  is_square = lambda n: n > 0 and math.isqrt(n) ** 2 == n  # noqa: E731
+  is_square = lambda n: n > 0 and math.isqrt(n) ** 2 == n
   # With prefix first: timm's default; ambiguous only for tiny grids (e.g. 9 positions, 5 prefix tokens).
   if num_prefix and is_square(pos_len - num_prefix):
     return True
   if is_square(pos_len):
     return False
-  raise ConfigError(path, f"pos_embed has {pos_len} positions: neither a square grid nor one plus "
-                    f"{num_prefix} prefix (cls/register) slots")
+  raise ConfigError(
+    path,
+    f"pos_embed has {pos_len} positions: neither a square grid nor one plus "
+    f"{num_prefix} prefix (cls/register) slots",
+  )
 
 
 def resample_posemb(pos_1TD: Array, grid: int, num_prefix: int) -> Array:
@@ -511,28 +646,42 @@ def resample_posemb(pos_1TD: Array, grid: int, num_prefix: int) -> Array:
   old = math.isqrt(patches_1PD.shape[1])
   width = pos_1TD.shape[-1]
   with jax.default_device(jax.devices("cpu")[0]):
-    grid_GGD = jax.image.resize(jnp.asarray(patches_1PD.reshape(old, old, width)), (grid, grid, width),
-                                "bicubic", antialias=True, precision=jax.lax.Precision.HIGHEST)
+    grid_GGD = jax.image.resize(
+      jnp.asarray(patches_1PD.reshape(old, old, width)),
+      (grid, grid, width),
+      "bicubic",
+      antialias=True,
+      precision=jax.lax.Precision.HIGHEST,
+    )
   return np.concatenate([prefix_1RD, np.asarray(grid_GGD).reshape(1, grid * grid, width)], axis=1)
 
 
-def fit_posemb(params: dict, config: dict, path: str, image_size: int | None, resample: bool) -> int:
+def fit_posemb(
+  params: dict, config: dict, path: str, image_size: int | None, resample: bool
+) -> int:
   """Makes the position table fit `image_size` (resampling if allowed); returns the image size."""
-  model = vit.build(config)  # reads fields with the ViT's defaults (exports may predate newer fields)
+  model = vit.build(
+    config
+  )  # reads fields with the ViT's defaults (exports may predate newer fields)
   patch = model.patch_size
   num_prefix = model.num_prefix if model.posemb_prefix else 0
   grid = math.isqrt(params["pos_embedding"].shape[1] - num_prefix)
   if image_size is None:
     return grid * patch
   if image_size <= 0 or image_size % patch:
-    raise ConfigError("image_size", f"{image_size} is not a positive multiple of the patch size {patch} of {path}")
+    raise ConfigError(
+      "image_size", f"{image_size} is not a positive multiple of the patch size {patch} of {path}"
+    )
   new_grid = image_size // patch
   if new_grid != grid:
     if not resample:
-      raise ConfigError(path, f"its position embeddings are for a {grid}x{grid} patch grid ({grid * patch} px "
-                        f"at patch {patch}), not {new_grid}x{new_grid} ({image_size} px); pass "
-                        "resample_posemb=True (CLI --resample, config teacher.resample_posemb=True) to "
-                        f"resample them bicubically, or use image size {grid * patch}")
+      raise ConfigError(
+        path,
+        f"its position embeddings are for a {grid}x{grid} patch grid ({grid * patch} px "
+        f"at patch {patch}), not {new_grid}x{new_grid} ({image_size} px); pass "
+        "resample_posemb=True (CLI --resample, config teacher.resample_posemb=True) to "
+        f"resample them bicubically, or use image size {grid * patch}",
+      )
     params["pos_embedding"] = resample_posemb(params["pos_embedding"], new_grid, num_prefix)
   return image_size
 
@@ -547,8 +696,10 @@ def _check_against_model(config: dict, params: dict, image_size: int, path: str)
   got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(params)}
   if want != got:
     diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
-    raise RuntimeError(f"at_jax.convert bug: params converted from {path} do not fit vit.ViT({config}): "
-                       + ", ".join(f"{k}: {got.get(k)} vs {want.get(k)}" for k in diff[:_MAX_LISTED]))
+    raise RuntimeError(
+      f"at_jax.convert bug: params converted from {path} do not fit vit.ViT({config}): "
+      + ", ".join(f"{k}: {got.get(k)} vs {want.get(k)}" for k in diff[:_MAX_LISTED])
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -557,20 +708,36 @@ def _check_against_model(config: dict, params: dict, image_size: int, path: str)
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-      prog="python -m at_jax.convert",
-      description="Converts a pretrained ViT (timm/MAE/MoCo-v3/DINO/DINOv2 .pth/.safetensors, big_vision "
-                  ".npz) into a params export for --config.teacher.init.")
+    prog="python -m at_jax.convert",
+    description="Converts a pretrained ViT (timm/MAE/MoCo-v3/DINO/DINOv2 .pth/.safetensors, big_vision "
+    ".npz) into a params export for --config.teacher.init.",
+  )
   parser.add_argument("src", help="checkpoint file")
   parser.add_argument("dst", help="export directory to write (at_jax.checkpoint.save_params)")
-  parser.add_argument("--image_size", type=int, default=None, help="input size; default: the checkpoint's")
-  parser.add_argument("--resample", action="store_true", help="resample position embeddings to image_size")
-  parser.add_argument("--num_heads", type=int, default=None, help="heads, for widths not in the size table")
-  parser.add_argument("--family", choices=sorted(FAMILIES), default=None,
-                      help="for what the keys do not tell (e.g. clip_openai: QuickGELU, eps 1e-5)")
+  parser.add_argument(
+    "--image_size", type=int, default=None, help="input size; default: the checkpoint's"
+  )
+  parser.add_argument(
+    "--resample", action="store_true", help="resample position embeddings to image_size"
+  )
+  parser.add_argument(
+    "--num_heads", type=int, default=None, help="heads, for widths not in the size table"
+  )
+  parser.add_argument(
+    "--family",
+    choices=sorted(FAMILIES),
+    default=None,
+    help="for what the keys do not tell (e.g. clip_openai: QuickGELU, eps 1e-5)",
+  )
   args = parser.parse_args(argv)
   try:
-    config, params = load_teacher(args.src, image_size=args.image_size, resample_posemb=args.resample,
-                                  family=args.family, num_heads=args.num_heads)
+    config, params = load_teacher(
+      args.src,
+      image_size=args.image_size,
+      resample_posemb=args.resample,
+      family=args.family,
+      num_heads=args.num_heads,
+    )
     checkpoint.save_params(args.dst, params, config)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -17,7 +17,6 @@ chunk per example) are read per example by `TeacherTargets` and join the
 training batches under a fixed view: the eval preprocessing the teacher saw.
 """
 
-from collections.abc import Callable, Iterator, Sequence
 import functools
 import gzip
 import io
@@ -26,12 +25,13 @@ import os
 import re
 import sys
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import grain
 import numpy as np
-from PIL import Image
 import tensorstore as ts
+from PIL import Image
 
 from at_jax import augment
 from at_jax.errors import ConfigError
@@ -44,29 +44,27 @@ FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_TFDS_DATA_DIR: str | None = None
 
 _FASHION_MNIST_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+  "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+  "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 _IDX_IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dims.
 _IDX_LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dim.
 
 # (mean, std) per RGB channel of pixels scaled to [0, 1].
 NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    # What MAE / torchvision-pretrained teachers were trained with.
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "fashion_mnist": ((0.2860,) * 3, (0.3530,) * 3),
-    "unit": ((0.5,) * 3, (0.5,) * 3),  # Maps [0, 1] to [-1, 1].
+  # What MAE / torchvision-pretrained teachers were trained with.
+  "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+  "fashion_mnist": ((0.2860,) * 3, (0.3530,) * 3),
+  "unit": ((0.5,) * 3, (0.5,) * 3),  # Maps [0, 1] to [-1, 1].
 }
 
 
 class Source(Protocol):
   """A random-access source of ``{"image": uint8 [H, W, C], "label": int}``."""
 
-  def __len__(self) -> int:
-    ...
+  def __len__(self) -> int: ...
 
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    ...
+  def __getitem__(self, index: int) -> dict[str, Any]: ...
 
 
 # ----------------------------------------------------------------------------
@@ -88,20 +86,22 @@ def _read_idx(path: str, magic: int) -> np.ndarray:
     with opener(path, "rb") as f:
       raw = f.read()
   except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError.
-    raise ConfigError(path, f"cannot read IDX file ({e}); re-install or "
-                      "replace it.") from e
+    raise ConfigError(path, f"cannot read IDX file ({e}); re-install or replace it.") from e
   ndim = magic & 0xFF
   header_bytes = 4 * (1 + ndim)
   if len(raw) < header_bytes or int.from_bytes(raw[:4], "big") != magic:
-    raise ConfigError(path, f"not an IDX file with magic number {magic:#010x}"
-                      "; re-install or replace it.")
-  shape = tuple(int.from_bytes(raw[4 * (1 + d):4 * (2 + d)], "big")
-                for d in range(ndim))
+    raise ConfigError(
+      path, f"not an IDX file with magic number {magic:#010x}; re-install or replace it."
+    )
+  shape = tuple(int.from_bytes(raw[4 * (1 + d) : 4 * (2 + d)], "big") for d in range(ndim))
   data = np.frombuffer(raw, np.uint8, offset=header_bytes)
   if data.size != np.prod(shape):
-    raise ConfigError(path, f"header says shape {shape} ({np.prod(shape)} "
-                      f"bytes) but the file holds {data.size} bytes: it is "
-                      "truncated or corrupt; re-install or replace it.")
+    raise ConfigError(
+      path,
+      f"header says shape {shape} ({np.prod(shape)} "
+      f"bytes) but the file holds {data.size} bytes: it is "
+      "truncated or corrupt; re-install or replace it.",
+    )
   return data.reshape(shape)
 
 
@@ -109,9 +109,11 @@ def _find_idx_files(directory: str) -> tuple[str, ...] | None:
   """Paths of the four IDX files (train images, labels, test ...) or None."""
   paths = []
   for name in (n for pair in _FASHION_MNIST_FILES.values() for n in pair):
-    found = [p for p in (os.path.join(directory, name),
-                         os.path.join(directory, name + ".gz"))
-             if os.path.isfile(p)]
+    found = [
+      p
+      for p in (os.path.join(directory, name), os.path.join(directory, name + ".gz"))
+      if os.path.isfile(p)
+    ]
     if not found:
       return None
     paths.append(found[0])
@@ -120,21 +122,20 @@ def _find_idx_files(directory: str) -> tuple[str, ...] | None:
 
 # Only successful reads are cached (not "missing"), so installing the data
 # mid-session (e.g. in a colab) takes effect without a restart.
-@functools.lru_cache(maxsize=None)
-def _decode_idx_files(
-    paths: tuple[str, ...]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+@functools.cache
+def _decode_idx_files(paths: tuple[str, ...]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """Decodes the four IDX files; cached since it takes ~0.5 s.
 
   The arrays are read-only since every caller shares them.
   """
   out = {}
-  for split, (images_path, labels_path) in zip(
-      _FASHION_MNIST_FILES, (paths[:2], paths[2:])):
+  for split, (images_path, labels_path) in zip(_FASHION_MNIST_FILES, (paths[:2], paths[2:])):
     images = _read_idx(images_path, _IDX_IMAGES_MAGIC)  # Read-only buffer.
     labels = _read_idx(labels_path, _IDX_LABELS_MAGIC).astype(np.int32)
     if len(images) != len(labels):
-      raise ConfigError(labels_path, f"holds {len(labels)} labels but "
-                        f"{images_path} holds {len(images)} images.")
+      raise ConfigError(
+        labels_path, f"holds {len(labels)} labels but {images_path} holds {len(images)} images."
+      )
     labels.flags.writeable = False
     out[split] = (images, labels)
   return out
@@ -143,6 +144,7 @@ def _decode_idx_files(
 def _tfds_fashion_mnist_builder(data_dir: str | None) -> Any | None:
   """The tfds builder of a prepared random-access `fashion_mnist`, or None."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   builder = tfds.builder("fashion_mnist", data_dir=data_dir)
   if not builder.is_prepared():
     return None
@@ -152,9 +154,8 @@ def _tfds_fashion_mnist_builder(data_dir: str | None) -> Any | None:
   return builder
 
 
-@functools.lru_cache(maxsize=None)
-def _read_tfds_fashion_mnist(
-    data_dir: str | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+@functools.cache
+def _read_tfds_fashion_mnist(data_dir: str | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """Reads all of a prepared tfds `fashion_mnist`; cached like IDX files."""
   builder = _tfds_fashion_mnist_builder(data_dir)
   out = {}
@@ -168,8 +169,7 @@ def _read_tfds_fashion_mnist(
   return out
 
 
-def load_fashion_mnist(
-    data_dir: str | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def load_fashion_mnist(data_dir: str | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """Loads Fashion-MNIST from IDX files (gzipped or not), without downloading.
 
   Looks in `data_dir` (config.data.dir) if given, then in
@@ -197,11 +197,12 @@ def load_fashion_mnist(
     return _read_tfds_fashion_mnist(FASHION_MNIST_TFDS_DATA_DIR)
   names = ", ".join(n for pair in _FASHION_MNIST_FILES.values() for n in pair)
   raise ConfigError(
-      "data.dir",
-      f"Fashion-MNIST not found in {searched} (nor prepared by tfds). Install "
-      "it with `sudo apt-get install dataset-fashion-mnist`, or set data.dir "
-      f"to a folder holding the four IDX files ({names}, each optionally "
-      ".gz).")
+    "data.dir",
+    f"Fashion-MNIST not found in {searched} (nor prepared by tfds). Install "
+    "it with `sudo apt-get install dataset-fashion-mnist`, or set data.dir "
+    f"to a folder holding the four IDX files ({names}, each optionally "
+    ".gz).",
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -220,11 +221,11 @@ class ArraySource:
     if images.ndim == 3:  # Grayscale without a channel axis.
       images = images[..., None]
     if images.ndim != 4 or images.dtype != np.uint8:
-      raise ConfigError("images", "expected uint8 [N, H, W(, C)], got "
-                        f"{images.dtype} {images.shape}.")
+      raise ConfigError(
+        "images", f"expected uint8 [N, H, W(, C)], got {images.dtype} {images.shape}."
+      )
     if len(images) != len(labels):
-      raise ConfigError("labels", f"{len(labels)} labels for {len(images)} "
-                        "images.")
+      raise ConfigError("labels", f"{len(labels)} labels for {len(images)} images.")
     self.images = images
     self.labels = np.asarray(labels)
 
@@ -247,14 +248,17 @@ def _parse_split(split: str) -> tuple[str, Callable[[int], slice]]:
   """
   m = re.fullmatch(r"(\w+)(?:\[(-?\d+%?)?:(-?\d+%?)?\])?", split.strip())
   if m is None:
-    raise ConfigError("data.split", f"cannot parse split {split!r}; expected "
-                      "e.g. 'train', 'train[:90%]' or 'test[:1000]'.")
+    raise ConfigError(
+      "data.split",
+      f"cannot parse split {split!r}; expected e.g. 'train', 'train[:90%]' or 'test[:1000]'.",
+    )
 
   def bounds(n: int) -> slice:
     def bound(text: str | None) -> int | None:
       if text is None or not text.endswith("%"):
         return None if text is None else int(text)
       return round(int(text[:-1]) * n / 100)  # Closest example, like tfds.
+
     return slice(bound(m[2]), bound(m[3]))
 
   return m[1], bounds
@@ -264,8 +268,7 @@ def _fashion_mnist_source(split: str, data_dir: str | None) -> ArraySource:
   name, bounds = _parse_split(split)
   arrays = load_fashion_mnist(data_dir)
   if name not in arrays:
-    raise ConfigError("data.split", f"Fashion-MNIST has splits "
-                      f"{sorted(arrays)}, not {split!r}.")
+    raise ConfigError("data.split", f"Fashion-MNIST has splits {sorted(arrays)}, not {split!r}.")
   images, labels = arrays[name]
   s = bounds(len(images))
   return ArraySource(images[s], labels[s])
@@ -280,8 +283,7 @@ def _to_example(record: dict[str, Any]) -> dict[str, Any]:
   image = record["image"]
   if isinstance(image, bytes):
     with Image.open(io.BytesIO(image)) as pil:
-      image = np.asarray(pil if pil.mode in ("L", "RGB") else
-                         pil.convert("RGB"))
+      image = np.asarray(pil if pil.mode in ("L", "RGB") else pil.convert("RGB"))
   image = np.asarray(image, np.uint8)
   if image.ndim == 2:
     image = image[..., None]
@@ -322,25 +324,33 @@ def make_source(name: str, split: str, data_dir: str | None = None) -> Source:
     return _fashion_mnist_source(split, data_dir)
 
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   # tfds' own `data_source` would download by default and reports a missing
   # dataset as an unsupported file format, so check each step here.
-  prepare = (f"Prepare it with `tfds build {name} --data_dir=DIR "
-             "--file_format=array_record` (for imagenet2012 first place the "
-             "manual tars in DIR/downloads/manual) and set data.dir=DIR.")
+  prepare = (
+    f"Prepare it with `tfds build {name} --data_dir=DIR "
+    "--file_format=array_record` (for imagenet2012 first place the "
+    "manual tars in DIR/downloads/manual) and set data.dir=DIR."
+  )
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.DatasetNotFoundError as e:
     where = data_dir or tfds.core.constants.DATA_DIR
-    raise ConfigError("data.dir", f"dataset {name!r} is neither a known tfds "
-                      f"dataset nor prepared in {where}. {prepare}") from e
+    raise ConfigError(
+      "data.dir",
+      f"dataset {name!r} is neither a known tfds dataset nor prepared in {where}. {prepare}",
+    ) from e
   if not builder.is_prepared():
-    raise ConfigError("data.dir", f"dataset {name!r} is not prepared in "
-                      f"{builder.data_dir}. {prepare}")
+    raise ConfigError(
+      "data.dir", f"dataset {name!r} is not prepared in {builder.data_dir}. {prepare}"
+    )
   try:
     source = builder.as_data_source(split=split)
   except NotImplementedError as e:  # Prepared as TFRecord: no random access.
-    raise ConfigError("data.dir", f"dataset {name!r} in {builder.data_dir} "
-                      "is not in a random-access format. " + prepare) from e
+    raise ConfigError(
+      "data.dir",
+      f"dataset {name!r} in {builder.data_dir} is not in a random-access format. " + prepare,
+    ) from e
   return _TfdsSource(source)
 
 
@@ -355,23 +365,23 @@ def num_examples(source: Source) -> int:
 TARGETS_DIR = "teacher_targets"
 TARGETS_METADATA = "metadata.json"
 # The one view of each image that targets are computed on and trained with.
-TARGETS_VIEW = ("shorter side resized to round(image_size / crop_pct), "
-                "bicubic; centre image_size crop")
+TARGETS_VIEW = (
+  "shorter side resized to round(image_size / crop_pct), bicubic; centre image_size crop"
+)
 # Metadata fields a run must agree with, and the config field to fix if not.
 TARGET_FIELDS = {
-    "what": "transfer.what",
-    "image_size": "data.image_size",
-    "crop_pct": "data.crop_pct",
-    "normalization": "data.normalization",
-    "dataset": "data.name",
-    "split": "data.train_split",
-    "num_examples": "data.train_split",
-    "num_heads": "model.num_heads",
-    "tokens": "model.patch_size",
-    "head_dim": "model.width",
+  "what": "transfer.what",
+  "image_size": "data.image_size",
+  "crop_pct": "data.crop_pct",
+  "normalization": "data.normalization",
+  "dataset": "data.name",
+  "split": "data.train_split",
+  "num_examples": "data.train_split",
+  "num_heads": "model.num_heads",
+  "tokens": "model.patch_size",
+  "head_dim": "model.width",
 }
-_PRECOMPUTE = ("run `python launch/precompute.py` with the same --config, "
-               "overrides and --workdir")
+_PRECOMPUTE = "run `python launch/precompute.py` with the same --config, overrides and --workdir"
 
 
 def targets_dir(configured: str, workdir: str) -> str:
@@ -381,8 +391,7 @@ def targets_dir(configured: str, workdir: str) -> str:
 
 def targets_array_spec(directory: str, key: str) -> dict[str, Any]:
   """The tensorstore spec of the zarr array holding `teacher_<key>`."""
-  return {"driver": "zarr",
-          "kvstore": {"driver": "file", "path": os.path.join(directory, key)}}
+  return {"driver": "zarr", "kvstore": {"driver": "file", "path": os.path.join(directory, key)}}
 
 
 def read_targets_metadata(directory: str) -> dict[str, Any] | None:
@@ -394,8 +403,9 @@ def read_targets_metadata(directory: str) -> dict[str, Any] | None:
     with open(path) as f:
       return json.load(f)
   except (OSError, ValueError) as e:
-    raise ConfigError("transfer.targets_dir", f"unreadable {path} ({e}); "
-                      f"delete {directory} and {_PRECOMPUTE}.") from e
+    raise ConfigError(
+      "transfer.targets_dir", f"unreadable {path} ({e}); delete {directory} and {_PRECOMPUTE}."
+    ) from e
 
 
 class TeacherTargets:
@@ -427,38 +437,45 @@ class TeacherTargets:
     self.directory = directory
     metadata = read_targets_metadata(directory)
     if metadata is None:
-      raise ConfigError("transfer.targets_dir", f"no teacher targets in "
-                        f"{directory} (no {TARGETS_METADATA}); {_PRECOMPUTE}"
-                        " first.")
+      raise ConfigError(
+        "transfer.targets_dir",
+        f"no teacher targets in {directory} (no {TARGETS_METADATA}); {_PRECOMPUTE} first.",
+      )
     if not metadata["complete"]:
       done, n = metadata["done_examples"], metadata["num_examples"]
-      raise ConfigError("transfer.targets_dir", f"the precompute in "
-                        f"{directory} stopped after {done} of {n} examples; "
-                        f"{_PRECOMPUTE} again to finish it (it resumes).")
+      raise ConfigError(
+        "transfer.targets_dir",
+        f"the precompute in "
+        f"{directory} stopped after {done} of {n} examples; "
+        f"{_PRECOMPUTE} again to finish it (it resumes).",
+      )
     self.metadata = metadata
     stored = list(metadata["layers"])
     layers = stored if layers is None else [int(i) for i in layers]
     missing = sorted(set(layers) - set(stored))
     if missing:
-      raise ConfigError("transfer.layers", f"layers {missing} are not in the "
-                        f"teacher targets in {directory}, which hold layers "
-                        f"{stored}; select among those, or {_PRECOMPUTE}.")
+      raise ConfigError(
+        "transfer.layers",
+        f"layers {missing} are not in the "
+        f"teacher targets in {directory}, which hold layers "
+        f"{stored}; select among those, or {_PRECOMPUTE}.",
+      )
     # Reading all stored layers is one plain read; a subset is an index array.
-    self._rows = (slice(None) if layers == stored
-                  else [stored.index(i) for i in layers])
+    self._rows = slice(None) if layers == stored else [stored.index(i) for i in layers]
     # An example precompute could not read has no chunk: reading it raises
     # (and the iterator skips the example) instead of returning zeros.
-    self._arrays = {key: ts.open({**targets_array_spec(directory, key),
-                                  "fill_missing_data_reads": False},
-                                 open=True).result()
-                    for key in metadata["keys"]}
+    self._arrays = {
+      key: ts.open(
+        {**targets_array_spec(directory, key), "fill_missing_data_reads": False}, open=True
+      ).result()
+      for key in metadata["keys"]
+    }
 
   def __len__(self) -> int:
     return self.metadata["num_examples"]
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    reads = {key: array[int(index)][self._rows].read()
-             for key, array in self._arrays.items()}
+    reads = {key: array[int(index)][self._rows].read() for key, array in self._arrays.items()}
     return {f"teacher_{key}": read.result() for key, read in reads.items()}
 
   def check(self, **expected: Any) -> None:
@@ -470,11 +487,14 @@ class TeacherTargets:
     for name, value in expected.items():
       stored = self.metadata[name]
       if stored != value:
-        raise ConfigError(TARGET_FIELDS[name], f"the teacher targets in "
-                          f"{self.directory} were computed with {name}="
-                          f"{stored!r}, this run has {value!r}; use their "
-                          f"setting, or {_PRECOMPUTE} into another "
-                          "transfer.targets_dir.")
+        raise ConfigError(
+          TARGET_FIELDS[name],
+          f"the teacher targets in "
+          f"{self.directory} were computed with {name}="
+          f"{stored!r}, this run has {value!r}; use their "
+          f"setting, or {_PRECOMPUTE} into another "
+          "transfer.targets_dir.",
+        )
 
 
 # ----------------------------------------------------------------------------
@@ -483,8 +503,9 @@ class TeacherTargets:
 
 def _normalization(name: str) -> tuple[np.ndarray, np.ndarray]:
   if name not in NORMALIZATIONS:
-    raise ConfigError("data.normalization", f"unknown {name!r}; valid names "
-                      f"are {sorted(NORMALIZATIONS)}.")
+    raise ConfigError(
+      "data.normalization", f"unknown {name!r}; valid names are {sorted(NORMALIZATIONS)}."
+    )
   mean, std = NORMALIZATIONS[name]
   return np.array(mean, np.float32), np.array(std, np.float32)
 
@@ -495,8 +516,7 @@ def _to_pil(image: np.ndarray) -> Image.Image:
     return Image.fromarray(image[..., 0], "L")
   if image.shape[-1] == 3:
     return Image.fromarray(image, "RGB")
-  raise ConfigError("data.name", f"images must have 1 or 3 channels, got "
-                    f"shape {image.shape}.")
+  raise ConfigError("data.name", f"images must have 1 or 3 channels, got shape {image.shape}.")
 
 
 def _finish(pil: Image.Image, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
@@ -506,8 +526,7 @@ def _finish(pil: Image.Image, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
   the arithmetic on [S, S, 3] arrays (whose innermost axis has length 3),
   with the same float32 values.
   """
-  table = np.arange(256, dtype=np.float32)[:, None] * (1 / (255 * std)) - (
-      mean / std)
+  table = np.arange(256, dtype=np.float32)[:, None] * (1 / (255 * std)) - (mean / std)
   x = np.asarray(pil)
   if x.ndim == 2:  # Models always take RGB: the table's rows replicate gray.
     return np.take(table, x, axis=0)
@@ -518,8 +537,11 @@ def _finish(pil: Image.Image, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
 
 
 def _random_resized_crop_box(
-    height: int, width: int, rng: np.random.Generator,
-    scale: tuple[float, float], ratio: tuple[float, float]
+  height: int,
+  width: int,
+  rng: np.random.Generator,
+  scale: tuple[float, float],
+  ratio: tuple[float, float],
 ) -> tuple[int, int, int, int]:
   """torchvision's RandomResizedCrop.get_params: returns (top, left, h, w)."""
   area = height * width
@@ -544,12 +566,19 @@ def _random_resized_crop_box(
   return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _train_example(example: dict[str, Any], rng: np.random.Generator, *,
-                   image_size: int, scale: tuple[float, float],
-                   ratio: tuple[float, float], hflip: bool, mean: np.ndarray,
-                   std: np.ndarray,
-                   randaugment: augment.RandAugment | None = None,
-                   random_erase: float = 0.0) -> dict[str, np.ndarray]:
+def _train_example(
+  example: dict[str, Any],
+  rng: np.random.Generator,
+  *,
+  image_size: int,
+  scale: tuple[float, float],
+  ratio: tuple[float, float],
+  hflip: bool,
+  mean: np.ndarray,
+  std: np.ndarray,
+  randaugment: augment.RandAugment | None = None,
+  random_erase: float = 0.0,
+) -> dict[str, np.ndarray]:
   """Augments one example in timm's order.
 
   Random-resized-crop with bicubic resize, flip, RandAugment (if given),
@@ -557,11 +586,11 @@ def _train_example(example: dict[str, Any], rng: np.random.Generator, *,
   from `rng`, in that order.
   """
   image = example["image"]
-  top, left, h, w = _random_resized_crop_box(
-      image.shape[0], image.shape[1], rng, scale, ratio)
+  top, left, h, w = _random_resized_crop_box(image.shape[0], image.shape[1], rng, scale, ratio)
   # One PIL call crops (box) and resizes: no intermediate copy.
-  pil = _to_pil(image).resize((image_size, image_size), Image.BICUBIC,
-                              box=(left, top, left + w, top + h))
+  pil = _to_pil(image).resize(
+    (image_size, image_size), Image.BICUBIC, box=(left, top, left + w, top + h)
+  )
   flip = hflip and rng.random() < 0.5
   if randaugment is not None:
     # RandAugment sees the flipped image, as in timm. (Otherwise flipping the
@@ -579,9 +608,9 @@ def _train_example(example: dict[str, Any], rng: np.random.Generator, *,
   return {"image": x, "label": np.int32(example["label"])}
 
 
-def _eval_example(example: dict[str, Any], *, image_size: int,
-                  resize_to: int, mean: np.ndarray,
-                  std: np.ndarray) -> dict[str, np.ndarray]:
+def _eval_example(
+  example: dict[str, Any], *, image_size: int, resize_to: int, mean: np.ndarray, std: np.ndarray
+) -> dict[str, np.ndarray]:
   """Resizes the shorter side to `resize_to`, centre-crops `image_size`."""
   pil = _to_pil(example["image"])
   w, h = pil.size
@@ -595,28 +624,25 @@ def _eval_example(example: dict[str, Any], *, image_size: int,
   top = int(round((new_h - image_size) / 2))
   left = int(round((new_w - image_size) / 2))
   pil = pil.crop((left, top, left + image_size, top + image_size))
-  return {"image": _finish(pil, mean, std),
-          "label": np.int32(example["label"]), "mask": np.True_}
+  return {"image": _finish(pil, mean, std), "label": np.int32(example["label"]), "mask": np.True_}
 
 
 # ----------------------------------------------------------------------------
 # Iterators.
 
 
-def _local_batch_size(global_batch_size: int, process_index: int,
-                      process_count: int) -> int:
+def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
   if not 0 <= process_index < process_count:
-    raise ConfigError("process_index", f"{process_index} is not in "
-                      f"[0, {process_count}).")
+    raise ConfigError("process_index", f"{process_index} is not in [0, {process_count}).")
   if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ConfigError("data.batch_size", f"{global_batch_size} must be a "
-                      f"positive multiple of the process count "
-                      f"{process_count}.")
+    raise ConfigError(
+      "data.batch_size",
+      f"{global_batch_size} must be a positive multiple of the process count {process_count}.",
+    )
   return global_batch_size // process_count
 
 
-def _stream_position(j: int, b: int, global_batch_size: int,
-                     process_index: int) -> int:
+def _stream_position(j: int, b: int, global_batch_size: int, process_index: int) -> int:
   """Position in the global stream of this process's j-th example.
 
   Global step s is stream positions [s*B, (s+1)*B); process p owns the
@@ -658,21 +684,33 @@ class _SkipWarnings:
       self._count += 1
       count = self._count
     if count <= MAX_SKIP_WARNINGS:
-      last = ("; further ones are only counted"
-              if count == MAX_SKIP_WARNINGS else "")
-      print(f"WARNING: example {index} of the source is unreadable "
-            f"({type(error).__name__}: {error}); {action}{last}", flush=True)
+      last = "; further ones are only counted" if count == MAX_SKIP_WARNINGS else ""
+      print(
+        f"WARNING: example {index} of the source is unreadable "
+        f"({type(error).__name__}: {error}); {action}{last}",
+        flush=True,
+      )
 
 
 def train_iterator(
-    source: Source, *, global_batch_size: int, image_size: int, seed: int,
-    start_step: int = 0, normalization: str,
-    rrc_scale: tuple[float, float] = (0.08, 1.0),
-    rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True,
-    randaugment: str = "", random_erase: float = 0.0,
-    fixed_view: bool = False, crop_pct: float = 0.875,
-    targets: TeacherTargets | None = None,
-    process_index: int = 0, process_count: int = 1, num_threads: int = 2
+  source: Source,
+  *,
+  global_batch_size: int,
+  image_size: int,
+  seed: int,
+  start_step: int = 0,
+  normalization: str,
+  rrc_scale: tuple[float, float] = (0.08, 1.0),
+  rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+  hflip: bool = True,
+  randaugment: str = "",
+  random_erase: float = 0.0,
+  fixed_view: bool = False,
+  crop_pct: float = 0.875,
+  targets: TeacherTargets | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+  num_threads: int = 2,
 ) -> Iterator[dict[str, np.ndarray]]:
   """Infinite, exactly resumable iterator of augmented training batches.
 
@@ -726,18 +764,17 @@ def train_iterator(
   _check_image_size(image_size)
   if seed < 0:
     raise ConfigError("seed", f"must be non-negative, got {seed}.")
-  if not (0 < rrc_scale[0] <= rrc_scale[1] <= 1 and
-          0 < rrc_ratio[0] <= rrc_ratio[1]):
-    raise ConfigError("data.rrc_scale", f"scale {rrc_scale} must satisfy "
-                      f"0 < lo <= hi <= 1 and ratio {rrc_ratio} 0 < lo <= hi.")
+  if not (0 < rrc_scale[0] <= rrc_scale[1] <= 1 and 0 < rrc_ratio[0] <= rrc_ratio[1]):
+    raise ConfigError(
+      "data.rrc_scale",
+      f"scale {rrc_scale} must satisfy 0 < lo <= hi <= 1 and ratio {rrc_ratio} 0 < lo <= hi.",
+    )
   if not 0 <= random_erase <= 1:
-    raise ConfigError("data.random_erase", f"must be a probability in [0, 1],"
-                      f" got {random_erase}.")
+    raise ConfigError("data.random_erase", f"must be a probability in [0, 1], got {random_erase}.")
   rand_augment = None
   if randaugment:
     # timm's fill: the mean pixel, e.g. (124, 116, 104) for ImageNet.
-    fill = tuple(min(255, round(255 * m))
-                 for m in NORMALIZATIONS[normalization][0])
+    fill = tuple(min(255, round(255 * m)) for m in NORMALIZATIONS[normalization][0])
     rand_augment = augment.RandAugment(randaugment, fill=fill)
   n = len(source)
   if n == 0:
@@ -745,16 +782,19 @@ def train_iterator(
   resize_to = _resize_to(image_size, crop_pct)
   if fixed_view and (randaugment or random_erase):
     # The fixed view exists to match stored teacher targets pixel for pixel.
-    raise ConfigError("data.randaugment" if randaugment else
-                      "data.random_erase", "must be off with the fixed view "
-                      "(precomputed teacher targets describe unaugmented "
-                      "pixels).")
+    raise ConfigError(
+      "data.randaugment" if randaugment else "data.random_erase",
+      "must be off with the fixed view (precomputed teacher targets describe unaugmented pixels).",
+    )
   if targets is not None:
     if not fixed_view:
-      raise ConfigError("fixed_view", "stored teacher targets describe the "
-                        "fixed view's pixels; pass fixed_view=True.")
-    targets.check(image_size=image_size, crop_pct=crop_pct,
-                  normalization=normalization, num_examples=n)
+      raise ConfigError(
+        "fixed_view",
+        "stored teacher targets describe the fixed view's pixels; pass fixed_view=True.",
+      )
+    targets.check(
+      image_size=image_size, crop_pct=crop_pct, normalization=normalization, num_examples=n
+    )
 
   # Threads ask for neighbouring epochs around epoch boundaries; 2 suffice.
   @functools.lru_cache(maxsize=2)
@@ -764,17 +804,24 @@ def train_iterator(
   def prepare(index: int, g: int) -> dict[str, np.ndarray]:
     example = source[index]
     if fixed_view:
-      out = _eval_example(example, image_size=image_size,
-                          resize_to=resize_to, mean=mean, std=std)
+      out = _eval_example(example, image_size=image_size, resize_to=resize_to, mean=mean, std=std)
       del out["mask"]
     else:
       # A fresh generator per attempt: a replacement gets the draws the
       # failed example would have had, whatever the failure consumed.
       rng = np.random.default_rng([seed, 1, g])  # Stream 1: augmentation.
       out = _train_example(
-          example, rng, image_size=image_size, scale=rrc_scale,
-          ratio=rrc_ratio, hflip=hflip, mean=mean, std=std,
-          randaugment=rand_augment, random_erase=random_erase)
+        example,
+        rng,
+        image_size=image_size,
+        scale=rrc_scale,
+        ratio=rrc_ratio,
+        hflip=hflip,
+        mean=mean,
+        std=std,
+        randaugment=rand_augment,
+        random_erase=random_erase,
+      )
     if targets is not None:
       out.update(targets[index])
     return out
@@ -797,21 +844,30 @@ def train_iterator(
         continue
       out["skipped"] = np.bool_(attempt > 0)
       return out
-    raise ConfigError("data.name", f"{attempts} examples in a row could not "
-                      f"be read or augmented (the last: {type(error).__name__}"
-                      f": {error}); the data or its pipeline is broken, not a "
-                      "record.") from error
+    raise ConfigError(
+      "data.name",
+      f"{attempts} examples in a row could not "
+      f"be read or augmented (the last: {type(error).__name__}"
+      f": {error}); the data or its pipeline is broken, not a "
+      "record.",
+    ) from error
 
   ds = grain.MapDataset.range(start_step * b, sys.maxsize).map(example_at)
-  ds = ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=num_threads, prefetch_buffer_size=2 * b))
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * b))
   return iter(ds.batch(b, drop_remainder=True))
 
 
 def eval_iterator(
-    source: Source, *, global_batch_size: int, image_size: int,
-    crop_pct: float = 0.875, normalization: str, process_index: int = 0,
-    process_count: int = 1, num_threads: int = 2, start_batch: int = 0
+  source: Source,
+  *,
+  global_batch_size: int,
+  image_size: int,
+  crop_pct: float = 0.875,
+  normalization: str,
+  process_index: int = 0,
+  process_count: int = 1,
+  num_threads: int = 2,
+  start_batch: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
   """One ordered pass over `source`, padded to whole global batches.
 
@@ -844,8 +900,12 @@ def eval_iterator(
   resize_to = _resize_to(image_size, crop_pct)
   n = len(source)
   num_batches = -(-n // global_batch_size)
-  padding = {"image": np.zeros((image_size, image_size, 3), np.float32),
-             "label": np.int32(0), "mask": np.False_, "skipped": np.False_}
+  padding = {
+    "image": np.zeros((image_size, image_size, 3), np.float32),
+    "label": np.int32(0),
+    "mask": np.False_,
+    "skipped": np.False_,
+  }
   warn = _SkipWarnings()
 
   def example_at(j: int) -> dict[str, np.ndarray]:
@@ -853,8 +913,7 @@ def eval_iterator(
     if g >= n:
       return padding
     try:
-      out = _eval_example(source[g], image_size=image_size,
-                          resize_to=resize_to, mean=mean, std=std)
+      out = _eval_example(source[g], image_size=image_size, resize_to=resize_to, mean=mean, std=std)
     except Exception as e:  # pylint: disable=broad-exception-caught
       # Decoders raise many types for a bad record.
       warn(g, e, "left out (mask False)")
@@ -862,6 +921,5 @@ def eval_iterator(
     return {**out, "skipped": np.False_}
 
   ds = grain.MapDataset.range(start_batch * b, num_batches * b).map(example_at)
-  ds = ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=num_threads, prefetch_buffer_size=2 * b))
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * b))
   return iter(ds.batch(b))

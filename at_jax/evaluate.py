@@ -3,10 +3,11 @@
 (A run's top-1/top-5 for raw and EMA params is computed by its eval step, train_step.make_eval_step, and
 re-computed for any checkpoint by at_jax.train.evaluate_checkpoint.)
 """
+
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +18,9 @@ from at_jax import transfer
 Array = jax.Array
 
 
-def ensemble_accuracy(members: Mapping[str, tuple[object, object]], batches: Iterable[Mapping[str, np.ndarray]]
-                      ) -> dict[str, dict[str, float]]:
+def ensemble_accuracy(
+  members: Mapping[str, tuple[object, object]], batches: Iterable[Mapping[str, np.ndarray]]
+) -> dict[str, dict[str, float]]:
   """Top-1/top-5 (%) of each member and of their ensemble: the average of the members' softmax
   probabilities (the paper's fine-tuned teacher + distilled student, 86.3 on ImageNet).
 
@@ -26,12 +28,17 @@ def ensemble_accuracy(members: Mapping[str, tuple[object, object]], batches: Ite
     members: name -> (ViT, params) of standalone classifiers over the same classes.
     batches: eval batches {"image", "label", "mask"} (data.eval_iterator).
   """
-  applies = {name: jax.jit(lambda p, x, m=model: jax.nn.softmax(m.apply({"params": p}, x, train=False)[0]))
-             for name, (model, _) in members.items()}
+  applies = {
+    name: jax.jit(lambda p, x, m=model: jax.nn.softmax(m.apply({"params": p}, x, train=False)[0]))
+    for name, (model, _) in members.items()
+  }
   hits = {name: np.zeros(2) for name in list(members) + ["ensemble"]}
   count = 0.0
   for batch in batches:
-    probs = {name: np.asarray(applies[name](params, batch["image"])) for name, (_, params) in members.items()}
+    probs = {
+      name: np.asarray(applies[name](params, batch["image"]))
+      for name, (_, params) in members.items()
+    }
     probs["ensemble"] = np.mean(list(probs.values()), axis=0)
     mask = np.asarray(batch["mask"], np.float64)
     count += mask.sum()
@@ -39,10 +46,14 @@ def ensemble_accuracy(members: Mapping[str, tuple[object, object]], batches: Ite
       top5 = np.argsort(-p, axis=-1)[:, :5]
       correct = top5 == np.asarray(batch["label"])[:, None]
       hits[name] += [(correct[:, 0] * mask).sum(), (correct.any(-1) * mask).sum()]
-  return {name: {"top1": 100 * h[0] / count, "top5": 100 * h[1] / count} for name, h in hits.items()}
+  return {
+    name: {"top1": 100 * h[0] / count, "top5": 100 * h[1] / count} for name, h in hits.items()
+  }
 
 
-def attention_agreement(teacher_logits_LBHNN: Array, student_logits_LBHNN: Array) -> dict[str, np.ndarray]:
+def attention_agreement(
+  teacher_logits_LBHNN: Array, student_logits_LBHNN: Array
+) -> dict[str, np.ndarray]:
   """Per-layer agreement of two models' attention over keys, averaged over batch, heads and queries.
 
   Returns {"cross_entropy": [L], "teacher_entropy": [L], "jsd": [L]}: the distillation objective per layer
@@ -53,9 +64,14 @@ def attention_agreement(teacher_logits_LBHNN: Array, student_logits_LBHNN: Array
   pt, ps = jnp.exp(t), jnp.exp(s)
   log_m = jnp.log(0.5 * (pt + ps) + 1e-30)
   jsd = 0.5 * jnp.sum(pt * (t - log_m), -1) + 0.5 * jnp.sum(ps * (s - log_m), -1)
-  mean = lambda x: np.asarray(x.mean(axis=(1, 2, 3)))  # noqa: E731
-  return {"cross_entropy": mean(transfer.attention_cross_entropy(teacher_logits_LBHNN, student_logits_LBHNN)),
-          "teacher_entropy": mean(-jnp.sum(pt * t, -1)), "jsd": mean(jsd)}
+  mean = lambda x: np.asarray(x.mean(axis=(1, 2, 3)))
+  return {
+    "cross_entropy": mean(
+      transfer.attention_cross_entropy(teacher_logits_LBHNN, student_logits_LBHNN)
+    ),
+    "teacher_entropy": mean(-jnp.sum(pt * t, -1)),
+    "jsd": mean(jsd),
+  }
 
 
 def query_maps(logits_LBHNN: Array, *, num_prefix: int, query: int = 0) -> np.ndarray:
@@ -66,8 +82,14 @@ def query_maps(logits_LBHNN: Array, *, num_prefix: int, query: int = 0) -> np.nd
   return probs.reshape(probs.shape[:2] + (grid, grid))
 
 
-def save_attention_figure(path: str, images_BHWC: np.ndarray, maps: Mapping[str, np.ndarray],
-                          *, layers: Sequence[int] | None = None, title: str = "") -> None:
+def save_attention_figure(
+  path: str,
+  images_BHWC: np.ndarray,
+  maps: Mapping[str, np.ndarray],
+  *,
+  layers: Sequence[int] | None = None,
+  title: str = "",
+) -> None:
   """A PNG grid: per image, one row per model: the image, then that model's map in each layer.
 
   Args:
@@ -75,16 +97,18 @@ def save_attention_figure(path: str, images_BHWC: np.ndarray, maps: Mapping[str,
     maps: model name -> [L, B, g, g] from `query_maps`.
     layers: which layers to show (default all).
   """
-  import matplotlib  # noqa: PLC0415 -- only figure-making needs it
+  import matplotlib
+
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
+  import matplotlib.pyplot as plt
 
   names = list(maps)
   depth = next(iter(maps.values())).shape[0]
   layers = list(range(depth)) if layers is None else list(layers)
   rows = len(images_BHWC) * len(names)
-  fig, axes = plt.subplots(rows, len(layers) + 1, figsize=(1.3 * (len(layers) + 1), 1.3 * rows + 0.4),
-                           squeeze=False)
+  fig, axes = plt.subplots(
+    rows, len(layers) + 1, figsize=(1.3 * (len(layers) + 1), 1.3 * rows + 0.4), squeeze=False
+  )
   for b, image in enumerate(images_BHWC):
     shown = (image - image.min()) / max(float(image.max() - image.min()), 1e-8)
     for m, name in enumerate(names):
@@ -105,8 +129,9 @@ def save_attention_figure(path: str, images_BHWC: np.ndarray, maps: Mapping[str,
   plt.close(fig)
 
 
-def compare_attention(models: Mapping[str, tuple[object, object]], images_BHWC: np.ndarray, out_png: str
-                      ) -> dict[str, dict[str, np.ndarray]]:
+def compare_attention(
+  models: Mapping[str, tuple[object, object]], images_BHWC: np.ndarray, out_png: str
+) -> dict[str, dict[str, np.ndarray]]:
   """Draws `models`' cls-token maps on `images` and returns each model's agreement with the first.
 
   Args:
@@ -119,8 +144,9 @@ def compare_attention(models: Mapping[str, tuple[object, object]], images_BHWC: 
     _, out = model.apply({"params": params}, images_BHWC, train=False)
     logits[name] = out["attn_logits"]
     maps[name] = query_maps(out["attn_logits"], num_prefix=model.num_prefix)
-  save_attention_figure(out_png, images_BHWC, maps,
-                        title="cls-token attention over patches, head-averaged, per layer")
+  save_attention_figure(
+    out_png, images_BHWC, maps, title="cls-token attention over patches, head-averaged, per layer"
+  )
   first, *rest = list(models)
   return {name: attention_agreement(logits[first], logits[name]) for name in rest}
 

@@ -11,9 +11,11 @@ normalised pixels (`norm_pix_loss`).
 The train and eval steps mirror `train_step.make_train_step` / `make_eval_step` (same arguments, same
 `TrainState`), so the training loop can jit them the same way; labels and teacher params are ignored.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -45,7 +47,9 @@ def unpatchify(patches_BPL: Array, p: int) -> Array:
   b, num_patches, length = patches_BPL.shape
   side = int(round(num_patches**0.5))
   if side * side != num_patches or length % (p * p):
-    raise ValueError(f"{num_patches} patches of length {length} are not a square grid of {p}x{p} patches")
+    raise ValueError(
+      f"{num_patches} patches of length {length} are not a square grid of {p}x{p} patches"
+    )
   c = length // (p * p)
   x = patches_BPL.reshape(b, side, side, p, p, c)
   return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, side * p, side * p, c)
@@ -58,9 +62,13 @@ def sincos_posemb_2d(grid_h: int, grid_w: int, width: int) -> np.ndarray:
   the row, each as [sin, cos] of the coordinate times frequencies 1 / 10000 ** (i / (width / 4)).
   """
   if width % 4:
-    raise ConfigError("mae.decoder_width", f"sin-cos position table needs a multiple of 4, got {width}")
+    raise ConfigError(
+      "mae.decoder_width", f"sin-cos position table needs a multiple of 4, got {width}"
+    )
   omega_F = 1.0 / 10000 ** (np.arange(width // 4, dtype=np.float64) / (width // 4))
-  row_P, col_P = [a.reshape(-1) for a in np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")]
+  row_P, col_P = [
+    a.reshape(-1) for a in np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+  ]
   halves = []
   for coord_P in (col_P, row_P):
     angle_PF = coord_P[:, None] * omega_F[None]
@@ -72,12 +80,17 @@ def num_kept(num_patches: int, mask_ratio: float) -> int:
   """K = round(P * (1 - mask_ratio)), the number of visible patches; at least 1 patch on each side."""
   keep = int(round(num_patches * (1 - mask_ratio)))
   if not 0 < keep < num_patches:
-    raise ConfigError("mae.mask_ratio", f"{mask_ratio} keeps {keep} of {num_patches} patches; the encoder "
-                      "needs at least one visible patch and the loss at least one masked patch")
+    raise ConfigError(
+      "mae.mask_ratio",
+      f"{mask_ratio} keeps {keep} of {num_patches} patches; the encoder "
+      "needs at least one visible patch and the loss at least one masked patch",
+    )
   return keep
 
 
-def random_masking(rng: Array, batch: int, num_patches: int, keep: int) -> tuple[Array, Array, Array]:
+def random_masking(
+  rng: Array, batch: int, num_patches: int, keep: int
+) -> tuple[Array, Array, Array]:
   """Per-sample random masking by argsort of uniform noise, as MAE's `random_masking`.
 
   Returns:
@@ -92,7 +105,9 @@ def random_masking(rng: Array, batch: int, num_patches: int, keep: int) -> tuple
   return shuffle_BP[:, :keep], restore_BP, (restore_BP >= keep).astype(jnp.float32)
 
 
-def reconstruction_loss(pred_BPL: Array, target_BPL: Array, mask_BP: Array, norm_pix: bool) -> Array:
+def reconstruction_loss(
+  pred_BPL: Array, target_BPL: Array, mask_BP: Array, norm_pix: bool
+) -> Array:
   """Per-example MSE over the masked patches only, [B].
 
   With `norm_pix`, each target patch is normalised by its own mean and variance first. The variance is
@@ -135,6 +150,7 @@ class MAE(nn.Module):
     mask_ratio: fraction of patches hidden from the encoder.
     norm_pix_loss: regress per-patch normalised pixels (MAE's better-performing target).
   """
+
   encoder: dict
   decoder_width: int = 128
   decoder_depth: int = 2
@@ -144,7 +160,9 @@ class MAE(nn.Module):
   norm_pix_loss: bool = True
 
   @nn.compact
-  def __call__(self, images_BHWC: Array, *, train: bool, mask_rng: Array) -> tuple[Array, dict[str, Array]]:
+  def __call__(
+    self, images_BHWC: Array, *, train: bool, mask_rng: Array
+  ) -> tuple[Array, dict[str, Array]]:
     """Masks, encodes the visible patches, decodes all patches, and scores the masked ones.
 
     Args:
@@ -171,32 +189,41 @@ class MAE(nn.Module):
     drop_masks = None
     if train and encoder.drop_path > 0:
       # A key independent of the masking noise.
-      drop_masks = vit.sample_drop_masks(jax.random.fold_in(mask_rng, 1), b, encoder.depth,
-                                         encoder.drop_path)
+      drop_masks = vit.sample_drop_masks(
+        jax.random.fold_in(mask_rng, 1), b, encoder.depth, encoder.drop_path
+      )
     _, out = encoder(images_BHWC, train=train, patch_keep=keep_BK, drop_masks=drop_masks)
     x_BND = nn.LayerNorm(epsilon=encoder.norm_eps, name="encoder_norm")(out["tokens"])  # N = R + K
 
     dtype_mm = jnp.dtype(encoder.dtype_mm)
     xavier = nn.initializers.xavier_uniform()  # MAE's init for its Linear layers.
-    x_BND = nn.Dense(self.decoder_width, dtype=dtype_mm, kernel_init=xavier, name="decoder_embed")(x_BND)
+    x_BND = nn.Dense(self.decoder_width, dtype=dtype_mm, kernel_init=xavier, name="decoder_embed")(
+      x_BND
+    )
     x_BND = x_BND.astype(jnp.float32)
     num_prefix = encoder.num_prefix
     prefix_BRD, visible_BKD = x_BND[:, :num_prefix], x_BND[:, num_prefix:]
-    mask_token_11D = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, self.decoder_width))
+    mask_token_11D = self.param(
+      "mask_token", nn.initializers.normal(0.02), (1, 1, self.decoder_width)
+    )
     tokens_BPD = jnp.concatenate(
-        [visible_BKD, jnp.broadcast_to(mask_token_11D, (b, num_patches - keep, self.decoder_width))], axis=1)
+      [visible_BKD, jnp.broadcast_to(mask_token_11D, (b, num_patches - keep, self.decoder_width))],
+      axis=1,
+    )
     tokens_BPD = jnp.take_along_axis(tokens_BPD, restore_BP[:, :, None], axis=1)  # Unshuffle.
     tokens_BPD = tokens_BPD + sincos_posemb_2d(h // p, w // p, self.decoder_width)[None]
     # The cls/register tokens get no decoder position (MAE's table has zeros in the cls slot).
     x_BND = jnp.concatenate([prefix_BRD, tokens_BPD], axis=1)
 
-    arch = vit.BlockArch(self.decoder_mlp_dim, self.decoder_heads, norm_eps=encoder.norm_eps,
-                         dtype_mm=dtype_mm)
+    arch = vit.BlockArch(
+      self.decoder_mlp_dim, self.decoder_heads, norm_eps=encoder.norm_eps, dtype_mm=dtype_mm
+    )
     for i in range(self.decoder_depth):
       x_BND, _ = vit.Block(arch, name=f"decoderblock_{i}")(x_BND, (None, None, None))
     x_BND = nn.LayerNorm(epsilon=encoder.norm_eps, name="decoder_norm")(x_BND)
     pred_BPL = nn.Dense(p * p * c, dtype=dtype_mm, kernel_init=xavier, name="decoder_pred")(
-        x_BND[:, num_prefix:]).astype(jnp.float32)
+      x_BND[:, num_prefix:]
+    ).astype(jnp.float32)
 
     example_loss_B = reconstruction_loss(pred_BPL, target_BPL, mask_BP, self.norm_pix_loss)
     # Every example has P - K masked patches, so this equals MAE's sum(loss * mask) / sum(mask).
@@ -204,7 +231,9 @@ class MAE(nn.Module):
     return loss, {"pred": pred_BPL, "mask": mask_BP, "loss": loss, "example_loss": example_loss_B}
 
 
-def init_mae_state(mae: MAE, tx: optax.GradientTransformation, rng: Array, image_size: int) -> TrainState:
+def init_mae_state(
+  mae: MAE, tx: optax.GradientTransformation, rng: Array, image_size: int
+) -> TrainState:
   """A fresh state (params = all MAE params); meant to run under `jax.jit(..., out_shardings=...)`."""
   rng_init, rng_train = jax.random.split(rng)
   images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
@@ -212,8 +241,9 @@ def init_mae_state(mae: MAE, tx: optax.GradientTransformation, rng: Array, image
   return train_step.new_state(params, tx, rng_train)
 
 
-def make_mae_train_step(mae: MAE, tx: optax.GradientTransformation, *, schedule: optax.Schedule,
-                        ema_decay: float) -> Callable[[TrainState, Batch, Any], tuple[TrainState, dict]]:
+def make_mae_train_step(
+  mae: MAE, tx: optax.GradientTransformation, *, schedule: optax.Schedule, ema_decay: float
+) -> Callable[[TrainState, Batch, Any], tuple[TrainState, dict]]:
   """The pure step `(state, batch, unused_teacher_params) -> (state, metrics)`; jit it with shardings.
 
   Labels are ignored: MAE pre-trains without them. The masking key is fold_in(state.rng, state.step), so a
@@ -231,7 +261,9 @@ def make_mae_train_step(mae: MAE, tx: optax.GradientTransformation, *, schedule:
     params = optax.apply_updates(state.params, updates)
     ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema_params, params)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
+    return state.replace(
+      step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema
+    ), metrics
 
   return step
 

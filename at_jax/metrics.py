@@ -4,10 +4,10 @@ Writers and printers are active on process 0 only by default, so a
 multi-process run logs every metric once.
 """
 
-from collections.abc import Mapping
 import json
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -27,8 +27,7 @@ def _is_main_process() -> bool:
 def _to_float(name: str, value: Any) -> float:
   array = np.asarray(value)
   if array.size != 1:
-    raise ValueError(
-        f"metric {name!r} must be a scalar, got shape {array.shape}")
+    raise ValueError(f"metric {name!r} must be a scalar, got shape {array.shape}")
   return float(array.reshape(()))
 
 
@@ -55,12 +54,9 @@ class MetricWriter:
       os.makedirs(workdir, exist_ok=True)
       # Append: a resumed run continues the same file.
       self._file = open(self.path, "a")
-      self._tensorboard = tensorboardX.SummaryWriter(
-          logdir=os.path.join(workdir, TENSORBOARD_DIR))
+      self._tensorboard = tensorboardX.SummaryWriter(logdir=os.path.join(workdir, TENSORBOARD_DIR))
 
-  def write(self, step: int,
-            metrics: Mapping[str, float | int | np.ndarray | jax.Array]
-           ) -> None:
+  def write(self, step: int, metrics: Mapping[str, float | int | np.ndarray | jax.Array]) -> None:
     """Writes one record of scalar metrics at `step`.
 
     Appends the JSON line {"step": step, **metrics} (values as floats) and
@@ -143,8 +139,15 @@ class Progress:
 
   _BAR_WIDTH = 10
 
-  def __init__(self, name: str, total: int, *, start: int = 0,
-               unit_per_step: int = 1, enabled: bool | None = None):
+  def __init__(
+    self,
+    name: str,
+    total: int,
+    *,
+    start: int = 0,
+    unit_per_step: int = 1,
+    enabled: bool | None = None,
+  ):
     """Starts the clock.
 
     Args:
@@ -162,15 +165,13 @@ class Progress:
     self.enabled = _is_main_process() if enabled is None else enabled
     self._start_time = time.monotonic()
 
-  def update(self, step: int, metrics: Mapping[str, float] | None = None
-            ) -> str:
+  def update(self, step: int, metrics: Mapping[str, float] | None = None) -> str:
     """Prints (if enabled) and returns the progress line for `step`."""
     fraction = min(max(step / self.total, 0.0), 1.0) if self.total else 1.0
     filled = int(fraction * self._BAR_WIDTH)
     bar = "#" * filled + "-" * (self._BAR_WIDTH - filled)
     width = len(str(self.total))
-    parts = [f"{self.name:<7} {step:>{width}}/{self.total} [{bar}] "
-             f"{fraction * 100:3.0f}%"]
+    parts = [f"{self.name:<7} {step:>{width}}/{self.total} [{bar}] {fraction * 100:3.0f}%"]
     for name, value in (metrics or {}).items():
       parts.append(f"{name} {_format_number(_to_float(name, value))}")
     elapsed = time.monotonic() - self._start_time
@@ -217,12 +218,10 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     The table, one line per row after a header and separator line.
   """
   cells = [[_cell(row.get(column)) for column in columns] for row in rows]
-  widths = [max([len(column)] + [len(row[i]) for row in cells])
-            for i, column in enumerate(columns)]
+  widths = [max([len(column)] + [len(row[i]) for row in cells]) for i, column in enumerate(columns)]
 
   def line(values: list[str]) -> str:
-    return "| " + " | ".join(
-        v.ljust(w) for v, w in zip(values, widths)) + " |"
+    return "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths)) + " |"
 
   separator = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
   return "\n".join([line(columns), separator] + [line(row) for row in cells])

@@ -1,4 +1,5 @@
 """The optax chain: AdamW, per-step warmup + cosine to a min lr, weight-decay mask, layer-wise lr decay."""
+
 from __future__ import annotations
 
 import re
@@ -15,15 +16,18 @@ _LAYER_RE = re.compile(r"encoderblock_(\d+)")
 _EMBEDDING_NAMES = ("embedding", "pos_embedding", "cls")
 
 
-def make_schedule(*, base_lr: float, batch_size: int, warmup_steps: int, total_steps: int,
-                  min_lr: float) -> optax.Schedule:
+def make_schedule(
+  *, base_lr: float, batch_size: int, warmup_steps: int, total_steps: int, min_lr: float
+) -> optax.Schedule:
   """Linear warmup from 0 to base_lr * batch_size / 256, then half-cosine to `min_lr` (absolute)."""
   peak = base_lr * batch_size / 256
   if total_steps <= 0:
     raise ConfigError("schedule.epochs", "training must last at least one step")
   if not 0 <= warmup_steps < total_steps:
-    raise ConfigError("schedule.warmup_epochs", f"warmup ({warmup_steps} steps) must be shorter than "
-                      f"training ({total_steps} steps)")
+    raise ConfigError(
+      "schedule.warmup_epochs",
+      f"warmup ({warmup_steps} steps) must be shorter than training ({total_steps} steps)",
+    )
   return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, total_steps, end_value=min_lr)
 
 
@@ -46,31 +50,48 @@ def layer_decay_scales(params: Any, depth: int, decay: float) -> Any:
   head. In the scan layout a block leaf is [L, ...] and gets a per-layer multiplier array broadcast over
   its other axes, so loop and scan layouts get identical updates.
   """
+
   def scale(path, leaf):
     names = _path_names(path)
     if names[0] in _EMBEDDING_NAMES:
       return decay ** (depth + 1)
     if names[0] == "Transformer" and names[1] == "encoderblock":  # scan layout
       ids = np.arange(1, depth + 1)
-      return (decay ** (depth + 1 - ids)).reshape((depth,) + (1,) * (len(leaf.shape) - 1)).astype(np.float32)
+      return (
+        (decay ** (depth + 1 - ids))
+        .reshape((depth,) + (1,) * (len(leaf.shape) - 1))
+        .astype(np.float32)
+      )
     match = _LAYER_RE.fullmatch(names[1]) if names[0] == "Transformer" else None
     if match:
       return decay ** (depth - int(match.group(1)))
     return 1.0
+
   return jax.tree_util.tree_map_with_path(scale, params)
 
 
 def scale_by_tree(scales: Any) -> optax.GradientTransformation:
   """Multiplies each update leaf by the matching leaf (scalar or broadcastable array) of `scales`."""
+
   def update(updates, state, params=None):
     del params
     return jax.tree.map(lambda u, s: u * s, updates, scales), state
+
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-def make_optimizer(params: Any, *, schedule: optax.Schedule, b1: float, b2: float, eps: float,
-                   weight_decay: float, layer_decay: float, depth: int,
-                   grad_clip: float | None = None) -> optax.GradientTransformation:
+def make_optimizer(
+  params: Any,
+  *,
+  schedule: optax.Schedule,
+  b1: float,
+  b2: float,
+  eps: float,
+  weight_decay: float,
+  layer_decay: float,
+  depth: int,
+  grad_clip: float | None = None,
+) -> optax.GradientTransformation:
   """AdamW as MAE/timm: decoupled weight decay scaled by the (layer-decayed) learning rate.
 
   Args:
@@ -80,9 +101,9 @@ def make_optimizer(params: Any, *, schedule: optax.Schedule, b1: float, b2: floa
     raise ConfigError("optim.layer_decay", f"must be in (0, 1], got {layer_decay}")
   parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
   parts += [
-      optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
-      optax.add_decayed_weights(weight_decay, mask=weight_decay_mask(params)),
-      optax.scale_by_learning_rate(schedule),
+    optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+    optax.add_decayed_weights(weight_decay, mask=weight_decay_mask(params)),
+    optax.scale_by_learning_rate(schedule),
   ]
   if layer_decay < 1:
     parts.append(scale_by_tree(layer_decay_scales(params, depth, layer_decay)))

@@ -20,18 +20,20 @@ Every JAX process computes its slice of each global batch and writes those examp
 example, so no two processes write the same file. Progress is committed to metadata.json every
 `COMMIT_EVERY` global batches, and a rerun resumes from there.
 """
+
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorstore as ts
+from jax.experimental import multihost_utils
 
 from at_jax import data, metrics, sharding, train, transfer
 from at_jax.errors import ConfigError
@@ -47,8 +49,11 @@ _PROGRESS = ("done_examples", "complete", "skipped", "batch_size")
 def stored_keys(what: str, store: str) -> tuple[str, ...]:
   """The teacher outputs stored for `transfer.what` and `precompute.store` (which only matters for 'attn')."""
   if store not in STORES:
-    raise ConfigError("precompute.store", f"unknown {store!r}; use 'logits' (H*N*N values per layer and "
-                      "image) or 'qk' (2*N*H*Dh, fewer when N > 2*Dh)")
+    raise ConfigError(
+      "precompute.store",
+      f"unknown {store!r}; use 'logits' (H*N*N values per layer and "
+      "image) or 'qk' (2*N*H*Dh, fewer when N > 2*Dh)",
+    )
   if what != "attn":
     return (what,)
   return ("attn_logits",) if store == "logits" else ("q", "k")
@@ -59,17 +64,31 @@ def _targets_fn(teacher: vit.ViT, layers: Sequence[int], keys: Sequence[str]):
   rows = np.asarray(layers)
 
   def fn(params: Any, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    _, out = teacher.apply({"params": params}, batch["image"], train=False,
-                           want_qkv=tuple(keys) != ("attn_logits",))
+    _, out = teacher.apply(
+      {"params": params}, batch["image"], train=False, want_qkv=tuple(keys) != ("attn_logits",)
+    )
     stored = {k: jnp.swapaxes(out[k][rows], 0, 1).astype(jnp.bfloat16) for k in keys}
     # The index travels with the rows, so each device's rows are written where they belong.
     return {**stored, "index": batch["index"]}
+
   return fn
 
 
-def describe(teacher: vit.ViT, *, what: str, store: str, layers: Sequence[int], image_size: int,
-             crop_pct: float, normalization: str, dataset: str, split: str, num_examples: int,
-             teacher_path: str, teacher_config: Mapping[str, Any]) -> dict[str, Any]:
+def describe(
+  teacher: vit.ViT,
+  *,
+  what: str,
+  store: str,
+  layers: Sequence[int],
+  image_size: int,
+  crop_pct: float,
+  normalization: str,
+  dataset: str,
+  split: str,
+  num_examples: int,
+  teacher_path: str,
+  teacher_config: Mapping[str, Any],
+) -> dict[str, Any]:
   """The metadata identifying a set of targets; `data.TeacherTargets.check` compares a run against it.
 
   Args:
@@ -85,16 +104,36 @@ def describe(teacher: vit.ViT, *, what: str, store: str, layers: Sequence[int], 
   """
   keys = stored_keys(what, store)
   images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  shapes = jax.eval_shape(lambda: _targets_fn(teacher, layers, keys)(
+  shapes = jax.eval_shape(
+    lambda: _targets_fn(teacher, layers, keys)(
       teacher.init(jax.random.key(0), images, train=False)["params"],
-      {"image": images, "index": jnp.zeros((1,), jnp.int32)}))
+      {"image": images, "index": jnp.zeros((1,), jnp.int32)},
+    )
+  )
   metadata = dict(
-      format=1, what=what, store=store if what == "attn" else what, keys=list(keys),
-      shapes={k: list(shapes[k].shape[1:]) for k in keys}, dtype="bfloat16", layers=list(layers),
-      num_heads=teacher.num_heads, tokens=teacher.tokens_for(image_size),
-      head_dim=teacher.width // teacher.num_heads, image_size=image_size, crop_pct=crop_pct,
-      normalization=normalization, view=data.TARGETS_VIEW, dataset=dataset, split=split, num_examples=num_examples,
-      teacher=teacher_path, teacher_config=dict(teacher_config), done_examples=0, complete=False, skipped=0)
+    format=1,
+    what=what,
+    store=store if what == "attn" else what,
+    keys=list(keys),
+    shapes={k: list(shapes[k].shape[1:]) for k in keys},
+    dtype="bfloat16",
+    layers=list(layers),
+    num_heads=teacher.num_heads,
+    tokens=teacher.tokens_for(image_size),
+    head_dim=teacher.width // teacher.num_heads,
+    image_size=image_size,
+    crop_pct=crop_pct,
+    normalization=normalization,
+    view=data.TARGETS_VIEW,
+    dataset=dataset,
+    split=split,
+    num_examples=num_examples,
+    teacher=teacher_path,
+    teacher_config=dict(teacher_config),
+    done_examples=0,
+    complete=False,
+    skipped=0,
+  )
   return json.loads(json.dumps(metadata))  # as it reads back: lists, not tuples
 
 
@@ -106,15 +145,22 @@ def _write_metadata(directory: str, metadata: Mapping[str, Any]) -> None:
   os.replace(path + ".tmp", path)
 
 
-def _open_arrays(directory: str, metadata: Mapping[str, Any], create: bool) -> dict[str, ts.TensorStore]:
+def _open_arrays(
+  directory: str, metadata: Mapping[str, Any], create: bool
+) -> dict[str, ts.TensorStore]:
   arrays = {}
   for key in metadata["keys"]:
     spec = data.targets_array_spec(directory, key)
     if create:
       shape = metadata["shapes"][key]
-      arrays[key] = ts.open(spec, create=True, delete_existing=True, dtype=ts.bfloat16,
-                            shape=[metadata["num_examples"], *shape],
-                            chunk_layout=ts.ChunkLayout(chunk_shape=[1, *shape])).result()
+      arrays[key] = ts.open(
+        spec,
+        create=True,
+        delete_existing=True,
+        dtype=ts.bfloat16,
+        shape=[metadata["num_examples"], *shape],
+        chunk_layout=ts.ChunkLayout(chunk_shape=[1, *shape]),
+      ).result()
     else:
       arrays[key] = ts.open(spec, open=True).result()
   return arrays
@@ -125,9 +171,17 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
-def write_targets(teacher: vit.ViT, teacher_params: Any, source: data.Source, directory: str,
-                  metadata: Mapping[str, Any], *, batch_size: int, mesh: jax.sharding.Mesh,
-                  num_threads: int = 2) -> dict[str, Any]:
+def write_targets(
+  teacher: vit.ViT,
+  teacher_params: Any,
+  source: data.Source,
+  directory: str,
+  metadata: Mapping[str, Any],
+  *,
+  batch_size: int,
+  mesh: jax.sharding.Mesh,
+  num_threads: int = 2,
+) -> dict[str, Any]:
   """Runs the teacher over `source` in the fixed view and stores its targets; resumes an unfinished run.
 
   Args:
@@ -150,16 +204,24 @@ def write_targets(teacher: vit.ViT, teacher_params: Any, source: data.Source, di
   old = data.read_targets_metadata(directory)
   start_batch = 0
   if old is not None:
-    differ = sorted(k for k in set(old) | set(metadata) if k not in _PROGRESS and old.get(k) != metadata.get(k))
+    differ = sorted(
+      k for k in set(old) | set(metadata) if k not in _PROGRESS and old.get(k) != metadata.get(k)
+    )
     if differ:
-      raise ConfigError("transfer.targets_dir", f"{directory} holds teacher targets of another setting "
-                        f"(differing: {', '.join(differ)}); delete it or set transfer.targets_dir elsewhere")
+      raise ConfigError(
+        "transfer.targets_dir",
+        f"{directory} holds teacher targets of another setting "
+        f"(differing: {', '.join(differ)}); delete it or set transfer.targets_dir elsewhere",
+      )
     if old["complete"]:
       _say(f"Teacher targets in {directory} are complete; nothing to do")
       return old
     if old["batch_size"] != batch_size:  # progress is counted in whole batches
-      raise ConfigError("data.eval_batch_size", f"the unfinished precompute in {directory} ran batches of "
-                        f"{old['batch_size']}; resume it with that batch size, or delete {directory}")
+      raise ConfigError(
+        "data.eval_batch_size",
+        f"the unfinished precompute in {directory} ran batches of "
+        f"{old['batch_size']}; resume it with that batch size, or delete {directory}",
+      )
     start_batch = old["done_examples"] // batch_size
     metadata["skipped"] = old["skipped"]
     _say(f"Resuming the precompute in {directory} at example {old['done_examples']}")
@@ -176,16 +238,27 @@ def write_targets(teacher: vit.ViT, teacher_params: Any, source: data.Source, di
     arrays = _open_arrays(directory, metadata, create=False)
 
   keys, n = metadata["keys"], metadata["num_examples"]
-  fn = jax.jit(_targets_fn(teacher, metadata["layers"], keys),
-               in_shardings=(sharding.tree_shardings(mesh, teacher_params), sharding.batch_sharding(mesh)),
-               out_shardings=sharding.batch_sharding(mesh))
+  fn = jax.jit(
+    _targets_fn(teacher, metadata["layers"], keys),
+    in_shardings=(sharding.tree_shardings(mesh, teacher_params), sharding.batch_sharding(mesh)),
+    out_shardings=sharding.batch_sharding(mesh),
+  )
   p, b = jax.process_index(), batch_size // jax.process_count()
   num_batches = -(-n // batch_size)
-  batches = data.eval_iterator(source, global_batch_size=batch_size, image_size=metadata["image_size"],
-                               crop_pct=metadata["crop_pct"], normalization=metadata["normalization"],
-                               process_index=p, process_count=jax.process_count(), num_threads=num_threads,
-                               start_batch=start_batch)
-  progress = metrics.Progress("precompute", num_batches, start=start_batch, unit_per_step=batch_size)
+  batches = data.eval_iterator(
+    source,
+    global_batch_size=batch_size,
+    image_size=metadata["image_size"],
+    crop_pct=metadata["crop_pct"],
+    normalization=metadata["normalization"],
+    process_index=p,
+    process_count=jax.process_count(),
+    num_threads=num_threads,
+    start_batch=start_batch,
+  )
+  progress = metrics.Progress(
+    "precompute", num_batches, start=start_batch, unit_per_step=batch_size
+  )
   log_every = max(1, num_batches // 20)
   base_skipped, skipped = metadata["skipped"], 0
   pending: list[ts.WriteFutures] = []
@@ -208,8 +281,11 @@ def write_targets(teacher: vit.ViT, teacher_params: Any, source: data.Source, di
       for w in pending:
         w.result()
       pending = []
-      metadata.update(done_examples=min(done * batch_size, n), complete=done == num_batches,
-                      skipped=base_skipped + sharding.process_sum(skipped))  # collective: every process is here
+      metadata.update(
+        done_examples=min(done * batch_size, n),
+        complete=done == num_batches,
+        skipped=base_skipped + sharding.process_sum(skipped),
+      )  # collective: every process is here
       multihost_utils.sync_global_devices(f"precompute: batch {done} written")
       if jax.process_index() == 0:
         _write_metadata(directory, metadata)
@@ -229,18 +305,43 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """
   model, mesh, train_source, _ = train.validate(config, workdir, check_targets=False)
   if config.transfer.mode != "distill":
-    raise ConfigError("transfer.mode", f"precomputed teacher targets serve distillation; "
-                      f"{config.transfer.mode!r} needs none (copy runs the teacher at evaluation too)")
-  train.ensure_teacher(config, workdir)  # as launch/main.py would, so that precomputing can come first
+    raise ConfigError(
+      "transfer.mode",
+      f"precomputed teacher targets serve distillation; "
+      f"{config.transfer.mode!r} needs none (copy runs the teacher at evaluation too)",
+    )
+  train.ensure_teacher(
+    config, workdir
+  )  # as launch/main.py would, so that precomputing can come first
   teacher, params, t = train.teacher_on_mesh(config, workdir, model, mesh)
   teacher_config = train.teacher_model_config(config, workdir)
   d = config.data
-  metadata = describe(teacher, what=t.what, store=config.precompute.store, layers=t.layers,
-                      image_size=d.image_size, crop_pct=d.crop_pct, normalization=d.normalization,
-                      dataset=d.name, split=d.train_split, num_examples=len(train_source),
-                      teacher_path=train.teacher_path(config, workdir), teacher_config=teacher_config)
+  metadata = describe(
+    teacher,
+    what=t.what,
+    store=config.precompute.store,
+    layers=t.layers,
+    image_size=d.image_size,
+    crop_pct=d.crop_pct,
+    normalization=d.normalization,
+    dataset=d.name,
+    split=d.train_split,
+    num_examples=len(train_source),
+    teacher_path=train.teacher_path(config, workdir),
+    teacher_config=teacher_config,
+  )
   directory = data.targets_dir(config.transfer.targets_dir, workdir)
-  _say(f"Precomputing teacher targets ({', '.join(metadata['keys'])} of layers {transfer.selected(t.layers)}, "
-       f"{metadata['num_examples']} examples of {d.name} {d.train_split}) into {directory}")
-  return write_targets(teacher, params, train_source, directory, metadata, batch_size=d.eval_batch_size,
-                       mesh=mesh, num_threads=d.num_threads)
+  _say(
+    f"Precomputing teacher targets ({', '.join(metadata['keys'])} of layers {transfer.selected(t.layers)}, "
+    f"{metadata['num_examples']} examples of {d.name} {d.train_split}) into {directory}"
+  )
+  return write_targets(
+    teacher,
+    params,
+    train_source,
+    directory,
+    metadata,
+    batch_size=d.eval_batch_size,
+    mesh=mesh,
+    num_threads=d.num_threads,
+  )

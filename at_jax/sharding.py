@@ -6,15 +6,18 @@ arrays with no such axis (scalars, small biases) are replicated. The rule needs 
 annotations, so it covers any pytree (optax state, converted teachers) alike. Batches are split over
 both axes.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from at_jax.errors import ConfigError
 
@@ -33,17 +36,23 @@ def make_mesh(data: int, fsdp: int, devices: list | None = None) -> Mesh:
   if fsdp == -1:
     fsdp = n // data if data > 0 and n % data == 0 else 0
   if data < 1 or fsdp < 1 or data * fsdp != n:
-    raise ConfigError("mesh", f"mesh.data x mesh.fsdp must equal the {n} available devices "
-                      f"(got data={data}, fsdp={fsdp}); -1 fills one axis")
-  return jax.make_mesh((data, fsdp), AXES, devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    raise ConfigError(
+      "mesh",
+      f"mesh.data x mesh.fsdp must equal the {n} available devices "
+      f"(got data={data}, fsdp={fsdp}); -1 fills one axis",
+    )
+  return jax.make_mesh(
+    (data, fsdp), AXES, devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * 2
+  )
 
 
 def spec_for(shape: tuple[int, ...], fsdp: int) -> P:
   """The largest axis divisible by `fsdp` is sharded over 'fsdp' (ties: the later axis)."""
   if fsdp == 1 or not shape:
     return P()
-  candidates = [(size, axis) for axis, size in enumerate(shape) if size % fsdp == 0 and size >= fsdp]
+  candidates = [
+    (size, axis) for axis, size in enumerate(shape) if size % fsdp == 0 and size >= fsdp
+  ]
   if not candidates:
     return P()
   _, axis = max(candidates)
@@ -89,21 +98,25 @@ def per_batch_shard(fn: Callable) -> Callable:
   """`fn` run on each device's slice of the batch (the leading axis of every argument and of the result)
   inside a step traced under `on_mesh`; plain `fn` elsewhere. For ops XLA cannot partition, such as Pallas
   kernels, which it would otherwise run whole on every device after gathering the batch."""
+
   @functools.wraps(fn)
   def mapped(*args):
     if not _traced_on_mesh():
       return fn(*args)
     spec = P(BATCH_AXES)
     return jax.shard_map(fn, in_specs=spec, out_specs=spec, check_vma=False)(*args)
+
   return mapped
 
 
 def on_mesh(fn: Callable, mesh: Mesh) -> Callable:
   """`fn` traced with `mesh` as the abstract mesh in context, so that `constrain_batch` applies."""
+
   @functools.wraps(fn)
   def traced(*args):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
       return fn(*args)
+
   return traced
 
 
@@ -113,25 +126,41 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def check_batch(global_batch: int, mesh: Mesh, field: str = "data.batch_size") -> None:
   if global_batch % mesh.size:
-    raise ConfigError(field, f"{global_batch} is not divisible by the {mesh.size} devices of the mesh")
+    raise ConfigError(
+      field, f"{global_batch} is not divisible by the {mesh.size} devices of the mesh"
+    )
 
 
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """This process's slice of a global batch -> global arrays sharded over ('data', 'fsdp')."""
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+  return {
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()
+  }
 
 
 def bytes_per_device(tree: Any, shardings: Any) -> int:
   """Bytes one device holds of a pytree of arrays/ShapeDtypeStructs laid out by `shardings`."""
+
   def one(leaf, s):
     shard = s.shard_shape(tuple(leaf.shape)) if s is not None else tuple(leaf.shape)
     return int(np.prod(shard, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+
   return sum(jax.tree.leaves(jax.tree.map(one, tree, shardings)))
 
 
-def activation_bytes(*, examples: int, tokens: int, width: int, mlp_dim: int, heads: int, depth: int,
-                     mm_bytes: int, remat_policy: str, maps_kept: int) -> int:
+def activation_bytes(
+  *,
+  examples: int,
+  tokens: int,
+  width: int,
+  mlp_dim: int,
+  heads: int,
+  depth: int,
+  mm_bytes: int,
+  remat_policy: str,
+  maps_kept: int,
+) -> int:
   """A rough count of the activations a training step keeps alive for the backward pass, per device.
 
   Per layer and example without remat: the float32 residual input and two LayerNorm outputs, q/k/v and
@@ -141,11 +170,16 @@ def activation_bytes(*, examples: int, tokens: int, width: int, mlp_dim: int, he
   [H, N, N] float32 maps (teacher targets, student logits for the distillation loss) come on top.
   """
   n, d = tokens, width
-  per_layer = 4 * 3 * n * d + mm_bytes * 4 * n * d + 4 * 2 * heads * n * n + (4 + mm_bytes) * n * mlp_dim
+  per_layer = (
+    4 * 3 * n * d + mm_bytes * 4 * n * d + 4 * 2 * heads * n * n + (4 + mm_bytes) * n * mlp_dim
+  )
   if remat_policy == "full":
     kept = depth * 4 * n * d + per_layer
   elif remat_policy == "dots":
-    kept = depth * (mm_bytes * 4 * n * d + 4 * heads * n * n + mm_bytes * n * mlp_dim + 4 * n * d) + per_layer
+    kept = (
+      depth * (mm_bytes * 4 * n * d + 4 * heads * n * n + mm_bytes * n * mlp_dim + 4 * n * d)
+      + per_layer
+    )
   else:
     kept = depth * per_layer
   return examples * (kept + maps_kept * 4 * heads * n * n)
@@ -154,7 +188,7 @@ def activation_bytes(*, examples: int, tokens: int, width: int, mlp_dim: int, he
 def check_fits(estimate: dict[str, int], device: Any = None) -> str:
   """Formats a per-device memory estimate; raises ConfigError before compiling when it cannot fit."""
   device = device or jax.local_devices()[0]
-  gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+  gib = lambda b: f"{b / 2**30:.2f} GiB"
   total = sum(estimate.values())
   line = "per-device memory estimate: " + ", ".join(f"{k} {gib(v)}" for k, v in estimate.items())
   line += f" = {gib(total)}"
@@ -163,7 +197,10 @@ def check_fits(estimate: dict[str, int], device: Any = None) -> str:
   if limit:
     line += f" of {gib(limit)} on {device.device_kind}"
     if total > 0.95 * limit:
-      raise ConfigError("data.batch_size", f"{line}: will not fit. Lower data.batch_size, raise mesh.fsdp "
-                        "(shards params/optimizer/EMA/teacher), set model.remat_policy=full or dots, or "
-                        "model.dtype_mm=bfloat16")
+      raise ConfigError(
+        "data.batch_size",
+        f"{line}: will not fit. Lower data.batch_size, raise mesh.fsdp "
+        "(shards params/optimizer/EMA/teacher), set model.remat_policy=full or dots, or "
+        "model.dtype_mm=bfloat16",
+      )
   return line

@@ -4,6 +4,7 @@ The only module that reads the whole config. Everything that can be wrong with t
 inputs (mode, layers, heads, mesh, batch, image size, dataset, teacher) is checked in `setup` before any
 compilation or training step.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,20 +14,32 @@ import math
 import os
 import signal
 import threading
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import jax
-from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
-from at_jax import checkpoint, convert, data, evaluate, mae, metrics, optim, sharding, train_step, transfer
+from at_jax import (
+  checkpoint,
+  convert,
+  data,
+  evaluate,
+  mae,
+  metrics,
+  optim,
+  sharding,
+  train_step,
+  transfer,
+)
 from at_jax.errors import ConfigError
 from at_jax.models import vit
 
-TEACHER_DIR = "teacher"   # <workdir>/teacher: where a config's teacher.pretrain is trained
-EXPORT_DIR = "params"     # <run workdir>/params: the final params export, usable as teacher.init
+TEACHER_DIR = "teacher"  # <workdir>/teacher: where a config's teacher.pretrain is trained
+EXPORT_DIR = "params"  # <run workdir>/params: the final params export, usable as teacher.init
 
 
 class Preempted(Exception):
@@ -55,6 +68,7 @@ class _SigtermFlag:
 @dataclasses.dataclass
 class Run:
   """Everything built and validated from a config, before any compute."""
+
   config: ml_collections.ConfigDict
   workdir: str
   model: vit.ViT
@@ -71,7 +85,9 @@ class Run:
   init_fn: Callable[[jax.Array], train_step.TrainState]
   step_fn: Callable
   eval_fn: Callable
-  export: Callable[[Any], tuple[dict, Any]]   # final params -> (model_config, params) for teacher.init
+  export: Callable[
+    [Any], tuple[dict, Any]
+  ]  # final params -> (model_config, params) for teacher.init
 
 
 def teacher_path(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -80,9 +96,12 @@ def teacher_path(config: ml_collections.ConfigDict, workdir: str) -> str:
     return config.teacher.init
   if config.teacher.pretrain is not None:
     return os.path.join(workdir, TEACHER_DIR, EXPORT_DIR)
-  raise ConfigError("teacher.init", f"transfer.mode={config.transfer.mode!r} needs a frozen teacher: "
-                    "set teacher.init to a params export (at_jax.checkpoint.save_params), e.g. the "
-                    f"'{EXPORT_DIR}' folder that every run leaves in its workdir")
+  raise ConfigError(
+    "teacher.init",
+    f"transfer.mode={config.transfer.mode!r} needs a frozen teacher: "
+    "set teacher.init to a params export (at_jax.checkpoint.save_params), e.g. the "
+    f"'{EXPORT_DIR}' folder that every run leaves in its workdir",
+  )
 
 
 def load_vit(path: str, config: ml_collections.ConfigDict) -> tuple[dict, Any]:
@@ -94,21 +113,34 @@ def load_vit(path: str, config: ml_collections.ConfigDict) -> tuple[dict, Any]:
   """
   size, t = config.data.image_size, config.teacher
   if os.path.isfile(path):
-    return _convert_file(os.path.abspath(path), os.path.getmtime(path), size, t.resample_posemb,
-                         t.family or None, t.num_heads or None)
+    return _convert_file(
+      os.path.abspath(path),
+      os.path.getmtime(path),
+      size,
+      t.resample_posemb,
+      t.family or None,
+      t.num_heads or None,
+    )
   model_config, params = checkpoint.load_params(path)
   convert.fit_posemb(params, model_config, path, size, t.resample_posemb)
   return model_config, params
 
 
 @functools.lru_cache(maxsize=2)
-def _convert_file(path: str, mtime: float, image_size: int, resample: bool, family: str | None,
-                  num_heads: int | None) -> tuple[dict, Any]:
+def _convert_file(
+  path: str,
+  mtime: float,
+  image_size: int,
+  resample: bool,
+  family: str | None,
+  num_heads: int | None,
+) -> tuple[dict, Any]:
   """One conversion per file and setting: start-up reads the teacher's architecture (model.arch=teacher)
   and its weights, and a ViT-L .pth is over a gigabyte. `mtime` makes a rewritten file a new entry."""
   del mtime
-  return convert.load_teacher(path, image_size=image_size, resample_posemb=resample, family=family,
-                              num_heads=num_heads)
+  return convert.load_teacher(
+    path, image_size=image_size, resample_posemb=resample, family=family, num_heads=num_heads
+  )
 
 
 def load_teacher(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, Any]:
@@ -140,6 +172,7 @@ def init_from_pretrained(fresh: Any, loaded: Any, scan: bool) -> tuple[dict, lis
       return leaf
     used.add(key)
     return np.asarray(value, leaf.dtype)
+
   params = jax.tree_util.tree_map_with_path(pick, fresh)
   return params, kept, sorted(set(flat_loaded) - used)
 
@@ -164,13 +197,17 @@ def model_config(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return fields
   if arch == "teacher":
     return vit.mirror(teacher_model_config(config, workdir), fields)
-  raise ConfigError("model.arch", f"{arch!r}: use 'own' (the fields of config.model) or 'teacher' (the "
-                    "teacher's architecture, freshly initialised, with this config's recipe fields "
-                    f"{list(vit.RECIPE_FIELDS)})")
+  raise ConfigError(
+    "model.arch",
+    f"{arch!r}: use 'own' (the fields of config.model) or 'teacher' (the "
+    "teacher's architecture, freshly initialised, with this config's recipe fields "
+    f"{list(vit.RECIPE_FIELDS)})",
+  )
 
 
-def teacher_on_mesh(config: ml_collections.ConfigDict, workdir: str, model: vit.ViT, mesh
-                    ) -> tuple[vit.ViT, Any, transfer.Transfer]:
+def teacher_on_mesh(
+  config: ml_collections.ConfigDict, workdir: str, model: vit.ViT, mesh
+) -> tuple[vit.ViT, Any, transfer.Transfer]:
   """The frozen teacher, the transfer setting resolved against it, and the teacher cut after its last
   transferred layer (`vit.truncate`) with its params placed on `mesh`. It computes attention as the
   student does (`model.attention_impl`)."""
@@ -181,8 +218,9 @@ def teacher_on_mesh(config: ml_collections.ConfigDict, workdir: str, model: vit.
   return teacher, jax.device_put(params, sharding.tree_shardings(mesh, params)), t
 
 
-def validate(config: ml_collections.ConfigDict, workdir: str, *, check_targets: bool = True
-             ) -> tuple[vit.ViT, Any, data.Source, data.Source]:
+def validate(
+  config: ml_collections.ConfigDict, workdir: str, *, check_targets: bool = True
+) -> tuple[vit.ViT, Any, data.Source, data.Source]:
   """Checks everything that needs no teacher (model, image size, mesh, batches, data, transfer vs student).
 
   With `transfer.source = "precomputed"` (and `check_targets`) also the stored teacher targets against the
@@ -195,18 +233,20 @@ def validate(config: ml_collections.ConfigDict, workdir: str, *, check_targets: 
   # ascends, eps 0 gives 0/0 for params without gradient, ema_decay 1 freezes the EMA, log_every_steps 0
   # fails after compilation, a negative `steps` falls back to `epochs`. Written as what is allowed, so NaN
   # fails too. layer_decay is also checked by optim.make_optimizer, but only after a teacher is trained.
-  allowed = {"optim.base_lr": (0 <= o.base_lr < math.inf, "finite and >= 0"),
-             "optim.min_lr": (0 <= o.min_lr < math.inf, "finite and >= 0"),
-             "optim.b1": (0 <= o.b1 < 1, "in [0, 1)"),
-             "optim.b2": (0 <= o.b2 < 1, "in [0, 1)"),
-             "optim.eps": (0 < o.eps < math.inf, "finite and > 0"),
-             "optim.weight_decay": (0 <= o.weight_decay < math.inf, "finite and >= 0"),
-             "optim.layer_decay": (0 < o.layer_decay <= 1, "in (0, 1] (1: no layer decay)"),
-             "optim.grad_clip": (0 <= o.grad_clip < math.inf, "finite and >= 0 (0: no clipping)"),
-             "optim.label_smoothing": (0 <= o.label_smoothing < 1, "in [0, 1)"),
-             "optim.ema_decay": (0 <= o.ema_decay < 1, "in [0, 1)"),
-             "schedule.steps": (s.steps >= 0, ">= 0 (0: train for schedule.epochs)"),
-             "schedule.log_every_steps": (s.log_every_steps >= 1, ">= 1")}
+  allowed = {
+    "optim.base_lr": (0 <= o.base_lr < math.inf, "finite and >= 0"),
+    "optim.min_lr": (0 <= o.min_lr < math.inf, "finite and >= 0"),
+    "optim.b1": (0 <= o.b1 < 1, "in [0, 1)"),
+    "optim.b2": (0 <= o.b2 < 1, "in [0, 1)"),
+    "optim.eps": (0 < o.eps < math.inf, "finite and > 0"),
+    "optim.weight_decay": (0 <= o.weight_decay < math.inf, "finite and >= 0"),
+    "optim.layer_decay": (0 < o.layer_decay <= 1, "in (0, 1] (1: no layer decay)"),
+    "optim.grad_clip": (0 <= o.grad_clip < math.inf, "finite and >= 0 (0: no clipping)"),
+    "optim.label_smoothing": (0 <= o.label_smoothing < 1, "in [0, 1)"),
+    "optim.ema_decay": (0 <= o.ema_decay < 1, "in [0, 1)"),
+    "schedule.steps": (s.steps >= 0, ">= 0 (0: train for schedule.epochs)"),
+    "schedule.log_every_steps": (s.log_every_steps >= 1, ">= 1"),
+  }
   for field, (ok, expected) in allowed.items():
     if not ok:
       group, name = field.split(".")
@@ -214,16 +254,25 @@ def validate(config: ml_collections.ConfigDict, workdir: str, *, check_targets: 
   if config.task == "mae" and o.layer_decay != 1:
     # MAE's params sit under "encoder"/"decoder*", which optim.layer_decay_scales gives no layer ids: every
     # multiplier would be 1. Layer decay is a fine-tuning setting (MAE pre-trains without it).
-    raise ConfigError("optim.layer_decay", f"{o.layer_decay} would be ignored by MAE pre-training "
-                      "(task='mae'), which uses no layer-wise lr decay; set optim.layer_decay=1")
+    raise ConfigError(
+      "optim.layer_decay",
+      f"{o.layer_decay} would be ignored by MAE pre-training "
+      "(task='mae'), which uses no layer-wise lr decay; set optim.layer_decay=1",
+    )
   model = vit.build(model_config(config, workdir))
   if config.model.init and not os.path.exists(config.model.init):
-    raise ConfigError("model.init", f"{config.model.init} does not exist; it should be a params export "
-                      "(a run's params/ folder) or a PyTorch/timm/big_vision checkpoint file")
+    raise ConfigError(
+      "model.init",
+      f"{config.model.init} does not exist; it should be a params export "
+      "(a run's params/ folder) or a PyTorch/timm/big_vision checkpoint file",
+    )
   image_size = config.data.image_size
   if image_size % model.patch_size:
-    raise ConfigError("data.image_size", f"{image_size} is not divisible by the patch size "
-                      f"{model.patch_size} (model.variant / model.patch_size)")
+    raise ConfigError(
+      "data.image_size",
+      f"{image_size} is not divisible by the patch size "
+      f"{model.patch_size} (model.variant / model.patch_size)",
+    )
   t = transfer.resolve(config.transfer.to_dict(), model, None, image_size)
   precomputed = t.active and t.source == "precomputed"
   d = config.data
@@ -231,16 +280,26 @@ def validate(config: ml_collections.ConfigDict, workdir: str, *, check_targets: 
     # Stored targets describe one fixed view of each unmixed image. Random crop and flip are the base
     # geometry of every config, so the fixed view replaces them (_train_iter says so); the opt-in
     # augmentations below are recipe choices, which must not be dropped behind the user's back.
-    for field, on in (("mixup", d.mixup > 0), ("cutmix", d.cutmix > 0), ("randaugment", bool(d.randaugment)),
-                      ("random_erase", d.random_erase > 0)):
+    for field, on in (
+      ("mixup", d.mixup > 0),
+      ("cutmix", d.cutmix > 0),
+      ("randaugment", bool(d.randaugment)),
+      ("random_erase", d.random_erase > 0),
+    ):
       if on:
-        raise ConfigError(f"data.{field}", "transfer.source='precomputed' trains on the fixed view the "
-                          "teacher targets were computed on, so mixup, cutmix, randaugment and random_erase "
-                          "must be off (--config.data.mixup=0 --config.data.cutmix=0 "
-                          "--config.data.randaugment='' --config.data.random_erase=0)")
+        raise ConfigError(
+          f"data.{field}",
+          "transfer.source='precomputed' trains on the fixed view the "
+          "teacher targets were computed on, so mixup, cutmix, randaugment and random_erase "
+          "must be off (--config.data.mixup=0 --config.data.cutmix=0 "
+          "--config.data.randaugment='' --config.data.random_erase=0)",
+        )
     if t.average != "none":
-      raise ConfigError("transfer.average", "averages the targets over each batch's images, which needs the "
-                        "teacher in the step; use transfer.source='jointly'")
+      raise ConfigError(
+        "transfer.average",
+        "averages the targets over each batch's images, which needs the "
+        "teacher in the step; use transfer.source='jointly'",
+      )
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   sharding.check_batch(d.batch_size, mesh, "data.batch_size")
   sharding.check_batch(d.eval_batch_size, mesh, "data.eval_batch_size")
@@ -249,9 +308,17 @@ def validate(config: ml_collections.ConfigDict, workdir: str, *, check_targets: 
   eval_source = data.make_source(d.name, d.eval_split, data_dir)
   if precomputed and check_targets:
     targets = data.TeacherTargets(data.targets_dir(config.transfer.targets_dir, workdir), t.layers)
-    expected = dict(what=t.what, image_size=image_size, crop_pct=d.crop_pct, normalization=d.normalization,
-                    dataset=d.name, split=d.train_split, num_examples=len(train_source),
-                    num_heads=model.num_heads, tokens=model.tokens_for(image_size))
+    expected = dict(
+      what=t.what,
+      image_size=image_size,
+      crop_pct=d.crop_pct,
+      normalization=d.normalization,
+      dataset=d.name,
+      split=d.train_split,
+      num_examples=len(train_source),
+      num_heads=model.num_heads,
+      tokens=model.tokens_for(image_size),
+    )
     if t.what != "attn":  # q/k/v replace the student's own: same head size
       expected["head_dim"] = model.width // model.num_heads
     targets.check(**expected)
@@ -271,26 +338,44 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, check_targets: boo
   steps_per_epoch = max(1, len(train_source) // config.data.batch_size)
   s = config.schedule
   total = s.steps if s.steps > 0 else int(math.ceil(s.epochs * steps_per_epoch))
-  warmup = int(round(s.warmup_epochs * steps_per_epoch)) if s.steps <= 0 else min(
-      int(round(s.warmup_epochs * steps_per_epoch)), total - 1)
+  warmup = (
+    int(round(s.warmup_epochs * steps_per_epoch))
+    if s.steps <= 0
+    else min(int(round(s.warmup_epochs * steps_per_epoch)), total - 1)
+  )
   o = config.optim
-  schedule = optim.make_schedule(base_lr=o.base_lr, batch_size=config.data.batch_size,
-                                 warmup_steps=warmup, total_steps=total, min_lr=o.min_lr)
+  schedule = optim.make_schedule(
+    base_lr=o.base_lr,
+    batch_size=config.data.batch_size,
+    warmup_steps=warmup,
+    total_steps=total,
+    min_lr=o.min_lr,
+  )
   # What is trained: the ViT (classification, with or without transfer) or an MAE around it.
   images = np.zeros((1, image_size, image_size, 3), np.float32)
   if config.task == "classify":
-    init_params = lambda r: model.init(r, images, train=False)["params"]  # noqa: E731
+    init_params = lambda r: model.init(r, images, train=False)["params"]
   elif config.task == "mae":
     if t.active:
-      raise ConfigError("transfer.mode", "MAE pre-training (task='mae') learns without labels or teacher; "
-                        "set transfer.mode='none'")
+      raise ConfigError(
+        "transfer.mode",
+        "MAE pre-training (task='mae') learns without labels or teacher; set transfer.mode='none'",
+      )
     module = mae.MAE(encoder=vit.model_fields(model), **config.mae.to_dict())
-    init_params = lambda r: module.init(r, images, train=False, mask_rng=r)["params"]  # noqa: E731
+    init_params = lambda r: module.init(r, images, train=False, mask_rng=r)["params"]
   else:
     raise ConfigError("task", f"unknown task {config.task!r}; use 'classify' or 'mae'")
-  tx = optim.make_optimizer(jax.eval_shape(init_params, jax.random.key(0)), schedule=schedule, b1=o.b1,
-                            b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, layer_decay=o.layer_decay,
-                            depth=model.depth, grad_clip=o.grad_clip or None)
+  tx = optim.make_optimizer(
+    jax.eval_shape(init_params, jax.random.key(0)),
+    schedule=schedule,
+    b1=o.b1,
+    b2=o.b2,
+    eps=o.eps,
+    weight_decay=o.weight_decay,
+    layer_decay=o.layer_decay,
+    depth=model.depth,
+    grad_clip=o.grad_clip or None,
+  )
 
   def init_fn(rng):
     rng_init, rng_train = jax.random.split(rng)
@@ -299,16 +384,42 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, check_targets: boo
   if config.task == "mae":
     step_fn = mae.make_mae_train_step(module, tx, schedule=schedule, ema_decay=o.ema_decay)
     eval_fn = mae.make_mae_eval_step(module)
-    export = lambda p: (mae.encoder_config(module), mae.encoder_params(p))  # noqa: E731
+    export = lambda p: (mae.encoder_config(module), mae.encoder_params(p))
   else:
     d = config.data
-    mix = dict(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, switch_prob=d.mixup_switch_prob, prob=d.mixup_prob)
-    step_fn = train_step.make_train_step(model, teacher, tx, t, schedule=schedule,
-                                         label_smoothing=o.label_smoothing, ema_decay=o.ema_decay, mix=mix)
+    mix = dict(
+      mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, switch_prob=d.mixup_switch_prob, prob=d.mixup_prob
+    )
+    step_fn = train_step.make_train_step(
+      model,
+      teacher,
+      tx,
+      t,
+      schedule=schedule,
+      label_smoothing=o.label_smoothing,
+      ema_decay=o.ema_decay,
+      mix=mix,
+    )
     eval_fn = train_step.make_eval_step(model, teacher, t)
-    export = lambda p: (vit.model_fields(model), p)  # noqa: E731
-  return Run(config, workdir, model, teacher, teacher_params, t, mesh, train_source, eval_source,
-             total, schedule, tx, init_fn, step_fn, eval_fn, export)
+    export = lambda p: (vit.model_fields(model), p)
+  return Run(
+    config,
+    workdir,
+    model,
+    teacher,
+    teacher_params,
+    t,
+    mesh,
+    train_source,
+    eval_source,
+    total,
+    schedule,
+    tx,
+    init_fn,
+    step_fn,
+    eval_fn,
+    export,
+  )
 
 
 def memory_report(run: Run) -> str:
@@ -316,19 +427,27 @@ def memory_report(run: Run) -> str:
   abstract = jax.eval_shape(run.init_fn, jax.random.key(0))
   shardings = sharding.tree_shardings(run.mesh, abstract)
   m, t = run.model, run.t
-  state = {"params": (abstract.params, shardings.params),
-           "optimizer": (abstract.opt_state, shardings.opt_state),
-           "ema": (abstract.ema_params, shardings.ema_params)}
+  state = {
+    "params": (abstract.params, shardings.params),
+    "optimizer": (abstract.opt_state, shardings.opt_state),
+    "ema": (abstract.ema_params, shardings.ema_params),
+  }
   estimate = {k: sharding.bytes_per_device(*v) for k, v in state.items()}
   if run.teacher_params is not None:
     estimate["teacher"] = sharding.bytes_per_device(
-        run.teacher_params, jax.tree.map(lambda a: getattr(a, "sharding", None), run.teacher_params))
+      run.teacher_params, jax.tree.map(lambda a: getattr(a, "sharding", None), run.teacher_params)
+    )
   estimate["activations"] = sharding.activation_bytes(
-      examples=max(1, run.config.data.batch_size // run.mesh.size),
-      tokens=m.tokens_for(run.config.data.image_size),
-      width=m.width, mlp_dim=m.mlp_dim, heads=m.num_heads, depth=m.depth,
-      mm_bytes=jax.numpy.dtype(m.dtype_mm).itemsize, remat_policy=m.remat_policy,
-      maps_kept=t.maps_kept)
+    examples=max(1, run.config.data.batch_size // run.mesh.size),
+    tokens=m.tokens_for(run.config.data.image_size),
+    width=m.width,
+    mlp_dim=m.mlp_dim,
+    heads=m.num_heads,
+    depth=m.depth,
+    mm_bytes=jax.numpy.dtype(m.dtype_mm).itemsize,
+    remat_policy=m.remat_policy,
+    maps_kept=t.maps_kept,
+  )
   return sharding.check_fits(estimate)
 
 
@@ -338,22 +457,31 @@ def evaluate_run(run: Run, eval_fn, state: train_step.TrainState) -> dict[str, f
   Classification: top1/top5 (%) for raw and EMA params; MAE: reconstruction loss / ema_loss.
   """
   d = run.config.data
-  it = data.eval_iterator(run.eval_source, global_batch_size=d.eval_batch_size, image_size=d.image_size,
-                          crop_pct=d.crop_pct, normalization=d.normalization,
-                          process_index=jax.process_index(), process_count=jax.process_count(),
-                          num_threads=d.num_threads)
+  it = data.eval_iterator(
+    run.eval_source,
+    global_batch_size=d.eval_batch_size,
+    image_size=d.image_size,
+    crop_pct=d.crop_pct,
+    normalization=d.normalization,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    num_threads=d.num_threads,
+  )
   totals: dict[str, float] = {}
   skipped = 0
   for batch in it:
     skipped += int(batch.pop("skipped").sum())  # unreadable records, already masked out of the sums
-    sums = eval_fn(state.params, state.ema_params, sharding.global_batch(batch, run.mesh),
-                   run.teacher_params)
+    sums = eval_fn(
+      state.params, state.ema_params, sharding.global_batch(batch, run.mesh), run.teacher_params
+    )
     for k, v in jax.device_get(sums).items():
       totals[k] = totals.get(k, 0.0) + float(v)
   count = totals.pop("count")
   if skipped:
-    print(f"WARNING: {skipped} unreadable eval examples skipped (this process); the figures leave them out",
-          flush=True)
+    print(
+      f"WARNING: {skipped} unreadable eval examples skipped (this process); the figures leave them out",
+      flush=True,
+    )
   return {k: v / count for k, v in sorted(totals.items())}
 
 
@@ -365,29 +493,54 @@ def _train_iter(run: Run, start_step: int) -> Iterator[dict[str, np.ndarray]]:
     directory = data.targets_dir(run.config.transfer.targets_dir, run.workdir)
     targets = data.TeacherTargets(directory, run.t.layers)
     if jax.process_index() == 0:
-      print(f"Teacher targets: {', '.join(targets.metadata['keys'])} from {directory} (teacher "
-            f"{targets.metadata['teacher']}); training on their fixed view ({data.TARGETS_VIEW}), which "
-            "replaces random-resized crop and flip"
-            + ("; the teacher ran without the student's drop-path masks" if run.model.drop_path > 0 else ""),
-            flush=True)
-  return data.train_iterator(run.train_source, global_batch_size=d.batch_size, image_size=d.image_size,
-                             seed=run.config.seed, start_step=start_step, normalization=d.normalization,
-                             rrc_scale=tuple(d.rrc_scale), hflip=d.hflip, randaugment=d.randaugment,
-                             random_erase=d.random_erase, fixed_view=targets is not None,
-                             crop_pct=d.crop_pct, targets=targets,
-                             process_index=jax.process_index(), process_count=jax.process_count(),
-                             num_threads=d.num_threads)
+      print(
+        f"Teacher targets: {', '.join(targets.metadata['keys'])} from {directory} (teacher "
+        f"{targets.metadata['teacher']}); training on their fixed view ({data.TARGETS_VIEW}), which "
+        "replaces random-resized crop and flip"
+        + (
+          "; the teacher ran without the student's drop-path masks"
+          if run.model.drop_path > 0
+          else ""
+        ),
+        flush=True,
+      )
+  return data.train_iterator(
+    run.train_source,
+    global_batch_size=d.batch_size,
+    image_size=d.image_size,
+    seed=run.config.seed,
+    start_step=start_step,
+    normalization=d.normalization,
+    rrc_scale=tuple(d.rrc_scale),
+    hflip=d.hflip,
+    randaugment=d.randaugment,
+    random_erase=d.random_erase,
+    fixed_view=targets is not None,
+    crop_pct=d.crop_pct,
+    targets=targets,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    num_threads=d.num_threads,
+  )
 
 
 def _fresh_state_and_steps(run: Run):
   """A fresh sharded state, the run's Checkpointer, and the jitted (train, eval) steps."""
   config = run.config
-  state, shardings = train_step.create_sharded_state(run.init_fn, jax.random.key(config.seed), run.mesh)
-  ckpt = checkpoint.Checkpointer(os.path.join(run.workdir, "checkpoints"), save_every=config.ckpt.every_steps,
-                                 keep=config.ckpt.keep)
-  teacher_shardings = (None if run.teacher_params is None
-                       else jax.tree.map(lambda a: a.sharding, run.teacher_params))
-  train_fn, eval_fn = train_step.jit_steps(run.step_fn, run.eval_fn, run.mesh, shardings, teacher_shardings)
+  state, shardings = train_step.create_sharded_state(
+    run.init_fn, jax.random.key(config.seed), run.mesh
+  )
+  ckpt = checkpoint.Checkpointer(
+    os.path.join(run.workdir, "checkpoints"),
+    save_every=config.ckpt.every_steps,
+    keep=config.ckpt.keep,
+  )
+  teacher_shardings = (
+    None if run.teacher_params is None else jax.tree.map(lambda a: a.sharding, run.teacher_params)
+  )
+  train_fn, eval_fn = train_step.jit_steps(
+    run.step_fn, run.eval_fn, run.mesh, shardings, teacher_shardings
+  )
   return state, shardings, ckpt, train_fn, eval_fn
 
 
@@ -396,9 +549,16 @@ def _data_position(run: Run, step: int, skipped_examples: int = 0) -> dict[str, 
   after `step` steps it stands at example `step * batch_size` of it. `skipped_examples`: how many of those
   examples stood in for unreadable records (all processes), so the logged count continues on resume."""
   d = run.config.data
-  return {"step": step, "examples_seen": step * d.batch_size, "skipped_examples": skipped_examples,
-          "seed": run.config.seed, "data.batch_size": d.batch_size, "data.name": d.name,
-          "data.train_split": d.train_split, "num_examples": len(run.train_source)}
+  return {
+    "step": step,
+    "examples_seen": step * d.batch_size,
+    "skipped_examples": skipped_examples,
+    "seed": run.config.seed,
+    "data.batch_size": d.batch_size,
+    "data.name": d.name,
+    "data.train_split": d.train_split,
+    "num_examples": len(run.train_source),
+  }
 
 
 def _check_data_position(run: Run, saved: Mapping[str, Any]) -> None:
@@ -407,9 +567,12 @@ def _check_data_position(run: Run, saved: Mapping[str, Any]) -> None:
   for key in ("seed", "data.batch_size", "data.name", "data.train_split", "num_examples"):
     if key in saved and saved[key] != now[key]:
       field = key if key.startswith("data.") or key == "seed" else "data.train_split"
-      raise ConfigError(field, f"the checkpoint in {run.workdir}/checkpoints was written with {key}="
-                        f"{saved[key]!r}, this run has {now[key]!r}: resuming would not continue its data "
-                        "stream. Restore the setting or use a new --workdir")
+      raise ConfigError(
+        field,
+        f"the checkpoint in {run.workdir}/checkpoints was written with {key}="
+        f"{saved[key]!r}, this run has {now[key]!r}: resuming would not continue its data "
+        "stream. Restore the setting or use a new --workdir",
+      )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -421,32 +584,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if ckpt.latest_step() is not None:
     state, extra = ckpt.restore(state)
     _check_data_position(run, extra)
-    skipped_before = int(extra.get("skipped_examples", 0))  # absent in checkpoints from before the field
+    skipped_before = int(
+      extra.get("skipped_examples", 0)
+    )  # absent in checkpoints from before the field
     print(f"Resumed from {workdir}/checkpoints at step {int(state.step)}", flush=True)
   elif config.model.init:
     _, loaded = load_vit(config.model.init, config)
-    params, kept, unused = init_from_pretrained(jax.device_get(state.params), loaded, run.model.scan)
-    state = jax.jit(lambda p, r: train_step.new_state(p, run.tx, r), out_shardings=shardings)(params, state.rng)
-    print(f"Initialised from {config.model.init}; kept fresh: {kept or 'none'}; unused: {unused or 'none'}",
-          flush=True)
+    params, kept, unused = init_from_pretrained(
+      jax.device_get(state.params), loaded, run.model.scan
+    )
+    state = jax.jit(lambda p, r: train_step.new_state(p, run.tx, r), out_shardings=shardings)(
+      params, state.rng
+    )
+    print(
+      f"Initialised from {config.model.init}; kept fresh: {kept or 'none'}; unused: {unused or 'none'}",
+      flush=True,
+    )
 
   writer = metrics.MetricWriter(workdir)
   start = int(jax.device_get(state.step))
   s = config.schedule
   name = "mae" if config.task == "mae" else run.t.mode
-  progress = metrics.Progress(f"train[{name}]", run.total_steps, start=start,
-                              unit_per_step=config.data.batch_size)
+  progress = metrics.Progress(
+    f"train[{name}]", run.total_steps, start=start, unit_per_step=config.data.batch_size
+  )
   _describe(run, start)
   batches = _train_iter(run, start)
   pending = None  # (step, metrics) of the step before, fetched after the next one is dispatched
-  skipped = 0  # examples of this process's batches that stood in for unreadable ones, since (re)start
-  skipped_total = skipped_before  # the run's count over all processes, as of the last step that summed it
+  skipped = (
+    0  # examples of this process's batches that stood in for unreadable ones, since (re)start
+  )
+  skipped_total = (
+    skipped_before  # the run's count over all processes, as of the last step that summed it
+  )
   sigterm = _SigtermFlag()
   try:
     for step in range(start + 1, run.total_steps + 1):
       batch = next(batches)
       skipped += int(batch.pop("skipped").sum())  # a host-side count, not an input of the step
-      state, step_metrics = train_fn(state, sharding.global_batch(batch, run.mesh), run.teacher_params)
+      state, step_metrics = train_fn(
+        state, sharding.global_batch(batch, run.mesh), run.teacher_params
+      )
       if pending is not None:
         _log(pending, writer, progress, ckpt)
       pending = None
@@ -463,29 +641,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         ckpt.wait()
         ckpt.close()
         writer.close()
-        raise Preempted(f"preempted at step {step}: checkpoint saved in {ckpt.directory}; relaunch with the "
-                        "same workdir to resume exactly")
-      if config.evals.every_steps and step % config.evals.every_steps == 0 and step != run.total_steps:
+        raise Preempted(
+          f"preempted at step {step}: checkpoint saved in {ckpt.directory}; relaunch with the "
+          "same workdir to resume exactly"
+        )
+      if (
+        config.evals.every_steps
+        and step % config.evals.every_steps == 0
+        and step != run.total_steps
+      ):
         writer.write(step, {f"eval/{k}": v for k, v in evaluate_run(run, eval_fn, state).items()})
   finally:
     sigterm.restore()
   if pending is not None:
     _log(pending, writer, progress, ckpt)
-  ckpt.save(run.total_steps, state, extra=_data_position(run, run.total_steps, skipped_total), force=True)
+  ckpt.save(
+    run.total_steps, state, extra=_data_position(run, run.total_steps, skipped_total), force=True
+  )
   ckpt.wait()
   evals = evaluate_run(run, eval_fn, state)
   writer.write(run.total_steps, {f"eval/{k}": v for k, v in evals.items()})
   writer.close()
   ckpt.close()
   # Params may be sharded across processes: every process gathers the full values before the export.
-  export_config, export_params = run.export(multihost_utils.process_allgather(state.params, tiled=True))
+  export_config, export_params = run.export(
+    multihost_utils.process_allgather(state.params, tiled=True)
+  )
   checkpoint.save_params(os.path.join(workdir, EXPORT_DIR), export_params, export_config)
   print("eval " + "  ".join(f"{k} {v:.2f}" for k, v in evals.items()), flush=True)
   return evals
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int | None = None
-                        ) -> dict[str, float]:
+def evaluate_checkpoint(
+  config: ml_collections.ConfigDict, workdir: str, step: int | None = None
+) -> dict[str, float]:
   """Evaluates <workdir>/checkpoints at `step` (default: the latest) exactly as training evaluated it."""
   run = setup(config, workdir, check_targets=False)  # evaluation reads no stored teacher targets
   state, _, ckpt, _, eval_fn = _fresh_state_and_steps(run)
@@ -499,21 +688,34 @@ def _log(pending, writer: metrics.MetricWriter, progress: metrics.Progress, ckpt
   values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
   if not math.isfinite(values["loss"]):
     last = ckpt.latest_step()
-    raise FloatingPointError(f"non-finite loss {values['loss']} at step {step}; the last good checkpoint "
-                             f"(step {last}) is intact in {ckpt.directory}")
+    raise FloatingPointError(
+      f"non-finite loss {values['loss']} at step {step}; the last good checkpoint "
+      f"(step {last}) is intact in {ckpt.directory}"
+    )
   writer.write(step, {f"train/{k}": v for k, v in values.items()})
-  progress.update(step, {k: values[k] for k in ("loss", "distill_loss", "train_acc") if k in values})
+  progress.update(
+    step, {k: values[k] for k in ("loss", "distill_loss", "train_acc") if k in values}
+  )
 
 
 def _describe(run: Run, start: int) -> None:
   if jax.process_index() != 0:
     return
   m, t = run.model, run.t
-  what = "" if not t.active else (f" | {t.mode} {t.what}, layers {transfer.selected(t.layers)}, heads "
-                                  f"{transfer.selected(t.heads)}, weight {t.weight}")
-  print(f"ViT width {m.width} depth {m.depth} heads {m.num_heads} patch {m.patch_size}{what} | "
-        f"{run.total_steps} steps of {run.config.data.batch_size} on mesh {dict(run.mesh.shape)}"
-        + (f" | resuming at {start}" if start else ""), flush=True)
+  what = (
+    ""
+    if not t.active
+    else (
+      f" | {t.mode} {t.what}, layers {transfer.selected(t.layers)}, heads "
+      f"{transfer.selected(t.heads)}, weight {t.weight}"
+    )
+  )
+  print(
+    f"ViT width {m.width} depth {m.depth} heads {m.num_heads} patch {m.patch_size}{what} | "
+    f"{run.total_steps} steps of {run.config.data.batch_size} on mesh {dict(run.mesh.shape)}"
+    + (f" | resuming at {start}" if start else ""),
+    flush=True,
+  )
 
 
 def ensure_teacher(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float] | None:
@@ -535,23 +737,35 @@ def ensure_teacher(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
     return json.load(f)
 
 
-def run_with_teacher(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
+def run_with_teacher(
+  config: ml_collections.ConfigDict, workdir: str
+) -> dict[str, dict[str, float]]:
   """Trains the teacher first when the config says how and it isn't there yet, then the student.
 
   Returns {"teacher": evals or {}, "student": evals}, and prints them as a table.
   """
   results: dict[str, dict[str, float]] = {}
-  validate(config, workdir)  # a typo in the student's config must not cost a teacher's training first
+  validate(
+    config, workdir
+  )  # a typo in the student's config must not cost a teacher's training first
   teacher_evals = ensure_teacher(config, workdir)
   if teacher_evals is not None:
     results["teacher"] = teacher_evals
   name = "student" if config.transfer.mode != "none" else config.task
-  print(f"== {name.capitalize()}: {config.transfer.mode if name == 'student' else 'training'} ==", flush=True)
+  print(
+    f"== {name.capitalize()}: {config.transfer.mode if name == 'student' else 'training'} ==",
+    flush=True,
+  )
   results[name] = train_and_evaluate(config, workdir)
-  rows = [{"model": name, **{k: round(v, 4 if "loss" in k else 2) for k, v in r.items()}}
-          for name, r in results.items()]
-  columns = [c for c in ("top1", "ema_top1", "top5", "ema_top5", "loss", "ema_loss")
-             if any(c in r for r in rows)]
+  rows = [
+    {"model": name, **{k: round(v, 4 if "loss" in k else 2) for k, v in r.items()}}
+    for name, r in results.items()
+  ]
+  columns = [
+    c
+    for c in ("top1", "ema_top1", "top5", "ema_top5", "loss", "ema_loss")
+    if any(c in r for r in rows)
+  ]
   table = metrics.format_table(rows, ["model"] + columns)
   if jax.process_index() == 0:
     print(table, flush=True)
@@ -566,10 +780,21 @@ def attention_report(config: ml_collections.ConfigDict, workdir: str, num_images
   """Writes <workdir>/attention.png (teacher vs student maps) and prints their per-layer agreement."""
   d = config.data
   source = data.make_source(d.name, d.eval_split, d.dir or None)
-  images = next(data.eval_iterator(source, global_batch_size=num_images, image_size=d.image_size,
-                                   crop_pct=d.crop_pct, normalization=d.normalization, num_threads=0))["image"]
+  images = next(
+    data.eval_iterator(
+      source,
+      global_batch_size=num_images,
+      image_size=d.image_size,
+      crop_pct=d.crop_pct,
+      normalization=d.normalization,
+      num_threads=0,
+    )
+  )["image"]
   models = {}
-  paths = (("teacher", teacher_path(config, workdir)), ("student", os.path.join(workdir, EXPORT_DIR)))
+  paths = (
+    ("teacher", teacher_path(config, workdir)),
+    ("student", os.path.join(workdir, EXPORT_DIR)),
+  )
   for name, path in paths:
     model_config, params = checkpoint.load_params(path)
     models[name] = (vit.build(model_config), params)

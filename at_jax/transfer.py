@@ -12,10 +12,12 @@ S = len(layers). Keys are the teacher's `out` names: "attn_logits" [S, B, H, N, 
 student block forms its layer's teacher logits when it needs them (`vit.AttnTarget`), so no stack of
 N x N maps is ever alive, and `loss_impl` "blockwise"/"pallas" never forms one at all.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -71,8 +73,11 @@ def parse_selection(spec: Any, size: int, field: str, what: str = "layers") -> t
     try:
       spec = [int(s) for s in spec.split(",") if s.strip()]
     except ValueError:
-      raise ConfigError(field, f"{spec!r}: use 'all', 'first:k', 'last:k', 'end_layer:e' or a list "
-                        f"of indices like '0,3,5'") from None
+      raise ConfigError(
+        field,
+        f"{spec!r}: use 'all', 'first:k', 'last:k', 'end_layer:e' or a list "
+        f"of indices like '0,3,5'",
+      ) from None
   indices = []
   for i in spec:
     if not -size <= int(i) < size:
@@ -88,6 +93,7 @@ def parse_selection(spec: Any, size: int, field: str, what: str = "layers") -> t
 @dataclasses.dataclass(frozen=True)
 class Transfer:
   """A validated transfer setting, resolved against the student's depth and heads."""
+
   mode: str = "none"
   what: str = "attn"
   layers: tuple[int, ...] = ()
@@ -165,7 +171,9 @@ def resolve(cfg: Mapping[str, Any], student: Any, teacher: Any | None, image_siz
   if average not in AVERAGES:
     raise ConfigError("transfer.average", f"unknown {average!r}; use one of {AVERAGES}")
   if mode == "copy" and source == "precomputed":
-    raise ConfigError("transfer.source", "copy mode runs the teacher at evaluation too; use 'jointly'")
+    raise ConfigError(
+      "transfer.source", "copy mode runs the teacher at evaluation too; use 'jointly'"
+    )
   layers = parse_selection(cfg.get("layers", "all"), student.depth, "transfer.layers", "layers")
   heads = parse_selection(cfg.get("heads", "all"), student.num_heads, "transfer.heads", "heads")
   weight = float(cfg.get("weight", 3.0))
@@ -175,27 +183,45 @@ def resolve(cfg: Mapping[str, Any], student: Any, teacher: Any | None, image_siz
   if loss_impl not in attn_loss.IMPLS:
     raise ConfigError("transfer.loss_impl", f"unknown {loss_impl!r}; use one of {attn_loss.IMPLS}")
   if loss_impl != "direct" and (mode != "distill" or what != "attn" or average != "none"):
-    raise ConfigError("transfer.loss_impl", f"{loss_impl!r} computes the attention-map distillation loss "
-                      "from q and k; it needs mode='distill', what='attn', average='none' (use 'direct')")
+    raise ConfigError(
+      "transfer.loss_impl",
+      f"{loss_impl!r} computes the attention-map distillation loss "
+      "from q and k; it needs mode='distill', what='attn', average='none' (use 'direct')",
+    )
   if teacher is not None:
     if teacher.depth <= max(layers):
-      raise ConfigError("transfer.layers", f"layer {max(layers)} does not exist in the teacher "
-                        f"(depth {teacher.depth})")
+      raise ConfigError(
+        "transfer.layers",
+        f"layer {max(layers)} does not exist in the teacher (depth {teacher.depth})",
+      )
     if teacher.num_heads != student.num_heads:
-      raise ConfigError("teacher.init", f"teacher has {teacher.num_heads} heads, student "
-                        f"{student.num_heads}; attention maps need the same head count (model.num_heads)")
+      raise ConfigError(
+        "teacher.init",
+        f"teacher has {teacher.num_heads} heads, student "
+        f"{student.num_heads}; attention maps need the same head count (model.num_heads)",
+      )
     t_tokens, s_tokens = teacher.tokens_for(image_size), student.tokens_for(image_size)
     if t_tokens != s_tokens:
-      raise ConfigError("teacher.init", f"teacher sees {t_tokens} tokens per image and the student "
-                        f"{s_tokens} at {image_size}px; match model.patch_size/class_token to the teacher")
+      raise ConfigError(
+        "teacher.init",
+        f"teacher sees {t_tokens} tokens per image and the student "
+        f"{s_tokens} at {image_size}px; match model.patch_size/class_token to the teacher",
+      )
     if what != "attn" and teacher.width != student.width:
-      raise ConfigError("teacher.init", f"transferring {what!r} needs equal widths (teacher "
-                        f"{teacher.width}, student {student.width}, model.width)")
+      raise ConfigError(
+        "teacher.init",
+        f"transferring {what!r} needs equal widths (teacher "
+        f"{teacher.width}, student {student.width}, model.width)",
+      )
     if student.drop_path > 0 and teacher.depth != student.depth:
-      raise ConfigError("model.drop_path", "teacher and student share drop-path masks, which needs equal "
-                        f"depths (teacher {teacher.depth}, student {student.depth}); set drop_path=0")
-  return Transfer(mode, what, layers, heads, weight, source, student.depth, student.num_heads, average,
-                  loss_impl)
+      raise ConfigError(
+        "model.drop_path",
+        "teacher and student share drop-path masks, which needs equal "
+        f"depths (teacher {teacher.depth}, student {student.depth}); set drop_path=0",
+      )
+  return Transfer(
+    mode, what, layers, heads, weight, source, student.depth, student.num_heads, average, loss_impl
+  )
 
 
 def needs_qkv(t: Transfer) -> bool:
@@ -211,7 +237,9 @@ def teacher_targets(teacher_out: Mapping[str, Array], t: Transfer) -> Targets:
   targets = {k: jax.lax.stop_gradient(teacher_out[k][np.asarray(t.layers)]) for k in t.target_keys}
   if t.average == "images":
     key, x_SB = t.teacher_key, targets[t.teacher_key]
-    if t.what == "attn":  # average the maps, not the logits; log(mean map) is a logit whose softmax is it
+    if (
+      t.what == "attn"
+    ):  # average the maps, not the logits; log(mean map) is a logit whose softmax is it
       mean = jnp.log(jax.nn.softmax(x_SB.astype(jnp.float32), -1).mean(axis=1, keepdims=True))
     else:
       mean = x_SB.mean(axis=1, keepdims=True)
@@ -226,13 +254,17 @@ def precomputed_targets(batch: Mapping[str, Array], t: Transfer) -> Targets:
   """
   options = [(t.teacher_key,)]
   if t.mode == "distill" and t.what == "attn":
-    options = [("q", "k"), ("attn_logits",)] if t.loss_impl != "direct" else [("attn_logits",), ("q", "k")]
+    options = (
+      [("q", "k"), ("attn_logits",)] if t.loss_impl != "direct" else [("attn_logits",), ("q", "k")]
+    )
   for keys in options:
     if all(f"teacher_{k}" in batch for k in keys):
       return {k: jnp.swapaxes(batch[f"teacher_{k}"], 0, 1) for k in keys}
   wanted = " or ".join("+".join(f"teacher_{k}" for k in keys) for keys in options)
-  raise ConfigError("transfer.source", f"'precomputed' needs batches carrying {wanted} "
-                    "(written by launch/precompute.py)")
+  raise ConfigError(
+    "transfer.source",
+    f"'precomputed' needs batches carrying {wanted} (written by launch/precompute.py)",
+  )
 
 
 def copy_override(targets: Mapping[str, Array], t: Transfer) -> dict[str, Array]:
@@ -248,8 +280,11 @@ def attn_target(targets: Mapping[str, Array], t: Transfer) -> vit.AttnTarget | N
   """The student's `attn_target` when distilling maps: its blocks then score themselves layer by layer."""
   if t.mode != "distill" or t.what != "attn":
     return None
-  values = {"logits": targets["attn_logits"]} if "attn_logits" in targets else {"q": targets["q"],
-                                                                                 "k": targets["k"]}
+  values = (
+    {"logits": targets["attn_logits"]}
+    if "attn_logits" in targets
+    else {"q": targets["q"], "k": targets["k"]}
+  )
   return vit.AttnTarget(t.layers, values, t.loss_impl)
 
 
@@ -271,7 +306,9 @@ def _reduce(per_SH: Array, t: Transfer) -> Array:
   return jnp.sum(jnp.sum(per_SH * mask_SH, axis=1) / jnp.sum(mask_SH, axis=1))
 
 
-def distill_loss(student_out: Mapping[str, Array], targets: Mapping[str, Array], t: Transfer) -> Array:
+def distill_loss(
+  student_out: Mapping[str, Array], targets: Mapping[str, Array], t: Transfer
+) -> Array:
   """weight * sum over selected layers of the mean (over batch, selected heads, queries) loss.
 
   `attn`: cross-entropy between softmax(teacher logits) and log_softmax(student logits) over keys; its
@@ -283,9 +320,13 @@ def distill_loss(student_out: Mapping[str, Array], targets: Mapping[str, Array],
   if t.what == "attn" and "attn_ce" in student_out:
     per_SH = student_out["attn_ce"][layers]
   elif t.what == "attn":  # [S, B, H, N, N] -> per query [S, B, H, N] -> [S, H]
-    per_SH = attention_cross_entropy(_teacher_logits(targets), student_out["attn_logits"][layers]).mean((1, 3))
+    per_SH = attention_cross_entropy(
+      _teacher_logits(targets), student_out["attn_logits"][layers]
+    ).mean((1, 3))
   else:  # [S, B, N, H, Dh] -> [S, H]
-    err = (student_out[t.what][layers].astype(jnp.float32) - targets[t.what].astype(jnp.float32)) ** 2
+    err = (
+      student_out[t.what][layers].astype(jnp.float32) - targets[t.what].astype(jnp.float32)
+    ) ** 2
     per_SH = err.mean(axis=(1, 2, 4))
   return t.weight * _reduce(per_SH, t)
 

@@ -3,9 +3,10 @@
 Pure Python (no JAX or PyTorch import), shared by benchmarks/step.py and benchmarks/torch_reference.py so
 that both report MFU against the same count.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 # Dense (no sparsity) peak TFLOP/s per chip, as (bfloat16, float32). "float32" is what a float32 matmul
 # gets at each framework's default precision there: TF32 tensor cores on NVIDIA (XLA's default for f32
@@ -13,17 +14,17 @@ from typing import Sequence
 # sets to match), one bf16 pass on TPU (JAX's default precision). Matched by substring of
 # `device_kind`, first hit wins, so the more specific names come first.
 PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
-    ("H100 PCIe", 756.0, 378.0),
-    ("H100 NVL", 835.0, 418.0),
-    ("H100", 989.4, 494.7),   # SXM
-    ("H200", 989.4, 494.7),
-    ("GH200", 989.4, 494.7),
-    ("A100", 312.0, 156.0),
-    ("TPU v5 lite", 197.0, 197.0),
-    ("TPU v5e", 197.0, 197.0),
-    ("TPU v5p", 459.0, 459.0),
-    ("TPU v5", 459.0, 459.0),  # v5p reports device_kind "TPU v5"
-    ("TPU v4", 275.0, 275.0),
+  ("H100 PCIe", 756.0, 378.0),
+  ("H100 NVL", 835.0, 418.0),
+  ("H100", 989.4, 494.7),  # SXM
+  ("H200", 989.4, 494.7),
+  ("GH200", 989.4, 494.7),
+  ("A100", 312.0, 156.0),
+  ("TPU v5 lite", 197.0, 197.0),
+  ("TPU v5e", 197.0, 197.0),
+  ("TPU v5p", 459.0, 459.0),
+  ("TPU v5", 459.0, 459.0),  # v5p reports device_kind "TPU v5"
+  ("TPU v4", 275.0, 275.0),
 )
 
 
@@ -37,9 +38,19 @@ def peak_tflops(device_kind: str, dtype: str, override: float = 0.0) -> float:
   return 0.0
 
 
-def train_step_flops(*, width: int, depth: int, mlp_dim: int, patch: int, num_patches: int,
-                     num_prefix: int = 1, num_classes: int = 1000, channels: int = 3, mode: str = "none",
-                     layers: Sequence[int] | None = None) -> dict[str, float]:
+def train_step_flops(
+  *,
+  width: int,
+  depth: int,
+  mlp_dim: int,
+  patch: int,
+  num_patches: int,
+  num_prefix: int = 1,
+  num_classes: int = 1000,
+  channels: int = 3,
+  mode: str = "none",
+  layers: Sequence[int] | None = None,
+) -> dict[str, float]:
   """Model FLOPs (2 per multiply-add, matmuls only) per image of one train step.
 
   Counts what the step needs: the frozen teacher's forward up to the attention logits of the last
@@ -65,12 +76,18 @@ def train_step_flops(*, width: int, depth: int, mlp_dim: int, patch: int, num_pa
   mlp = 2 * 2 * n * d * mlp_dim
   block = qk_proj + v_proj + out_proj + qk_t + av + mlp
   head = 2 * d * num_classes
-  student_block = [block - (qk_proj + qk_t if mode == "copy" and i in layers else 0) for i in range(depth)]
+  student_block = [
+    block - (qk_proj + qk_t if mode == "copy" and i in layers else 0) for i in range(depth)
+  ]
   student_fwd = embed + sum(student_block) + head
   student_bwd = embed + 2 * (sum(student_block) + head)
   teacher_fwd = 0.0
   if mode != "none":
     last = max(layers)
     teacher_fwd = embed + last * block + qk_proj + qk_t
-  return {"teacher_fwd": float(teacher_fwd), "student_fwd": float(student_fwd),
-          "student_bwd": float(student_bwd), "total": float(teacher_fwd + student_fwd + student_bwd)}
+  return {
+    "teacher_fwd": float(teacher_fwd),
+    "student_fwd": float(student_fwd),
+    "student_bwd": float(student_bwd),
+    "total": float(teacher_fwd + student_fwd + student_bwd),
+  }

@@ -20,6 +20,7 @@ The source flatters the pipeline: its images are 28 x 28 in memory (replicated t
 ImageNet's are ~400 x 350 JPEGs, so a real host adds JPEG decoding and resizes crops down from many more
 pixels; the cores are a lower bound. Append tables to benchmarks/RESULTS.md with the machine and date.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -29,28 +30,48 @@ import threading
 import time
 from typing import Any
 
-from absl import app, flags
 import numpy as np
+from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import flops  # noqa: E402  # benchmarks/flops.py
+import flops  # benchmarks/flops.py
 
-flags.DEFINE_list("sizes", ["28", "224"], "Output image sizes (the random-resized crop resizes to them).")
-flags.DEFINE_list("batch", ["28:128", "224:64"], "SIZE:BATCH entries: the batch size per image size.")
-flags.DEFINE_list("settings", ["crop+flip", "full"], "Settings to time: crop+flip, full (the full recipe).")
+flags.DEFINE_list(
+  "sizes", ["28", "224"], "Output image sizes (the random-resized crop resizes to them)."
+)
+flags.DEFINE_list(
+  "batch", ["28:128", "224:64"], "SIZE:BATCH entries: the batch size per image size."
+)
+flags.DEFINE_list(
+  "settings", ["crop+flip", "full"], "Settings to time: crop+flip, full (the full recipe)."
+)
 flags.DEFINE_float("seconds", 5.0, "Wall seconds per measurement.")
-flags.DEFINE_integer("warmup", 3, "Untimed batches first (starts the threads, drains the prefetch buffer).")
+flags.DEFINE_integer(
+  "warmup", 3, "Untimed batches first (starts the threads, drains the prefetch buffer)."
+)
 flags.DEFINE_integer("num_threads", 0, "Grain threads; 0: the CPUs this process may run on.")
-flags.DEFINE_bool("rgb", True, "Replicate the gray images to RGB, as ImageNet's: the crop+flip path then "
-                  "works on 3 channels, as the full recipe's RandAugment does anyway.")
+flags.DEFINE_bool(
+  "rgb",
+  True,
+  "Replicate the gray images to RGB, as ImageNet's: the crop+flip path then "
+  "works on 3 channels, as the full recipe's RandAugment does anyway.",
+)
 flags.DEFINE_string("split", "train", "Fashion-MNIST split to read.")
-flags.DEFINE_string("recipe", "distill_vitl", "Config (in configs/) whose data.* augmentation is timed.")
-flags.DEFINE_list("configs", ["scratch_vitl", "copy_vitl", "distill_vitl"],
-                  "Configs (in configs/) whose train step's need is computed: model, image size, mode, layers.")
-flags.DEFINE_list("accelerators", ["H100:8", "TPU v4:4"],
-                  "DEVICE_KIND:COUNT per host; the peak is looked up in flops.PEAK_TFLOPS by device kind.")
+flags.DEFINE_string(
+  "recipe", "distill_vitl", "Config (in configs/) whose data.* augmentation is timed."
+)
+flags.DEFINE_list(
+  "configs",
+  ["scratch_vitl", "copy_vitl", "distill_vitl"],
+  "Configs (in configs/) whose train step's need is computed: model, image size, mode, layers.",
+)
+flags.DEFINE_list(
+  "accelerators",
+  ["H100:8", "TPU v4:4"],
+  "DEVICE_KIND:COUNT per host; the peak is looked up in flops.PEAK_TFLOPS by device kind.",
+)
 flags.DEFINE_float("mfu", 0.5, "Assumed model FLOPs utilization of the train step.")
 FLAGS = flags.FLAGS
 
@@ -103,15 +124,33 @@ def wait_for_grain_threads(timeout: float = 30.0) -> None:
     time.sleep(0.05)
 
 
-def measure(source: Any, data_cfg: Any, *, image_size: int, batch: int, full: bool, num_threads: int,
-            seconds: float, warmup: int) -> dict[str, float]:
+def measure(
+  source: Any,
+  data_cfg: Any,
+  *,
+  image_size: int,
+  batch: int,
+  full: bool,
+  num_threads: int,
+  seconds: float,
+  warmup: int,
+) -> dict[str, float]:
   """Pulls batches from a fresh train_iterator for `seconds`; returns images/s, CPU-ms/img and threads."""
   from at_jax import data
+
   it = data.train_iterator(
-      source, global_batch_size=batch, image_size=image_size, seed=0, normalization=data_cfg.normalization,
-      rrc_scale=tuple(data_cfg.rrc_scale), hflip=data_cfg.hflip,
-      randaugment=data_cfg.randaugment if full else "", random_erase=data_cfg.random_erase if full else 0.0,
-      crop_pct=data_cfg.crop_pct, num_threads=num_threads)
+    source,
+    global_batch_size=batch,
+    image_size=image_size,
+    seed=0,
+    normalization=data_cfg.normalization,
+    rrc_scale=tuple(data_cfg.rrc_scale),
+    hflip=data_cfg.hflip,
+    randaugment=data_cfg.randaugment if full else "",
+    random_erase=data_cfg.random_erase if full else 0.0,
+    crop_pct=data_cfg.crop_pct,
+    num_threads=num_threads,
+  )
   try:
     for _ in range(warmup):
       next(it)
@@ -130,8 +169,13 @@ def measure(source: Any, data_cfg: Any, *, image_size: int, batch: int, full: bo
     it.close()
     wait_for_grain_threads()
   images = batches * batch
-  return {"img_s": images / wall, "cpu_ms": 1000 * cpu / images, "busy": cpu / wall, "threads": threads,
-          "batches": batches}
+  return {
+    "img_s": images / wall,
+    "cpu_ms": 1000 * cpu / images,
+    "busy": cpu / wall,
+    "threads": threads,
+    "batches": batches,
+  }
 
 
 def load_config(name: str) -> Any:
@@ -142,15 +186,23 @@ def step_need(config: Any) -> tuple[float, str]:
   """(model FLOPs per image of the config's train step, its transferred layers as text)."""
   from at_jax import transfer
   from at_jax.models import vit
+
   m = config.model
   shape = vit.decode_variant(m.variant)
   size = config.data.image_size
   mode = config.transfer.mode
   layers = transfer.parse_selection(config.transfer.layers, shape["depth"], "transfer.layers")
-  f = flops.train_step_flops(width=shape["width"], depth=shape["depth"], mlp_dim=shape["mlp_dim"],
-                             patch=shape["patch_size"], num_patches=(size // shape["patch_size"]) ** 2,
-                             num_prefix=int(m.class_token), num_classes=m.num_classes, mode=mode,
-                             layers=layers)
+  f = flops.train_step_flops(
+    width=shape["width"],
+    depth=shape["depth"],
+    mlp_dim=shape["mlp_dim"],
+    patch=shape["patch_size"],
+    num_patches=(size // shape["patch_size"]) ** 2,
+    num_prefix=int(m.class_token),
+    num_classes=m.num_classes,
+    mode=mode,
+    layers=layers,
+  )
   return f["total"], "-" if mode == "none" else transfer.selected(layers)
 
 
@@ -173,32 +225,55 @@ def main(argv):
   if FLAGS.rgb:
     source = _RGB(source)
 
-  print(f"host: {cpus} CPUs; grain num_threads {num_threads}; {FLAGS.seconds:g} s per measurement after "
-        f"{FLAGS.warmup} warmup batches")
-  print(f"source: Fashion-MNIST {FLAGS.split} ({len(source)} images, 28 x 28, in memory"
-        f"{', replicated to RGB' if FLAGS.rgb else ', gray'}): no JPEG decoding, crops upsampled from 28 px")
-  print(f"recipe (configs/{FLAGS.recipe}.py): crop+flip = random-resized crop scale {tuple(recipe.rrc_scale)}, "
-        f"bicubic, hflip {recipe.hflip}, normalize {recipe.normalization}; full recipe = crop+flip + "
-        f"RandAugment {recipe.randaugment!r} + random erasing {recipe.random_erase}. Mixup {recipe.mixup} / "
-        f"cutmix {recipe.cutmix} run inside the jitted train step on the device: not host work, not timed.")
+  print(
+    f"host: {cpus} CPUs; grain num_threads {num_threads}; {FLAGS.seconds:g} s per measurement after "
+    f"{FLAGS.warmup} warmup batches"
+  )
+  print(
+    f"source: Fashion-MNIST {FLAGS.split} ({len(source)} images, 28 x 28, in memory"
+    f"{', replicated to RGB' if FLAGS.rgb else ', gray'}): no JPEG decoding, crops upsampled from 28 px"
+  )
+  print(
+    f"recipe (configs/{FLAGS.recipe}.py): crop+flip = random-resized crop scale {tuple(recipe.rrc_scale)}, "
+    f"bicubic, hflip {recipe.hflip}, normalize {recipe.normalization}; full recipe = crop+flip + "
+    f"RandAugment {recipe.randaugment!r} + random erasing {recipe.random_erase}. Mixup {recipe.mixup} / "
+    f"cutmix {recipe.cutmix} run inside the jitted train step on the device: not host work, not timed."
+  )
   print()
-  print("| image | batch | setting | grain threads | images/s (wall) | CPU-ms/img | CPU cores busy | batches |")
+  print(
+    "| image | batch | setting | grain threads | images/s (wall) | CPU-ms/img | CPU cores busy | batches |"
+  )
   print("|---|---|---|---|---|---|---|---|")
   results: dict[tuple[int, str], dict[str, float]] = {}
   for size in sizes:
     for setting in FLAGS.settings:
-      r = measure(source, recipe, image_size=size, batch=batches[size], full=setting == "full",
-                  num_threads=num_threads, seconds=FLAGS.seconds, warmup=FLAGS.warmup)
+      r = measure(
+        source,
+        recipe,
+        image_size=size,
+        batch=batches[size],
+        full=setting == "full",
+        num_threads=num_threads,
+        seconds=FLAGS.seconds,
+        warmup=FLAGS.warmup,
+      )
       results[size, setting] = r
-      print(f"| {size} | {batches[size]} | {SETTINGS[setting]} | {r['threads']} | {r['img_s']:.0f} | "
-            f"{r['cpu_ms']:.2f} | {r['busy']:.2f} | {r['batches']} |", flush=True)
+      print(
+        f"| {size} | {batches[size]} | {SETTINGS[setting]} | {r['threads']} | {r['img_s']:.0f} | "
+        f"{r['cpu_ms']:.2f} | {r['busy']:.2f} | {r['batches']} |",
+        flush=True,
+      )
 
   print()
-  print(f"The train step's need per host at {FLAGS.mfu:.0%} MFU (model FLOPs: benchmarks/flops.py), and the "
-        "host CPU cores the CPU-ms/img above imply to keep up (cores = need img/s x CPU-ms/img / 1000):")
+  print(
+    f"The train step's need per host at {FLAGS.mfu:.0%} MFU (model FLOPs: benchmarks/flops.py), and the "
+    "host CPU cores the CPU-ms/img above imply to keep up (cores = need img/s x CPU-ms/img / 1000):"
+  )
   print()
-  print("| accelerators per host | peak TFLOP/s each | config | model | image | mode | layers | GFLOP/img "
-        "| step needs img/s per host | cores: crop+flip | cores: full recipe |")
+  print(
+    "| accelerators per host | peak TFLOP/s each | config | model | image | mode | layers | GFLOP/img "
+    "| step needs img/s per host | cores: crop+flip | cores: full recipe |"
+  )
   print("|---|---|---|---|---|---|---|---|---|---|---|")
   for kind, count in parse_accelerators(FLAGS.accelerators):
     for name in FLAGS.configs:
@@ -211,10 +286,13 @@ def main(argv):
       for setting in SETTINGS:
         r = results.get((size, setting))
         cores[setting] = f"{need * r['cpu_ms'] / 1000:.1f}" if r and need else "-"
-      print(f"| {count}x {kind} | {f'{peak:g}' if peak else 'unknown'} ({config.model.dtype_mm}) | {name} | "
-            f"{config.model.variant} | {size} | {config.transfer.mode} | {layers} | {per_image / 1e9:.1f} | "
-            f"{f'{need:.0f}' if need else '-'} | {cores['crop+flip']} | "
-            f"{cores['full']} |", flush=True)
+      print(
+        f"| {count}x {kind} | {f'{peak:g}' if peak else 'unknown'} ({config.model.dtype_mm}) | {name} | "
+        f"{config.model.variant} | {size} | {config.transfer.mode} | {layers} | {per_image / 1e9:.1f} | "
+        f"{f'{need:.0f}' if need else '-'} | {cores['crop+flip']} | "
+        f"{cores['full']} |",
+        flush=True,
+      )
   if not any(size in sizes for size in {load_config(n).data.image_size for n in FLAGS.configs}):
     print("\n(no cores: measure the configs' image size, e.g. --sizes=224)")
 

@@ -17,6 +17,7 @@ the transfer overhead: the ratio of the step's median time to the scratch step's
 Append tables to benchmarks/RESULTS.md with the machine and date. benchmarks/torch_reference.py imports
 `JaxStep` from here to time the same step against PyTorch.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,29 +31,41 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import flops  # noqa: E402  # benchmarks/flops.py
+import flops  # benchmarks/flops.py
 
 flags.DEFINE_list("models", ["Mu/7@28:128"], "VARIANT@IMAGE_SIZE:BATCH entries, e.g. Ti/16@224:16.")
 flags.DEFINE_list("modes", ["none", "copy", "distill"], "Transfer modes to time (none = scratch).")
 flags.DEFINE_list("dtypes", ["float32"], "dtype_mm values (float32, bfloat16).")
 flags.DEFINE_list("remat", ["none"], "Remat policies to time (none, full, dots).")
 flags.DEFINE_bool("scan", False, "Scan over layers.")
-flags.DEFINE_list("attention", ["materialized"], "model.attention_impl values to time (materialized, fused).")
-flags.DEFINE_string("layers", "all", "transfer.layers, e.g. end_layer:-6 (the paper's ViT-L distillation).")
-flags.DEFINE_string("loss_impl", "direct", "transfer.loss_impl for distill (direct, blockwise, pallas).")
+flags.DEFINE_list(
+  "attention", ["materialized"], "model.attention_impl values to time (materialized, fused)."
+)
+flags.DEFINE_string(
+  "layers", "all", "transfer.layers, e.g. end_layer:-6 (the paper's ViT-L distillation)."
+)
+flags.DEFINE_string(
+  "loss_impl", "direct", "transfer.loss_impl for distill (direct, blockwise, pallas)."
+)
 flags.DEFINE_integer("steps", 5, "Steps per timed repetition.")
 flags.DEFINE_integer("reps", 5, "Timed repetitions per step (interleaved across modes).")
 flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
-flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s for MFU; 0: look device_kind up in flops.py.")
-flags.DEFINE_float("quiet_wait", 0.0, "On a shared host: before each timed repetition wait up to this many seconds "
-                   "for the other processes to leave the CPUs idle (Linux /proc/stat); 0: never wait.")
+flags.DEFINE_float(
+  "peak_tflops", 0.0, "Device peak TFLOP/s for MFU; 0: look device_kind up in flops.py."
+)
+flags.DEFINE_float(
+  "quiet_wait",
+  0.0,
+  "On a shared host: before each timed repetition wait up to this many seconds "
+  "for the other processes to leave the CPUs idle (Linux /proc/stat); 0: never wait.",
+)
 FLAGS = flags.FLAGS
 
 GIB = 2.0**30
 
 
 def parse_model(entry: str) -> tuple[str, int, int]:
-  """"Ti/16@224:16" -> ("Ti/16", 224, 16)."""
+  """ "Ti/16@224:16" -> ("Ti/16", 224, 16)."""
   variant, rest = entry.split("@")
   size, batch = map(int, rest.split(":"))
   return variant, size, batch
@@ -70,10 +83,23 @@ class JaxStep:
       random init.
   """
 
-  def __init__(self, variant: str, image_size: int, batch: int, mode: str, dtype: str = "float32",
-               remat: str = "none", scan: bool = False, images: Any = None, labels: Any = None,
-               params: Any = None, teacher_params: Any = None, attention: str = "materialized",
-               layers: str = "all", loss_impl: str = "direct"):
+  def __init__(
+    self,
+    variant: str,
+    image_size: int,
+    batch: int,
+    mode: str,
+    dtype: str = "float32",
+    remat: str = "none",
+    scan: bool = False,
+    images: Any = None,
+    labels: Any = None,
+    params: Any = None,
+    teacher_params: Any = None,
+    attention: str = "materialized",
+    layers: str = "all",
+    loss_impl: str = "direct",
+  ):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -82,36 +108,71 @@ class JaxStep:
     from at_jax.models import vit
 
     self.variant, self.image_size, self.batch, self.mode, self.dtype, self.remat = (
-        variant, image_size, batch, mode, dtype, remat)
+      variant,
+      image_size,
+      batch,
+      mode,
+      dtype,
+      remat,
+    )
     mesh = sharding.make_mesh(-1, 1)
-    cfg = {"variant": variant, "num_classes": 1000, "dtype_mm": dtype, "scan": scan, "remat_policy": remat,
-           "attention_impl": attention}
+    cfg = {
+      "variant": variant,
+      "num_classes": 1000,
+      "dtype_mm": dtype,
+      "scan": scan,
+      "remat_policy": remat,
+      "attention_impl": attention,
+    }
     self.model = model = teacher = vit.build(cfg)
-    t = transfer.resolve({"mode": mode, "layers": layers,
-                          "loss_impl": loss_impl if mode == "distill" else "direct"}, model, teacher, image_size)
+    t = transfer.resolve(
+      {"mode": mode, "layers": layers, "loss_impl": loss_impl if mode == "distill" else "direct"},
+      model,
+      teacher,
+      image_size,
+    )
     self.layers = t.layers
-    schedule = optim.make_schedule(base_lr=1e-4, batch_size=batch, warmup_steps=1, total_steps=1000,
-                                   min_lr=0.0)
+    schedule = optim.make_schedule(
+      base_lr=1e-4, batch_size=batch, warmup_steps=1, total_steps=1000, min_lr=0.0
+    )
     ones = jnp.zeros((1, image_size, image_size, 3))
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), ones, train=False))
-    tx = optim.make_optimizer(abstract["params"], schedule=schedule, b1=0.9, b2=0.95, eps=1e-8,
-                              weight_decay=0.05, layer_decay=1.0, depth=model.depth)
+    tx = optim.make_optimizer(
+      abstract["params"],
+      schedule=schedule,
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.05,
+      layer_decay=1.0,
+      depth=model.depth,
+    )
     state, shardings = train_step.create_sharded_state(
-        lambda r: train_step.init_state(model, tx, r, image_size), jax.random.key(0), mesh)
-    if params is not None:  # Two puts: params and EMA must be distinct buffers (the state is donated).
-      state = state.replace(params=jax.device_put(params, shardings.params),
-                            ema_params=jax.device_put(params, shardings.ema_params))
+      lambda r: train_step.init_state(model, tx, r, image_size), jax.random.key(0), mesh
+    )
+    if (
+      params is not None
+    ):  # Two puts: params and EMA must be distinct buffers (the state is donated).
+      state = state.replace(
+        params=jax.device_put(params, shardings.params),
+        ema_params=jax.device_put(params, shardings.ema_params),
+      )
     tp = None
     if mode != "none":
       if teacher_params is None:
-        teacher_params = jax.jit(lambda: teacher.init(jax.random.key(1), ones, train=False)["params"])()
+        teacher_params = jax.jit(
+          lambda: teacher.init(jax.random.key(1), ones, train=False)["params"]
+        )()
       # Cut after the last transferred layer, as train.setup does.
       teacher, teacher_params = vit.truncate(teacher, teacher_params, max(t.layers) + 1)
       tp = jax.device_put(teacher_params, sharding.tree_shardings(mesh, teacher_params))
     t_sh = None if tp is None else jax.tree.map(lambda a: a.sharding, tp)
-    step = train_step.make_train_step(model, teacher, tx, t, schedule=schedule, label_smoothing=0.1,
-                                      ema_decay=0.9999)
-    train, _ = train_step.jit_steps(step, train_step.make_eval_step(model, teacher, t), mesh, shardings, t_sh)
+    step = train_step.make_train_step(
+      model, teacher, tx, t, schedule=schedule, label_smoothing=0.1, ema_decay=0.9999
+    )
+    train, _ = train_step.jit_steps(
+      step, train_step.make_eval_step(model, teacher, t), mesh, shardings, t_sh
+    )
     rng = np.random.default_rng(0)
     if images is None:
       images = rng.normal(size=(batch, image_size, image_size, 3)).astype(np.float32)
@@ -121,8 +182,12 @@ class JaxStep:
     self.compiled = train.lower(state, self.batch_, tp).compile()
     self.compile_s = time.perf_counter() - t0
     mem = self.compiled.memory_analysis()
-    self.program_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-                          + mem.temp_size_in_bytes)
+    self.program_bytes = (
+      mem.argument_size_in_bytes
+      + mem.output_size_in_bytes
+      - mem.alias_size_in_bytes
+      + mem.temp_size_in_bytes
+    )
     self.temp_bytes = mem.temp_size_in_bytes
     self.state, self.teacher_params = state, tp
     self.first_metrics = None
@@ -131,6 +196,7 @@ class JaxStep:
   def run(self, steps: int) -> float:
     """Runs `steps` steps; returns seconds per step (blocking on the last step's metrics)."""
     import jax
+
     t0 = time.perf_counter()
     for _ in range(steps):
       self.state, metrics = self.compiled(self.state, self.batch_, self.teacher_params)
@@ -141,9 +207,17 @@ class JaxStep:
 
   def flops_per_image(self) -> dict[str, float]:
     m = self.model
-    return flops.train_step_flops(width=m.width, depth=m.depth, mlp_dim=m.mlp_dim, patch=m.patch_size,
-                                  num_patches=(self.image_size // m.patch_size) ** 2, num_prefix=m.num_prefix,
-                                  num_classes=m.num_classes, mode=self.mode, layers=self.layers)
+    return flops.train_step_flops(
+      width=m.width,
+      depth=m.depth,
+      mlp_dim=m.mlp_dim,
+      patch=m.patch_size,
+      num_patches=(self.image_size // m.patch_size) ** 2,
+      num_prefix=m.num_prefix,
+      num_classes=m.num_classes,
+      mode=self.mode,
+      layers=self.layers,
+    )
 
   def close(self) -> None:
     del self.state, self.teacher_params, self.compiled, self.batch_
@@ -152,16 +226,21 @@ class JaxStep:
 def device_peak_bytes() -> float | None:
   """The allocator's peak so far in this process (GPU/TPU); None where the device keeps no stats (CPU)."""
   import jax
+
   stats = jax.devices()[0].memory_stats()
-  return None if not stats or "peak_bytes_in_use" not in stats else float(stats["peak_bytes_in_use"])
+  return (
+    None if not stats or "peak_bytes_in_use" not in stats else float(stats["peak_bytes_in_use"])
+  )
 
 
 def _cpu_busy(interval: float = 0.25) -> float:
   """Fraction of all CPUs' time spent busy over `interval` seconds (while this process sleeps)."""
+
   def sample():
     with open("/proc/stat") as f:
       values = [int(v) for v in f.readline().split()[1:]]
     return values[3] + values[4], sum(values)  # idle + iowait, total
+
   idle0, total0 = sample()
   time.sleep(interval)
   idle1, total1 = sample()
@@ -194,11 +273,15 @@ def main(argv):
   import jax
 
   device = jax.devices()[0]
-  print(f"devices: {jax.device_count()} x {device.device_kind}; jax {jax.__version__}; "
-        f"{FLAGS.reps} reps x {FLAGS.steps} steps, interleaved over modes; layers {FLAGS.layers}, "
-        f"distill loss_impl {FLAGS.loss_impl}, scan {FLAGS.scan}")
-  print("| model | img | batch | dtype | remat | attention | mode | compile s | ms/step median | min | img/s "
-        "| vs scratch | GFLOP/img | TFLOP/s | MFU | program GiB | device peak GiB |")
+  print(
+    f"devices: {jax.device_count()} x {device.device_kind}; jax {jax.__version__}; "
+    f"{FLAGS.reps} reps x {FLAGS.steps} steps, interleaved over modes; layers {FLAGS.layers}, "
+    f"distill loss_impl {FLAGS.loss_impl}, scan {FLAGS.scan}"
+  )
+  print(
+    "| model | img | batch | dtype | remat | attention | mode | compile s | ms/step median | min | img/s "
+    "| vs scratch | GFLOP/img | TFLOP/s | MFU | program GiB | device peak GiB |"
+  )
   print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for entry in FLAGS.models:
     variant, size, batch = parse_model(entry)
@@ -207,8 +290,18 @@ def main(argv):
       for remat, attention in [(r, a) for r in FLAGS.remat for a in FLAGS.attention]:
         steps, peaks = {}, {}
         for mode in FLAGS.modes:
-          steps[mode] = JaxStep(variant, size, batch, mode, dtype, remat, FLAGS.scan, attention=attention,
-                                layers=FLAGS.layers, loss_impl=FLAGS.loss_impl)
+          steps[mode] = JaxStep(
+            variant,
+            size,
+            batch,
+            mode,
+            dtype,
+            remat,
+            FLAGS.scan,
+            attention=attention,
+            layers=FLAGS.layers,
+            loss_impl=FLAGS.loss_impl,
+          )
           steps[mode].run(FLAGS.warmup)
           peaks[mode] = device_peak_bytes()
         for _ in range(FLAGS.reps):
@@ -223,9 +316,12 @@ def main(argv):
           mfu = f"{100 * tflops / peak:.1f}%" if peak else "-"
           ratio = f"{med / base:.2f}x" if base else "-"
           dev_peak = f"{peaks[mode] / GIB:.2f}" if peaks[mode] is not None else "-"
-          print(f"| {variant} | {size} | {batch} | {dtype} | {remat} | {attention} | {mode} | {s.compile_s:.1f} | {med:.1f} | "
-                f"{low:.1f} | {batch / med * 1000:.1f} | {ratio} | {f / 1e9:.2f} | {tflops:.3f} | {mfu} | "
-                f"{s.program_bytes / GIB:.2f} | {dev_peak} |", flush=True)
+          print(
+            f"| {variant} | {size} | {batch} | {dtype} | {remat} | {attention} | {mode} | {s.compile_s:.1f} | {med:.1f} | "
+            f"{low:.1f} | {batch / med * 1000:.1f} | {ratio} | {f / 1e9:.2f} | {tflops:.3f} | {mfu} | "
+            f"{s.program_bytes / GIB:.2f} | {dev_peak} |",
+            flush=True,
+          )
         for s in steps.values():
           s.close()
 

@@ -9,6 +9,7 @@ temp bytes (activations and scratch), arguments (state, batch, teacher) and outp
 exact for the compiled program on the backend that compiled it, so the CPU's figures are meaningful; run
 it on the accelerator for that backend's own fusion decisions.
 """
+
 import os
 import sys
 
@@ -35,38 +36,77 @@ def main(argv):
   from at_jax.models import vit
 
   mesh = sharding.make_mesh(-1, 1, jax.devices()[:1])
-  print(f"{jax.devices()[0].device_kind}; jax {jax.__version__}; {FLAGS.variant}, batch {FLAGS.batch}, "
-        f"{FLAGS.dtype} matmuls, scan={FLAGS.scan}\n")
+  print(
+    f"{jax.devices()[0].device_kind}; jax {jax.__version__}; {FLAGS.variant}, batch {FLAGS.batch}, "
+    f"{FLAGS.dtype} matmuls, scan={FLAGS.scan}\n"
+  )
   print("| img | tokens | remat | step | temp MiB | args MiB | out MiB | one layer's maps MiB |")
   print("|---|---|---|---|---|---|---|---|")
-  settings = [("scratch", "none", "direct"), ("distill, direct loss", "distill", "direct"),
-              ("distill, blockwise loss", "distill", "blockwise")]
+  settings = [
+    ("scratch", "none", "direct"),
+    ("distill, direct loss", "distill", "direct"),
+    ("distill, blockwise loss", "distill", "blockwise"),
+  ]
   for size in map(int, FLAGS.image_sizes):
     for remat in FLAGS.remat:
-      model = vit.build({"variant": FLAGS.variant, "num_classes": 1000, "dtype_mm": FLAGS.dtype,
-                         "remat_policy": remat, "scan": FLAGS.scan})
+      model = vit.build(
+        {
+          "variant": FLAGS.variant,
+          "num_classes": 1000,
+          "dtype_mm": FLAGS.dtype,
+          "remat_policy": remat,
+          "scan": FLAGS.scan,
+        }
+      )
       images = jax.ShapeDtypeStruct((FLAGS.batch, size, size, 3), jnp.float32)
       labels = jax.ShapeDtypeStruct((FLAGS.batch,), jnp.int32)
-      abstract = jax.eval_shape(lambda m=model, s=size: m.init(jax.random.key(0), jnp.zeros((1, s, s, 3)),
-                                                                  train=False)["params"])
-      schedule = optim.make_schedule(base_lr=1e-4, batch_size=FLAGS.batch, warmup_steps=1, total_steps=10,
-                                     min_lr=0.0)
-      tx = optim.make_optimizer(abstract, schedule=schedule, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05,
-                                layer_decay=1.0, depth=model.depth)
-      state = jax.eval_shape(lambda r, m=model, s=size: train_step.init_state(m, tx, r, s), jax.random.key(0))
+      abstract = jax.eval_shape(
+        lambda m=model, s=size: m.init(jax.random.key(0), jnp.zeros((1, s, s, 3)), train=False)[
+          "params"
+        ]
+      )
+      schedule = optim.make_schedule(
+        base_lr=1e-4, batch_size=FLAGS.batch, warmup_steps=1, total_steps=10, min_lr=0.0
+      )
+      tx = optim.make_optimizer(
+        abstract,
+        schedule=schedule,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        weight_decay=0.05,
+        layer_decay=1.0,
+        depth=model.depth,
+      )
+      state = jax.eval_shape(
+        lambda r, m=model, s=size: train_step.init_state(m, tx, r, s), jax.random.key(0)
+      )
       shardings = sharding.tree_shardings(mesh, state)
       tokens = model.tokens_for(size)
       for name, mode, impl in settings:
         t = transfer.resolve({"mode": mode, "loss_impl": impl}, model, model, size)
-        step = train_step.make_train_step(model, model, tx, t, schedule=schedule, label_smoothing=0.1,
-                                          ema_decay=0.9999)
-        train, _ = train_step.jit_steps(step, train_step.make_eval_step(model, model, t), mesh, shardings,
-                                        sharding.tree_shardings(mesh, abstract))
-        mem = train.lower(state, {"image": images, "label": labels}, abstract).compile().memory_analysis()
+        step = train_step.make_train_step(
+          model, model, tx, t, schedule=schedule, label_smoothing=0.1, ema_decay=0.9999
+        )
+        train, _ = train_step.jit_steps(
+          step,
+          train_step.make_eval_step(model, model, t),
+          mesh,
+          shardings,
+          sharding.tree_shardings(mesh, abstract),
+        )
+        mem = (
+          train.lower(state, {"image": images, "label": labels}, abstract)
+          .compile()
+          .memory_analysis()
+        )
         layer_maps = FLAGS.batch * model.num_heads * tokens**2 * 4
-        print(f"| {size} | {tokens} | {remat} | {name} | {mem.temp_size_in_bytes / MIB:.0f} | "
-              f"{mem.argument_size_in_bytes / MIB:.0f} | {mem.output_size_in_bytes / MIB:.0f} | "
-              f"{layer_maps / MIB:.0f} |", flush=True)
+        print(
+          f"| {size} | {tokens} | {remat} | {name} | {mem.temp_size_in_bytes / MIB:.0f} | "
+          f"{mem.argument_size_in_bytes / MIB:.0f} | {mem.output_size_in_bytes / MIB:.0f} | "
+          f"{layer_maps / MIB:.0f} |",
+          flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ XLA's default precision on Ampere and later, and here torch.backends.cuda.matmul
 torch.autocast and ours with dtype_mm=bfloat16; on a CPU autocast works where oneDNN has bf16 kernels.
 On a shared host pass --quiet_wait=30 (from step.py): each repetition first waits for idle CPUs.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,24 +46,37 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import flops  # noqa: E402  # benchmarks/flops.py
-import step as jax_step  # noqa: E402  # benchmarks/step.py: defines --models, --modes, --dtypes, --steps, ...
+import flops  # benchmarks/flops.py
+import step as jax_step  # benchmarks/step.py: defines --models, --modes, --dtypes, --steps, ...
 
-flags.DEFINE_enum("framework", "both", ["torch", "both"], "Time PyTorch alone, or ours and PyTorch side by side.")
+flags.DEFINE_enum(
+  "framework", "both", ["torch", "both"], "Time PyTorch alone, or ours and PyTorch side by side."
+)
 flags.DEFINE_string("device", "auto", "PyTorch device: auto (cuda if available), cpu or cuda.")
-flags.DEFINE_enum("torch_optimizer", "fused", ["fused", "foreach", "loop"], "torch.optim.AdamW implementation.")
+flags.DEFINE_enum(
+  "torch_optimizer", "fused", ["fused", "foreach", "loop"], "torch.optim.AdamW implementation."
+)
 flags.DEFINE_bool("tf32", True, "PyTorch on CUDA: TF32 for float32 matmuls (XLA's default on GPU).")
-flags.DEFINE_bool("check", True, "With --framework=both: same weights and data, compare the first losses.")
-flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0: PyTorch's default, one per core).")
+flags.DEFINE_bool(
+  "check", True, "With --framework=both: same weights and data, compare the first losses."
+)
+flags.DEFINE_integer(
+  "torch_threads", 0, "torch.set_num_threads (0: PyTorch's default, one per core)."
+)
 FLAGS = flags.FLAGS
 
 # Our variants that timm registers under a name (all at patch 16, 224 px by default; img_size overrides).
-TIMM_NAMES = {"Ti/16": "vit_tiny_patch16_224", "S/16": "vit_small_patch16_224", "B/16": "vit_base_patch16_224",
-              "L/16": "vit_large_patch16_224"}
+TIMM_NAMES = {
+  "Ti/16": "vit_tiny_patch16_224",
+  "S/16": "vit_small_patch16_224",
+  "B/16": "vit_base_patch16_224",
+  "L/16": "vit_large_patch16_224",
+}
 
 
 def _torch():
   import torch  # pylint: disable=import-outside-toplevel  # Only this script needs it.
+
   return torch
 
 
@@ -77,9 +91,15 @@ def build_timm_vit(variant: str, image_size: int, num_classes: int = 1000):
   common = dict(img_size=image_size, num_classes=num_classes, global_pool="avg", class_token=True)
   if variant in TIMM_NAMES:
     return timm.create_model(TIMM_NAMES[variant], pretrained=False, **common)
-  return VisionTransformer(patch_size=shape["patch_size"], embed_dim=shape["width"], depth=shape["depth"],
-                           num_heads=shape["num_heads"], mlp_ratio=shape["mlp_dim"] / shape["width"],
-                           qkv_bias=True, **common)
+  return VisionTransformer(
+    patch_size=shape["patch_size"],
+    embed_dim=shape["width"],
+    depth=shape["depth"],
+    num_heads=shape["num_heads"],
+    mlp_ratio=shape["mlp_dim"] / shape["width"],
+    qkv_bias=True,
+    **common,
+  )
 
 
 def _exposed_attention_class():
@@ -104,7 +124,9 @@ def _exposed_attention_class():
     def forward(self, x, attn_mask=None, is_causal=False):
       del attn_mask, is_causal  # a ViT passes neither
       b, n, _ = x.shape
-      q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+      q, k, v = (
+        self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+      )
       if self.override is None:
         q, k = self.q_norm(q), self.k_norm(k)
         # float32 maps (as the paper's code): under autocast the matmul runs in bf16, the map is upcast.
@@ -141,9 +163,21 @@ class TorchStep:
     images: [B, H, W, C] float32 numpy and `labels` [B] int (default: random, seed 0), as JaxStep's.
   """
 
-  def __init__(self, variant: str, image_size: int, batch: int, mode: str, dtype: str, device: str,
-               images: Any = None, labels: Any = None, optimizer: str = "fused", seed: int = 0):
+  def __init__(
+    self,
+    variant: str,
+    image_size: int,
+    batch: int,
+    mode: str,
+    dtype: str,
+    device: str,
+    images: Any = None,
+    labels: Any = None,
+    optimizer: str = "fused",
+    seed: int = 0,
+  ):
     import numpy as np  # pylint: disable=import-outside-toplevel
+
     torch = _torch()
     self.torch, self.mode, self.device, self.batch = torch, mode, device, batch
     torch.manual_seed(seed)
@@ -153,14 +187,26 @@ class TorchStep:
     if mode != "none":
       self.teacher = build_timm_vit(variant, image_size).to(device).eval().requires_grad_(False)
       self.t_attn = expose_attention(self.teacher)
-    self.autocast = (torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if dtype == "bfloat16"
-                     else contextlib.nullcontext())
+    self.autocast = (
+      torch.autocast(device.split(":")[0], dtype=torch.bfloat16)
+      if dtype == "bfloat16"
+      else contextlib.nullcontext()
+    )
     # Weight decay on weight matrices only (ours: on kernels; no biases, norms, pos_embed, cls_token).
     decay = [p for n, p in self.student.named_parameters() if n.endswith(".weight") and p.ndim >= 2]
-    no_decay = [p for n, p in self.student.named_parameters() if not (n.endswith(".weight") and p.ndim >= 2)]
-    impl = {"fused": dict(fused=True), "foreach": dict(foreach=True), "loop": dict(foreach=False)}[optimizer]
-    self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-                                 lr=1e-4 * batch / 256, betas=(0.9, 0.95), eps=1e-8, **impl)
+    no_decay = [
+      p for n, p in self.student.named_parameters() if not (n.endswith(".weight") and p.ndim >= 2)
+    ]
+    impl = {"fused": dict(fused=True), "foreach": dict(foreach=True), "loop": dict(foreach=False)}[
+      optimizer
+    ]
+    self.opt = torch.optim.AdamW(
+      [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+      lr=1e-4 * batch / 256,
+      betas=(0.9, 0.95),
+      eps=1e-8,
+      **impl,
+    )
     self.params = list(self.student.parameters())
     self.ema = [p.detach().clone() for p in self.params]
     if images is None:
@@ -212,8 +258,10 @@ class TorchStep:
 
   def our_params(self) -> tuple[Any, Any]:
     """(student, teacher) params in at_jax's layout, converted by at_jax.convert (as a real teacher is)."""
-    from at_jax import convert  # pylint: disable=import-outside-toplevel
     from safetensors.torch import save_file  # pylint: disable=import-outside-toplevel
+
+    from at_jax import convert  # pylint: disable=import-outside-toplevel
+
     out = []
     for model in (self.student, self.teacher):
       if model is None:
@@ -221,7 +269,9 @@ class TorchStep:
         continue
       with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "vit.safetensors")
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}, path)
+        save_file(
+          {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}, path
+        )
         _, params = convert.load_teacher(path, num_heads=model.blocks[0].attn.num_heads)
       out.append(params)
     return out[0], out[1]
@@ -242,7 +292,9 @@ def main(argv):
   # Both frameworks share the GPU: JAX must not grab 75% of its memory up front (JAX is imported later).
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   torch = _torch()
-  device = FLAGS.device if FLAGS.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+  device = (
+    FLAGS.device if FLAGS.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+  )
   if FLAGS.torch_threads:
     torch.set_num_threads(FLAGS.torch_threads)
   if device.startswith("cuda"):
@@ -252,11 +304,16 @@ def main(argv):
   header = f"torch {torch.__version__} on {device} ({kind}, {torch.get_num_threads()} threads)"
   if both:
     import jax  # pylint: disable=import-outside-toplevel
+
     header += f"; jax {jax.__version__} on {jax.devices()[0].device_kind}"
     kind = jax.devices()[0].device_kind if kind == "cpu" else kind
-  print(f"{header}; {FLAGS.reps} reps x {FLAGS.steps} steps, interleaved; AdamW {FLAGS.torch_optimizer}")
-  print("| model | img | batch | dtype | mode | ours ms/step median (min) | PyTorch ms/step median (min) "
-        "| speedup torch/ours | ours img/s | PyTorch img/s | GFLOP/img | ours TFLOP/s (MFU) | PyTorch TFLOP/s (MFU) |")
+  print(
+    f"{header}; {FLAGS.reps} reps x {FLAGS.steps} steps, interleaved; AdamW {FLAGS.torch_optimizer}"
+  )
+  print(
+    "| model | img | batch | dtype | mode | ours ms/step median (min) | PyTorch ms/step median (min) "
+    "| speedup torch/ours | ours img/s | PyTorch img/s | GFLOP/img | ours TFLOP/s (MFU) | PyTorch TFLOP/s (MFU) |"
+  )
   print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   checks = []
   for entry in FLAGS.models:
@@ -270,8 +327,19 @@ def main(argv):
           images = ts.images.permute(0, 2, 3, 1).cpu().numpy()
           labels = ts.labels.cpu().numpy().astype("int32")
           params, teacher_params = ts.our_params() if FLAGS.check else (None, None)
-          js = jax_step.JaxStep(variant, size, batch, mode, dtype, FLAGS.remat[0], FLAGS.scan, images, labels,
-                                params, teacher_params)
+          js = jax_step.JaxStep(
+            variant,
+            size,
+            batch,
+            mode,
+            dtype,
+            FLAGS.remat[0],
+            FLAGS.scan,
+            images,
+            labels,
+            params,
+            teacher_params,
+          )
           if FLAGS.check:
             with torch.no_grad():
               _, ce, distill = ts.losses()
@@ -279,8 +347,10 @@ def main(argv):
               a.override = a.logits = None
             js.run(1)
             m = js.first_metrics
-            checks.append(f"{variant}@{size} {dtype} {mode}: ce ours {float(m['ce_loss']):.5f} torch "
-                          f"{float(ce):.5f}; distill ours {float(m['distill_loss']):.5f} torch {float(distill):.5f}")
+            checks.append(
+              f"{variant}@{size} {dtype} {mode}: ce ours {float(m['ce_loss']):.5f} torch "
+              f"{float(ce):.5f}; distill ours {float(m['distill_loss']):.5f} torch {float(distill):.5f}"
+            )
           js.run(FLAGS.warmup)
         ts.run(FLAGS.warmup)
         for _ in range(FLAGS.reps):
@@ -291,18 +361,27 @@ def main(argv):
           ts.times.append(ts.run(FLAGS.steps))
         f = flops.train_step_flops(**_shape(variant, size), mode=mode)["total"]
         t_med, t_min = _median_min(ts.times)
+
         def mfu(ms: float) -> str:
           achieved = batch * f / (ms / 1000) / 1e12
           return f"{achieved:.3f}" + (f" ({100 * achieved / peak:.1f}%)" if peak else "")
+
         if js is not None:
           j_med, j_min = _median_min(js.times)
-          ours = (f"{j_med:.1f} ({j_min:.1f})", f"{t_med / j_med:.2f}x", f"{batch / j_med * 1000:.1f}", mfu(j_med))
+          ours = (
+            f"{j_med:.1f} ({j_min:.1f})",
+            f"{t_med / j_med:.2f}x",
+            f"{batch / j_med * 1000:.1f}",
+            mfu(j_med),
+          )
           js.close()
         else:
           ours = ("-", "-", "-", "-")
-        print(f"| {variant} | {size} | {batch} | {dtype} | {mode} | {ours[0]} | {t_med:.1f} ({t_min:.1f}) | "
-              f"{ours[1]} | {ours[2]} | {batch / t_med * 1000:.1f} | {f / 1e9:.2f} | {ours[3]} | {mfu(t_med)} |",
-              flush=True)
+        print(
+          f"| {variant} | {size} | {batch} | {dtype} | {mode} | {ours[0]} | {t_med:.1f} ({t_min:.1f}) | "
+          f"{ours[1]} | {ours[2]} | {batch / t_med * 1000:.1f} | {f / 1e9:.2f} | {ours[3]} | {mfu(t_med)} |",
+          flush=True,
+        )
         ts.close()
   for line in checks:
     print("first-step losses,", line)
@@ -310,9 +389,15 @@ def main(argv):
 
 def _shape(variant: str, image_size: int) -> dict[str, int]:
   from at_jax.models import vit  # pylint: disable=import-outside-toplevel
+
   s = vit.decode_variant(variant)
-  return dict(width=s["width"], depth=s["depth"], mlp_dim=s["mlp_dim"], patch=s["patch_size"],
-              num_patches=(image_size // s["patch_size"]) ** 2)
+  return dict(
+    width=s["width"],
+    depth=s["depth"],
+    mlp_dim=s["mlp_dim"],
+    patch=s["patch_size"],
+    num_patches=(image_size // s["patch_size"]) ** 2,
+  )
 
 
 if __name__ == "__main__":

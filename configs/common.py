@@ -4,6 +4,7 @@ Namespaces: model, teacher, transfer, data, optim, schedule, mesh, ckpt, evals, 
 read by at_jax.train (precompute.* by at_jax.precompute). Configs are locked, so a mistyped
 `--config.x.y=...` override fails at start-up.
 """
+
 import ml_collections
 
 
@@ -21,9 +22,21 @@ def base() -> ml_collections.ConfigDict:
   # attention on GPUs with bf16 matmuls, in the layers that need no maps; the teacher follows the student).
   # init: start from these weights (fine-tuning): a params export or a checkpoint file, converted like
   # teacher.init; leaves it lacks or shapes it doesn't match (a new head, fc_norm) stay freshly initialised.
-  c.model = dict(init="", arch="own", variant="B/16", num_classes=1000, pool="gap", class_token=True,
-                 qkv_bias=True, drop_path=0.0, head_init_std=0.02, dtype_mm="float32", scan=False,
-                 remat_policy="none", attention_impl="materialized")
+  c.model = dict(
+    init="",
+    arch="own",
+    variant="B/16",
+    num_classes=1000,
+    pool="gap",
+    class_token=True,
+    qkv_bias=True,
+    drop_path=0.0,
+    head_init_std=0.02,
+    dtype_mm="float32",
+    scan=False,
+    remat_policy="none",
+    attention_impl="materialized",
+  )
 
   # init: the frozen teacher: a params export (the params/ folder of a run, or `python -m at_jax.convert`
   # output) or a PyTorch/timm/MAE/big_vision checkpoint file (.pth, .safetensors, .npz) converted on the
@@ -41,28 +54,68 @@ def base() -> ml_collections.ConfigDict:
   # and "pallas" stream over query/key blocks from q and k, memory linear in tokens (large images).
   # targets_dir: where launch/precompute.py writes the teacher's targets and a "precomputed" run reads
   # them ("": <workdir>/teacher_targets).
-  c.transfer = dict(mode="none", what="attn", layers="all", heads="all", weight=3.0, source="jointly",
-                    average="none", loss_impl="direct", targets_dir="")
+  c.transfer = dict(
+    mode="none",
+    what="attn",
+    layers="all",
+    heads="all",
+    weight=3.0,
+    source="jointly",
+    average="none",
+    loss_impl="direct",
+    targets_dir="",
+  )
   # launch/precompute.py: store, for what="attn", the teacher's "logits" (H*N*N per layer and image) or
   # "qk" (2*N*H*Dh: smaller once N > 2*Dh; the step forms q.k/sqrt(Dh) itself).
   c.precompute = dict(store="logits")
 
   # name: "fashion_mnist" (Debian package / IDX files) or a tfds dataset prepared as ArrayRecord.
-  c.data = dict(name="imagenet2012", dir="", train_split="train", eval_split="validation",
-                image_size=224, crop_pct=0.875, normalization="imagenet", rrc_scale=(0.08, 1.0),
-                hflip=True, batch_size=2048, eval_batch_size=1024, num_threads=16,
-                # The paper's recipe (timm semantics); off by default, on in the ImageNet configs. mixup and
-                # cutmix are Beta alphas (0: off), applied in the step to the global batch (batch mode).
-                randaugment="", random_erase=0.0, mixup=0.0, cutmix=0.0, mixup_switch_prob=0.5,
-                mixup_prob=1.0)
+  c.data = dict(
+    name="imagenet2012",
+    dir="",
+    train_split="train",
+    eval_split="validation",
+    image_size=224,
+    crop_pct=0.875,
+    normalization="imagenet",
+    rrc_scale=(0.08, 1.0),
+    hflip=True,
+    batch_size=2048,
+    eval_batch_size=1024,
+    num_threads=16,
+    # The paper's recipe (timm semantics); off by default, on in the ImageNet configs. mixup and
+    # cutmix are Beta alphas (0: off), applied in the step to the global batch (batch mode).
+    randaugment="",
+    random_erase=0.0,
+    mixup=0.0,
+    cutmix=0.0,
+    mixup_switch_prob=0.5,
+    mixup_prob=1.0,
+  )
 
   # MAE pre-training (task="mae"): a light decoder, 75% of patches masked, per-patch normalised pixels.
-  c.mae = dict(decoder_width=512, decoder_depth=8, decoder_heads=16, decoder_mlp_dim=2048, mask_ratio=0.75,
-               norm_pix_loss=True)
+  c.mae = dict(
+    decoder_width=512,
+    decoder_depth=8,
+    decoder_heads=16,
+    decoder_mlp_dim=2048,
+    mask_ratio=0.75,
+    norm_pix_loss=True,
+  )
 
   # Absolute lr = base_lr * batch_size / 256; min_lr is absolute.
-  c.optim = dict(base_lr=1e-4, min_lr=1e-6, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.3,
-                 layer_decay=1.0, grad_clip=0.0, label_smoothing=0.1, ema_decay=0.9999)
+  c.optim = dict(
+    base_lr=1e-4,
+    min_lr=1e-6,
+    b1=0.9,
+    b2=0.95,
+    eps=1e-8,
+    weight_decay=0.3,
+    layer_decay=1.0,
+    grad_clip=0.0,
+    label_smoothing=0.1,
+    ema_decay=0.9999,
+  )
   # Durations in epochs; `steps` > 0 overrides epochs (handy for smoke runs).
   c.schedule = dict(epochs=100.0, warmup_epochs=5.0, steps=0, log_every_steps=50)
 
@@ -79,24 +132,56 @@ def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-def imagenet(*, variant: str = "L/16", mode: str, epochs: float, warmup_epochs: float, base_lr: float,
-             b2: float, weight_decay: float, layer_decay: float, drop_path: float, layers: str = "all",
-             batch_size: int = 2048, init: str = "") -> ml_collections.ConfigDict:
+def imagenet(
+  *,
+  variant: str = "L/16",
+  mode: str,
+  epochs: float,
+  warmup_epochs: float,
+  base_lr: float,
+  b2: float,
+  weight_decay: float,
+  layer_decay: float,
+  drop_path: float,
+  layers: str = "all",
+  batch_size: int = 2048,
+  init: str = "",
+) -> ml_collections.ConfigDict:
   """A ViT on ImageNet-1K (tfds imagenet2012, ArrayRecord) with a paper recipe's values.
 
   Differs from the PyTorch reference on purpose: bf16 matmuls (float32 logits/softmax/norms) and
   scan-over-layers with remat to fit 32 images per device; set model.dtype_mm=float32 for its fp32.
   """
   c = base()
-  c.model = dict(init=init, arch="own", variant=variant, num_classes=1000, pool="gap", class_token=True,
-                 qkv_bias=True, drop_path=drop_path, head_init_std=0.02, dtype_mm="bfloat16", scan=True,
-                 remat_policy="dots", attention_impl="materialized")
+  c.model = dict(
+    init=init,
+    arch="own",
+    variant=variant,
+    num_classes=1000,
+    pool="gap",
+    class_token=True,
+    qkv_bias=True,
+    drop_path=drop_path,
+    head_init_std=0.02,
+    dtype_mm="bfloat16",
+    scan=True,
+    remat_policy="dots",
+    attention_impl="materialized",
+  )
   c.transfer.mode = mode
   c.transfer.layers = layers
-  c.data.update(dict(batch_size=batch_size, randaugment="rand-m9-mstd0.5-inc1", random_erase=0.25, mixup=0.8,
-                     cutmix=1.0))
-  c.optim.update(dict(base_lr=base_lr, min_lr=1e-6, b2=b2, weight_decay=weight_decay,
-                      layer_decay=layer_decay))
+  c.data.update(
+    dict(
+      batch_size=batch_size,
+      randaugment="rand-m9-mstd0.5-inc1",
+      random_erase=0.25,
+      mixup=0.8,
+      cutmix=1.0,
+    )
+  )
+  c.optim.update(
+    dict(base_lr=base_lr, min_lr=1e-6, b2=b2, weight_decay=weight_decay, layer_decay=layer_decay)
+  )
   c.schedule.update(dict(epochs=epochs, warmup_epochs=warmup_epochs, log_every_steps=100))
   c.ckpt.every_steps = 2500  # 4 epochs at 625 steps/epoch: a preempted job loses at most ~1 hour.
   c.evals.every_steps = 6250

@@ -8,11 +8,22 @@ per 256 (batch 2048), AdamW (0.9, 0.999), wd 0.05, layer decay 0.75, drop path 0
 are copied (the paper's intent; the reference code's constructor default end_layer=-3 copies 21).
 The teacher runs at evaluation too.
 """
+
 from configs import common
 
 
 def get_config(arg: str | None = None):
   del arg
-  return common.finalize(common.imagenet(
-      mode="copy", epochs=100, warmup_epochs=5, base_lr=1e-3, b2=0.999, weight_decay=0.05,
-      layer_decay=0.75, drop_path=0.0, layers="all"))
+  return common.finalize(
+    common.imagenet(
+      mode="copy",
+      epochs=100,
+      warmup_epochs=5,
+      base_lr=1e-3,
+      b2=0.999,
+      weight_decay=0.05,
+      layer_decay=0.75,
+      drop_path=0.0,
+      layers="all",
+    )
+  )

@@ -7,11 +7,23 @@ The paper reports ViT-B in its model-scale table (numbers not verified here; MAE
 83.6, scratch 82.3). Recipe: the ViT-L distillation recipe; distilled layers scaled to depth 12 as the
 first 9 (end_layer -3, the same 3/4 of the depth as 18 of 24).
 """
+
 from configs import common
 
 
 def get_config(arg: str | None = None):
   del arg
-  return common.finalize(common.imagenet(
-      variant="B/16", mode="distill", epochs=200, warmup_epochs=20, base_lr=1e-4, b2=0.95, weight_decay=0.3,
-      layer_decay=1.0, drop_path=0.2, layers="end_layer:-3"))
+  return common.finalize(
+    common.imagenet(
+      variant="B/16",
+      mode="distill",
+      epochs=200,
+      warmup_epochs=20,
+      base_lr=1e-4,
+      b2=0.95,
+      weight_decay=0.3,
+      layer_decay=1.0,
+      drop_path=0.2,
+      layers="end_layer:-3",
+    )
+  )

@@ -8,11 +8,22 @@ fine-tuned teacher. Recipe: 200 epochs, 20 warmup, base lr 1e-4 per 256 (batch 2
 wd 0.3, drop path 0.2 shared with the teacher, EMA 0.9999, CE over keys with weight 3.0 summed over the
 first 18 of 24 layers (the reference code's README passes --end_layer -6).
 """
+
 from configs import common
 
 
 def get_config(arg: str | None = None):
   del arg
-  return common.finalize(common.imagenet(
-      mode="distill", epochs=200, warmup_epochs=20, base_lr=1e-4, b2=0.95, weight_decay=0.3,
-      layer_decay=1.0, drop_path=0.2, layers="end_layer:-6"))
+  return common.finalize(
+    common.imagenet(
+      mode="distill",
+      epochs=200,
+      warmup_epochs=20,
+      base_lr=1e-4,
+      b2=0.95,
+      weight_decay=0.3,
+      layer_decay=1.0,
+      drop_path=0.2,
+      layers="end_layer:-6",
+    )
+  )

@@ -8,6 +8,7 @@ MAE (He et al. 2022) recipe: 800 epochs (1600 in the released checkpoint), 40 wa
 normalised-pixel loss, random-resized-crop (0.2, 1) + flip. The released ViT-L reaches 85.9 (MAE paper)
 / 85.7 (this paper) after fine-tuning. The run's `params/` export is the encoder, for teacher.init.
 """
+
 from configs import common
 
 
@@ -15,11 +16,29 @@ def get_config(arg: str | None = None):
   del arg
   c = common.base()
   c.task = "mae"
-  c.model = dict(init="", arch="own", variant="L/16", num_classes=0, pool="cls", class_token=True,
-                 qkv_bias=True, drop_path=0.0, head_init_std=0.02, dtype_mm="bfloat16", scan=True,
-                 remat_policy="dots", attention_impl="materialized")
-  c.mae = dict(decoder_width=512, decoder_depth=8, decoder_heads=16, decoder_mlp_dim=2048, mask_ratio=0.75,
-               norm_pix_loss=True)
+  c.model = dict(
+    init="",
+    arch="own",
+    variant="L/16",
+    num_classes=0,
+    pool="cls",
+    class_token=True,
+    qkv_bias=True,
+    drop_path=0.0,
+    head_init_std=0.02,
+    dtype_mm="bfloat16",
+    scan=True,
+    remat_policy="dots",
+    attention_impl="materialized",
+  )
+  c.mae = dict(
+    decoder_width=512,
+    decoder_depth=8,
+    decoder_heads=16,
+    decoder_mlp_dim=2048,
+    mask_ratio=0.75,
+    norm_pix_loss=True,
+  )
   c.data.update(dict(batch_size=4096, rrc_scale=(0.2, 1.0)))
   c.optim.update(dict(base_lr=1.5e-4, min_lr=0.0, b2=0.95, weight_decay=0.05, label_smoothing=0.0))
   c.schedule.update(dict(epochs=800, warmup_epochs=40, log_every_steps=100))

@@ -7,11 +7,21 @@ Paper: 83.0 top-1. The reference repository gives no scratch command; we use the
 without the teacher (MAE's from-scratch ViT-L recipe): 200 epochs, 20 warmup, base lr 1e-4, (0.9, 0.95),
 wd 0.3, drop path 0.2, EMA 0.9999.
 """
+
 from configs import common
 
 
 def get_config(arg: str | None = None):
   del arg
-  return common.finalize(common.imagenet(
-      mode="none", epochs=200, warmup_epochs=20, base_lr=1e-4, b2=0.95, weight_decay=0.3,
-      layer_decay=1.0, drop_path=0.2))
+  return common.finalize(
+    common.imagenet(
+      mode="none",
+      epochs=200,
+      warmup_epochs=20,
+      base_lr=1e-4,
+      b2=0.95,
+      weight_decay=0.3,
+      layer_decay=1.0,
+      drop_path=0.2,
+    )
+  )

@@ -6,6 +6,7 @@
 Also prints each model's per-layer agreement with the first one (cross-entropy, its minimum the first
 model's entropy, and Jensen-Shannon divergence) on those images.
 """
+
 import os
 import sys
 
@@ -13,7 +14,9 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-flags.DEFINE_list("params", None, "Params exports (the params/ folder of a run, or a converted teacher).")
+flags.DEFINE_list(
+  "params", None, "Params exports (the params/ folder of a run, or a converted teacher)."
+)
 flags.DEFINE_list("names", None, "Row labels, one per export (default: the paths).")
 flags.DEFINE_string("out", "attention.png", "PNG to write.")
 flags.DEFINE_string("dataset", "fashion_mnist", "Dataset name (data.make_source).")
@@ -33,8 +36,16 @@ def main(argv):
 
   names = FLAGS.names or FLAGS.params
   source = data.make_source(FLAGS.dataset, FLAGS.split, FLAGS.data_dir)
-  batch = next(data.eval_iterator(source, global_batch_size=FLAGS.num_images, image_size=FLAGS.image_size,
-                                  crop_pct=1.0, normalization=FLAGS.normalization, num_threads=0))
+  batch = next(
+    data.eval_iterator(
+      source,
+      global_batch_size=FLAGS.num_images,
+      image_size=FLAGS.image_size,
+      crop_pct=1.0,
+      normalization=FLAGS.normalization,
+      num_threads=0,
+    )
+  )
   models = {}
   for name, path in zip(names, FLAGS.params):
     model_config, params = checkpoint.load_params(path)

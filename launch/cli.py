@@ -1,4 +1,5 @@
 """What every launcher shares: the --config/--workdir/multi-host flags, jax.distributed start-up, workdir."""
+
 import os
 import sys
 
@@ -10,11 +11,16 @@ sys.path.insert(0, ROOT)  # so that configs/*.py can `from configs import common
 
 
 def define_flags(workdir_help: str) -> None:
-  config_flags.DEFINE_config_file("config", os.path.join(ROOT, "configs", "demo.py"),
-                                  "Config file (get_config); override fields with --config.a.b=value.",
-                                  lock_config=True)
+  config_flags.DEFINE_config_file(
+    "config",
+    os.path.join(ROOT, "configs", "demo.py"),
+    "Config file (get_config); override fields with --config.a.b=value.",
+    lock_config=True,
+  )
   flags.DEFINE_string("workdir", None, workdir_help)
-  flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (TPU pods, GPU clusters).")
+  flags.DEFINE_bool(
+    "multihost", False, "Call jax.distributed.initialize() (TPU pods, GPU clusters)."
+  )
   flags.DEFINE_string("coordinator", None, "host:port of process 0 (GPU/CPU clusters).")
   flags.DEFINE_integer("num_processes", None, "Number of processes (GPU/CPU clusters).")
   flags.DEFINE_integer("process_id", None, "This process's index (GPU/CPU clusters).")
@@ -22,7 +28,8 @@ def define_flags(workdir_help: str) -> None:
 
 def start() -> tuple[str, str]:
   """Joins the other processes under --multihost; returns (config path, workdir: default workdir/<config>)."""
-  import jax  # noqa: PLC0415 -- after absl parsed flags, so --jax_* flags apply
+  import jax
+
   f = flags.FLAGS
   if f.multihost:
     # CPU clusters (and tests over loopback) need a cross-process collectives backend; TPU/GPU ignore it.

@@ -5,11 +5,11 @@ resumes from its last checkpoint. On a Cloud TPU pod pass --multihost (TPU topol
 on GPU/CPU clusters also --coordinator=host:port --num_processes=N --process_id=i (or the env vars that
 jax.distributed.initialize reads).
 """
+
 import sys
 
-from absl import app, flags
-
 import cli
+from absl import app, flags
 
 cli.define_flags("Checkpoints, metrics and exports go here (default: workdir/<config>).")
 FLAGS = flags.FLAGS
@@ -18,8 +18,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   config_path, workdir = cli.start()
-  from at_jax import train  # noqa: PLC0415
-  from at_jax.errors import ConfigError  # noqa: PLC0415
+  from at_jax import train
+  from at_jax.errors import ConfigError
 
   try:
     train.run_with_teacher(FLAGS.config, workdir)

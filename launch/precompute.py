@@ -9,11 +9,11 @@ transfer.targets_dir (default <workdir>/teacher_targets); precompute.store picks
 k. Use the same --config, overrides and --workdir as the training run. Rerun to resume an interrupted
 precompute. Multi-host: the same flags as launch/main.py; each process writes its slice of every batch.
 """
+
 import sys
 
-from absl import app, flags
-
 import cli
+from absl import app, flags
 
 cli.define_flags("The training run's workdir (default: workdir/<config>).")
 FLAGS = flags.FLAGS
@@ -22,9 +22,10 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   config_path, workdir = cli.start()  # workdir: where launch/main.py would train this config
-  import jax  # noqa: PLC0415
-  from at_jax import data, precompute  # noqa: PLC0415
-  from at_jax.errors import ConfigError  # noqa: PLC0415
+  import jax
+
+  from at_jax import data, precompute
+  from at_jax.errors import ConfigError
 
   try:
     metadata = precompute.run(FLAGS.config, workdir)
@@ -32,8 +33,11 @@ def main(argv):
     print(f"\nConfig error in {config_path}: {e}", file=sys.stderr)
     sys.exit(2)
   if jax.process_index() == 0:
-    print(f"Done: {metadata['num_examples']} examples ({metadata['skipped']} unreadable, skipped) in "
-          f"{data.targets_dir(FLAGS.config.transfer.targets_dir, workdir)}", flush=True)
+    print(
+      f"Done: {metadata['num_examples']} examples ({metadata['skipped']} unreadable, skipped) in "
+      f"{data.targets_dir(FLAGS.config.transfer.targets_dir, workdir)}",
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ heads, and the averaged-maps control; plus the fine-tune + distill ensemble. Fin
 an interrupted study resumes where it stopped. Writes study.md (mean +- std over seeds), study.json and
 plots (study_main.png, study_layers.png, study_heads.png) to the workdir.
 """
+
 import json
 import os
 import sys
@@ -20,7 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 flags.DEFINE_string("workdir", "workdir/study", "Where runs, table and plots go.")
-flags.DEFINE_string("teacher", "", "A teacher export; default: pre-train an MAE teacher in <workdir>/teacher.")
+flags.DEFINE_string(
+  "teacher", "", "A teacher export; default: pre-train an MAE teacher in <workdir>/teacher."
+)
 flags.DEFINE_integer("seeds", 2, "Seeds per setting.")
 flags.DEFINE_float("epochs", 0.5, "Training epochs per run.")
 flags.DEFINE_list("only", None, "Run only these settings.")
@@ -29,25 +32,26 @@ FLAGS = flags.FLAGS
 # Setting -> overrides of configs/demo.py (a student of the teacher's architecture, distill recipe).
 COPY = {"transfer.mode": "copy", "transfer.layers": "all"}
 SETTINGS = {
-    "scratch": {"transfer.mode": "none"},
-    "finetune": {"transfer.mode": "none", "model.init": "<teacher>"},
-    "copy": COPY,
-    "distill": {"transfer.mode": "distill"},
-    "copy_q": {**COPY, "transfer.what": "q"},
-    "copy_k": {**COPY, "transfer.what": "k"},
-    "copy_v": {**COPY, "transfer.what": "v"},
-    "copy_first2": {**COPY, "transfer.layers": "first:2"},
-    "copy_last2": {**COPY, "transfer.layers": "last:2"},
-    "copy_first4": {**COPY, "transfer.layers": "first:4"},
-    "copy_last4": {**COPY, "transfer.layers": "last:4"},
-    "copy_heads1": {**COPY, "transfer.heads": "first:1"},
-    "copy_heads2": {**COPY, "transfer.heads": "first:2"},
-    "copy_averaged": {**COPY, "transfer.average": "images"},
+  "scratch": {"transfer.mode": "none"},
+  "finetune": {"transfer.mode": "none", "model.init": "<teacher>"},
+  "copy": COPY,
+  "distill": {"transfer.mode": "distill"},
+  "copy_q": {**COPY, "transfer.what": "q"},
+  "copy_k": {**COPY, "transfer.what": "k"},
+  "copy_v": {**COPY, "transfer.what": "v"},
+  "copy_first2": {**COPY, "transfer.layers": "first:2"},
+  "copy_last2": {**COPY, "transfer.layers": "last:2"},
+  "copy_first4": {**COPY, "transfer.layers": "first:4"},
+  "copy_last4": {**COPY, "transfer.layers": "last:4"},
+  "copy_heads1": {**COPY, "transfer.heads": "first:1"},
+  "copy_heads2": {**COPY, "transfer.heads": "first:2"},
+  "copy_averaged": {**COPY, "transfer.average": "images"},
 }
 
 
 def _config(overrides: dict, teacher: str, seed: int, epochs: float):
-  from configs import demo  # noqa: PLC0415
+  from configs import demo
+
   c = demo.get_config()
   c.seed = seed
   c.teacher.pretrain = None
@@ -61,20 +65,27 @@ def _config(overrides: dict, teacher: str, seed: int, epochs: float):
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
-  import numpy as np  # noqa: PLC0415
+  import numpy as np
+
   return float(np.mean(values)), float(np.std(values))
 
 
 def _plots(summary: dict, workdir: str) -> None:
-  import matplotlib  # noqa: PLC0415
+  import matplotlib
+
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
+  import matplotlib.pyplot as plt
 
   def bar(names, path, title):
     names = [n for n in names if n in summary]
     fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(names), 3.2))
-    ax.bar(names, [summary[n]["top1"][0] for n in names], yerr=[summary[n]["top1"][1] for n in names],
-           color="tab:blue", capsize=3)
+    ax.bar(
+      names,
+      [summary[n]["top1"][0] for n in names],
+      yerr=[summary[n]["top1"][1] for n in names],
+      color="tab:blue",
+      capsize=3,
+    )
     lo = min(summary[n]["top1"][0] for n in names) - 3
     ax.set_ylim(lo, max(summary[n]["top1"][0] for n in names) + 2)
     ax.set_ylabel("test top-1 (%)")
@@ -84,8 +95,21 @@ def _plots(summary: dict, workdir: str) -> None:
     fig.savefig(os.path.join(workdir, path), dpi=110)
     plt.close(fig)
 
-  bar(["scratch", "copy", "distill", "finetune", "ensemble", "copy_q", "copy_k", "copy_v", "copy_averaged"],
-      "study_main.png", "Fashion-MNIST, MAE teacher: mean +- std over seeds")
+  bar(
+    [
+      "scratch",
+      "copy",
+      "distill",
+      "finetune",
+      "ensemble",
+      "copy_q",
+      "copy_k",
+      "copy_v",
+      "copy_averaged",
+    ],
+    "study_main.png",
+    "Fashion-MNIST, MAE teacher: mean +- std over seeds",
+  )
   fig, ax = plt.subplots(figsize=(4, 3.2))
   for side, style in (("first", "o-"), ("last", "s-")):
     ks = [k for k in (2, 4) if f"copy_{side}{k}" in summary]
@@ -100,14 +124,18 @@ def _plots(summary: dict, workdir: str) -> None:
   fig.tight_layout()
   fig.savefig(os.path.join(workdir, "study_layers.png"), dpi=110)
   plt.close(fig)
-  bar(["scratch", "copy_heads1", "copy_heads2", "copy"], "study_heads.png", "heads copied: 0, 1, 2, 4 of 4")
+  bar(
+    ["scratch", "copy_heads1", "copy_heads2", "copy"],
+    "study_heads.png",
+    "heads copied: 0, 1, 2, 4 of 4",
+  )
 
 
 def main(argv):
   del argv
-  from at_jax import checkpoint, data, evaluate, metrics, train  # noqa: PLC0415
-  from at_jax.models import vit  # noqa: PLC0415
-  from configs import mae_fmnist  # noqa: PLC0415
+  from at_jax import checkpoint, data, evaluate, metrics, train
+  from at_jax.models import vit
+  from configs import mae_fmnist
 
   workdir = os.path.abspath(FLAGS.workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -125,9 +153,13 @@ def main(argv):
     run_dir = os.path.join(workdir, name, f"seed{seed}")
     done = os.path.join(run_dir, "results.json")
     if not os.path.exists(done):
-      print(f"== [{i}/{len(jobs)}] {name} seed {seed} ({(time.time() - start) / 60:.1f} min so far) ==",
-            flush=True)
-      evals = train.train_and_evaluate(_config(SETTINGS[name], teacher, seed, FLAGS.epochs), run_dir)
+      print(
+        f"== [{i}/{len(jobs)}] {name} seed {seed} ({(time.time() - start) / 60:.1f} min so far) ==",
+        flush=True,
+      )
+      evals = train.train_and_evaluate(
+        _config(SETTINGS[name], teacher, seed, FLAGS.epochs), run_dir
+      )
       with open(done, "w") as f:
         json.dump(evals, f)
     with open(done) as f:
@@ -142,29 +174,46 @@ def main(argv):
       if not os.path.exists(done):
         members = {}
         for name in ("finetune", "distill"):
-          model_config, params = checkpoint.load_params(os.path.join(workdir, name, f"seed{seed}", train.EXPORT_DIR))
+          model_config, params = checkpoint.load_params(
+            os.path.join(workdir, name, f"seed{seed}", train.EXPORT_DIR)
+          )
           members[name] = (vit.build(model_config), params)
-        batches = data.eval_iterator(source, global_batch_size=c.data.eval_batch_size, image_size=28,
-                                     crop_pct=1.0, normalization=c.data.normalization, num_threads=0)
+        batches = data.eval_iterator(
+          source,
+          global_batch_size=c.data.eval_batch_size,
+          image_size=28,
+          crop_pct=1.0,
+          normalization=c.data.normalization,
+          num_threads=0,
+        )
         os.makedirs(os.path.dirname(done), exist_ok=True)
         with open(done, "w") as f:
           json.dump(evaluate.ensemble_accuracy(members, batches)["ensemble"], f)
       with open(done) as f:
         results.setdefault("ensemble", {})[seed] = json.load(f)
 
-  summary = {name: {k: _mean_std([r[k] for r in runs.values()]) for k in ("top1",)}
-             for name, runs in results.items()}
+  summary = {
+    name: {k: _mean_std([r[k] for r in runs.values()]) for k in ("top1",)}
+    for name, runs in results.items()
+  }
   for name, runs in results.items():
     if all("ema_top1" in r for r in runs.values()):
       summary[name]["ema_top1"] = _mean_std([r["ema_top1"] for r in runs.values()])
-  rows = [{"setting": name, "seeds": len(results[name]),
-           "top1": f"{s['top1'][0]:.2f} +- {s['top1'][1]:.2f}",
-           "ema_top1": f"{s['ema_top1'][0]:.2f} +- {s['ema_top1'][1]:.2f}" if "ema_top1" in s else ""}
-          for name, s in summary.items()]
+  rows = [
+    {
+      "setting": name,
+      "seeds": len(results[name]),
+      "top1": f"{s['top1'][0]:.2f} +- {s['top1'][1]:.2f}",
+      "ema_top1": f"{s['ema_top1'][0]:.2f} +- {s['ema_top1'][1]:.2f}" if "ema_top1" in s else "",
+    }
+    for name, s in summary.items()
+  ]
   table = metrics.format_table(rows, ["setting", "seeds", "top1", "ema_top1"])
-  header = (f"Fashion-MNIST, MAE teacher ({teacher}), demo student, {FLAGS.epochs} epochs per run; "
-            f"test top-1 %, mean +- std over seeds. Wall time of this invocation: "
-            f"{(time.time() - start) / 60:.1f} min.\n\n")
+  header = (
+    f"Fashion-MNIST, MAE teacher ({teacher}), demo student, {FLAGS.epochs} epochs per run; "
+    f"test top-1 %, mean +- std over seeds. Wall time of this invocation: "
+    f"{(time.time() - start) / 60:.1f} min.\n\n"
+  )
   with open(os.path.join(workdir, "study.md"), "w") as f:
     f.write(header + table + "\n")
   with open(os.path.join(workdir, "study.json"), "w") as f:

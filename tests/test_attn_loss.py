@@ -1,11 +1,13 @@
 """Attention-distillation CE: the streamed implementations (blockwise, Pallas) against the direct formula."""
+
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from at_jax import attn_loss, transfer
 from at_jax.errors import ConfigError
@@ -18,7 +20,9 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 def _qk(seed: int, b: int, n: int, h: int, dt: int, ds: int, dtype=jnp.float32):
   """Teacher and student q, k [B, N, H, D]; logits of order a few units, so softmaxes are far from flat."""
-  rng = np.random.default_rng(seed)  # numpy, not jax.random: no per-shape compiles in the tests' budget
+  rng = np.random.default_rng(
+    seed
+  )  # numpy, not jax.random: no per-shape compiles in the tests' budget
   shapes = [(b, n, h, dt)] * 2 + [(b, n, h, ds)] * 2
   return [jnp.asarray(2 * rng.standard_normal(s, np.float32), dtype) for s in shapes]
 
@@ -34,10 +38,19 @@ def _value_and_grads(impl, q_t, k_t, q_s, k_s, key_mask, weights, block_q=128, b
 
   Non-uniform weights make the per-row cotangent g_i differ between rows, as the backward must honour.
   """
+
   def loss(*qk):
-    ce = attn_loss.attention_ce(impl, *qk, scale_t=q_t.shape[-1] ** -0.5, scale_s=q_s.shape[-1] ** -0.5,
-                                key_mask=key_mask, block_q=block_q, block_k=block_k)
+    ce = attn_loss.attention_ce(
+      impl,
+      *qk,
+      scale_t=q_t.shape[-1] ** -0.5,
+      scale_s=q_s.shape[-1] ** -0.5,
+      key_mask=key_mask,
+      block_q=block_q,
+      block_k=block_k,
+    )
     return jnp.sum(weights * ce), ce
+
   (_, ce), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(q_t, k_t, q_s, k_s)
   return ce, grads
 
@@ -50,15 +63,20 @@ def _assert_same(got, want, **tol):
   (ce, grads), (ce_ref, grads_ref) = got, want
   np.testing.assert_allclose(ce, ce_ref, **tol)
   for name, g, g_ref in zip(("q_s", "k_s"), grads[2:], grads_ref[2:]):
-    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g_ref, np.float32), **tol, err_msg=name)
+    np.testing.assert_allclose(
+      np.asarray(g, np.float32), np.asarray(g_ref, np.float32), **tol, err_msg=name
+    )
 
 
 @pytest.mark.parametrize("impl", STREAMED)
-@pytest.mark.parametrize("n, block_q, block_k, masked, dt, ds", [
+@pytest.mark.parametrize(
+  "n, block_q, block_k, masked, dt, ds",
+  [
     (197, 64, 64, False, 16, 16),  # ViT-B/16 at 224 px: 197 tokens, 4 blocks with a ragged last one
-    (50, 16, 16, True, 16, 8),     # padding keys masked; teacher and student head dims differ
-    (50, 32, 16, True, 8, 16),     # unequal blocks: queries and keys padded to different lengths
-])
+    (50, 16, 16, True, 16, 8),  # padding keys masked; teacher and student head dims differ
+    (50, 32, 16, True, 8, 16),  # unequal blocks: queries and keys padded to different lengths
+  ],
+)
 def test_streamed_matches_direct(impl, n, block_q, block_k, masked, dt, ds):
   b, h = 2, 2
   qk = _qk(0, b, n, h, dt, ds)
@@ -92,8 +110,12 @@ def test_direct_matches_transfer_cross_entropy():
   def all_three(q_t, k_t, q_s, k_s):
     t = jnp.einsum("bqhd,bkhd->bhqk", q_t, k_t) * 8**-0.5
     s = jnp.einsum("bqhd,bkhd->bhqk", q_s, k_s) * 4**-0.5
-    return (transfer.attention_cross_entropy(t, s), attn_loss.ce_from_logits(t, s),
-            attn_loss.ce_direct(q_t, k_t, q_s, k_s, scale_t=8**-0.5, scale_s=4**-0.5))
+    return (
+      transfer.attention_cross_entropy(t, s),
+      attn_loss.ce_from_logits(t, s),
+      attn_loss.ce_direct(q_t, k_t, q_s, k_s, scale_t=8**-0.5, scale_s=4**-0.5),
+    )
+
   want, from_logits, direct = all_three(*_qk(2, 2, 20, 3, 8, 4))
   np.testing.assert_allclose(from_logits, want, **TOL)
   np.testing.assert_allclose(direct, want, **TOL)
@@ -105,7 +127,9 @@ def test_masked_keys_are_dropped():
   keep = 8
   mask = np.arange(12)[None, :] < keep
   got = jax.jit(attn_loss.ce_from_logits)(t, s, mask)
-  np.testing.assert_allclose(got, transfer.attention_cross_entropy(t[..., :keep], s[..., :keep]), **TOL)
+  np.testing.assert_allclose(
+    got, transfer.attention_cross_entropy(t[..., :keep], s[..., :keep]), **TOL
+  )
 
 
 @jax.jit
@@ -157,4 +181,6 @@ def test_unknown_impl_names_the_config_field():
 def test_shape_mismatch_is_an_error():
   q = jnp.zeros((1, 4, 2, 8))
   with pytest.raises(ValueError, match="heads"):
-    attn_loss.ce_blockwise(q, q, jnp.zeros((1, 4, 3, 8)), jnp.zeros((1, 4, 3, 8)), scale_t=1.0, scale_s=1.0)
+    attn_loss.ce_blockwise(
+      q, q, jnp.zeros((1, 4, 3, 8)), jnp.zeros((1, 4, 3, 8)), scale_t=1.0, scale_s=1.0
+    )

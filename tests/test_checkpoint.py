@@ -4,12 +4,13 @@ import glob
 import json
 import os
 
-from flax import struct
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 import pytest
+from flax import struct
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from at_jax import checkpoint
 from at_jax.errors import ConfigError
@@ -17,8 +18,7 @@ from at_jax.errors import ConfigError
 # After a failed read of a corrupt checkpoint, tensorstore may still call back
 # into orbax's closed asyncio loop; harmless, but pytest reports it during
 # whichever test runs next.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore::pytest.PytestUnraisableExceptionWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
 @struct.dataclass
@@ -32,13 +32,19 @@ class _State:
 
 def _state(seed: int = 0) -> _State:
   params = {
-      "dense": {"kernel": jnp.arange(32.0).reshape(4, 8) + seed,
-                "bias": jnp.full((8,), seed, jnp.bfloat16)},
-      "count": jnp.array([seed, 2, 3], jnp.int32),
+    "dense": {
+      "kernel": jnp.arange(32.0).reshape(4, 8) + seed,
+      "bias": jnp.full((8,), seed, jnp.bfloat16),
+    },
+    "count": jnp.array([seed, 2, 3], jnp.int32),
   }
-  return _State(step=jnp.array(seed, jnp.int32), params=params,
-                key=jax.random.key(seed), raw_key=jax.random.PRNGKey(seed),
-                lr=0.5)
+  return _State(
+    step=jnp.array(seed, jnp.int32),
+    params=params,
+    key=jax.random.key(seed),
+    raw_key=jax.random.PRNGKey(seed),
+    lr=0.5,
+  )
 
 
 def _assert_state_equal(got: _State, want: _State):
@@ -48,8 +54,7 @@ def _assert_state_equal(got: _State, want: _State):
     assert g.dtype == w.dtype
     np.testing.assert_array_equal(g, w)
   assert jax.dtypes.issubdtype(got.key.dtype, jax.dtypes.prng_key)
-  np.testing.assert_array_equal(
-      jax.random.key_data(got.key), jax.random.key_data(want.key))
+  np.testing.assert_array_equal(jax.random.key_data(got.key), jax.random.key_data(want.key))
   assert got.raw_key.dtype == jnp.uint32
   np.testing.assert_array_equal(got.raw_key, want.raw_key)
   assert float(got.lr) == want.lr
@@ -90,11 +95,9 @@ def test_relative_directory_and_reopen(tmp_path, monkeypatch):
 def test_restore_into_other_shardings(tmp_path):
   mesh = _mesh((4, 2))
   saved = {
-      "w": jax.device_put(jnp.arange(64.0).reshape(8, 8),
-                          NamedSharding(mesh, P("data", "fsdp"))),
-      "b": jax.device_put(jnp.arange(8, dtype=jnp.bfloat16),
-                          NamedSharding(mesh, P("fsdp"))),
-      "key": jax.device_put(jax.random.key(3), NamedSharding(mesh, P())),
+    "w": jax.device_put(jnp.arange(64.0).reshape(8, 8), NamedSharding(mesh, P("data", "fsdp"))),
+    "b": jax.device_put(jnp.arange(8, dtype=jnp.bfloat16), NamedSharding(mesh, P("fsdp"))),
+    "key": jax.device_put(jax.random.key(3), NamedSharding(mesh, P())),
   }
   ckpt = checkpoint.Checkpointer(str(tmp_path), save_every=1)
   ckpt.save(1, saved)
@@ -102,14 +105,16 @@ def test_restore_into_other_shardings(tmp_path):
 
   other = _mesh((2, 4))
   for shardings in (
-      jax.tree.map(lambda _: NamedSharding(mesh, P()), saved),  # Replicated.
-      {"w": NamedSharding(other, P("fsdp", "data")),
-       "b": NamedSharding(other, P("fsdp")),
-       "key": NamedSharding(other, P())},
+    jax.tree.map(lambda _: NamedSharding(mesh, P()), saved),  # Replicated.
+    {
+      "w": NamedSharding(other, P("fsdp", "data")),
+      "b": NamedSharding(other, P("fsdp")),
+      "key": NamedSharding(other, P()),
+    },
   ):
     target = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        saved, shardings)
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), saved, shardings
+    )
     got, _ = ckpt.restore(target)
     for name in ("w", "b"):
       assert got[name].sharding == shardings[name]
@@ -117,7 +122,8 @@ def test_restore_into_other_shardings(tmp_path):
       np.testing.assert_array_equal(got[name], saved[name])
     assert got["key"].sharding == shardings["key"]
     np.testing.assert_array_equal(
-        jax.random.key_data(got["key"]), jax.random.key_data(saved["key"]))
+      jax.random.key_data(got["key"]), jax.random.key_data(saved["key"])
+    )
   ckpt.close()
 
 
@@ -147,7 +153,7 @@ def _truncate(files):
     with open(name, "rb") as f:
       data = f.read()
     with open(name, "wb") as f:
-      f.write(data[:len(data) // 2])
+      f.write(data[: len(data) // 2])
 
 
 def test_torn_latest_checkpoint_falls_back_to_previous(tmp_path, capsys):
@@ -155,7 +161,9 @@ def test_torn_latest_checkpoint_falls_back_to_previous(tmp_path, capsys):
   for step in (1, 2, 3):
     ckpt.save(step, _state(step), extra={"step": step})
   ckpt.wait()
-  files = glob.glob(os.path.join(str(tmp_path), "3", "state", "**", "manifest.ocdbt"), recursive=True)
+  files = glob.glob(
+    os.path.join(str(tmp_path), "3", "state", "**", "manifest.ocdbt"), recursive=True
+  )
   files += glob.glob(os.path.join(str(tmp_path), "3", "state", "_METADATA"))
   assert files
   _truncate(files)
@@ -163,7 +171,7 @@ def test_torn_latest_checkpoint_falls_back_to_previous(tmp_path, capsys):
   _assert_state_equal(state, _state(2))
   assert extra == {"step": 2}
   assert "resumed from step 2" in capsys.readouterr().out
-  with pytest.raises(Exception):  # an explicit step restores as asked, or fails
+  with pytest.raises(Exception):  # noqa: B017 - an explicit step restores as asked, or fails
     ckpt.restore(_state(0), step=3)
   for step in (1, 2):
     _truncate(glob.glob(os.path.join(str(tmp_path), str(step), "state", "_METADATA")))
@@ -192,8 +200,10 @@ _CONFIG = {"depth": 2, "width": 8, "num_heads": 2, "patch_size": 4}
 
 
 def _params():
-  return {"embed": {"kernel": jnp.arange(48.0).reshape(6, 8)},
-          "blocks": {"0": {"scale": jnp.ones((8,), jnp.bfloat16)}}}
+  return {
+    "embed": {"kernel": jnp.arange(48.0).reshape(6, 8)},
+    "blocks": {"0": {"scale": jnp.ones((8,), jnp.bfloat16)}},
+  }
 
 
 def test_params_round_trip_and_overwrite(tmp_path):
@@ -215,12 +225,13 @@ def test_load_params_with_shardings(tmp_path):
   params = jax.device_put(_params(), NamedSharding(mesh, P()))
   checkpoint.save_params(path, params, _CONFIG)
   other = _mesh((2, 4))
-  shardings = {"embed": {"kernel": NamedSharding(other, P("data", "fsdp"))},
-               "blocks": {"0": {"scale": NamedSharding(other, P())}}}
+  shardings = {
+    "embed": {"kernel": NamedSharding(other, P("data", "fsdp"))},
+    "blocks": {"0": {"scale": NamedSharding(other, P())}},
+  }
   _, got = checkpoint.load_params(path, shardings)
   assert got["embed"]["kernel"].sharding == shardings["embed"]["kernel"]
-  np.testing.assert_array_equal(got["embed"]["kernel"],
-                                _params()["embed"]["kernel"])
+  np.testing.assert_array_equal(got["embed"]["kernel"], _params()["embed"]["kernel"])
 
 
 def _assert_teacher_error(path: str, match: str):
@@ -251,7 +262,7 @@ def test_load_params_corrupt_checkpoint(tmp_path, victim):
     with open(name, "rb") as f:
       data = f.read()
     with open(name, "wb") as f:
-      f.write(data[:len(data) // 2])
+      f.write(data[: len(data) // 2])
   _assert_teacher_error(path, "unreadable params checkpoint")
 
 

@@ -5,6 +5,7 @@ a KernelSpecManager that looks only there: nothing is registered globally and no
 kernelspec (which may point at another Python) is consulted. Needs nbclient and ipykernel
 (requirements-test.txt).
 """
+
 import json
 import os
 import re
@@ -12,7 +13,9 @@ import sys
 
 import pytest
 
-if os.environ.get("CI"):  # CI installs requirements-test.txt: a missing dep there must fail, not skip.
+if os.environ.get(
+  "CI"
+):  # CI installs requirements-test.txt: a missing dep there must fail, not skip.
   import ipykernel  # noqa: F401
   import nbclient
   import nbformat
@@ -20,8 +23,8 @@ else:
   nbformat = pytest.importorskip("nbformat")
   nbclient = pytest.importorskip("nbclient")
   pytest.importorskip("ipykernel")
-from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402 -- after the skips
-from jupyter_client.manager import KernelManager  # noqa: E402
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import KernelManager
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "launch", "colab.ipynb")
@@ -31,9 +34,15 @@ KERNEL = "at_jax_test"
 def _kernel_manager(tmp_path) -> KernelManager:
   spec_dir = tmp_path / "kernels" / KERNEL
   spec_dir.mkdir(parents=True)
-  (spec_dir / "kernel.json").write_text(json.dumps({
-      "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-      "display_name": "at_jax (test)", "language": "python"}))
+  (spec_dir / "kernel.json").write_text(
+    json.dumps(
+      {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "at_jax (test)",
+        "language": "python",
+      }
+    )
+  )
   specs = KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")], ensure_native_kernel=False)
   return KernelManager(kernel_name=KERNEL, kernel_spec_manager=specs)
 
@@ -63,8 +72,13 @@ def test_notebook_runs_quick(tmp_path):
   # One CPU device, as in a fresh Colab/laptop kernel (conftest.py emulates 8 for the other tests).
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.update(AT_JAX_NOTEBOOK_QUICK="1", AT_JAX_NOTEBOOK_WORKDIR=str(workdir), JAX_PLATFORMS="cpu")
-  client = nbclient.NotebookClient(nb, km=_kernel_manager(tmp_path), timeout=300, allow_errors=False,
-                                   resources={"metadata": {"path": ROOT}})
+  client = nbclient.NotebookClient(
+    nb,
+    km=_kernel_manager(tmp_path),
+    timeout=300,
+    allow_errors=False,
+    resources={"metadata": {"path": ROOT}},
+  )
   client.execute(env=env)  # raises CellExecutionError, with the traceback, if a cell fails
 
   code = [c for c in nb.cells if c.cell_type == "code"]

@@ -1,4 +1,5 @@
 """Tests for at_jax.data: sources, and exact, resumable, sharded iterators."""
+
 import gzip
 import io
 import os
@@ -7,18 +8,22 @@ import socket
 import time
 
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
 
 from at_jax import data
 from at_jax.errors import ConfigError
 
 SYSTEM_DIR = data.FASHION_MNIST_SYSTEM_DIR
-IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+IDX_NAMES = (
+  "train-images-idx3-ubyte",
+  "train-labels-idx1-ubyte",
+  "t10k-images-idx3-ubyte",
+  "t10k-labels-idx1-ubyte",
+)
 requires_fashion_mnist = pytest.mark.skipif(
-    not os.path.isdir(SYSTEM_DIR),
-    reason="needs `sudo apt-get install dataset-fashion-mnist`")
+  not os.path.isdir(SYSTEM_DIR), reason="needs `sudo apt-get install dataset-fashion-mnist`"
+)
 
 
 def _indexed_source(n: int, size: int = 8) -> data.ArraySource:
@@ -40,19 +45,19 @@ def _assert_batches_equal(a, b):
       np.testing.assert_array_equal(x[key], y[key])
 
 
-TRAIN_KW = dict(global_batch_size=8, image_size=16, seed=3,
-                normalization="imagenet")
+TRAIN_KW = dict(global_batch_size=8, image_size=16, seed=3, normalization="imagenet")
 # The paper's per-example recipe on top of crop and flip.
 RECIPE = dict(randaugment="rand-m9-mstd0.5-inc1", random_erase=0.25)
-with_and_without_recipe = pytest.mark.parametrize(
-    "aug", [{}, RECIPE], ids=["crop_flip", "recipe"])
+with_and_without_recipe = pytest.mark.parametrize("aug", [{}, RECIPE], ids=["crop_flip", "recipe"])
 
 
 @pytest.fixture
 def no_network(monkeypatch):
   """Makes any attempt to open a connection fail loudly."""
+
   def refuse(*args, **kwargs):
     raise AssertionError(f"network access attempted: {args}")
+
   monkeypatch.setattr(socket.socket, "connect", refuse)
   monkeypatch.setattr(socket, "create_connection", refuse)
 
@@ -60,10 +65,8 @@ def no_network(monkeypatch):
 @pytest.fixture
 def no_default_copies(tmp_path, monkeypatch):
   """Points the system and tfds fallbacks at empty folders."""
-  monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR",
-                      str(tmp_path / "no_system_copy"))
-  monkeypatch.setattr(data, "FASHION_MNIST_TFDS_DATA_DIR",
-                      str(tmp_path / "no_tfds_copy"))
+  monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", str(tmp_path / "no_system_copy"))
+  monkeypatch.setattr(data, "FASHION_MNIST_TFDS_DATA_DIR", str(tmp_path / "no_tfds_copy"))
 
 
 # ----------------------------------------------------------------------------
@@ -98,8 +101,7 @@ def test_fashion_mnist_from_data_dir_copy(tmp_path, no_default_copies, gzipped):
       np.testing.assert_array_equal(x, y)
 
 
-def test_fashion_mnist_missing_says_how_to_install(tmp_path, no_default_copies,
-                                                   no_network):
+def test_fashion_mnist_missing_says_how_to_install(tmp_path, no_default_copies, no_network):
   with pytest.raises(ConfigError) as e:
     data.load_fashion_mnist(str(tmp_path))
   assert e.value.field == "data.dir"
@@ -109,15 +111,13 @@ def test_fashion_mnist_missing_says_how_to_install(tmp_path, no_default_copies,
 
 @requires_fashion_mnist
 @pytest.mark.parametrize("gzipped", [True, False])
-def test_truncated_idx_file_names_the_file(tmp_path, no_default_copies,
-                                           gzipped):
+def test_truncated_idx_file_names_the_file(tmp_path, no_default_copies, gzipped):
   for name in IDX_NAMES:
-    shutil.copy(os.path.join(SYSTEM_DIR, name + ".gz"),
-                tmp_path / (name + ".gz"))
+    shutil.copy(os.path.join(SYSTEM_DIR, name + ".gz"), tmp_path / (name + ".gz"))
   bad = tmp_path / "train-images-idx3-ubyte.gz"
   raw = bad.read_bytes()
   if gzipped:
-    bad.write_bytes(raw[:len(raw) // 2])
+    bad.write_bytes(raw[: len(raw) // 2])
   else:
     bad.unlink()
     bad = tmp_path / "train-images-idx3-ubyte"
@@ -127,16 +127,21 @@ def test_truncated_idx_file_names_the_file(tmp_path, no_default_copies,
   assert e.value.field == str(bad)
 
 
-def test_fashion_mnist_from_prepared_tfds_copy(tmp_path, no_default_copies,
-                                               monkeypatch, no_network):
+def test_fashion_mnist_from_prepared_tfds_copy(
+  tmp_path, no_default_copies, monkeypatch, no_network
+):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(0)
-  splits = {"train": rng.integers(0, 256, (6, 28, 28), dtype=np.uint8),
-            "test": rng.integers(0, 256, (2, 28, 28), dtype=np.uint8)}
+  splits = {
+    "train": rng.integers(0, 256, (6, 28, 28), dtype=np.uint8),
+    "test": rng.integers(0, 256, (2, 28, 28), dtype=np.uint8),
+  }
 
   # A stand-in with fashion_mnist's name, version and features, prepared in
   # the array_record format (needs no TensorFlow when given PIL images).
   with tfds.core.registered.skip_registration():
+
     class FashionMnist(tfds.core.GeneratorBasedBuilder):
       # No checksums file to look up; tfds' lookup for a class defined in a
       # package needs importlib_resources, which is not installed.
@@ -145,9 +150,14 @@ def test_fashion_mnist_from_prepared_tfds_copy(tmp_path, no_default_copies,
 
       def _info(self):
         return tfds.core.DatasetInfo(
-            builder=self, features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(28, 28, 1)),
-                "label": tfds.features.ClassLabel(num_classes=10)}))
+          builder=self,
+          features=tfds.features.FeaturesDict(
+            {
+              "image": tfds.features.Image(shape=(28, 28, 1)),
+              "label": tfds.features.ClassLabel(num_classes=10),
+            }
+          ),
+        )
 
       def _split_generators(self, dl_manager):
         return {s: self._generate_examples(s) for s in splits}
@@ -157,8 +167,7 @@ def test_fashion_mnist_from_prepared_tfds_copy(tmp_path, no_default_copies,
           yield i, {"image": Image.fromarray(image), "label": i}
 
   tfds_dir = str(tmp_path / "tfds")
-  FashionMnist(data_dir=tfds_dir,
-               file_format="array_record").download_and_prepare()
+  FashionMnist(data_dir=tfds_dir, file_format="array_record").download_and_prepare()
   monkeypatch.setattr(data, "FASHION_MNIST_TFDS_DATA_DIR", tfds_dir)
   arrays = data.load_fashion_mnist()
   for split, images in splits.items():
@@ -206,11 +215,12 @@ def test_unprepared_tfds_dataset_fails_fast(tmp_path, no_network, name):
 
 def test_prepared_tfds_dataset_yields_uint8_hwc(tmp_path, no_network):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(0)
-  images = [rng.integers(0, 256, (10 + i, 14 - i, 3), dtype=np.uint8)
-            for i in range(6)]
+  images = [rng.integers(0, 256, (10 + i, 14 - i, 3), dtype=np.uint8) for i in range(6)]
 
   with tfds.core.registered.skip_registration():
+
     class VariedImages(tfds.core.GeneratorBasedBuilder):
       # No checksums file to look up; tfds' lookup for a class defined in a
       # package needs importlib_resources, which is not installed.
@@ -219,9 +229,14 @@ def test_prepared_tfds_dataset_yields_uint8_hwc(tmp_path, no_network):
 
       def _info(self):
         return tfds.core.DatasetInfo(
-            builder=self, features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(None, None, 3)),
-                "label": tfds.features.ClassLabel(num_classes=6)}))
+          builder=self,
+          features=tfds.features.FeaturesDict(
+            {
+              "image": tfds.features.Image(shape=(None, None, 3)),
+              "label": tfds.features.ClassLabel(num_classes=6),
+            }
+          ),
+        )
 
       def _split_generators(self, dl_manager):
         return {"train": self._generate_examples()}
@@ -230,8 +245,7 @@ def test_prepared_tfds_dataset_yields_uint8_hwc(tmp_path, no_network):
         for i, image in enumerate(images):
           yield i, {"image": Image.fromarray(image), "label": i}
 
-  VariedImages(data_dir=str(tmp_path),
-               file_format="array_record").download_and_prepare()
+  VariedImages(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
   source = data.make_source("varied_images", "train", data_dir=str(tmp_path))
   assert len(source) == 6
   for i in range(6):
@@ -247,13 +261,14 @@ def test_prepared_tfds_dataset_yields_uint8_hwc(tmp_path, no_network):
 
 
 @requires_fashion_mnist
-@pytest.mark.parametrize("normalization", ["imagenet", "fashion_mnist",
-                                           "unit"])
+@pytest.mark.parametrize("normalization", ["imagenet", "fashion_mnist", "unit"])
 def test_train_batches_on_fashion_mnist(normalization):
   source = data.make_source("fashion_mnist", "train")
-  batch = next(data.train_iterator(
-      source, global_batch_size=32, image_size=28, seed=0,
-      normalization=normalization))
+  batch = next(
+    data.train_iterator(
+      source, global_batch_size=32, image_size=28, seed=0, normalization=normalization
+    )
+  )
   assert batch["image"].shape == (32, 28, 28, 3)
   assert batch["image"].dtype == np.float32
   assert batch["label"].shape == (32,) and batch["label"].dtype == np.int32
@@ -281,8 +296,7 @@ def test_train_is_deterministic_in_seed(aug):
 def test_train_resumes_exactly_at_start_step(aug):
   source = _indexed_source(20)  # Resume crosses epoch boundaries.
   fresh = _take(data.train_iterator(source, **TRAIN_KW, **aug), 7)
-  resumed = _take(data.train_iterator(source, **TRAIN_KW, **aug,
-                                      start_step=4), 3)
+  resumed = _take(data.train_iterator(source, **TRAIN_KW, **aug, start_step=4), 3)
   _assert_batches_equal(fresh[4:], resumed)
 
 
@@ -290,10 +304,15 @@ def test_train_resumes_exactly_at_start_step(aug):
 def test_train_process_slices_concatenate_to_global_batch(aug):
   source = _indexed_source(30)
   whole = _take(data.train_iterator(source, **TRAIN_KW, **aug), 5)
-  parts = [_take(data.train_iterator(source, **TRAIN_KW, **aug,
-                                     process_index=p, process_count=2,
-                                     num_threads=p), 5)
-           for p in range(2)]
+  parts = [
+    _take(
+      data.train_iterator(
+        source, **TRAIN_KW, **aug, process_index=p, process_count=2, num_threads=p
+      ),
+      5,
+    )
+    for p in range(2)
+  ]
   for step, batch in enumerate(whole):
     for key in batch:
       joined = np.concatenate([parts[0][step][key], parts[1][step][key]])
@@ -314,16 +333,23 @@ def test_train_visits_every_example_once_per_epoch():
 
 def test_train_augments_with_crop_and_flip():
   source = _indexed_source(1, size=32)
-  batch = next(data.train_iterator(
-      source, **{**TRAIN_KW, "global_batch_size": 16, "image_size": 32}))
+  batch = next(
+    data.train_iterator(source, **{**TRAIN_KW, "global_batch_size": 16, "image_size": 32})
+  )
   images = batch["image"]
   assert np.all(batch["label"] == 0)
   # The same example, augmented 16 ways: all different.
   assert len({x.tobytes() for x in images}) == 16
   # Without crop range or flip, every copy is the image itself.
-  plain = next(data.train_iterator(
-      source, **{**TRAIN_KW, "global_batch_size": 4, "image_size": 32},
-      rrc_scale=(1.0, 1.0), rrc_ratio=(1.0, 1.0), hflip=False))
+  plain = next(
+    data.train_iterator(
+      source,
+      **{**TRAIN_KW, "global_batch_size": 4, "image_size": 32},
+      rrc_scale=(1.0, 1.0),
+      rrc_ratio=(1.0, 1.0),
+      hflip=False,
+    )
+  )
   mean, std = map(np.array, data.NORMALIZATIONS["imagenet"])
   pixels = (plain["image"] * std + mean) * 255
   for x in pixels:
@@ -335,23 +361,22 @@ def test_train_randaugment_sees_the_flipped_crop():
   # pixels of the plain path (which flips the floats), from the same draws.
   source = _indexed_source(12, size=20)
   plain = _take(data.train_iterator(source, **TRAIN_KW), 2)
-  noop = _take(data.train_iterator(source, **TRAIN_KW, randaugment="rand-p0"),
-               2)
+  noop = _take(data.train_iterator(source, **TRAIN_KW, randaugment="rand-p0"), 2)
   _assert_batches_equal(plain, noop)
 
 
 @requires_fashion_mnist
 def test_train_recipe_on_fashion_mnist():
   source = data.make_source("fashion_mnist", "train[:64]")
-  kw = dict(global_batch_size=32, image_size=28, seed=0,
-            normalization="fashion_mnist", num_threads=0)
+  kw = dict(
+    global_batch_size=32, image_size=28, seed=0, normalization="fashion_mnist", num_threads=0
+  )
   plain = next(data.train_iterator(source, **kw))
   batch = next(data.train_iterator(source, **kw, **RECIPE))
   assert batch["image"].shape == (32, 28, 28, 3)
   assert batch["image"].dtype == np.float32
   np.testing.assert_array_equal(batch["label"], plain["label"])
-  changed = [not np.array_equal(x, y)
-             for x, y in zip(batch["image"], plain["image"])]
+  changed = [not np.array_equal(x, y) for x, y in zip(batch["image"], plain["image"])]
   # RandAugment leaves ~1/4 of images alone, erasing ~3/4 of those.
   assert 16 <= sum(changed) < 32
   # Geometric fill is the normalisation mean's colour: 0 after normalising;
@@ -362,21 +387,24 @@ def test_train_recipe_on_fashion_mnist():
 
 def test_train_random_erase_one_always_erases():
   source = _indexed_source(8, size=16)
-  kw = {**TRAIN_KW, "rrc_scale": (1.0, 1.0), "rrc_ratio": (1.0, 1.0),
-        "hflip": False}
+  kw = {**TRAIN_KW, "rrc_scale": (1.0, 1.0), "rrc_ratio": (1.0, 1.0), "hflip": False}
   plain = next(data.train_iterator(source, **kw))
   erased = next(data.train_iterator(source, **kw, random_erase=1.0))
   for x, y in zip(plain["image"], erased["image"]):
     differs = np.any(x != y, axis=-1)
     rows, cols = np.nonzero(differs.any(1))[0], np.nonzero(differs.any(0))[0]
-    assert differs[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all()
+    assert differs[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].all()
 
 
-@pytest.mark.parametrize("aug, field", [
+@pytest.mark.parametrize(
+  "aug, field",
+  [
     (dict(randaugment="rand-m9-bogus"), "data.randaugment"),
     (dict(randaugment="augmix-m5"), "data.randaugment"),
     (dict(random_erase=1.5), "data.random_erase"),
-    (dict(random_erase=-0.1), "data.random_erase")])
+    (dict(random_erase=-0.1), "data.random_erase"),
+  ],
+)
 def test_train_rejects_bad_augmentation(aug, field):
   with pytest.raises(ConfigError) as e:
     data.train_iterator(_indexed_source(10), **TRAIN_KW, **aug)
@@ -385,9 +413,9 @@ def test_train_rejects_bad_augmentation(aug, field):
 
 def test_train_rejects_bad_batch_size():
   with pytest.raises(ConfigError) as e:
-    data.train_iterator(_indexed_source(10), **{**TRAIN_KW,
-                                                "global_batch_size": 9},
-                        process_count=2)
+    data.train_iterator(
+      _indexed_source(10), **{**TRAIN_KW, "global_batch_size": 9}, process_count=2
+    )
   assert e.value.field == "data.batch_size"
 
 
@@ -398,10 +426,19 @@ def test_train_rejects_bad_batch_size():
 @pytest.mark.parametrize("process_count", [1, 2])
 def test_eval_covers_every_example_once(process_count):
   source = _indexed_source(23)
-  per_process = [list(data.eval_iterator(
-      source, global_batch_size=8, image_size=8, normalization="unit",
-      process_index=p, process_count=process_count))
-                 for p in range(process_count)]
+  per_process = [
+    list(
+      data.eval_iterator(
+        source,
+        global_batch_size=8,
+        image_size=8,
+        normalization="unit",
+        process_index=p,
+        process_count=process_count,
+      )
+    )
+    for p in range(process_count)
+  ]
   b = 8 // process_count
   seen = []
   for step in range(3):  # ceil(23 / 8) global batches.
@@ -412,8 +449,7 @@ def test_eval_covers_every_example_once(process_count):
       seen += list(batch["label"][batch["mask"]])
   assert all(len(batches) == 3 for batches in per_process)
   assert seen == list(range(23))  # In order, each once.
-  masks = np.concatenate([per_process[p][2]["mask"]
-                          for p in range(process_count)])
+  masks = np.concatenate([per_process[p][2]["mask"] for p in range(process_count)])
   np.testing.assert_array_equal(masks, np.arange(8) < 23 - 16)
 
 
@@ -422,26 +458,31 @@ def test_eval_crop_pct_one_keeps_pixels(channels):
   rng = np.random.default_rng(1)
   images = rng.integers(0, 256, (3, 12, 12, channels), dtype=np.uint8)
   source = data.ArraySource(images, np.zeros(3))
-  batch = next(data.eval_iterator(source, global_batch_size=3, image_size=12,
-                                  crop_pct=1.0, normalization="imagenet"))
+  batch = next(
+    data.eval_iterator(
+      source, global_batch_size=3, image_size=12, crop_pct=1.0, normalization="imagenet"
+    )
+  )
   mean, std = map(np.array, data.NORMALIZATIONS["imagenet"])
   pixels = (batch["image"] * std + mean) * 255
-  np.testing.assert_allclose(pixels, np.broadcast_to(images, pixels.shape),
-                             atol=1e-3)
+  np.testing.assert_allclose(pixels, np.broadcast_to(images, pixels.shape), atol=1e-3)
 
 
 def test_eval_resizes_shorter_side_then_centre_crops():
   rng = np.random.default_rng(2)
   images = rng.integers(0, 256, (2, 40, 64, 3), dtype=np.uint8)
   source = data.ArraySource(images, np.arange(2))
-  batch = next(data.eval_iterator(source, global_batch_size=2, image_size=28,
-                                  crop_pct=0.875, normalization="unit"))
+  batch = next(
+    data.eval_iterator(
+      source, global_batch_size=2, image_size=28, crop_pct=0.875, normalization="unit"
+    )
+  )
   assert batch["image"].shape == (2, 28, 28, 3)
   # Shorter side 40 -> round(28 / 0.875) = 32, longer 64 -> 51; crop 28.
-  expected = np.asarray(Image.fromarray(images[1]).resize(
-      (51, 32), Image.BICUBIC).crop((12, 2, 40, 30)), np.float32)
-  np.testing.assert_allclose((batch["image"][1] + 1) / 2 * 255, expected,
-                             atol=1e-3)
+  expected = np.asarray(
+    Image.fromarray(images[1]).resize((51, 32), Image.BICUBIC).crop((12, 2, 40, 30)), np.float32
+  )
+  np.testing.assert_allclose((batch["image"][1] + 1) / 2 * 255, expected, atol=1e-3)
 
 
 # ----------------------------------------------------------------------------
@@ -449,8 +490,7 @@ def test_eval_resizes_shorter_side_then_centre_crops():
 
 
 def test_normalizations():
-  assert data.NORMALIZATIONS["imagenet"] == ((0.485, 0.456, 0.406),
-                                             (0.229, 0.224, 0.225))
+  assert data.NORMALIZATIONS["imagenet"] == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
   assert data.NORMALIZATIONS["unit"] == ((0.5,) * 3, (0.5,) * 3)
 
 
@@ -459,11 +499,11 @@ def test_unknown_normalization_names_the_field(make):
   source = _indexed_source(4)
   with pytest.raises(ConfigError) as e:
     if make == "train":
-      data.train_iterator(source, global_batch_size=2, image_size=8, seed=0,
-                          normalization="imagenet21k")
+      data.train_iterator(
+        source, global_batch_size=2, image_size=8, seed=0, normalization="imagenet21k"
+      )
     else:
-      data.eval_iterator(source, global_batch_size=2, image_size=8,
-                         normalization="imagenet21k")
+      data.eval_iterator(source, global_batch_size=2, image_size=8, normalization="imagenet21k")
   assert e.value.field == "data.normalization"
   assert "imagenet" in str(e.value) and "unit" in str(e.value)
 
@@ -502,7 +542,7 @@ class _DamagedSource:
     if damage == "garbage":
       encoded = b"\x00not an image"
     elif damage == "truncated":
-      encoded = encoded[:len(encoded) // 2]
+      encoded = encoded[: len(encoded) // 2]
     # pylint: disable-next=protected-access
     return data._to_example({"image": encoded, "label": index})
 
@@ -526,22 +566,25 @@ def test_train_skips_unreadable_records(aug, capsys):
   assert 0 < out.count("WARNING: example") <= data.MAX_SKIP_WARNINGS
   # Still a pure function of (seed, step): threads, resume and process
   # slices give the same batches, flags included.
-  _assert_batches_equal(batches, _take(data.train_iterator(
-      source, **TRAIN_KW, **aug, num_threads=0), 5))
-  _assert_batches_equal(batches[2:], _take(data.train_iterator(
-      source, **TRAIN_KW, **aug, start_step=2), 3))
-  parts = [_take(data.train_iterator(source, **TRAIN_KW, **aug,
-                                     process_index=p, process_count=2), 5)
-           for p in range(2)]
+  _assert_batches_equal(
+    batches, _take(data.train_iterator(source, **TRAIN_KW, **aug, num_threads=0), 5)
+  )
+  _assert_batches_equal(
+    batches[2:], _take(data.train_iterator(source, **TRAIN_KW, **aug, start_step=2), 3)
+  )
+  parts = [
+    _take(data.train_iterator(source, **TRAIN_KW, **aug, process_index=p, process_count=2), 5)
+    for p in range(2)
+  ]
   for step, batch in enumerate(batches):
     for key in batch:
       np.testing.assert_array_equal(
-          np.concatenate([parts[0][step][key], parts[1][step][key]]),
-          batch[key])
+        np.concatenate([parts[0][step][key], parts[1][step][key]]), batch[key]
+      )
 
 
 def test_train_stops_when_no_record_is_readable():
-  source = _DamagedSource(5, {i: "garbage" for i in range(5)})
+  source = _DamagedSource(5, dict.fromkeys(range(5), "garbage"))
   with pytest.raises(ConfigError, match="5 examples in a row") as e:
     next(data.train_iterator(source, **TRAIN_KW, num_threads=0))
   assert e.value.field == "data.name"
@@ -549,8 +592,9 @@ def test_train_stops_when_no_record_is_readable():
 
 def test_eval_leaves_out_unreadable_records(capsys):
   source = _DamagedSource(20, BAD)
-  batches = list(data.eval_iterator(source, global_batch_size=8, image_size=8,
-                                    normalization="unit"))
+  batches = list(
+    data.eval_iterator(source, global_batch_size=8, image_size=8, normalization="unit")
+  )
   mask = np.concatenate([b["mask"] for b in batches])
   skipped = np.concatenate([b["skipped"] for b in batches])
   labels = np.concatenate([b["label"] for b in batches])
@@ -560,10 +604,10 @@ def test_eval_leaves_out_unreadable_records(capsys):
   assert "example 7 of the source is unreadable" in capsys.readouterr().out
 
 
-def test_train_and_evaluate_counts_skipped_examples(tmp_path, monkeypatch,
-                                                    capsys):
+def test_train_and_evaluate_counts_skipped_examples(tmp_path, monkeypatch, capsys):
   from at_jax import metrics, train  # pylint: disable=g-import-not-at-top
   from configs import demo  # pylint: disable=g-import-not-at-top
+
   bad_train = {1: "garbage", 2: "truncated", 40: "garbage"}
   bad_eval = {5: "garbage"}
 
@@ -572,6 +616,7 @@ def test_train_and_evaluate_counts_skipped_examples(tmp_path, monkeypatch,
     if split.startswith("train"):
       return _DamagedSource(64, bad_train, size=28)
     return _DamagedSource(40, bad_eval, size=28)
+
   monkeypatch.setattr(data, "make_source", make_source)
   c = demo.get_config()
   c.unlock()
@@ -582,8 +627,7 @@ def test_train_and_evaluate_counts_skipped_examples(tmp_path, monkeypatch,
   c.teacher.pretrain = None
   evals = train.train_and_evaluate(c, str(tmp_path))  # runs through
   assert 0 <= evals["top1"] <= 100
-  lines = [x for x in metrics.read_jsonl(str(tmp_path / "metrics.jsonl"))
-           if "train/loss" in x]
+  lines = [x for x in metrics.read_jsonl(str(tmp_path / "metrics.jsonl")) if "train/loss" in x]
   # 4 steps of 16: one epoch, which meets each bad record once.
   assert lines[-1]["step"] == 4
   assert lines[-1]["train/skipped_examples"] == len(bad_train)

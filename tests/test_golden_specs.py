@@ -3,6 +3,7 @@
 Computed abstractly (jax.eval_shape, no memory). A change in the sharding rule or the param/optimizer
 layout shows up here as a diff; regenerate deliberately with AT_JAX_UPDATE_GOLDEN=1.
 """
+
 import json
 import os
 
@@ -17,22 +18,37 @@ GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "vitl_specs_16x16.jso
 
 
 def _specs(tree, fsdp):
-  return {jax.tree_util.keystr(k): str(sharding.spec_for(tuple(v.shape), fsdp))
-          for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+  return {
+    jax.tree_util.keystr(k): str(sharding.spec_for(tuple(v.shape), fsdp))
+    for k, v in jax.tree_util.tree_leaves_with_path(tree)
+  }
 
 
 def test_vitl_student_teacher_optimizer_specs_16x16():
   c = distill_vitl.get_config()
   student = vit.build(train.model_config(c, "/nonexistent"))
-  teacher = vit.build({"variant": "L/16", "num_classes": 0, "pool": "cls"})  # as converted from MAE's .pth
+  teacher = vit.build(
+    {"variant": "L/16", "num_classes": 0, "pool": "cls"}
+  )  # as converted from MAE's .pth
   images = np.zeros((1, 224, 224, 3), np.float32)
   params = jax.eval_shape(lambda: student.init(jax.random.key(0), images, train=False)["params"])
-  schedule = optim.make_schedule(base_lr=1e-4, batch_size=2048, warmup_steps=20 * 625,
-                                 total_steps=200 * 625, min_lr=1e-6)
-  tx = optim.make_optimizer(params, schedule=schedule, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.3,
-                            layer_decay=1.0, depth=24)
+  schedule = optim.make_schedule(
+    base_lr=1e-4, batch_size=2048, warmup_steps=20 * 625, total_steps=200 * 625, min_lr=1e-6
+  )
+  tx = optim.make_optimizer(
+    params,
+    schedule=schedule,
+    b1=0.9,
+    b2=0.95,
+    eps=1e-8,
+    weight_decay=0.3,
+    layer_decay=1.0,
+    depth=24,
+  )
   state = jax.eval_shape(lambda r: train_step.init_state(student, tx, r, 224), jax.random.key(0))
-  teacher_params = jax.eval_shape(lambda: teacher.init(jax.random.key(0), images, train=False)["params"])
+  teacher_params = jax.eval_shape(
+    lambda: teacher.init(jax.random.key(0), images, train=False)["params"]
+  )
   got = {"state": _specs(state, 16), "teacher": _specs(teacher_params, 16)}
   if os.environ.get("AT_JAX_UPDATE_GOLDEN"):
     with open(GOLDEN, "w") as f:
@@ -42,10 +58,14 @@ def test_vitl_student_teacher_optimizer_specs_16x16():
   # Spot checks that make the golden file readable: big matrices are split over fsdp, small vectors not.
   mlp = "['Transformer']['encoderblock']['MlpBlock_0']['Dense_0']"
   for part in (".params", ".ema_params", ".opt_state[0].mu", ".opt_state[0].nu"):
-    assert got["state"][f"{part}{mlp}['kernel']"] == "P(None, None, 'fsdp')"  # [L, D, 4D]: the 4096 axis
+    assert (
+      got["state"][f"{part}{mlp}['kernel']"] == "P(None, None, 'fsdp')"
+    )  # [L, D, 4D]: the 4096 axis
   query = "['Transformer']['encoderblock_0']['MultiHeadDotProductAttention_0']['query']['kernel']"
   assert got["teacher"][query] == "P('fsdp',)"  # [D, H, Dh]: the 1024 axis
   assert got["state"][".step"] == "P()"
   # Per device, the student's params + Adam moments + EMA come to 1/16 of their total.
   total = sum(np.prod(v.shape) * v.dtype.itemsize for v in jax.tree.leaves(state))
-  assert 4.8e9 < total < 4.95e9  # 304M float32 params x 4 (params, EMA, Adam mu and nu): ~305 MB a device
+  assert (
+    4.8e9 < total < 4.95e9
+  )  # 304M float32 params x 4 (params, EMA, Adam mu and nu): ~305 MB a device

@@ -1,4 +1,5 @@
 """MAE pre-training: patchify, masking, the masked loss, the encoder export, sharded training on real data."""
+
 import functools
 import os
 
@@ -16,14 +17,20 @@ from at_jax.models import vit
 S = 28  # Image size: 4 x 4 = 16 patches of 7 px.
 ENCODER = {"variant": "Pico/7", "num_classes": 0, "pool": "cls"}
 requires_fashion_mnist = pytest.mark.skipif(
-    not os.path.isdir(data.FASHION_MNIST_SYSTEM_DIR),
-    reason="needs `sudo apt-get install dataset-fashion-mnist`")
+  not os.path.isdir(data.FASHION_MNIST_SYSTEM_DIR),
+  reason="needs `sudo apt-get install dataset-fashion-mnist`",
+)
 
 
 def _mae(**kw) -> mae.MAE:
   """A small MAE for the unit tests; `kw` overrides its fields."""
-  fields = {"encoder": ENCODER, "decoder_width": 32, "decoder_depth": 1, "decoder_heads": 2,
-            "decoder_mlp_dim": 64}
+  fields = {
+    "encoder": ENCODER,
+    "decoder_width": 32,
+    "decoder_depth": 1,
+    "decoder_heads": 2,
+    "decoder_mlp_dim": 64,
+  }
   return mae.MAE(**{**fields, **kw})
 
 
@@ -32,7 +39,9 @@ def _images(b=4, seed=0):
 
 
 def _init(model):
-  return model.init(jax.random.key(0), _images(1), train=False, mask_rng=jax.random.key(0))["params"]
+  return model.init(jax.random.key(0), _images(1), train=False, mask_rng=jax.random.key(0))[
+    "params"
+  ]
 
 
 def test_patchify_unpatchify_round_trip():
@@ -48,15 +57,23 @@ def test_patchify_unpatchify_round_trip():
   conv = flax.linen.Conv(5, (7, 7), strides=(7, 7), padding="VALID")
   variables = conv.init(jax.random.key(0), x)
   kernel = variables["params"]["kernel"].reshape(-1, 5)
-  np.testing.assert_allclose(conv.apply(variables, x).reshape(2, 16, 5),
-                             patches @ kernel + variables["params"]["bias"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    conv.apply(variables, x).reshape(2, 16, 5),
+    patches @ kernel + variables["params"]["bias"],
+    rtol=1e-5,
+    atol=1e-5,
+  )
 
 
 def test_masking_keeps_k_per_sample_and_is_deterministic():
   model = _mae()
   params = _init(model)
-  run = lambda key: model.apply({"params": params}, _images(8), train=True,  # noqa: E731
-                                mask_rng=jax.random.key(key))[1]["mask"]
+  run = lambda key: model.apply(
+    {"params": params},
+    _images(8),
+    train=True,
+    mask_rng=jax.random.key(key),
+  )[1]["mask"]
   mask = np.asarray(run(1))
   keep = mae.num_kept(16, 0.75)
   assert keep == 4
@@ -68,8 +85,10 @@ def test_masking_keeps_k_per_sample_and_is_deterministic():
   keep_BK, restore_BP, mask_BP = mae.random_masking(jax.random.key(1), 8, 16, keep)
   np.testing.assert_array_equal(mask_BP, mask)
   np.testing.assert_array_equal(np.take_along_axis(np.asarray(mask_BP), np.asarray(keep_BK), 1), 0)
-  np.testing.assert_array_equal(np.take_along_axis(np.asarray(restore_BP), np.asarray(keep_BK), 1),
-                                np.tile(np.arange(keep), (8, 1)))
+  np.testing.assert_array_equal(
+    np.take_along_axis(np.asarray(restore_BP), np.asarray(keep_BK), 1),
+    np.tile(np.arange(keep), (8, 1)),
+  )
   with pytest.raises(ConfigError, match="mask_ratio"):
     mae.num_kept(16, 1.0)
 
@@ -78,12 +97,19 @@ def test_encoder_sees_only_visible_patches():
   model = _mae()
   params = _init(model)
   images = _images(3)
-  (_, aux), state = model.apply({"params": params}, images, train=False, mask_rng=jax.random.key(5),
-                                capture_intermediates=lambda m, _: isinstance(m, vit.ViT))
-  (_, out), = state["intermediates"]["encoder"]["__call__"]
+  (_, aux), state = model.apply(
+    {"params": params},
+    images,
+    train=False,
+    mask_rng=jax.random.key(5),
+    capture_intermediates=lambda m, _: isinstance(m, vit.ViT),
+  )
+  ((_, out),) = state["intermediates"]["encoder"]["__call__"]
   assert out["attn_logits"].shape == (2, 3, 2, 1 + 4, 1 + 4)  # [L, B, H, cls + K, cls + K]
   # Pixels of masked patches never reach the encoder, hence not the prediction either.
-  visible_pixels = mae.unpatchify(jnp.broadcast_to(1 - aux["mask"][..., None], (3, 16, 7 * 7 * 3)), 7)
+  visible_pixels = mae.unpatchify(
+    jnp.broadcast_to(1 - aux["mask"][..., None], (3, 16, 7 * 7 * 3)), 7
+  )
   noisy = images + 5.0 * (1 - visible_pixels) * _images(3, seed=1)
   _, aux_noisy = model.apply({"params": params}, noisy, train=False, mask_rng=jax.random.key(5))
   np.testing.assert_allclose(aux_noisy["pred"], aux["pred"], atol=1e-6)
@@ -95,8 +121,12 @@ def test_mask_tokens_fill_exactly_the_masked_positions():
   exactly where the mask says 1, an encoder token elsewhere."""
   model = _mae(decoder_depth=0)
   params = _init(model)
-  _, a = model.apply({"params": params}, _images(2, seed=0), train=False, mask_rng=jax.random.key(2))
-  _, b = model.apply({"params": params}, _images(2, seed=1), train=False, mask_rng=jax.random.key(2))
+  _, a = model.apply(
+    {"params": params}, _images(2, seed=0), train=False, mask_rng=jax.random.key(2)
+  )
+  _, b = model.apply(
+    {"params": params}, _images(2, seed=1), train=False, mask_rng=jax.random.key(2)
+  )
   same_BP = np.all(np.isclose(a["pred"], b["pred"], rtol=0, atol=1e-6), axis=-1)
   np.testing.assert_array_equal(same_BP, a["mask"] == 1)
 
@@ -104,8 +134,12 @@ def test_mask_tokens_fill_exactly_the_masked_positions():
 def test_encoder_drop_path_needs_no_rng_stream():
   model = _mae(encoder={**ENCODER, "drop_path": 0.5})
   params = _init(model)
-  run = lambda key: model.apply({"params": params}, _images(4), train=True,  # noqa: E731
-                                mask_rng=jax.random.key(key))[0]
+  run = lambda key: model.apply(
+    {"params": params},
+    _images(4),
+    train=True,
+    mask_rng=jax.random.key(key),
+  )[0]
   assert float(run(1)) == float(run(1)) and float(run(1)) != float(run(2))
 
 
@@ -115,12 +149,14 @@ def test_loss_counts_only_masked_patches():
   images = _images(4)
   loss, aux = model.apply({"params": params}, images, train=True, mask_rng=jax.random.key(7))
   target = mae.patchify(images, 7)
-  np.testing.assert_allclose(mae.reconstruction_loss(aux["pred"], target, aux["mask"], True).mean(), loss,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    mae.reconstruction_loss(aux["pred"], target, aux["mask"], True).mean(), loss, rtol=1e-6
+  )
   # Any change of the prediction on visible patches leaves the loss alone.
   changed = aux["pred"] + 100.0 * (1 - aux["mask"])[..., None]
-  np.testing.assert_allclose(mae.reconstruction_loss(changed, target, aux["mask"], True),
-                             aux["example_loss"], rtol=1e-6)
+  np.testing.assert_allclose(
+    mae.reconstruction_loss(changed, target, aux["mask"], True), aux["example_loss"], rtol=1e-6
+  )
   # Gradients w.r.t. the prediction vanish on visible patches.
   g = jax.grad(lambda p: mae.reconstruction_loss(p, target, aux["mask"], True).sum())(aux["pred"])
   assert float(jnp.abs(g * (1 - aux["mask"])[..., None]).max()) == 0.0
@@ -131,7 +167,9 @@ def test_norm_pix_loss_matches_numpy():
   rng = np.random.default_rng(3)
   pred, target = rng.normal(size=(2, 3, 4)), 2.0 + 3.0 * rng.normal(size=(2, 3, 4))
   mask = np.array([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
-  normed = (target - target.mean(-1, keepdims=True)) / np.sqrt(target.var(-1, ddof=1, keepdims=True) + 1e-6)
+  normed = (target - target.mean(-1, keepdims=True)) / np.sqrt(
+    target.var(-1, ddof=1, keepdims=True) + 1e-6
+  )
   per_patch = ((pred - normed) ** 2).mean(-1)
   expected = [(per_patch[0, 0] + per_patch[0, 2]) / 2, per_patch[1, 1]]
   got = mae.reconstruction_loss(jnp.asarray(pred), jnp.asarray(target), jnp.asarray(mask), True)
@@ -144,8 +182,20 @@ def test_decoder_posemb_is_mae_sincos():
   table = mae.sincos_posemb_2d(2, 3, 8)
   assert table.shape == (6, 8)
   # Patch 5 is row 1, column 2: the column is encoded first, then the row; frequencies 1 and 1/100.
-  np.testing.assert_allclose(table[5], [np.sin(2), np.sin(0.02), np.cos(2), np.cos(0.02),
-                                        np.sin(1), np.sin(0.01), np.cos(1), np.cos(0.01)], rtol=1e-6)
+  np.testing.assert_allclose(
+    table[5],
+    [
+      np.sin(2),
+      np.sin(0.02),
+      np.cos(2),
+      np.cos(0.02),
+      np.sin(1),
+      np.sin(0.01),
+      np.cos(1),
+      np.cos(0.01),
+    ],
+    rtol=1e-6,
+  )
 
 
 def test_encoder_export_is_a_working_vit_teacher():
@@ -174,19 +224,23 @@ def _fashion_mnist(n):
   return np.repeat(x[..., None], 3, axis=-1), labels[:n]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted(num_devices, fsdp):
   """(mesh, init, train, evaluate) for the first `num_devices` devices; cached so each compiles once."""
   model = mae.MAE(**TRAIN_MAE)
   schedule = optax.warmup_cosine_decay_schedule(0.0, 2e-3, 5, STEPS, end_value=1e-4)
   tx = optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.05)
   mesh = sharding.make_mesh(-1, fsdp, jax.devices()[:num_devices])
-  init = lambda r: mae.init_mae_state(model, tx, r, S)  # noqa: E731
+  init = lambda r: mae.init_mae_state(model, tx, r, S)
   shardings = sharding.tree_shardings(mesh, jax.eval_shape(init, jax.random.key(0)))
   # The ViT's jit_steps as is: no teacher (None, an empty pytree, needs no shardings).
   train, evaluate = train_step.jit_steps(
-      mae.make_mae_train_step(model, tx, schedule=schedule, ema_decay=0.9), mae.make_mae_eval_step(model),
-      mesh, shardings, None)
+    mae.make_mae_train_step(model, tx, schedule=schedule, ema_decay=0.9),
+    mae.make_mae_eval_step(model),
+    mesh,
+    shardings,
+    None,
+  )
   return mesh, jax.jit(init, out_shardings=shardings), train, evaluate
 
 
@@ -195,12 +249,15 @@ def _run(num_devices, fsdp, steps, images, labels):
   mesh, init, train, evaluate = _jitted(num_devices, fsdp)
   state = init(jax.random.key(0))
   eval_batch = sharding.global_batch(
-      {"image": images[:B], "label": labels[:B], "mask": np.arange(B) < B - 8}, mesh)  # 8 padding rows.
+    {"image": images[:B], "label": labels[:B], "mask": np.arange(B) < B - 8}, mesh
+  )  # 8 padding rows.
   first = jax.device_get(evaluate(state.params, state.ema_params, eval_batch, None))
   losses = []
   for i in range(steps):
     lo = (i * B) % len(images)
-    batch = sharding.global_batch({"image": images[lo:lo + B], "label": labels[lo:lo + B]}, mesh)
+    batch = sharding.global_batch(
+      {"image": images[lo : lo + B], "label": labels[lo : lo + B]}, mesh
+    )
     state, m = train(state, batch, None)
     losses.append({k: float(v) for k, v in m.items()})
   sums = evaluate(state.params, state.ema_params, eval_batch, None)
@@ -218,8 +275,9 @@ def test_training_on_fashion_mnist_lowers_reconstruction_loss():
   # Shrinking the initial (xavier) prediction towards 0, i.e. each patch's mean, alone reaches ~0.80 on
   # these images (blank patches normalise to 0); beating that shows actual reconstruction.
   target = mae.patchify(jnp.asarray(images), 7)
-  predict_mean = float(mae.reconstruction_loss(jnp.zeros_like(target), target, jnp.ones(target.shape[:2]),
-                                               True).mean())
+  predict_mean = float(
+    mae.reconstruction_loss(jnp.zeros_like(target), target, jnp.ones(target.shape[:2]), True).mean()
+  )
   assert final < 0.9 * predict_mean, (final, predict_mean)
   assert sums["loss"] < 0.8 * first["loss"], (first, sums)
   assert losses[0]["lr"] == 0.0 and all(x["grad_norm"] > 0 for x in losses)
@@ -235,11 +293,13 @@ def test_one_device_equals_eight_device_mesh():
   for a, b in zip(l1, l8):
     for k in a:
       np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=1e-6, err_msg=k)
+
   # Key biases have an exactly-zero true gradient (a per-query shift of the logits), so Adam turns float
   # noise there into steps of up to ~lr (as in test_train_step); everything else agrees tightly.
   def check(path, x, y):
     is_key_bias = [getattr(k, "key", "") for k in path][-2:] == ["key", "bias"]
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-3 if is_key_bias else 1e-5)
+
   jax.tree_util.tree_map_with_path(check, jax.device_get(p1), jax.device_get(p8))
   for k in e1:
     np.testing.assert_allclose(e1[k], e8[k], rtol=1e-5)

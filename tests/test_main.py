@@ -1,20 +1,35 @@
 """launch/main.py end to end, as a user runs it: a tiny demo, then a resume, then a bad override."""
+
 import json
 import os
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--config.model.variant=Pico/7", "--config.transfer.layers=first:1", "--config.data.train_split=train[:640]",
-        "--config.data.eval_split=test[:500]", "--config.schedule.steps=4", "--config.schedule.log_every_steps=2",
-        "--config.teacher.pretrain.model.variant=Pico/7", "--config.teacher.pretrain.data.train_split=train[:640]",
-        "--config.teacher.pretrain.data.eval_split=test[:500]", "--config.teacher.pretrain.schedule.steps=4"]
+TINY = [
+  "--config.model.variant=Pico/7",
+  "--config.transfer.layers=first:1",
+  "--config.data.train_split=train[:640]",
+  "--config.data.eval_split=test[:500]",
+  "--config.schedule.steps=4",
+  "--config.schedule.log_every_steps=2",
+  "--config.teacher.pretrain.model.variant=Pico/7",
+  "--config.teacher.pretrain.data.train_split=train[:640]",
+  "--config.teacher.pretrain.data.eval_split=test[:500]",
+  "--config.teacher.pretrain.schedule.steps=4",
+]
 
 
 def _main(*args):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as on a laptop
-  return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "main.py"), *args], cwd=ROOT,
-                        env=env, capture_output=True, text=True, timeout=600)
+  return subprocess.run(
+    [sys.executable, os.path.join(ROOT, "launch", "main.py"), *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
 
 
 def test_demo_end_to_end_and_resume(tmp_path):
@@ -29,8 +44,15 @@ def test_demo_end_to_end_and_resume(tmp_path):
   results = json.load(open(os.path.join(workdir, "results.json")))
   assert set(results) == {"teacher", "student"} and 0 <= results["student"]["top1"] <= 100
   assert "attention of student vs teacher" in out
-  for path in ("metrics.jsonl", "tensorboard", "checkpoints/4", "params/model_config.json", "attention.png",
-               "teacher/metrics.jsonl", "teacher/params/model_config.json"):
+  for path in (
+    "metrics.jsonl",
+    "tensorboard",
+    "checkpoints/4",
+    "params/model_config.json",
+    "attention.png",
+    "teacher/metrics.jsonl",
+    "teacher/params/model_config.json",
+  ):
     assert os.path.exists(os.path.join(workdir, path)), path
   # Running again on the same workdir resumes: no new teacher, the student restores step 4.
   again = _main(f"--workdir={workdir}", *TINY)

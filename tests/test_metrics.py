@@ -15,15 +15,15 @@ from at_jax.errors import ConfigError
 def test_writer_jsonl_and_tensorboard(tmp_path):
   workdir = str(tmp_path / "run")
   writer = metrics.MetricWriter(workdir)  # Process 0: enabled by default.
-  writer.write(1, {"loss": jnp.float32(2.5), "acc": np.float64(0.25),
-                   "count": 3, "lr": jnp.array([1e-3])})
+  writer.write(
+    1, {"loss": jnp.float32(2.5), "acc": np.float64(0.25), "count": 3, "lr": jnp.array([1e-3])}
+  )
   writer.write(2, {"loss": 1.5})
   # Flushed before close, so a killed run keeps its lines.
   records = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   assert records == [
-      {"step": 1, "loss": 2.5, "acc": 0.25, "count": 3.0,
-       "lr": pytest.approx(1e-3)},
-      {"step": 2, "loss": 1.5},
+    {"step": 1, "loss": 2.5, "acc": 0.25, "count": 3.0, "lr": pytest.approx(1e-3)},
+    {"step": 2, "loss": 1.5},
   ]
   assert all(isinstance(v, float) for k, v in records[0].items() if k != "step")
   writer.close()
@@ -70,8 +70,9 @@ def test_progress_line(capsys, monkeypatch):
   assert progress.update(0).endswith("eta ?")
   now[0] += 60.0  # 120 steps in 60 s: 2 steps/s, 1024 img/s.
   line = progress.update(120, {"loss": jnp.float32(1.2341), "acc": 0.51})
-  assert line == ("train   120/900 [#---------]  13% | loss 1.234 | acc 0.51 "
-                  "| 1024 img/s | eta 6m30s")
+  assert line == (
+    "train   120/900 [#---------]  13% | loss 1.234 | acc 0.51 | 1024 img/s | eta 6m30s"
+  )
   printed = capsys.readouterr().out.splitlines()
   assert printed[-1] == line and "\r" not in line
 
@@ -95,14 +96,16 @@ def test_progress_disabled_prints_nothing(capsys):
 
 
 def test_format_table():
-  rows = [{"model": "vit-b/16", "top1": 83.1234, "epochs": 100},
-          {"model": "vit-l", "top1": np.float32(85.5), "img/s": 12345.6}]
+  rows = [
+    {"model": "vit-b/16", "top1": 83.1234, "epochs": 100},
+    {"model": "vit-l", "top1": np.float32(85.5), "img/s": 12345.6},
+  ]
   table = metrics.format_table(rows, ["model", "top1", "epochs", "img/s"])
   assert table.splitlines() == [
-      "| model    | top1  | epochs | img/s |",
-      "|----------|-------|--------|-------|",
-      "| vit-b/16 | 83.12 | 100    |       |",
-      "| vit-l    | 85.5  |        | 12346 |",
+    "| model    | top1  | epochs | img/s |",
+    "|----------|-------|--------|-------|",
+    "| vit-b/16 | 83.12 | 100    |       |",
+    "| vit-l    | 85.5  |        | 12346 |",
   ]
   widths = {len(line) for line in table.splitlines()}
   assert len(widths) == 1

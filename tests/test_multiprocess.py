@@ -1,5 +1,6 @@
 """Multi-host for real on CPU: two processes (4 devices each) joined by jax.distributed over loopback run
 the same training as one process with 8 devices, on the same (4, 2) mesh with FSDP across the processes."""
+
 import os
 import socket
 import subprocess
@@ -11,11 +12,21 @@ import numpy as np
 from at_jax import checkpoint, metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARGS = ["--config.transfer.mode=none", "--config.model.variant=Pico/7", "--config.model.drop_path=0.1",
-        "--config.data.train_split=train[:640]", "--config.data.eval_split=test[:400]",
-        "--config.data.batch_size=32", "--config.data.eval_batch_size=80", "--config.data.num_threads=0",
-        "--config.schedule.steps=6", "--config.schedule.log_every_steps=2", "--config.mesh.data=4",
-        "--config.mesh.fsdp=2", "--config.ckpt.every_steps=3"]
+ARGS = [
+  "--config.transfer.mode=none",
+  "--config.model.variant=Pico/7",
+  "--config.model.drop_path=0.1",
+  "--config.data.train_split=train[:640]",
+  "--config.data.eval_split=test[:400]",
+  "--config.data.batch_size=32",
+  "--config.data.eval_batch_size=80",
+  "--config.data.num_threads=0",
+  "--config.schedule.steps=6",
+  "--config.schedule.log_every_steps=2",
+  "--config.mesh.data=4",
+  "--config.mesh.fsdp=2",
+  "--config.ckpt.every_steps=3",
+]
 
 
 def _env(devices):
@@ -25,9 +36,20 @@ def _env(devices):
 
 
 def _main(workdir, *extra, devices):
-  return subprocess.Popen([sys.executable, os.path.join(ROOT, "launch", "main.py"), f"--workdir={workdir}",
-                           *ARGS, *extra], cwd=ROOT, env=_env(devices), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+    [
+      sys.executable,
+      os.path.join(ROOT, "launch", "main.py"),
+      f"--workdir={workdir}",
+      *ARGS,
+      *extra,
+    ],
+    cwd=ROOT,
+    env=_env(devices),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
 
 
 def _free_port():
@@ -44,24 +66,40 @@ def test_two_processes_equal_one(tmp_path):
 
   two = str(tmp_path / "two")
   port = _free_port()
-  procs = [_main(two, "--multihost", f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
-                 f"--process_id={i}", devices=4) for i in range(2)]
+  procs = [
+    _main(
+      two,
+      "--multihost",
+      f"--coordinator=127.0.0.1:{port}",
+      "--num_processes=2",
+      f"--process_id={i}",
+      devices=4,
+    )
+    for i in range(2)
+  ]
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   assert "| classify" in outs[0][0] and "| classify" not in outs[1][0]  # only process 0 reports
 
-  logged = [[x for x in metrics.read_jsonl(os.path.join(w, "metrics.jsonl")) if "train/loss" in x]
-            for w in (one, two)]
+  logged = [
+    [x for x in metrics.read_jsonl(os.path.join(w, "metrics.jsonl")) if "train/loss" in x]
+    for w in (one, two)
+  ]
   assert [x["step"] for x in logged[1]] == [2, 4, 6]  # one writer: no duplicated lines
   for a, b in zip(*logged):
     np.testing.assert_allclose(a["train/loss"], b["train/loss"], rtol=1e-5)
-  evals = [[x for x in metrics.read_jsonl(os.path.join(w, "metrics.jsonl")) if "eval/top1" in x][-1]
-           for w in (one, two)]
+  evals = [
+    [x for x in metrics.read_jsonl(os.path.join(w, "metrics.jsonl")) if "eval/top1" in x][-1]
+    for w in (one, two)
+  ]
   assert evals[0]["eval/top1"] == evals[1]["eval/top1"]
 
-  def close(path, x, y):  # the key bias has a zero true gradient: Adam turns float noise into ~lr steps
+  def close(
+    path, x, y
+  ):  # the key bias has a zero true gradient: Adam turns float noise into ~lr steps
     key_bias = [getattr(k, "key", "") for k in path][-2:] == ["key", "bias"]
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4 if key_bias else 1e-6)
+
   params = [checkpoint.load_params(os.path.join(w, "params"))[1] for w in (one, two)]
   jax.tree_util.tree_map_with_path(close, *params)

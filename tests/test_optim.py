@@ -1,4 +1,5 @@
 """Tests for at_jax.optim: lr schedule, weight-decay mask, layer decay, AdamW chain."""
+
 import math
 
 import jax
@@ -16,12 +17,12 @@ IMAGE = 8  # 2x2 patches of 4 px, plus cls: 5 tokens.
 
 # Every kernel of a Pico/4 block, relative to the block.
 BLOCK_KERNELS = (
-    "MultiHeadDotProductAttention_0/query/kernel",
-    "MultiHeadDotProductAttention_0/key/kernel",
-    "MultiHeadDotProductAttention_0/value/kernel",
-    "MultiHeadDotProductAttention_0/out/kernel",
-    "MlpBlock_0/Dense_0/kernel",
-    "MlpBlock_0/Dense_1/kernel",
+  "MultiHeadDotProductAttention_0/query/kernel",
+  "MultiHeadDotProductAttention_0/key/kernel",
+  "MultiHeadDotProductAttention_0/value/kernel",
+  "MultiHeadDotProductAttention_0/out/kernel",
+  "MlpBlock_0/Dense_0/kernel",
+  "MlpBlock_0/Dense_1/kernel",
 )
 
 
@@ -66,7 +67,9 @@ def _grads(params, seed):
 
 def test_schedule_warmup_peak_and_cosine():
   peak = 1e-3 * 512 / 256
-  s = optim.make_schedule(base_lr=1e-3, batch_size=512, warmup_steps=10, total_steps=110, min_lr=1e-5)
+  s = optim.make_schedule(
+    base_lr=1e-3, batch_size=512, warmup_steps=10, total_steps=110, min_lr=1e-5
+  )
   assert float(s(0)) == 0.0
   for step in range(11):  # Linear from 0 to the peak over the warmup.
     assert float(s(step)) == pytest.approx(peak * step / 10, rel=1e-5, abs=1e-12)
@@ -74,7 +77,9 @@ def test_schedule_warmup_peak_and_cosine():
   assert max(float(s(i)) for i in range(111)) == pytest.approx(peak, rel=1e-6)
   # Half cosine from the peak down to min_lr over the remaining 100 steps.
   assert float(s(60)) == pytest.approx(1e-5 + (peak - 1e-5) / 2, rel=1e-5)
-  assert float(s(35)) == pytest.approx(1e-5 + (peak - 1e-5) * (1 + math.cos(math.pi / 4)) / 2, rel=1e-5)
+  assert float(s(35)) == pytest.approx(
+    1e-5 + (peak - 1e-5) * (1 + math.cos(math.pi / 4)) / 2, rel=1e-5
+  )
   assert float(s(110)) == pytest.approx(1e-5, rel=1e-5)
   assert float(s(500)) == pytest.approx(1e-5, rel=1e-5)  # Stays at min_lr.
   values = [float(s(i)) for i in range(10, 111)]
@@ -88,16 +93,21 @@ def test_schedule_without_warmup_starts_at_peak():
   assert float(s(100)) == pytest.approx(0.0, abs=1e-12)
 
 
-@pytest.mark.parametrize("warmup, total, field", [
+@pytest.mark.parametrize(
+  "warmup, total, field",
+  [
     (10, 10, "schedule.warmup_epochs"),
     (11, 10, "schedule.warmup_epochs"),
     (-1, 10, "schedule.warmup_epochs"),
     (0, 0, "schedule.epochs"),
     (5, -3, "schedule.epochs"),
-])
+  ],
+)
 def test_schedule_rejects_bad_lengths(warmup, total, field):
   with pytest.raises(ConfigError) as e:
-    optim.make_schedule(base_lr=1e-3, batch_size=256, warmup_steps=warmup, total_steps=total, min_lr=0.0)
+    optim.make_schedule(
+      base_lr=1e-3, batch_size=256, warmup_steps=warmup, total_steps=total, min_lr=0.0
+    )
   assert e.value.field == field
 
 
@@ -108,11 +118,18 @@ def test_weight_decay_mask_loop_layout(loop_params):
   mask = _paths(optim.weight_decay_mask(loop_params))
   assert set(mask) == set(_paths(loop_params))
   kernels = {"embedding/kernel", "head/kernel"} | {
-      f"Transformer/encoderblock_{i}/{k}" for i in range(DEPTH) for k in BLOCK_KERNELS}
+    f"Transformer/encoderblock_{i}/{k}" for i in range(DEPTH) for k in BLOCK_KERNELS
+  }
   assert {p for p, decayed in mask.items() if decayed} == kernels
-  for p in ("cls", "pos_embedding", "embedding/bias", "head/bias", "fc_norm/scale",
-            "Transformer/encoderblock_0/LayerNorm_0/scale",
-            "Transformer/encoderblock_1/MultiHeadDotProductAttention_0/query/bias"):
+  for p in (
+    "cls",
+    "pos_embedding",
+    "embedding/bias",
+    "head/bias",
+    "fc_norm/scale",
+    "Transformer/encoderblock_0/LayerNorm_0/scale",
+    "Transformer/encoderblock_1/MultiHeadDotProductAttention_0/query/bias",
+  ):
     assert mask[p] is False, p
 
 
@@ -120,15 +137,18 @@ def test_weight_decay_mask_scan_layout(loop_params, scan_shapes):
   scan_params = vit.loop_to_scan(loop_params)
   assert jax.tree.structure(scan_params) == jax.tree.structure(scan_shapes)
   kernels = {"embedding/kernel", "head/kernel"} | {
-      f"Transformer/encoderblock/{k}" for k in BLOCK_KERNELS}
+    f"Transformer/encoderblock/{k}" for k in BLOCK_KERNELS
+  }
   for tree in (scan_params, scan_shapes):  # Concrete arrays and eval_shape alike.
     mask = _paths(optim.weight_decay_mask(tree))
     assert {p for p, decayed in mask.items() if decayed} == kernels
   # Stacked biases and norm scales are matrices [L, D] here, and still not decayed.
   shapes = _paths(scan_shapes)
-  for p in ("Transformer/encoderblock/MlpBlock_0/Dense_0/bias",
-            "Transformer/encoderblock/LayerNorm_1/scale",
-            "Transformer/encoderblock/MultiHeadDotProductAttention_0/out/bias"):
+  for p in (
+    "Transformer/encoderblock/MlpBlock_0/Dense_0/bias",
+    "Transformer/encoderblock/LayerNorm_1/scale",
+    "Transformer/encoderblock/MultiHeadDotProductAttention_0/out/bias",
+  ):
     assert len(shapes[p].shape) == 2
     assert not mask[p]
 
@@ -150,7 +170,9 @@ def test_layer_decay_scales_loop_layout(loop_params):
     assert np.all(np.asarray(s) == pytest.approx(want)), p
   assert float(scales["cls"]) == pytest.approx(0.125)
   assert float(scales["embedding/kernel"]) == pytest.approx(0.125)
-  assert float(scales["Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel"]) == pytest.approx(0.25)
+  assert float(scales["Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel"]) == pytest.approx(
+    0.25
+  )
   assert float(scales["Transformer/encoderblock_1/LayerNorm_0/scale"]) == pytest.approx(0.5)
   assert float(scales["head/kernel"]) == 1.0
   assert float(scales["fc_norm/bias"]) == 1.0
@@ -167,7 +189,7 @@ def test_layer_decay_scales_scan_layout(loop_params, scan_shapes):
     assert np.broadcast_shapes(np.shape(s), leaf_shape) == leaf_shape, p
     full = np.broadcast_to(np.asarray(s, np.float32), leaf_shape)
     if p.startswith("Transformer/encoderblock/"):
-      rest = p[len("Transformer/encoderblock/"):]
+      rest = p[len("Transformer/encoderblock/") :]
       for i in range(DEPTH):
         np.testing.assert_allclose(full[i], d ** (DEPTH - i), rtol=1e-6)
         np.testing.assert_allclose(full[i], loop[f"Transformer/encoderblock_{i}/{rest}"], rtol=1e-6)
@@ -180,6 +202,7 @@ def test_layer_decay_scales_scan_layout(loop_params, scan_shapes):
 
 def _step(tx, params, grads_seq):
   """Applies `tx` for each gradient in turn (jitted: eager optax over a ViT is slow on CPU)."""
+
   @jax.jit
   def run(params, grads_seq):
     state = tx.init(params)
@@ -187,14 +210,25 @@ def _step(tx, params, grads_seq):
       updates, state = tx.update(grads, state, params)
       params = optax.apply_updates(params, updates)
     return params
+
   return run(params, grads_seq)
 
 
 @pytest.mark.parametrize("layer_decay", [0.75, 1.0])
 def test_loop_and_scan_layouts_update_identically(loop_params, layer_decay):
-  schedule = optim.make_schedule(base_lr=1e-2, batch_size=256, warmup_steps=1, total_steps=10, min_lr=0.0)
-  kw = dict(schedule=schedule, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05, layer_decay=layer_decay,
-            depth=DEPTH, grad_clip=1.0)
+  schedule = optim.make_schedule(
+    base_lr=1e-2, batch_size=256, warmup_steps=1, total_steps=10, min_lr=0.0
+  )
+  kw = dict(
+    schedule=schedule,
+    b1=0.9,
+    b2=0.95,
+    eps=1e-8,
+    weight_decay=0.05,
+    layer_decay=layer_decay,
+    depth=DEPTH,
+    grad_clip=1.0,
+  )
   grads = [_grads(loop_params, seed) for seed in (1, 2, 3)]  # Step 0 has lr 0 (warmup).
 
   loop = _step(optim.make_optimizer(loop_params, **kw), loop_params, grads)
@@ -240,12 +274,14 @@ def test_layer_decay_scales_each_layers_update(loop_params, scan):
 
 def _tiny_params():
   return {
-      "embedding": {"kernel": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "bias": jnp.array([0.3, -0.7])},
-      "Transformer": {"encoderblock_0": {
-          "Dense_0": {"kernel": jnp.array([[2.0, -1.0, 0.25]]), "bias": jnp.array([1.0, 2.0, -3.0])},
-          "LayerNorm_0": {"scale": jnp.array([1.5, 0.5, 1.0])},
-      }},
-      "head": {"kernel": jnp.array([[-1.0], [4.0]]), "bias": jnp.array([0.1])},
+    "embedding": {"kernel": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "bias": jnp.array([0.3, -0.7])},
+    "Transformer": {
+      "encoderblock_0": {
+        "Dense_0": {"kernel": jnp.array([[2.0, -1.0, 0.25]]), "bias": jnp.array([1.0, 2.0, -3.0])},
+        "LayerNorm_0": {"scale": jnp.array([1.5, 0.5, 1.0])},
+      }
+    },
+    "head": {"kernel": jnp.array([[-1.0], [4.0]]), "bias": jnp.array([0.1])},
   }
 
 
@@ -255,9 +291,10 @@ def test_adamw_matches_closed_form(layer_decay):
   p0 = _tiny_params()
   g1 = jax.tree.map(lambda x: jnp.sin(3.0 * x) + 0.2, p0)
   g2 = jax.tree.map(lambda x: jnp.cos(2.0 * x) - 0.4, p0)
-  lr = lambda count: 0.1 * (count + 1)  # noqa: E731  Update k (from 0) uses lr(k).
-  tx = optim.make_optimizer(p0, schedule=lr, b1=b1, b2=b2, eps=eps, weight_decay=wd,
-                            layer_decay=layer_decay, depth=depth)
+  lr = lambda count: 0.1 * (count + 1)
+  tx = optim.make_optimizer(
+    p0, schedule=lr, b1=b1, b2=b2, eps=eps, weight_decay=wd, layer_decay=layer_decay, depth=depth
+  )
   p1, p2 = _step(tx, p0, [g1]), _step(tx, p0, [g1, g2])
 
   multiplier = {"embedding": layer_decay**2, "Transformer": layer_decay, "head": 1.0}
@@ -280,16 +317,30 @@ def test_adamw_matches_closed_form(layer_decay):
 def test_grad_clip_by_global_norm():
   # eps = 1 makes Adam's first step g / (|g| + 1), so it shows the scale of the gradient it saw.
   params = {"a": {"kernel": jnp.zeros(2)}, "b": {"bias": jnp.zeros(1)}}
-  grads = {"a": {"kernel": jnp.array([3.0, 0.0])}, "b": {"bias": jnp.array([4.0])}}  # Global norm 5.
+  grads = {
+    "a": {"kernel": jnp.array([3.0, 0.0])},
+    "b": {"bias": jnp.array([4.0])},
+  }  # Global norm 5.
 
   def first_update(grad_clip):
-    tx = optim.make_optimizer(params, schedule=_constant(1.0), b1=0.9, b2=0.999, eps=1.0,
-                              weight_decay=0.0, layer_decay=1.0, depth=0, grad_clip=grad_clip)
+    tx = optim.make_optimizer(
+      params,
+      schedule=_constant(1.0),
+      b1=0.9,
+      b2=0.999,
+      eps=1.0,
+      weight_decay=0.0,
+      layer_decay=1.0,
+      depth=0,
+      grad_clip=grad_clip,
+    )
     return _paths(jax.jit(lambda g, p: tx.update(g, tx.init(p), p)[0])(grads, params))
 
   def expected(g):
-    return {"a/kernel": -g["a"]["kernel"] / (jnp.abs(g["a"]["kernel"]) + 1),
-            "b/bias": -g["b"]["bias"] / (jnp.abs(g["b"]["bias"]) + 1)}
+    return {
+      "a/kernel": -g["a"]["kernel"] / (jnp.abs(g["a"]["kernel"]) + 1),
+      "b/bias": -g["b"]["bias"] / (jnp.abs(g["b"]["bias"]) + 1),
+    }
 
   clipped = jax.tree.map(lambda g: g / 5.0, grads)  # Scaled together, not leaf by leaf.
   for grad_clip, g in ((1.0, clipped), (None, grads), (10.0, grads)):
@@ -302,6 +353,14 @@ def test_grad_clip_by_global_norm():
 def test_layer_decay_out_of_range(layer_decay):
   params = _tiny_params()
   with pytest.raises(ConfigError) as e:
-    optim.make_optimizer(params, schedule=_constant(0.1), b1=0.9, b2=0.999, eps=1e-8,
-                         weight_decay=0.05, layer_decay=layer_decay, depth=1)
+    optim.make_optimizer(
+      params,
+      schedule=_constant(0.1),
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=0.05,
+      layer_decay=layer_decay,
+      depth=1,
+    )
   assert e.value.field == "optim.layer_decay"

@@ -1,4 +1,5 @@
 """Precomputed teacher targets: stored values, alignment with the examples, resume, the loss, start-up checks."""
+
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ N, SIZE, BATCH = 37, 28, 16  # 37 examples: the last batch is padded
 TEACHER = dict(num_classes=0, patch_size=7, width=32, depth=2, mlp_dim=64, num_heads=2)
 VIEW = dict(image_size=SIZE, crop_pct=1.0, normalization="fashion_mnist")
 # bfloat16 keeps 8 significant bits: rounding is within 2^-9 relative, plus float noise across batchings.
-BF16_RTOL = 2.0 ** -8
+BF16_RTOL = 2.0**-8
 
 
 class _Corrupt:
@@ -54,8 +55,13 @@ def _fixed_view_images(source):
 def _sharpened(params, factor):
   """Random-init attention is near uniform, which would hide mistakes: scale q and k up."""
   return jax.tree_util.tree_map_with_path(
-      lambda p, x: factor * x if [getattr(k, "key", "") for k in p][-2:] in (["query", "kernel"],
-                                                                             ["key", "kernel"]) else x, params)
+    lambda p, x: (
+      factor * x
+      if [getattr(k, "key", "") for k in p][-2:] in (["query", "kernel"], ["key", "kernel"])
+      else x
+    ),
+    params,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -72,17 +78,32 @@ KEYS = {"logits": ["attn_logits"], "qk": ["q", "k"], "v": ["v"]}
 
 def _metadata(model, setting, layers=(0, 1), num_examples=N):
   what, store = SETTINGS[setting]
-  return precompute.describe(model, what=what, store=store, layers=layers, **VIEW, dataset="fake",
-                             split="train", num_examples=num_examples, teacher_path="random",
-                             teacher_config=TEACHER)
+  return precompute.describe(
+    model,
+    what=what,
+    store=store,
+    layers=layers,
+    **VIEW,
+    dataset="fake",
+    split="train",
+    num_examples=num_examples,
+    teacher_path="random",
+    teacher_config=TEACHER,
+  )
 
 
 def _write(teacher, directory, setting, source=None, **kw):
   model, params = teacher
   source = _source() if source is None else source
-  return precompute.write_targets(model, params, source, str(directory),
-                                  _metadata(model, setting, num_examples=len(source), **kw), batch_size=BATCH,
-                                  mesh=sharding.make_mesh(-1, 1))
+  return precompute.write_targets(
+    model,
+    params,
+    source,
+    str(directory),
+    _metadata(model, setting, num_examples=len(source), **kw),
+    batch_size=BATCH,
+    mesh=sharding.make_mesh(-1, 1),
+  )
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +123,12 @@ def test_stored_targets_are_the_teacher_on_the_fixed_view(teacher, stores, store
   targets = data.TeacherTargets(stores[store])
   meta = targets.metadata
   keys = KEYS[store]
-  assert meta["keys"] == keys and meta["complete"] and meta["done_examples"] == N and meta["skipped"] == 0
+  assert (
+    meta["keys"] == keys
+    and meta["complete"]
+    and meta["done_examples"] == N
+    and meta["skipped"] == 0
+  )
   assert meta["dtype"] == "bfloat16" and meta["view"] == data.TARGETS_VIEW
   for key in keys:
     zarray = json.load(open(os.path.join(stores[store], key, ".zarray")))
@@ -112,8 +138,12 @@ def test_stored_targets_are_the_teacher_on_the_fixed_view(teacher, stores, store
     for key in keys:
       got = row[f"teacher_{key}"]
       assert got.dtype == ml_dtypes.bfloat16 and list(got.shape) == meta["shapes"][key]
-      np.testing.assert_allclose(got.astype(np.float32), np.asarray(out[key][:, i]), rtol=BF16_RTOL, atol=1e-6)
-    if store == "qk":  # what the step forms from them: q.k / sqrt(Dh), within the bf16 rounding of q and k
+      np.testing.assert_allclose(
+        got.astype(np.float32), np.asarray(out[key][:, i]), rtol=BF16_RTOL, atol=1e-6
+      )
+    if (
+      store == "qk"
+    ):  # what the step forms from them: q.k / sqrt(Dh), within the bf16 rounding of q and k
       q, k = (row[f"teacher_{key}"].astype(np.float32) for key in keys)
       scale = q.shape[-1] ** -0.5
       logits = np.einsum("sqhd,skhd->shqk", q, k) * scale
@@ -129,13 +159,17 @@ def test_train_iterator_carries_each_examples_targets(stores):
   batches = [next(it) for _ in range(6)]  # 48 examples: into the second epoch
   images = _fixed_view_images(source)
   labels = np.concatenate([b["label"] for b in batches])
-  assert not np.array_equal(labels[:N], np.arange(N)) and sorted(labels[:N]) == list(range(N))  # shuffled
+  assert not np.array_equal(labels[:N], np.arange(N)) and sorted(labels[:N]) == list(
+    range(N)
+  )  # shuffled
   for b in batches:
     assert b["teacher_attn_logits"].dtype == ml_dtypes.bfloat16
     assert not b["skipped"].any()
     for row, label in enumerate(b["label"]):
       np.testing.assert_array_equal(b["image"][row], images[label])  # the view the teacher saw
-      np.testing.assert_array_equal(b["teacher_attn_logits"][row], targets[label]["teacher_attn_logits"])
+      np.testing.assert_array_equal(
+        b["teacher_attn_logits"][row], targets[label]["teacher_attn_logits"]
+      )
   # Resuming at a step gives the same batches, targets included.
   resumed = data.train_iterator(source, **kw, start_step=4)
   for b in batches[4:]:
@@ -143,7 +177,9 @@ def test_train_iterator_carries_each_examples_targets(stores):
       np.testing.assert_array_equal(value, b[key])
   # A subset of the stored layers reads just those.
   last = data.TeacherTargets(stores["logits"], layers=[1])
-  np.testing.assert_array_equal(last[5]["teacher_attn_logits"], targets[5]["teacher_attn_logits"][1:])
+  np.testing.assert_array_equal(
+    last[5]["teacher_attn_logits"], targets[5]["teacher_attn_logits"][1:]
+  )
 
 
 @pytest.mark.parametrize("store", SETTINGS)
@@ -151,19 +187,34 @@ def test_distill_loss_from_stored_targets_equals_jointly_run_teacher(teacher, st
   model, params = teacher
   student = vit.build({**TEACHER, "num_classes": 10})
   # A sharp student: against near-uniform maps the loss is ~log N whatever the targets.
-  student_params = _sharpened(student.init(jax.random.key(1), jnp.zeros((1, SIZE, SIZE, 3)),
-                                           train=False)["params"], 8)
-  batch = next(data.train_iterator(_source(), global_batch_size=BATCH, seed=0, **VIEW, fixed_view=True,
-                                   targets=data.TeacherTargets(stores[store]), num_threads=0))
+  student_params = _sharpened(
+    student.init(jax.random.key(1), jnp.zeros((1, SIZE, SIZE, 3)), train=False)["params"], 8
+  )
+  batch = next(
+    data.train_iterator(
+      _source(),
+      global_batch_size=BATCH,
+      seed=0,
+      **VIEW,
+      fixed_view=True,
+      targets=data.TeacherTargets(stores[store]),
+      num_threads=0,
+    )
+  )
   batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "skipped"}
 
   def loss(source, fed):
-    t = transfer.resolve({"mode": "distill", "what": SETTINGS[store][0], "layers": "all", "source": source},
-                         student, model, SIZE)
+    t = transfer.resolve(
+      {"mode": "distill", "what": SETTINGS[store][0], "layers": "all", "source": source},
+      student,
+      model,
+      SIZE,
+    )
     jointly = source == "jointly"
     loss_fn = train_step.make_loss_fn(student, model if jointly else None, t, label_smoothing=0.1)
     _, aux = loss_fn(student_params, fed, params if jointly else None, jax.random.key(2))
     return {k: float(aux[k]) for k in ("ce_loss", "distill_loss")}
+
   jointly = loss("jointly", {k: v for k, v in batch.items() if not k.startswith("teacher_")})
   stored = loss("precomputed", batch)
   # Measured: 3e-7 (logits), 1.3e-6 (qk), 3.3e-5 (v: a mean squared error, closer to the rounding) relative.
@@ -171,9 +222,13 @@ def test_distill_loss_from_stored_targets_equals_jointly_run_teacher(teacher, st
   np.testing.assert_allclose(stored["ce_loss"], jointly["ce_loss"], rtol=1e-6)
   np.testing.assert_allclose(stored["distill_loss"], jointly["distill_loss"], rtol=rtol)
   # Control: the targets of other examples (each row shifted by one) move it by far more than rtol.
-  shifted = loss("precomputed", {k: jnp.roll(v, 1, axis=0) if k.startswith("teacher_") else v
-                                 for k, v in batch.items()})
-  assert abs(shifted["distill_loss"] - jointly["distill_loss"]) > 10 * rtol * jointly["distill_loss"]
+  shifted = loss(
+    "precomputed",
+    {k: jnp.roll(v, 1, axis=0) if k.startswith("teacher_") else v for k, v in batch.items()},
+  )
+  assert (
+    abs(shifted["distill_loss"] - jointly["distill_loss"]) > 10 * rtol * jointly["distill_loss"]
+  )
 
 
 def test_unreadable_examples_are_skipped_in_precompute_and_training(teacher, tmp_path):
@@ -185,7 +240,9 @@ def test_unreadable_examples_are_skipped_in_precompute_and_training(teacher, tmp
     targets[5]  # pylint: disable=pointless-statement
   # Training skips them too, even where the pixels would decode: no targets, no example.
   for readable in (source, _source()):
-    it = data.train_iterator(readable, global_batch_size=8, seed=0, **VIEW, fixed_view=True, targets=targets)
+    it = data.train_iterator(
+      readable, global_batch_size=8, seed=0, **VIEW, fixed_view=True, targets=targets
+    )
     batches = [next(it) for _ in range(5)]  # one epoch and a bit
     labels = np.concatenate([b["label"] for b in batches])
     assert not {5, 20} & set(labels) and sum(b["skipped"].sum() for b in batches) >= 2
@@ -195,7 +252,9 @@ def test_precompute_resumes_where_it_stopped(teacher, stores, tmp_path, capsys):
   directory = tmp_path / "targets"
   shutil.copytree(stores["logits"], directory)
   array_dir = directory / "attn_logits"
-  chunks = {int(name.split(".")[0]): array_dir / name for name in os.listdir(array_dir) if name[0].isdigit()}
+  chunks = {
+    int(name.split(".")[0]): array_dir / name for name in os.listdir(array_dir) if name[0].isdigit()
+  }
   expected = {i: path.read_bytes() for i, path in chunks.items()}
   # As if killed after committing the first batch: later rows are missing, the metadata says so.
   meta = json.load(open(directory / data.TARGETS_METADATA))
@@ -209,7 +268,9 @@ def test_precompute_resumes_where_it_stopped(teacher, stores, tmp_path, capsys):
   assert e.value.field == "transfer.targets_dir"
   before = {i: os.stat(chunks[i]).st_mtime_ns for i in range(BATCH)}
   assert _write(teacher, directory, "logits")["complete"]
-  assert {i: os.stat(chunks[i]).st_mtime_ns for i in range(BATCH)} == before  # the done batch is kept
+  assert {
+    i: os.stat(chunks[i]).st_mtime_ns for i in range(BATCH)
+  } == before  # the done batch is kept
   assert {i: path.read_bytes() for i, path in chunks.items()} == expected
   assert "Resuming the precompute" in capsys.readouterr().out
   _write(teacher, directory, "logits")  # complete: returns at once
@@ -227,8 +288,15 @@ def test_precompute_refuses_a_folder_of_another_setting(teacher, stores, tmp_pat
   json.dump(meta, open(directory / data.TARGETS_METADATA, "w"))
   model, params = teacher
   with pytest.raises(ConfigError) as e:
-    precompute.write_targets(model, params, _source(), str(directory), _metadata(model, "logits"), batch_size=8,
-                             mesh=sharding.make_mesh(-1, 1))
+    precompute.write_targets(
+      model,
+      params,
+      _source(),
+      str(directory),
+      _metadata(model, "logits"),
+      batch_size=8,
+      mesh=sharding.make_mesh(-1, 1),
+    )
   assert e.value.field == "data.eval_batch_size"
 
 
@@ -241,10 +309,14 @@ def test_reader_and_iterator_refuse_mismatches(stores, tmp_path):
   assert e.value.field == "transfer.layers"
   targets = data.TeacherTargets(stores["logits"])
   base = dict(global_batch_size=8, seed=0, **VIEW, fixed_view=True, targets=targets)
-  for change, field in ((dict(fixed_view=False), "fixed_view"), (dict(crop_pct=0.875), "data.crop_pct"),
-                        (dict(image_size=21), "data.image_size"), (dict(normalization="unit"), "data.normalization"),
-                        (dict(randaugment="rand-m9-mstd0.5-inc1"), "data.randaugment"),
-                        (dict(random_erase=0.25), "data.random_erase")):
+  for change, field in (
+    (dict(fixed_view=False), "fixed_view"),
+    (dict(crop_pct=0.875), "data.crop_pct"),
+    (dict(image_size=21), "data.image_size"),
+    (dict(normalization="unit"), "data.normalization"),
+    (dict(randaugment="rand-m9-mstd0.5-inc1"), "data.randaugment"),
+    (dict(random_erase=0.25), "data.random_erase"),
+  ):
     with pytest.raises(ConfigError) as e:
       data.train_iterator(_source(), **{**base, **change})
     assert e.value.field == field, change
@@ -276,8 +348,15 @@ def _config(teacher_dir, **transfer_fields):
   c = demo.get_config()
   c.unlock()
   c.model.variant = "Pico/7"
-  c.data.update(dict(batch_size=16, eval_batch_size=16, train_split="train[:64]", eval_split="test[:40]",
-                     num_threads=0))
+  c.data.update(
+    dict(
+      batch_size=16,
+      eval_batch_size=16,
+      train_split="train[:64]",
+      eval_split="test[:40]",
+      num_threads=0,
+    )
+  )
   c.schedule.update(dict(steps=4, log_every_steps=2))
   c.mesh.update(dict(data=4, fsdp=2))
   c.teacher.pretrain = None
@@ -293,7 +372,9 @@ def precomputed(tmp_path_factory):
   root = tmp_path_factory.mktemp("pico")
   export = str(root / "params")
   model_config = vit.model_fields(vit.build({"variant": "Pico/7", "num_classes": 0}))
-  params = vit.build(model_config).init(jax.random.key(5), jnp.zeros((1, SIZE, SIZE, 3)), train=False)["params"]
+  params = vit.build(model_config).init(
+    jax.random.key(5), jnp.zeros((1, SIZE, SIZE, 3)), train=False
+  )["params"]
   checkpoint.save_params(export, jax.device_get(params), model_config)
   workdir = str(root / "run")
   with pytest.MonkeyPatch.context() as m:
@@ -315,12 +396,16 @@ def test_train_with_stored_targets(precomputed, fake_fashion_mnist, tmp_path, ca
   assert 0 <= evals["top1"] <= 100
   out = capsys.readouterr().out
   assert "Teacher targets: attn_logits" in out and "replaces random-resized crop and flip" in out
-  lines = [x for x in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "train/loss" in x]
+  lines = [
+    x for x in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "train/loss" in x
+  ]
   assert [x["step"] for x in lines] == [2, 4]
   assert all(x["train/distill_loss"] > 0 and x["train/skipped_examples"] == 0 for x in lines)
 
 
-@pytest.mark.parametrize("change, field", [
+@pytest.mark.parametrize(
+  "change, field",
+  [
     (dict(data=dict(mixup=0.8)), "data.mixup"),
     (dict(data=dict(cutmix=1.0)), "data.cutmix"),
     (dict(data=dict(randaugment="rand-m9-mstd0.5-inc1")), "data.randaugment"),
@@ -330,8 +415,12 @@ def test_train_with_stored_targets(precomputed, fake_fashion_mnist, tmp_path, ca
     (dict(data=dict(train_split="train[:32]")), "data.train_split"),
     (dict(data=dict(normalization="unit")), "data.normalization"),
     (dict(transfer=dict(layers="all")), "transfer.layers"),
-    (dict(transfer=dict(what="q")), "transfer.what")])
-def test_validate_names_what_disagrees_with_the_stored_targets(precomputed, fake_fashion_mnist, change, field):
+    (dict(transfer=dict(what="q")), "transfer.what"),
+  ],
+)
+def test_validate_names_what_disagrees_with_the_stored_targets(
+  precomputed, fake_fashion_mnist, change, field
+):
   export, workdir = precomputed
   c = _config(export)
   train.validate(c, workdir)  # as written: fine
@@ -342,14 +431,18 @@ def test_validate_names_what_disagrees_with_the_stored_targets(precomputed, fake
   assert e.value.field == field
 
 
-def test_precompute_refuses_modes_without_a_distilled_target(precomputed, fake_fashion_mnist, tmp_path):
+def test_precompute_refuses_modes_without_a_distilled_target(
+  precomputed, fake_fashion_mnist, tmp_path
+):
   with pytest.raises(ConfigError) as e:
     precompute.run(_config(precomputed[0], mode="copy", source="jointly"), str(tmp_path))
   assert e.value.field == "transfer.mode"
 
 
-requires_fashion_mnist = pytest.mark.skipif(not os.path.isdir(data.FASHION_MNIST_SYSTEM_DIR),
-                                            reason="needs `sudo apt-get install dataset-fashion-mnist`")
+requires_fashion_mnist = pytest.mark.skipif(
+  not os.path.isdir(data.FASHION_MNIST_SYSTEM_DIR),
+  reason="needs `sudo apt-get install dataset-fashion-mnist`",
+)
 
 
 @requires_fashion_mnist
@@ -357,23 +450,47 @@ def test_two_processes_write_what_one_does(precomputed, tmp_path):
   """launch/precompute.py on two processes (4 devices each, over loopback), each writing its slices of the
   batches, stores what one 8-device process stores."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  args = [os.path.join(root, "launch", "precompute.py"), "--config.model.variant=Pico/7",
-          f"--config.teacher.init={precomputed[0]}", "--config.transfer.layers=all",
-          "--config.data.train_split=train[:600]", "--config.data.eval_batch_size=80",
-          "--config.data.num_threads=0", "--config.mesh.data=4", "--config.mesh.fsdp=2",
-          "--config.precompute.store=qk"]
+  args = [
+    os.path.join(root, "launch", "precompute.py"),
+    "--config.model.variant=Pico/7",
+    f"--config.teacher.init={precomputed[0]}",
+    "--config.transfer.layers=all",
+    "--config.data.train_split=train[:600]",
+    "--config.data.eval_batch_size=80",
+    "--config.data.num_threads=0",
+    "--config.mesh.data=4",
+    "--config.mesh.fsdp=2",
+    "--config.precompute.store=qk",
+  ]
 
   def launch(workdir, devices, *extra):
-    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    return subprocess.Popen([sys.executable, *args, f"--workdir={workdir}", *extra], cwd=root, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {
+      **{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+      "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    }
+    return subprocess.Popen(
+      [sys.executable, *args, f"--workdir={workdir}", *extra],
+      cwd=root,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   procs = [launch(tmp_path / "one", 8)] + [
-      launch(tmp_path / "two", 4, "--multihost", f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
-             f"--process_id={i}") for i in range(2)]
+    launch(
+      tmp_path / "two",
+      4,
+      "--multihost",
+      f"--coordinator=127.0.0.1:{port}",
+      "--num_processes=2",
+      f"--process_id={i}",
+    )
+    for i in range(2)
+  ]
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]

@@ -1,5 +1,6 @@
 """Nothing lost: a real run killed with SIGTERM (preemption notice) or SIGKILL resumes to the same params
 as an uninterrupted run, bitwise on CPU."""
+
 import json
 import os
 import signal
@@ -15,16 +16,30 @@ from at_jax import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 300
-ARGS = ["--config.transfer.mode=none", "--config.model.variant=Pico/7", "--config.model.drop_path=0.1",
-        "--config.data.train_split=train[:2560]", "--config.data.eval_split=test[:500]",
-        "--config.data.batch_size=32", "--config.data.num_threads=0", f"--config.schedule.steps={STEPS}",
-        "--config.schedule.log_every_steps=5", "--config.ckpt.every_steps=25"]
+ARGS = [
+  "--config.transfer.mode=none",
+  "--config.model.variant=Pico/7",
+  "--config.model.drop_path=0.1",
+  "--config.data.train_split=train[:2560]",
+  "--config.data.eval_split=test[:500]",
+  "--config.data.batch_size=32",
+  "--config.data.num_threads=0",
+  f"--config.schedule.steps={STEPS}",
+  "--config.schedule.log_every_steps=5",
+  "--config.ckpt.every_steps=25",
+]
 
 
 def _launch(workdir):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  return subprocess.Popen([sys.executable, os.path.join(ROOT, "launch", "main.py"), f"--workdir={workdir}",
-                           *ARGS], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+    [sys.executable, os.path.join(ROOT, "launch", "main.py"), f"--workdir={workdir}", *ARGS],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
 
 
 def _logged_step(workdir):
@@ -64,7 +79,9 @@ def test_killed_run_resumes_exactly(tmp_path, straight, sig):
   steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
   if sig == signal.SIGTERM:
     assert code == 143 and "preempted at step" in err, err[-2000:]
-    assert steps[-1] % 25 != 0 or steps[-1] > 40  # a save at the interrupted step, not only periodic ones
+    assert (
+      steps[-1] % 25 != 0 or steps[-1] > 40
+    )  # a save at the interrupted step, not only periodic ones
   else:
     assert code == -signal.SIGKILL
   assert steps and steps[-1] < STEPS

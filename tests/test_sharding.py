@@ -1,9 +1,11 @@
 """Tests for at_jax.sharding: the mesh, the fsdp shape rule, batch checks and global batches."""
+
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from at_jax import sharding
 from at_jax.errors import ConfigError
@@ -23,13 +25,16 @@ def _fsdp_axis(spec: P) -> int | None:
 # -------------------------------------------------------------------- make_mesh
 
 
-@pytest.mark.parametrize("data, fsdp, shape", [
+@pytest.mark.parametrize(
+  "data, fsdp, shape",
+  [
     (4, 2, (4, 2)),
     (-1, 2, (4, 2)),
     (2, -1, (2, 4)),
     (8, 1, (8, 1)),
     (1, -1, (1, 8)),
-])
+  ],
+)
 def test_make_mesh_shapes(data, fsdp, shape):
   mesh = sharding.make_mesh(data, fsdp)
   assert mesh.axis_names == ("data", "fsdp")
@@ -37,12 +42,15 @@ def test_make_mesh_shapes(data, fsdp, shape):
   assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in jax.devices())
 
 
-@pytest.mark.parametrize("devices, data, fsdp, shape", [
+@pytest.mark.parametrize(
+  "devices, data, fsdp, shape",
+  [
     (slice(0, 1), 1, 1, (1, 1)),
     (slice(0, 1), -1, 1, (1, 1)),
     (slice(4, 8), -1, 2, (2, 2)),
     (slice(0, 4), 4, -1, (4, 1)),
-])
+  ],
+)
 def test_make_mesh_over_some_devices(devices, data, fsdp, shape):
   chosen = jax.devices()[devices]
   mesh = sharding.make_mesh(data, fsdp, devices=chosen)
@@ -50,9 +58,21 @@ def test_make_mesh_over_some_devices(devices, data, fsdp, shape):
   assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in chosen)
 
 
-@pytest.mark.parametrize("data, fsdp", [
-    (3, 2), (-1, -1), (-1, 3), (3, -1), (0, -1), (-1, 0), (4, 4), (2, 2), (-2, 4), (8, 0),
-])
+@pytest.mark.parametrize(
+  "data, fsdp",
+  [
+    (3, 2),
+    (-1, -1),
+    (-1, 3),
+    (3, -1),
+    (0, -1),
+    (-1, 0),
+    (4, 4),
+    (2, 2),
+    (-2, 4),
+    (8, 0),
+  ],
+)
 def test_make_mesh_rejects_bad_sizes(data, fsdp):
   with pytest.raises(ConfigError) as e:
     sharding.make_mesh(data, fsdp)
@@ -68,7 +88,9 @@ def test_make_mesh_rejects_sizes_of_a_subset():
 # --------------------------------------------------------------------- spec_for
 
 
-@pytest.mark.parametrize("shape, fsdp, spec", [
+@pytest.mark.parametrize(
+  "shape, fsdp, spec",
+  [
     ((128,), 2, P("fsdp")),
     ((32, 128), 2, P(None, "fsdp")),  # Largest divisible axis.
     ((128, 10), 2, P("fsdp")),
@@ -87,7 +109,8 @@ def test_make_mesh_rejects_sizes_of_a_subset():
     ((8, 8, 8), 4, P(None, None, "fsdp")),
     ((16, 4, 16), 4, P(None, None, "fsdp")),
     ((16, 4, 8), 4, P("fsdp")),
-])
+  ],
+)
 def test_spec_for(shape, fsdp, spec):
   assert sharding.spec_for(shape, fsdp) == spec
 
@@ -174,8 +197,12 @@ def test_tree_shardings_scan_layout_and_scalars(mu_params):
   assert shardings["count"].spec == P()
   block = shardings["params"]["Transformer"]["encoderblock"]
   assert block["LayerNorm_0"]["scale"].spec == P(None, "fsdp")  # [6, 128]
-  assert block["MultiHeadDotProductAttention_0"]["query"]["kernel"].spec == P(None, "fsdp")  # [6,128,4,32]
-  assert block["MultiHeadDotProductAttention_0"]["query"]["bias"].spec == P(None, None, "fsdp")  # [6,4,32]
+  assert block["MultiHeadDotProductAttention_0"]["query"]["kernel"].spec == P(
+    None, "fsdp"
+  )  # [6,128,4,32]
+  assert block["MultiHeadDotProductAttention_0"]["query"]["bias"].spec == P(
+    None, None, "fsdp"
+  )  # [6,4,32]
   assert shardings["params"]["head"]["bias"].spec == P()  # [10]: 4 does not divide it.
 
 
@@ -201,8 +228,8 @@ def test_check_batch():
 def test_global_batch():
   mesh = sharding.make_mesh(4, 2)
   local = {
-      "image": np.arange(16 * 4 * 4 * 3, dtype=np.uint8).reshape(16, 4, 4, 3),
-      "label": np.arange(16, dtype=np.int32) * 3,
+    "image": np.arange(16 * 4 * 4 * 3, dtype=np.uint8).reshape(16, 4, 4, 3),
+    "label": np.arange(16, dtype=np.int32) * 3,
   }
   batch = sharding.global_batch(local, mesh)
   assert set(batch) == {"image", "label"}
@@ -218,7 +245,7 @@ def test_global_batch():
       i, j = positions[shard.device.id]
       start = (i * 2 + j) * 2
       assert shard.data.shape == (2,) + local[k].shape[1:]
-      np.testing.assert_array_equal(shard.data, local[k][start:start + 2])
+      np.testing.assert_array_equal(shard.data, local[k][start : start + 2])
   # The arrays go straight into a jitted function over the mesh.
   total = jax.jit(lambda b: b["label"].sum())(batch)
   assert int(total) == int(local["label"].sum())
@@ -236,23 +263,32 @@ class _FakeDevice:
 
 def test_bytes_per_device_follows_shardings():
   mesh = sharding.make_mesh(4, 2)
-  tree = {"w": jax.ShapeDtypeStruct((16, 8), jnp.float32), "b": jax.ShapeDtypeStruct((3,), jnp.bfloat16)}
+  tree = {
+    "w": jax.ShapeDtypeStruct((16, 8), jnp.float32),
+    "b": jax.ShapeDtypeStruct((3,), jnp.bfloat16),
+  }
   got = sharding.bytes_per_device(tree, sharding.tree_shardings(mesh, tree))
   assert got == 16 * 8 * 4 // 2 + 3 * 2  # w split over fsdp=2, b replicated
 
 
 def test_activation_estimate_and_fit_check():
   kw = dict(tokens=197, width=1024, mlp_dim=4096, heads=16, depth=24, mm_bytes=2, maps_kept=0)
-  none, dots, full = (sharding.activation_bytes(examples=32, remat_policy=p, **kw) for p in ("none", "dots", "full"))
+  none, dots, full = (
+    sharding.activation_bytes(examples=32, remat_policy=p, **kw) for p in ("none", "dots", "full")
+  )
   assert full < dots < none
   assert sharding.activation_bytes(examples=64, remat_policy="none", **kw) == 2 * none
-  assert sharding.activation_bytes(examples=32, remat_policy="none", **{**kw, "maps_kept": 18}) > none
+  assert (
+    sharding.activation_bytes(examples=32, remat_policy="none", **{**kw, "maps_kept": 18}) > none
+  )
   estimate = {"params": 2**30, "activations": 2**30}
   assert "2.00 GiB of 4.00 GiB" in sharding.check_fits(estimate, _FakeDevice(4 * 2**30))
   with pytest.raises(ConfigError, match="will not fit") as e:
     sharding.check_fits(estimate, _FakeDevice(2 * 2**30))
   assert e.value.field == "data.batch_size"
-  assert "of" not in sharding.check_fits(estimate).split("=")[-1]  # CPU: no limit reported, no verdict
+  assert (
+    "of" not in sharding.check_fits(estimate).split("=")[-1]
+  )  # CPU: no limit reported, no verdict
 
 
 # -------------------------------------------------------------- activation constraints
@@ -268,13 +304,15 @@ def test_attention_maps_stay_sharded_along_the_batch(data, fsdp):
   params = model.init(jax.random.key(0), images[:1], train=False)["params"]
   params = jax.device_put(params, sharding.tree_shardings(mesh, params))
   images = jax.device_put(images, sharding.batch_sharding(mesh))
-  maps = lambda p, x: model.apply({"params": p}, x, train=False)[1]["attn_logits"]  # noqa: E731
+  maps = lambda p, x: model.apply({"params": p}, x, train=False)[1]["attn_logits"]
   program = jax.jit(sharding.on_mesh(maps, mesh)).lower(params, images).as_text()
   pinned = [line for line in program.splitlines() if "sharding_constraint" in line]
-  assert len(pinned) == model.depth and all('[{"data", "fsdp"}, {}, {}, {}]' in line and "8x8x50x50" in line
-                                            for line in pinned), pinned
+  assert len(pinned) == model.depth and all(
+    '[{"data", "fsdp"}, {}, {}, {}]' in line and "8x8x50x50" in line for line in pinned
+  ), pinned
   out = jax.jit(sharding.on_mesh(maps, mesh))(params, images)
   assert out.sharding.spec == P(None, sharding.BATCH_AXES if data > 1 else "fsdp")
   # Outside a mesh context (a plain model.apply) the call is a no-op; the values agree to float rounding.
-  np.testing.assert_allclose(out, maps(jax.device_get(params), np.zeros((8, 28, 28, 3), np.float32)),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    out, maps(jax.device_get(params), np.zeros((8, 28, 28, 3), np.float32)), rtol=1e-5, atol=1e-6
+  )

@@ -1,4 +1,5 @@
 """The training loop on real Fashion-MNIST: exact resume, teacher export, start-up validation."""
+
 import json
 import os
 import shutil
@@ -19,8 +20,15 @@ def tiny_config(steps=6, layers="first:1", **transfer):
   c = demo.get_config()
   c.unlock()
   c.model.variant = "Pico/7"
-  c.data.update(dict(batch_size=16, eval_batch_size=400, train_split="train[:320]", eval_split="test[:800]",
-                     num_threads=0))
+  c.data.update(
+    dict(
+      batch_size=16,
+      eval_batch_size=400,
+      train_split="train[:320]",
+      eval_split="test[:800]",
+      num_threads=0,
+    )
+  )
   c.schedule.update(dict(steps=steps, log_every_steps=2))
   c.ckpt.update(dict(every_steps=2, keep=5))
   c.mesh.update(dict(data=4, fsdp=2))
@@ -71,9 +79,11 @@ def test_interrupted_run_resumes_exactly(tmp_path, teacher_export):
 
 def test_evaluate_checkpoint_reproduces_logged_eval(teacher_export):
   workdir = os.path.dirname(teacher_export)
-  logged = [x for x in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "eval/top1" in x][-1]
+  logged = [
+    x for x in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "eval/top1" in x
+  ][-1]
   got = train.evaluate_checkpoint(tiny_config(steps=4, mode="none"), workdir)
-  assert got == {k[len("eval/"):]: v for k, v in logged.items() if k.startswith("eval/")}
+  assert got == {k[len("eval/") :]: v for k, v in logged.items() if k.startswith("eval/")}
 
 
 def test_copy_mode_trains_and_evaluates_with_teacher(tmp_path, teacher_export):
@@ -98,7 +108,9 @@ def test_run_with_teacher_trains_then_reuses_teacher(tmp_path):
 
 
 def test_bad_student_config_fails_before_teacher_training(tmp_path):
-  c = tiny_config(steps=2, mode="distill", layers="end_layer:-2")  # Pico has depth 2: selects nothing
+  c = tiny_config(
+    steps=2, mode="distill", layers="end_layer:-2"
+  )  # Pico has depth 2: selects nothing
   c.teacher.pretrain = tiny_config(steps=2, mode="none")
   with pytest.raises(ConfigError, match="end_layer"):
     train.run_with_teacher(c, str(tmp_path))
@@ -111,15 +123,24 @@ def test_mae_pretraining_exports_a_teacher(tmp_path):
   c.unlock()
   c.model.variant = "Pico/7"
   c.mae.update(dict(decoder_width=32, decoder_depth=1, decoder_heads=2, decoder_mlp_dim=64))
-  c.data.update(dict(batch_size=16, eval_batch_size=400, train_split="train[:320]", eval_split="test[:400]",
-                     num_threads=0))
+  c.data.update(
+    dict(
+      batch_size=16,
+      eval_batch_size=400,
+      train_split="train[:320]",
+      eval_split="test[:400]",
+      num_threads=0,
+    )
+  )
   c.schedule.update(dict(steps=4, log_every_steps=2))
   c.mesh.update(dict(data=4, fsdp=2))
   evals = train.train_and_evaluate(c, str(tmp_path / "mae"))
   assert set(evals) == {"loss", "ema_loss"} and 0 < evals["loss"] < 5
   export = str(tmp_path / "mae" / train.EXPORT_DIR)
   model_config, params = checkpoint.load_params(export)
-  assert model_config["num_classes"] == 0 and "decoder_embed" not in params and "Transformer" in params
+  assert (
+    model_config["num_classes"] == 0 and "decoder_embed" not in params and "Transformer" in params
+  )
   student = tiny_config(steps=2, mode="distill")
   student.teacher.init = export
   assert 0 <= train.train_and_evaluate(student, str(tmp_path / "student"))["top1"] <= 100
@@ -128,7 +149,9 @@ def test_mae_pretraining_exports_a_teacher(tmp_path):
 def test_nonfinite_loss_stops_with_step_and_checkpoint(tmp_path):
   c = tiny_config(steps=6, mode="none")
   c.optim.base_lr = 1e30
-  with pytest.raises(FloatingPointError, match=r"non-finite loss .* at step \d+; the last good checkpoint"):
+  with pytest.raises(
+    FloatingPointError, match=r"non-finite loss .* at step \d+; the last good checkpoint"
+  ):
     train.train_and_evaluate(c, str(tmp_path))
 
 
@@ -138,7 +161,9 @@ def _setup_error(c):
   return e.value
 
 
-@pytest.mark.parametrize("change,field", [
+@pytest.mark.parametrize(
+  "change,field",
+  [
     (lambda c: c.transfer.update(dict(mode="attend")), "transfer.mode"),
     (lambda c: c.transfer.update(dict(layers="0,9")), "transfer.layers"),
     (lambda c: c.transfer.update(dict(heads="last:3")), "transfer.heads"),
@@ -151,7 +176,8 @@ def _setup_error(c):
     (lambda c: c.teacher.update(dict(init="")), "teacher.init"),
     (lambda c: c.update(dict(task="mim")), "task"),
     (lambda c: c.update(dict(task="mae")), "transfer.mode"),
-])
+  ],
+)
 def test_bad_configs_fail_before_compute(change, field, teacher_export):
   c = tiny_config(mode="distill")
   c.teacher.init = teacher_export
@@ -164,9 +190,22 @@ def test_student_mirrors_teacher_architecture(tmp_path):
   freshly initialised, with the student's own recipe fields."""
   t = tiny_config(steps=2, mode="none")
   t.model.update(dict(num_classes=0, pool="cls"))
-  teacher = vit.build(vit.mirror({"variant": "Pico/7", "num_registers": 2, "layerscale_init": 0.1,
-                                  "qk_norm": True, "pre_norm": True, "num_classes": 0}, t.model.to_dict()))
-  params = teacher.init(jax.random.key(0), np.zeros((1, 28, 28, 3), np.float32), train=False)["params"]
+  teacher = vit.build(
+    vit.mirror(
+      {
+        "variant": "Pico/7",
+        "num_registers": 2,
+        "layerscale_init": 0.1,
+        "qk_norm": True,
+        "pre_norm": True,
+        "num_classes": 0,
+      },
+      t.model.to_dict(),
+    )
+  )
+  params = teacher.init(jax.random.key(0), np.zeros((1, 28, 28, 3), np.float32), train=False)[
+    "params"
+  ]
   export = str(tmp_path / "teacher")
   checkpoint.save_params(export, params, vit.model_fields(teacher))
   c = tiny_config(steps=2, mode="distill")
@@ -174,8 +213,14 @@ def test_student_mirrors_teacher_architecture(tmp_path):
   c.model.update(dict(arch="teacher", variant="Nano/4", drop_path=0.1))  # shape fields ignored
   run = train.setup(c, str(tmp_path / "student"))
   m = run.model
-  assert (m.num_registers, m.layerscale_init, m.qk_norm, m.pre_norm, m.patch_size, m.width) == (2, 0.1, True,
-                                                                                                 True, 7, 32)
+  assert (m.num_registers, m.layerscale_init, m.qk_norm, m.pre_norm, m.patch_size, m.width) == (
+    2,
+    0.1,
+    True,
+    True,
+    7,
+    32,
+  )
   assert (m.num_classes, m.pool, m.drop_path) == (10, "gap", 0.1)
   evals = train.train_and_evaluate(c, str(tmp_path / "student"))
   assert 0 <= evals["top1"] <= 100
@@ -186,7 +231,7 @@ def test_student_mirrors_teacher_architecture(tmp_path):
 def test_teacher_at_another_image_size_needs_resampling(tmp_path, teacher_export):
   c = tiny_config(steps=2, mode="distill")
   c.teacher.init = teacher_export  # trained at 28 px: a 4x4 patch grid
-  c.data.image_size = 42           # 6x6 at patch 7
+  c.data.image_size = 42  # 6x6 at patch 7
   err = _setup_error(c)
   assert err.field == os.path.abspath(teacher_export) or err.field == teacher_export
   assert "resample_posemb" in str(err)
@@ -207,9 +252,15 @@ def test_model_init_fine_tunes_from_an_export(tmp_path, teacher_export):
   _, tuned = checkpoint.load_params(os.path.join(tmp_path, "same", train.EXPORT_DIR))
   jax.tree.map(np.testing.assert_array_equal, vit.scan_to_loop(tuned), loaded)
 
-  fresh = {"head": {"kernel": np.zeros((32, 7)), "bias": np.zeros(7)}, "fc_norm": {"scale": np.ones(32)}}
-  pretrained = {"head": {"kernel": np.ones((32, 10)), "bias": np.ones(10)}, "fc_norm": {"scale": np.full(32, 2.0)},
-                "encoder_norm": {"scale": np.ones(32)}}
+  fresh = {
+    "head": {"kernel": np.zeros((32, 7)), "bias": np.zeros(7)},
+    "fc_norm": {"scale": np.ones(32)},
+  }
+  pretrained = {
+    "head": {"kernel": np.ones((32, 10)), "bias": np.ones(10)},
+    "fc_norm": {"scale": np.full(32, 2.0)},
+    "encoder_norm": {"scale": np.ones(32)},
+  }
   params, kept, unused = train.init_from_pretrained(fresh, pretrained, scan=False)
   np.testing.assert_array_equal(params["fc_norm"]["scale"], 2.0)
   np.testing.assert_array_equal(params["head"]["kernel"], 0.0)
@@ -240,7 +291,9 @@ def _validate_error(c, workdir):
   return e.value
 
 
-@pytest.mark.parametrize("field,value", [
+@pytest.mark.parametrize(
+  "field,value",
+  [
     ("optim.grad_clip", -1.0),
     ("optim.base_lr", -1e-3),
     ("optim.base_lr", float("nan")),
@@ -257,7 +310,8 @@ def _validate_error(c, workdir):
     ("optim.ema_decay", -0.5),
     ("schedule.steps", -1),
     ("schedule.log_every_steps", 0),
-])
+  ],
+)
 def test_out_of_range_optim_and_schedule_fields_fail_validation(tmp_path, field, value):
   c = tiny_config(mode="none")
   group, name = field.split(".")
@@ -269,8 +323,19 @@ def test_out_of_range_optim_and_schedule_fields_fail_validation(tmp_path, field,
 def test_range_boundaries_pass_validation(tmp_path):
   """The edges that mean something (off, no decay, no smoothing, EMA = params) are accepted."""
   c = tiny_config(mode="none")
-  c.optim.update(dict(base_lr=0.0, min_lr=0.0, b1=0.0, b2=0.0, weight_decay=0.0, layer_decay=1.0,
-                      grad_clip=0.0, label_smoothing=0.0, ema_decay=0.0))
+  c.optim.update(
+    dict(
+      base_lr=0.0,
+      min_lr=0.0,
+      b1=0.0,
+      b2=0.0,
+      weight_decay=0.0,
+      layer_decay=1.0,
+      grad_clip=0.0,
+      label_smoothing=0.0,
+      ema_decay=0.0,
+    )
+  )
   c.schedule.update(dict(steps=0, log_every_steps=1))
   train.validate(c, str(tmp_path))
 
@@ -297,7 +362,12 @@ def test_skipped_examples_count_survives_resume(tmp_path, monkeypatch):
 
   def make_source(name, split, data_dir=None):
     del name, data_dir
-    return _DamagedSource(64, bad, size=28) if split.startswith("train") else _DamagedSource(40, {}, size=28)
+    return (
+      _DamagedSource(64, bad, size=28)
+      if split.startswith("train")
+      else _DamagedSource(40, {}, size=28)
+    )
+
   monkeypatch.setattr(data, "make_source", make_source)
   c = tiny_config(steps=8, mode="none")
   c.data.eval_batch_size = 40
@@ -307,6 +377,7 @@ def test_skipped_examples_count_survives_resume(tmp_path, monkeypatch):
   def skipped_by_step(workdir):
     lines = metrics.read_jsonl(str(workdir / "metrics.jsonl"))
     return {x["step"]: x["train/skipped_examples"] for x in lines if "train/loss" in x}
+
   expected = skipped_by_step(straight)
   assert expected == {2: expected[2], 4: len(bad), 6: expected[6], 8: 2 * len(bad)}
 

@@ -1,4 +1,5 @@
 """The sharded train step: 1 device == (4, 2) mesh, precomputed == jointly, shared drop-path masks, EMA."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,15 +11,42 @@ from at_jax.models import vit
 B, S, STEPS = 16, 16, 3
 
 
-def _build(mode, *, drop_path=0.0, what="attn", source="jointly", layers="first:1", depth=2, loss_impl="direct"):
-  student = vit.build({"variant": "Pico/4", "num_classes": 10, "drop_path": drop_path, "depth": depth})
+def _build(
+  mode,
+  *,
+  drop_path=0.0,
+  what="attn",
+  source="jointly",
+  layers="first:1",
+  depth=2,
+  loss_impl="direct",
+):
+  student = vit.build(
+    {"variant": "Pico/4", "num_classes": 10, "drop_path": drop_path, "depth": depth}
+  )
   teacher = vit.build({"variant": "Pico/4", "num_classes": 10, "depth": depth})
-  t = transfer.resolve({"mode": mode, "what": what, "layers": layers, "source": source,
-                        "loss_impl": loss_impl}, student, teacher, S)
-  schedule = optim.make_schedule(base_lr=1e-3, batch_size=B, warmup_steps=1, total_steps=10, min_lr=0.0)
-  abstract = jax.eval_shape(lambda: student.init(jax.random.key(0), jnp.zeros((1, S, S, 3)), train=False))
-  tx = optim.make_optimizer(abstract["params"], schedule=schedule, b1=0.9, b2=0.999, eps=1e-8,
-                            weight_decay=0.05, layer_decay=0.75, depth=student.depth)
+  t = transfer.resolve(
+    {"mode": mode, "what": what, "layers": layers, "source": source, "loss_impl": loss_impl},
+    student,
+    teacher,
+    S,
+  )
+  schedule = optim.make_schedule(
+    base_lr=1e-3, batch_size=B, warmup_steps=1, total_steps=10, min_lr=0.0
+  )
+  abstract = jax.eval_shape(
+    lambda: student.init(jax.random.key(0), jnp.zeros((1, S, S, 3)), train=False)
+  )
+  tx = optim.make_optimizer(
+    abstract["params"],
+    schedule=schedule,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    weight_decay=0.05,
+    layer_decay=0.75,
+    depth=student.depth,
+  )
   tp = teacher.init(jax.random.key(9), jnp.zeros((1, S, S, 3)), train=False)["params"]
   return student, teacher, t, schedule, tx, tp
 
@@ -27,8 +55,11 @@ def _batches(with_targets=None):
   rng = np.random.default_rng(0)
   out = []
   for _ in range(STEPS):
-    b = {"image": rng.normal(size=(B, S, S, 3)).astype(np.float32),
-         "label": rng.integers(0, 10, B).astype(np.int32), "mask": np.ones(B, bool)}
+    b = {
+      "image": rng.normal(size=(B, S, S, 3)).astype(np.float32),
+      "label": rng.integers(0, 10, B).astype(np.int32),
+      "mask": np.ones(B, bool),
+    }
     if with_targets is not None:
       b.update(with_targets(b))
     out.append(b)
@@ -40,12 +71,15 @@ def _run(mode, devices, fsdp, batches, **kw):
   student, teacher, t, schedule, tx, tp = _build(mode, **kw)
   mesh = sharding.make_mesh(-1, fsdp, devices)
   state, shardings = train_step.create_sharded_state(
-      lambda r: train_step.init_state(student, tx, r, S), jax.random.key(0), mesh)
+    lambda r: train_step.init_state(student, tx, r, S), jax.random.key(0), mesh
+  )
   t_shardings = sharding.tree_shardings(mesh, tp)
-  step = train_step.make_train_step(student, teacher, tx, t, schedule=schedule, label_smoothing=0.1,
-                                    ema_decay=0.9)
-  train, evaluate = train_step.jit_steps(step, train_step.make_eval_step(student, teacher, t), mesh,
-                                         shardings, t_shardings)
+  step = train_step.make_train_step(
+    student, teacher, tx, t, schedule=schedule, label_smoothing=0.1, ema_decay=0.9
+  )
+  train, evaluate = train_step.jit_steps(
+    step, train_step.make_eval_step(student, teacher, t), mesh, shardings, t_shardings
+  )
   tp = jax.device_put(tp, t_shardings)
   losses = []
   for b in batches:
@@ -59,21 +93,32 @@ def _run(mode, devices, fsdp, batches, **kw):
 def _assert_params_close(a, b):
   """The key bias has an exactly-zero true gradient (softmax over keys ignores a per-query shift), so
   Adam turns float noise there into steps of up to ~lr; everything else must agree tightly."""
+
   def check(path, x, y):
     is_key_bias = [getattr(k, "key", "") for k in path][-2:] == ["key", "bias"]
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4 if is_key_bias else 1e-6)
+
   jax.tree_util.tree_map_with_path(check, a, b)
 
 
-@pytest.mark.parametrize("mode,kw", [("distill", {"drop_path": 0.2}), ("copy", {}), ("none", {"drop_path": 0.2}),
-                                     ("distill", {"what": "q"}), ("distill", {"loss_impl": "blockwise"}),
-                                     ("distill", {"loss_impl": "pallas"})])
+@pytest.mark.parametrize(
+  "mode,kw",
+  [
+    ("distill", {"drop_path": 0.2}),
+    ("copy", {}),
+    ("none", {"drop_path": 0.2}),
+    ("distill", {"what": "q"}),
+    ("distill", {"loss_impl": "blockwise"}),
+    ("distill", {"loss_impl": "pallas"}),
+  ],
+)
 def test_one_device_equals_eight_device_mesh(mode, kw):
   batches = _batches()
   l1, p1, e1, _ = _run(mode, jax.devices()[:1], 1, batches, **kw)
   l8, p8, e8, state8 = _run(mode, jax.devices(), 2, batches, **kw)
-  assert state8.params["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"].sharding.spec \
-      == jax.sharding.PartitionSpec(None, "fsdp")
+  assert state8.params["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"][
+    "kernel"
+  ].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
   for a, b in zip(l1, l8):
     for k in a:
       np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=1e-6, err_msg=k)
@@ -92,10 +137,16 @@ def test_precomputed_equals_jointly(what):
 
   def targets(b):  # what launch/precompute would store: example-major [B, S, ...]
     _, out = teacher.apply({"params": tp}, b["image"], train=False, want_qkv=True)
-    return {f"teacher_{k}": np.asarray(jnp.swapaxes(v, 0, 1)) for k, v in transfer.teacher_targets(out, t).items()}
+    return {
+      f"teacher_{k}": np.asarray(jnp.swapaxes(v, 0, 1))
+      for k, v in transfer.teacher_targets(out, t).items()
+    }
+
   batches = _batches(targets)
   joint, pj, *_ = _run("distill", jax.devices(), 2, batches, what=what, layers="0,1")
-  pre, pp, *_ = _run("distill", jax.devices(), 2, batches, what=what, layers="0,1", source="precomputed")
+  pre, pp, *_ = _run(
+    "distill", jax.devices(), 2, batches, what=what, layers="0,1", source="precomputed"
+  )
   for a, b in zip(joint, pre):
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
   _assert_params_close(pj, pp)
@@ -109,11 +160,16 @@ def test_teacher_and_student_share_drop_path_masks():
   tp = student.init(jax.random.key(3), jnp.zeros((1, S, S, 3)), train=False)["params"]
   # Sharpen the attention (random init is near-uniform and barely sensitive to its inputs).
   tp = jax.tree_util.tree_map_with_path(
-      lambda p, x: 10 * x if [getattr(k, "key", "") for k in p][-2:] in (["query", "kernel"],
-                                                                          ["key", "kernel"]) else x, tp)
+    lambda p, x: (
+      10 * x
+      if [getattr(k, "key", "") for k in p][-2:] in (["query", "kernel"], ["key", "kernel"])
+      else x
+    ),
+    tp,
+  )
   batch = {k: jnp.asarray(v) for k, v in _batches()[0].items()}
   loss_fn = train_step.make_loss_fn(student, teacher, t, label_smoothing=0.0)
-  distill = lambda p: loss_fn(p, batch, tp, jax.random.key(11))[1]["distill_loss"]  # noqa: E731
+  distill = lambda p: loss_fn(p, batch, tp, jax.random.key(11))[1]["distill_loss"]
   g = jax.grad(distill)(tp)
   shared_max = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g))
   # Control: a teacher run without the student's masks is a different target; the gradient is not ~0.
@@ -123,6 +179,7 @@ def test_teacher_and_student_share_drop_path_masks():
     _, t_out = teacher.apply({"params": tp}, batch["image"], train=False, want_qkv=True)
     _, s_out = student.apply({"params": p}, batch["image"], train=True, drop_masks=masks)
     return transfer.distill_loss(s_out, transfer.teacher_targets(t_out, t), t)
+
   unshared_max = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(jax.grad(unshared)(tp)))
   assert unshared_max > 1e-2 and shared_max < 1e-4 * unshared_max, (shared_max, unshared_max)
 
@@ -132,8 +189,13 @@ def test_teacher_sees_the_mixed_batch():
   student, teacher, t, *_ = _build("distill", layers="all")
   tp = student.init(jax.random.key(3), jnp.zeros((1, S, S, 3)), train=False)["params"]
   tp = jax.tree_util.tree_map_with_path(
-      lambda p, x: 10 * x if [getattr(k, "key", "") for k in p][-2:] in (["query", "kernel"],
-                                                                          ["key", "kernel"]) else x, tp)
+    lambda p, x: (
+      10 * x
+      if [getattr(k, "key", "") for k in p][-2:] in (["query", "kernel"], ["key", "kernel"])
+      else x
+    ),
+    tp,
+  )
   batch = {k: jnp.asarray(v) for k, v in _batches()[0].items()}
   mix = dict(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, prob=1.0)
   loss_fn = train_step.make_loss_fn(student, teacher, t, label_smoothing=0.1, mix=mix)
@@ -150,8 +212,12 @@ def test_ema_and_metrics():
   student, _, _, schedule, tx, _ = _build("none")
   init = train_step.init_state(student, tx, jax.random.key(0), S)
   ema = jax.device_get(state.ema_params)
-  jax.tree.map(lambda e, p0, p1: np.testing.assert_allclose(e, 0.9 * p0 + 0.1 * p1, rtol=1e-5, atol=1e-7),
-               ema, jax.device_get(init.params), params)
+  jax.tree.map(
+    lambda e, p0, p1: np.testing.assert_allclose(e, 0.9 * p0 + 0.1 * p1, rtol=1e-5, atol=1e-7),
+    ema,
+    jax.device_get(init.params),
+    params,
+  )
   assert int(state.step) == 1
   assert losses[0]["lr"] == 0.0  # warmup starts at 0
   assert 0 <= losses[0]["train_acc"] <= 1 and losses[0]["grad_norm"] > 0
@@ -176,8 +242,12 @@ def test_copy_eval_runs_teacher():
   sp = student.init(jax.random.key(4), jnp.zeros((1, S, S, 3)), train=False)["params"]
   batch = {k: jnp.asarray(v) for k, v in batches[0].items()}
   _, out = teacher.apply({"params": tp}, batch["image"], train=False)
-  logits_copy, _ = student.apply({"params": sp}, batch["image"], train=False,
-                                 override={"logits": out["attn_logits"], "mask": jnp.ones((2, 2), bool)})
+  logits_copy, _ = student.apply(
+    {"params": sp},
+    batch["image"],
+    train=False,
+    override={"logits": out["attn_logits"], "mask": jnp.ones((2, 2), bool)},
+  )
   logits_own, _ = student.apply({"params": sp}, batch["image"], train=False)
   for t, logits in ((t_copy, logits_copy), (t_distill, logits_own)):
     sums = train_step.make_eval_step(student, teacher, t)(sp, sp, batch, tp)
@@ -190,7 +260,9 @@ def test_teacher_cut_after_its_last_transferred_layer_gives_the_same_loss(scan):
   """`train.setup` cuts the teacher after the last distilled layer (`vit.truncate`); with shared drop-path
   masks the cut teacher takes its layers' masks, and the step's losses and gradients do not change."""
   depth = 4
-  student = vit.build({"variant": "Pico/4", "num_classes": 10, "drop_path": 0.5, "depth": depth, "scan": scan})
+  student = vit.build(
+    {"variant": "Pico/4", "num_classes": 10, "drop_path": 0.5, "depth": depth, "scan": scan}
+  )
   teacher = vit.build({"variant": "Pico/4", "num_classes": 10, "depth": depth, "scan": scan})
   t = transfer.resolve({"mode": "distill", "layers": "first:2"}, student, teacher, S)
   images = jnp.zeros((1, S, S, 3))
@@ -207,4 +279,6 @@ def test_teacher_cut_after_its_last_transferred_layer_gives_the_same_loss(scan):
   (cut_loss, cut_aux), cut_grads = results[1]
   assert float(full_aux["distill_loss"]) > 0
   np.testing.assert_allclose(cut_loss, full_loss, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), cut_grads, full_grads)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), cut_grads, full_grads
+  )

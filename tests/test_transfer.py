@@ -1,4 +1,5 @@
 """Transfer modes: selection parsing, copy gradients, distill loss minimum, Q/K/V variants, errors."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,17 +29,38 @@ def _resolve(student, teacher, **cfg):
   return transfer.resolve({"mode": "distill", **cfg}, student, teacher, S)
 
 
-@pytest.mark.parametrize("spec,expected", [
-    ("all", (0, 1, 2, 3, 4, 5)), ("first:2", (0, 1)), ("last:2", (4, 5)), ("end_layer:-2", (0, 1, 2, 3)),
-    ("end_layer:0", (0, 1, 2, 3, 4, 5)), ("0,3,5", (0, 3, 5)), ([5, 1], (1, 5)), ("-1", (5,)), ((2,), (2,))])
+@pytest.mark.parametrize(
+  "spec,expected",
+  [
+    ("all", (0, 1, 2, 3, 4, 5)),
+    ("first:2", (0, 1)),
+    ("last:2", (4, 5)),
+    ("end_layer:-2", (0, 1, 2, 3)),
+    ("end_layer:0", (0, 1, 2, 3, 4, 5)),
+    ("0,3,5", (0, 3, 5)),
+    ([5, 1], (1, 5)),
+    ("-1", (5,)),
+    ((2,), (2,)),
+  ],
+)
 def test_parse_selection(spec, expected):
   assert transfer.parse_selection(spec, 6, "transfer.layers") == expected
 
 
-@pytest.mark.parametrize("spec,match", [
-    ("first:0", "count must be"), ("last:7", "count must be"), ("6", "out of range"), ("end_layer:-6", "end_layer"),
-    ("end_layer:1", "end_layer"), ("top:3", "use 'all'"), ("1,1", "repeated"), ([], "selects nothing"),
-    ("first:x", "integer")])
+@pytest.mark.parametrize(
+  "spec,match",
+  [
+    ("first:0", "count must be"),
+    ("last:7", "count must be"),
+    ("6", "out of range"),
+    ("end_layer:-6", "end_layer"),
+    ("end_layer:1", "end_layer"),
+    ("top:3", "use 'all'"),
+    ("1,1", "repeated"),
+    ([], "selects nothing"),
+    ("first:x", "integer"),
+  ],
+)
 def test_parse_selection_errors(spec, match):
   with pytest.raises(ConfigError, match=match) as e:
     transfer.parse_selection(spec, 6, "transfer.layers")
@@ -47,14 +69,19 @@ def test_parse_selection_errors(spec, match):
 
 def test_resolve_errors(setup):
   student, teacher, *_ = setup
-  cases = [({"mode": "attend"}, "transfer.mode"), ({"what": "qk"}, "transfer.what"),
-           ({"source": "disk"}, "transfer.source"), ({"heads": "4"}, "transfer.heads"),
-           ({"layers": "last:5"}, "transfer.layers"), ({"weight": 0.0}, "transfer.weight"),
-           ({"mode": "copy", "source": "precomputed"}, "transfer.source"),
-           ({"loss_impl": "flash"}, "transfer.loss_impl"),
-           ({"loss_impl": "blockwise", "what": "q"}, "transfer.loss_impl"),
-           ({"loss_impl": "blockwise", "average": "images"}, "transfer.loss_impl"),
-           ({"mode": "copy", "loss_impl": "pallas"}, "transfer.loss_impl")]
+  cases = [
+    ({"mode": "attend"}, "transfer.mode"),
+    ({"what": "qk"}, "transfer.what"),
+    ({"source": "disk"}, "transfer.source"),
+    ({"heads": "4"}, "transfer.heads"),
+    ({"layers": "last:5"}, "transfer.layers"),
+    ({"weight": 0.0}, "transfer.weight"),
+    ({"mode": "copy", "source": "precomputed"}, "transfer.source"),
+    ({"loss_impl": "flash"}, "transfer.loss_impl"),
+    ({"loss_impl": "blockwise", "what": "q"}, "transfer.loss_impl"),
+    ({"loss_impl": "blockwise", "average": "images"}, "transfer.loss_impl"),
+    ({"mode": "copy", "loss_impl": "pallas"}, "transfer.loss_impl"),
+  ]
   for cfg, field in cases:
     with pytest.raises(ConfigError) as e:
       _resolve(student, teacher, **cfg)
@@ -87,8 +114,11 @@ def _teacher_targets(teacher, tp, images, t):
 
 def _copy_grads(student, sp, images, targets, t):
   def loss(p):
-    logits, _ = student.apply({"params": p}, images, train=False, override=transfer.copy_override(targets, t))
-    return jnp.sum(logits ** 2)
+    logits, _ = student.apply(
+      {"params": p}, images, train=False, override=transfer.copy_override(targets, t)
+    )
+    return jnp.sum(logits**2)
+
   return jax.grad(loss)(sp)
 
 
@@ -120,7 +150,8 @@ def test_copy_uses_teacher_maps(setup):
   override = transfer.copy_override(targets, t)
   a, _ = student.apply({"params": sp}, images, train=False, override=override)
   scrambled = jax.tree_util.tree_map_with_path(
-      lambda p, x: x * 3.0 if any(getattr(k, "key", "") in ("query", "key") for k in p) else x, sp)
+    lambda p, x: x * 3.0 if any(getattr(k, "key", "") in ("query", "key") for k in p) else x, sp
+  )
   b, _ = student.apply({"params": scrambled}, images, train=False, override=override)
   c, _ = student.apply({"params": scrambled}, images, train=False)
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -140,7 +171,9 @@ def test_distill_loss_is_teacher_entropy_when_student_equals_teacher(setup):
   noise = jax.random.normal(jax.random.key(7), s_out["attn_logits"].shape)
   other = {"attn_logits": s_out["attn_logits"] + noise}
   assert transfer.distill_loss(other, targets, t) > loss + 0.1
-  g = jax.grad(lambda o: transfer.distill_loss({"attn_logits": o}, targets, t))(s_out["attn_logits"])
+  g = jax.grad(lambda o: transfer.distill_loss({"attn_logits": o}, targets, t))(
+    s_out["attn_logits"]
+  )
   assert float(jnp.abs(g).max()) < 1e-6
 
 
@@ -160,8 +193,11 @@ def test_distill_loss_reduction_matches_paper_formula(setup):
   t1 = _resolve(student, teacher, layers="1", heads="0", weight=1.0)
   pt = np.asarray(jax.nn.softmax(t_out["attn_logits"][1][:, 0], -1), np.float64)
   ls = np.asarray(jax.nn.log_softmax(s_out["attn_logits"][1][:, 0], -1), np.float64)
-  np.testing.assert_allclose(transfer.distill_loss(s_out, transfer.teacher_targets(t_out, t1), t1),
-                             np.mean(-(pt * ls).sum(-1)), rtol=1e-5)
+  np.testing.assert_allclose(
+    transfer.distill_loss(s_out, transfer.teacher_targets(t_out, t1), t1),
+    np.mean(-(pt * ls).sum(-1)),
+    rtol=1e-5,
+  )
 
 
 def test_distill_loss_stable_for_extreme_logits():
@@ -180,6 +216,7 @@ def test_teacher_gets_no_gradient(setup):
     _, t_out = teacher.apply({"params": tp_}, images, train=False, want_qkv=transfer.needs_qkv(t))
     _, s_out = student.apply({"params": sp_}, images, train=False)
     return transfer.distill_loss(s_out, transfer.teacher_targets(t_out, t), t)
+
   gs, gt = jax.grad(loss, argnums=(0, 1))(sp, tp)
   assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(gt))
   assert any(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(gs))
@@ -195,7 +232,9 @@ def test_qkv_variants(setup, what):
   assert targets[what].shape == (2, B, (S // 4) ** 2 + 1, 2, 16)
   grads = _copy_grads(student, sp, images, targets, t)
   for i in range(4):
-    g = np.asarray(grads["Transformer"][f"encoderblock_{i}"]["MultiHeadDotProductAttention_0"][name]["kernel"])
+    g = np.asarray(
+      grads["Transformer"][f"encoderblock_{i}"]["MultiHeadDotProductAttention_0"][name]["kernel"]
+    )
     assert np.all(g == 0) == (i < 2), (what, i)
   # Copying the teacher's q/k/v makes the student use it: with q,k,v all copied its maps equal the teacher's.
   # Distill: MSE, zero when student == teacher, positive otherwise, as the direct formula.
@@ -203,7 +242,11 @@ def test_qkv_variants(setup, what):
   _, same = student.apply({"params": tp}, images, train=False, want_qkv=True)
   assert float(transfer.distill_loss(same, targets, td)) == pytest.approx(0.0, abs=1e-10)
   _, other = student.apply({"params": sp}, images, train=False, want_qkv=True)
-  expected = np.mean((np.asarray(other[what][:2]) - np.asarray(t_out[what][:2])) ** 2, axis=(1, 2, 4)).mean(1).sum()
+  expected = (
+    np.mean((np.asarray(other[what][:2]) - np.asarray(t_out[what][:2])) ** 2, axis=(1, 2, 4))
+    .mean(1)
+    .sum()
+  )
   np.testing.assert_allclose(transfer.distill_loss(other, targets, td), expected, rtol=1e-5)
 
 
@@ -212,8 +255,9 @@ def test_copy_q_and_k_reproduces_teacher_maps(setup):
   _, t_out = teacher.apply({"params": tp}, images, train=False, want_qkv=True)
   mask = jnp.ones((4, 2), bool)
   # Copying q in every layer while the student's k differs: logits are q_teacher . k_student.
-  _, s_out = student.apply({"params": sp}, images, train=False, want_qkv=True,
-                           override={"q": t_out["q"], "mask": mask})
+  _, s_out = student.apply(
+    {"params": sp}, images, train=False, want_qkv=True, override={"q": t_out["q"], "mask": mask}
+  )
   expected = jnp.einsum("lbqhd,lbkhd->lbhqk", t_out["q"], s_out["k"]) / 4.0
   np.testing.assert_allclose(s_out["attn_logits"], expected, rtol=1e-4, atol=1e-4)
 
@@ -223,12 +267,15 @@ def test_precomputed_targets_layout(setup):
   t = _resolve(student, teacher, layers="1,2", source="precomputed")
   targets, t_out = _teacher_targets(teacher, tp, images, t)
   assert set(targets) == {"q", "k"}  # distilled maps travel as q and k
-  batch = {f"teacher_{k}": jnp.swapaxes(v, 0, 1) for k, v in targets.items()}  # stored example-major
+  batch = {
+    f"teacher_{k}": jnp.swapaxes(v, 0, 1) for k, v in targets.items()
+  }  # stored example-major
   for k, v in transfer.precomputed_targets(batch, t).items():
     np.testing.assert_array_equal(v, targets[k])
   stored_maps = {"teacher_attn_logits": jnp.swapaxes(t_out["attn_logits"][1:3], 0, 1)}
-  np.testing.assert_array_equal(transfer.precomputed_targets(stored_maps, t)["attn_logits"],
-                                t_out["attn_logits"][1:3])
+  np.testing.assert_array_equal(
+    transfer.precomputed_targets(stored_maps, t)["attn_logits"], t_out["attn_logits"][1:3]
+  )
   with pytest.raises(ConfigError, match=r"teacher_attn_logits or teacher_q\+teacher_k"):
     transfer.precomputed_targets({}, t)
 
@@ -254,15 +301,25 @@ def test_average_over_images_control(setup):
 
 def _distill_grads(student, sp, images, targets, t, via_encoder):
   """(loss, grads) of the distill term computed inside the encoder or by the reference formula."""
+
   def loss(p):
     target = transfer.attn_target(targets, t) if via_encoder else None
     _, out = student.apply({"params": p}, images, train=False, attn_target=target)
     return transfer.distill_loss(out, targets, t)
+
   return jax.value_and_grad(loss)(sp)
 
 
-@pytest.mark.parametrize("impl,scan", [("direct", False), ("direct", True), ("blockwise", False),
-                                       ("blockwise", True), ("pallas", False)])
+@pytest.mark.parametrize(
+  "impl,scan",
+  [
+    ("direct", False),
+    ("direct", True),
+    ("blockwise", False),
+    ("blockwise", True),
+    ("pallas", False),
+  ],
+)
 def test_in_encoder_loss_equals_reference(setup, impl, scan):
   """Layer-by-layer loss inside the blocks (from the teacher's q and k, or its stored maps) equals the
   reference formula on stacked maps, in value and in the student's gradients, loop or scan."""
@@ -278,4 +335,6 @@ def test_in_encoder_loss_equals_reference(setup, impl, scan):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g, g_ref)
   if impl == "direct":  # stored maps give the same loss
     maps = {"attn_logits": t_out["attn_logits"][np.asarray(t.layers)]}
-    np.testing.assert_allclose(_distill_grads(student, sp, images, maps, t, via_encoder=True)[0], ref, rtol=1e-5)
+    np.testing.assert_allclose(
+      _distill_grads(student, sp, images, maps, t, via_encoder=True)[0], ref, rtol=1e-5
+    )

@@ -1,4 +1,5 @@
 """The ViT contract: shapes, loop == scan, overrides, drop-path masks, variants, dtypes."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,7 +60,7 @@ def test_loop_equals_scan(setup, remat):
   back = vit.scan_to_loop(scan_params)
   assert jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), back, params))
   # Gradients agree too (remat must not change them).
-  loss = lambda m, p: m.apply({"params": p}, images, train=False)[0].sum()  # noqa: E731
+  loss = lambda m, p: m.apply({"params": p}, images, train=False)[0].sum()
   ga = vit.loop_to_scan(jax.grad(lambda p: loss(model, p))(params))
   gb = jax.grad(lambda p: loss(scanned, p))(scan_params)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), ga, gb)
@@ -84,27 +85,38 @@ def test_override_applies_only_to_masked_layers_and_heads(setup):
   ref, out = model.apply({"params": params}, images, train=False)
   uniform = jnp.zeros_like(out["attn_logits"])  # softmax -> uniform attention
   mask = jnp.array([[False, False], [False, True]])  # layer 1, head 1 only
-  got, out2 = model.apply({"params": params}, images, train=False,
-                          override={"logits": uniform, "mask": mask})
+  got, out2 = model.apply(
+    {"params": params}, images, train=False, override={"logits": uniform, "mask": mask}
+  )
   assert not np.allclose(got, ref)
   # Layer 0 is untouched, so its logits are identical; layer 1 reports the logits it attended with.
   np.testing.assert_array_equal(out2["attn_logits"][0], out["attn_logits"][0])
   np.testing.assert_array_equal(out2["attn_logits"][1, :, 0], out["attn_logits"][1, :, 0])
   np.testing.assert_array_equal(out2["attn_logits"][1, :, 1], 0.0)
-  none_masked, _ = model.apply({"params": params}, images, train=False,
-                               override={"logits": uniform, "mask": jnp.zeros((2, 2), bool)})
+  none_masked, _ = model.apply(
+    {"params": params},
+    images,
+    train=False,
+    override={"logits": uniform, "mask": jnp.zeros((2, 2), bool)},
+  )
   np.testing.assert_allclose(none_masked, ref, rtol=1e-6)
 
 
 def _copy_loss(model, images, teacher_logits, mask):
   """Sum of squared class logits with the teacher's logits copied where `mask`, and the reported maps."""
+
   def loss(p):
-    logits, out = model.apply({"params": p}, images, train=False, override={"logits": teacher_logits, "mask": mask})
-    return jnp.sum(logits ** 2), out["attn_logits"]
+    logits, out = model.apply(
+      {"params": p}, images, train=False, override={"logits": teacher_logits, "mask": mask}
+    )
+    return jnp.sum(logits**2), out["attn_logits"]
+
   return loss
 
 
-@pytest.mark.parametrize("scan,mask", [(False, [[1, 1], [0, 1]]), (False, [[1, 1], [1, 1]]), (True, [[1, 1], [1, 1]])])
+@pytest.mark.parametrize(
+  "scan,mask", [(False, [[1, 1], [0, 1]]), (False, [[1, 1], [1, 1]]), (True, [[1, 1], [1, 1]])]
+)
 def test_fully_copied_layers_skip_their_own_q_and_k(setup, scan, mask):
   """A numpy mask tells the ViT at trace time which layers copy every head: the same loss and gradients as
   a traced mask, with the student's own q, k and q k^T (and their backward) gone from the program."""
@@ -114,8 +126,10 @@ def test_fully_copied_layers_skip_their_own_q_and_k(setup, scan, mask):
   n = (S // 4) ** 2 + 1
   teacher_logits = 3 * jax.random.normal(jax.random.key(5), (2, B, 2, n, n))
   static = np.asarray(mask, bool)
-  grad_fns = {kind: jax.jit(jax.value_and_grad(_copy_loss(model, images, teacher_logits, m), has_aux=True))
-              for kind, m in (("static", static), ("traced", jnp.asarray(static)))}
+  grad_fns = {
+    kind: jax.jit(jax.value_and_grad(_copy_loss(model, images, teacher_logits, m), has_aux=True))
+    for kind, m in (("static", static), ("traced", jnp.asarray(static)))
+  }
   (loss_s, maps_s), g_s = grad_fns["static"](params)
   (loss_t, maps_t), g_t = grad_fns["traced"](params)
   np.testing.assert_allclose(loss_s, loss_t, rtol=1e-6)
@@ -138,22 +152,35 @@ def test_fused_attention_matches_materialized(setup, scan):
   rng = np.random.default_rng(0)
   qk = {k: jnp.asarray(rng.normal(size=(1, B, n, 2, 16)), jnp.float32) for k in ("q", "k")}
   cases = {
-      "plain": {},
-      "v override": {"override": {"v": jnp.asarray(rng.normal(size=(2, B, n, 2, 16)), jnp.float32),
-                                  "mask": np.array([[True, False], [False, False]])}},
-      "copied head": {"override": {"logits": jnp.asarray(rng.normal(size=(2, B, 2, n, n)), jnp.float32),
-                                   "mask": np.array([[False, True], [False, False]])}},
-      "direct loss": {"attn_target": vit.AttnTarget((1,), qk, "direct")},
-      "blockwise loss": {"attn_target": vit.AttnTarget((1,), qk, "blockwise")},
+    "plain": {},
+    "v override": {
+      "override": {
+        "v": jnp.asarray(rng.normal(size=(2, B, n, 2, 16)), jnp.float32),
+        "mask": np.array([[True, False], [False, False]]),
+      }
+    },
+    "copied head": {
+      "override": {
+        "logits": jnp.asarray(rng.normal(size=(2, B, 2, n, n)), jnp.float32),
+        "mask": np.array([[False, True], [False, False]]),
+      }
+    },
+    "direct loss": {"attn_target": vit.AttnTarget((1,), qk, "direct")},
+    "blockwise loss": {"attn_target": vit.AttnTarget((1,), qk, "blockwise")},
   }
   for name, kwargs in cases.items():
+
     def loss(p, impl):
       logits, out = models[impl].apply({"params": p}, images, train=False, **kwargs)
-      return jnp.sum(logits ** 2) + out.get("attn_ce", jnp.zeros(())).sum()
+      return jnp.sum(logits**2) + out.get("attn_ce", jnp.zeros(())).sum()
+
     got = {impl: jax.value_and_grad(loss)(params, impl) for impl in models}
     np.testing.assert_allclose(got["fused"][0], got["materialized"][0], rtol=1e-5, err_msg=name)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name),
-                 got["fused"][1], got["materialized"][1])
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name),
+      got["fused"][1],
+      got["materialized"][1],
+    )
 
 
 @pytest.mark.parametrize("scan", [False, True])
@@ -164,7 +191,8 @@ def test_truncate_keeps_the_first_layers(setup, scan):
   short, short_params = vit.truncate(deep, deep_params, 3)
   assert short.depth == 3
   assert jax.tree.structure(short_params) == jax.tree.structure(
-      short.init(jax.random.key(2), images, train=False)["params"])
+    short.init(jax.random.key(2), images, train=False)["params"]
+  )
   _, out = deep.apply({"params": deep_params}, images, train=False, want_qkv=True)
   _, got = short.apply({"params": short_params}, images, train=False, want_qkv=True)
   for k in ("attn_logits", "q", "k"):
@@ -178,7 +206,9 @@ def test_gelu_is_the_exact_erf_form():
   # 1 + erf(x) cancels in the far negative tail: absolute errors up to ~1e-6 where GELU is ~1e-7 (as in
   # PyTorch's nn.GELU, which computes this same form).
   np.testing.assert_allclose(gelu(x), reference(x), rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(jax.vmap(jax.grad(gelu))(x), jax.vmap(jax.grad(reference))(x), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    jax.vmap(jax.grad(gelu))(x), jax.vmap(jax.grad(reference))(x), rtol=1e-5, atol=1e-6
+  )
   assert gelu(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
 
 
@@ -194,12 +224,16 @@ def test_drop_masks_statistics_and_sharing(setup):
   np.testing.assert_array_equal(masks[0], 1.0)  # linspace starts at rate 0
   keep_last = np.mean(np.asarray(masks[-1]) > 0)
   assert abs(keep_last - 0.7) < 0.03
-  np.testing.assert_allclose(np.asarray(masks[-1]).max(), 1 / 0.7, rtol=1e-6)  # kept samples rescaled
+  np.testing.assert_allclose(
+    np.asarray(masks[-1]).max(), 1 / 0.7, rtol=1e-6
+  )  # kept samples rescaled
   model, params, images = setup
   dropped = _model(drop_path=0.5)
   m = vit.sample_drop_masks(jax.random.key(4), B, 2, 0.5)
   a, _ = dropped.apply({"params": params}, images, train=True, drop_masks=m)
-  b, _ = dropped.apply({"params": params}, images, train=False, drop_masks=m)  # masks win over `train`
+  b, _ = dropped.apply(
+    {"params": params}, images, train=False, drop_masks=m
+  )  # masks win over `train`
   c, _ = dropped.apply({"params": params}, images, train=False)  # eval: no drop path
   ref, _ = model.apply({"params": params}, images, train=False)
   np.testing.assert_array_equal(a, b)
@@ -243,9 +277,17 @@ def test_bf16_matmuls_keep_float32_logits(setup):
   np.testing.assert_allclose(a, ref, atol=0.1)
 
 
-@pytest.mark.parametrize("variant,expected", [
-    ("Ti/16", (192, 12, 768, 3, 16)), ("S/16", (384, 12, 1536, 6, 16)), ("B/16", (768, 12, 3072, 12, 16)),
-    ("L/16", (1024, 24, 4096, 16, 16)), ("H/14", (1280, 32, 5120, 16, 14)), ("Mu/4", (128, 6, 512, 4, 4))])
+@pytest.mark.parametrize(
+  "variant,expected",
+  [
+    ("Ti/16", (192, 12, 768, 3, 16)),
+    ("S/16", (384, 12, 1536, 6, 16)),
+    ("B/16", (768, 12, 3072, 12, 16)),
+    ("L/16", (1024, 24, 4096, 16, 16)),
+    ("H/14", (1280, 32, 5120, 16, 14)),
+    ("Mu/4", (128, 6, 512, 4, 4)),
+  ],
+)
 def test_variants(variant, expected):
   d = vit.decode_variant(variant)
   assert (d["width"], d["depth"], d["mlp_dim"], d["num_heads"], d["patch_size"]) == expected
@@ -253,7 +295,9 @@ def test_variants(variant, expected):
 
 def test_vitl_param_count_matches_timm():
   model = vit.build({"variant": "L/16", "num_classes": 1000})
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False))
+  shapes = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False)
+  )
   # timm vit_large_patch16_224 with global_pool='avg' and fc_norm: 304,326,632 parameters.
   assert sum(np.prod(a.shape) for a in jax.tree.leaves(shapes)) == 304_326_632
 
