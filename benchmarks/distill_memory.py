@@ -45,7 +45,7 @@ def run_row(image_size: int, impl: str) -> dict:
   """Compiles and times value_and_grad of one layer's mean CE; returns the numbers of one table row."""
   import jax
 
-  from at_jax import attn_loss
+  from at_jax.ops import attn_ce as attn_loss
 
   n = (image_size // FLAGS.patch) ** 2 + 1
   shape = (FLAGS.batch, n, FLAGS.heads, FLAGS.head_dim)

@@ -136,7 +136,7 @@ def measure(
   warmup: int,
 ) -> dict[str, float]:
   """Pulls batches from a fresh train_iterator for `seconds`; returns images/s, CPU-ms/img and threads."""
-  from at_jax import data
+  from at_jax.data import pipeline as data
 
   it = data.train_iterator(
     source,
@@ -184,8 +184,8 @@ def load_config(name: str) -> Any:
 
 def step_need(config: Any) -> tuple[float, str]:
   """(model FLOPs per image of the config's train step, its transferred layers as text)."""
-  from at_jax import transfer
   from at_jax.models import vit
+  from at_jax.transfer import spec as transfer
 
   m = config.model
   shape = vit.decode_variant(m.variant)
@@ -208,7 +208,7 @@ def step_need(config: Any) -> tuple[float, str]:
 
 def main(argv):
   del argv
-  from at_jax import data
+  from at_jax.data import pipeline as data
 
   sizes = [int(s) for s in FLAGS.sizes]
   batches = parse_batches(FLAGS.batch)

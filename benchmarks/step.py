@@ -104,8 +104,10 @@ class JaxStep:
     import jax.numpy as jnp
     import numpy as np
 
-    from at_jax import optim, sharding, train_step, transfer
+    from at_jax import optim, sharding
     from at_jax.models import vit
+    from at_jax.training import classify as train_step
+    from at_jax.transfer import spec as transfer
 
     self.variant, self.image_size, self.batch, self.mode, self.dtype, self.remat = (
       variant,

@@ -32,8 +32,10 @@ def main(argv):
   import jax
   import jax.numpy as jnp
 
-  from at_jax import optim, sharding, train_step, transfer
+  from at_jax import optim, sharding
   from at_jax.models import vit
+  from at_jax.training import classify as train_step
+  from at_jax.transfer import spec as transfer
 
   mesh = sharding.make_mesh(-1, 1, jax.devices()[:1])
   print(

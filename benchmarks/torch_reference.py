@@ -260,7 +260,7 @@ class TorchStep:
     """(student, teacher) params in at_jax's layout, converted by at_jax.convert (as a real teacher is)."""
     from safetensors.torch import save_file  # pylint: disable=import-outside-toplevel
 
-    from at_jax import convert  # pylint: disable=import-outside-toplevel
+    from at_jax.convert import load as convert
 
     out = []
     for model in (self.student, self.teacher):

@@ -31,7 +31,9 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  from at_jax import checkpoint, data, evaluate
+  from at_jax import checkpoint
+  from at_jax.data import pipeline as data
+  from at_jax.evaluate import attention as evaluate
   from at_jax.models import vit
 
   names = FLAGS.names or FLAGS.params

@@ -27,8 +27,11 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  from at_jax import data, evaluate, metrics, train
+  from at_jax import metrics
+  from at_jax.data import pipeline as data
   from at_jax.errors import ConfigError
+  from at_jax.evaluate import attention as evaluate
+  from at_jax.experiment import loop as train
   from at_jax.models import vit
 
   config = FLAGS.config

@@ -18,8 +18,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   config_path, workdir = cli.start()
-  from at_jax import train
   from at_jax.errors import ConfigError
+  from at_jax.experiment import loop as train
 
   try:
     train.run_with_teacher(FLAGS.config, workdir)

@@ -24,8 +24,9 @@ def main(argv):
   config_path, workdir = cli.start()  # workdir: where launch/main.py would train this config
   import jax
 
-  from at_jax import data, precompute
+  from at_jax.data import pipeline as data
   from at_jax.errors import ConfigError
+  from at_jax.experiment import precompute
 
   try:
     metadata = precompute.run(FLAGS.config, workdir)

@@ -133,7 +133,10 @@ def _plots(summary: dict, workdir: str) -> None:
 
 def main(argv):
   del argv
-  from at_jax import checkpoint, data, evaluate, metrics, train
+  from at_jax import checkpoint, metrics
+  from at_jax.data import pipeline as data
+  from at_jax.evaluate import attention as evaluate
+  from at_jax.experiment import loop as train
   from at_jax.models import vit
   from configs import mae_fmnist
 

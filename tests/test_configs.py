@@ -9,9 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from at_jax import optim, train, transfer
+from at_jax import optim
 from at_jax.errors import ConfigError
+from at_jax.experiment import loop as train
 from at_jax.models import vit
+from at_jax.transfer import spec as transfer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(

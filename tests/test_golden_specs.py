@@ -10,8 +10,10 @@ import os
 import jax
 import numpy as np
 
-from at_jax import optim, sharding, train, train_step
+from at_jax import optim, sharding
+from at_jax.experiment import loop as train
 from at_jax.models import vit
+from at_jax.training import classify as train_step
 from configs import distill_vitl
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "vitl_specs_16x16.json")

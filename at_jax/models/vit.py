@@ -36,8 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from at_jax import attn_loss, sharding
+from at_jax import sharding
 from at_jax.errors import ConfigError
+from at_jax.ops import attn_ce as attn_loss
 
 Array = jax.Array
 Override = Mapping[str, Array]

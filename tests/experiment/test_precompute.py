@@ -13,9 +13,14 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from at_jax import checkpoint, data, metrics, precompute, sharding, train, train_step, transfer
+from at_jax import checkpoint, metrics, sharding
+from at_jax.data import pipeline as data
 from at_jax.errors import ConfigError
+from at_jax.experiment import loop as train
+from at_jax.experiment import precompute
 from at_jax.models import vit
+from at_jax.training import classify as train_step
+from at_jax.transfer import spec as transfer
 from configs import demo
 
 N, SIZE, BATCH = 37, 28, 16  # 37 examples: the last batch is padded

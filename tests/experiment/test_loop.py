@@ -8,11 +8,13 @@ import jax
 import numpy as np
 import pytest
 
-from at_jax import checkpoint, data, metrics, train
+from at_jax import checkpoint, metrics
+from at_jax.data import pipeline as data
 from at_jax.errors import ConfigError
+from at_jax.experiment import loop as train
 from at_jax.models import vit
 from configs import demo, mae_fmnist
-from tests.test_data import _DamagedSource
+from tests.data.test_pipeline import _DamagedSource
 
 
 def tiny_config(steps=6, layers="first:1", **transfer):

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from at_jax import transfer
+from at_jax.transfer import spec as transfer
 
 Array = jax.Array
 

@@ -14,8 +14,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from at_jax import augment, sharding, transfer
+from at_jax import sharding
+from at_jax.data import randaugment as augment
 from at_jax.models.vit import ViT, sample_drop_masks
+from at_jax.transfer import spec as transfer
 
 Array = jax.Array
 Batch = Mapping[str, Array]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from at_jax import data
+from at_jax.data import pipeline as data
 from at_jax.errors import ConfigError
 
 SYSTEM_DIR = data.FASHION_MNIST_SYSTEM_DIR
@@ -605,7 +605,8 @@ def test_eval_leaves_out_unreadable_records(capsys):
 
 
 def test_train_and_evaluate_counts_skipped_examples(tmp_path, monkeypatch, capsys):
-  from at_jax import metrics, train  # pylint: disable=g-import-not-at-top
+  from at_jax import metrics
+  from at_jax.experiment import loop as train
   from configs import demo  # pylint: disable=g-import-not-at-top
 
   bad_train = {1: "garbage", 2: "truncated", 40: "garbage"}

@@ -9,8 +9,9 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from at_jax import attn_loss, transfer
 from at_jax.errors import ConfigError
+from at_jax.ops import attn_ce as attn_loss
+from at_jax.transfer import spec as transfer
 
 STREAMED = ("blockwise", "pallas")
 # float32 throughout; the streamed sums run in a different order (online rescaling, block by block) from

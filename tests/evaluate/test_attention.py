@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from at_jax import evaluate
+from at_jax.evaluate import attention as evaluate
 from at_jax.models import vit
 
 

@@ -33,7 +33,7 @@ import numpy as np
 import tensorstore as ts
 from PIL import Image
 
-from at_jax import augment
+from at_jax.data import randaugment as augment
 from at_jax.errors import ConfigError
 
 # Where Debian's `dataset-fashion-mnist` package puts the four IDX files.

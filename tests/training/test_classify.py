@@ -5,8 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from at_jax import optim, sharding, train_step, transfer
+from at_jax import optim, sharding
 from at_jax.models import vit
+from at_jax.training import classify as train_step
+from at_jax.transfer import spec as transfer
 
 B, S, STEPS = 16, 16, 3
 

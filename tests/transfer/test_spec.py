@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from at_jax import transfer
 from at_jax.errors import ConfigError
 from at_jax.models import vit
+from at_jax.transfer import spec as transfer
 
 B, S = 2, 16
 

@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from at_jax import attn_loss
 from at_jax.errors import ConfigError
 from at_jax.models import vit
+from at_jax.ops import attn_ce as attn_loss
 
 Array = jax.Array
 MODES = ("none", "copy", "distill")

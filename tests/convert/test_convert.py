@@ -39,7 +39,9 @@ from timm.layers import resample_abs_pos_embed
 from timm.models import beit as timm_beit
 from timm.models import vision_transformer as timm_vit
 
-from at_jax import checkpoint, convert, data
+from at_jax import checkpoint
+from at_jax.convert import load as convert
+from at_jax.data import pipeline as data
 from at_jax.errors import ConfigError
 from at_jax.models import vit
 
@@ -675,8 +677,8 @@ def test_cli_bad_file_exits_2_without_traceback(tmp_path):
 
 def test_timm_file_as_teacher_init_in_a_distill_run(tmp_path):
   """config.teacher.init may name a timm checkpoint file: converted on the fly, mirrored by the student."""
-  from at_jax import train
-  from tests.test_train import tiny_config
+  from at_jax.experiment import loop as train
+  from tests.experiment.test_loop import tiny_config
 
   torch.manual_seed(0)
   model = timm_vit.VisionTransformer(

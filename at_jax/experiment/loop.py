@@ -23,20 +23,15 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from at_jax import (
-  checkpoint,
-  convert,
-  data,
-  evaluate,
-  mae,
-  metrics,
-  optim,
-  sharding,
-  train_step,
-  transfer,
-)
+from at_jax import checkpoint, metrics, optim, sharding
+from at_jax.convert import load as convert
+from at_jax.data import pipeline as data
 from at_jax.errors import ConfigError
-from at_jax.models import vit
+from at_jax.evaluate import attention as evaluate
+from at_jax.models import mae, vit
+from at_jax.training import classify as train_step
+from at_jax.training import mae as mae_steps
+from at_jax.transfer import spec as transfer
 
 TEACHER_DIR = "teacher"  # <workdir>/teacher: where a config's teacher.pretrain is trained
 EXPORT_DIR = "params"  # <run workdir>/params: the final params export, usable as teacher.init
@@ -382,8 +377,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, check_targets: boo
     return train_step.new_state(init_params(rng_init), tx, rng_train)
 
   if config.task == "mae":
-    step_fn = mae.make_mae_train_step(module, tx, schedule=schedule, ema_decay=o.ema_decay)
-    eval_fn = mae.make_mae_eval_step(module)
+    step_fn = mae_steps.make_mae_train_step(module, tx, schedule=schedule, ema_decay=o.ema_decay)
+    eval_fn = mae_steps.make_mae_eval_step(module)
     export = lambda p: (mae.encoder_config(module), mae.encoder_params(p))
   else:
     d = config.data

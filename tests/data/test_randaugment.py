@@ -19,7 +19,8 @@ from PIL import Image
 from timm.data import auto_augment as timm_aa
 from timm.data import mixup as timm_mixup
 
-from at_jax import augment, data
+from at_jax.data import pipeline as data
+from at_jax.data import randaugment as augment
 from at_jax.errors import ConfigError
 
 requires_fashion_mnist = pytest.mark.skipif(

@@ -10,9 +10,12 @@ import numpy as np
 import optax
 import pytest
 
-from at_jax import data, mae, sharding, train_step
+from at_jax import sharding
+from at_jax.data import pipeline as data
 from at_jax.errors import ConfigError
-from at_jax.models import vit
+from at_jax.models import mae, vit
+from at_jax.training import classify as train_step
+from at_jax.training import mae as mae_steps
 
 S = 28  # Image size: 4 x 4 = 16 patches of 7 px.
 ENCODER = {"variant": "Pico/7", "num_classes": 0, "pool": "cls"}
@@ -231,12 +234,12 @@ def _jitted(num_devices, fsdp):
   schedule = optax.warmup_cosine_decay_schedule(0.0, 2e-3, 5, STEPS, end_value=1e-4)
   tx = optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.05)
   mesh = sharding.make_mesh(-1, fsdp, jax.devices()[:num_devices])
-  init = lambda r: mae.init_mae_state(model, tx, r, S)
+  init = lambda r: mae_steps.init_mae_state(model, tx, r, S)
   shardings = sharding.tree_shardings(mesh, jax.eval_shape(init, jax.random.key(0)))
   # The ViT's jit_steps as is: no teacher (None, an empty pytree, needs no shardings).
   train, evaluate = train_step.jit_steps(
-    mae.make_mae_train_step(model, tx, schedule=schedule, ema_decay=0.9),
-    mae.make_mae_eval_step(model),
+    mae_steps.make_mae_train_step(model, tx, schedule=schedule, ema_decay=0.9),
+    mae_steps.make_mae_eval_step(model),
     mesh,
     shardings,
     None,

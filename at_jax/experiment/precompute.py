@@ -35,9 +35,12 @@ import numpy as np
 import tensorstore as ts
 from jax.experimental import multihost_utils
 
-from at_jax import data, metrics, sharding, train, transfer
+from at_jax import metrics, sharding
+from at_jax.data import pipeline as data
 from at_jax.errors import ConfigError
+from at_jax.experiment import loop as train
 from at_jax.models import vit
+from at_jax.transfer import spec as transfer
 
 STORES = ("logits", "qk")
 # Global batches between commits of the progress; each commit is a barrier across processes.
