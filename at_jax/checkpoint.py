@@ -21,6 +21,15 @@ _PARAMS_SUBDIR = "params"
 _TEACHER_FIELD = "teacher.init"
 
 
+def check_options(*, every_steps: int, keep: int) -> None:
+  """ConfigError naming ``ckpt.every_steps`` or ``ckpt.keep`` (what `Checkpointer` takes as
+  `save_every` and `keep`) unless each is >= 1."""
+  if not every_steps >= 1:
+    raise ConfigError("ckpt.every_steps", f"must be >= 1, got {every_steps!r}")
+  if not keep >= 1:
+    raise ConfigError("ckpt.keep", f"must be >= 1, got {keep!r}")
+
+
 class Checkpointer:
   """Train-state checkpoints in `directory` (orbax CheckpointManager).
 
@@ -30,10 +39,7 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, *, save_every: int, keep: int = 3):
-    if save_every < 1:
-      raise ConfigError("save_every", f"must be >= 1, got {save_every}")
-    if keep < 1:
-      raise ConfigError("keep", f"must be >= 1, got {keep}")
+    check_options(every_steps=save_every, keep=keep)
     # orbax rejects relative paths.
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(

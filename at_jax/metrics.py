@@ -1,7 +1,8 @@
-"""Metric logging (JSONL + TensorBoard), console progress and result tables.
+"""Metric logging (JSONL + TensorBoard), console progress, result tables and top-k hits.
 
-Writers and printers are active on process 0 only by default, so a
-multi-process run logs every metric once.
+Writers and printers are active on process 0 only by default, so a multi-process run logs every
+metric once; `say` is the one "print on process 0". tensorboardX is imported when a writer opens, so
+the training core imports without it.
 """
 
 import json
@@ -11,8 +12,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-import tensorboardX
 
 from at_jax.errors import ConfigError
 
@@ -22,6 +23,22 @@ TENSORBOARD_DIR = "tensorboard"
 
 def _is_main_process() -> bool:
   return jax.process_index() == 0
+
+
+def say(line: str) -> None:
+  """Prints `line` (flushed) on process 0 only: a multi-process run says each thing once."""
+  if _is_main_process():
+    print(line, flush=True)
+
+
+def top_k_hits(logits_BV: Any, labels_B: Any, ks: tuple[int, ...] = (1, 5)) -> dict[int, Any]:
+  """{k: bool [B], whether the label is among the k highest logits} (k capped at the class count).
+
+  jnp, so it runs inside a jitted eval step and on host numpy arrays alike.
+  """
+  top_BK = jax.lax.top_k(jnp.asarray(logits_BV), min(max(ks), logits_BV.shape[-1]))[1]
+  correct_BK = top_BK == jnp.asarray(labels_B)[:, None]
+  return {k: correct_BK[:, :k].any(-1) for k in ks}
 
 
 def _to_float(name: str, value: Any) -> float:
@@ -54,6 +71,8 @@ class MetricWriter:
       os.makedirs(workdir, exist_ok=True)
       # Append: a resumed run continues the same file.
       self._file = open(self.path, "a")
+      import tensorboardX  # here, not at the top: the training core imports without it
+
       self._tensorboard = tensorboardX.SummaryWriter(logdir=os.path.join(workdir, TENSORBOARD_DIR))
 
   def write(self, step: int, metrics: Mapping[str, float | int | np.ndarray | jax.Array]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -14,6 +15,42 @@ from at_jax.errors import ConfigError
 # Leaves that never get weight decay besides biases and norm scales (everything but kernels).
 _LAYER_RE = re.compile(r"encoderblock_(\d+)")
 _EMBEDDING_NAMES = ("embedding", "pos_embedding", "cls")
+
+
+# What each optimizer setting may be, as (lowest, lowest included, highest, highest included): the values
+# the code would take without complaint and then train wrongly with fall outside. A negative lr or clip
+# norm ascends, eps 0 gives 0/0 for params without gradient, ema_decay 1 freezes the EMA. Written as what
+# is allowed, so NaN fails too.
+HPARAM_RANGES = {
+  "base_lr": (0, True, math.inf, False),
+  "min_lr": (0, True, math.inf, False),
+  "b1": (0, True, 1, False),
+  "b2": (0, True, 1, False),
+  "eps": (0, False, math.inf, False),
+  "weight_decay": (0, True, math.inf, False),
+  "layer_decay": (0, False, 1, True),
+  "grad_clip": (0, True, math.inf, False),
+  "label_smoothing": (0, True, 1, False),
+  "ema_decay": (0, True, 1, False),
+}
+_HPARAM_NOTES = {"layer_decay": " (1: no layer decay)", "grad_clip": " (0: no clipping)"}
+
+
+def check_hparams(**values: float) -> None:
+  """Raises ConfigError("optim.<name>") for a value outside `HPARAM_RANGES[name]`.
+
+  The one place these ranges live: start-up validation checks the whole config.optim with it, and
+  `make_optimizer` (and mixup's label smoothing) check their own arguments.
+  """
+  for name, value in values.items():
+    lo, lo_in, hi, hi_in = HPARAM_RANGES[name]
+    above = lo <= value if lo_in else lo < value
+    below = value <= hi if hi_in else value < hi
+    if not (above and below):
+      bounds = f"{'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
+      raise ConfigError(
+        f"optim.{name}", f"must be in {bounds}{_HPARAM_NOTES.get(name, '')}, got {value!r}"
+      )
 
 
 def make_schedule(
@@ -97,8 +134,8 @@ def make_optimizer(
   Args:
     params: the params pytree, or its `jax.eval_shape` (only structure and shapes are read).
   """
-  if not 0 < layer_decay <= 1:
-    raise ConfigError("optim.layer_decay", f"must be in (0, 1], got {layer_decay}")
+  check_hparams(b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, layer_decay=layer_decay)
+  check_hparams(grad_clip=grad_clip or 0.0)
   parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
   parts += [
     optax.scale_by_adam(b1=b1, b2=b2, eps=eps),

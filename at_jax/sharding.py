@@ -10,6 +10,7 @@ both axes.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -125,6 +126,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch(global_batch: int, mesh: Mesh, field: str = "data.batch_size") -> None:
+  """A global batch must be positive and split evenly over the mesh's devices."""
+  if global_batch < 1:
+    raise ConfigError(field, f"must be >= 1, got {global_batch}")
   if global_batch % mesh.size:
     raise ConfigError(
       field, f"{global_batch} is not divisible by the {mesh.size} devices of the mesh"
@@ -185,6 +189,20 @@ def activation_bytes(
   return examples * (kept + maps_kept * 4 * heads * n * n)
 
 
+def device_memory(device: Any) -> tuple[int | None, str]:
+  """(bytes one device may use, where they are): an accelerator's own memory, or on CPU the host's RAM
+  shared by its local CPU devices (each emulated device gets an equal part). None when unknown."""
+  if getattr(device, "platform", None) == "cpu":
+    try:
+      ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+      return None, ""
+    count = len(jax.local_devices(backend="cpu"))
+    return ram // count, f"(host RAM / {count} CPU devices)"
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  return (stats or {}).get("bytes_limit"), f"on {device.device_kind}"
+
+
 def check_fits(estimate: dict[str, int], device: Any = None) -> str:
   """Formats a per-device memory estimate; raises ConfigError before compiling when it cannot fit."""
   device = device or jax.local_devices()[0]
@@ -192,10 +210,9 @@ def check_fits(estimate: dict[str, int], device: Any = None) -> str:
   total = sum(estimate.values())
   line = "per-device memory estimate: " + ", ".join(f"{k} {gib(v)}" for k, v in estimate.items())
   line += f" = {gib(total)}"
-  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-  limit = (stats or {}).get("bytes_limit")
+  limit, where = device_memory(device)
   if limit:
-    line += f" of {gib(limit)} on {device.device_kind}"
+    line += f" of {gib(limit)} {where}"
     if total > 0.95 * limit:
       raise ConfigError(
         "data.batch_size",

@@ -19,8 +19,6 @@ import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 flags.DEFINE_list(
   "image_sizes", ["224", "448", "640"], "Image sizes; tokens = (size / patch)^2 + 1."
 )

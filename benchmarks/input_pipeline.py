@@ -4,7 +4,7 @@
   python benchmarks/input_pipeline.py --sizes=224 --batch=224:256 --num_threads=16 --seconds=30  # a real host
   python benchmarks/input_pipeline.py --accelerators="H100:8,TPU v5p:4" --mfu=0.4 --configs=distill_vitl
 
-Times `at_jax.data.train_iterator` (as at_jax.train._train_iter calls it) on Fashion-MNIST (Debian's
+Times `at_jax.data.pipeline.train_iterator` (as at_jax.experiment.loop._train_iter calls it) on Fashion-MNIST (Debian's
 dataset-fashion-mnist, read into memory), resized by the random-resized crop to each --sizes, in two
 settings: "crop+flip" (the base geometry: random-resized crop and horizontal flip) and "full recipe" (+
 RandAugment and random erasing), both with the ImageNet recipe's values read from configs/distill_vitl.py.
@@ -25,18 +25,13 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 import threading
 import time
 from typing import Any
 
+import flops  # benchmarks/flops.py
 import numpy as np
 from absl import app, flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import flops  # benchmarks/flops.py
 
 flags.DEFINE_list(
   "sizes", ["28", "224"], "Output image sizes (the random-resized crop resizes to them)."
@@ -136,9 +131,9 @@ def measure(
   warmup: int,
 ) -> dict[str, float]:
   """Pulls batches from a fresh train_iterator for `seconds`; returns images/s, CPU-ms/img and threads."""
-  from at_jax.data import pipeline as data
+  from at_jax.data import pipeline
 
-  it = data.train_iterator(
+  it = pipeline.train_iterator(
     source,
     global_batch_size=batch,
     image_size=image_size,
@@ -208,7 +203,7 @@ def step_need(config: Any) -> tuple[float, str]:
 
 def main(argv):
   del argv
-  from at_jax.data import pipeline as data
+  from at_jax.data import sources
 
   sizes = [int(s) for s in FLAGS.sizes]
   batches = parse_batches(FLAGS.batch)
@@ -221,7 +216,7 @@ def main(argv):
   cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   num_threads = FLAGS.num_threads or cpus
   recipe = load_config(FLAGS.recipe).data
-  source = data.make_source("fashion_mnist", FLAGS.split)
+  source = sources.make_source("fashion_mnist", FLAGS.split, field="--split")
   if FLAGS.rgb:
     source = _RGB(source)
 

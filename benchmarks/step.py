@@ -22,16 +22,11 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import time
 from typing import Any
 
-from absl import app, flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 import flops  # benchmarks/flops.py
+from absl import app, flags
 
 flags.DEFINE_list("models", ["Mu/7@28:128"], "VARIANT@IMAGE_SIZE:BATCH entries, e.g. Ti/16@224:16.")
 flags.DEFINE_list("modes", ["none", "copy", "distill"], "Transfer modes to time (none = scratch).")
@@ -107,6 +102,7 @@ class JaxStep:
     from at_jax import optim, sharding
     from at_jax.models import vit
     from at_jax.training import classify as train_step
+    from at_jax.training import state as train_state
     from at_jax.transfer import spec as transfer
 
     self.variant, self.image_size, self.batch, self.mode, self.dtype, self.remat = (
@@ -149,7 +145,7 @@ class JaxStep:
       layer_decay=1.0,
       depth=model.depth,
     )
-    state, shardings = train_step.create_sharded_state(
+    state, shardings = train_state.create_sharded_state(
       lambda r: train_step.init_state(model, tx, r, image_size), jax.random.key(0), mesh
     )
     if (
@@ -172,7 +168,7 @@ class JaxStep:
     step = train_step.make_train_step(
       model, teacher, tx, t, schedule=schedule, label_smoothing=0.1, ema_decay=0.9999
     )
-    train, _ = train_step.jit_steps(
+    train, _ = train_state.jit_steps(
       step, train_step.make_eval_step(model, teacher, t), mesh, shardings, t_sh
     )
     rng = np.random.default_rng(0)

@@ -10,12 +10,7 @@ exact for the compiled program on the backend that compiled it, so the CPU's fig
 it on the accelerator for that backend's own fusion decisions.
 """
 
-import os
-import sys
-
 from absl import app, flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 flags.DEFINE_string("variant", "B/16", "Student and teacher ViT variant.")
 flags.DEFINE_list("image_sizes", ["224", "448", "640"], "Image sizes.")
@@ -35,6 +30,7 @@ def main(argv):
   from at_jax import optim, sharding
   from at_jax.models import vit
   from at_jax.training import classify as train_step
+  from at_jax.training import state as train_state
   from at_jax.transfer import spec as transfer
 
   mesh = sharding.make_mesh(-1, 1, jax.devices()[:1])
@@ -90,7 +86,7 @@ def main(argv):
         step = train_step.make_train_step(
           model, model, tx, t, schedule=schedule, label_smoothing=0.1, ema_decay=0.9999
         )
-        train, _ = train_step.jit_steps(
+        train, _ = train_state.jit_steps(
           step,
           train_step.make_eval_step(model, model, t),
           mesh,

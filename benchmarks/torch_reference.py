@@ -36,18 +36,13 @@ from __future__ import annotations
 import contextlib
 import os
 import statistics
-import sys
 import tempfile
 import time
 from typing import Any
 
-from absl import app, flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 import flops  # benchmarks/flops.py
 import step as jax_step  # benchmarks/step.py: defines --models, --modes, --dtypes, --steps, ...
+from absl import app, flags
 
 flags.DEFINE_enum(
   "framework", "both", ["torch", "both"], "Time PyTorch alone, or ours and PyTorch side by side."
@@ -272,7 +267,7 @@ class TorchStep:
         save_file(
           {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}, path
         )
-        _, params = convert.load_teacher(path, num_heads=model.blocks[0].attn.num_heads)
+        _, params = convert.load_checkpoint(path, num_heads=model.blocks[0].attn.num_heads)
       out.append(params)
     return out[0], out[1]
 

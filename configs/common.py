@@ -8,6 +8,19 @@ read by at_jax.train (precompute.* by at_jax.precompute). Configs are locked, so
 import ml_collections
 
 
+def model(**overrides) -> dict:
+  """Every `config.model` field, with the defaults below and `overrides` (each config's one source)."""
+  fields = dict(
+    init="", arch="own", variant="B/16", num_classes=1000, pool="gap", class_token=True,
+    qkv_bias=True, drop_path=0.0, head_init_std=0.02, dtype_mm="float32", scan=False,
+    remat_policy="none", attention_impl="materialized",
+  )  # fmt: skip
+  unknown = sorted(set(overrides) - set(fields))
+  if unknown:
+    raise KeyError(f"not config.model fields: {unknown}")
+  return {**fields, **overrides}
+
+
 def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -22,28 +35,14 @@ def base() -> ml_collections.ConfigDict:
   # attention on GPUs with bf16 matmuls, in the layers that need no maps; the teacher follows the student).
   # init: start from these weights (fine-tuning): a params export or a checkpoint file, converted like
   # teacher.init; leaves it lacks or shapes it doesn't match (a new head, fc_norm) stay freshly initialised.
-  c.model = dict(
-    init="",
-    arch="own",
-    variant="B/16",
-    num_classes=1000,
-    pool="gap",
-    class_token=True,
-    qkv_bias=True,
-    drop_path=0.0,
-    head_init_std=0.02,
-    dtype_mm="float32",
-    scan=False,
-    remat_policy="none",
-    attention_impl="materialized",
-  )
+  c.model = model()
 
   # init: the frozen teacher: a params export (the params/ folder of a run, or `python -m at_jax.convert`
   # output) or a PyTorch/timm/MAE/big_vision checkpoint file (.pth, .safetensors, .npz) converted on the
   # fly. If it is empty and `pretrain` holds a config, that config is trained first in <workdir>/teacher
   # and its export used. resample_posemb: allow bicubic resampling of the teacher's position table when
   # it was trained at another image size. For checkpoint files only: num_heads (0: from the width) and
-  # family (at_jax.convert.FAMILIES; "" unless the file is a CLIP tower) -- what the file doesn't store.
+  # family (at_jax.convert.load.FAMILIES; "" unless the file is a CLIP tower) -- what the file doesn't store.
   c.teacher = dict(init="", pretrain=None, resample_posemb=False, num_heads=0, family="")
 
   # mode: none | copy | distill; what: attn | q | k | v; layers/heads: "all", "first:k", "last:k",
@@ -153,20 +152,13 @@ def imagenet(
   scan-over-layers with remat to fit 32 images per device; set model.dtype_mm=float32 for its fp32.
   """
   c = base()
-  c.model = dict(
+  c.model = model(
     init=init,
-    arch="own",
     variant=variant,
-    num_classes=1000,
-    pool="gap",
-    class_token=True,
-    qkv_bias=True,
     drop_path=drop_path,
-    head_init_std=0.02,
     dtype_mm="bfloat16",
     scan=True,
     remat_policy="dots",
-    attention_impl="materialized",
   )
   c.transfer.mode = mode
   c.transfer.layers = layers

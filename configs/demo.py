@@ -12,29 +12,10 @@ Needs the Debian package `dataset-fashion-mnist` (or config.data.dir pointing at
 from configs import common, mae_fmnist
 
 
-def model(**kw):
-  return dict(
-    init="",
-    arch="own",
-    variant="Mu/7",
-    num_classes=10,
-    pool="gap",
-    class_token=True,
-    qkv_bias=True,
-    drop_path=0.0,
-    head_init_std=0.02,
-    dtype_mm="float32",
-    scan=False,
-    remat_policy="none",
-    attention_impl="materialized",
-    **kw,
-  )
-
-
 def get_config(arg: str | None = None):
   del arg
   c = common.base()
-  c.model = model()
+  c.model = common.model(variant="Mu/7", num_classes=10)
   c.data.update(
     dict(
       name="fashion_mnist",

@@ -16,21 +16,7 @@ def get_config(arg: str | None = None):
   del arg
   c = common.base()
   c.task = "mae"
-  c.model = dict(
-    init="",
-    arch="own",
-    variant="Mu/7",
-    num_classes=0,
-    pool="cls",
-    class_token=True,
-    qkv_bias=True,
-    drop_path=0.0,
-    head_init_std=0.02,
-    dtype_mm="float32",
-    scan=False,
-    remat_policy="none",
-    attention_impl="materialized",
-  )
+  c.model = common.model(variant="Mu/7", num_classes=0, pool="cls")
   c.mae = dict(
     decoder_width=128,
     decoder_depth=2,

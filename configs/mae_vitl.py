@@ -16,20 +16,8 @@ def get_config(arg: str | None = None):
   del arg
   c = common.base()
   c.task = "mae"
-  c.model = dict(
-    init="",
-    arch="own",
-    variant="L/16",
-    num_classes=0,
-    pool="cls",
-    class_token=True,
-    qkv_bias=True,
-    drop_path=0.0,
-    head_init_std=0.02,
-    dtype_mm="bfloat16",
-    scan=True,
-    remat_policy="dots",
-    attention_impl="materialized",
+  c.model = common.model(
+    variant="L/16", num_classes=0, pool="cls", dtype_mm="bfloat16", scan=True, remat_policy="dots"
   )
   c.mae = dict(
     decoder_width=512,

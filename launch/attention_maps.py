@@ -7,23 +7,18 @@ Also prints each model's per-layer agreement with the first one (cross-entropy, 
 model's entropy, and Jensen-Shannon divergence) on those images.
 """
 
-import os
-import sys
-
 from absl import app, flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 flags.DEFINE_list(
   "params", None, "Params exports (the params/ folder of a run, or a converted teacher)."
 )
 flags.DEFINE_list("names", None, "Row labels, one per export (default: the paths).")
 flags.DEFINE_string("out", "attention.png", "PNG to write.")
-flags.DEFINE_string("dataset", "fashion_mnist", "Dataset name (data.make_source).")
+flags.DEFINE_string("dataset", "fashion_mnist", "Dataset name (sources.make_source).")
 flags.DEFINE_string("split", "test", "Split to take images from.")
 flags.DEFINE_string("data_dir", None, "config.data.dir equivalent.")
 flags.DEFINE_integer("image_size", 28, "Image size the models expect.")
-flags.DEFINE_string("normalization", "fashion_mnist", "data.NORMALIZATIONS key.")
+flags.DEFINE_string("normalization", "fashion_mnist", "transforms.NORMALIZATIONS key.")
 flags.DEFINE_integer("num_images", 4, "How many images.")
 flags.mark_flag_as_required("params")
 FLAGS = flags.FLAGS
@@ -32,14 +27,14 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   from at_jax import checkpoint
-  from at_jax.data import pipeline as data
+  from at_jax.data import pipeline, sources
   from at_jax.evaluate import attention as evaluate
   from at_jax.models import vit
 
   names = FLAGS.names or FLAGS.params
-  source = data.make_source(FLAGS.dataset, FLAGS.split, FLAGS.data_dir)
+  source = sources.make_source(FLAGS.dataset, FLAGS.split, FLAGS.data_dir, field="--split")
   batch = next(
-    data.eval_iterator(
+    pipeline.eval_iterator(
       source,
       global_batch_size=FLAGS.num_images,
       image_size=FLAGS.image_size,

@@ -1,23 +1,32 @@
 """What every launcher shares: the --config/--workdir/multi-host flags, jax.distributed start-up, workdir."""
 
 import os
-import sys
 
 from absl import flags
 from ml_collections import config_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # so that configs/*.py can `from configs import common`
+DEFAULT_CONFIG = os.path.join(ROOT, "configs", "demo.py")
+
+
+def define_config_flag(help_text: str = "") -> None:
+  """--config: a config file (get_config), fields overridable as --config.a.b=value; locked."""
+  config_flags.DEFINE_config_file(
+    "config",
+    DEFAULT_CONFIG,
+    help_text or "Config file (get_config); override fields with --config.a.b=value.",
+    lock_config=True,
+  )
 
 
 def define_flags(workdir_help: str) -> None:
-  config_flags.DEFINE_config_file(
-    "config",
-    os.path.join(ROOT, "configs", "demo.py"),
-    "Config file (get_config); override fields with --config.a.b=value.",
-    lock_config=True,
-  )
+  """--config, --workdir and the multi-host flags of launch/main.py and launch/precompute.py."""
+  define_config_flag()
   flags.DEFINE_string("workdir", None, workdir_help)
+  define_multihost_flags()
+
+
+def define_multihost_flags() -> None:
   flags.DEFINE_bool(
     "multihost", False, "Call jax.distributed.initialize() (TPU pods, GPU clusters)."
   )

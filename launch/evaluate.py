@@ -7,18 +7,12 @@ python launch/evaluate.py --config=configs/demo.py --ensemble=workdir/ft/params,
 """
 
 import json
-import os
 import sys
 
+import cli
 from absl import app, flags
-from ml_collections import config_flags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-config_flags.DEFINE_config_file(
-  "config", os.path.join(ROOT, "configs", "demo.py"), "Config file.", lock_config=True
-)
+cli.define_config_flag()
 flags.DEFINE_string("workdir", None, "Run directory whose checkpoint to evaluate.")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 flags.DEFINE_list("ensemble", None, "Params exports or checkpoint files to ensemble.")
@@ -28,10 +22,10 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   from at_jax import metrics
-  from at_jax.data import pipeline as data
+  from at_jax.data import pipeline, sources
   from at_jax.errors import ConfigError
   from at_jax.evaluate import attention as evaluate
-  from at_jax.experiment import loop as train
+  from at_jax.experiment import loop, teachers
   from at_jax.models import vit
 
   config = FLAGS.config
@@ -39,11 +33,11 @@ def main(argv):
     if FLAGS.ensemble:
       members = {}
       for path in FLAGS.ensemble:
-        model_config, params = train.load_vit(path, config)
+        model_config, params = teachers.load_vit(path, config)
         members[path] = (vit.build(model_config), params)
       d = config.data
-      batches = data.eval_iterator(
-        data.make_source(d.name, d.eval_split, d.dir or None),
+      batches = pipeline.eval_iterator(
+        sources.make_source(d.name, d.eval_split, d.dir or None, field="data.eval_split"),
         global_batch_size=d.eval_batch_size,
         image_size=d.image_size,
         crop_pct=d.crop_pct,
@@ -56,7 +50,7 @@ def main(argv):
       ]
       print(metrics.format_table(rows, ["model", "top1", "top5"]))
     elif FLAGS.workdir:
-      results = train.evaluate_checkpoint(config, FLAGS.workdir, FLAGS.step)
+      results = loop.evaluate_checkpoint(config, FLAGS.workdir, FLAGS.step)
       print(json.dumps({k: round(v, 4) for k, v in results.items()}))
     else:
       raise ConfigError(

@@ -19,15 +19,15 @@ def main(argv):
   del argv
   config_path, workdir = cli.start()
   from at_jax.errors import ConfigError
-  from at_jax.experiment import loop as train
+  from at_jax.experiment import job, preemption
 
   try:
-    train.run_with_teacher(FLAGS.config, workdir)
+    job.run_with_teacher(FLAGS.config, workdir)
   except ConfigError as e:
     # A config/input problem: say what to fix, without a traceback from deep inside.
     print(f"\nConfig error in {config_path}: {e}", file=sys.stderr)
     sys.exit(2)
-  except train.Preempted as e:
+  except preemption.Preempted as e:
     print(f"\n{e}", file=sys.stderr)
     sys.exit(143)  # 128 + SIGTERM, what schedulers expect from a job that honoured the signal
 

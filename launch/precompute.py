@@ -24,7 +24,7 @@ def main(argv):
   config_path, workdir = cli.start()  # workdir: where launch/main.py would train this config
   import jax
 
-  from at_jax.data import pipeline as data
+  from at_jax.data import target_store
   from at_jax.errors import ConfigError
   from at_jax.experiment import precompute
 
@@ -36,7 +36,7 @@ def main(argv):
   if jax.process_index() == 0:
     print(
       f"Done: {metadata['num_examples']} examples ({metadata['skipped']} unreadable, skipped) in "
-      f"{data.targets_dir(FLAGS.config.transfer.targets_dir, workdir)}",
+      f"{target_store.targets_dir(FLAGS.config.transfer.targets_dir, workdir)}",
       flush=True,
     )
 

@@ -12,6 +12,8 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -r requirements.txt
+# at_jax itself (with configs/), editable: scripts, tests and the colab import this checkout's code.
+.venv/bin/pip install -q --no-deps -e .
 if [ "${1:-}" = "--tests" ]; then
   .venv/bin/pip install -q -r requirements-test.txt
 fi

@@ -12,13 +12,9 @@ plots (study_main.png, study_layers.png, study_heads.png) to the workdir.
 
 import json
 import os
-import sys
 import time
 
 from absl import app, flags
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 flags.DEFINE_string("workdir", "workdir/study", "Where runs, table and plots go.")
 flags.DEFINE_string(
@@ -134,9 +130,9 @@ def _plots(summary: dict, workdir: str) -> None:
 def main(argv):
   del argv
   from at_jax import checkpoint, metrics
-  from at_jax.data import pipeline as data
+  from at_jax.data import pipeline, sources
   from at_jax.evaluate import attention as evaluate
-  from at_jax.experiment import loop as train
+  from at_jax.experiment import loop, paths
   from at_jax.models import vit
   from configs import mae_fmnist
 
@@ -145,10 +141,10 @@ def main(argv):
   start = time.time()
   teacher = FLAGS.teacher
   if not teacher:
-    teacher = os.path.join(workdir, "teacher", train.EXPORT_DIR)
+    teacher = os.path.join(workdir, "teacher", paths.EXPORT_DIR)
     if not os.path.exists(os.path.join(teacher, "model_config.json")):
       print("== pre-training the MAE teacher (no labels) ==", flush=True)
-      train.train_and_evaluate(mae_fmnist.get_config(), os.path.join(workdir, "teacher"))
+      loop.train_and_evaluate(mae_fmnist.get_config(), os.path.join(workdir, "teacher"))
   names = FLAGS.only or list(SETTINGS)
   jobs = [(name, seed) for seed in range(FLAGS.seeds) for name in names]
   results: dict[str, dict[int, dict]] = {}
@@ -160,9 +156,7 @@ def main(argv):
         f"== [{i}/{len(jobs)}] {name} seed {seed} ({(time.time() - start) / 60:.1f} min so far) ==",
         flush=True,
       )
-      evals = train.train_and_evaluate(
-        _config(SETTINGS[name], teacher, seed, FLAGS.epochs), run_dir
-      )
+      evals = loop.train_and_evaluate(_config(SETTINGS[name], teacher, seed, FLAGS.epochs), run_dir)
       with open(done, "w") as f:
         json.dump(evals, f)
     with open(done) as f:
@@ -171,17 +165,19 @@ def main(argv):
   # The paper's ensemble: fine-tuned teacher + distilled student, averaged probabilities.
   if {"finetune", "distill"} <= set(results):
     c = _config({}, teacher, 0, FLAGS.epochs)
-    source = data.make_source(c.data.name, c.data.eval_split, c.data.dir or None)
+    source = sources.make_source(
+      c.data.name, c.data.eval_split, c.data.dir or None, field="data.eval_split"
+    )
     for seed in range(FLAGS.seeds):
       done = os.path.join(workdir, "ensemble", f"seed{seed}", "results.json")
       if not os.path.exists(done):
         members = {}
         for name in ("finetune", "distill"):
           model_config, params = checkpoint.load_params(
-            os.path.join(workdir, name, f"seed{seed}", train.EXPORT_DIR)
+            os.path.join(workdir, name, f"seed{seed}", paths.EXPORT_DIR)
           )
           members[name] = (vit.build(model_config), params)
-        batches = data.eval_iterator(
+        batches = pipeline.eval_iterator(
           source,
           global_batch_size=c.data.eval_batch_size,
           image_size=28,

@@ -1,7 +1,12 @@
-"""Every test runs on 8 emulated CPU devices, so each sharding path is exercised."""
+"""Every test runs on 8 emulated CPU devices, so each sharding path is exercised; `tiny_config` is the
+whole-loop tests' shared config; `damaged_source` the class of a source with unreadable records."""
 
+import io
 import os
-import sys
+
+import numpy as np
+import pytest
+from PIL import Image
 
 os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -10,4 +15,76 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault(
   "HF_HUB_OFFLINE", "1"
 )  # timm must never wait on a model hub (none is reachable)
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _tiny_config(steps=6, layers="first:1", **transfer):
+  """The demo config shrunk to seconds: Pico ViT, batch 16 on the (4, 2) mesh of 8 emulated devices."""
+  from configs import demo  # pylint: disable=import-outside-toplevel  # After the XLA flags above.
+
+  c = demo.get_config()
+  c.unlock()
+  c.model.variant = "Pico/7"
+  c.data.update(
+    dict(
+      batch_size=16,
+      eval_batch_size=400,
+      train_split="train[:320]",
+      eval_split="test[:800]",
+      num_threads=0,
+    )
+  )
+  c.schedule.update(dict(steps=steps, log_every_steps=2))
+  c.ckpt.update(dict(every_steps=2, keep=5))
+  c.mesh.update(dict(data=4, fsdp=2))
+  c.transfer.update(dict(layers=layers, **transfer))
+  c.teacher.pretrain = None
+  return c
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+  """`tiny_config(steps=6, layers="first:1", **transfer)`: a fresh demo config shrunk to seconds (Pico
+  ViT, batch 16 on the (4, 2) mesh of 8 emulated devices), for tests that run the whole loop."""
+  return _tiny_config
+
+
+def _png(image: np.ndarray) -> bytes:
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, "PNG")
+  return buffer.getvalue()
+
+
+class DamagedSource:
+  """Records of encoded image bytes, decoded on access as a tfds source does.
+
+  `bad` maps an index to its damage: "garbage" (not an image), "truncated"
+  (half a PNG: the header reads, the pixels don't), "channels" (decodes to 2
+  channels, which fails in preprocessing). The label is the index.
+  """
+
+  def __init__(self, n: int, bad: dict[int, str], size: int = 12):
+    rng = np.random.default_rng(0)
+    self.images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    self.bad = bad
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def __getitem__(self, index: int) -> dict:
+    from at_jax.data import sources  # pylint: disable=import-outside-toplevel
+
+    damage = self.bad.get(index)
+    if damage == "channels":
+      return {"image": self.images[index][..., :2], "label": index}
+    encoded = _png(self.images[index])
+    if damage == "garbage":
+      encoded = b"\x00not an image"
+    elif damage == "truncated":
+      encoded = encoded[: len(encoded) // 2]
+    return sources.to_example({"image": encoded, "label": index})
+
+
+@pytest.fixture
+def damaged_source():
+  """`DamagedSource(n, bad, size=12)`: a source whose examples in `bad` cannot be read."""
+  return DamagedSource

@@ -190,10 +190,13 @@ def test_empty_directory(tmp_path):
 
 
 def test_bad_options(tmp_path):
-  with pytest.raises(ConfigError, match="save_every"):
+  """The Checkpointer's save_every and keep are ckpt.every_steps and ckpt.keep: errors name those."""
+  with pytest.raises(ConfigError, match="must be >= 1, got 0") as e:
     checkpoint.Checkpointer(str(tmp_path), save_every=0)
-  with pytest.raises(ConfigError, match="keep"):
+  assert e.value.field == "ckpt.every_steps"
+  with pytest.raises(ConfigError, match="must be >= 1, got 0") as e:
     checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=0)
+  assert e.value.field == "ckpt.keep"
 
 
 _CONFIG = {"depth": 2, "width": 8, "num_heads": 2, "patch_size": 4}

@@ -11,7 +11,7 @@ import pytest
 
 from at_jax import optim
 from at_jax.errors import ConfigError
-from at_jax.experiment import loop as train
+from at_jax.experiment import runs, teachers
 from at_jax.models import vit
 from at_jax.transfer import spec as transfer
 
@@ -43,7 +43,7 @@ def test_config_loads_locked_and_builds(name):
     "python launch/main.py --config=configs/" + name
     in importlib.import_module(f"configs.{name}").__doc__
   )
-  model = vit.build(train.model_config(c, "/nonexistent-workdir"))
+  model = vit.build(teachers.model_config(c, "/nonexistent-workdir"))
   size = c.data.image_size
   assert size % model.patch_size == 0
   abstract = jax.eval_shape(
@@ -70,7 +70,7 @@ def test_config_loads_locked_and_builds(name):
     depth=model.depth,
   )
   if c.teacher.pretrain is not None:
-    vit.build(train.model_config(c.teacher.pretrain, "/nonexistent-workdir"))
+    vit.build(teachers.model_config(c.teacher.pretrain, "/nonexistent-workdir"))
   if name.endswith(("vitl", "vitb")) and not name.startswith("mae"):
     depth = 24 if name.endswith("vitl") else 12
     assert model.depth == depth and c.data.batch_size == (
@@ -115,14 +115,14 @@ def test_imagenet_configs_stop_at_once_without_data(name, tmp_path):
   c = _load(name)
   c.data.dir = str(tmp_path)  # no ImageNet prepared here
   with pytest.raises(ConfigError) as e:
-    train.setup(c, str(tmp_path))
+    runs.setup(c, str(tmp_path))
   assert e.value.field == "data.dir" and "imagenet2012" in str(e.value)
 
 
 @pytest.mark.parametrize("name", ["finetune_vitl", "finetune_vitb"])
 def test_finetune_configs_stop_at_once_without_weights(name, tmp_path):
   with pytest.raises(ConfigError) as e:
-    train.setup(_load(name), str(tmp_path))
+    runs.setup(_load(name), str(tmp_path))
   assert e.value.field == "model.init" and "--config.model.init=" in str(e.value)
 
 
@@ -136,5 +136,5 @@ def test_imagenet_configs_stop_at_once_without_teacher(name, tmp_path):
     )
   )
   with pytest.raises(ConfigError) as e:
-    train.setup(c, str(tmp_path))
+    runs.setup(c, str(tmp_path))
   assert e.value.field == "teacher.init"

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from at_jax import optim, sharding
-from at_jax.experiment import loop as train
+from at_jax.experiment import teachers
 from at_jax.models import vit
 from at_jax.training import classify as train_step
 from configs import distill_vitl
@@ -28,7 +28,7 @@ def _specs(tree, fsdp):
 
 def test_vitl_student_teacher_optimizer_specs_16x16():
   c = distill_vitl.get_config()
-  student = vit.build(train.model_config(c, "/nonexistent"))
+  student = vit.build(teachers.model_config(c, "/nonexistent"))
   teacher = vit.build(
     {"variant": "L/16", "num_classes": 0, "pool": "cls"}
   )  # as converted from MAE's .pth

@@ -1,5 +1,7 @@
 """Tests for at_jax.sharding: the mesh, the fsdp shape rule, batch checks and global batches."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -286,9 +288,14 @@ def test_activation_estimate_and_fit_check():
   with pytest.raises(ConfigError, match="will not fit") as e:
     sharding.check_fits(estimate, _FakeDevice(2 * 2**30))
   assert e.value.field == "data.batch_size"
-  assert (
-    "of" not in sharding.check_fits(estimate).split("=")[-1]
-  )  # CPU: no limit reported, no verdict
+  # CPU: the host's RAM, shared by the local CPU devices, is the limit (it used to be no limit at all).
+  ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  per_device = ram // len(jax.local_devices())
+  line = sharding.check_fits({"params": per_device // 2})
+  assert f"of {per_device / 2**30:.2f} GiB (host RAM / 8 CPU devices)" in line
+  with pytest.raises(ConfigError, match="will not fit") as e:
+    sharding.check_fits({"activations": per_device})
+  assert e.value.field == "data.batch_size"
 
 
 # -------------------------------------------------------------- activation constraints

@@ -1,14 +1,9 @@
-"""The paper's data augmentation: timm's ImageNet recipe, as in MAE fine-tuning.
+"""timm's RandAugment (`rand_augment_transform`) on PIL images, as in MAE fine-tuning.
 
-Per example, in numpy/PIL on the input pipeline's threads and in timm's order:
-random-resized-crop and flip (`data.py`), `RandAugment` on the uint8 image,
-normalisation (`data.py`), then `random_erase`. Per global batch, inside the
-jitted train step: `mix_batch` (Mixup or CutMix), so that teacher and student
-see the same mixed images whatever the number of hosts.
-
-All randomness comes from the caller's numpy generator or JAX key: each
-function is pure given it, which keeps `data.train_iterator` exactly
-resumable.
+`RandAugment` runs on the uint8 image after crop and flip (see `transforms.train_example`). All
+randomness comes from the caller's numpy generator: each call is pure given it, which keeps
+`pipeline.train_iterator` exactly resumable. `parse_randaugment` is the check of
+``data.randaugment``.
 """
 
 import dataclasses
@@ -17,8 +12,6 @@ import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
@@ -298,6 +291,12 @@ def parse_randaugment(spec: str) -> RandAugmentSpec:
   return RandAugmentSpec(**values)
 
 
+def check_randaugment(spec: str) -> None:
+  """ConfigError ``data.randaugment`` unless "" (off) or a string `parse_randaugment` takes."""
+  if spec:
+    parse_randaugment(spec)
+
+
 class RandAugment:
   """timm's RandAugment (`rand_augment_transform`) on PIL images.
 
@@ -364,209 +363,3 @@ class RandAugment:
         args += (self.fill, _RESAMPLE[name])
       image = op.apply(image, *args)
     return image
-
-
-# ----------------------------------------------------------------------------
-# Random erasing of one normalised example.
-
-
-def random_erase(
-  image: np.ndarray,
-  rng: np.random.Generator,
-  *,
-  prob: float,
-  min_area: float = 0.02,
-  max_area: float = 1 / 3,
-  min_aspect: float = 0.3,
-  max_aspect: float | None = None,
-  mode: str = "pixel",
-) -> np.ndarray:
-  """timm's RandomErasing (count 1) of one normalised image.
-
-  With probability `prob`, tries up to 10 times to draw a rectangle of area
-  uniform in [min_area, max_area] of the image and log-uniform aspect ratio
-  (h / w) that fits strictly inside, and replaces it.
-
-  Args:
-    image: float [H, W, C], normalised (the noise is standard normal).
-    rng: the only source of randomness.
-    prob: probability of erasing.
-    min_area: smallest rectangle, as a fraction of the image.
-    max_area: largest rectangle, as a fraction of the image.
-    min_aspect: smallest h / w.
-    max_aspect: largest h / w; None: 1 / min_aspect.
-    mode: "pixel" (noise per pixel and channel), "rand" (one noise colour)
-      or "const" (zeros, i.e. the mean colour).
-
-  Returns:
-    float [H, W, C]: `image` itself if nothing was erased, else a copy.
-  """
-  if mode not in ("pixel", "rand", "const"):
-    raise ConfigError(
-      "data.random_erase_mode", f"unknown {mode!r}; expected 'pixel', 'rand' or 'const'."
-    )
-  if rng.random() >= prob:
-    return image
-  height, width, channels = image.shape
-  log_aspect = (math.log(min_aspect), math.log(max_aspect or 1 / min_aspect))
-  for _ in range(10):
-    target_area = rng.uniform(min_area, max_area) * height * width
-    aspect = math.exp(rng.uniform(*log_aspect))
-    h = int(round(math.sqrt(target_area * aspect)))
-    w = int(round(math.sqrt(target_area / aspect)))
-    if h < height and w < width:
-      top = int(rng.integers(height - h + 1))
-      left = int(rng.integers(width - w + 1))
-      shape = {"pixel": (h, w, channels), "rand": (1, 1, channels), "const": None}[mode]
-      out = image.copy()
-      out[top : top + h, left : left + w] = (
-        0 if shape is None else rng.standard_normal(shape, image.dtype)
-      )
-      return out
-  return image
-
-
-# ----------------------------------------------------------------------------
-# Mixup / CutMix of the global batch, in JAX.
-
-
-def mixup_target(
-  labels: jax.Array, num_classes: int, lam: jax.Array | float, label_smoothing: float
-) -> jax.Array:
-  """timm's `mixup_target`: smoothed one-hots mixed with the flipped batch's.
-
-  Args:
-    labels: int [B].
-    num_classes: C.
-    lam: scalar weight of each example's own label.
-    label_smoothing: s; the true class gets 1 - s + s / C, others s / C.
-
-  Returns:
-    float32 [B, C], rows summing to 1.
-  """
-  off = label_smoothing / num_classes
-  y = jax.nn.one_hot(labels, num_classes) * (1 - label_smoothing) + off
-  return lam * y + (1 - lam) * y[::-1]
-
-
-def cutmix_box(
-  lam: jax.Array, center_y: jax.Array, center_x: jax.Array, height: int, width: int
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
-  """timm's `rand_bbox` + `cutmix_bbox_and_lam` for a given centre.
-
-  The box has sides floor(size * sqrt(1 - lam)) around the centre, clipped to
-  the image; lam is then corrected to 1 - (clipped box area) / (image area).
-
-  Returns:
-    (top, bottom, left, right) int32 scalars (bottom and right exclusive),
-    and the corrected lam.
-  """
-  ratio = jnp.sqrt(1 - lam)
-  cut_h = jnp.floor(height * ratio).astype(jnp.int32)
-  cut_w = jnp.floor(width * ratio).astype(jnp.int32)
-  top = jnp.clip(center_y - cut_h // 2, 0, height)
-  bottom = jnp.clip(center_y + (cut_h + 1) // 2, 0, height)
-  left = jnp.clip(center_x - cut_w // 2, 0, width)
-  right = jnp.clip(center_x + (cut_w + 1) // 2, 0, width)
-  area = (bottom - top) * (right - left)
-  return top, bottom, left, right, 1 - area / (height * width)
-
-
-def _check_mix_args(
-  num_classes: int,
-  mixup_alpha: float,
-  cutmix_alpha: float,
-  switch_prob: float,
-  prob: float,
-  label_smoothing: float,
-) -> None:
-  for field, value in (("data.mixup", mixup_alpha), ("data.cutmix", cutmix_alpha)):
-    if value < 0:
-      raise ConfigError(field, f"alpha must be >= 0 (0: off), got {value}.")
-  for field, value in (("data.mixup_switch_prob", switch_prob), ("data.mixup_prob", prob)):
-    if not 0 <= value <= 1:
-      raise ConfigError(field, f"must be in [0, 1], got {value}.")
-  if not 0 <= label_smoothing < 1:
-    raise ConfigError("optim.label_smoothing", f"must be in [0, 1), got {label_smoothing}.")
-  if num_classes < 1:
-    raise ConfigError("model.num_classes", f"must be positive, got {num_classes}.")
-
-
-def mix_batch(
-  rng: jax.Array,
-  images: jax.Array,
-  labels: jax.Array,
-  num_classes: int,
-  *,
-  mixup_alpha: float,
-  cutmix_alpha: float,
-  switch_prob: float = 0.5,
-  prob: float = 1.0,
-  label_smoothing: float = 0.0,
-) -> tuple[jax.Array, jax.Array]:
-  """timm's Mixup(mode="batch"): one Mixup or CutMix draw for the batch.
-
-  Example i is mixed with example B-1-i (the flipped batch). With
-  probability `prob` a lam is drawn: from Beta(cutmix_alpha, cutmix_alpha)
-  for CutMix (chosen with probability `switch_prob` when both alphas are
-  positive), else Beta(mixup_alpha, mixup_alpha). Mixup blends whole images
-  with weight lam; CutMix pastes the partner's box (see `cutmix_box`) and
-  uses the pasted fraction for the labels. Jit-compatible: the scalars are
-  Python, and the box is a mask.
-
-  Args:
-    rng: JAX key; the only source of randomness.
-    images: float [B, H, W, C]: the global batch, so that the result does not
-      depend on how it is split over hosts.
-    labels: int [B].
-    num_classes: C.
-    mixup_alpha: 0 turns Mixup off.
-    cutmix_alpha: 0 turns CutMix off.
-    switch_prob: probability of CutMix when both are on.
-    prob: probability of mixing at all.
-    label_smoothing: folded into the soft targets (timm's `mixup_target`), so
-      the loss must not smooth them again.
-
-  Returns:
-    (images [B, H, W, C] of the input dtype, soft labels float32 [B, C]).
-    Both alphas 0: the images unchanged and smoothed one-hot labels.
-
-  Raises:
-    ConfigError: an argument out of range (named by its config field).
-  """
-  _check_mix_args(num_classes, mixup_alpha, cutmix_alpha, switch_prob, prob, label_smoothing)
-  if mixup_alpha == 0 and cutmix_alpha == 0:
-    return images, mixup_target(labels, num_classes, 1.0, label_smoothing)
-  keys = jax.random.split(rng, 6)
-  if mixup_alpha > 0 and cutmix_alpha > 0:
-    use_cutmix = jax.random.uniform(keys[0]) < switch_prob
-  else:
-    use_cutmix = jnp.asarray(cutmix_alpha > 0)
-  # Only the enabled Beta is drawn: Beta(0, 0) is undefined.
-  lam_mixup = (
-    jax.random.beta(keys[1], mixup_alpha, mixup_alpha) if mixup_alpha > 0 else jnp.float32(1)
-  )
-  lam_cutmix = (
-    jax.random.beta(keys[2], cutmix_alpha, cutmix_alpha) if cutmix_alpha > 0 else jnp.float32(1)
-  )
-  lam = jnp.where(use_cutmix, lam_cutmix, lam_mixup)
-  lam = jnp.where(jax.random.uniform(keys[3]) < prob, lam, 1.0)
-
-  _, height, width, _ = images.shape
-  top, bottom, left, right, lam_box = cutmix_box(
-    lam,
-    jax.random.randint(keys[4], (), 0, height),
-    jax.random.randint(keys[5], (), 0, width),
-    height,
-    width,
-  )
-  rows, cols = jnp.arange(height)[:, None], jnp.arange(width)[None, :]
-  in_box = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
-  # Per-pixel weight [H, W] of each image's own pixels. With weights 0 and 1
-  # the blend below copies pixels exactly, so one formula serves both.
-  own = jnp.where(use_cutmix, jnp.where(in_box, 0.0, 1.0), lam)
-  own = own[None, :, :, None]
-  x = images.astype(jnp.float32)
-  mixed = (x * own + x[::-1] * (1 - own)).astype(images.dtype)
-  lam = jnp.where(use_cutmix, lam_box, lam)
-  return mixed, mixup_target(labels, num_classes, lam, label_smoothing)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from at_jax import metrics
 from at_jax.transfer import spec as transfer
 
 Array = jax.Array
@@ -43,9 +44,8 @@ def ensemble_accuracy(
     mask = np.asarray(batch["mask"], np.float64)
     count += mask.sum()
     for name, p in probs.items():
-      top5 = np.argsort(-p, axis=-1)[:, :5]
-      correct = top5 == np.asarray(batch["label"])[:, None]
-      hits[name] += [(correct[:, 0] * mask).sum(), (correct.any(-1) * mask).sum()]
+      correct = metrics.top_k_hits(p, batch["label"])
+      hits[name] += [(np.asarray(correct[1]) * mask).sum(), (np.asarray(correct[5]) * mask).sum()]
   return {
     name: {"top1": 100 * h[0] / count, "top5": 100 * h[1] / count} for name, h in hits.items()
   }

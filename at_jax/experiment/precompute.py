@@ -2,9 +2,9 @@
 
 The teacher runs once over the training split and its transferred quantity in the selected layers is
 written to disk; distillation then trains without the teacher in the step, reading each example's targets
-with its pixels (`data.TeacherTargets`). The teacher sees one fixed view per image, the eval preprocessing
-(shorter side resized to round(image_size / crop_pct), centre image_size crop: `data._eval_example`), so the
-training run must read that same view (`data.train_iterator(fixed_view=True)`): no random crop or flip,
+with its pixels (`target_store.TeacherTargets`). The teacher sees one fixed view per image, the eval preprocessing
+(shorter side resized to round(image_size / crop_pct), centre image_size crop: `transforms.eval_example`), so the
+training run must read that same view (`pipeline.train_iterator(fixed_view=True)`): no random crop or flip,
 RandAugment, erasing, mixup or cutmix, and the teacher runs without the student's drop-path masks.
 
 Layout of `transfer.targets_dir` (default <workdir>/teacher_targets):
@@ -21,8 +21,6 @@ example, so no two processes write the same file. Progress is committed to metad
 `COMMIT_EVERY` global batches, and a rerun resumes from there.
 """
 
-from __future__ import annotations
-
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -36,9 +34,10 @@ import tensorstore as ts
 from jax.experimental import multihost_utils
 
 from at_jax import metrics, sharding
-from at_jax.data import pipeline as data
+from at_jax.data import pipeline, target_store
+from at_jax.data.sources import Source
 from at_jax.errors import ConfigError
-from at_jax.experiment import loop as train
+from at_jax.experiment import job, teachers, validation
 from at_jax.models import vit
 from at_jax.transfer import spec as transfer
 
@@ -92,13 +91,13 @@ def describe(
   teacher_path: str,
   teacher_config: Mapping[str, Any],
 ) -> dict[str, Any]:
-  """The metadata identifying a set of targets; `data.TeacherTargets.check` compares a run against it.
+  """The metadata identifying a set of targets; `target_store.TeacherTargets.check` compares a run against it.
 
   Args:
     teacher: the teacher ViT (its heads, tokens and the stored shapes come from it).
     what, store: `transfer.what` and `precompute.store`, see `stored_keys`.
     layers: the selected layers (`transfer.resolve`), stored in this order.
-    image_size, crop_pct, normalization: the fixed view (`data.eval_iterator`'s preprocessing).
+    image_size, crop_pct, normalization: the fixed view (`pipeline.eval_iterator`'s preprocessing).
     dataset, split, num_examples: the training source (`data.name`, `data.train_split`, its length).
     teacher_path, teacher_config: where the teacher came from, and its architecture.
 
@@ -127,7 +126,7 @@ def describe(
     image_size=image_size,
     crop_pct=crop_pct,
     normalization=normalization,
-    view=data.TARGETS_VIEW,
+    view=target_store.TARGETS_VIEW,
     dataset=dataset,
     split=split,
     num_examples=num_examples,
@@ -140,44 +139,10 @@ def describe(
   return json.loads(json.dumps(metadata))  # as it reads back: lists, not tuples
 
 
-def _write_metadata(directory: str, metadata: Mapping[str, Any]) -> None:
-  """Atomically (a reader never sees half a file, a kill never leaves one)."""
-  path = os.path.join(directory, data.TARGETS_METADATA)
-  with open(path + ".tmp", "w") as f:
-    json.dump(metadata, f, indent=1)
-  os.replace(path + ".tmp", path)
-
-
-def _open_arrays(
-  directory: str, metadata: Mapping[str, Any], create: bool
-) -> dict[str, ts.TensorStore]:
-  arrays = {}
-  for key in metadata["keys"]:
-    spec = data.targets_array_spec(directory, key)
-    if create:
-      shape = metadata["shapes"][key]
-      arrays[key] = ts.open(
-        spec,
-        create=True,
-        delete_existing=True,
-        dtype=ts.bfloat16,
-        shape=[metadata["num_examples"], *shape],
-        chunk_layout=ts.ChunkLayout(chunk_shape=[1, *shape]),
-      ).result()
-    else:
-      arrays[key] = ts.open(spec, open=True).result()
-  return arrays
-
-
-def _say(line: str) -> None:
-  if jax.process_index() == 0:
-    print(line, flush=True)
-
-
 def write_targets(
   teacher: vit.ViT,
   teacher_params: Any,
-  source: data.Source,
+  source: Source,
   directory: str,
   metadata: Mapping[str, Any],
   *,
@@ -204,7 +169,7 @@ def write_targets(
     ConfigError: `directory` holds targets of another setting.
   """
   metadata = dict(metadata)
-  old = data.read_targets_metadata(directory)
+  old = target_store.read_targets_metadata(directory)
   start_batch = 0
   if old is not None:
     differ = sorted(
@@ -217,7 +182,7 @@ def write_targets(
         f"(differing: {', '.join(differ)}); delete it or set transfer.targets_dir elsewhere",
       )
     if old["complete"]:
-      _say(f"Teacher targets in {directory} are complete; nothing to do")
+      metrics.say(f"Teacher targets in {directory} are complete; nothing to do")
       return old
     if old["batch_size"] != batch_size:  # progress is counted in whole batches
       raise ConfigError(
@@ -227,18 +192,18 @@ def write_targets(
       )
     start_batch = old["done_examples"] // batch_size
     metadata["skipped"] = old["skipped"]
-    _say(f"Resuming the precompute in {directory} at example {old['done_examples']}")
+    metrics.say(f"Resuming the precompute in {directory} at example {old['done_examples']}")
   metadata["batch_size"] = batch_size
   # Every process reads the old metadata before process 0 rewrites it, and opens arrays after they exist.
   multihost_utils.sync_global_devices("precompute: metadata read")
   if jax.process_index() == 0:
     os.makedirs(directory, exist_ok=True)
-    arrays = _open_arrays(directory, metadata, create=old is None)
+    arrays = target_store.open_arrays(directory, metadata, create=old is None)
     if old is None:
-      _write_metadata(directory, metadata)
+      target_store.write_metadata(directory, metadata)
   multihost_utils.sync_global_devices("precompute: arrays created")
   if jax.process_index() != 0:
-    arrays = _open_arrays(directory, metadata, create=False)
+    arrays = target_store.open_arrays(directory, metadata, create=False)
 
   keys, n = metadata["keys"], metadata["num_examples"]
   fn = jax.jit(
@@ -246,9 +211,9 @@ def write_targets(
     in_shardings=(sharding.tree_shardings(mesh, teacher_params), sharding.batch_sharding(mesh)),
     out_shardings=sharding.batch_sharding(mesh),
   )
-  p, b = jax.process_index(), batch_size // jax.process_count()
+  p = jax.process_index()
   num_batches = -(-n // batch_size)
-  batches = data.eval_iterator(
+  batches = pipeline.eval_iterator(
     source,
     global_batch_size=batch_size,
     image_size=metadata["image_size"],
@@ -266,8 +231,13 @@ def write_targets(
   base_skipped, skipped = metadata["skipped"], 0
   pending: list[ts.WriteFutures] = []
   for s, batch in enumerate(batches, start_batch):
-    # eval_iterator's layout: global batch s is examples [s*B, (s+1)*B), this process has [p*b, (p+1)*b).
-    index = np.where(batch["mask"], s * batch_size + p * b + np.arange(b), -1).astype(np.int32)
+    index = pipeline.eval_example_indices(
+      s,
+      batch["mask"],
+      global_batch_size=batch_size,
+      process_index=p,
+      process_count=jax.process_count(),
+    )
     skipped += int(batch["skipped"].sum())
     out = fn(teacher_params, sharding.global_batch({"image": batch["image"], "index": index}, mesh))
     for w in pending:  # the previous batch's writes overlapped this batch's forward pass
@@ -278,7 +248,7 @@ def write_targets(
         assert rows.device == ids.device
         for row, i in zip(np.asarray(rows.data), np.asarray(ids.data)):
           if i >= 0:  # not padding, not an unreadable example
-            pending.append(arrays[key][int(i)].write(row))
+            pending.append(target_store.write_row(arrays[key], i, row))
     done = s + 1
     if done % COMMIT_EVERY == 0 or done == num_batches:
       for w in pending:
@@ -291,7 +261,7 @@ def write_targets(
       )  # collective: every process is here
       multihost_utils.sync_global_devices(f"precompute: batch {done} written")
       if jax.process_index() == 0:
-        _write_metadata(directory, metadata)
+        target_store.write_metadata(directory, metadata)
     if done % log_every == 0 or done == num_batches:
       progress.update(done, {"skipped": base_skipped + skipped})  # this process's count
   return metadata
@@ -306,18 +276,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   Returns:
     The metadata written.
   """
-  model, mesh, train_source, _ = train.validate(config, workdir, check_targets=False)
+  model, mesh, train_source, _ = validation.validate(config, workdir, check_targets=False)
   if config.transfer.mode != "distill":
     raise ConfigError(
       "transfer.mode",
       f"precomputed teacher targets serve distillation; "
       f"{config.transfer.mode!r} needs none (copy runs the teacher at evaluation too)",
     )
-  train.ensure_teacher(
+  job.ensure_teacher(
     config, workdir
   )  # as launch/main.py would, so that precomputing can come first
-  teacher, params, t = train.teacher_on_mesh(config, workdir, model, mesh)
-  teacher_config = train.teacher_model_config(config, workdir)
+  teacher, params, t = teachers.teacher_on_mesh(config, workdir, model, mesh)
+  teacher_config = teachers.teacher_model_config(config, workdir)
   d = config.data
   metadata = describe(
     teacher,
@@ -330,11 +300,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     dataset=d.name,
     split=d.train_split,
     num_examples=len(train_source),
-    teacher_path=train.teacher_path(config, workdir),
+    teacher_path=teachers.teacher_path(config, workdir),
     teacher_config=teacher_config,
   )
-  directory = data.targets_dir(config.transfer.targets_dir, workdir)
-  _say(
+  directory = target_store.targets_dir(config.transfer.targets_dir, workdir)
+  metrics.say(
     f"Precomputing teacher targets ({', '.join(metadata['keys'])} of layers {transfer.selected(t.layers)}, "
     f"{metadata['num_examples']} examples of {d.name} {d.train_split}) into {directory}"
   )

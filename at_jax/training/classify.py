@@ -1,6 +1,7 @@
-"""TrainState, sharded init and the pure train/eval steps (loss + grads + optax + EMA).
+"""Classification, with or without attention transfer: the loss and the pure train and eval steps.
 
-Teacher params are an *argument* of the steps: never closed over, never donated, never in the state.
+Teacher params are an *argument* of the steps: never closed over, never donated, never in the state
+(at_jax.training.state holds the state, its update and jit).
 """
 
 from __future__ import annotations
@@ -8,56 +9,35 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
-from jax.sharding import Mesh
 
-from at_jax import sharding
-from at_jax.data import randaugment as augment
+from at_jax import metrics
+from at_jax.data import mixup
 from at_jax.models.vit import ViT, sample_drop_masks
+from at_jax.training import state as train_state
+from at_jax.training.state import TrainState
 from at_jax.transfer import spec as transfer
 
 Array = jax.Array
 Batch = Mapping[str, Array]
 
 
-@flax.struct.dataclass
-class TrainState:
-  step: Array
-  params: Any
-  opt_state: Any
-  ema_params: Any
-  rng: Array
-
-
-def new_state(params: Any, tx: optax.GradientTransformation, rng: Array) -> TrainState:
-  """Step 0 of training `params`: fresh optimizer state, EMA = params."""
-  return TrainState(
-    step=jnp.zeros((), jnp.int32),
-    params=params,
-    opt_state=tx.init(params),
-    ema_params=params,
-    rng=rng,
-  )
+def params_initializer(model: ViT, image_size: int) -> Callable[[Array], Any]:
+  """key -> fresh ViT params for images of `image_size`."""
+  images_BYXC = np.zeros(
+    (1, image_size, image_size, 3), np.float32
+  )  # numpy: building compiles nothing
+  return lambda rng: model.init(rng, images_BYXC, train=False)["params"]
 
 
 def init_state(
   model: ViT, tx: optax.GradientTransformation, rng: Array, image_size: int
 ) -> TrainState:
   """A fresh ViT state; meant to run under `jax.jit(..., out_shardings=...)` so it is born sharded."""
-  rng_init, rng_train = jax.random.split(rng)
-  images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  return new_state(model.init(rng_init, images, train=False)["params"], tx, rng_train)
-
-
-def create_sharded_state(
-  init_fn: Callable[[Array], TrainState], rng: Array, mesh: Mesh
-) -> tuple[TrainState, Any]:
-  """Returns (init_fn(rng), its shardings); the state is created directly in its shardings."""
-  shardings = sharding.tree_shardings(mesh, jax.eval_shape(init_fn, rng))
-  return jax.jit(init_fn, out_shardings=shardings)(rng), shardings
+  return train_state.init_state(params_initializer(model, image_size), tx, rng)
 
 
 def cross_entropy(logits: Array, labels: Array, label_smoothing: float) -> Array:
@@ -116,7 +96,7 @@ def make_loss_fn(
     images, labels = batch["image"], batch["label"]
     smoothing = label_smoothing
     if mixing:
-      images, labels = augment.mix_batch(
+      images, labels = mixup.mix_batch(
         rng_mix, images, labels, model.num_classes, label_smoothing=label_smoothing, **mix
       )
       batch, smoothing = {**batch, "image": images}, 0.0
@@ -167,12 +147,9 @@ def make_train_step(
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params, batch, teacher_params, rng
     )
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema_params, params)
     labels = aux["labels"]
     hard = labels if labels.ndim == 1 else labels.argmax(-1)  # mixed: the dominant class
-    metrics = {
+    logged = {
       "loss": loss,
       "ce_loss": aux["ce_loss"],
       "distill_loss": aux["distill_loss"],
@@ -180,9 +157,7 @@ def make_train_step(
       "grad_norm": optax.tree.norm(grads),
       "lr": schedule(state.step),
     }
-    return state.replace(
-      step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema
-    ), metrics
+    return train_state.apply_gradients(state, grads, tx, ema_decay), logged
 
   return step
 
@@ -204,31 +179,12 @@ def make_eval_step(
       )
       override = transfer.copy_override(transfer.teacher_targets(out, t), t)
     mask = batch["mask"].astype(jnp.float32)
-    sums = {"count": mask.sum()}
-    for name, p in (("", params), ("ema_", ema_params)):
+
+    def sums(p: Any) -> dict:
       logits, _ = model.apply({"params": p}, batch["image"], train=False, override=override)
-      top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
-      hits = top5 == batch["label"][:, None]
-      sums[f"{name}top1"] = 100.0 * (hits[:, 0] * mask).sum()
-      sums[f"{name}top5"] = 100.0 * (hits.any(-1) * mask).sum()
-    return sums
+      hits = metrics.top_k_hits(logits, batch["label"], (1, 5))
+      return {f"top{k}": 100.0 * (hits[k] * mask).sum() for k in (1, 5)}
+
+    return {"count": mask.sum(), **train_state.raw_and_ema(sums, params, ema_params)}
 
   return evaluate
-
-
-def jit_steps(train_step, eval_step, mesh: Mesh, state_shardings: Any, teacher_shardings: Any):
-  """`jax.jit` with explicit shardings; the state is donated, the teacher is not."""
-  batch = sharding.batch_sharding(mesh)
-  rep = sharding.replicated(mesh)
-  train = jax.jit(
-    sharding.on_mesh(train_step, mesh),
-    in_shardings=(state_shardings, batch, teacher_shardings),
-    out_shardings=(state_shardings, rep),
-    donate_argnums=(0,),
-  )
-  evaluate = jax.jit(
-    sharding.on_mesh(eval_step, mesh),
-    in_shardings=(state_shardings.params, state_shardings.ema_params, batch, teacher_shardings),
-    out_shardings=rep,
-  )
-  return train, evaluate

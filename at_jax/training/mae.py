@@ -9,24 +9,30 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from at_jax.models.mae import MAE
-from at_jax.training import classify as train_step
-from at_jax.training.classify import TrainState
+from at_jax.training import state as train_state
+from at_jax.training.state import TrainState
 
 Array = jax.Array
 Batch = Mapping[str, Array]
+
+
+def params_initializer(mae: MAE, image_size: int) -> Callable[[Array], Any]:
+  """key -> fresh MAE params (encoder and decoder) for images of `image_size`."""
+  images_BYXC = np.zeros(
+    (1, image_size, image_size, 3), np.float32
+  )  # numpy: building compiles nothing
+  return lambda rng: mae.init(rng, images_BYXC, train=False, mask_rng=rng)["params"]
 
 
 def init_mae_state(
   mae: MAE, tx: optax.GradientTransformation, rng: Array, image_size: int
 ) -> TrainState:
   """A fresh state (params = all MAE params); meant to run under `jax.jit(..., out_shardings=...)`."""
-  rng_init, rng_train = jax.random.split(rng)
-  images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  params = mae.init(rng_init, images, train=False, mask_rng=jax.random.key(0))["params"]
-  return train_step.new_state(params, tx, rng_train)
+  return train_state.init_state(params_initializer(mae, image_size), tx, rng)
 
 
 def make_mae_train_step(
@@ -38,20 +44,15 @@ def make_mae_train_step(
   resumed run masks exactly as an uninterrupted one.
   """
 
-  def loss_fn(params: Any, images_BHWC: Array, rng: Array) -> tuple[Array, dict]:
-    return mae.apply({"params": params}, images_BHWC, train=True, mask_rng=rng)
+  def loss_fn(params: Any, images_BYXC: Array, rng: Array) -> tuple[Array, dict]:
+    return mae.apply({"params": params}, images_BYXC, train=True, mask_rng=rng)
 
   def step(state: TrainState, batch: Batch, unused_teacher_params: Any) -> tuple[TrainState, dict]:
     del unused_teacher_params
     rng = jax.random.fold_in(state.rng, state.step)
     (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch["image"], rng)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema_params, params)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
-    return state.replace(
-      step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema
-    ), metrics
+    return train_state.apply_gradients(state, grads, tx, ema_decay), metrics
 
   return step
 
@@ -66,10 +67,11 @@ def make_mae_eval_step(mae: MAE) -> Callable[[Any, Any, Batch, Any], dict]:
   def evaluate(params: Any, ema_params: Any, batch: Batch, unused_teacher_params: Any) -> dict:
     del unused_teacher_params
     mask_B = batch["mask"].astype(jnp.float32)
-    sums = {"count": mask_B.sum()}
-    for name, p in (("", params), ("ema_", ema_params)):
+
+    def sums(p: Any) -> dict:
       _, aux = mae.apply({"params": p}, batch["image"], train=False, mask_rng=jax.random.key(0))
-      sums[f"{name}loss"] = (aux["example_loss"] * mask_B).sum()
-    return sums
+      return {"loss": (aux["example_loss"] * mask_B).sum()}
+
+    return {"count": mask_B.sum(), **train_state.raw_and_ema(sums, params, ema_params)}
 
   return evaluate

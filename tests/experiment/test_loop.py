@@ -9,60 +9,37 @@ import numpy as np
 import pytest
 
 from at_jax import checkpoint, metrics
-from at_jax.data import pipeline as data
+from at_jax.data import sources
 from at_jax.errors import ConfigError
-from at_jax.experiment import loop as train
+from at_jax.experiment import job, loop, paths, runs, teachers, validation
 from at_jax.models import vit
-from configs import demo, mae_fmnist
-from tests.data.test_pipeline import _DamagedSource
-
-
-def tiny_config(steps=6, layers="first:1", **transfer):
-  """The demo config shrunk to seconds: Pico ViT, batch 16 on the (4, 2) mesh of 8 emulated devices."""
-  c = demo.get_config()
-  c.unlock()
-  c.model.variant = "Pico/7"
-  c.data.update(
-    dict(
-      batch_size=16,
-      eval_batch_size=400,
-      train_split="train[:320]",
-      eval_split="test[:800]",
-      num_threads=0,
-    )
-  )
-  c.schedule.update(dict(steps=steps, log_every_steps=2))
-  c.ckpt.update(dict(every_steps=2, keep=5))
-  c.mesh.update(dict(data=4, fsdp=2))
-  c.transfer.update(dict(layers=layers, **transfer))
-  c.teacher.pretrain = None
-  return c
+from configs import mae_fmnist
 
 
 @pytest.fixture(scope="module")
-def teacher_export(tmp_path_factory):
+def teacher_export(tmp_path_factory, tiny_config):
   """A real teacher: trained by our own loop, exported as teacher.init expects."""
   workdir = str(tmp_path_factory.mktemp("teacher"))
   c = tiny_config(steps=4, mode="none")
-  train.train_and_evaluate(c, workdir)
-  return os.path.join(workdir, train.EXPORT_DIR)
+  loop.train_and_evaluate(c, workdir)
+  return os.path.join(workdir, paths.EXPORT_DIR)
 
 
-def test_interrupted_run_resumes_exactly(tmp_path, teacher_export):
+def test_interrupted_run_resumes_exactly(tmp_path, teacher_export, tiny_config):
   c = tiny_config(steps=6, mode="distill", layers="first:1")
   c.teacher.init = teacher_export
   c.model.drop_path = 0.1
   straight = str(tmp_path / "straight")
-  evals = train.train_and_evaluate(c, straight)
+  evals = loop.train_and_evaluate(c, straight)
   interrupted = str(tmp_path / "interrupted")
-  train.train_and_evaluate(c, interrupted)
+  loop.train_and_evaluate(c, interrupted)
   # Simulate a kill after the step-4 checkpoint: later checkpoints and the export never happened.
   shutil.rmtree(os.path.join(interrupted, "checkpoints", "6"))
-  shutil.rmtree(os.path.join(interrupted, train.EXPORT_DIR))
-  resumed = train.train_and_evaluate(c, interrupted)
+  shutil.rmtree(os.path.join(interrupted, paths.EXPORT_DIR))
+  resumed = loop.train_and_evaluate(c, interrupted)
   assert resumed == evals
-  _, a = checkpoint.load_params(os.path.join(straight, train.EXPORT_DIR))
-  _, b = checkpoint.load_params(os.path.join(interrupted, train.EXPORT_DIR))
+  _, a = checkpoint.load_params(os.path.join(straight, paths.EXPORT_DIR))
+  _, b = checkpoint.load_params(os.path.join(interrupted, paths.EXPORT_DIR))
   jax.tree.map(np.testing.assert_array_equal, a, b)  # bitwise on CPU: same data, rng and steps
   # Metrics: logged every 2 steps, distillation active, evals at the end.
   lines = metrics.read_jsonl(os.path.join(straight, "metrics.jsonl"))
@@ -75,51 +52,51 @@ def test_interrupted_run_resumes_exactly(tmp_path, teacher_export):
   c.data.batch_size = 32
   shutil.rmtree(os.path.join(interrupted, "checkpoints", "6"))
   with pytest.raises(ConfigError, match=r"data.batch_size=16, this run has 32") as e:
-    train.train_and_evaluate(c, interrupted)
+    loop.train_and_evaluate(c, interrupted)
   assert e.value.field == "data.batch_size"
 
 
-def test_evaluate_checkpoint_reproduces_logged_eval(teacher_export):
+def test_evaluate_checkpoint_reproduces_logged_eval(teacher_export, tiny_config):
   workdir = os.path.dirname(teacher_export)
   logged = [
     x for x in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "eval/top1" in x
   ][-1]
-  got = train.evaluate_checkpoint(tiny_config(steps=4, mode="none"), workdir)
+  got = loop.evaluate_checkpoint(tiny_config(steps=4, mode="none"), workdir)
   assert got == {k[len("eval/") :]: v for k, v in logged.items() if k.startswith("eval/")}
 
 
-def test_copy_mode_trains_and_evaluates_with_teacher(tmp_path, teacher_export):
+def test_copy_mode_trains_and_evaluates_with_teacher(tmp_path, teacher_export, tiny_config):
   c = tiny_config(steps=2, mode="copy", layers="all")
   c.teacher.init = teacher_export
-  evals = train.train_and_evaluate(c, str(tmp_path))
+  evals = loop.train_and_evaluate(c, str(tmp_path))
   assert 0 <= evals["top1"] <= 100 and evals["top5"] >= evals["top1"]
 
 
-def test_run_with_teacher_trains_then_reuses_teacher(tmp_path):
+def test_run_with_teacher_trains_then_reuses_teacher(tmp_path, tiny_config):
   c = tiny_config(steps=2, mode="distill")
   t = tiny_config(steps=2, mode="none")
   t.lock()
   c.teacher.pretrain = t
-  results = train.run_with_teacher(c, str(tmp_path))
+  results = job.run_with_teacher(c, str(tmp_path))
   assert set(results) == {"teacher", "student"}
-  exported = os.path.join(tmp_path, train.TEACHER_DIR, train.EXPORT_DIR, "model_config.json")
+  exported = os.path.join(tmp_path, paths.TEACHER_DIR, paths.EXPORT_DIR, "model_config.json")
   assert json.load(open(exported))["patch_size"] == 7
   mtime = os.path.getmtime(exported)
-  again = train.run_with_teacher(c, str(tmp_path))  # resumes: teacher kept, student already done
+  again = job.run_with_teacher(c, str(tmp_path))  # resumes: teacher kept, student already done
   assert os.path.getmtime(exported) == mtime and again == results
 
 
-def test_bad_student_config_fails_before_teacher_training(tmp_path):
+def test_bad_student_config_fails_before_teacher_training(tmp_path, tiny_config):
   c = tiny_config(
     steps=2, mode="distill", layers="end_layer:-2"
   )  # Pico has depth 2: selects nothing
   c.teacher.pretrain = tiny_config(steps=2, mode="none")
   with pytest.raises(ConfigError, match="end_layer"):
-    train.run_with_teacher(c, str(tmp_path))
-  assert not os.path.exists(os.path.join(tmp_path, train.TEACHER_DIR))
+    job.run_with_teacher(c, str(tmp_path))
+  assert not os.path.exists(os.path.join(tmp_path, paths.TEACHER_DIR))
 
 
-def test_mae_pretraining_exports_a_teacher(tmp_path):
+def test_mae_pretraining_exports_a_teacher(tmp_path, tiny_config):
   """task='mae' learns without labels; its export is the encoder, a working teacher for distillation."""
   c = mae_fmnist.get_config()
   c.unlock()
@@ -136,30 +113,30 @@ def test_mae_pretraining_exports_a_teacher(tmp_path):
   )
   c.schedule.update(dict(steps=4, log_every_steps=2))
   c.mesh.update(dict(data=4, fsdp=2))
-  evals = train.train_and_evaluate(c, str(tmp_path / "mae"))
+  evals = loop.train_and_evaluate(c, str(tmp_path / "mae"))
   assert set(evals) == {"loss", "ema_loss"} and 0 < evals["loss"] < 5
-  export = str(tmp_path / "mae" / train.EXPORT_DIR)
+  export = str(tmp_path / "mae" / paths.EXPORT_DIR)
   model_config, params = checkpoint.load_params(export)
   assert (
     model_config["num_classes"] == 0 and "decoder_embed" not in params and "Transformer" in params
   )
   student = tiny_config(steps=2, mode="distill")
   student.teacher.init = export
-  assert 0 <= train.train_and_evaluate(student, str(tmp_path / "student"))["top1"] <= 100
+  assert 0 <= loop.train_and_evaluate(student, str(tmp_path / "student"))["top1"] <= 100
 
 
-def test_nonfinite_loss_stops_with_step_and_checkpoint(tmp_path):
+def test_nonfinite_loss_stops_with_step_and_checkpoint(tmp_path, tiny_config):
   c = tiny_config(steps=6, mode="none")
   c.optim.base_lr = 1e30
   with pytest.raises(
     FloatingPointError, match=r"non-finite loss .* at step \d+; the last good checkpoint"
   ):
-    train.train_and_evaluate(c, str(tmp_path))
+    loop.train_and_evaluate(c, str(tmp_path))
 
 
 def _setup_error(c):
   with pytest.raises(ConfigError) as e:
-    train.setup(c, "/nonexistent-workdir")
+    runs.setup(c, "/nonexistent-workdir")
   return e.value
 
 
@@ -180,14 +157,14 @@ def _setup_error(c):
     (lambda c: c.update(dict(task="mae")), "transfer.mode"),
   ],
 )
-def test_bad_configs_fail_before_compute(change, field, teacher_export):
+def test_bad_configs_fail_before_compute(change, field, teacher_export, tiny_config):
   c = tiny_config(mode="distill")
   c.teacher.init = teacher_export
   change(c)
   assert _setup_error(c).field == field
 
 
-def test_student_mirrors_teacher_architecture(tmp_path):
+def test_student_mirrors_teacher_architecture(tmp_path, tiny_config):
   """model.arch='teacher': the teacher's architecture (here with registers, LayerScale, QK-norm),
   freshly initialised, with the student's own recipe fields."""
   t = tiny_config(steps=2, mode="none")
@@ -213,7 +190,7 @@ def test_student_mirrors_teacher_architecture(tmp_path):
   c = tiny_config(steps=2, mode="distill")
   c.teacher.init = export
   c.model.update(dict(arch="teacher", variant="Nano/4", drop_path=0.1))  # shape fields ignored
-  run = train.setup(c, str(tmp_path / "student"))
+  run = runs.setup(c, str(tmp_path / "student"))
   m = run.model
   assert (m.num_registers, m.layerscale_init, m.qk_norm, m.pre_norm, m.patch_size, m.width) == (
     2,
@@ -224,13 +201,13 @@ def test_student_mirrors_teacher_architecture(tmp_path):
     32,
   )
   assert (m.num_classes, m.pool, m.drop_path) == (10, "gap", 0.1)
-  evals = train.train_and_evaluate(c, str(tmp_path / "student"))
+  evals = loop.train_and_evaluate(c, str(tmp_path / "student"))
   assert 0 <= evals["top1"] <= 100
   c.model.arch = "twin"
   assert _setup_error(c).field == "model.arch"
 
 
-def test_teacher_at_another_image_size_needs_resampling(tmp_path, teacher_export):
+def test_teacher_at_another_image_size_needs_resampling(tmp_path, teacher_export, tiny_config):
   c = tiny_config(steps=2, mode="distill")
   c.teacher.init = teacher_export  # trained at 28 px: a 4x4 patch grid
   c.data.image_size = 42  # 6x6 at patch 7
@@ -238,20 +215,20 @@ def test_teacher_at_another_image_size_needs_resampling(tmp_path, teacher_export
   assert err.field == os.path.abspath(teacher_export) or err.field == teacher_export
   assert "resample_posemb" in str(err)
   c.teacher.resample_posemb = True
-  run = train.setup(c, str(tmp_path))
+  run = runs.setup(c, str(tmp_path))
   assert run.teacher_params["pos_embedding"].shape == (1, 37, 32)
   assert run.teacher.tokens_for(42) == 37 == run.model.tokens_for(42)
 
 
-def test_model_init_fine_tunes_from_an_export(tmp_path, teacher_export):
+def test_model_init_fine_tunes_from_an_export(tmp_path, teacher_export, tiny_config):
   """model.init loads every matching leaf (lr 0 keeps them bitwise); a head of another size stays fresh."""
   _, loaded = checkpoint.load_params(teacher_export)
   c = tiny_config(steps=1, mode="none")
   c.model.init = teacher_export
   c.model.scan = True  # the export is in the loop layout: converted on load
   c.optim.base_lr = 0.0
-  train.train_and_evaluate(c, str(tmp_path / "same"))
-  _, tuned = checkpoint.load_params(os.path.join(tmp_path, "same", train.EXPORT_DIR))
+  loop.train_and_evaluate(c, str(tmp_path / "same"))
+  _, tuned = checkpoint.load_params(os.path.join(tmp_path, "same", paths.EXPORT_DIR))
   jax.tree.map(np.testing.assert_array_equal, vit.scan_to_loop(tuned), loaded)
 
   fresh = {
@@ -263,7 +240,7 @@ def test_model_init_fine_tunes_from_an_export(tmp_path, teacher_export):
     "fc_norm": {"scale": np.full(32, 2.0)},
     "encoder_norm": {"scale": np.ones(32)},
   }
-  params, kept, unused = train.init_from_pretrained(fresh, pretrained, scan=False)
+  params, kept, unused = teachers.init_from_pretrained(fresh, pretrained, scan=False)
   np.testing.assert_array_equal(params["fc_norm"]["scale"], 2.0)
   np.testing.assert_array_equal(params["head"]["kernel"], 0.0)
   assert kept == ["['head']['bias']", "['head']['kernel']"]
@@ -272,14 +249,14 @@ def test_model_init_fine_tunes_from_an_export(tmp_path, teacher_export):
   assert _setup_error(c).field == "model.init"
 
 
-def test_missing_teacher_file_names_path(teacher_export):
+def test_missing_teacher_file_names_path(teacher_export, tiny_config):
   c = tiny_config(mode="distill")
   c.teacher.init = "/nonexistent/teacher"
   err = _setup_error(c)
   assert "/nonexistent/teacher" in str(err) and "teacher.init" in str(err)
 
 
-def test_teacher_with_other_patch_size_is_rejected(tmp_path, teacher_export):
+def test_teacher_with_other_patch_size_is_rejected(tmp_path, teacher_export, tiny_config):
   model_config, params = checkpoint.load_params(teacher_export)
   c = tiny_config(mode="distill")
   c.teacher.init = teacher_export
@@ -289,7 +266,7 @@ def test_teacher_with_other_patch_size_is_rejected(tmp_path, teacher_export):
 
 def _validate_error(c, workdir):
   with pytest.raises(ConfigError) as e:
-    train.validate(c, str(workdir))
+    validation.validate(c, str(workdir))
   return e.value
 
 
@@ -314,7 +291,9 @@ def _validate_error(c, workdir):
     ("schedule.log_every_steps", 0),
   ],
 )
-def test_out_of_range_optim_and_schedule_fields_fail_validation(tmp_path, field, value):
+def test_out_of_range_optim_and_schedule_fields_fail_validation(
+  tmp_path, field, value, tiny_config
+):
   c = tiny_config(mode="none")
   group, name = field.split(".")
   c[group][name] = value
@@ -322,7 +301,7 @@ def test_out_of_range_optim_and_schedule_fields_fail_validation(tmp_path, field,
   assert err.field == field and repr(value) in str(err)
 
 
-def test_range_boundaries_pass_validation(tmp_path):
+def test_range_boundaries_pass_validation(tmp_path, tiny_config):
   """The edges that mean something (off, no decay, no smoothing, EMA = params) are accepted."""
   c = tiny_config(mode="none")
   c.optim.update(
@@ -339,10 +318,10 @@ def test_range_boundaries_pass_validation(tmp_path):
     )
   )
   c.schedule.update(dict(steps=0, log_every_steps=1))
-  train.validate(c, str(tmp_path))
+  validation.validate(c, str(tmp_path))
 
 
-def test_layer_decay_is_rejected_for_mae_pretraining(tmp_path):
+def test_layer_decay_is_rejected_for_mae_pretraining(tmp_path, tiny_config):
   """MAE's param tree has no layer ids for optim.layer_decay_scales: a decay < 1 would silently do nothing."""
   c = mae_fmnist.get_config()
   c.unlock()
@@ -352,29 +331,29 @@ def test_layer_decay_is_rejected_for_mae_pretraining(tmp_path):
   err = _validate_error(c, tmp_path)
   assert err.field == "optim.layer_decay" and "task='mae'" in str(err)
   c.optim.layer_decay = 1.0
-  train.validate(c, str(tmp_path))
+  validation.validate(c, str(tmp_path))
   classify = tiny_config(mode="none")  # fine-tuning a classifier: layer decay is meaningful
   classify.optim.layer_decay = 0.75
-  train.validate(classify, str(tmp_path))
+  validation.validate(classify, str(tmp_path))
 
 
-def test_skipped_examples_count_survives_resume(tmp_path, monkeypatch):
+def test_skipped_examples_count_survives_resume(tmp_path, monkeypatch, tiny_config, damaged_source):
   """train/skipped_examples counts the whole run: a resumed run logs what an uninterrupted one does."""
   bad = {1: "garbage", 2: "truncated", 40: "garbage"}  # met once per epoch of 4 steps
 
-  def make_source(name, split, data_dir=None):
-    del name, data_dir
+  def make_source(name, split, data_dir=None, field=None):
+    del name, data_dir, field
     return (
-      _DamagedSource(64, bad, size=28)
+      damaged_source(64, bad, size=28)
       if split.startswith("train")
-      else _DamagedSource(40, {}, size=28)
+      else damaged_source(40, {}, size=28)
     )
 
-  monkeypatch.setattr(data, "make_source", make_source)
+  monkeypatch.setattr(sources, "make_source", make_source)
   c = tiny_config(steps=8, mode="none")
   c.data.eval_batch_size = 40
   straight = tmp_path / "straight"
-  train.train_and_evaluate(c, str(straight))
+  loop.train_and_evaluate(c, str(straight))
 
   def skipped_by_step(workdir):
     lines = metrics.read_jsonl(str(workdir / "metrics.jsonl"))
@@ -388,13 +367,13 @@ def test_skipped_examples_count_survives_resume(tmp_path, monkeypatch):
     shutil.copytree(straight, workdir)
     for step in (6, 8):
       shutil.rmtree(workdir / "checkpoints" / str(step))
-    shutil.rmtree(workdir / train.EXPORT_DIR)
+    shutil.rmtree(workdir / paths.EXPORT_DIR)
     kept = [x for x in metrics.read_jsonl(str(workdir / "metrics.jsonl")) if x["step"] <= 4]
     (workdir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in kept))
 
   resumed = tmp_path / "resumed"
   kill_after_step_4(resumed)
-  train.train_and_evaluate(c, str(resumed))
+  loop.train_and_evaluate(c, str(resumed))
   assert skipped_by_step(resumed) == expected
 
   # A checkpoint written before the count was saved resumes counting from 0.
@@ -404,5 +383,5 @@ def test_skipped_examples_count_survives_resume(tmp_path, monkeypatch):
   extra = json.loads(extra_file.read_text())
   assert extra.pop("skipped_examples") == len(bad)
   extra_file.write_text(json.dumps(extra))
-  train.train_and_evaluate(c, str(old))
+  loop.train_and_evaluate(c, str(old))
   assert skipped_by_step(old)[8] == len(bad)

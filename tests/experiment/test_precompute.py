@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 
 from at_jax import checkpoint, metrics, sharding
-from at_jax.data import pipeline as data
+from at_jax.data import pipeline, sources, target_store
 from at_jax.errors import ConfigError
-from at_jax.experiment import loop as train
-from at_jax.experiment import precompute
+from at_jax.experiment import loop, precompute, validation
 from at_jax.models import vit
 from at_jax.training import classify as train_step
 from at_jax.transfer import spec as transfer
@@ -41,19 +40,19 @@ class _Corrupt:
 
   def __getitem__(self, i):
     if i in self.bad:
-      return data._to_example({"image": b"\x89PNG garbage", "label": i})  # pylint: disable=protected-access
+      return sources.to_example({"image": b"\x89PNG garbage", "label": i})
     return self.source[i]
 
 
 def _source(n=N, seed=0):
   """Fashion-MNIST-like: gray 28 x 28 uint8 images; the label is the example's index."""
   images = np.random.default_rng(seed).integers(0, 256, (n, SIZE, SIZE), dtype=np.uint8)
-  return data.ArraySource(images, np.arange(n))
+  return sources.ArraySource(images, np.arange(n))
 
 
 def _fixed_view_images(source):
   """What the teacher saw: the eval preprocessing of every example, in order."""
-  batch = next(data.eval_iterator(source, global_batch_size=len(source), **VIEW, num_threads=0))
+  batch = next(pipeline.eval_iterator(source, global_batch_size=len(source), **VIEW, num_threads=0))
   return batch["image"]
 
 
@@ -125,7 +124,7 @@ def test_stored_targets_are_the_teacher_on_the_fixed_view(teacher, stores, store
   model, params = teacher
   source = _source()
   _, out = model.apply({"params": params}, _fixed_view_images(source), train=False, want_qkv=True)
-  targets = data.TeacherTargets(stores[store])
+  targets = target_store.TeacherTargets(stores[store])
   meta = targets.metadata
   keys = KEYS[store]
   assert (
@@ -134,7 +133,7 @@ def test_stored_targets_are_the_teacher_on_the_fixed_view(teacher, stores, store
     and meta["done_examples"] == N
     and meta["skipped"] == 0
   )
-  assert meta["dtype"] == "bfloat16" and meta["view"] == data.TARGETS_VIEW
+  assert meta["dtype"] == "bfloat16" and meta["view"] == target_store.TARGETS_VIEW
   for key in keys:
     zarray = json.load(open(os.path.join(stores[store], key, ".zarray")))
     assert zarray["dtype"] == "bfloat16" and zarray["shape"][0] == N and zarray["chunks"][0] == 1
@@ -158,9 +157,9 @@ def test_stored_targets_are_the_teacher_on_the_fixed_view(teacher, stores, store
 
 def test_train_iterator_carries_each_examples_targets(stores):
   source = _source()
-  targets = data.TeacherTargets(stores["logits"])
+  targets = target_store.TeacherTargets(stores["logits"])
   kw = dict(global_batch_size=8, seed=3, **VIEW, fixed_view=True, targets=targets, num_threads=2)
-  it = data.train_iterator(source, **kw)
+  it = pipeline.train_iterator(source, **kw)
   batches = [next(it) for _ in range(6)]  # 48 examples: into the second epoch
   images = _fixed_view_images(source)
   labels = np.concatenate([b["label"] for b in batches])
@@ -176,12 +175,12 @@ def test_train_iterator_carries_each_examples_targets(stores):
         b["teacher_attn_logits"][row], targets[label]["teacher_attn_logits"]
       )
   # Resuming at a step gives the same batches, targets included.
-  resumed = data.train_iterator(source, **kw, start_step=4)
+  resumed = pipeline.train_iterator(source, **kw, start_step=4)
   for b in batches[4:]:
     for key, value in next(resumed).items():
       np.testing.assert_array_equal(value, b[key])
   # A subset of the stored layers reads just those.
-  last = data.TeacherTargets(stores["logits"], layers=[1])
+  last = target_store.TeacherTargets(stores["logits"], layers=[1])
   np.testing.assert_array_equal(
     last[5]["teacher_attn_logits"], targets[5]["teacher_attn_logits"][1:]
   )
@@ -196,13 +195,13 @@ def test_distill_loss_from_stored_targets_equals_jointly_run_teacher(teacher, st
     student.init(jax.random.key(1), jnp.zeros((1, SIZE, SIZE, 3)), train=False)["params"], 8
   )
   batch = next(
-    data.train_iterator(
+    pipeline.train_iterator(
       _source(),
       global_batch_size=BATCH,
       seed=0,
       **VIEW,
       fixed_view=True,
-      targets=data.TeacherTargets(stores[store]),
+      targets=target_store.TeacherTargets(stores[store]),
       num_threads=0,
     )
   )
@@ -240,12 +239,12 @@ def test_unreadable_examples_are_skipped_in_precompute_and_training(teacher, tmp
   source = _Corrupt(_source(), bad={5, 20})
   meta = _write(teacher, tmp_path, "logits", source=source)
   assert meta["complete"] and meta["skipped"] == 2
-  targets = data.TeacherTargets(str(tmp_path))
+  targets = target_store.TeacherTargets(str(tmp_path))
   with pytest.raises(ValueError, match="missing"):  # never written, so never read as zeros
     targets[5]  # pylint: disable=pointless-statement
   # Training skips them too, even where the pixels would decode: no targets, no example.
   for readable in (source, _source()):
-    it = data.train_iterator(
+    it = pipeline.train_iterator(
       readable, global_batch_size=8, seed=0, **VIEW, fixed_view=True, targets=targets
     )
     batches = [next(it) for _ in range(5)]  # one epoch and a bit
@@ -262,14 +261,14 @@ def test_precompute_resumes_where_it_stopped(teacher, stores, tmp_path, capsys):
   }
   expected = {i: path.read_bytes() for i, path in chunks.items()}
   # As if killed after committing the first batch: later rows are missing, the metadata says so.
-  meta = json.load(open(directory / data.TARGETS_METADATA))
+  meta = json.load(open(directory / target_store.TARGETS_METADATA))
   meta.update(done_examples=BATCH, complete=False)
-  json.dump(meta, open(directory / data.TARGETS_METADATA, "w"))
+  json.dump(meta, open(directory / target_store.TARGETS_METADATA, "w"))
   for i, path in chunks.items():
     if i >= BATCH:
       path.unlink()
   with pytest.raises(ConfigError, match="again to finish") as e:
-    data.TeacherTargets(str(directory))
+    target_store.TeacherTargets(str(directory))
   assert e.value.field == "transfer.targets_dir"
   before = {i: os.stat(chunks[i]).st_mtime_ns for i in range(BATCH)}
   assert _write(teacher, directory, "logits")["complete"]
@@ -288,9 +287,9 @@ def test_precompute_refuses_a_folder_of_another_setting(teacher, stores, tmp_pat
   with pytest.raises(ConfigError, match="differing: layers, shapes") as e:
     _write(teacher, directory, "logits", layers=(1,))
   assert e.value.field == "transfer.targets_dir"
-  meta = json.load(open(directory / data.TARGETS_METADATA))
+  meta = json.load(open(directory / target_store.TARGETS_METADATA))
   meta.update(done_examples=BATCH, complete=False)
-  json.dump(meta, open(directory / data.TARGETS_METADATA, "w"))
+  json.dump(meta, open(directory / target_store.TARGETS_METADATA, "w"))
   model, params = teacher
   with pytest.raises(ConfigError) as e:
     precompute.write_targets(
@@ -307,12 +306,12 @@ def test_precompute_refuses_a_folder_of_another_setting(teacher, stores, tmp_pat
 
 def test_reader_and_iterator_refuse_mismatches(stores, tmp_path):
   with pytest.raises(ConfigError, match="launch/precompute.py") as e:
-    data.TeacherTargets(str(tmp_path))
+    target_store.TeacherTargets(str(tmp_path))
   assert e.value.field == "transfer.targets_dir"
   with pytest.raises(ConfigError) as e:
-    data.TeacherTargets(stores["logits"], layers=[0, 5])
+    target_store.TeacherTargets(stores["logits"], layers=[0, 5])
   assert e.value.field == "transfer.layers"
-  targets = data.TeacherTargets(stores["logits"])
+  targets = target_store.TeacherTargets(stores["logits"])
   base = dict(global_batch_size=8, seed=0, **VIEW, fixed_view=True, targets=targets)
   for change, field in (
     (dict(fixed_view=False), "fixed_view"),
@@ -323,10 +322,10 @@ def test_reader_and_iterator_refuse_mismatches(stores, tmp_path):
     (dict(random_erase=0.25), "data.random_erase"),
   ):
     with pytest.raises(ConfigError) as e:
-      data.train_iterator(_source(), **{**base, **change})
+      pipeline.train_iterator(_source(), **{**base, **change})
     assert e.value.field == field, change
   with pytest.raises(ConfigError) as e:
-    data.train_iterator(_source(n=N - 1), **base)
+    pipeline.train_iterator(_source(n=N - 1), **base)
   assert e.value.field == "data.train_split"
   with pytest.raises(ConfigError) as e:
     precompute.stored_keys("attn", "maps")
@@ -337,15 +336,15 @@ def test_reader_and_iterator_refuse_mismatches(stores, tmp_path):
 # Through the config: launch/precompute.py's `run`, validate's checks, and a training run.
 
 
-def _fake_make_source(name, split, data_dir=None):
+def _fake_make_source(name, split, data_dir=None, field=None):
   """Small random stand-ins for the config's splits, so that no dataset is needed."""
-  del name, data_dir
+  del name, data_dir, field
   return _source(n=64, seed=1) if split.startswith("train") else _source(n=40, seed=2)
 
 
 @pytest.fixture
 def fake_fashion_mnist(monkeypatch):
-  monkeypatch.setattr(data, "make_source", _fake_make_source)
+  monkeypatch.setattr(sources, "make_source", _fake_make_source)
 
 
 def _config(teacher_dir, **transfer_fields):
@@ -383,9 +382,9 @@ def precomputed(tmp_path_factory):
   checkpoint.save_params(export, jax.device_get(params), model_config)
   workdir = str(root / "run")
   with pytest.MonkeyPatch.context() as m:
-    m.setattr(data, "make_source", _fake_make_source)
+    m.setattr(sources, "make_source", _fake_make_source)
     with pytest.raises(ConfigError, match="launch/precompute.py") as e:
-      train.validate(_config(export), workdir)
+      validation.validate(_config(export), workdir)
     assert e.value.field == "transfer.targets_dir"
     meta = precompute.run(_config(export), workdir)
   assert meta["complete"] and meta["layers"] == [0] and meta["num_examples"] == 64
@@ -395,9 +394,9 @@ def precomputed(tmp_path_factory):
 
 def test_train_with_stored_targets(precomputed, fake_fashion_mnist, tmp_path, capsys):
   export, targets_workdir = precomputed
-  c = _config(export, targets_dir=os.path.join(targets_workdir, data.TARGETS_DIR))
+  c = _config(export, targets_dir=os.path.join(targets_workdir, target_store.TARGETS_DIR))
   workdir = str(tmp_path)
-  evals = train.train_and_evaluate(c, workdir)
+  evals = loop.train_and_evaluate(c, workdir)
   assert 0 <= evals["top1"] <= 100
   out = capsys.readouterr().out
   assert "Teacher targets: attn_logits" in out and "replaces random-resized crop and flip" in out
@@ -428,11 +427,11 @@ def test_validate_names_what_disagrees_with_the_stored_targets(
 ):
   export, workdir = precomputed
   c = _config(export)
-  train.validate(c, workdir)  # as written: fine
+  validation.validate(c, workdir)  # as written: fine
   for namespace, fields in change.items():
     c[namespace].update(fields)
   with pytest.raises(ConfigError) as e:
-    train.validate(c, workdir)
+    validation.validate(c, workdir)
   assert e.value.field == field
 
 
@@ -445,7 +444,7 @@ def test_precompute_refuses_modes_without_a_distilled_target(
 
 
 requires_fashion_mnist = pytest.mark.skipif(
-  not os.path.isdir(data.FASHION_MNIST_SYSTEM_DIR),
+  not os.path.isdir(sources.FASHION_MNIST_SYSTEM_DIR),
   reason="needs `sudo apt-get install dataset-fashion-mnist`",
 )
 
@@ -500,7 +499,10 @@ def test_two_processes_write_what_one_does(precomputed, tmp_path):
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   assert "Done: 600 examples" in outs[1][0] and "Done" not in outs[2][0]  # process 0 reports
-  one, two = (data.TeacherTargets(str(tmp_path / w / data.TARGETS_DIR)) for w in ("one", "two"))
+  one, two = (
+    target_store.TeacherTargets(str(tmp_path / w / target_store.TARGETS_DIR))
+    for w in ("one", "two")
+  )
   assert one.metadata == two.metadata and one.metadata["keys"] == ["q", "k"]
   for i in range(600):
     for key, value in one[i].items():

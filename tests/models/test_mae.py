@@ -11,16 +11,16 @@ import optax
 import pytest
 
 from at_jax import sharding
-from at_jax.data import pipeline as data
+from at_jax.data import sources, transforms
 from at_jax.errors import ConfigError
 from at_jax.models import mae, vit
-from at_jax.training import classify as train_step
 from at_jax.training import mae as mae_steps
+from at_jax.training import state as train_state
 
 S = 28  # Image size: 4 x 4 = 16 patches of 7 px.
 ENCODER = {"variant": "Pico/7", "num_classes": 0, "pool": "cls"}
 requires_fashion_mnist = pytest.mark.skipif(
-  not os.path.isdir(data.FASHION_MNIST_SYSTEM_DIR),
+  not os.path.isdir(sources.FASHION_MNIST_SYSTEM_DIR),
   reason="needs `sudo apt-get install dataset-fashion-mnist`",
 )
 
@@ -221,8 +221,8 @@ TRAIN_MAE = dict(encoder={"variant": "Mu/7", "num_classes": 0, "pool": "cls", "d
 
 
 def _fashion_mnist(n):
-  images, labels = data.load_fashion_mnist()["train"]
-  mean, std = data.NORMALIZATIONS["fashion_mnist"]
+  images, labels = sources.load_fashion_mnist()["train"]
+  mean, std = transforms.NORMALIZATIONS["fashion_mnist"]
   x = (images[:n].astype(np.float32) / 255 - mean[0]) / std[0]
   return np.repeat(x[..., None], 3, axis=-1), labels[:n]
 
@@ -237,7 +237,7 @@ def _jitted(num_devices, fsdp):
   init = lambda r: mae_steps.init_mae_state(model, tx, r, S)
   shardings = sharding.tree_shardings(mesh, jax.eval_shape(init, jax.random.key(0)))
   # The ViT's jit_steps as is: no teacher (None, an empty pytree, needs no shardings).
-  train, evaluate = train_step.jit_steps(
+  train, evaluate = train_state.jit_steps(
     mae_steps.make_mae_train_step(model, tx, schedule=schedule, ema_decay=0.9),
     mae_steps.make_mae_eval_step(model),
     mesh,

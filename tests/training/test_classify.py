@@ -8,6 +8,7 @@ import pytest
 from at_jax import optim, sharding
 from at_jax.models import vit
 from at_jax.training import classify as train_step
+from at_jax.training import state as train_state
 from at_jax.transfer import spec as transfer
 
 B, S, STEPS = 16, 16, 3
@@ -72,14 +73,14 @@ def _run(mode, devices, fsdp, batches, **kw):
   """STEPS sharded steps + one eval; returns (losses, params, eval sums, state)."""
   student, teacher, t, schedule, tx, tp = _build(mode, **kw)
   mesh = sharding.make_mesh(-1, fsdp, devices)
-  state, shardings = train_step.create_sharded_state(
+  state, shardings = train_state.create_sharded_state(
     lambda r: train_step.init_state(student, tx, r, S), jax.random.key(0), mesh
   )
   t_shardings = sharding.tree_shardings(mesh, tp)
   step = train_step.make_train_step(
     student, teacher, tx, t, schedule=schedule, label_smoothing=0.1, ema_decay=0.9
   )
-  train, evaluate = train_step.jit_steps(
+  train, evaluate = train_state.jit_steps(
     step, train_step.make_eval_step(student, teacher, t), mesh, shardings, t_shardings
   )
   tp = jax.device_put(tp, t_shardings)

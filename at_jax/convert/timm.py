@@ -1,0 +1,271 @@
+"""timm-named PyTorch state dicts -> our ViT: DeiT, AugReg, MAE, MoCo-v3, DINO, DINOv2 (with registers,
+in timm's or Meta's own names) and timm's CLIP towers.
+
+The architecture is read off the keys and shapes (`_architecture`); then one rule per key maps it into
+our layout (`_embedding_rules`, `_head_rules`, `_block_rules`).
+"""
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from at_jax.convert import keymap, posemb
+from at_jax.convert.keymap import Array, Rules
+from at_jax.errors import ConfigError
+
+# Stripped from the front of every key: DistributedDataParallel, MoCo-v3, DINO's MultiCropWrapper.
+_PREFIXES = ("module.", "base_encoder.", "backbone.")
+# Pre-training parts that are not the encoder: MAE's decoder and mask token, MoCo-v3's momentum encoder,
+# predictor and projection MLP (head.0, head.1, ...), DINO's projection head, DINOv2's mask token.
+_IGNORED = re.compile(
+  r"^(decoder[._]|mask_token$|momentum_encoder\.|predictor\.|head\.(\d+|mlp|last_layer)\.)"
+)
+# Only decides that the LayerScale params exist; their values come from the checkpoint.
+_DEFAULT_LAYERSCALE = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class _Architecture:
+  """What a timm state dict's keys and shapes say about its ViT."""
+
+  width: int
+  channels: int
+  patch: int
+  depth: int
+  mlp_dim: int
+  heads: int
+  qk_norm: bool
+  qkv_bias: bool
+  layerscale: bool
+  class_token: bool
+  registers: int
+  meta_registers: (
+    bool  # Meta's DINOv2: `register_tokens`; position table covers cls but not registers.
+  )
+  pre_norm: bool
+  has_norm: bool  # a final `norm` (cls readout); else `fc_norm` (average pooling)
+  num_classes: int
+  pos_len: int
+  posemb_prefix: bool
+
+  @property
+  def head_dim(self) -> int:
+    return self.width // self.heads
+
+  @property
+  def reg_key(self) -> str:
+    return "register_tokens" if self.meta_registers else "reg_token"
+
+
+def from_timm(raw: Mapping[str, Any], path: str, num_heads: int | None) -> tuple[dict, dict]:
+  """timm / MAE / MoCo-v3 / DINO / DINOv2 / CLIP state dict -> (config, params)."""
+  sd = _encoder_keys(raw)
+  keys = list(sd)
+  keymap.check_supported(keys, path)
+  if "patch_embed.proj.weight" not in sd:
+    raise keymap.not_a_vit(keys, path, "patch_embed.proj.weight")
+  a = _architecture(sd, path, num_heads)
+  rules = _embedding_rules(sd, a)
+  rules.update(_head_rules(a))
+  for i in range(a.depth):
+    rules.update(_block_rules(a, i))
+  what = f"a ViT of width {a.width}, depth {a.depth}, MLP {a.mlp_dim}, patch {a.patch}"
+  params = keymap.apply(sd, rules, path, what)
+  params.setdefault("embedding", {}).setdefault("bias", np.zeros((a.width,), np.float32))
+  posemb_prefix = a.posemb_prefix
+  if a.meta_registers and posemb_prefix:
+    # Meta's DINOv2 adds pos_embed[0] to the cls token only; fold it in and drop the slot (timm does too).
+    params["cls"] = params["cls"] + params["pos_embedding"][:, :1]
+    params["pos_embedding"] = params["pos_embedding"][:, 1:]
+    posemb_prefix = False
+  return _config(a, posemb_prefix), params
+
+
+def _encoder_keys(raw: Mapping[str, Any]) -> dict[str, Any]:
+  """The encoder's entries of `raw`, wrapper prefixes stripped and pre-training-only parts dropped."""
+  sd = {}
+  for key, value in raw.items():
+    while key.startswith(_PREFIXES):
+      key = key.split(".", 1)[1]
+    if not _IGNORED.match(key):
+      sd[key] = value
+  return sd
+
+
+def _architecture(sd: Mapping[str, Any], path: str, num_heads: int | None) -> _Architecture:
+  kernel = keymap.shape_of(sd, "patch_embed.proj.weight", path, 4)
+  if kernel[2] != kernel[3]:
+    raise ConfigError(path, f"patch_embed.proj.weight has shape {kernel}: non-square patches")
+  width, channels, patch, _ = kernel
+  depth = keymap.depth_of(list(sd), r"blocks\.(\d+)\.", path, "blocks.0.attn.qkv.weight")
+  mlp_dim = keymap.shape_of(sd, "blocks.0.mlp.fc1.weight", path, 2)[0]
+  qk_norm = "blocks.0.attn.q_norm.weight" in sd
+  # QK-norm weights are per head_dim: the one checkpoint kind that reveals its number of heads.
+  head_dim = keymap.shape_of(sd, "blocks.0.attn.q_norm.weight", path, 1)[0] if qk_norm else 0
+  stored_heads = width // head_dim if head_dim and width % head_dim == 0 else None
+  heads = keymap.resolve_heads(width, num_heads, stored_heads, path)
+  class_token = "cls_token" in sd
+  meta_registers = "register_tokens" in sd
+  reg_key = "register_tokens" if meta_registers else "reg_token"
+  registers = keymap.shape_of(sd, reg_key, path, 3)[1] if reg_key in sd else 0
+  qkv_bias = "blocks.0.attn.qkv.bias" in sd
+  layerscale = "blocks.0.ls1.gamma" in sd
+  pre_norm = "norm_pre.weight" in sd
+  num_classes = keymap.shape_of(sd, "head.weight", path, 2)[0] if "head.weight" in sd else 0
+  has_norm = _final_norm(sd, class_token, path)
+  pos_len, posemb_prefix = _position_table(sd, class_token, registers, meta_registers, path)
+  return _Architecture(
+    width=width,
+    channels=channels,
+    patch=patch,
+    depth=depth,
+    mlp_dim=mlp_dim,
+    heads=heads,
+    qk_norm=qk_norm,
+    qkv_bias=qkv_bias,
+    layerscale=layerscale,
+    class_token=class_token,
+    registers=registers,
+    meta_registers=meta_registers,
+    pre_norm=pre_norm,
+    has_norm=has_norm,
+    num_classes=num_classes,
+    pos_len=pos_len,
+    posemb_prefix=posemb_prefix,
+  )
+
+
+def _final_norm(sd: Mapping[str, Any], class_token: bool, path: str) -> bool:
+  """True for a final `norm` (cls readout), False for `fc_norm` (average pooling); else an error."""
+  # MAE fine-tuning (and timm's global_pool="avg") replaces `norm` by `fc_norm` after averaging.
+  has_norm, has_fc_norm = "norm.weight" in sd, "fc_norm.weight" in sd
+  if has_norm == has_fc_norm:
+    raise ConfigError(
+      path,
+      "expected exactly one final LayerNorm, 'norm' (cls readout) or 'fc_norm' "
+      f"(average pooling); found {'both' if has_norm else 'neither'}",
+    )
+  if has_norm and not class_token:
+    raise ConfigError(
+      path,
+      "unsupported architecture: a final 'norm' without a cls token (timm "
+      "global_pool='avg' with fc_norm=False normalises before averaging); at_jax's ViT "
+      "averages first, then applies fc_norm",
+    )
+  return has_norm
+
+
+def _position_table(
+  sd: Mapping[str, Any], class_token: bool, registers: int, meta_registers: bool, path: str
+) -> tuple[int, bool]:
+  """(positions in `pos_embed`, whether they include the prefix tokens' slots)."""
+  if "pos_embed" not in sd:
+    raise ConfigError(
+      path,
+      "unsupported architecture: no learned position table 'pos_embed' (rotary or "
+      "no position embeddings, e.g. timm's EVA/RoPE ViTs)",
+    )
+  pos_len = keymap.shape_of(sd, "pos_embed", path, 3)[1]
+  num_prefix = int(class_token) + (0 if meta_registers else registers)
+  return pos_len, posemb.has_prefix(pos_len, num_prefix, path)
+
+
+def _embedding_rules(sd: Mapping[str, Any], a: _Architecture) -> Rules:
+  """Patch embedding, position table, cls and register tokens, and CLIP's LayerNorm before the blocks."""
+  width = a.width
+  rules: Rules = {
+    "patch_embed.proj.weight": (
+      (width, a.channels, a.patch, a.patch),  # OIHW -> HWIO
+      lambda w: {"embedding/kernel": w.transpose(2, 3, 1, 0)},
+    ),
+    "pos_embed": ((1, a.pos_len, width), lambda w: {"pos_embedding": w}),
+  }
+  # CLIP-style stems have no patch bias; ours always has one, so it stays zero.
+  if "patch_embed.proj.bias" in sd:
+    rules["patch_embed.proj.bias"] = ((width,), lambda w: {"embedding/bias": w})
+  if a.class_token:
+    rules["cls_token"] = ((1, 1, width), lambda w: {"cls": w})
+  if a.registers:
+    rules[a.reg_key] = ((1, a.registers, width), lambda w: {"registers": w})
+  if a.pre_norm:
+    keymap.layer_norm("norm_pre", "pre_norm", width, rules)
+  return rules
+
+
+def _head_rules(a: _Architecture) -> Rules:
+  """The final LayerNorm (`norm` or `fc_norm`) and the classifier, if any."""
+  rules: Rules = {}
+  keymap.layer_norm(
+    "norm" if a.has_norm else "fc_norm", "encoder_norm" if a.has_norm else "fc_norm", a.width, rules
+  )
+  if a.num_classes:
+    rules["head.weight"] = ((a.num_classes, a.width), lambda w: {"head/kernel": w.T})
+    rules["head.bias"] = ((a.num_classes,), lambda w: {"head/bias": w})
+  return rules
+
+
+def _split_qkv(w: Array, dst: str, heads: int, head_dim: int) -> dict[str, Array]:
+  """Fused [3D, D] (out, in) weight or [3D] bias -> query/key/value [D, H, K] kernels or [H, K] biases."""
+  w = w.reshape(3, heads, head_dim, *w.shape[1:])
+  return {
+    f"{dst}/{name}/{'kernel' if w.ndim == 4 else 'bias'}": (
+      w[j].transpose(2, 0, 1) if w.ndim == 4 else w[j]
+    )
+    for j, name in enumerate(("query", "key", "value"))
+  }
+
+
+def _block_rules(a: _Architecture, i: int) -> Rules:
+  """Block `i`: its two LayerNorms, attention (fused qkv split per head, QK-norm), MLP, LayerScale."""
+  width, heads, head_dim = a.width, a.heads, a.head_dim
+  src, dst = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
+  attn = dst + "MultiHeadDotProductAttention_0"
+  rules: Rules = {}
+  keymap.layer_norm(src + "norm1", dst + "LayerNorm_0", width, rules)
+  keymap.layer_norm(src + "norm2", dst + "LayerNorm_1", width, rules)
+  qkv = lambda w: _split_qkv(w, attn, heads, head_dim)
+  rules[src + "attn.qkv.weight"] = ((3 * width, width), qkv)
+  if a.qkv_bias:
+    rules[src + "attn.qkv.bias"] = ((3 * width,), qkv)
+  if a.qk_norm:
+    keymap.layer_norm(src + "attn.q_norm", attn + "/query_norm", head_dim, rules)
+    keymap.layer_norm(src + "attn.k_norm", attn + "/key_norm", head_dim, rules)
+  rules[src + "attn.proj.weight"] = (  # [D, H*K] (out, in) -> [H, K, D]
+    (width, width),
+    lambda w: {f"{attn}/out/kernel": w.T.reshape(heads, head_dim, width)},
+  )
+  rules[src + "attn.proj.bias"] = ((width,), lambda w: {f"{attn}/out/bias": w})
+  for j, fc, shape in ((0, "fc1", (a.mlp_dim, width)), (1, "fc2", (width, a.mlp_dim))):
+    mlp = f"{dst}MlpBlock_0/Dense_{j}"
+    rules[f"{src}mlp.{fc}.weight"] = (shape, lambda w, m=mlp: {f"{m}/kernel": w.T})
+    rules[f"{src}mlp.{fc}.bias"] = ((shape[0],), lambda w, m=mlp: {f"{m}/bias": w})
+  if a.layerscale:
+    for j in (0, 1):
+      rules[f"{src}ls{j + 1}.gamma"] = ((width,), lambda w, n=f"{dst}layerscale_{j}": {n: w})
+  return rules
+
+
+def _config(a: _Architecture, posemb_prefix: bool) -> dict:
+  """The `vit.build` config; PyTorch ViTs use exact GELU and LayerNorm eps 1e-6 unless a family says."""
+  return dict(
+    num_classes=a.num_classes,
+    patch_size=a.patch,
+    width=a.width,
+    depth=a.depth,
+    mlp_dim=a.mlp_dim,
+    num_heads=a.heads,
+    pool="cls" if a.has_norm else "gap",
+    class_token=a.class_token,
+    num_registers=a.registers,
+    posemb_prefix=posemb_prefix,
+    pre_norm=a.pre_norm,
+    qkv_bias=a.qkv_bias,
+    qk_norm=a.qk_norm,
+    layerscale_init=_DEFAULT_LAYERSCALE if a.layerscale else 0.0,
+    mlp_act="gelu",
+    norm_eps=1e-6,
+    scan=False,
+  )

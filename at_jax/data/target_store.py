@@ -1,0 +1,201 @@
+"""The stored teacher targets' format, in one place: where they live, their metadata, their arrays.
+
+`at_jax.experiment.precompute` decides what to store and writes it with `write_metadata`,
+`open_arrays` and `write_row`; a training run reads it per example with `TeacherTargets`. Layout of a
+targets folder (`targets_dir`):
+
+  metadata.json   what was computed from what, and the progress (done_examples, complete)
+  <key>/          one zarr array per stored key (tensorstore), bfloat16, [num_examples, ...], one chunk
+                  per example (an example precompute could not read has none)
+"""
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import tensorstore as ts
+
+from at_jax.errors import ConfigError
+
+# <workdir>/teacher_targets, unless config.transfer.targets_dir names a folder.
+TARGETS_DIR = "teacher_targets"
+TARGETS_METADATA = "metadata.json"
+# The one view of each image that targets are computed on and trained with.
+TARGETS_VIEW = (
+  "shorter side resized to round(image_size / crop_pct), bicubic; centre image_size crop"
+)
+# Metadata fields a run must agree with, and the config field to fix if not.
+TARGET_FIELDS = {
+  "what": "transfer.what",
+  "image_size": "data.image_size",
+  "crop_pct": "data.crop_pct",
+  "normalization": "data.normalization",
+  "dataset": "data.name",
+  "split": "data.train_split",
+  "num_examples": "data.train_split",
+  "num_heads": "model.num_heads",
+  "tokens": "model.patch_size",
+  "head_dim": "model.width",
+}
+_PRECOMPUTE = "run `python launch/precompute.py` with the same --config, overrides and --workdir"
+
+
+def targets_dir(configured: str, workdir: str) -> str:
+  """`config.transfer.targets_dir`, or <workdir>/teacher_targets if empty."""
+  return configured or os.path.join(workdir, TARGETS_DIR)
+
+
+def targets_array_spec(directory: str, key: str) -> dict[str, Any]:
+  """The tensorstore spec of the zarr array holding `teacher_<key>`."""
+  return {"driver": "zarr", "kvstore": {"driver": "file", "path": os.path.join(directory, key)}}
+
+
+def read_targets_metadata(directory: str) -> dict[str, Any] | None:
+  """The metadata of a targets folder, or None if it has none yet."""
+  path = os.path.join(directory, TARGETS_METADATA)
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConfigError(
+      "transfer.targets_dir", f"unreadable {path} ({e}); delete {directory} and {_PRECOMPUTE}."
+    ) from e
+
+
+class TeacherTargets:
+  """Stored teacher targets as a random-access source, by example index.
+
+  ``targets[i]`` is ``{"teacher_<key>": bfloat16 [S, ...]}`` for example i
+  of the training source: ``teacher_attn_logits`` [S, H, N, N], or
+  ``teacher_q`` and ``teacher_k`` [S, N, H, Dh], or ``teacher_<q|k|v>``, for
+  the S requested layers (a subset of the stored ones, in their order). An
+  example that precompute skipped as unreadable has none: reading it raises.
+  Thread-safe: grain threads read concurrently.
+
+  Attributes:
+    directory: the targets folder.
+    metadata: its metadata.json (see `at_jax.experiment.precompute`).
+  """
+
+  def __init__(self, directory: str, layers: Sequence[int] | None = None):
+    """Opens the arrays.
+
+    Args:
+      directory: where `at_jax.experiment.precompute` wrote.
+      layers: the layers to read (default: all stored ones).
+
+    Raises:
+      ConfigError: no targets there, an unfinished precompute, or layers
+        that were not stored.
+    """
+    self.directory = directory
+    metadata = read_targets_metadata(directory)
+    if metadata is None:
+      raise ConfigError(
+        "transfer.targets_dir",
+        f"no teacher targets in {directory} (no {TARGETS_METADATA}); {_PRECOMPUTE} first.",
+      )
+    if not metadata["complete"]:
+      done, n = metadata["done_examples"], metadata["num_examples"]
+      raise ConfigError(
+        "transfer.targets_dir",
+        f"the precompute in "
+        f"{directory} stopped after {done} of {n} examples; "
+        f"{_PRECOMPUTE} again to finish it (it resumes).",
+      )
+    self.metadata = metadata
+    stored = list(metadata["layers"])
+    layers = stored if layers is None else [int(i) for i in layers]
+    missing = sorted(set(layers) - set(stored))
+    if missing:
+      raise ConfigError(
+        "transfer.layers",
+        f"layers {missing} are not in the "
+        f"teacher targets in {directory}, which hold layers "
+        f"{stored}; select among those, or {_PRECOMPUTE}.",
+      )
+    # Reading all stored layers is one plain read; a subset is an index array.
+    self._rows = slice(None) if layers == stored else [stored.index(i) for i in layers]
+    # An example precompute could not read has no chunk: reading it raises
+    # (and the iterator skips the example) instead of returning zeros.
+    self._arrays = {
+      key: ts.open(
+        {**targets_array_spec(directory, key), "fill_missing_data_reads": False}, open=True
+      ).result()
+      for key in metadata["keys"]
+    }
+
+  def __len__(self) -> int:
+    return self.metadata["num_examples"]
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    reads = {key: array[int(index)][self._rows].read() for key, array in self._arrays.items()}
+    return {f"teacher_{key}": read.result() for key, read in reads.items()}
+
+  def check(self, **expected: Any) -> None:
+    """Raises ConfigError naming the field if a `TARGET_FIELDS` value differs.
+
+    Args:
+      **expected: metadata field -> this run's value, e.g. image_size=224.
+    """
+    for name, value in expected.items():
+      stored = self.metadata[name]
+      if stored != value:
+        raise ConfigError(
+          TARGET_FIELDS[name],
+          f"the teacher targets in "
+          f"{self.directory} were computed with {name}="
+          f"{stored!r}, this run has {value!r}; use their "
+          f"setting, or {_PRECOMPUTE} into another "
+          "transfer.targets_dir.",
+        )
+
+
+# ----------------------------------------------------------------------------
+# Writing (at_jax.experiment.precompute).
+
+
+def write_metadata(directory: str, metadata: Mapping[str, Any]) -> None:
+  """Writes `metadata` to <directory>/metadata.json atomically (a reader never sees half a file, a kill
+  never leaves one)."""
+  path = os.path.join(directory, TARGETS_METADATA)
+  with open(path + ".tmp", "w") as f:
+    json.dump(metadata, f, indent=1)
+  os.replace(path + ".tmp", path)
+
+
+def open_arrays(
+  directory: str, metadata: Mapping[str, Any], create: bool
+) -> dict[str, ts.TensorStore]:
+  """The zarr array of each of ``metadata["keys"]``, for writing.
+
+  Args:
+    directory: the targets folder.
+    metadata: its metadata (keys, shapes per example, num_examples).
+    create: create the arrays (replacing any there), one bfloat16 chunk per example; else open them.
+  """
+  arrays = {}
+  for key in metadata["keys"]:
+    spec = targets_array_spec(directory, key)
+    if create:
+      shape = metadata["shapes"][key]
+      arrays[key] = ts.open(
+        spec,
+        create=True,
+        delete_existing=True,
+        dtype=ts.bfloat16,
+        shape=[metadata["num_examples"], *shape],
+        chunk_layout=ts.ChunkLayout(chunk_shape=[1, *shape]),
+      ).result()
+    else:
+      arrays[key] = ts.open(spec, open=True).result()
+  return arrays
+
+
+def write_row(array: ts.TensorStore, index: int, row: np.ndarray) -> ts.WriteFutures:
+  """Starts writing example `index`'s targets `row` (its one chunk); wait on the result."""
+  return array[int(index)].write(row)

@@ -1,0 +1,88 @@
+"""From a config to what a run trains: the lr schedule, the task (classify or MAE) and its optimizer.
+
+Pure construction, no compute: start-up validation builds these abstractly to estimate memory, and
+`runs.setup` builds them for the run.
+"""
+
+import math
+
+import jax
+import ml_collections
+import optax
+
+from at_jax import optim
+from at_jax.models import mae, vit
+from at_jax.training import state as train_state
+from at_jax.training.tasks import Task, classify_task, mae_task
+from at_jax.transfer.spec import Transfer
+
+TASKS = ("classify", "mae")
+
+
+def schedule(config: ml_collections.ConfigDict, num_examples: int) -> tuple[optax.Schedule, int]:
+  """(warmup + cosine lr schedule, total steps) for `num_examples` training examples per epoch."""
+  steps_per_epoch = max(1, num_examples // config.data.batch_size)
+  s = config.schedule
+  total = s.steps if s.steps > 0 else int(math.ceil(s.epochs * steps_per_epoch))
+  warmup = int(round(s.warmup_epochs * steps_per_epoch))
+  if s.steps > 0:
+    warmup = min(warmup, total - 1)
+  o = config.optim
+  lr = optim.make_schedule(
+    base_lr=o.base_lr,
+    batch_size=config.data.batch_size,
+    warmup_steps=warmup,
+    total_steps=total,
+    min_lr=o.min_lr,
+  )
+  return lr, total
+
+
+def task(
+  config: ml_collections.ConfigDict,
+  model: vit.ViT,
+  teacher: vit.ViT | None,
+  spec: Transfer,
+  lr: optax.Schedule,
+) -> Task:
+  """`config.task`: the student ViT on labels (with `spec`'s transfer), or an MAE around it."""
+  image_size, o, d = config.data.image_size, config.optim, config.data
+  if config.task == "mae":
+    module = mae.MAE(encoder=vit.model_fields(model), **config.mae.to_dict())
+    return mae_task(module, image_size=image_size, schedule=lr, ema_decay=o.ema_decay)
+  mix = dict(
+    mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, switch_prob=d.mixup_switch_prob, prob=d.mixup_prob
+  )
+  return classify_task(
+    model,
+    teacher,
+    spec,
+    image_size=image_size,
+    schedule=lr,
+    label_smoothing=o.label_smoothing,
+    ema_decay=o.ema_decay,
+    mix=mix,
+  )
+
+
+def optimizer(
+  config: ml_collections.ConfigDict, the_task: Task, lr: optax.Schedule, depth: int
+) -> optax.GradientTransformation:
+  """AdamW (optim.make_optimizer) fitted to the task's params, read abstractly."""
+  o = config.optim
+  return optim.make_optimizer(
+    jax.eval_shape(lambda: the_task.init_params(jax.random.key(0))),  # traced: compiles nothing
+    schedule=lr,
+    b1=o.b1,
+    b2=o.b2,
+    eps=o.eps,
+    weight_decay=o.weight_decay,
+    layer_decay=o.layer_decay,
+    depth=depth,
+    grad_clip=o.grad_clip or None,
+  )
+
+
+def init_fn(the_task: Task, tx: optax.GradientTransformation):
+  """key -> the fresh TrainState of `the_task` (jit it with out_shardings: it is born sharded)."""
+  return lambda rng: train_state.init_state(the_task.init_params, tx, rng)

@@ -1,0 +1,110 @@
+"""The whole job a config describes: its teacher first when the config says how to train one, then the
+student, the results table and the attention figure."""
+
+import json
+import os
+
+import jax
+import ml_collections
+
+from at_jax import checkpoint, metrics
+from at_jax.data import pipeline, sources
+from at_jax.evaluate import attention as evaluate
+from at_jax.experiment.loop import train_and_evaluate
+from at_jax.experiment.paths import EXPORT_DIR, TEACHER_DIR
+from at_jax.experiment.teachers import teacher_path
+from at_jax.experiment.validation import validate
+from at_jax.models import vit
+
+
+def ensure_teacher(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float] | None:
+  """Trains `teacher.pretrain` into <workdir>/teacher when the config says how and it isn't there yet.
+
+  Returns the teacher's evals, or None when the config names its teacher (`teacher.init`) or needs none.
+  """
+  if config.transfer.mode == "none" or config.teacher.init or config.teacher.pretrain is None:
+    return None
+  teacher_dir = os.path.join(workdir, TEACHER_DIR)
+  results_file = os.path.join(teacher_dir, "results.json")
+  if _will_train_teacher(config, workdir):
+    metrics.say(f"== No teacher in {teacher_dir}: training one ==")
+    evals = train_and_evaluate(config.teacher.pretrain, teacher_dir)
+    if jax.process_index() == 0:
+      with open(results_file, "w") as f:
+        json.dump(evals, f)
+  with open(results_file) as f:
+    return json.load(f)
+
+
+def _will_train_teacher(config: ml_collections.ConfigDict, workdir: str) -> bool:
+  """Whether `ensure_teacher` has a teacher to train: the config says how, and none is there yet."""
+  if config.transfer.mode == "none" or config.teacher.init or config.teacher.pretrain is None:
+    return False
+  export = os.path.join(workdir, TEACHER_DIR, EXPORT_DIR, "model_config.json")
+  return not os.path.exists(export)
+
+
+def run_with_teacher(
+  config: ml_collections.ConfigDict, workdir: str
+) -> dict[str, dict[str, float]]:
+  """Trains the teacher first when the config says how and it isn't there yet, then the student.
+
+  Returns {"teacher": evals or {}, "student": evals}, and prints them as a table.
+  """
+  results: dict[str, dict[str, float]] = {}
+  # A typo in either config must not cost a teacher's training first: both are checked up front.
+  if _will_train_teacher(config, workdir):
+    validate(config.teacher.pretrain, os.path.join(workdir, TEACHER_DIR))
+  validate(config, workdir)
+  teacher_evals = ensure_teacher(config, workdir)
+  if teacher_evals is not None:
+    results["teacher"] = teacher_evals
+  name = "student" if config.transfer.mode != "none" else config.task
+  metrics.say(
+    f"== {name.capitalize()}: {config.transfer.mode if name == 'student' else 'training'} =="
+  )
+  results[name] = train_and_evaluate(config, workdir)
+  rows = [
+    {"model": name, **{k: round(v, 4 if "loss" in k else 2) for k, v in r.items()}}
+    for name, r in results.items()
+  ]
+  columns = [
+    c
+    for c in ("top1", "ema_top1", "top5", "ema_top5", "loss", "ema_loss")
+    if any(c in r for r in rows)
+  ]
+  table = metrics.format_table(rows, ["model"] + columns)
+  if jax.process_index() == 0:
+    print(table, flush=True)
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=1)
+    if config.transfer.mode != "none" and config.transfer.source == "jointly":
+      attention_report(config, workdir)
+  return results
+
+
+def attention_report(config: ml_collections.ConfigDict, workdir: str, num_images: int = 4) -> None:
+  """Writes <workdir>/attention.png (teacher vs student maps) and prints their per-layer agreement."""
+  d = config.data
+  source = sources.make_source(d.name, d.eval_split, d.dir or None, field="data.eval_split")
+  images = next(
+    pipeline.eval_iterator(
+      source,
+      global_batch_size=num_images,
+      image_size=d.image_size,
+      crop_pct=d.crop_pct,
+      normalization=d.normalization,
+      num_threads=0,
+    )
+  )["image"]
+  models = {}
+  paths = (
+    ("teacher", teacher_path(config, workdir)),
+    ("student", os.path.join(workdir, EXPORT_DIR)),
+  )
+  for name, path in paths:
+    model_config, params = checkpoint.load_params(path)
+    models[name] = (vit.build(model_config), params)
+  png = os.path.join(workdir, "attention.png")
+  agreement = evaluate.compare_attention(models, images, png)
+  print(evaluate.format_agreement(agreement, "teacher") + f"\nattention maps: {png}", flush=True)

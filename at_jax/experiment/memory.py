@@ -1,0 +1,59 @@
+"""The per-device memory a run will need, from shapes alone, checked against the device before compiling."""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+
+from at_jax import sharding
+from at_jax.models import vit
+from at_jax.transfer.spec import Transfer
+
+
+def estimate(
+  config: ml_collections.ConfigDict,
+  mesh: jax.sharding.Mesh,
+  model: vit.ViT,
+  spec: Transfer,
+  init_fn: Callable[[jax.Array], Any],
+  teacher_params: Any,
+) -> dict[str, int]:
+  """Bytes per device of params, optimizer state, EMA, the teacher's params and the activations.
+
+  Args:
+    config: the run's config (batch size, image size).
+    mesh: the device mesh; the state and teacher are laid out by the fsdp shape rule.
+    model: the student.
+    spec: the transfer setting (how many layers' maps the step keeps).
+    init_fn: key -> TrainState, evaluated abstractly.
+    teacher_params: the teacher's params (arrays or ShapeDtypeStructs), or None.
+  """
+  abstract = jax.eval_shape(lambda: init_fn(jax.random.key(0)))  # traced: compiles nothing
+  shardings = sharding.tree_shardings(mesh, abstract)
+  bytes_of = {
+    "params": sharding.bytes_per_device(abstract.params, shardings.params),
+    "optimizer": sharding.bytes_per_device(abstract.opt_state, shardings.opt_state),
+    "ema": sharding.bytes_per_device(abstract.ema_params, shardings.ema_params),
+  }
+  if teacher_params is not None:
+    teacher_shardings = sharding.tree_shardings(mesh, teacher_params)
+    bytes_of["teacher"] = sharding.bytes_per_device(teacher_params, teacher_shardings)
+  bytes_of["activations"] = sharding.activation_bytes(
+    examples=max(1, config.data.batch_size // mesh.size),
+    tokens=model.tokens_for(config.data.image_size),
+    width=model.width,
+    mlp_dim=model.mlp_dim,
+    heads=model.num_heads,
+    depth=model.depth,
+    mm_bytes=jax.numpy.dtype(model.dtype_mm).itemsize,
+    remat_policy=model.remat_policy,
+    maps_kept=spec.maps_kept,
+  )
+  return bytes_of
+
+
+def check(*args: Any) -> str:
+  """`estimate(*args)` as one line, compared with one device's memory; raises ConfigError
+  (data.batch_size) when it cannot fit."""
+  return sharding.check_fits(estimate(*args))

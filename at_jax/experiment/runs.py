@@ -1,0 +1,95 @@
+"""A Run: everything built from a validated config before any compute, and its memory report."""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+
+from at_jax.data import sources
+from at_jax.experiment import build, memory, teachers, validation
+from at_jax.models import vit
+from at_jax.training.state import EvalStep, TrainState
+from at_jax.training.tasks import Task, TrainStep
+from at_jax.transfer import spec as transfer_spec
+from at_jax.transfer.spec import Transfer
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything built and validated from a config, before any compute.
+
+  Attributes:
+    transfer: the resolved transfer setting (mode, what, layers, heads, weight, source).
+    task: what is trained (classify or MAE): its params, steps and export.
+    init_fn: key -> the fresh TrainState (jit it with out_shardings).
+    step_fn, eval_fn: the task's pure train and eval steps for `tx`.
+  """
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  model: vit.ViT
+  teacher: vit.ViT | None
+  teacher_params: Any
+  transfer: Transfer
+  mesh: jax.sharding.Mesh
+  train_source: sources.Source
+  eval_source: sources.Source
+  total_steps: int
+  schedule: optax.Schedule
+  tx: optax.GradientTransformation
+  task: Task
+  init_fn: Callable[[jax.Array], TrainState]
+  step_fn: TrainStep
+  eval_fn: EvalStep
+
+  def export(self, params: Any) -> tuple[dict, Any]:
+    """Final params -> (model config, params) of the ViT this run leaves, usable as teacher.init."""
+    return self.task.export(params)
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str, *, check_targets: bool = True) -> Run:
+  """Validates the config, loads the teacher onto the mesh, and builds the task's pieces.
+
+  Raises ConfigError naming the field/file to fix; nothing is compiled.
+  """
+  model, mesh, train_source, eval_source = validation.validate(
+    config, workdir, check_targets=check_targets
+  )
+  if config.transfer.mode == "none" or config.transfer.source == "precomputed":
+    teacher, teacher_params = None, None
+    spec = transfer_spec.resolve(config.transfer.to_dict(), model, None, config.data.image_size)
+  else:
+    teacher, teacher_params, spec = teachers.teacher_on_mesh(config, workdir, model, mesh)
+  lr, total = build.schedule(config, len(train_source))
+  task = build.task(config, model, teacher, spec, lr)
+  tx = build.optimizer(config, task, lr, model.depth)
+  step_fn, eval_fn = task.make_steps(tx)
+  return Run(
+    config=config,
+    workdir=workdir,
+    model=model,
+    teacher=teacher,
+    teacher_params=teacher_params,
+    transfer=spec,
+    mesh=mesh,
+    train_source=train_source,
+    eval_source=eval_source,
+    total_steps=total,
+    schedule=lr,
+    tx=tx,
+    task=task,
+    init_fn=build.init_fn(task, tx),
+    step_fn=step_fn,
+    eval_fn=eval_fn,
+  )
+
+
+def memory_report(run: Run) -> str:
+  """Per-device memory of state (params, optimizer, EMA), teacher and activations, from shapes alone;
+  raises ConfigError when it cannot fit (validation has checked it already, with the same numbers)."""
+  return memory.check(
+    run.config, run.mesh, run.model, run.transfer, run.init_fn, run.teacher_params
+  )

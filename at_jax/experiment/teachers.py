@@ -1,0 +1,145 @@
+"""The teacher and pretrained weights a config names: where they are, their architecture, loading them (params exports or checkpoint files), the student's architecture when it mirrors the teacher, and the teacher placed on the mesh."""
+
+import functools
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from at_jax import checkpoint, sharding
+from at_jax.convert import load as convert
+from at_jax.convert import posemb
+from at_jax.errors import ConfigError
+from at_jax.experiment.paths import EXPORT_DIR, TEACHER_DIR
+from at_jax.models import vit
+from at_jax.transfer import spec as transfer
+
+
+def teacher_path(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Where the teacher's params export is: teacher.init, or the export of its pretrain run."""
+  if config.teacher.init:
+    return config.teacher.init
+  if config.teacher.pretrain is not None:
+    return os.path.join(workdir, TEACHER_DIR, EXPORT_DIR)
+  raise ConfigError(
+    "teacher.init",
+    f"transfer.mode={config.transfer.mode!r} needs a frozen teacher: "
+    "set teacher.init to a params export (at_jax.checkpoint.save_params), e.g. the "
+    f"'{EXPORT_DIR}' folder that every run leaves in its workdir",
+  )
+
+
+def load_vit(path: str, config: ml_collections.ConfigDict) -> tuple[dict, Any]:
+  """(model_config, numpy params) of a ViT fitted to data.image_size, from our params export (a directory)
+  or a PyTorch/timm/big_vision checkpoint file (converted by at_jax.convert).
+
+  The teacher.* conversion fields apply: resample_posemb (bicubic resampling of a position table made for
+  another image size; otherwise that is an error), and for files num_heads and family.
+  """
+  size, t = config.data.image_size, config.teacher
+  if os.path.isfile(path):
+    return _convert_file(
+      os.path.abspath(path),
+      os.path.getmtime(path),
+      size,
+      t.resample_posemb,
+      t.family or None,
+      t.num_heads or None,
+    )
+  model_config, params = checkpoint.load_params(path)
+  posemb.fit_posemb(params, model_config, path, size, t.resample_posemb)
+  return model_config, params
+
+
+@functools.lru_cache(maxsize=2)
+def _convert_file(
+  path: str,
+  mtime: float,
+  image_size: int,
+  resample: bool,
+  family: str | None,
+  num_heads: int | None,
+) -> tuple[dict, Any]:
+  """One conversion per file and setting: start-up reads the teacher's architecture (model.arch=teacher)
+  and its weights, and a ViT-L .pth is over a gigabyte. `mtime` makes a rewritten file a new entry."""
+  del mtime
+  return convert.load_checkpoint(
+    path, image_size=image_size, resample_posemb=resample, family=family, num_heads=num_heads
+  )
+
+
+def load_teacher(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, Any]:
+  """The frozen teacher: `teacher.init` (an export or a checkpoint file), or its pretrain run's export."""
+  return load_vit(teacher_path(config, workdir), config)
+
+
+def init_from_pretrained(fresh: Any, loaded: Any, scan: bool) -> tuple[dict, list[str], list[str]]:
+  """`fresh` params with every leaf that `loaded` has at the same path and shape taken from `loaded`.
+
+  Returns (params, paths kept fresh (e.g. a new head), loaded paths not used (e.g. MAE's encoder_norm when
+  the student pools with gap)). Loop/scan layouts are converted to the student's.
+  """
+  loaded = dict(loaded)
+  if "Transformer" in loaded:
+    stacked = "encoderblock" in loaded["Transformer"]
+    if scan and not stacked:
+      loaded = vit.loop_to_scan(loaded)
+    elif stacked and not scan:
+      loaded = vit.scan_to_loop(loaded)
+  flat_loaded = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(loaded)}
+  used, kept = set(), []
+
+  def pick(path, leaf):
+    key = jax.tree_util.keystr(path)
+    value = flat_loaded.get(key)
+    if value is None or tuple(value.shape) != tuple(leaf.shape):
+      kept.append(key)
+      return leaf
+    used.add(key)
+    return np.asarray(value, leaf.dtype)
+
+  params = jax.tree_util.tree_map_with_path(pick, fresh)
+  return params, kept, sorted(set(flat_loaded) - used)
+
+
+def teacher_model_config(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The teacher's architecture, read without its weights where possible."""
+  if config.teacher.init and os.path.isfile(config.teacher.init):
+    return load_teacher(config, workdir)[0]
+  if config.teacher.init:
+    return checkpoint.read_model_config(config.teacher.init)
+  if config.teacher.pretrain is not None:
+    return {k: v for k, v in config.teacher.pretrain.model.to_dict().items() if k != "arch"}
+  return checkpoint.read_model_config(teacher_path(config, workdir))  # raises, naming teacher.init
+
+
+def model_config(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The student's ViT fields; `model.arch = "teacher"` mirrors the teacher's architecture."""
+  fields = config.model.to_dict()
+  fields.pop("init", None)
+  arch = fields.pop("arch", "own")
+  if arch == "own":
+    return fields
+  if arch == "teacher":
+    return vit.mirror(teacher_model_config(config, workdir), fields)
+  raise ConfigError(
+    "model.arch",
+    f"{arch!r}: use 'own' (the fields of config.model) or 'teacher' (the "
+    "teacher's architecture, freshly initialised, with this config's recipe fields "
+    f"{list(vit.RECIPE_FIELDS)})",
+  )
+
+
+def teacher_on_mesh(
+  config: ml_collections.ConfigDict, workdir: str, model: vit.ViT, mesh
+) -> tuple[vit.ViT, Any, transfer.Transfer]:
+  """The frozen teacher, the transfer setting resolved against it, and the teacher cut after its last
+  transferred layer (`vit.truncate`) with its params placed on `mesh`. It computes attention as the
+  student does (`model.attention_impl`)."""
+  model_config, params = load_teacher(config, workdir)
+  teacher = vit.build({**model_config, "attention_impl": model.attention_impl})
+  t = transfer.resolve(config.transfer.to_dict(), model, teacher, config.data.image_size)
+  teacher, params = vit.truncate(teacher, params, max(t.layers) + 1)
+  return teacher, jax.device_put(params, sharding.tree_shardings(mesh, params)), t

@@ -1,0 +1,230 @@
+"""Every check of a config and its inputs, once, before anything is compiled or any teacher is trained.
+
+`validate` calls the same check functions the library pieces run on their own arguments
+(`optim.check_hparams`, `checkpoint.check_options`, the data pipeline's and mixup's checks,
+`sharding.check_batch`, `transfer.resolve`, the stored targets' `check`), so a colab calling one piece
+directly gets the same error as a launch. Nothing here compiles: shapes are evaluated abstractly.
+"""
+
+import os
+from typing import NamedTuple
+
+import jax
+import ml_collections
+import numpy as np
+
+from at_jax import checkpoint, optim, sharding
+from at_jax.data import mixup, pipeline, sources, target_store
+from at_jax.errors import ConfigError
+from at_jax.experiment import build, memory, teachers
+from at_jax.models import vit
+from at_jax.transfer import spec as transfer_spec
+from at_jax.transfer.spec import Transfer
+
+
+class Validated(NamedTuple):
+  model: vit.ViT
+  mesh: jax.sharding.Mesh
+  train_source: sources.Source
+  eval_source: sources.Source
+
+
+def validate(
+  config: ml_collections.ConfigDict, workdir: str, *, check_targets: bool = True
+) -> Validated:
+  """Checks the config and everything it names; raises ConfigError naming the field or file to fix.
+
+  With `transfer.source = "precomputed"` (and `check_targets`) also the stored teacher targets against
+  the config (launch/precompute.py skips this check: it is about to write them). The teacher is read
+  for its architecture only (a checkpoint file is converted once and cached), so a student that cannot
+  use it is refused before the teacher is trained or loaded onto devices.
+  """
+  _check_scalars(config)
+  model = vit.build(teachers.model_config(config, workdir))
+  _check_model(config, model)
+  teacher = _teacher_architecture(config, workdir, model)
+  spec = transfer_spec.resolve(config.transfer.to_dict(), model, teacher, config.data.image_size)
+  _check_task(config, spec)
+  _check_data_args(config, model, spec)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  d = config.data
+  sharding.check_batch(d.batch_size, mesh, "data.batch_size")
+  sharding.check_batch(d.eval_batch_size, mesh, "data.eval_batch_size")
+  data_dir = d.dir or None
+  train_source = sources.make_source(d.name, d.train_split, data_dir, field="data.train_split")
+  eval_source = sources.make_source(d.name, d.eval_split, data_dir, field="data.eval_split")
+  pipeline.check_batch_sizes(
+    batch_size=d.batch_size,
+    eval_batch_size=d.eval_batch_size,
+    num_train_examples=len(train_source),
+    process_count=jax.process_count(),
+  )
+  if spec.active and spec.source == "precomputed" and check_targets:
+    _check_stored_targets(config, workdir, model, spec, len(train_source))
+  _check_memory(config, mesh, model, teacher, spec, len(train_source))
+  return Validated(model, mesh, train_source, eval_source)
+
+
+def _check_scalars(config: ml_collections.ConfigDict) -> None:
+  """The optimizer's, schedule's and checkpointing's numbers: each within what it means."""
+  o, s = config.optim, config.schedule
+  optim.check_hparams(**{name: o[name] for name in optim.HPARAM_RANGES})
+  # A negative `steps` would fall back to `epochs`; log_every_steps 0 fails after compilation.
+  if not s.steps >= 0:
+    raise ConfigError(
+      "schedule.steps", f"must be >= 0 (0: train for schedule.epochs), got {s.steps!r}"
+    )
+  if not s.log_every_steps >= 1:
+    raise ConfigError("schedule.log_every_steps", f"must be >= 1, got {s.log_every_steps!r}")
+  checkpoint.check_options(every_steps=config.ckpt.every_steps, keep=config.ckpt.keep)
+  if not config.evals.every_steps >= 0:
+    raise ConfigError(
+      "evals.every_steps", f"must be >= 0 (0: only at the end), got {config.evals.every_steps!r}"
+    )
+
+
+def _check_model(config: ml_collections.ConfigDict, model: vit.ViT) -> None:
+  if config.model.init and not os.path.exists(config.model.init):
+    raise ConfigError(
+      "model.init",
+      f"{config.model.init} does not exist; it should be a params export "
+      "(a run's params/ folder) or a PyTorch/timm/big_vision checkpoint file",
+    )
+  image_size = config.data.image_size
+  if image_size % model.patch_size:
+    raise ConfigError(
+      "data.image_size",
+      f"{image_size} is not divisible by the patch size "
+      f"{model.patch_size} (model.variant / model.patch_size)",
+    )
+
+
+def _teacher_architecture(
+  config: ml_collections.ConfigDict, workdir: str, model: vit.ViT
+) -> vit.ViT | None:
+  """The teacher the step will run, built from its architecture alone; None without one."""
+  if config.transfer.mode == "none" or config.transfer.source == "precomputed":
+    return None
+  teacher_config = dict(teachers.teacher_model_config(config, workdir))
+  teacher_config.pop("init", None)  # a pretrain config's recipe field, not an architecture
+  return vit.build({**teacher_config, "attention_impl": model.attention_impl})
+
+
+def _check_task(config: ml_collections.ConfigDict, spec: Transfer) -> None:
+  if config.task not in build.TASKS:
+    raise ConfigError("task", f"unknown task {config.task!r}; use one of {list(build.TASKS)}")
+  if config.task != "mae":
+    return
+  if spec.active:
+    raise ConfigError(
+      "transfer.mode",
+      "MAE pre-training (task='mae') learns without labels or teacher; set transfer.mode='none'",
+    )
+  if config.optim.layer_decay != 1:
+    # MAE's params sit under "encoder"/"decoder*", which optim.layer_decay_scales gives no layer ids:
+    # every multiplier would be 1. Layer decay is a fine-tuning setting (MAE pre-trains without it).
+    raise ConfigError(
+      "optim.layer_decay",
+      f"{config.optim.layer_decay} would be ignored by MAE pre-training "
+      "(task='mae'), which uses no layer-wise lr decay; set optim.layer_decay=1",
+    )
+
+
+def _check_data_args(config: ml_collections.ConfigDict, model: vit.ViT, spec: Transfer) -> None:
+  """What the iterators and the step's mixing check on their own arguments, up front."""
+  d = config.data
+  precomputed = spec.active and spec.source == "precomputed"
+  if precomputed:
+    _check_fixed_view_recipe(d, spec)
+  pipeline.check_train_args(
+    image_size=d.image_size,
+    normalization=d.normalization,
+    seed=config.seed,
+    rrc_scale=tuple(d.rrc_scale),
+    randaugment=d.randaugment,
+    random_erase=d.random_erase,
+    fixed_view=precomputed,
+    crop_pct=d.crop_pct,
+  )
+  pipeline.check_eval_args(
+    image_size=d.image_size, crop_pct=d.crop_pct, normalization=d.normalization
+  )
+  if config.task == "classify":
+    mixup.check_mix_args(
+      num_classes=model.num_classes,
+      mixup_alpha=d.mixup,
+      cutmix_alpha=d.cutmix,
+      switch_prob=d.mixup_switch_prob,
+      prob=d.mixup_prob,
+      label_smoothing=config.optim.label_smoothing,
+    )
+
+
+def _check_fixed_view_recipe(d: ml_collections.ConfigDict, spec: Transfer) -> None:
+  # Stored targets describe one fixed view of each unmixed image. Random crop and flip are the base
+  # geometry of every config, so the fixed view replaces them (the loop says so); the opt-in
+  # augmentations below are recipe choices, which must not be dropped behind the user's back.
+  for field, on in (
+    ("mixup", d.mixup > 0),
+    ("cutmix", d.cutmix > 0),
+    ("randaugment", bool(d.randaugment)),
+    ("random_erase", d.random_erase > 0),
+  ):
+    if on:
+      raise ConfigError(
+        f"data.{field}",
+        "transfer.source='precomputed' trains on the fixed view the "
+        "teacher targets were computed on, so mixup, cutmix, randaugment and random_erase "
+        "must be off (--config.data.mixup=0 --config.data.cutmix=0 "
+        "--config.data.randaugment='' --config.data.random_erase=0)",
+      )
+  if spec.average != "none":
+    raise ConfigError(
+      "transfer.average",
+      "averages the targets over each batch's images, which needs the "
+      "teacher in the step; use transfer.source='jointly'",
+    )
+
+
+def _check_stored_targets(
+  config: ml_collections.ConfigDict, workdir: str, model: vit.ViT, spec: Transfer, num_examples: int
+) -> None:
+  d = config.data
+  directory = target_store.targets_dir(config.transfer.targets_dir, workdir)
+  stored = target_store.TeacherTargets(directory, spec.layers)
+  expected = dict(
+    what=spec.what,
+    image_size=d.image_size,
+    crop_pct=d.crop_pct,
+    normalization=d.normalization,
+    dataset=d.name,
+    split=d.train_split,
+    num_examples=num_examples,
+    num_heads=model.num_heads,
+    tokens=model.tokens_for(d.image_size),
+  )
+  if spec.what != "attn":  # q/k/v replace the student's own: same head size
+    expected["head_dim"] = model.width // model.num_heads
+  stored.check(**expected)
+
+
+def _check_memory(
+  config: ml_collections.ConfigDict,
+  mesh: jax.sharding.Mesh,
+  model: vit.ViT,
+  teacher: vit.ViT | None,
+  spec: Transfer,
+  num_examples: int,
+) -> str:
+  """The start-up memory estimate against one device's memory (host RAM on CPU), from shapes."""
+  lr, _ = build.schedule(config, num_examples)
+  task = build.task(config, model, teacher, spec, lr)
+  tx = build.optimizer(config, task, lr, model.depth)
+  teacher_params = None
+  if teacher is not None:
+    cut = vit.build({**vit.model_fields(teacher), "depth": max(spec.layers) + 1})
+    images = np.zeros((1, config.data.image_size, config.data.image_size, 3), np.float32)
+    teacher_params = jax.eval_shape(
+      lambda: cut.init(jax.random.key(0), images, train=False)["params"]
+    )
+  return memory.check(config, mesh, model, spec, build.init_fn(task, tx), teacher_params)

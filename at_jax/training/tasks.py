@@ -1,0 +1,90 @@
+"""A task is what a run trains: classification (with or without attention transfer) or MAE pre-training.
+
+Both give the training loop the same four things, so the mesh, data, checkpoints, metrics and resume
+are shared: how to initialise the params, the train and eval steps (built once the optimizer exists,
+which needs the params' shapes), and what the final export is (a ViT, usable as `teacher.init`).
+"""
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import optax
+
+from at_jax.models import mae, vit
+from at_jax.training import classify
+from at_jax.training import mae as mae_steps
+from at_jax.training.state import EvalStep
+from at_jax.transfer.spec import Transfer
+
+Array = jax.Array
+TrainStep = Callable  # (state, batch, teacher_params) -> (state, metrics)
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """How to init, step, evaluate and export one kind of training.
+
+  Attributes:
+    name: "classify" or "mae".
+    init_params: key -> fresh params (abstractly evaluable: `jax.eval_shape(init_params, key)`).
+    make_steps: optimizer -> (train step, eval step), pure functions to jit (`state.jit_steps`).
+    export: final params -> (model config, params) of a ViT, what `checkpoint.save_params` writes.
+  """
+
+  name: str
+  init_params: Callable[[Array], Any]
+  make_steps: Callable[[optax.GradientTransformation], tuple[TrainStep, EvalStep]]
+  export: Callable[[Any], tuple[dict, Any]]
+
+
+def classify_task(
+  model: vit.ViT,
+  teacher: vit.ViT | None,
+  spec: Transfer,
+  *,
+  image_size: int,
+  schedule: optax.Schedule,
+  label_smoothing: float,
+  ema_decay: float,
+  mix: Mapping[str, float] | None = None,
+) -> Task:
+  """A ViT classifier trained on labels, with `spec`'s attention transfer from `teacher`."""
+
+  def make_steps(tx: optax.GradientTransformation) -> tuple[TrainStep, EvalStep]:
+    step = classify.make_train_step(
+      model,
+      teacher,
+      tx,
+      spec,
+      schedule=schedule,
+      label_smoothing=label_smoothing,
+      ema_decay=ema_decay,
+      mix=mix,
+    )
+    return step, classify.make_eval_step(model, teacher, spec)
+
+  return Task(
+    name="classify",
+    init_params=classify.params_initializer(model, image_size),
+    make_steps=make_steps,
+    export=lambda params: (vit.model_fields(model), params),
+  )
+
+
+def mae_task(
+  module: mae.MAE, *, image_size: int, schedule: optax.Schedule, ema_decay: float
+) -> Task:
+  """MAE pre-training of `module.encoder`; the export is the encoder alone, a teacher."""
+
+  def make_steps(tx: optax.GradientTransformation) -> tuple[TrainStep, EvalStep]:
+    step = mae_steps.make_mae_train_step(module, tx, schedule=schedule, ema_decay=ema_decay)
+    return step, mae_steps.make_mae_eval_step(module)
+
+  return Task(
+    name="mae",
+    init_params=mae_steps.params_initializer(module, image_size),
+    make_steps=make_steps,
+    export=lambda params: (mae.encoder_config(module), mae.encoder_params(params)),
+  )

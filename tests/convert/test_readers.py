@@ -1,0 +1,73 @@
+"""at_jax.convert.readers: every file type is read; damaged, pickled-object, missing and unknown files
+are ConfigErrors naming the file; torch is needed only for PyTorch files."""
+
+import argparse
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from at_jax.convert.load import load_checkpoint
+from at_jax.errors import ConfigError
+
+
+@pytest.mark.parametrize("name", ["a.pth", "a.safetensors", "a.npz"])
+@pytest.mark.parametrize("damage", ["truncated", "random_bytes"])
+def test_damaged_file(name, damage, good_file):
+  path = good_file(name)
+  with open(path, "rb") as f:
+    content = f.read()
+  content = (
+    content[: len(content) // 2] if damage == "truncated" else np.random.default_rng(0).bytes(4096)
+  )
+  with open(path, "wb") as f:
+    f.write(content)
+  with pytest.raises(ConfigError, match=r"cannot read .*truncated or not a checkpoint") as e:
+    load_checkpoint(path, num_heads=2)
+  assert e.value.field == path
+
+
+def test_pickled_objects_are_refused(tmp_path, make_vit, state_dict_of):
+  # DINO's full checkpoints carry an argparse.Namespace; weights_only loading never runs pickled code.
+  path = str(tmp_path / "dino_full.pth")
+  torch.save(
+    {
+      "args": argparse.Namespace(arch="vit_small"),
+      "model": state_dict_of(make_vit(embed_dim=128, num_heads=2)),
+    },
+    path,
+  )
+  with pytest.raises(
+    ConfigError, match=r"holds a Python object \(argparse.Namespace\).*save just its state"
+  ) as e:
+    load_checkpoint(path, num_heads=2)
+  assert e.value.field == path
+
+
+def test_missing_and_unknown_files_are_named(tmp_path):
+  missing = str(tmp_path / "nope.pth")
+  with pytest.raises(ConfigError, match="no such file") as e:
+    load_checkpoint(missing)
+  assert e.value.field == missing
+  lightning = str(tmp_path / "model.ckpt")
+  open(lightning, "wb").close()
+  with pytest.raises(
+    ConfigError, match=r"unknown checkpoint type; expected a file ending in .npz"
+  ) as e:
+    load_checkpoint(lightning)
+  assert e.value.field == lightning
+
+
+def test_torch_only_needed_for_pytorch_files(
+  monkeypatch, make_vit, state_dict_of, write_state_dict
+):
+  model = make_vit(embed_dim=128, num_heads=2, num_classes=10)
+  pth = write_state_dict(state_dict_of(model), "a.pth")
+  st = write_state_dict(state_dict_of(model), "a.safetensors")
+  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError.
+  with pytest.raises(ConfigError, match="pip install torch") as e:
+    load_checkpoint(pth, num_heads=2)
+  assert e.value.field == pth
+  config, _ = load_checkpoint(st, num_heads=2)
+  assert config["width"] == 128

@@ -1,0 +1,112 @@
+"""Tests for at_jax.data.target_store: the stored teacher targets' folder, metadata and arrays, written
+with its primitives and read back per example."""
+
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from at_jax.data import target_store
+from at_jax.errors import ConfigError
+
+N = 5  # examples
+SHAPES = {"q": [2, 3, 4], "k": [2, 3, 4]}  # [S, N, H, Dh] per example
+METADATA = dict(
+  keys=["q", "k"],
+  shapes=SHAPES,
+  layers=[0, 3],
+  image_size=16,
+  crop_pct=1.0,
+  normalization="unit",
+  num_examples=N,
+  done_examples=N,
+  complete=True,
+)
+
+
+def _rows(seed: int) -> dict[str, np.ndarray]:
+  """Example `seed`'s targets, bfloat16 as stored."""
+  rng = np.random.default_rng(seed)
+  return {key: rng.normal(size=shape).astype(ml_dtypes.bfloat16) for key, shape in SHAPES.items()}
+
+
+def _write(directory: str, metadata=METADATA, written=range(N)) -> None:
+  os.makedirs(directory, exist_ok=True)
+  arrays = target_store.open_arrays(directory, metadata, create=True)
+  pending = [
+    target_store.write_row(arrays[key], i, row) for i in written for key, row in _rows(i).items()
+  ]
+  for w in pending:
+    w.result()
+  target_store.write_metadata(directory, metadata)
+
+
+def test_targets_dir():
+  assert target_store.targets_dir("", "/work") == os.path.join("/work", "teacher_targets")
+  assert target_store.targets_dir("/elsewhere", "/work") == "/elsewhere"
+
+
+def test_metadata_round_trips_atomically(tmp_path):
+  directory = str(tmp_path)
+  assert target_store.read_targets_metadata(directory) is None
+  target_store.write_metadata(directory, METADATA)
+  assert target_store.read_targets_metadata(directory) == METADATA
+  assert os.listdir(directory) == [target_store.TARGETS_METADATA]  # No .tmp left behind.
+  (tmp_path / target_store.TARGETS_METADATA).write_text("{not json")
+  with pytest.raises(ConfigError) as e:
+    target_store.read_targets_metadata(directory)
+  assert e.value.field == "transfer.targets_dir"
+
+
+def test_written_rows_read_back_per_example(tmp_path):
+  directory = str(tmp_path)
+  _write(directory, written=[0, 1, 2, 4])  # Example 3 unreadable: never written.
+  targets = target_store.TeacherTargets(directory)
+  assert len(targets) == N and targets.metadata == METADATA
+  for i in (0, 1, 2, 4):
+    got = targets[i]
+    assert sorted(got) == ["teacher_k", "teacher_q"]
+    for key, row in _rows(i).items():
+      assert got[f"teacher_{key}"].dtype == ml_dtypes.bfloat16
+      np.testing.assert_array_equal(got[f"teacher_{key}"], row)
+  with pytest.raises(Exception):  # noqa: B017  # tensorstore's error for a chunk never written
+    targets[3]
+  last = target_store.TeacherTargets(directory, layers=[3])
+  np.testing.assert_array_equal(last[1]["teacher_q"], _rows(1)["q"][1:])
+  # Reopened for writing (a resumed precompute), the rows are still there.
+  arrays = target_store.open_arrays(directory, METADATA, create=False)
+  np.testing.assert_array_equal(arrays["k"][2].read().result(), _rows(2)["k"])
+
+
+def test_teacher_targets_name_what_to_fix(tmp_path):
+  with pytest.raises(ConfigError) as e:
+    target_store.TeacherTargets(str(tmp_path))
+  assert e.value.field == "transfer.targets_dir"
+  assert "launch/precompute.py" in str(e.value)
+  unfinished = str(tmp_path / "unfinished")
+  _write(unfinished, {**METADATA, "done_examples": 2, "complete": False})
+  with pytest.raises(ConfigError, match="stopped after 2 of 5") as e:
+    target_store.TeacherTargets(unfinished)
+  assert e.value.field == "transfer.targets_dir"
+  done = str(tmp_path / "done")
+  _write(done)
+  with pytest.raises(ConfigError) as e:
+    target_store.TeacherTargets(done, layers=[0, 5])
+  assert e.value.field == "transfer.layers"
+  targets = target_store.TeacherTargets(done)
+  targets.check(image_size=16, crop_pct=1.0, normalization="unit", num_examples=N)
+  for name, value in (("image_size", 32), ("crop_pct", 0.875), ("num_examples", N + 1)):
+    with pytest.raises(ConfigError) as e:
+      targets.check(**{name: value})
+    assert e.value.field == target_store.TARGET_FIELDS[name]
+
+
+def test_stored_format_is_one_chunk_per_example(tmp_path):
+  directory = str(tmp_path)
+  _write(directory)
+  with open(os.path.join(directory, "q", ".zarray")) as f:
+    zarray = json.load(f)
+  assert zarray["shape"] == [N, *SHAPES["q"]] and zarray["chunks"] == [1, *SHAPES["q"]]
+  assert zarray["dtype"] == "bfloat16"

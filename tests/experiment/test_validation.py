@@ -1,0 +1,74 @@
+"""Bad input is refused at start-up, naming the config field, before anything is compiled or a teacher
+is trained: each case goes through `job.run_with_teacher` (what launch/main.py calls) on the demo."""
+
+import jax.numpy as jnp
+import pytest
+
+from at_jax.errors import ConfigError
+from at_jax.experiment import job, validation
+from configs import demo
+
+
+def _demo(**overrides):
+  """configs/demo.py with `--config.a.b=value` style overrides (eval batches of 400, not 500: the
+  tests' 8 emulated devices must divide them, for the student and its MAE teacher)."""
+  c = demo.get_config()
+  c.data.eval_batch_size = c.teacher.pretrain.data.eval_batch_size = 400
+  for dotted, value in overrides.items():
+    *groups, name = dotted.split(".")
+    (c[groups[0]] if groups else c)[name] = value
+  return c
+
+
+def test_the_compile_check_sees_a_compilation(no_compiles):
+  """The control: without it every test below could pass because nothing was being watched."""
+  with pytest.raises(AssertionError, match="compiled before the error"), no_compiles():
+    jnp.arange(7.0).sum().block_until_ready()
+
+
+@pytest.mark.parametrize(
+  "overrides,field",
+  [
+    ({"data.mixup": -1.0}, "data.mixup"),
+    ({"data.cutmix": -0.5}, "data.cutmix"),
+    ({"data.mixup_prob": 1.5}, "data.mixup_prob"),
+    ({"data.batch_size": 0}, "data.batch_size"),
+    ({"data.batch_size": -8}, "data.batch_size"),
+    ({"data.eval_batch_size": 0}, "data.eval_batch_size"),
+    ({"data.batch_size": 100_000}, "data.batch_size"),  # more than the 60,000 training images
+    ({"data.dir": "/nonexistent/fashion-mnist"}, "data.dir"),
+    ({"data.train_split": "trian"}, "data.train_split"),
+    ({"data.eval_split": "test[:abc]"}, "data.eval_split"),
+    ({"ckpt.every_steps": -5}, "ckpt.every_steps"),
+    ({"ckpt.keep": 0}, "ckpt.keep"),
+    ({"evals.every_steps": -1}, "evals.every_steps"),
+    ({"data.random_erase": 1.5}, "data.random_erase"),
+    ({"data.randaugment": "rand-x9"}, "data.randaugment"),
+    ({"data.rrc_scale": (0.9, 0.2)}, "data.rrc_scale"),
+    ({"data.crop_pct": 0.0}, "data.crop_pct"),
+    ({"optim.label_smoothing": 1.0}, "optim.label_smoothing"),
+    ({"task": "segment"}, "task"),
+  ],
+)
+def test_bad_input_stops_before_anything_compiles(tmp_path, no_compiles, overrides, field):
+  config = _demo(**overrides)
+  with no_compiles(), pytest.raises(ConfigError) as e:
+    job.run_with_teacher(config, str(tmp_path))
+  assert e.value.field == field, str(e.value)
+  assert not (tmp_path / "teacher").exists()  # the demo's MAE teacher was not trained first
+
+
+def test_a_bad_teacher_recipe_stops_before_anything_compiles(tmp_path, no_compiles):
+  config = _demo()
+  config.teacher.pretrain.optim.b2 = 1.0
+  with no_compiles(), pytest.raises(ConfigError) as e:
+    job.run_with_teacher(config, str(tmp_path))
+  assert e.value.field == "optim.b2"
+
+
+def test_the_demo_validates_without_compiling(tmp_path, no_compiles):
+  """The control for the cases above: the same path accepts the unchanged demo, compiling nothing."""
+  with no_compiles():
+    model, mesh, train_source, eval_source = validation.validate(_demo(), str(tmp_path))
+  assert (len(train_source), len(eval_source)) == (60_000, 10_000)
+  assert model.num_classes == 10 and mesh.size == 8

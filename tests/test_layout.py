@@ -1,0 +1,148 @@
+"""The house rules, checked: sizes, the import layering, shape-suffix letters, optional dependencies,
+and the formatter and linter over every Python file."""
+
+import ast
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from at_jax import models
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "at_jax"
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 60
+# A module or function may be longer when its docstring says why, in these words.
+LONGER_BECAUSE = "longer than"
+
+# Lowest first. A module may import modules of a strictly lower layer, or of its own package; siblings
+# in one layer stay independent. `models` and `data` never see training or the experiment wiring.
+LAYERS = (
+  ("errors",),
+  ("sharding",),
+  ("checkpoint", "optim", "metrics"),
+  ("ops",),
+  ("models", "data"),
+  ("convert", "transfer"),
+  ("evaluate",),
+  ("training",),
+  ("experiment",),
+)
+LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
+
+
+def _modules() -> list[pathlib.Path]:
+  return sorted(PACKAGE.rglob("*.py"))
+
+
+def _top(path: pathlib.Path) -> str:
+  """The first-level part of at_jax a file belongs to: 'models', 'sharding', ..."""
+  parts = path.relative_to(PACKAGE).with_suffix("").parts
+  return parts[0]
+
+
+def _code_lines(node: ast.AST) -> int:
+  """Lines of a def or module, without its docstring."""
+  lines = node.end_lineno - node.lineno + 1 if hasattr(node, "lineno") else 0
+  body = node.body
+  if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+    lines -= body[0].end_lineno - body[0].lineno + 1
+  return lines
+
+
+def _explains(node: ast.AST) -> bool:
+  return LONGER_BECAUSE in (ast.get_docstring(node) or "")
+
+
+def test_modules_and_functions_are_small():
+  too_long = []
+  for path in _modules():
+    tree = ast.parse(path.read_text())
+    rel = path.relative_to(ROOT)
+    lines = len(path.read_text().splitlines())
+    if lines > MAX_MODULE_LINES and not _explains(tree):
+      too_long.append(f"{rel}: {lines} lines")
+    for node in ast.walk(tree):
+      if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+        n = _code_lines(node)
+        if n > MAX_FUNCTION_LINES and not _explains(node):
+          too_long.append(f"{rel}:{node.lineno} {node.name}: {n} lines")
+  assert not too_long, (
+    f"over {MAX_MODULE_LINES} lines a module / {MAX_FUNCTION_LINES} a function, and the docstring "
+    f"does not say why it must be ('{LONGER_BECAUSE} ...'):\n" + "\n".join(too_long)
+  )
+
+
+def _imported_parts(tree: ast.AST) -> set[str]:
+  parts = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("at_jax"):
+      names = node.module.split(".")
+      if len(names) > 1:
+        parts.add(names[1])
+      else:  # from at_jax import sharding, ...
+        parts.update(alias.name for alias in node.names)
+    elif isinstance(node, ast.Import):
+      for alias in node.names:
+        if alias.name.startswith("at_jax."):
+          parts.add(alias.name.split(".")[1])
+  return parts
+
+
+def test_imports_only_go_down_the_layers():
+  wrong = []
+  for path in _modules():
+    if path.name == "__init__.py" and path.parent == PACKAGE:
+      continue
+    top = _top(path)
+    assert top in LAYER_OF, f"{path.relative_to(ROOT)}: add '{top}' to LAYERS"
+    for part in _imported_parts(ast.parse(path.read_text())):
+      if part != top and LAYER_OF[part] >= LAYER_OF[top]:
+        wrong.append(f"{path.relative_to(ROOT)} imports at_jax.{part}")
+  assert not wrong, "imports that go up or sideways in LAYERS:\n" + "\n".join(wrong)
+
+
+def test_shape_suffixes_use_the_defined_letters():
+  """Names like x_BND in models/, ops/ and transfer/ use only the letters of at_jax.models.SHAPE_LETTERS."""
+  letters = set(models.SHAPE_LETTERS)
+  suffixed = re.compile(r"\b[a-z][a-z0-9]*(?:_[a-z0-9]+)*_([A-Z][A-Za-z0-9]*)\b")
+  wrong = []
+  for sub in ("models", "ops", "transfer"):
+    for path in sorted((PACKAGE / sub).rglob("*.py")):
+      for number, line in enumerate(path.read_text().splitlines(), 1):
+        for suffix in suffixed.findall(line):
+          if not set(suffix) <= letters:
+            wrong.append(f"{path.relative_to(ROOT)}:{number}: _{suffix}")
+  assert not wrong, f"suffix letters outside {sorted(letters)}:\n" + "\n".join(wrong)
+
+
+def test_core_imports_without_the_input_and_experiment_dependencies():
+  """A GPU image with jax, flax, optax and orbax but no grain, ml_collections, tensorboardX or tfds."""
+  missing = ("grain", "ml_collections", "tensorboardX", "tensorflow_datasets", "absl")
+  core = [
+    "at_jax." + ".".join(p.relative_to(PACKAGE).with_suffix("").parts)
+    for p in _modules()
+    if _top(p) in ("models", "ops", "transfer", "training", "sharding", "optim", "metrics")
+    and p.name != "__init__.py"
+  ]
+  code = (
+    f"import sys\nfor m in {missing!r}: sys.modules[m] = None\n"
+    + "".join(f"import {m}\n" for m in core)
+    + "print('ok')"
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+  )
+  assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("command", [["format", "--check"], ["check"]])
+def test_formatter_and_linter_pass(command):
+  ruff = shutil.which("ruff", path=str(pathlib.Path(sys.executable).parent)) or shutil.which("ruff")
+  assert ruff, "ruff is in requirements-test.txt; run launch/setup.sh --tests"
+  result = subprocess.run([ruff, *command, str(ROOT)], capture_output=True, text=True)
+  assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
