@@ -43,7 +43,7 @@ def run_row(image_size: int, impl: str) -> dict:
   """Compiles and times value_and_grad of one layer's mean CE; returns the numbers of one table row."""
   import jax
 
-  from at_jax.ops import attn_ce as attn_loss
+  from at_jax.ops import attn_ce
 
   n = (image_size // FLAGS.patch) ** 2 + 1
   shape = (FLAGS.batch, n, FLAGS.heads, FLAGS.head_dim)
@@ -52,14 +52,14 @@ def run_row(image_size: int, impl: str) -> dict:
   scale = FLAGS.head_dim**-0.5
 
   def loss(q_t, k_t, q_s, k_s):
-    return attn_loss.attention_ce(
+    return attn_ce.attention_ce(
       impl,
       q_t,
       k_t,
       q_s,
       k_s,
-      scale_t=scale,
-      scale_s=scale,
+      scale_teacher=scale,
+      scale_student=scale,
       block_q=FLAGS.block_q,
       block_k=FLAGS.block_k,
     ).mean()

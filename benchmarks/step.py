@@ -103,7 +103,7 @@ class JaxStep:
     from at_jax.models import vit
     from at_jax.training import classify as train_step
     from at_jax.training import state as train_state
-    from at_jax.transfer import spec as transfer
+    from at_jax.transfer import spec
 
     self.variant, self.image_size, self.batch, self.mode, self.dtype, self.remat = (
       variant,
@@ -123,7 +123,7 @@ class JaxStep:
       "attention_impl": attention,
     }
     self.model = model = teacher = vit.build(cfg)
-    t = transfer.resolve(
+    t = spec.resolve(
       {"mode": mode, "layers": layers, "loss_impl": loss_impl if mode == "distill" else "direct"},
       model,
       teacher,

@@ -31,7 +31,7 @@ def main(argv):
   from at_jax.models import vit
   from at_jax.training import classify as train_step
   from at_jax.training import state as train_state
-  from at_jax.transfer import spec as transfer
+  from at_jax.transfer import spec
 
   mesh = sharding.make_mesh(-1, 1, jax.devices()[:1])
   print(
@@ -82,7 +82,7 @@ def main(argv):
       shardings = sharding.tree_shardings(mesh, state)
       tokens = model.tokens_for(size)
       for name, mode, impl in settings:
-        t = transfer.resolve({"mode": mode, "loss_impl": impl}, model, model, size)
+        t = spec.resolve({"mode": mode, "loss_impl": impl}, model, model, size)
         step = train_step.make_train_step(
           model, model, tx, t, schedule=schedule, label_smoothing=0.1, ema_decay=0.9999
         )

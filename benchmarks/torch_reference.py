@@ -31,8 +31,6 @@ torch.autocast and ours with dtype_mm=bfloat16; on a CPU autocast works where on
 On a shared host pass --quiet_wait=30 (from step.py): each repetition first waits for idle CPUs.
 """
 
-from __future__ import annotations
-
 import contextlib
 import os
 import statistics

@@ -126,6 +126,17 @@ def base() -> ml_collections.ConfigDict:
   return c
 
 
+def fashion_mnist(c: ml_collections.ConfigDict, *, batch_size: int) -> None:
+  """Points `c.data` at Fashion-MNIST (28 px, Debian's package or data.dir), as the demo recipes train."""
+  c.data.update(
+    dict(
+      name="fashion_mnist", dir="", train_split="train", eval_split="test", image_size=28,
+      crop_pct=1.0, normalization="fashion_mnist", rrc_scale=(0.5, 1.0), hflip=True,
+      batch_size=batch_size, eval_batch_size=500, num_threads=2,
+    )
+  )  # fmt: skip
+
+
 def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.lock()
   return c

@@ -25,33 +25,9 @@ def get_config(arg: str | None = None):
     mask_ratio=0.75,
     norm_pix_loss=True,
   )
-  c.data.update(
-    dict(
-      name="fashion_mnist",
-      dir="",
-      train_split="train",
-      eval_split="test",
-      image_size=28,
-      crop_pct=1.0,
-      normalization="fashion_mnist",
-      rrc_scale=(0.5, 1.0),
-      hflip=True,
-      batch_size=256,
-      eval_batch_size=500,
-      num_threads=2,
-    )
-  )
-  c.optim = dict(
-    base_lr=1e-3,
-    min_lr=1e-5,
-    b1=0.9,
-    b2=0.95,
-    eps=1e-8,
-    weight_decay=0.05,
-    layer_decay=1.0,
-    grad_clip=0.0,
-    label_smoothing=0.0,
-    ema_decay=0.99,
+  common.fashion_mnist(c, batch_size=256)
+  c.optim.update(
+    dict(base_lr=1e-3, min_lr=1e-5, weight_decay=0.05, label_smoothing=0.0, ema_decay=0.99)
   )
   c.schedule = dict(epochs=5.0, warmup_epochs=0.5, steps=0, log_every_steps=50)
   c.ckpt = dict(every_steps=200, keep=2)

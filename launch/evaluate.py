@@ -24,7 +24,7 @@ def main(argv):
   from at_jax import metrics
   from at_jax.data import pipeline, sources
   from at_jax.errors import ConfigError
-  from at_jax.evaluate import attention as evaluate
+  from at_jax.evaluate import ensembles
   from at_jax.experiment import loop, teachers
   from at_jax.models import vit
 
@@ -44,7 +44,7 @@ def main(argv):
         normalization=d.normalization,
         num_threads=d.num_threads,
       )
-      results = evaluate.ensemble_accuracy(members, batches)
+      results = ensembles.ensemble_accuracy(members, batches)
       rows = [
         {"model": name, **{k: round(v, 2) for k, v in r.items()}} for name, r in results.items()
       ]

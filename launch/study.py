@@ -131,7 +131,7 @@ def main(argv):
   del argv
   from at_jax import checkpoint, metrics
   from at_jax.data import pipeline, sources
-  from at_jax.evaluate import attention as evaluate
+  from at_jax.evaluate import ensembles
   from at_jax.experiment import loop, paths
   from at_jax.models import vit
   from configs import mae_fmnist
@@ -187,7 +187,7 @@ def main(argv):
         )
         os.makedirs(os.path.dirname(done), exist_ok=True)
         with open(done, "w") as f:
-          json.dump(evaluate.ensemble_accuracy(members, batches)["ensemble"], f)
+          json.dump(ensembles.ensemble_accuracy(members, batches)["ensemble"], f)
       with open(done) as f:
         results.setdefault("ensemble", {})[seed] = json.load(f)
 

@@ -13,7 +13,7 @@ from at_jax import optim
 from at_jax.errors import ConfigError
 from at_jax.experiment import runs, teachers
 from at_jax.models import vit
-from at_jax.transfer import spec as transfer
+from at_jax.transfer import spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(
@@ -49,7 +49,7 @@ def test_config_loads_locked_and_builds(name):
   abstract = jax.eval_shape(
     lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
   )
-  t = transfer.resolve(c.transfer.to_dict(), model, model, size)  # teacher of the same architecture
+  t = spec.resolve(c.transfer.to_dict(), model, model, size)  # teacher of the same architecture
   n = IMAGENET_TRAIN if c.data.name == "imagenet2012" else 60_000
   steps_per_epoch = n // c.data.batch_size
   schedule = optim.make_schedule(

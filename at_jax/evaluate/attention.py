@@ -1,54 +1,16 @@
-"""Evaluation beyond a run's own accuracy: ensembles, attention agreement with a teacher, attention maps.
-
-(A run's top-1/top-5 for raw and EMA params is computed by its eval step, train_step.make_eval_step, and
-re-computed for any checkpoint by at_jax.train.evaluate_checkpoint.)
-"""
-
-from __future__ import annotations
+"""Attention agreement of two models (cross-entropy, entropy, Jensen-Shannon per layer) and the
+attention-map figure."""
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from at_jax import metrics
-from at_jax.transfer import spec as transfer
+from at_jax.transfer import loss
 
 Array = jax.Array
-
-
-def ensemble_accuracy(
-  members: Mapping[str, tuple[object, object]], batches: Iterable[Mapping[str, np.ndarray]]
-) -> dict[str, dict[str, float]]:
-  """Top-1/top-5 (%) of each member and of their ensemble: the average of the members' softmax
-  probabilities (the paper's fine-tuned teacher + distilled student, 86.3 on ImageNet).
-
-  Args:
-    members: name -> (ViT, params) of standalone classifiers over the same classes.
-    batches: eval batches {"image", "label", "mask"} (data.eval_iterator).
-  """
-  applies = {
-    name: jax.jit(lambda p, x, m=model: jax.nn.softmax(m.apply({"params": p}, x, train=False)[0]))
-    for name, (model, _) in members.items()
-  }
-  hits = {name: np.zeros(2) for name in list(members) + ["ensemble"]}
-  count = 0.0
-  for batch in batches:
-    probs = {
-      name: np.asarray(applies[name](params, batch["image"]))
-      for name, (_, params) in members.items()
-    }
-    probs["ensemble"] = np.mean(list(probs.values()), axis=0)
-    mask = np.asarray(batch["mask"], np.float64)
-    count += mask.sum()
-    for name, p in probs.items():
-      correct = metrics.top_k_hits(p, batch["label"])
-      hits[name] += [(np.asarray(correct[1]) * mask).sum(), (np.asarray(correct[5]) * mask).sum()]
-  return {
-    name: {"top1": 100 * h[0] / count, "top5": 100 * h[1] / count} for name, h in hits.items()
-  }
 
 
 def attention_agreement(
@@ -66,9 +28,7 @@ def attention_agreement(
   jsd = 0.5 * jnp.sum(pt * (t - log_m), -1) + 0.5 * jnp.sum(ps * (s - log_m), -1)
   mean = lambda x: np.asarray(x.mean(axis=(1, 2, 3)))
   return {
-    "cross_entropy": mean(
-      transfer.attention_cross_entropy(teacher_logits_LBHNN, student_logits_LBHNN)
-    ),
+    "cross_entropy": mean(loss.attention_cross_entropy(teacher_logits_LBHNN, student_logits_LBHNN)),
     "teacher_entropy": mean(-jnp.sum(pt * t, -1)),
     "jsd": mean(jsd),
   }

@@ -21,7 +21,7 @@ from at_jax.experiment.preemption import Preempted, _SigtermFlag
 from at_jax.experiment.runs import Run, memory_report, setup
 from at_jax.experiment.teachers import init_from_pretrained, load_vit
 from at_jax.training import state as train_state
-from at_jax.transfer import spec as transfer
+from at_jax.transfer import spec as transfer_spec
 
 
 def evaluate_run(run: Run, eval_fn, state: train_state.TrainState) -> dict[str, float]:
@@ -299,8 +299,8 @@ def _describe(run: Run, start: int) -> None:
   what = ""
   if spec.active:
     what = (
-      f" | {spec.mode} {spec.what}, layers {transfer.selected(spec.layers)}, heads "
-      f"{transfer.selected(spec.heads)}, weight {spec.weight}"
+      f" | {spec.mode} {spec.what}, layers {transfer_spec.selected(spec.layers)}, heads "
+      f"{transfer_spec.selected(spec.heads)}, weight {spec.weight}"
     )
   metrics.say(
     f"ViT width {m.width} depth {m.depth} heads {m.num_heads} patch {m.patch_size}{what} | "

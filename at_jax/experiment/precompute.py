@@ -39,7 +39,7 @@ from at_jax.data.sources import Source
 from at_jax.errors import ConfigError
 from at_jax.experiment import job, teachers, validation
 from at_jax.models import vit
-from at_jax.transfer import spec as transfer
+from at_jax.transfer import spec, targets
 
 STORES = ("logits", "qk")
 # Global batches between commits of the progress; each commit is a barrier across processes.
@@ -63,13 +63,10 @@ def stored_keys(what: str, store: str) -> tuple[str, ...]:
 
 def _targets_fn(teacher: vit.ViT, layers: Sequence[int], keys: Sequence[str]):
   """(params, {"image", "index"}) -> {key: bfloat16 [B, S, ...] (example-major, as stored), "index"}."""
-  rows = np.asarray(layers)
 
   def fn(params: Any, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    _, out = teacher.apply(
-      {"params": params}, batch["image"], train=False, want_qkv=tuple(keys) != ("attn_logits",)
-    )
-    stored = {k: jnp.swapaxes(out[k][rows], 0, 1).astype(jnp.bfloat16) for k in keys}
+    outputs = targets.teacher_outputs(teacher, params, batch["image"], layers, keys)
+    stored = {k: jnp.swapaxes(v, 0, 1).astype(jnp.bfloat16) for k, v in outputs.items()}
     # The index travels with the rows, so each device's rows are written where they belong.
     return {**stored, "index": batch["index"]}
 
@@ -305,7 +302,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   )
   directory = target_store.targets_dir(config.transfer.targets_dir, workdir)
   metrics.say(
-    f"Precomputing teacher targets ({', '.join(metadata['keys'])} of layers {transfer.selected(t.layers)}, "
+    f"Precomputing teacher targets ({', '.join(metadata['keys'])} of layers {spec.selected(t.layers)}, "
     f"{metadata['num_examples']} examples of {d.name} {d.train_split}) into {directory}"
   )
   return write_targets(

@@ -14,7 +14,7 @@ from at_jax.convert import posemb
 from at_jax.errors import ConfigError
 from at_jax.experiment.paths import EXPORT_DIR, TEACHER_DIR
 from at_jax.models import vit
-from at_jax.transfer import spec as transfer
+from at_jax.transfer import spec
 
 
 def teacher_path(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -134,12 +134,12 @@ def model_config(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def teacher_on_mesh(
   config: ml_collections.ConfigDict, workdir: str, model: vit.ViT, mesh
-) -> tuple[vit.ViT, Any, transfer.Transfer]:
+) -> tuple[vit.ViT, Any, spec.Transfer]:
   """The frozen teacher, the transfer setting resolved against it, and the teacher cut after its last
   transferred layer (`vit.truncate`) with its params placed on `mesh`. It computes attention as the
   student does (`model.attention_impl`)."""
   model_config, params = load_teacher(config, workdir)
   teacher = vit.build({**model_config, "attention_impl": model.attention_impl})
-  t = transfer.resolve(config.transfer.to_dict(), model, teacher, config.data.image_size)
+  t = spec.resolve(config.transfer.to_dict(), model, teacher, config.data.image_size)
   teacher, params = vit.truncate(teacher, params, max(t.layers) + 1)
   return teacher, jax.device_put(params, sharding.tree_shardings(mesh, params)), t

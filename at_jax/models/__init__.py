@@ -14,7 +14,9 @@ axes, one capital letter each, in order: `x_BND` is [batch, tokens, width]. The 
   R  residual branches of a block (attention, MLP)
 
 H is never height. A size-1 axis kept for broadcasting is written with the letter of the axis it
-broadcasts against. Scalars and arrays whose layout is obvious from one line need no suffix.
+broadcasts against (a [1, 1, D] table added to [B, N, D] tokens is `table_BND`). A function that takes
+any leading axes names the trailing ones (`q_NHK` is [..., N, H, K]). Scalars and arrays whose layout is
+obvious from one line need no suffix.
 """
 
 SHAPE_LETTERS = "BLSHNDKFPTEQYXCVR"

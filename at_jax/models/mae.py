@@ -2,16 +2,14 @@
 
 The encoder is an ordinary ViT built by `vit.build`, so `params["encoder"]` has exactly the layout that
 `vit.build(encoder_config(mae))` expects: `encoder_params` exports it as a teacher with no conversion.
-Masking follows MAE's `random_masking` (per-sample argsort of uniform noise, keep the first K); the
-encoder runs on the K visible patches only (`ViT(..., patch_keep=...)`); a light decoder sees the visible
+Masking follows MAE's `random_masking` (per-sample argsort of uniform noise, keep the first T); the
+encoder runs on the T visible patches only (`ViT(..., patch_keep=...)`); a light decoder sees the visible
 tokens plus a shared mask token at every masked position, with MAE's fixed 2-D sin-cos position table, and
 predicts each patch's pixels. The loss is the MSE on the masked patches only, against per-patch
 normalised pixels (`norm_pix_loss`).
 
 Its train and eval steps are in `at_jax.training.mae`.
 """
-
-from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
@@ -29,25 +27,26 @@ Batch = Mapping[str, Array]
 NORM_PIX_EPS = 1e-6
 
 
-def patchify(images_BHWC: Array, p: int) -> Array:
-  """[B, H, W, C] -> [B, P, p*p*C]; patches row-major (as the ViT's conv), pixels in (row, col, c) order."""
-  b, h, w, c = images_BHWC.shape
-  if h % p or w % p:
-    raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
-  x = images_BHWC.reshape(b, h // p, p, w // p, p, c)
-  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // p) * (w // p), p * p * c)
+def patchify(images_BYXC: Array, p: int) -> Array:
+  """[B, Y, X, C] -> [B, P, Q]: patches row-major (as the ViT's conv), Q = p*p*C pixel values each in
+  (row, col, c) order."""
+  b, rows, cols, c = images_BYXC.shape
+  if rows % p or cols % p:
+    raise ValueError(f"image size {rows}x{cols} is not a multiple of the patch size {p}")
+  x = images_BYXC.reshape(b, rows // p, p, cols // p, p, c)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (rows // p) * (cols // p), p * p * c)
 
 
-def unpatchify(patches_BPL: Array, p: int) -> Array:
-  """Inverse of `patchify` for square images: [B, P, p*p*C] -> [B, H, W, C]."""
-  b, num_patches, length = patches_BPL.shape
+def unpatchify(patches_BPQ: Array, p: int) -> Array:
+  """Inverse of `patchify` for square images: [B, P, Q] (Q = p*p*C) -> [B, Y, X, C]."""
+  b, num_patches, length = patches_BPQ.shape
   side = int(round(num_patches**0.5))
   if side * side != num_patches or length % (p * p):
     raise ValueError(
       f"{num_patches} patches of length {length} are not a square grid of {p}x{p} patches"
     )
   c = length // (p * p)
-  x = patches_BPL.reshape(b, side, side, p, p, c)
+  x = patches_BPQ.reshape(b, side, side, p, p, c)
   return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, side * p, side * p, c)
 
 
@@ -73,7 +72,7 @@ def sincos_posemb_2d(grid_h: int, grid_w: int, width: int) -> np.ndarray:
 
 
 def num_kept(num_patches: int, mask_ratio: float) -> int:
-  """K = round(P * (1 - mask_ratio)), the number of visible patches; at least 1 patch on each side."""
+  """T = round(P * (1 - mask_ratio)), the number of visible patches; at least 1 patch on each side."""
   keep = int(round(num_patches * (1 - mask_ratio)))
   if not 0 < keep < num_patches:
     raise ConfigError(
@@ -90,10 +89,10 @@ def random_masking(
   """Per-sample random masking by argsort of uniform noise, as MAE's `random_masking`.
 
   Returns:
-    keep_BK: int [B, K] indices of the visible patches (in shuffled order, as the encoder sees them).
+    keep_BT: int [B, T] indices of the visible patches (in shuffled order, as the encoder sees them).
     restore_BP: int [B, P] the rank of each patch in the shuffle; gathering [visible, mask tokens] with it
       puts every token back at its patch position.
-    mask_BP: float32 [B, P], 1 for masked (rank >= K) and 0 for visible patches.
+    mask_BP: float32 [B, P], 1 for masked (rank >= T) and 0 for visible patches.
   """
   noise_BP = jax.random.uniform(rng, (batch, num_patches))
   shuffle_BP = jnp.argsort(noise_BP, axis=1)  # Ascending: the smallest noise is kept.
@@ -102,23 +101,23 @@ def random_masking(
 
 
 def reconstruction_loss(
-  pred_BPL: Array, target_BPL: Array, mask_BP: Array, norm_pix: bool
+  pred_BPQ: Array, target_BPQ: Array, mask_BP: Array, norm_pix: bool
 ) -> Array:
   """Per-example MSE over the masked patches only, [B].
 
   With `norm_pix`, each target patch is normalised by its own mean and variance first. The variance is
   the unbiased one (ddof=1), as MAE's `target.var(dim=-1)` in PyTorch.
   """
-  target_BPL = target_BPL.astype(jnp.float32)
+  target_BPQ = target_BPQ.astype(jnp.float32)
   if norm_pix:
-    mean_BP1 = target_BPL.mean(axis=-1, keepdims=True)
-    var_BP1 = target_BPL.var(axis=-1, keepdims=True, ddof=1)
-    target_BPL = (target_BPL - mean_BP1) / jnp.sqrt(var_BP1 + NORM_PIX_EPS)
-  per_patch_BP = jnp.mean(jnp.square(pred_BPL.astype(jnp.float32) - target_BPL), axis=-1)
+    mean_BPQ = target_BPQ.mean(axis=-1, keepdims=True)
+    var_BPQ = target_BPQ.var(axis=-1, keepdims=True, ddof=1)
+    target_BPQ = (target_BPQ - mean_BPQ) / jnp.sqrt(var_BPQ + NORM_PIX_EPS)
+  per_patch_BP = jnp.mean(jnp.square(pred_BPQ.astype(jnp.float32) - target_BPQ), axis=-1)
   return (per_patch_BP * mask_BP).sum(axis=1) / mask_BP.sum(axis=1)
 
 
-def encoder_config(mae: MAE) -> dict[str, Any]:
+def encoder_config(mae: "MAE") -> dict[str, Any]:
   """The model_config dict of the encoder, headless (num_classes=0): what `vit.build` takes for the export."""
   return {**dict(mae.encoder), "num_classes": 0}
 
@@ -157,18 +156,18 @@ class MAE(nn.Module):
 
   @nn.compact
   def __call__(
-    self, images_BHWC: Array, *, train: bool, mask_rng: Array
+    self, images_BYXC: Array, *, train: bool, mask_rng: Array
   ) -> tuple[Array, dict[str, Array]]:
     """Masks, encodes the visible patches, decodes all patches, and scores the masked ones.
 
     Args:
-      images_BHWC: float images [B, H, W, C].
+      images_BYXC: float images [B, Y, X, C].
       train: enables the encoder's stochastic depth (if it has drop_path > 0).
       mask_rng: key for the masking noise (and drop path); an argument, not `make_rng`, so that the train
         step derives it per step and evaluation can fix it.
 
     Returns:
-      loss (mean over examples), and aux with "pred" [B, P, p*p*C] (predicted pixels, normalised per patch
+      loss (mean over examples), and aux with "pred" [B, P, Q] (predicted pixels, normalised per patch
       when norm_pix_loss), "mask" [B, P] (1 = masked), "loss", and "example_loss" [B].
     """
     if self.decoder_width % self.decoder_heads:
@@ -176,11 +175,11 @@ class MAE(nn.Module):
     # `copy(name=...)`: vit.build cannot name a module, and the params must sit under "encoder".
     encoder = vit.build(encoder_config(self)).copy(name="encoder")
     p = encoder.patch_size
-    b, h, w, c = images_BHWC.shape
-    target_BPL = patchify(images_BHWC, p)
-    num_patches = target_BPL.shape[1]
+    b, rows, cols, c = images_BYXC.shape
+    target_BPQ = patchify(images_BYXC, p)
+    num_patches = target_BPQ.shape[1]
     keep = num_kept(num_patches, self.mask_ratio)
-    keep_BK, restore_BP, mask_BP = random_masking(mask_rng, b, num_patches, keep)
+    keep_BT, restore_BP, mask_BP = random_masking(mask_rng, b, num_patches, keep)
 
     drop_masks = None
     if train and encoder.drop_path > 0:
@@ -188,8 +187,8 @@ class MAE(nn.Module):
       drop_masks = vit.sample_drop_masks(
         jax.random.fold_in(mask_rng, 1), b, encoder.depth, encoder.drop_path
       )
-    _, out = encoder(images_BHWC, train=train, patch_keep=keep_BK, drop_masks=drop_masks)
-    x_BND = nn.LayerNorm(epsilon=encoder.norm_eps, name="encoder_norm")(out["tokens"])  # N = R + K
+    _, out = encoder(images_BYXC, train=train, patch_keep=keep_BT, drop_masks=drop_masks)
+    x_BND = nn.LayerNorm(epsilon=encoder.norm_eps, name="encoder_norm")(out["tokens"])  # N = E + T
 
     dtype_mm = jnp.dtype(encoder.dtype_mm)
     xavier = nn.initializers.xavier_uniform()  # MAE's init for its Linear layers.
@@ -198,18 +197,18 @@ class MAE(nn.Module):
     )
     x_BND = x_BND.astype(jnp.float32)
     num_prefix = encoder.num_prefix
-    prefix_BRD, visible_BKD = x_BND[:, :num_prefix], x_BND[:, num_prefix:]
-    mask_token_11D = self.param(
+    prefix_BED, visible_BTD = x_BND[:, :num_prefix], x_BND[:, num_prefix:]
+    mask_token_BPD = self.param(
       "mask_token", nn.initializers.normal(0.02), (1, 1, self.decoder_width)
     )
     tokens_BPD = jnp.concatenate(
-      [visible_BKD, jnp.broadcast_to(mask_token_11D, (b, num_patches - keep, self.decoder_width))],
+      [visible_BTD, jnp.broadcast_to(mask_token_BPD, (b, num_patches - keep, self.decoder_width))],
       axis=1,
     )
     tokens_BPD = jnp.take_along_axis(tokens_BPD, restore_BP[:, :, None], axis=1)  # Unshuffle.
-    tokens_BPD = tokens_BPD + sincos_posemb_2d(h // p, w // p, self.decoder_width)[None]
+    tokens_BPD = tokens_BPD + sincos_posemb_2d(rows // p, cols // p, self.decoder_width)[None]
     # The cls/register tokens get no decoder position (MAE's table has zeros in the cls slot).
-    x_BND = jnp.concatenate([prefix_BRD, tokens_BPD], axis=1)
+    x_BND = jnp.concatenate([prefix_BED, tokens_BPD], axis=1)
 
     arch = vit.BlockArch(
       self.decoder_mlp_dim, self.decoder_heads, norm_eps=encoder.norm_eps, dtype_mm=dtype_mm
@@ -217,11 +216,11 @@ class MAE(nn.Module):
     for i in range(self.decoder_depth):
       x_BND, _ = vit.Block(arch, name=f"decoderblock_{i}")(x_BND, (None, None, None))
     x_BND = nn.LayerNorm(epsilon=encoder.norm_eps, name="decoder_norm")(x_BND)
-    pred_BPL = nn.Dense(p * p * c, dtype=dtype_mm, kernel_init=xavier, name="decoder_pred")(
+    pred_BPQ = nn.Dense(p * p * c, dtype=dtype_mm, kernel_init=xavier, name="decoder_pred")(
       x_BND[:, num_prefix:]
     ).astype(jnp.float32)
 
-    example_loss_B = reconstruction_loss(pred_BPL, target_BPL, mask_BP, self.norm_pix_loss)
-    # Every example has P - K masked patches, so this equals MAE's sum(loss * mask) / sum(mask).
+    example_loss_B = reconstruction_loss(pred_BPQ, target_BPQ, mask_BP, self.norm_pix_loss)
+    # Every example has P - T masked patches, so this equals MAE's sum(loss * mask) / sum(mask).
     loss = example_loss_B.mean()
-    return loss, {"pred": pred_BPL, "mask": mask_BP, "loss": loss, "example_loss": example_loss_B}
+    return loss, {"pred": pred_BPQ, "mask": mask_BP, "loss": loss, "example_loss": example_loss_B}

@@ -1,12 +1,9 @@
 """Vision Transformer whose attention can be overridden layer by layer.
 
-The only file with network math. `ViT.__call__` returns `(logits, out)`, where `out` holds the pre-softmax
-attention logits every layer attended with (the teacher's where a "logits" override copies them), stacked
-as `attn_logits` [L, B, H, N, N] (and q/k/v [L, B, N, H, Dh] when `want_qkv`). An optional `override`
-replaces, in the layers/heads its mask selects, the attention logits or probabilities (attention copy) or
-q, k or v (the paper's Q/K/V variants). An optional `attn_target`
-(attention distillation) makes every selected layer compute, inside the block, its cross-entropy against
-the teacher's attention, so that no layer's maps outlive the layer (see `AttnTarget`).
+`ViT.__call__` returns `(logits, out)`, where `out` holds the pre-softmax attention logits every layer
+attended with (the teacher's where a "logits" override copies them), stacked as `attn_logits`
+[L, B, H, N, N] (and q/k/v [L, B, N, H, K] when `want_qkv`). The attention itself, its overrides and the
+in-block distillation loss (`attn_target`) are in `attention`.
 
 Parameter names follow big_vision's ViT (`embedding`, `pos_embedding`, `cls`,
 `Transformer/encoderblock_{i}/MultiHeadDotProductAttention_0/{query,key,value,out}`, `MlpBlock_0`, `head`),
@@ -21,12 +18,13 @@ prefix tokens.
 
 dtype policy: params are float32; matmuls run in `dtype_mm` (bfloat16 on accelerators); the residual
 stream, attention logits, softmax and LayerNorm are float32.
+
+The module is longer than 400 lines because it is the ViT's one contract: its modules, the config fields
+that build them (`build`, `mirror`, `model_fields`) and the helpers that rewrite their param tree
+(`truncate`, `scan_to_loop`, `loop_to_scan`), which must change together.
 """
 
-from __future__ import annotations
-
 import dataclasses
-import functools
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -36,12 +34,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from at_jax import sharding
 from at_jax.errors import ConfigError
-from at_jax.ops import attn_ce as attn_loss
+from at_jax.models import attention
+from at_jax.ops import attn_ce
 
 Array = jax.Array
-Override = Mapping[str, Array]
 
 # width, depth, mlp_dim, num_heads. The last three are small models for 28-32 px images.
 VARIANTS: dict[str, tuple[int, int, int, int]] = {
@@ -59,13 +56,6 @@ REMAT_POLICIES = {
   "full": jax.checkpoint_policies.nothing_saveable,
   "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-OVERRIDE_KEYS = ("logits", "probs", "q", "k", "v")
-# How a layer turns q, k, v into its output where nothing needs its N x N maps (no copied maps, no direct
-# distillation loss): "materialized" forms softmax(q k^T) v from the maps, "fused" calls
-# `jax.nn.dot_product_attention`, which is cuDNN's flash attention on GPUs for bf16/fp16 matmuls (linear
-# memory, no N x N map in HBM) and XLA's reference elsewhere (on TPUs and CPUs it still forms the maps).
-ATTENTION_IMPLS = ("materialized", "fused")
-_trunc_normal = nn.initializers.truncated_normal(0.02)
 
 
 def decode_variant(variant: str) -> dict[str, int]:
@@ -84,7 +74,7 @@ def decode_variant(variant: str) -> dict[str, int]:
 
 
 def sample_drop_masks(rng: Array, batch: int, depth: int, rate: float) -> Array:
-  """Per-sample stochastic-depth masks [L, 2, B] (attention branch, MLP branch), already scaled.
+  """Per-sample stochastic-depth masks [L, R, B] (R = 2: attention branch, MLP branch), already scaled.
 
   Layer l keeps a sample with probability 1 - rate * l / (depth - 1) (timm's linspace); kept samples are
   scaled by 1 / keep_prob. The train step draws these once and hands the same masks to teacher and student.
@@ -115,176 +105,20 @@ class BlockArch:
   mlp_act: str = "gelu"
   norm_eps: float = 1e-6
   dtype_mm: Any = jnp.float32
-  attention_impl: str = "materialized"  # ATTENTION_IMPLS
-
-
-@dataclasses.dataclass(frozen=True)
-class AttnTarget:
-  """The teacher's attention for the distillation loss, computed layer by layer inside the encoder.
-
-  `values` are stacked over the selected `layers` only: either "logits" [S, B, H, N, N] (stored maps) or
-  "q" and "k" [S, B, N, H, Dh_teacher], from which each block forms its layer's teacher logits
-  (scale Dh_teacher**-0.5) when it needs them. `impl` picks how the per-query cross-entropy is computed
-  (`attn_loss.IMPLS`): "direct" materialises one layer's maps; "blockwise"/"pallas" stream over blocks of
-  queries and keys from q and k and never hold an N x N map (they need "q"/"k" values).
-  """
-
-  layers: tuple[int, ...]
-  values: Mapping[str, Array]
-  impl: str = "direct"
-
-
-def _attention_ce(
-  target: Mapping[str, Array],
-  impl: str,
-  q_BNHD: Array,
-  k_BNHD: Array,
-  logits_BHNN: Array,
-  lse_BHN: Array | None,
-) -> Array:
-  """Per-head cross-entropy [H] of this layer's attention against the teacher's, mean over batch and queries.
-
-  `lse_BHN`: logsumexp of the student's logits over keys, when the block's softmax already has it.
-  """
-  if "logits" in target:
-    ce_BHN = attn_loss.ce_from_logits(target["logits"], logits_BHNN, s_lse_BHN=lse_BHN)
-  elif impl == "direct":
-    t_logits = attn_loss.qk_logits(target["q"], target["k"], target["q"].shape[-1] ** -0.5)
-    ce_BHN = attn_loss.ce_from_logits(t_logits, logits_BHNN, s_lse_BHN=lse_BHN)
-  else:
-    loss = functools.partial(
-      attn_loss.attention_ce,
-      impl,
-      scale_t=target["q"].shape[-1] ** -0.5,
-      scale_s=q_BNHD.shape[-1] ** -0.5,
-    )
-    if (
-      impl == "pallas"
-    ):  # a kernel is opaque to XLA's partitioner: hand each device its own examples
-      loss = sharding.per_batch_shard(loss)
-    ce_BHN = loss(target["q"], target["k"], q_BNHD, k_BNHD)
-  return ce_BHN.mean(axis=(0, 2))
-
-
-def _fused_attention(q_BNHD: Array, k_BNHD: Array, v_BNHD: Array, dtype: Any) -> Array:
-  """softmax(q k^T / sqrt(Dh)) v without handing the maps back; see ATTENTION_IMPLS."""
-  flash = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-  return jax.nn.dot_product_attention(
-    q_BNHD.astype(dtype),
-    k_BNHD.astype(dtype),
-    v_BNHD.astype(dtype),
-    implementation="cudnn" if flash else "xla",
-  )
-
-
-class Attention(nn.Module):
-  """Multi-head self-attention that exposes its logits, obeys an override and scores itself against a target.
-
-  Attributes:
-    copied: every head of this layer takes the teacher's logits (a static fact of the override). The layer
-      then skips its own q and k and their gradient, which are all zero (XLA cannot tell from a traced mask).
-  """
-
-  arch: BlockArch
-  loss_impl: str = "direct"
-  copied: bool = False
-
-  @nn.compact
-  def __call__(
-    self,
-    x_BND: Array,
-    override: Override | None,
-    want_qkv: bool,
-    target: Mapping[str, Array] | None = None,
-  ) -> tuple[Array, dict[str, Array]]:
-    a = self.arch
-    width = x_BND.shape[-1]
-    head_dim = width // a.num_heads
-    dense = lambda name: nn.DenseGeneral(
-      (a.num_heads, head_dim),
-      use_bias=a.qkv_bias,
-      dtype=a.dtype_mm,
-      kernel_init=_trunc_normal,
-      name=name,
-    )
-    own_qk = not self.copied or want_qkv or self.is_initializing()
-    projections = (("q", "query"), ("k", "key"), ("v", "value")) if own_qk else (("v", "value"),)
-    qkv = {name: dense(layer)(x_BND) for name, layer in projections}
-    if a.qk_norm and own_qk:
-      qkv["q"] = nn.LayerNorm(epsilon=a.norm_eps, name="query_norm")(qkv["q"].astype(jnp.float32))
-      qkv["k"] = nn.LayerNorm(epsilon=a.norm_eps, name="key_norm")(qkv["k"].astype(jnp.float32))
-    if override is not None:
-      # `jnp.where` (not arithmetic blending) so that overridden entries pass exactly zero gradient back to
-      # the student's own projections.
-      for name in set(qkv) & set(override):
-        qkv[name] = jnp.where(
-          override["mask"][None, None, :, None], override[name].astype(qkv[name].dtype), qkv[name]
-        )
-    v_BNHD = qkv["v"]
-    maps_override = override is not None and ("logits" in override or "probs" in override)
-    needs_maps = maps_override or (
-      target is not None and ("logits" in target or self.loss_impl == "direct")
-    )
-
-    if not own_qk:  # every head copied: the teacher's logits are this layer's
-      logits_BHNN = sharding.constrain_batch(override["logits"].astype(jnp.float32))
-    else:
-      # Formed here for `out`; where only `out` reads them and nobody reads that, XLA drops them.
-      logits_BHNN = (
-        jnp.einsum(
-          "bqhd,bkhd->bhqk",
-          qkv["q"].astype(a.dtype_mm),
-          qkv["k"].astype(a.dtype_mm),
-          preferred_element_type=jnp.float32,
-        )
-        * head_dim**-0.5
-      )
-      # The biggest activation: keep it split along the batch like the data (GSPMD could otherwise follow
-      # the fsdp-sharded projection kernels and gather the batch).
-      logits_BHNN = sharding.constrain_batch(logits_BHNN)
-    lse_BHN = None
-    if a.attention_impl == "fused" and not needs_maps:
-      y_BNHD = _fused_attention(qkv["q"], qkv["k"], v_BNHD, a.dtype_mm)
-    else:
-      if override is not None and "logits" in override and own_qk:
-        mask_BHNN = override["mask"][None, :, None, None]
-        logits_BHNN = jnp.where(mask_BHNN, override["logits"].astype(jnp.float32), logits_BHNN)
-      if override is not None and "probs" in override:
-        mask_BHNN = override["mask"][None, :, None, None]
-        probs_BHNN = jnp.where(
-          mask_BHNN, override["probs"].astype(jnp.float32), jax.nn.softmax(logits_BHNN, axis=-1)
-        )
-      elif target is not None and own_qk:
-        # The distillation CE needs logsumexp(logits) too: one pass over the maps serves both.
-        lse_BHN = jax.nn.logsumexp(logits_BHNN, axis=-1)
-        probs_BHNN = jnp.exp(logits_BHNN - lse_BHN[..., None])
-      else:
-        probs_BHNN = jax.nn.softmax(logits_BHNN, axis=-1)
-      y_BNHD = jnp.einsum(
-        "bhqk,bkhd->bqhd", probs_BHNN.astype(a.dtype_mm), v_BNHD.astype(a.dtype_mm)
-      )
-    y_BND = nn.DenseGeneral(
-      width, axis=(-2, -1), dtype=a.dtype_mm, kernel_init=_trunc_normal, name="out"
-    )(y_BNHD)
-    out = {"attn_logits": logits_BHNN}
-    if target is not None:
-      out["attn_ce"] = _attention_ce(
-        target, self.loss_impl, qkv["q"], qkv["k"], logits_BHNN, lse_BHN
-      )
-    if want_qkv:
-      out.update({k: x.astype(jnp.float32) for k, x in qkv.items()})
-    return y_BND, out
+  attention_impl: str = "materialized"  # attention.ATTENTION_IMPLS
 
 
 class MlpBlock(nn.Module):
   arch: BlockArch
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x_BND: Array) -> Array:
     a = self.arch
-    dense = lambda n, name: nn.Dense(n, dtype=a.dtype_mm, kernel_init=_trunc_normal, name=name)
-    y = ACTIVATIONS[a.mlp_act](dense(a.mlp_dim, "Dense_0")(x))
-    return dense(x.shape[-1], "Dense_1")(y)
+    dense = lambda n, name: nn.Dense(
+      n, dtype=a.dtype_mm, kernel_init=attention.TRUNC_NORMAL, name=name
+    )
+    y_BNF = ACTIVATIONS[a.mlp_act](dense(a.mlp_dim, "Dense_0")(x_BND))
+    return dense(x_BND.shape[-1], "Dense_1")(y_BNF)
 
 
 class Block(nn.Module):
@@ -297,28 +131,33 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(
-    self, x_BND: Array, inputs: tuple[Override | None, Array | None, Mapping[str, Array] | None]
+    self,
+    x_BND: Array,
+    inputs: tuple[attention.Override | None, Array | None, Mapping[str, Array] | None],
   ) -> tuple[Array, dict[str, Array]]:
     a = self.arch
-    override, drop_2B, target = inputs
+    override, drop_RB, target = inputs
     width = x_BND.shape[-1]
 
-    def residual(y, i):
-      y = y.astype(jnp.float32)
+    def residual(y_BND, i):
+      y_BND = y_BND.astype(jnp.float32)
       if a.layerscale_init > 0:
-        y = y * self.param(f"layerscale_{i}", nn.initializers.constant(a.layerscale_init), (width,))
-      return y if drop_2B is None else y * drop_2B[i][:, None, None]
+        scale_D = self.param(
+          f"layerscale_{i}", nn.initializers.constant(a.layerscale_init), (width,)
+        )
+        y_BND = y_BND * scale_D
+      return y_BND if drop_RB is None else y_BND * drop_RB[i][:, None, None]
 
-    y = nn.LayerNorm(epsilon=a.norm_eps, name="LayerNorm_0")(x_BND)
-    y, out = Attention(a, self.loss_impl, self.copied, name="MultiHeadDotProductAttention_0")(
-      y, override, self.want_qkv, target
-    )
-    x_BND = x_BND + residual(y, 0)
-    y = nn.LayerNorm(epsilon=a.norm_eps, name="LayerNorm_1")(x_BND)
-    return x_BND + residual(MlpBlock(a, name="MlpBlock_0")(y), 1), out
+    y_BND = nn.LayerNorm(epsilon=a.norm_eps, name="LayerNorm_0")(x_BND)
+    y_BND, out = attention.Attention(
+      a, self.loss_impl, self.copied, name="MultiHeadDotProductAttention_0"
+    )(y_BND, override, self.want_qkv, target)
+    x_BND = x_BND + residual(y_BND, 0)
+    y_BND = nn.LayerNorm(epsilon=a.norm_eps, name="LayerNorm_1")(x_BND)
+    return x_BND + residual(MlpBlock(a, name="MlpBlock_0")(y_BND), 1), out
 
 
-def _copied_layers(override: Override | None, depth: int) -> np.ndarray:
+def _copied_layers(override: attention.Override | None, depth: int) -> np.ndarray:
   """[L] bool: the layers whose every head takes the teacher's logits, read from a concrete (numpy) mask.
 
   A traced mask says nothing at trace time; those layers then compute their own q and k as well.
@@ -341,9 +180,9 @@ class Encoder(nn.Module):
   def __call__(
     self,
     x_BND: Array,
-    override: Override | None,
-    drop_L2B: Array | None,
-    target: AttnTarget | None = None,
+    override: attention.Override | None,
+    drop_LRB: Array | None,
+    target: attention.AttnTarget | None = None,
   ) -> tuple[Array, dict[str, Array]]:
     block = Block
     if self.remat_policy != "none":
@@ -369,17 +208,17 @@ class Encoder(nn.Module):
         length=self.depth,
       )
       return scanned(self.arch, self.want_qkv, impl, bool(copied_L.all()), name="encoderblock")(
-        x_BND, (override, drop_L2B, full)
+        x_BND, (override, drop_LRB, full)
       )
     outs = []
     for i in range(self.depth):
-      layer = lambda t: None if t is None else jax.tree.map(lambda a: a[i], t)
+      layer = lambda tree: None if tree is None else jax.tree.map(lambda a: a[i], tree)
       target_i = None
       if target is not None and i in target.layers:
         target_i = {k: v[target.layers.index(i)] for k, v in target.values.items()}
       x_BND, out = block(
         self.arch, self.want_qkv, impl, bool(copied_L[i]), name=f"encoderblock_{i}"
-      )(x_BND, (layer(override), layer(drop_L2B), target_i))
+      )(x_BND, (layer(override), layer(drop_LRB), target_i))
       outs.append(out)
     if target is not None:  # layers without a target report zero loss, so that the outputs stack
       heads = self.arch.num_heads
@@ -387,6 +226,19 @@ class Encoder(nn.Module):
         o if "attn_ce" in o else {**o, "attn_ce": jnp.zeros((heads,), jnp.float32)} for o in outs
       ]
     return x_BND, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+
+def _check_inputs(override: attention.Override | None, attn_target: attention.AttnTarget | None):
+  if override is not None:
+    unknown = set(override) - set(attention.OVERRIDE_KEYS) - {"mask"}
+    if unknown or "mask" not in override:
+      raise ValueError(
+        f"override needs 'mask' and keys from {attention.OVERRIDE_KEYS}, got {sorted(override)}"
+      )
+  if attn_target is not None and attn_target.impl not in attn_ce.IMPLS:
+    raise ConfigError(
+      "transfer.loss_impl", f"unknown {attn_target.impl!r}; use one of {attn_ce.IMPLS}"
+    )
 
 
 class ViT(nn.Module):
@@ -402,8 +254,8 @@ class ViT(nn.Module):
       False: patches only (big_vision, timm `no_embed_class`, DINOv2 with registers).
     pre_norm: LayerNorm on the token sequence before the first block (CLIP's ln_pre, timm norm_pre).
     drop_path: max stochastic-depth rate (linear over depth), used when `train` and no masks are given.
-    attention_impl: `ATTENTION_IMPLS`; "fused" gives the same function (to float tolerance) without the
-      maps in layers that need none.
+    attention_impl: `attention.ATTENTION_IMPLS`; "fused" gives the same function (to float tolerance)
+      without the maps in layers that need none.
   """
 
   num_classes: int
@@ -433,80 +285,44 @@ class ViT(nn.Module):
   def num_prefix(self) -> int:
     return int(self.class_token) + self.num_registers
 
-  @nn.compact
-  def __call__(
-    self,
-    images_BHWC: Array,
-    *,
-    train: bool,
-    override: Override | None = None,
-    drop_masks: Array | None = None,
-    want_qkv: bool = False,
-    patch_keep: Array | None = None,
-    attn_target: AttnTarget | None = None,
-  ) -> tuple[Array, dict[str, Array]]:
-    """Runs the ViT.
-
-    Args:
-      images_BHWC: float images [B, H, W, C].
-      train: enables stochastic depth when `drop_masks` is None.
-      override: None, or a dict with "mask" [L, H] bool (which layers/heads to override) and one of
-        "logits"/"probs" [L, B, H, N, N] (attention copy) or "q"/"k"/"v" [L, B, N, H, Dh].
-      drop_masks: [L, 2, B] per-sample residual scales from `sample_drop_masks`; given, they are applied
-        whatever `train` is (the teacher runs with the student's masks).
-      want_qkv: also return q, k, v per layer.
-      patch_keep: [B, K] int indices of the patches to keep (MAE's visible patches); None keeps all.
-      attn_target: the teacher's attention in some layers (`AttnTarget`); each of those layers then
-        reports its per-head cross-entropy against it, mean over batch and queries, in "attn_ce" [L, H]
-        (zero in the other layers).
-
-    Returns:
-      logits [B, num_classes] (pre-logits [B, D] when num_classes == 0), and a dict with
-      "attn_logits" [L, B, H, N, N] float32, "pre_logits" [B, D], "tokens" [B, N, D] (the encoder's
-      output before any final norm), and "q"/"k"/"v" if asked.
-    """
-    dtype_mm = jnp.dtype(self.dtype_mm)
+  def _tokens(self, images_BYXC: Array, patch_keep: Array | None) -> Array:
+    """The token sequence [B, N, D] entering the first block: prefix tokens, then (kept) patches."""
     x = nn.Conv(
       self.width,
       (self.patch_size,) * 2,
       strides=(self.patch_size,) * 2,
       padding="VALID",
-      dtype=dtype_mm,
+      dtype=jnp.dtype(self.dtype_mm),
       name="embedding",
       # PyTorch's default Conv2d init (uniform +-1/sqrt(fan_in)), as the paper's student.
       kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
-    )(images_BHWC)
+    )(images_BYXC)
     batch = x.shape[0]
     patches_BPD = x.reshape(batch, -1, self.width).astype(jnp.float32)
     num_patches = patches_BPD.shape[1]
     table = num_patches + (self.num_prefix if self.posemb_prefix else 0)
-    pos_1TD = self.param("pos_embedding", _trunc_normal, (1, table, self.width))
-    patches_BPD = patches_BPD + pos_1TD[:, table - num_patches :]
+    pos_BND = self.param("pos_embedding", attention.TRUNC_NORMAL, (1, table, self.width))
+    patches_BPD = patches_BPD + pos_BND[:, table - num_patches :]
     if patch_keep is not None:
       patches_BPD = jnp.take_along_axis(patches_BPD, patch_keep[:, :, None], axis=1)
     prefix = []
     if self.class_token:
-      prefix.append(self.param("cls", _trunc_normal, (1, 1, self.width)))
+      prefix.append(self.param("cls", attention.TRUNC_NORMAL, (1, 1, self.width)))
     if self.num_registers:
-      prefix.append(self.param("registers", _trunc_normal, (1, self.num_registers, self.width)))
+      shape = (1, self.num_registers, self.width)
+      prefix.append(self.param("registers", attention.TRUNC_NORMAL, shape))
     if prefix:
-      prefix_1RD = jnp.concatenate(prefix, axis=1)
+      prefix_BED = jnp.concatenate(prefix, axis=1)
       if self.posemb_prefix:
-        prefix_1RD = prefix_1RD + pos_1TD[:, : self.num_prefix]
-      patches_BPD = jnp.concatenate([jnp.tile(prefix_1RD, (batch, 1, 1)), patches_BPD], axis=1)
+        prefix_BED = prefix_BED + pos_BND[:, : self.num_prefix]
+      patches_BPD = jnp.concatenate([jnp.tile(prefix_BED, (batch, 1, 1)), patches_BPD], axis=1)
     x_BND = patches_BPD
     if self.pre_norm:
       x_BND = nn.LayerNorm(epsilon=self.norm_eps, name="pre_norm")(x_BND)
+    return x_BND
 
-    if drop_masks is None and train and self.drop_path > 0:
-      drop_masks = sample_drop_masks(self.make_rng("dropout"), batch, self.depth, self.drop_path)
-    if override is not None:
-      unknown = set(override) - set(OVERRIDE_KEYS) - {"mask"}
-      if unknown or "mask" not in override:
-        raise ValueError(
-          f"override needs 'mask' and keys from {OVERRIDE_KEYS}, got {sorted(override)}"
-        )
-    arch = BlockArch(
+  def _arch(self) -> BlockArch:
+    return BlockArch(
       self.mlp_dim,
       self.num_heads,
       self.qkv_bias,
@@ -514,37 +330,74 @@ class ViT(nn.Module):
       self.layerscale_init,
       self.mlp_act,
       self.norm_eps,
-      dtype_mm,
+      jnp.dtype(self.dtype_mm),
       self.attention_impl,
     )
-    if attn_target is not None and attn_target.impl not in attn_loss.IMPLS:
-      raise ConfigError(
-        "transfer.loss_impl", f"unknown {attn_target.impl!r}; use one of {attn_loss.IMPLS}"
-      )
-    x_BND, out = Encoder(
-      self.depth, arch, self.scan, self.remat_policy, want_qkv, name="Transformer"
-    )(x_BND, override, drop_masks, attn_target)
-    out["tokens"] = x_BND
 
+  def _pool(self, x_BND: Array) -> Array:
+    """The pre-logits [B, D]: see `pool`."""
     if self.pool == "gap":
-      pre_BD = nn.LayerNorm(epsilon=self.norm_eps, name="fc_norm")(
+      return nn.LayerNorm(epsilon=self.norm_eps, name="fc_norm")(
         x_BND[:, self.num_prefix :].mean(axis=1)
       )
-    elif self.pool == "cls":
+    if self.pool == "cls":
       if not self.class_token:
         raise ConfigError("model.pool", "'cls' pooling needs model.class_token=True")
-      pre_BD = nn.LayerNorm(epsilon=self.norm_eps, name="encoder_norm")(x_BND)[:, 0]
-    else:
-      raise ConfigError("model.pool", f"unknown pooling {self.pool!r}; use 'gap' or 'cls'")
+      return nn.LayerNorm(epsilon=self.norm_eps, name="encoder_norm")(x_BND)[:, 0]
+    raise ConfigError("model.pool", f"unknown pooling {self.pool!r}; use 'gap' or 'cls'")
+
+  @nn.compact
+  def __call__(
+    self,
+    images_BYXC: Array,
+    *,
+    train: bool,
+    override: attention.Override | None = None,
+    drop_masks: Array | None = None,
+    want_qkv: bool = False,
+    patch_keep: Array | None = None,
+    attn_target: attention.AttnTarget | None = None,
+  ) -> tuple[Array, dict[str, Array]]:
+    """Runs the ViT.
+
+    Args:
+      images_BYXC: float images [B, Y, X, C].
+      train: enables stochastic depth when `drop_masks` is None.
+      override: None, or a dict with "mask" [L, H] bool (which layers/heads to override) and one of
+        "logits"/"probs" [L, B, H, N, N] (attention copy) or "q"/"k"/"v" [L, B, N, H, K]
+        (`attention.Override`).
+      drop_masks: [L, R, B] per-sample residual scales from `sample_drop_masks`; given, they are applied
+        whatever `train` is (the teacher runs with the student's masks).
+      want_qkv: also return q, k, v per layer.
+      patch_keep: [B, T] int indices of the patches to keep (MAE's visible patches); None keeps all.
+      attn_target: the teacher's attention in some layers (`attention.AttnTarget`); each of those layers
+        then reports its per-head cross-entropy against it, mean over batch and queries, in "attn_ce"
+        [L, H] (zero in the other layers).
+
+    Returns:
+      logits [B, V] (pre-logits [B, D] when num_classes == 0), and a dict with "attn_logits"
+      [L, B, H, N, N] float32, "pre_logits" [B, D], "tokens" [B, N, D] (the encoder's output before any
+      final norm), and "q"/"k"/"v" if asked.
+    """
+    x_BND = self._tokens(images_BYXC, patch_keep)
+    if drop_masks is None and train and self.drop_path > 0:
+      batch = x_BND.shape[0]
+      drop_masks = sample_drop_masks(self.make_rng("dropout"), batch, self.depth, self.drop_path)
+    _check_inputs(override, attn_target)
+    x_BND, out = Encoder(
+      self.depth, self._arch(), self.scan, self.remat_policy, want_qkv, name="Transformer"
+    )(x_BND, override, drop_masks, attn_target)
+    out["tokens"] = x_BND
+    pre_BD = self._pool(x_BND)
     out["pre_logits"] = pre_BD
     if self.num_classes == 0:
       return pre_BD, out
-    logits = nn.Dense(
+    logits_BV = nn.Dense(
       self.num_classes,
       kernel_init=nn.initializers.truncated_normal(self.head_init_std),
       name="head",
     )(pre_BD)
-    return logits, out
+    return logits_BV, out
 
   def tokens_for(self, image_size: int) -> int:
     return (image_size // self.patch_size) ** 2 + self.num_prefix
@@ -588,9 +441,10 @@ def build(model_config: Mapping[str, Any]) -> ViT:
     raise ConfigError(
       "model.remat_policy", f"{kwargs['remat_policy']!r} is not one of {sorted(REMAT_POLICIES)}"
     )
-  if kwargs.get("attention_impl", "materialized") not in ATTENTION_IMPLS:
+  if kwargs.get("attention_impl", "materialized") not in attention.ATTENTION_IMPLS:
     raise ConfigError(
-      "model.attention_impl", f"{kwargs['attention_impl']!r} is not one of {ATTENTION_IMPLS}"
+      "model.attention_impl",
+      f"{kwargs['attention_impl']!r} is not one of {attention.ATTENTION_IMPLS}",
     )
   if kwargs.get("mlp_act", "gelu") not in ACTIVATIONS:
     raise ConfigError("model.mlp_act", f"{kwargs['mlp_act']!r} is not one of {sorted(ACTIVATIONS)}")

@@ -19,7 +19,7 @@ from at_jax.data import mixup
 from at_jax.models.vit import ViT, sample_drop_masks
 from at_jax.training import state as train_state
 from at_jax.training.state import TrainState
-from at_jax.transfer import spec as transfer
+from at_jax.transfer import loss, spec, targets
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -53,31 +53,21 @@ def _teacher_targets(
   teacher: ViT | None,
   teacher_params: Any,
   batch: Batch,
-  t: transfer.Transfer,
+  t: spec.Transfer,
   drop_masks: Array | None,
-) -> transfer.Targets | None:
+) -> targets.Targets | None:
   if not t.active:
     return None
   if t.source == "precomputed":
-    return transfer.precomputed_targets(batch, t)
-  # The teacher runs frozen in eval mode, but with the student's drop-path masks (the paper's choice);
-  # it may be cut after its last transferred layer (`vit.truncate`), so it takes the masks of its layers.
-  if drop_masks is not None:
-    drop_masks = drop_masks[: teacher.depth]
-  _, out = teacher.apply(
-    {"params": teacher_params},
-    batch["image"],
-    train=False,
-    drop_masks=drop_masks,
-    want_qkv=transfer.needs_qkv(t),
-  )
-  return transfer.teacher_targets(out, t)
+    return targets.precomputed_targets(batch, t)
+  # The teacher runs frozen in eval mode, but with the student's drop-path masks (the paper's choice).
+  return targets.run_teacher(teacher, teacher_params, batch["image"], t, drop_masks=drop_masks)
 
 
 def make_loss_fn(
   model: ViT,
   teacher: ViT | None,
-  t: transfer.Transfer,
+  t: spec.Transfer,
   *,
   label_smoothing: float,
   mix: Mapping[str, float] | None = None,
@@ -103,8 +93,8 @@ def make_loss_fn(
     drop_masks = None
     if model.drop_path > 0:
       drop_masks = sample_drop_masks(rng_drop, images.shape[0], model.depth, model.drop_path)
-    targets = _teacher_targets(teacher, teacher_params, batch, t, drop_masks)
-    override = transfer.copy_override(targets, t) if t.mode == "copy" else None
+    teacher_targets = _teacher_targets(teacher, teacher_params, batch, t, drop_masks)
+    override = targets.copy_override(teacher_targets, t) if t.mode == "copy" else None
     distilling = t.mode == "distill"
     logits, out = model.apply(
       {"params": params},
@@ -113,11 +103,11 @@ def make_loss_fn(
       override=override,
       drop_masks=drop_masks,
       want_qkv=distilling and t.what != "attn",
-      attn_target=transfer.attn_target(targets, t) if distilling else None,
+      attn_target=targets.attn_target(teacher_targets, t) if distilling else None,
       rngs={"dropout": rng_model},
     )
     ce = cross_entropy(logits, labels, smoothing)
-    distill = transfer.distill_loss(out, targets, t) if distilling else jnp.zeros(())
+    distill = loss.distill_loss(out, teacher_targets, t) if distilling else jnp.zeros(())
     return ce + distill, {
       "ce_loss": ce,
       "distill_loss": distill,
@@ -132,7 +122,7 @@ def make_train_step(
   model: ViT,
   teacher: ViT | None,
   tx: optax.GradientTransformation,
-  t: transfer.Transfer,
+  t: spec.Transfer,
   *,
   schedule: optax.Schedule,
   label_smoothing: float,
@@ -163,7 +153,7 @@ def make_train_step(
 
 
 def make_eval_step(
-  model: ViT, teacher: ViT | None, t: transfer.Transfer
+  model: ViT, teacher: ViT | None, t: spec.Transfer
 ) -> Callable[[Any, Any, Batch, Any], dict]:
   """`(params, ema_params, batch, teacher_params) -> sums`: 100 x top-1/top-5 hits for raw and EMA params,
   and "count"; the loop divides every sum by the count, giving percentages.
@@ -174,10 +164,8 @@ def make_eval_step(
   def evaluate(params: Any, ema_params: Any, batch: Batch, teacher_params: Any) -> dict:
     override = None
     if t.teacher_in_eval:
-      _, out = teacher.apply(
-        {"params": teacher_params}, batch["image"], train=False, want_qkv=transfer.needs_qkv(t)
-      )
-      override = transfer.copy_override(transfer.teacher_targets(out, t), t)
+      copied = targets.run_teacher(teacher, teacher_params, batch["image"], t)
+      override = targets.copy_override(copied, t)
     mask = batch["mask"].astype(jnp.float32)
 
     def sums(p: Any) -> dict:

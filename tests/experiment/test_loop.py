@@ -25,6 +25,7 @@ def teacher_export(tmp_path_factory, tiny_config):
   return os.path.join(workdir, paths.EXPORT_DIR)
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_exactly(tmp_path, teacher_export, tiny_config):
   c = tiny_config(steps=6, mode="distill", layers="first:1")
   c.teacher.init = teacher_export
@@ -56,6 +57,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, teacher_export, tiny_config):
   assert e.value.field == "data.batch_size"
 
 
+@pytest.mark.slow
 def test_evaluate_checkpoint_reproduces_logged_eval(teacher_export, tiny_config):
   workdir = os.path.dirname(teacher_export)
   logged = [
@@ -65,6 +67,7 @@ def test_evaluate_checkpoint_reproduces_logged_eval(teacher_export, tiny_config)
   assert got == {k[len("eval/") :]: v for k, v in logged.items() if k.startswith("eval/")}
 
 
+@pytest.mark.slow
 def test_copy_mode_trains_and_evaluates_with_teacher(tmp_path, teacher_export, tiny_config):
   c = tiny_config(steps=2, mode="copy", layers="all")
   c.teacher.init = teacher_export
@@ -72,6 +75,7 @@ def test_copy_mode_trains_and_evaluates_with_teacher(tmp_path, teacher_export, t
   assert 0 <= evals["top1"] <= 100 and evals["top5"] >= evals["top1"]
 
 
+@pytest.mark.slow
 def test_run_with_teacher_trains_then_reuses_teacher(tmp_path, tiny_config):
   c = tiny_config(steps=2, mode="distill")
   t = tiny_config(steps=2, mode="none")
@@ -96,6 +100,7 @@ def test_bad_student_config_fails_before_teacher_training(tmp_path, tiny_config)
   assert not os.path.exists(os.path.join(tmp_path, paths.TEACHER_DIR))
 
 
+@pytest.mark.slow
 def test_mae_pretraining_exports_a_teacher(tmp_path, tiny_config):
   """task='mae' learns without labels; its export is the encoder, a working teacher for distillation."""
   c = mae_fmnist.get_config()
@@ -125,6 +130,7 @@ def test_mae_pretraining_exports_a_teacher(tmp_path, tiny_config):
   assert 0 <= loop.train_and_evaluate(student, str(tmp_path / "student"))["top1"] <= 100
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_with_step_and_checkpoint(tmp_path, tiny_config):
   c = tiny_config(steps=6, mode="none")
   c.optim.base_lr = 1e30
@@ -220,6 +226,7 @@ def test_teacher_at_another_image_size_needs_resampling(tmp_path, teacher_export
   assert run.teacher.tokens_for(42) == 37 == run.model.tokens_for(42)
 
 
+@pytest.mark.slow
 def test_model_init_fine_tunes_from_an_export(tmp_path, teacher_export, tiny_config):
   """model.init loads every matching leaf (lr 0 keeps them bitwise); a head of another size stays fresh."""
   _, loaded = checkpoint.load_params(teacher_export)
@@ -337,6 +344,7 @@ def test_layer_decay_is_rejected_for_mae_pretraining(tmp_path, tiny_config):
   validation.validate(classify, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_skipped_examples_count_survives_resume(tmp_path, monkeypatch, tiny_config, damaged_source):
   """train/skipped_examples counts the whole run: a resumed run logs what an uninterrupted one does."""
   bad = {1: "garbage", 2: "truncated", 40: "garbage"}  # met once per epoch of 4 steps

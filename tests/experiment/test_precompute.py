@@ -19,7 +19,7 @@ from at_jax.errors import ConfigError
 from at_jax.experiment import loop, precompute, validation
 from at_jax.models import vit
 from at_jax.training import classify as train_step
-from at_jax.transfer import spec as transfer
+from at_jax.transfer import spec
 from configs import demo
 
 N, SIZE, BATCH = 37, 28, 16  # 37 examples: the last batch is padded
@@ -208,7 +208,7 @@ def test_distill_loss_from_stored_targets_equals_jointly_run_teacher(teacher, st
   batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "skipped"}
 
   def loss(source, fed):
-    t = transfer.resolve(
+    t = spec.resolve(
       {"mode": "distill", "what": SETTINGS[store][0], "layers": "all", "source": source},
       student,
       model,
@@ -392,6 +392,7 @@ def precomputed(tmp_path_factory):
   return export, workdir
 
 
+@pytest.mark.slow
 def test_train_with_stored_targets(precomputed, fake_fashion_mnist, tmp_path, capsys):
   export, targets_workdir = precomputed
   c = _config(export, targets_dir=os.path.join(targets_workdir, target_store.TARGETS_DIR))
@@ -450,6 +451,7 @@ requires_fashion_mnist = pytest.mark.skipif(
 
 
 @requires_fashion_mnist
+@pytest.mark.slow
 def test_two_processes_write_what_one_does(precomputed, tmp_path):
   """launch/precompute.py on two processes (4 devices each, over loopback), each writing its slices of the
   batches, stores what one 8-device process stores."""

@@ -26,6 +26,9 @@ else:
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 
+# Real processes, whole runs: end-to-end (`pytest -m 'not slow'` skips them).
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "launch", "colab.ipynb")
 KERNEL = "at_jax_test"

@@ -8,8 +8,12 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from at_jax import checkpoint, metrics
+
+# Real processes, whole runs: end-to-end (`pytest -m 'not slow'` skips them).
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = [

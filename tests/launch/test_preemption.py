@@ -14,6 +14,9 @@ import pytest
 
 from at_jax import checkpoint
 
+# Real processes, whole runs: end-to-end (`pytest -m 'not slow'` skips them).
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 300
 ARGS = [

@@ -85,11 +85,11 @@ def test_masking_keeps_k_per_sample_and_is_deterministic():
   np.testing.assert_array_equal(run(1), mask)
   assert not np.array_equal(run(2), mask)
   # The returned indices, ranks and mask agree.
-  keep_BK, restore_BP, mask_BP = mae.random_masking(jax.random.key(1), 8, 16, keep)
+  keep_BT, restore_BP, mask_BP = mae.random_masking(jax.random.key(1), 8, 16, keep)
   np.testing.assert_array_equal(mask_BP, mask)
-  np.testing.assert_array_equal(np.take_along_axis(np.asarray(mask_BP), np.asarray(keep_BK), 1), 0)
+  np.testing.assert_array_equal(np.take_along_axis(np.asarray(mask_BP), np.asarray(keep_BT), 1), 0)
   np.testing.assert_array_equal(
-    np.take_along_axis(np.asarray(restore_BP), np.asarray(keep_BK), 1),
+    np.take_along_axis(np.asarray(restore_BP), np.asarray(keep_BT), 1),
     np.tile(np.arange(keep), (8, 1)),
   )
   with pytest.raises(ConfigError, match="mask_ratio"):

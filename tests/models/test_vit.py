@@ -1,4 +1,4 @@
-"""The ViT contract: shapes, loop == scan, overrides, drop-path masks, variants, dtypes."""
+"""The ViT contract: shapes, loop == scan, truncation, drop-path masks, pooling, variants, dtypes."""
 
 import jax
 import jax.numpy as jnp
@@ -7,20 +7,7 @@ import pytest
 
 from at_jax.errors import ConfigError
 from at_jax.models import vit
-
-B, S = 3, 28
-
-
-def _model(**kw):
-  return vit.build({"variant": "Pico/4", "num_classes": 10, **kw})
-
-
-@pytest.fixture(scope="module")
-def setup():
-  model = _model()
-  images = jax.random.normal(jax.random.key(0), (B, S, S, 3))
-  params = model.init(jax.random.key(1), images, train=False)["params"]
-  return model, params, images
+from tests.models.conftest import B, S, build_model
 
 
 def test_output_shapes_and_names(setup):
@@ -36,17 +23,10 @@ def test_output_shapes_and_names(setup):
   assert set(params) == {"embedding", "cls", "pos_embedding", "Transformer", "fc_norm", "head"}
 
 
-def test_logits_are_scaled_qk(setup):
-  model, params, images = setup
-  _, out = model.apply({"params": params}, images, train=False, want_qkv=True)
-  expected = jnp.einsum("lbqhd,lbkhd->lbhqk", out["q"], out["k"]) / np.sqrt(16)
-  np.testing.assert_allclose(out["attn_logits"], expected, rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("remat", ["none", "full", "dots"])
 def test_loop_equals_scan(setup, remat):
   model, params, images = setup
-  scanned = _model(scan=True, remat_policy=remat)
+  scanned = build_model(scan=True, remat_policy=remat)
   scan_params = vit.loop_to_scan(params)
   assert scan_params["Transformer"]["encoderblock"]["LayerNorm_0"]["scale"].shape == (2, 32)
   # Same structure as a scan model's own init.
@@ -67,126 +47,9 @@ def test_loop_equals_scan(setup, remat):
 
 
 @pytest.mark.parametrize("scan", [False, True])
-@pytest.mark.parametrize("key", ["logits", "probs", "q", "k", "v"])
-def test_override_with_own_values_changes_nothing(setup, scan, key):
-  model, params, images = setup
-  if scan:
-    model, params = _model(scan=True), vit.loop_to_scan(params)
-  ref, out = model.apply({"params": params}, images, train=False, want_qkv=True)
-  own = {"logits": out["attn_logits"], "probs": jax.nn.softmax(out["attn_logits"], -1)}.get(key)
-  own = out[key] if own is None else own
-  override = {key: own, "mask": jnp.ones((2, 2), bool)}
-  got, _ = model.apply({"params": params}, images, train=False, override=override)
-  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
-
-
-def test_override_applies_only_to_masked_layers_and_heads(setup):
-  model, params, images = setup
-  ref, out = model.apply({"params": params}, images, train=False)
-  uniform = jnp.zeros_like(out["attn_logits"])  # softmax -> uniform attention
-  mask = jnp.array([[False, False], [False, True]])  # layer 1, head 1 only
-  got, out2 = model.apply(
-    {"params": params}, images, train=False, override={"logits": uniform, "mask": mask}
-  )
-  assert not np.allclose(got, ref)
-  # Layer 0 is untouched, so its logits are identical; layer 1 reports the logits it attended with.
-  np.testing.assert_array_equal(out2["attn_logits"][0], out["attn_logits"][0])
-  np.testing.assert_array_equal(out2["attn_logits"][1, :, 0], out["attn_logits"][1, :, 0])
-  np.testing.assert_array_equal(out2["attn_logits"][1, :, 1], 0.0)
-  none_masked, _ = model.apply(
-    {"params": params},
-    images,
-    train=False,
-    override={"logits": uniform, "mask": jnp.zeros((2, 2), bool)},
-  )
-  np.testing.assert_allclose(none_masked, ref, rtol=1e-6)
-
-
-def _copy_loss(model, images, teacher_logits, mask):
-  """Sum of squared class logits with the teacher's logits copied where `mask`, and the reported maps."""
-
-  def loss(p):
-    logits, out = model.apply(
-      {"params": p}, images, train=False, override={"logits": teacher_logits, "mask": mask}
-    )
-    return jnp.sum(logits**2), out["attn_logits"]
-
-  return loss
-
-
-@pytest.mark.parametrize(
-  "scan,mask", [(False, [[1, 1], [0, 1]]), (False, [[1, 1], [1, 1]]), (True, [[1, 1], [1, 1]])]
-)
-def test_fully_copied_layers_skip_their_own_q_and_k(setup, scan, mask):
-  """A numpy mask tells the ViT at trace time which layers copy every head: the same loss and gradients as
-  a traced mask, with the student's own q, k and q k^T (and their backward) gone from the program."""
-  model, params, images = setup
-  if scan:
-    model, params = _model(scan=True), vit.loop_to_scan(params)
-  n = (S // 4) ** 2 + 1
-  teacher_logits = 3 * jax.random.normal(jax.random.key(5), (2, B, 2, n, n))
-  static = np.asarray(mask, bool)
-  grad_fns = {
-    kind: jax.jit(jax.value_and_grad(_copy_loss(model, images, teacher_logits, m), has_aux=True))
-    for kind, m in (("static", static), ("traced", jnp.asarray(static)))
-  }
-  (loss_s, maps_s), g_s = grad_fns["static"](params)
-  (loss_t, maps_t), g_t = grad_fns["traced"](params)
-  np.testing.assert_allclose(loss_s, loss_t, rtol=1e-6)
-  np.testing.assert_allclose(maps_s, maps_t, rtol=1e-6, atol=1e-6)
-  np.testing.assert_array_equal(maps_s[static.all(1)], teacher_logits[static.all(1)])
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g_s, g_t)
-  flops = {k: f.lower(params).compile().cost_analysis()["flops"] for k, f in grad_fns.items()}
-  assert flops["static"] < 0.9 * flops["traced"], flops
-
-
-@pytest.mark.parametrize("scan", [False, True])
-def test_fused_attention_matches_materialized(setup, scan):
-  """`attention_impl="fused"` is the same function, also where a layer needs its maps (copied logits,
-  a direct distillation loss) and so keeps the materialised path."""
-  _, params, images = setup
-  if scan:
-    params = vit.loop_to_scan(params)
-  models = {impl: _model(scan=scan, attention_impl=impl) for impl in vit.ATTENTION_IMPLS}
-  n = (S // 4) ** 2 + 1
-  rng = np.random.default_rng(0)
-  qk = {k: jnp.asarray(rng.normal(size=(1, B, n, 2, 16)), jnp.float32) for k in ("q", "k")}
-  cases = {
-    "plain": {},
-    "v override": {
-      "override": {
-        "v": jnp.asarray(rng.normal(size=(2, B, n, 2, 16)), jnp.float32),
-        "mask": np.array([[True, False], [False, False]]),
-      }
-    },
-    "copied head": {
-      "override": {
-        "logits": jnp.asarray(rng.normal(size=(2, B, 2, n, n)), jnp.float32),
-        "mask": np.array([[False, True], [False, False]]),
-      }
-    },
-    "direct loss": {"attn_target": vit.AttnTarget((1,), qk, "direct")},
-    "blockwise loss": {"attn_target": vit.AttnTarget((1,), qk, "blockwise")},
-  }
-  for name, kwargs in cases.items():
-
-    def loss(p, impl):
-      logits, out = models[impl].apply({"params": p}, images, train=False, **kwargs)
-      return jnp.sum(logits**2) + out.get("attn_ce", jnp.zeros(())).sum()
-
-    got = {impl: jax.value_and_grad(loss)(params, impl) for impl in models}
-    np.testing.assert_allclose(got["fused"][0], got["materialized"][0], rtol=1e-5, err_msg=name)
-    jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name),
-      got["fused"][1],
-      got["materialized"][1],
-    )
-
-
-@pytest.mark.parametrize("scan", [False, True])
 def test_truncate_keeps_the_first_layers(setup, scan):
   model, params, images = setup
-  deep = _model(depth=4, scan=scan)
+  deep = build_model(depth=4, scan=scan)
   deep_params = deep.init(jax.random.key(2), images, train=False)["params"]
   short, short_params = vit.truncate(deep, deep_params, 3)
   assert short.depth == 3
@@ -212,12 +75,6 @@ def test_gelu_is_the_exact_erf_form():
   assert gelu(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
 
 
-def test_override_rejects_unknown_keys(setup):
-  model, params, images = setup
-  with pytest.raises(ValueError, match="override needs"):
-    model.apply({"params": params}, images, train=False, override={"attn": jnp.zeros(1)})
-
-
 def test_drop_masks_statistics_and_sharing(setup):
   masks = vit.sample_drop_masks(jax.random.key(3), 4000, 4, 0.3)
   assert masks.shape == (4, 2, 4000)
@@ -228,7 +85,7 @@ def test_drop_masks_statistics_and_sharing(setup):
     np.asarray(masks[-1]).max(), 1 / 0.7, rtol=1e-6
   )  # kept samples rescaled
   model, params, images = setup
-  dropped = _model(drop_path=0.5)
+  dropped = build_model(drop_path=0.5)
   m = vit.sample_drop_masks(jax.random.key(4), B, 2, 0.5)
   a, _ = dropped.apply({"params": params}, images, train=True, drop_masks=m)
   b, _ = dropped.apply(
@@ -253,24 +110,24 @@ def test_all_ones_masks_equal_no_drop_path(setup):
 
 def test_cls_pool_and_headless(setup):
   _, _, images = setup
-  cls_model = _model(pool="cls")
+  cls_model = build_model(pool="cls")
   p = cls_model.init(jax.random.key(0), images, train=False)["params"]
   assert "encoder_norm" in p and "fc_norm" not in p
   assert cls_model.apply({"params": p}, images, train=False)[0].shape == (B, 10)
-  headless = _model(num_classes=0)
+  headless = build_model(num_classes=0)
   p = headless.init(jax.random.key(0), images, train=False)["params"]
   assert "head" not in p
   assert headless.apply({"params": p}, images, train=False)[0].shape == (B, 32)
-  no_cls = _model(class_token=False)
+  no_cls = build_model(class_token=False)
   p = no_cls.init(jax.random.key(0), images, train=False)["params"]
   assert no_cls.apply({"params": p}, images, train=False)[1]["attn_logits"].shape[-1] == 49
   with pytest.raises(ConfigError, match="model.pool"):
-    _model(pool="cls", class_token=False).init(jax.random.key(0), images, train=False)
+    build_model(pool="cls", class_token=False).init(jax.random.key(0), images, train=False)
 
 
 def test_bf16_matmuls_keep_float32_logits(setup):
   model, params, images = setup
-  bf16 = _model(dtype_mm="bfloat16")
+  bf16 = build_model(dtype_mm="bfloat16")
   a, out = bf16.apply({"params": params}, images, train=False)
   ref, _ = model.apply({"params": params}, images, train=False)
   assert out["attn_logits"].dtype == jnp.float32 and a.dtype == jnp.float32

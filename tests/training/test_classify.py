@@ -9,7 +9,7 @@ from at_jax import optim, sharding
 from at_jax.models import vit
 from at_jax.training import classify as train_step
 from at_jax.training import state as train_state
-from at_jax.transfer import spec as transfer
+from at_jax.transfer import loss, spec, targets
 
 B, S, STEPS = 16, 16, 3
 
@@ -28,7 +28,7 @@ def _build(
     {"variant": "Pico/4", "num_classes": 10, "drop_path": drop_path, "depth": depth}
   )
   teacher = vit.build({"variant": "Pico/4", "num_classes": 10, "depth": depth})
-  t = transfer.resolve(
+  t = spec.resolve(
     {"mode": mode, "what": what, "layers": layers, "source": source, "loss_impl": loss_impl},
     student,
     teacher,
@@ -138,14 +138,14 @@ def test_one_device_equals_eight_device_mesh(mode, kw):
 def test_precomputed_equals_jointly(what):
   student, teacher, t, *_, tp = _build("distill", what=what, layers="0,1")
 
-  def targets(b):  # what launch/precompute would store: example-major [B, S, ...]
+  def stored_targets(b):  # what launch/precompute would store: example-major [B, S, ...]
     _, out = teacher.apply({"params": tp}, b["image"], train=False, want_qkv=True)
     return {
       f"teacher_{k}": np.asarray(jnp.swapaxes(v, 0, 1))
-      for k, v in transfer.teacher_targets(out, t).items()
+      for k, v in targets.teacher_targets(out, t).items()
     }
 
-  batches = _batches(targets)
+  batches = _batches(stored_targets)
   joint, pj, *_ = _run("distill", jax.devices(), 2, batches, what=what, layers="0,1")
   pre, pp, *_ = _run(
     "distill", jax.devices(), 2, batches, what=what, layers="0,1", source="precomputed"
@@ -181,7 +181,7 @@ def test_teacher_and_student_share_drop_path_masks():
   def unshared(p):
     _, t_out = teacher.apply({"params": tp}, batch["image"], train=False, want_qkv=True)
     _, s_out = student.apply({"params": p}, batch["image"], train=True, drop_masks=masks)
-    return transfer.distill_loss(s_out, transfer.teacher_targets(t_out, t), t)
+    return loss.distill_loss(s_out, targets.teacher_targets(t_out, t), t)
 
   unshared_max = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(jax.grad(unshared)(tp)))
   assert unshared_max > 1e-2 and shared_max < 1e-4 * unshared_max, (shared_max, unshared_max)
@@ -241,7 +241,7 @@ def test_copy_eval_runs_teacher():
   """Copy-mode evaluation overrides with the teacher's maps; distill-mode evaluation does not."""
   batches = _batches()
   student, teacher, t_copy, *_, tp = _build("copy", layers="all")
-  t_distill = transfer.resolve({"mode": "distill"}, student, teacher, S)
+  t_distill = spec.resolve({"mode": "distill"}, student, teacher, S)
   sp = student.init(jax.random.key(4), jnp.zeros((1, S, S, 3)), train=False)["params"]
   batch = {k: jnp.asarray(v) for k, v in batches[0].items()}
   _, out = teacher.apply({"params": tp}, batch["image"], train=False)
@@ -267,7 +267,7 @@ def test_teacher_cut_after_its_last_transferred_layer_gives_the_same_loss(scan):
     {"variant": "Pico/4", "num_classes": 10, "drop_path": 0.5, "depth": depth, "scan": scan}
   )
   teacher = vit.build({"variant": "Pico/4", "num_classes": 10, "depth": depth, "scan": scan})
-  t = transfer.resolve({"mode": "distill", "layers": "first:2"}, student, teacher, S)
+  t = spec.resolve({"mode": "distill", "layers": "first:2"}, student, teacher, S)
   images = jnp.zeros((1, S, S, 3))
   sp = student.init(jax.random.key(0), images, train=False)["params"]
   tp = teacher.init(jax.random.key(9), images, train=False)["params"]

@@ -1,0 +1,61 @@
+"""The distillation loss: attention cross-entropy (or q/k/v mean squared error) and the paper's reduction."""
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from at_jax.ops import attn_ce
+from at_jax.transfer import spec
+
+Array = jax.Array
+
+
+def attention_cross_entropy(teacher_logits_NN: Array, student_logits_NN: Array) -> Array:
+  """-sum_j softmax(teacher)_j log_softmax(student)_j over the key axis (last), in float32.
+
+  Logits [..., Nq, Nk] with any leading axes; the result has their shape minus the key axis.
+  """
+  return attn_ce.ce_from_logits(teacher_logits_NN, student_logits_NN)
+
+
+def _teacher_logits(teacher_targets: Mapping[str, Array]) -> Array:
+  """[S, B, H, N, N] teacher logits from stored logits or from q and k."""
+  if "attn_logits" in teacher_targets:
+    return teacher_targets["attn_logits"]
+  q_SBNHK, k_SBNHK = teacher_targets["q"], teacher_targets["k"]
+  return attn_ce.qk_logits(q_SBNHK, k_SBNHK, q_SBNHK.shape[-1] ** -0.5)
+
+
+def _paper_reduction(per_SH: Array, transfer: spec.Transfer) -> Array:
+  """Mean over the selected heads of each layer, summed over layers (the paper's reduction)."""
+  mask_SH = jnp.asarray(transfer.head_mask(), jnp.float32)
+  return jnp.sum(jnp.sum(per_SH * mask_SH, axis=1) / jnp.sum(mask_SH, axis=1))
+
+
+def distill_loss(
+  student_out: Mapping[str, Array],
+  teacher_targets: Mapping[str, Array],
+  transfer: spec.Transfer,
+) -> Array:
+  """weight * sum over selected layers of the mean (over batch, selected heads, queries) loss.
+
+  `attn`: cross-entropy between softmax(teacher logits) and log_softmax(student logits) over keys; its
+  minimum over the student is the teacher's attention entropy. Taken from the per-layer "attn_ce" the
+  student's blocks computed (given `attn_target`), else from its stacked "attn_logits" (the reference
+  formula, materialising every selected layer's maps). `q`/`k`/`v`: mean squared error.
+  """
+  layers = np.asarray(transfer.layers)
+  if transfer.what == "attn" and "attn_ce" in student_out:
+    per_SH = student_out["attn_ce"][layers]
+  elif transfer.what == "attn":  # [S, B, H, N, N] -> per query [S, B, H, N] -> [S, H]
+    per_SBHN = attention_cross_entropy(
+      _teacher_logits(teacher_targets), student_out["attn_logits"][layers]
+    )
+    per_SH = per_SBHN.mean((1, 3))
+  else:  # [S, B, N, H, K] -> [S, H]
+    student_SBNHK = student_out[transfer.what][layers].astype(jnp.float32)
+    err_SBNHK = (student_SBNHK - teacher_targets[transfer.what].astype(jnp.float32)) ** 2
+    per_SH = err_SBNHK.mean(axis=(1, 2, 4))
+  return transfer.weight * _paper_reduction(per_SH, transfer)

@@ -1,0 +1,143 @@
+"""The teacher's targets: the teacher's forward pass, the stored targets, and what they become in the student.
+
+Targets are a dict laid out layer-major over the *selected* layers only: {key: [S, B, ...]} with
+S = len(layers). Keys are the teacher's `out` names: "attn_logits" [S, B, H, N, N], or "q"/"k"/"v"
+[S, B, N, H, K]. Distilling attention maps hands over the teacher's q and k rather than its maps: each
+student block forms its layer's teacher logits when it needs them (`attention.AttnTarget`), so no stack of
+N x N maps is ever alive, and `loss_impl` "blockwise"/"pallas" never forms one at all.
+
+`teacher_outputs` is the one forward pass of the teacher, for the train step and copy-mode evaluation
+(through `run_teacher`) and for precomputing stored targets.
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from at_jax.errors import ConfigError
+from at_jax.models import attention, vit
+from at_jax.transfer import spec
+
+Array = jax.Array
+Targets = dict[str, Array]
+
+
+def _select(
+  teacher_out: Mapping[str, Array], layers: Sequence[int], keys: Sequence[str]
+) -> Targets:
+  """{key: [S, B, ...]}: the teacher's `keys` in `layers`, with no gradient."""
+  rows = np.asarray(layers)
+  return {k: jax.lax.stop_gradient(teacher_out[k][rows]) for k in keys}
+
+
+def _average(targets: Targets, transfer: spec.Transfer) -> Targets:
+  """With `average = "images"`, every image's transferred quantity replaced by its mean over the batch."""
+  if transfer.average != "images":
+    return targets
+  key = transfer.teacher_key
+  stacked = targets[key]  # [S, B, ...]
+  if (
+    transfer.what == "attn"
+  ):  # average the maps, not the logits; log(mean map) is a logit whose softmax is it
+    mean = jnp.log(jax.nn.softmax(stacked.astype(jnp.float32), -1).mean(axis=1, keepdims=True))
+  else:
+    mean = stacked.mean(axis=1, keepdims=True)
+  return {**targets, key: jnp.broadcast_to(mean, stacked.shape)}
+
+
+def teacher_outputs(
+  teacher: vit.ViT,
+  teacher_params: Any,
+  images_BYXC: Array,
+  layers: Sequence[int],
+  keys: Sequence[str],
+  *,
+  drop_masks: Array | None = None,
+) -> Targets:
+  """The frozen teacher's `keys` (its `out` names) in `layers`, {key: [S, B, ...]}, with no gradient.
+
+  The teacher runs in eval mode, with q/k/v only when `keys` need them. `drop_masks` [L, R, B]: the
+  student's drop-path masks (the paper's choice); the teacher may be cut after its last transferred layer
+  (`vit.truncate`), so it takes the masks of its layers.
+  """
+  if drop_masks is not None:
+    drop_masks = drop_masks[: teacher.depth]
+  _, out = teacher.apply(
+    {"params": teacher_params},
+    images_BYXC,
+    train=False,
+    drop_masks=drop_masks,
+    want_qkv=spec.wants_qkv(keys),
+  )
+  return _select(out, layers, keys)
+
+
+def run_teacher(
+  teacher: vit.ViT,
+  teacher_params: Any,
+  images_BYXC: Array,
+  transfer: spec.Transfer,
+  *,
+  drop_masks: Array | None = None,
+) -> Targets:
+  """What a jointly run teacher hands over (`transfer.target_keys` of the selected layers, averaged over
+  images if asked), {key: [S, B, ...]}, with no gradient; `drop_masks` as in `teacher_outputs`."""
+  stacked = teacher_outputs(
+    teacher,
+    teacher_params,
+    images_BYXC,
+    transfer.layers,
+    transfer.target_keys,
+    drop_masks=drop_masks,
+  )
+  return _average(stacked, transfer)
+
+
+def teacher_targets(teacher_out: Mapping[str, Array], transfer: spec.Transfer) -> Targets:
+  """`run_teacher`'s targets from a teacher `out` the caller already has."""
+  return _average(_select(teacher_out, transfer.layers, transfer.target_keys), transfer)
+
+
+def precomputed_targets(batch: Mapping[str, Array], transfer: spec.Transfer) -> Targets:
+  """Targets carried in the batch as `teacher_<key>` [B, S, ...] (example-major, as stored) -> [S, B, ...].
+
+  Distilled maps come as stored logits (`teacher_attn_logits`) or as q and k (`teacher_q`, `teacher_k`).
+  """
+  options = [(transfer.teacher_key,)]
+  if transfer.mode == "distill" and transfer.what == "attn":
+    streamed = transfer.loss_impl != "direct"
+    options = [("q", "k"), ("attn_logits",)] if streamed else [("attn_logits",), ("q", "k")]
+  for keys in options:
+    if all(f"teacher_{k}" in batch for k in keys):
+      return {k: jnp.swapaxes(batch[f"teacher_{k}"], 0, 1) for k in keys}
+  wanted = " or ".join("+".join(f"teacher_{k}" for k in keys) for keys in options)
+  raise ConfigError(
+    "transfer.source",
+    f"'precomputed' needs batches carrying {wanted} (written by launch/precompute.py)",
+  )
+
+
+def copy_override(targets: Mapping[str, Array], transfer: spec.Transfer) -> dict[str, Array]:
+  """The ViT `override` that swaps the teacher's quantity into the selected layers/heads."""
+  stacked = targets[transfer.teacher_key]  # [S, B, ...]
+  full = jnp.zeros((transfer.depth,) + stacked.shape[1:], stacked.dtype)
+  full = full.at[np.asarray(transfer.layers)].set(stacked)  # [L, B, ...]
+  key = "logits" if transfer.what == "attn" else transfer.what
+  # A numpy mask is static: layers that copy every head then skip their own q and k (`attention.Attention`).
+  return {key: full, "mask": transfer.layer_head_mask()}
+
+
+def attn_target(
+  targets: Mapping[str, Array], transfer: spec.Transfer
+) -> attention.AttnTarget | None:
+  """The student's `attn_target` when distilling maps: its blocks then score themselves layer by layer."""
+  if transfer.mode != "distill" or transfer.what != "attn":
+    return None
+  if "attn_logits" in targets:
+    values = {"logits": targets["attn_logits"]}
+  else:
+    values = {"q": targets["q"], "k": targets["k"]}
+  return attention.AttnTarget(transfer.layers, values, transfer.loss_impl)
