@@ -122,7 +122,7 @@ def test_shape_suffixes_use_the_defined_letters():
 
 def test_core_imports_without_the_input_and_experiment_dependencies():
   """A GPU image with jax, flax, optax and orbax but no grain, ml_collections, tensorboardX or tfds."""
-  missing = ("grain", "ml_collections", "tensorboardX", "tensorflow_datasets", "absl")
+  missing = ("grain", "ml_collections", "tensorboardX", "tensorflow_datasets")
   core = [
     "at_jax." + ".".join(p.relative_to(PACKAGE).with_suffix("").parts)
     for p in _modules()

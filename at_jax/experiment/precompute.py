@@ -167,48 +167,14 @@ def write_targets(
   """
   metadata = dict(metadata)
   old = target_store.read_targets_metadata(directory)
-  start_batch = 0
-  if old is not None:
-    differ = sorted(
-      k for k in set(old) | set(metadata) if k not in _PROGRESS and old.get(k) != metadata.get(k)
-    )
-    if differ:
-      raise ConfigError(
-        "transfer.targets_dir",
-        f"{directory} holds teacher targets of another setting "
-        f"(differing: {', '.join(differ)}); delete it or set transfer.targets_dir elsewhere",
-      )
-    if old["complete"]:
-      metrics.say(f"Teacher targets in {directory} are complete; nothing to do")
-      return old
-    if old["batch_size"] != batch_size:  # progress is counted in whole batches
-      raise ConfigError(
-        "data.eval_batch_size",
-        f"the unfinished precompute in {directory} ran batches of "
-        f"{old['batch_size']}; resume it with that batch size, or delete {directory}",
-      )
-    start_batch = old["done_examples"] // batch_size
-    metadata["skipped"] = old["skipped"]
-    metrics.say(f"Resuming the precompute in {directory} at example {old['done_examples']}")
+  start_batch = _resume_point(directory, old, metadata, batch_size)
+  if start_batch is None:
+    return old
   metadata["batch_size"] = batch_size
-  # Every process reads the old metadata before process 0 rewrites it, and opens arrays after they exist.
-  multihost_utils.sync_global_devices("precompute: metadata read")
-  if jax.process_index() == 0:
-    os.makedirs(directory, exist_ok=True)
-    arrays = target_store.open_arrays(directory, metadata, create=old is None)
-    if old is None:
-      target_store.write_metadata(directory, metadata)
-  multihost_utils.sync_global_devices("precompute: arrays created")
-  if jax.process_index() != 0:
-    arrays = target_store.open_arrays(directory, metadata, create=False)
-
+  arrays = _open_store(directory, metadata, create=old is None)
   keys, n = metadata["keys"], metadata["num_examples"]
-  fn = jax.jit(
-    _targets_fn(teacher, metadata["layers"], keys),
-    in_shardings=(sharding.tree_shardings(mesh, teacher_params), sharding.batch_sharding(mesh)),
-    out_shardings=sharding.batch_sharding(mesh),
-  )
-  p = jax.process_index()
+  fn = _jit_targets_fn(teacher, metadata["layers"], keys, teacher_params, mesh)
+  p, process_count = jax.process_index(), jax.process_count()
   num_batches = -(-n // batch_size)
   batches = pipeline.eval_iterator(
     source,
@@ -217,7 +183,7 @@ def write_targets(
     crop_pct=metadata["crop_pct"],
     normalization=metadata["normalization"],
     process_index=p,
-    process_count=jax.process_count(),
+    process_count=process_count,
     num_threads=num_threads,
     start_batch=start_batch,
   )
@@ -229,39 +195,109 @@ def write_targets(
   pending: list[ts.WriteFutures] = []
   for s, batch in enumerate(batches, start_batch):
     index = pipeline.eval_example_indices(
-      s,
-      batch["mask"],
-      global_batch_size=batch_size,
-      process_index=p,
-      process_count=jax.process_count(),
+      s, batch["mask"], global_batch_size=batch_size, process_index=p, process_count=process_count
     )
     skipped += int(batch["skipped"].sum())
     out = fn(teacher_params, sharding.global_batch({"image": batch["image"], "index": index}, mesh))
     for w in pending:  # the previous batch's writes overlapped this batch's forward pass
       w.result()
-    pending = []
-    for key in keys:
-      for rows, ids in zip(out[key].addressable_shards, out["index"].addressable_shards):
-        assert rows.device == ids.device
-        for row, i in zip(np.asarray(rows.data), np.asarray(ids.data)):
-          if i >= 0:  # not padding, not an unreadable example
-            pending.append(target_store.write_row(arrays[key], i, row))
+    pending = _write_rows(out, keys, arrays)
     done = s + 1
     if done % COMMIT_EVERY == 0 or done == num_batches:
       for w in pending:
         w.result()
       pending = []
-      metadata.update(
-        done_examples=min(done * batch_size, n),
-        complete=done == num_batches,
-        skipped=base_skipped + sharding.process_sum(skipped),
-      )  # collective: every process is here
-      multihost_utils.sync_global_devices(f"precompute: batch {done} written")
-      if jax.process_index() == 0:
-        target_store.write_metadata(directory, metadata)
+      progress_now = dict(done_examples=min(done * batch_size, n), complete=done == num_batches)
+      _commit(
+        directory, metadata, skipped=base_skipped + sharding.process_sum(skipped), **progress_now
+      )
     if done % log_every == 0 or done == num_batches:
       progress.update(done, {"skipped": base_skipped + skipped})  # this process's count
   return metadata
+
+
+def _jit_targets_fn(
+  teacher: vit.ViT, layers: Sequence[int], keys: Sequence[str], teacher_params: Any, mesh: Any
+) -> Any:
+  """`_targets_fn` jitted over `mesh`: teacher params by the fsdp rule, batch and outputs split."""
+  return jax.jit(
+    _targets_fn(teacher, layers, keys),
+    in_shardings=(sharding.tree_shardings(mesh, teacher_params), sharding.batch_sharding(mesh)),
+    out_shardings=sharding.batch_sharding(mesh),
+  )
+
+
+def _commit(directory: str, metadata: dict[str, Any], **progress: Any) -> None:
+  """Records `progress` in metadata.json once every process's writes of it are done (a barrier)."""
+  metadata.update(progress)
+  multihost_utils.sync_global_devices(f"precompute: {metadata['done_examples']} examples written")
+  if jax.process_index() == 0:
+    target_store.write_metadata(directory, metadata)
+
+
+def _resume_point(
+  directory: str,
+  old: Mapping[str, Any] | None,
+  metadata: dict[str, Any],
+  batch_size: int,
+) -> int | None:
+  """The global batch to start at (0 for a new folder), or None when `old` is already complete.
+
+  Carries the old skipped count into `metadata`; refuses a folder of another setting, or an unfinished
+  one that ran other batch sizes (progress is counted in whole batches).
+  """
+  if old is None:
+    return 0
+  differ = sorted(
+    k for k in set(old) | set(metadata) if k not in _PROGRESS and old.get(k) != metadata.get(k)
+  )
+  if differ:
+    raise ConfigError(
+      "transfer.targets_dir",
+      f"{directory} holds teacher targets of another setting "
+      f"(differing: {', '.join(differ)}); delete it or set transfer.targets_dir elsewhere",
+    )
+  if old["complete"]:
+    metrics.say(f"Teacher targets in {directory} are complete; nothing to do")
+    return None
+  if old["batch_size"] != batch_size:
+    raise ConfigError(
+      "data.eval_batch_size",
+      f"the unfinished precompute in {directory} ran batches of "
+      f"{old['batch_size']}; resume it with that batch size, or delete {directory}",
+    )
+  metadata["skipped"] = old["skipped"]
+  metrics.say(f"Resuming the precompute in {directory} at example {old['done_examples']}")
+  return old["done_examples"] // batch_size
+
+
+def _open_store(directory: str, metadata: Mapping[str, Any], *, create: bool) -> dict[str, Any]:
+  """Every process's handles on the arrays; process 0 creates them (and the metadata) first."""
+  # Every process reads the old metadata before process 0 rewrites it, and opens arrays after they exist.
+  multihost_utils.sync_global_devices("precompute: metadata read")
+  if jax.process_index() == 0:
+    os.makedirs(directory, exist_ok=True)
+    arrays = target_store.open_arrays(directory, metadata, create=create)
+    if create:
+      target_store.write_metadata(directory, metadata)
+  multihost_utils.sync_global_devices("precompute: arrays created")
+  if jax.process_index() != 0:
+    arrays = target_store.open_arrays(directory, metadata, create=False)
+  return arrays
+
+
+def _write_rows(
+  out: Mapping[str, jax.Array], keys: Sequence[str], arrays: Mapping[str, Any]
+) -> list[ts.WriteFutures]:
+  """Starts writing this process's rows of `out` (each device's shard, at its examples' indices)."""
+  pending = []
+  for key in keys:
+    for rows, ids in zip(out[key].addressable_shards, out["index"].addressable_shards):
+      assert rows.device == ids.device
+      for row, i in zip(np.asarray(rows.data), np.asarray(ids.data)):
+        if i >= 0:  # not padding, not an unreadable example
+          pending.append(target_store.write_row(arrays[key], i, row))
+  return pending
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -280,9 +316,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       f"precomputed teacher targets serve distillation; "
       f"{config.transfer.mode!r} needs none (copy runs the teacher at evaluation too)",
     )
-  job.ensure_teacher(
-    config, workdir
-  )  # as launch/main.py would, so that precomputing can come first
+  job.ensure_teacher(config, workdir)  # as launch/main.py would, so precomputing can come first
   teacher, params, t = teachers.teacher_on_mesh(config, workdir, model, mesh)
   teacher_config = teachers.teacher_model_config(config, workdir)
   d = config.data

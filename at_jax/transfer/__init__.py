@@ -1,0 +1,2 @@
+"""Attention transfer: the setting (`spec`), the teacher's targets (`targets`) and the distillation
+loss (`loss`)."""

@@ -455,7 +455,7 @@ requires_fashion_mnist = pytest.mark.skipif(
 def test_two_processes_write_what_one_does(precomputed, tmp_path):
   """launch/precompute.py on two processes (4 devices each, over loopback), each writing its slices of the
   batches, stores what one 8-device process stores."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   args = [
     os.path.join(root, "launch", "precompute.py"),
     "--config.model.variant=Pico/7",

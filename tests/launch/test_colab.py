@@ -29,7 +29,7 @@ from jupyter_client.manager import KernelManager
 # Real processes, whole runs: end-to-end (`pytest -m 'not slow'` skips them).
 pytestmark = pytest.mark.slow
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo
 NOTEBOOK = os.path.join(ROOT, "launch", "colab.ipynb")
 KERNEL = "at_jax_test"
 

@@ -10,7 +10,7 @@ import pytest
 # Real processes, whole runs: end-to-end (`pytest -m 'not slow'` skips them).
 pytestmark = pytest.mark.slow
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo
 TINY = [
   "--config.model.variant=Pico/7",
   "--config.transfer.layers=first:1",

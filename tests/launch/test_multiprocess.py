@@ -15,7 +15,7 @@ from at_jax import checkpoint, metrics
 # Real processes, whole runs: end-to-end (`pytest -m 'not slow'` skips them).
 pytestmark = pytest.mark.slow
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo
 ARGS = [
   "--config.transfer.mode=none",
   "--config.model.variant=Pico/7",

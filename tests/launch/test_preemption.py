@@ -17,7 +17,7 @@ from at_jax import checkpoint
 # Real processes, whole runs: end-to-end (`pytest -m 'not slow'` skips them).
 pytestmark = pytest.mark.slow
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo
 STEPS = 300
 ARGS = [
   "--config.transfer.mode=none",
