@@ -42,8 +42,8 @@ def validate(
   _check_scalars(config)
   model = vit.build(teachers.model_config(config, workdir))
   _check_model(config, model)
-  teacher = _teacher_architecture(config, workdir, model)
-  spec = transfer_spec.resolve(config.transfer.to_dict(), model, teacher, config.data.image_size)
+  image_size = config.data.image_size
+  spec = transfer_spec.resolve(config.transfer.to_dict(), model, None, image_size)
   _check_task(config, spec)
   _check_data_args(config, model, spec)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
@@ -61,6 +61,10 @@ def validate(
   )
   if spec.active and spec.source == "precomputed" and check_targets:
     _check_stored_targets(config, workdir, model, spec, len(train_source))
+  # Last of the inputs: the teacher, read for its architecture and checked against the student.
+  teacher = _teacher_architecture(config, workdir, model)
+  if teacher is not None:
+    spec = transfer_spec.resolve(config.transfer.to_dict(), model, teacher, image_size)
   _check_memory(config, mesh, model, teacher, spec, len(train_source))
   return Validated(model, mesh, train_source, eval_source)
 

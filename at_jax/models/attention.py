@@ -22,7 +22,7 @@ from at_jax import sharding
 from at_jax.ops import attn_ce
 
 if TYPE_CHECKING:
-  from at_jax.models.vit import BlockArch
+  from at_jax.models.encoder import BlockArch
 
 Array = jax.Array
 # {"mask": [L, H] bool (per layer: [H]), and one of OVERRIDE_KEYS: "logits"/"probs" [L, B, H, N, N] or

@@ -21,6 +21,7 @@ import numpy as np
 
 from at_jax.errors import ConfigError
 from at_jax.models import vit
+from at_jax.models.encoder import Block, BlockArch, sample_drop_masks
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -141,7 +142,7 @@ class MAE(nn.Module):
   Attributes:
     encoder: model_config dict for `vit.build`, e.g. {"variant": "Mu/7", "num_classes": 0, "pool": "cls"};
       num_classes is forced to 0 (no head).
-    decoder_width, decoder_depth, decoder_heads, decoder_mlp_dim: the decoder's blocks (`vit.Block`).
+    decoder_width, decoder_depth, decoder_heads, decoder_mlp_dim: the decoder's blocks (`Block`).
     mask_ratio: fraction of patches hidden from the encoder.
     norm_pix_loss: regress per-patch normalised pixels (MAE's better-performing target).
   """
@@ -184,7 +185,7 @@ class MAE(nn.Module):
     drop_masks = None
     if train and encoder.drop_path > 0:
       # A key independent of the masking noise.
-      drop_masks = vit.sample_drop_masks(
+      drop_masks = sample_drop_masks(
         jax.random.fold_in(mask_rng, 1), b, encoder.depth, encoder.drop_path
       )
     _, out = encoder(images_BYXC, train=train, patch_keep=keep_BT, drop_masks=drop_masks)
@@ -210,11 +211,11 @@ class MAE(nn.Module):
     # The cls/register tokens get no decoder position (MAE's table has zeros in the cls slot).
     x_BND = jnp.concatenate([prefix_BED, tokens_BPD], axis=1)
 
-    arch = vit.BlockArch(
+    arch = BlockArch(
       self.decoder_mlp_dim, self.decoder_heads, norm_eps=encoder.norm_eps, dtype_mm=dtype_mm
     )
     for i in range(self.decoder_depth):
-      x_BND, _ = vit.Block(arch, name=f"decoderblock_{i}")(x_BND, (None, None, None))
+      x_BND, _ = Block(arch, name=f"decoderblock_{i}")(x_BND, (None, None, None))
     x_BND = nn.LayerNorm(epsilon=encoder.norm_eps, name="decoder_norm")(x_BND)
     pred_BPQ = nn.Dense(p * p * c, dtype=dtype_mm, kernel_init=xavier, name="decoder_pred")(
       x_BND[:, num_prefix:]

@@ -19,12 +19,9 @@ prefix tokens.
 dtype policy: params are float32; matmuls run in `dtype_mm` (bfloat16 on accelerators); the residual
 stream, attention logits, softmax and LayerNorm are float32.
 
-The module is longer than 400 lines because it is the ViT's one contract: its modules, the config fields
-that build them (`build`, `mirror`, `model_fields`) and the helpers that rewrite their param tree
-(`truncate`, `scan_to_loop`, `loop_to_scan`), which must change together.
+The blocks and the encoder that stacks them are in `encoder`.
 """
 
-import dataclasses
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -32,10 +29,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from at_jax.errors import ConfigError
-from at_jax.models import attention
+from at_jax.models import attention, encoder
 from at_jax.ops import attn_ce
 
 Array = jax.Array
@@ -50,11 +46,6 @@ VARIANTS: dict[str, tuple[int, int, int, int]] = {
   "Mu": (128, 6, 512, 4),
   "Nano": (64, 4, 256, 2),
   "Pico": (32, 2, 64, 2),
-}
-REMAT_POLICIES = {
-  "none": None,
-  "full": jax.checkpoint_policies.nothing_saveable,
-  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -71,161 +62,6 @@ def decode_variant(variant: str) -> dict[str, int]:
   return dict(
     width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads, patch_size=int(match.group(2))
   )
-
-
-def sample_drop_masks(rng: Array, batch: int, depth: int, rate: float) -> Array:
-  """Per-sample stochastic-depth masks [L, R, B] (R = 2: attention branch, MLP branch), already scaled.
-
-  Layer l keeps a sample with probability 1 - rate * l / (depth - 1) (timm's linspace); kept samples are
-  scaled by 1 / keep_prob. The train step draws these once and hands the same masks to teacher and student.
-  """
-  keep_L = 1.0 - jnp.linspace(0.0, rate, depth, dtype=jnp.float32)
-  keep = jax.random.bernoulli(rng, keep_L[:, None, None], (depth, 2, batch))
-  return keep.astype(jnp.float32) / keep_L[:, None, None]
-
-
-ACTIVATIONS = {
-  # Exact GELU, as timm/MAE/the paper, in its erf form: jax.nn.gelu's exact form goes through erfc, which
-  # XLA:CPU expands into two polynomial branches per element (12% of a Ti/16 step); same values to 1e-6.
-  "gelu": lambda x: 0.5 * x * (1.0 + jax.lax.erf(x * 2**-0.5)),
-  "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
-  "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockArch:
-  """What every encoder block shares; one hashable value instead of a field per module."""
-
-  mlp_dim: int
-  num_heads: int
-  qkv_bias: bool = True
-  qk_norm: bool = False  # LayerNorm over head_dim on q and k (timm q_norm/k_norm)
-  layerscale_init: float = 0.0  # > 0: per-channel residual scales (CaiT/DINOv2 LayerScale)
-  mlp_act: str = "gelu"
-  norm_eps: float = 1e-6
-  dtype_mm: Any = jnp.float32
-  attention_impl: str = "materialized"  # attention.ATTENTION_IMPLS
-
-
-class MlpBlock(nn.Module):
-  arch: BlockArch
-
-  @nn.compact
-  def __call__(self, x_BND: Array) -> Array:
-    a = self.arch
-    dense = lambda n, name: nn.Dense(
-      n, dtype=a.dtype_mm, kernel_init=attention.TRUNC_NORMAL, name=name
-    )
-    y_BNF = ACTIVATIONS[a.mlp_act](dense(a.mlp_dim, "Dense_0")(x_BND))
-    return dense(x_BND.shape[-1], "Dense_1")(y_BNF)
-
-
-class Block(nn.Module):
-  """Pre-norm encoder block. Scan-compatible: `(x, (override, drop, target)) -> (x, out)`."""
-
-  arch: BlockArch
-  want_qkv: bool = False
-  loss_impl: str = "direct"
-  copied: bool = False
-
-  @nn.compact
-  def __call__(
-    self,
-    x_BND: Array,
-    inputs: tuple[attention.Override | None, Array | None, Mapping[str, Array] | None],
-  ) -> tuple[Array, dict[str, Array]]:
-    a = self.arch
-    override, drop_RB, target = inputs
-    width = x_BND.shape[-1]
-
-    def residual(y_BND, i):
-      y_BND = y_BND.astype(jnp.float32)
-      if a.layerscale_init > 0:
-        scale_D = self.param(
-          f"layerscale_{i}", nn.initializers.constant(a.layerscale_init), (width,)
-        )
-        y_BND = y_BND * scale_D
-      return y_BND if drop_RB is None else y_BND * drop_RB[i][:, None, None]
-
-    y_BND = nn.LayerNorm(epsilon=a.norm_eps, name="LayerNorm_0")(x_BND)
-    y_BND, out = attention.Attention(
-      a, self.loss_impl, self.copied, name="MultiHeadDotProductAttention_0"
-    )(y_BND, override, self.want_qkv, target)
-    x_BND = x_BND + residual(y_BND, 0)
-    y_BND = nn.LayerNorm(epsilon=a.norm_eps, name="LayerNorm_1")(x_BND)
-    return x_BND + residual(MlpBlock(a, name="MlpBlock_0")(y_BND), 1), out
-
-
-def _copied_layers(override: attention.Override | None, depth: int) -> np.ndarray:
-  """[L] bool: the layers whose every head takes the teacher's logits, read from a concrete (numpy) mask.
-
-  A traced mask says nothing at trace time; those layers then compute their own q and k as well.
-  """
-  if override is None or "logits" not in override or not isinstance(override["mask"], np.ndarray):
-    return np.zeros((depth,), bool)
-  return override["mask"].all(axis=1)
-
-
-class Encoder(nn.Module):
-  """The stack of blocks, as a Python loop or an `nn.scan`, optionally rematerialised."""
-
-  depth: int
-  arch: BlockArch
-  scan: bool = False
-  remat_policy: str = "none"
-  want_qkv: bool = False
-
-  @nn.compact
-  def __call__(
-    self,
-    x_BND: Array,
-    override: attention.Override | None,
-    drop_LRB: Array | None,
-    target: attention.AttnTarget | None = None,
-  ) -> tuple[Array, dict[str, Array]]:
-    block = Block
-    if self.remat_policy != "none":
-      block = nn.remat(Block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan)
-    impl = "direct" if target is None else target.impl
-    copied_L = _copied_layers(override, self.depth)
-    if self.scan:
-      # Scanned blocks need every layer's inputs alike: unselected layers get zero targets (a uniform
-      # teacher map) whose loss the reduction in `transfer` ignores.
-      full = (
-        None
-        if target is None
-        else {
-          k: jnp.zeros((self.depth,) + v.shape[1:], v.dtype).at[jnp.asarray(target.layers)].set(v)
-          for k, v in target.values.items()
-        }
-      )
-      scanned = nn.scan(
-        block,
-        variable_axes={"params": 0},
-        split_rngs={"params": True},
-        in_axes=0,
-        length=self.depth,
-      )
-      return scanned(self.arch, self.want_qkv, impl, bool(copied_L.all()), name="encoderblock")(
-        x_BND, (override, drop_LRB, full)
-      )
-    outs = []
-    for i in range(self.depth):
-      layer = lambda tree: None if tree is None else jax.tree.map(lambda a: a[i], tree)
-      target_i = None
-      if target is not None and i in target.layers:
-        target_i = {k: v[target.layers.index(i)] for k, v in target.values.items()}
-      x_BND, out = block(
-        self.arch, self.want_qkv, impl, bool(copied_L[i]), name=f"encoderblock_{i}"
-      )(x_BND, (layer(override), layer(drop_LRB), target_i))
-      outs.append(out)
-    if target is not None:  # layers without a target report zero loss, so that the outputs stack
-      heads = self.arch.num_heads
-      outs = [
-        o if "attn_ce" in o else {**o, "attn_ce": jnp.zeros((heads,), jnp.float32)} for o in outs
-      ]
-    return x_BND, jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
 
 def _check_inputs(override: attention.Override | None, attn_target: attention.AttnTarget | None):
@@ -321,8 +157,8 @@ class ViT(nn.Module):
       x_BND = nn.LayerNorm(epsilon=self.norm_eps, name="pre_norm")(x_BND)
     return x_BND
 
-  def _arch(self) -> BlockArch:
-    return BlockArch(
+  def _arch(self) -> encoder.BlockArch:
+    return encoder.BlockArch(
       self.mlp_dim,
       self.num_heads,
       self.qkv_bias,
@@ -366,7 +202,7 @@ class ViT(nn.Module):
       override: None, or a dict with "mask" [L, H] bool (which layers/heads to override) and one of
         "logits"/"probs" [L, B, H, N, N] (attention copy) or "q"/"k"/"v" [L, B, N, H, K]
         (`attention.Override`).
-      drop_masks: [L, R, B] per-sample residual scales from `sample_drop_masks`; given, they are applied
+      drop_masks: [L, R, B] per-sample residual scales from `encoder.sample_drop_masks`; given, they are applied
         whatever `train` is (the teacher runs with the student's masks).
       want_qkv: also return q, k, v per layer.
       patch_keep: [B, T] int indices of the patches to keep (MAE's visible patches); None keeps all.
@@ -382,9 +218,11 @@ class ViT(nn.Module):
     x_BND = self._tokens(images_BYXC, patch_keep)
     if drop_masks is None and train and self.drop_path > 0:
       batch = x_BND.shape[0]
-      drop_masks = sample_drop_masks(self.make_rng("dropout"), batch, self.depth, self.drop_path)
+      drop_masks = encoder.sample_drop_masks(
+        self.make_rng("dropout"), batch, self.depth, self.drop_path
+      )
     _check_inputs(override, attn_target)
-    x_BND, out = Encoder(
+    x_BND, out = encoder.Encoder(
       self.depth, self._arch(), self.scan, self.remat_policy, want_qkv, name="Transformer"
     )(x_BND, override, drop_masks, attn_target)
     out["tokens"] = x_BND
@@ -437,17 +275,20 @@ def build(model_config: Mapping[str, Any]) -> ViT:
   unknown = set(kwargs) - fields
   if unknown:
     raise ConfigError("model", f"unknown model fields {sorted(unknown)}; valid: {sorted(fields)}")
-  if kwargs.get("remat_policy", "none") not in REMAT_POLICIES:
+  if kwargs.get("remat_policy", "none") not in encoder.REMAT_POLICIES:
     raise ConfigError(
-      "model.remat_policy", f"{kwargs['remat_policy']!r} is not one of {sorted(REMAT_POLICIES)}"
+      "model.remat_policy",
+      f"{kwargs['remat_policy']!r} is not one of {sorted(encoder.REMAT_POLICIES)}",
     )
   if kwargs.get("attention_impl", "materialized") not in attention.ATTENTION_IMPLS:
     raise ConfigError(
       "model.attention_impl",
       f"{kwargs['attention_impl']!r} is not one of {attention.ATTENTION_IMPLS}",
     )
-  if kwargs.get("mlp_act", "gelu") not in ACTIVATIONS:
-    raise ConfigError("model.mlp_act", f"{kwargs['mlp_act']!r} is not one of {sorted(ACTIVATIONS)}")
+  if kwargs.get("mlp_act", "gelu") not in encoder.ACTIVATIONS:
+    raise ConfigError(
+      "model.mlp_act", f"{kwargs['mlp_act']!r} is not one of {sorted(encoder.ACTIVATIONS)}"
+    )
   if kwargs.get("width", 768) % kwargs.get("num_heads", 12):
     raise ConfigError("model.num_heads", "width must be divisible by num_heads")
   return ViT(**kwargs)

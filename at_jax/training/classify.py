@@ -16,7 +16,8 @@ import optax
 
 from at_jax import metrics
 from at_jax.data import mixup
-from at_jax.models.vit import ViT, sample_drop_masks
+from at_jax.models.encoder import sample_drop_masks
+from at_jax.models.vit import ViT
 from at_jax.training import state as train_state
 from at_jax.training.state import TrainState
 from at_jax.transfer import loss, spec, targets

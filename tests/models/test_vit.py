@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from at_jax.errors import ConfigError
-from at_jax.models import vit
+from at_jax.models import encoder, vit
 from tests.models.conftest import B, S, build_model
 
 
@@ -65,7 +65,7 @@ def test_truncate_keeps_the_first_layers(setup, scan):
 
 def test_gelu_is_the_exact_erf_form():
   x = jnp.linspace(-8.0, 8.0, 2001)
-  gelu, reference = vit.ACTIVATIONS["gelu"], lambda v: jax.nn.gelu(v, approximate=False)
+  gelu, reference = encoder.ACTIVATIONS["gelu"], lambda v: jax.nn.gelu(v, approximate=False)
   # 1 + erf(x) cancels in the far negative tail: absolute errors up to ~1e-6 where GELU is ~1e-7 (as in
   # PyTorch's nn.GELU, which computes this same form).
   np.testing.assert_allclose(gelu(x), reference(x), rtol=1e-6, atol=1e-6)
@@ -76,7 +76,7 @@ def test_gelu_is_the_exact_erf_form():
 
 
 def test_drop_masks_statistics_and_sharing(setup):
-  masks = vit.sample_drop_masks(jax.random.key(3), 4000, 4, 0.3)
+  masks = encoder.sample_drop_masks(jax.random.key(3), 4000, 4, 0.3)
   assert masks.shape == (4, 2, 4000)
   np.testing.assert_array_equal(masks[0], 1.0)  # linspace starts at rate 0
   keep_last = np.mean(np.asarray(masks[-1]) > 0)
@@ -86,7 +86,7 @@ def test_drop_masks_statistics_and_sharing(setup):
   )  # kept samples rescaled
   model, params, images = setup
   dropped = build_model(drop_path=0.5)
-  m = vit.sample_drop_masks(jax.random.key(4), B, 2, 0.5)
+  m = encoder.sample_drop_masks(jax.random.key(4), B, 2, 0.5)
   a, _ = dropped.apply({"params": params}, images, train=True, drop_masks=m)
   b, _ = dropped.apply(
     {"params": params}, images, train=False, drop_masks=m

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from at_jax import optim, sharding
-from at_jax.models import vit
+from at_jax.models import encoder, vit
 from at_jax.training import classify as train_step
 from at_jax.training import state as train_state
 from at_jax.transfer import loss, spec, targets
@@ -176,7 +176,7 @@ def test_teacher_and_student_share_drop_path_masks():
   g = jax.grad(distill)(tp)
   shared_max = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g))
   # Control: a teacher run without the student's masks is a different target; the gradient is not ~0.
-  masks = vit.sample_drop_masks(jax.random.key(11), B, student.depth, 0.5)
+  masks = encoder.sample_drop_masks(jax.random.key(11), B, student.depth, 0.5)
 
   def unshared(p):
     _, t_out = teacher.apply({"params": tp}, batch["image"], train=False, want_qkv=True)

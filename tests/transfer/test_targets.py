@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from at_jax.errors import ConfigError
-from at_jax.models import vit
+from at_jax.models import encoder, vit
 from at_jax.transfer import spec, targets
 from tests.transfer.conftest import B, S, resolve_distill, teacher_targets_and_out
 
@@ -34,7 +34,7 @@ def test_run_teacher_is_the_teacher_forward_pass(setup, cfg):
   drop-path masks, cut to the teacher's depth when the teacher is truncated."""
   student, teacher, sp, tp, images = setup
   transfer = spec.resolve(cfg, student, teacher, S)
-  masks = vit.sample_drop_masks(jax.random.key(3), B, 4, 0.5)
+  masks = encoder.sample_drop_masks(jax.random.key(3), B, 4, 0.5)
   got = targets.run_teacher(teacher, tp, images, transfer, drop_masks=masks)
   _, out = teacher.apply(
     {"params": tp}, images, train=False, drop_masks=masks, want_qkv=spec.needs_qkv(transfer)
