@@ -126,9 +126,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch(global_batch: int, mesh: Mesh, field: str = "data.batch_size") -> None:
-  """A global batch must be positive and split evenly over the mesh's devices."""
-  if global_batch < 1:
-    raise ConfigError(field, f"must be >= 1, got {global_batch}")
+  """A global batch must split evenly over the mesh's devices (data.pipeline.check_batch_size checks
+  that it is positive)."""
   if global_batch % mesh.size:
     raise ConfigError(
       field, f"{global_batch} is not divisible by the {mesh.size} devices of the mesh"

@@ -22,7 +22,7 @@ def ensure_teacher(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
 
   Returns the teacher's evals, or None when the config names its teacher (`teacher.init`) or needs none.
   """
-  if config.transfer.mode == "none" or config.teacher.init or config.teacher.pretrain is None:
+  if not _pretrains_teacher(config):
     return None
   teacher_dir = os.path.join(workdir, TEACHER_DIR)
   results_file = os.path.join(teacher_dir, "results.json")
@@ -38,10 +38,17 @@ def ensure_teacher(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
 
 def _will_train_teacher(config: ml_collections.ConfigDict, workdir: str) -> bool:
   """Whether `ensure_teacher` has a teacher to train: the config says how, and none is there yet."""
-  if config.transfer.mode == "none" or config.teacher.init or config.teacher.pretrain is None:
-    return False
   export = os.path.join(workdir, TEACHER_DIR, EXPORT_DIR, "model_config.json")
-  return not os.path.exists(export)
+  return _pretrains_teacher(config) and not os.path.exists(export)
+
+
+def _pretrains_teacher(config: ml_collections.ConfigDict) -> bool:
+  """Whether the teacher comes from `teacher.pretrain` (a transfer mode, no `teacher.init`)."""
+  return (
+    config.transfer.mode != "none"
+    and not config.teacher.init
+    and config.teacher.pretrain is not None
+  )
 
 
 def run_with_teacher(

@@ -18,7 +18,7 @@ from at_jax.data import pipeline, target_store
 from at_jax.errors import ConfigError
 from at_jax.experiment.paths import EXPORT_DIR
 from at_jax.experiment.preemption import Preempted, _SigtermFlag
-from at_jax.experiment.runs import Run, memory_report, setup
+from at_jax.experiment.runs import Run, setup
 from at_jax.experiment.teachers import init_from_pretrained, load_vit
 from at_jax.training import state as train_state
 from at_jax.transfer import spec as transfer_spec
@@ -147,9 +147,7 @@ def _check_data_position(run: Run, saved: Mapping[str, Any]) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (resuming from <workdir>/checkpoints if present), evaluates, exports params; returns evals."""
   run = setup(config, workdir)
-  metrics.say(
-    memory_report(run)
-  )  # validation has refused a config that cannot fit, before compiling
+  metrics.say(run.memory)  # validation has refused a config that cannot fit, before compiling
   state, shardings, ckpt, train_fn, eval_fn = _fresh_state_and_steps(run)
   state, skipped_before = _starting_state(run, state, shardings, ckpt)
   writer = metrics.MetricWriter(workdir)

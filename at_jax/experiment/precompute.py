@@ -309,7 +309,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   Returns:
     The metadata written.
   """
-  model, mesh, train_source, _ = validation.validate(config, workdir, check_targets=False)
+  model, mesh, train_source, _, _ = validation.validate(config, workdir, check_targets=False)
   if config.transfer.mode != "distill":
     raise ConfigError(
       "transfer.mode",

@@ -9,7 +9,7 @@ import ml_collections
 import optax
 
 from at_jax.data import sources
-from at_jax.experiment import build, memory, teachers, validation
+from at_jax.experiment import build, teachers, validation
 from at_jax.models import vit
 from at_jax.training.state import EvalStep, TrainState
 from at_jax.training.tasks import Task, TrainStep
@@ -26,6 +26,8 @@ class Run:
     task: what is trained (classify or MAE): its params, steps and export.
     init_fn: key -> the fresh TrainState (jit it with out_shardings).
     step_fn, eval_fn: the task's pure train and eval steps for `tx`.
+    memory: the per-device memory estimate that validation checked (params, optimizer, EMA, teacher,
+      activations), to print.
   """
 
   config: ml_collections.ConfigDict
@@ -44,6 +46,7 @@ class Run:
   init_fn: Callable[[jax.Array], TrainState]
   step_fn: TrainStep
   eval_fn: EvalStep
+  memory: str
 
   def export(self, params: Any) -> tuple[dict, Any]:
     """Final params -> (model config, params) of the ViT this run leaves, usable as teacher.init."""
@@ -55,7 +58,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, check_targets: boo
 
   Raises ConfigError naming the field/file to fix; nothing is compiled.
   """
-  model, mesh, train_source, eval_source = validation.validate(
+  model, mesh, train_source, eval_source, memory_line = validation.validate(
     config, workdir, check_targets=check_targets
   )
   if config.transfer.mode == "none" or config.transfer.source == "precomputed":
@@ -84,12 +87,5 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, check_targets: boo
     init_fn=build.init_fn(task, tx),
     step_fn=step_fn,
     eval_fn=eval_fn,
-  )
-
-
-def memory_report(run: Run) -> str:
-  """Per-device memory of state (params, optimizer, EMA), teacher and activations, from shapes alone;
-  raises ConfigError when it cannot fit (validation has checked it already, with the same numbers)."""
-  return memory.check(
-    run.config, run.mesh, run.model, run.transfer, run.init_fn, run.teacher_params
+    memory=memory_line,
   )

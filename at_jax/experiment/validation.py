@@ -27,6 +27,7 @@ class Validated(NamedTuple):
   mesh: jax.sharding.Mesh
   train_source: sources.Source
   eval_source: sources.Source
+  memory: str  # the per-device memory estimate, as checked against the device (one line)
 
 
 def validate(
@@ -48,8 +49,6 @@ def validate(
   _check_data_args(config, model, spec)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   d = config.data
-  sharding.check_batch(d.batch_size, mesh, "data.batch_size")
-  sharding.check_batch(d.eval_batch_size, mesh, "data.eval_batch_size")
   data_dir = d.dir or None
   train_source = sources.make_source(d.name, d.train_split, data_dir, field="data.train_split")
   eval_source = sources.make_source(d.name, d.eval_split, data_dir, field="data.eval_split")
@@ -58,15 +57,17 @@ def validate(
     eval_batch_size=d.eval_batch_size,
     num_train_examples=len(train_source),
     process_count=jax.process_count(),
-  )
+  )  # positive, split over processes, and (batch_size) no more than the training split
+  sharding.check_batch(d.batch_size, mesh, "data.batch_size")
+  sharding.check_batch(d.eval_batch_size, mesh, "data.eval_batch_size")
   if spec.active and spec.source == "precomputed" and check_targets:
     _check_stored_targets(config, workdir, model, spec, len(train_source))
   # Last of the inputs: the teacher, read for its architecture and checked against the student.
   teacher = _teacher_architecture(config, workdir, model)
   if teacher is not None:
     spec = transfer_spec.resolve(config.transfer.to_dict(), model, teacher, image_size)
-  _check_memory(config, mesh, model, teacher, spec, len(train_source))
-  return Validated(model, mesh, train_source, eval_source)
+  memory_line = _check_memory(config, mesh, model, teacher, spec, len(train_source))
+  return Validated(model, mesh, train_source, eval_source, memory_line)
 
 
 def _check_scalars(config: ml_collections.ConfigDict) -> None:
@@ -225,10 +226,13 @@ def _check_memory(
   task = build.task(config, model, teacher, spec, lr)
   tx = build.optimizer(config, task, lr, model.depth)
   teacher_params = None
-  if teacher is not None:
-    cut = vit.build({**vit.model_fields(teacher), "depth": max(spec.layers) + 1})
+  if teacher is not None:  # as teachers.teacher_on_mesh will place it: cut after its last layer
     images = np.zeros((1, config.data.image_size, config.data.image_size, 3), np.float32)
     teacher_params = jax.eval_shape(
-      lambda: cut.init(jax.random.key(0), images, train=False)["params"]
+      lambda: vit.truncate(
+        teacher,
+        teacher.init(jax.random.key(0), images, train=False)["params"],
+        max(spec.layers) + 1,
+      )[1]
     )
   return memory.check(config, mesh, model, spec, build.init_fn(task, tx), teacher_params)

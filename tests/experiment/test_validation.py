@@ -69,6 +69,7 @@ def test_a_bad_teacher_recipe_stops_before_anything_compiles(tmp_path, no_compil
 def test_the_demo_validates_without_compiling(tmp_path, no_compiles):
   """The control for the cases above: the same path accepts the unchanged demo, compiling nothing."""
   with no_compiles():
-    model, mesh, train_source, eval_source = validation.validate(_demo(), str(tmp_path))
+    model, mesh, train_source, eval_source, memory = validation.validate(_demo(), str(tmp_path))
   assert (len(train_source), len(eval_source)) == (60_000, 10_000)
   assert model.num_classes == 10 and mesh.size == 8
+  assert memory.startswith("per-device memory estimate: params ") and "host RAM" in memory
