@@ -62,6 +62,7 @@ def base() -> ml_collections.ConfigDict:
     source="jointly",
     average="none",
     loss_impl="direct",
+    loss_block=0,  # blockwise/pallas: query and key tile size, a power of two >= 16; 0 = auto
     targets_dir="",
   )
   # launch/precompute.py: store, for what="attn", the teacher's "logits" (H*N*N per layer and image) or

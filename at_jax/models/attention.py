@@ -45,12 +45,14 @@ class AttnTarget:
   "q" and "k" [S, B, N, H, K_teacher], from which each block forms its layer's teacher logits
   (scale K_teacher**-0.5) when it needs them. `impl` picks how the per-query cross-entropy is computed
   (`attn_ce.IMPLS`): "direct" materialises one layer's maps; "blockwise"/"pallas" stream over blocks of
-  queries and keys from q and k and never hold an N x N map (they need "q"/"k" values).
+  queries and keys from q and k and never hold an N x N map (they need "q"/"k" values). `block`: their
+  query and key tile size (`transfer.loss_block`; 0 = `attn_ce_tiles.auto_block`).
   """
 
   layers: tuple[int, ...]
   values: Mapping[str, Array]
   impl: str = "direct"
+  block: int = 0
 
 
 def layer_attention_ce(
@@ -60,11 +62,12 @@ def layer_attention_ce(
   k_BNHK: Array,
   logits_BHNN: Array,
   lse_BHN: Array | None,
+  block: int = 0,
 ) -> Array:
   """Per-head cross-entropy [H] of one layer's attention against the teacher's, mean over batch and queries.
 
   `target`: this layer's slice of `AttnTarget.values`. `lse_BHN`: logsumexp of the student's logits over
-  keys, when the layer's softmax already has it.
+  keys, when the layer's softmax already has it. `block`: the streamed impls' tile size (`AttnTarget`).
   """
   if "logits" in target:
     ce_BHN = attn_ce.ce_from_logits(target["logits"], logits_BHNN, student_lse_BHN=lse_BHN)
@@ -81,6 +84,8 @@ def layer_attention_ce(
       k_BNHK,
       scale_teacher=target["q"].shape[-1] ** -0.5,
       scale_student=q_BNHK.shape[-1] ** -0.5,
+      block_q=block,
+      block_k=block,
     )
   return ce_BHN.mean(axis=(0, 2))
 
@@ -135,6 +140,7 @@ class Attention(nn.Module):
   arch: "BlockArch"
   loss_impl: str = "direct"
   copied: bool = False
+  loss_block: int = 0  # AttnTarget.block
 
   def _project(self, x_BND: Array, own_qk: bool) -> dict[str, Array]:
     """{"q", "k", "v"} [B, N, H, K] (only "v" without `own_qk`), QK-normed if the arch says so."""
@@ -203,7 +209,7 @@ class Attention(nn.Module):
     out = {"attn_logits": logits_BHNN}
     if target is not None:
       out["attn_ce"] = layer_attention_ce(
-        target, self.loss_impl, qkv["q"], qkv["k"], logits_BHNN, lse_BHN
+        target, self.loss_impl, qkv["q"], qkv["k"], logits_BHNN, lse_BHN, self.loss_block
       )
     if want_qkv:
       out.update({k: x.astype(jnp.float32) for k, x in qkv.items()})

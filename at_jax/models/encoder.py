@@ -81,6 +81,7 @@ class Block(nn.Module):
   want_qkv: bool = False
   loss_impl: str = "direct"
   copied: bool = False
+  loss_block: int = 0  # AttnTarget.block
 
   @nn.compact
   def __call__(
@@ -103,7 +104,7 @@ class Block(nn.Module):
 
     y_BND = nn.LayerNorm(epsilon=a.norm_eps, name="LayerNorm_0")(x_BND)
     y_BND, out = attention.Attention(
-      a, self.loss_impl, self.copied, name="MultiHeadDotProductAttention_0"
+      a, self.loss_impl, self.copied, self.loss_block, name="MultiHeadDotProductAttention_0"
     )(y_BND, override, self.want_qkv, target)
     x_BND = x_BND + residual(y_BND, 0)
     y_BND = nn.LayerNorm(epsilon=a.norm_eps, name="LayerNorm_1")(x_BND)
@@ -140,7 +141,7 @@ class Encoder(nn.Module):
     block = Block
     if self.remat_policy != "none":
       block = nn.remat(Block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan)
-    impl = "direct" if target is None else target.impl
+    impl, loss_block = ("direct", 0) if target is None else (target.impl, target.block)
     copied_L = _copied_layers(override, self.depth)
     if self.scan:
       # Scanned blocks need every layer's inputs alike: unselected layers get zero targets (a uniform
@@ -160,9 +161,10 @@ class Encoder(nn.Module):
         in_axes=0,
         length=self.depth,
       )
-      return scanned(self.arch, self.want_qkv, impl, bool(copied_L.all()), name="encoderblock")(
-        x_BND, (override, drop_LRB, full)
+      scanned_block = scanned(
+        self.arch, self.want_qkv, impl, bool(copied_L.all()), loss_block, name="encoderblock"
       )
+      return scanned_block(x_BND, (override, drop_LRB, full))
     outs = []
     for i in range(self.depth):
       layer = lambda tree: None if tree is None else jax.tree.map(lambda a: a[i], tree)
@@ -170,7 +172,7 @@ class Encoder(nn.Module):
       if target is not None and i in target.layers:
         target_i = {k: v[target.layers.index(i)] for k, v in target.values.items()}
       x_BND, out = block(
-        self.arch, self.want_qkv, impl, bool(copied_L[i]), name=f"encoderblock_{i}"
+        self.arch, self.want_qkv, impl, bool(copied_L[i]), loss_block, name=f"encoderblock_{i}"
       )(x_BND, (layer(override), layer(drop_LRB), target_i))
       outs.append(out)
     if target is not None:  # layers without a target report zero loss, so that the outputs stack

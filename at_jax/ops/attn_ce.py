@@ -17,9 +17,11 @@ Implementations (`IMPLS`), all returning float32 CE of shape [B, H, Nq]:
              query or key block). `interpret=True` runs it anywhere (tests run it on CPU).
 
 Layout follows the ViT: q, k are [B, N, H, K]. Teacher and student may differ in head dim (widths), not in
-head count. Inputs may be bfloat16; all math is float32. `key_mask_BN` drops the False keys (padding
-tokens) from both softmaxes; every batch element needs at least one True key. N need not divide by the
-block sizes: inputs are padded to whole blocks, padded keys masked and padded query rows dropped.
+head count. Inputs may be bfloat16: "direct" and "blockwise" upcast them, the Pallas kernels run their
+dots in the inputs' dtype with float32 accumulation; softmax and CE math is float32 in all three.
+`key_mask_BN` drops the False keys (padding tokens) from both softmaxes; every batch element needs at
+least one True key. Block sizes (`transfer.loss_block`; 0 = `attn_ce_tiles.auto_block`) need not divide
+N: inputs are padded to whole blocks, padded keys masked and padded query rows dropped.
 
 q.k logits are formed in one place, `qk_logits`, for this module, the ViT's attention and the transfer
 loss's reference formula; the Pallas kernels use its 2-D form (Triton lowers no batched dots).
@@ -197,16 +199,18 @@ def ce_blockwise(
   scale_teacher: float,
   scale_student: float,
   key_mask_BN: Array | None = None,
-  block_q: int = 128,
-  block_k: int = 128,
+  block_q: int = 0,
+  block_k: int = 0,
 ) -> Array:
   """Per-query CE [B, H, N] streamed over block_q x block_k tiles in pure JAX; O(N) memory.
 
   Gradients flow to the student's q and k only (a custom VJP that recomputes the tiles from the saved
-  per-row logsumexps of both distributions).
+  per-row logsumexps of both distributions). A block of 0 picks `tiles.auto_block`, as the kernels do.
   """
   tiles.check_shapes(q_teacher_BNHK, k_teacher_BNHK, q_student_BNHK, k_student_BNHK, key_mask_BN)
   batch, n, _, _ = q_teacher_BNHK.shape
+  auto = tiles.auto_block(n, max(q_teacher_BNHK.shape[-1], q_student_BNHK.shape[-1]))
+  block_q, block_k = block_q or auto, block_k or auto
   valid_BN = tiles.valid_keys(key_mask_BN, batch, n, block_k)
   ce_b = _blockwise_core(
     _to_blocks(q_teacher_BNHK, block_q),
@@ -233,8 +237,8 @@ def attention_ce(
   scale_teacher: float,
   scale_student: float,
   key_mask_BN: Array | None = None,
-  block_q: int = 128,
-  block_k: int = 128,
+  block_q: int = 0,
+  block_k: int = 0,
   interpret: bool | None = None,
 ) -> Array:
   """Per-query attention CE [B, H, N] by the implementation named `impl` (one of `IMPLS`).
@@ -245,7 +249,8 @@ def attention_ce(
     q_student_BNHK, k_student_BNHK: the student's queries and keys [B, N, H, K_student].
     scale_teacher, scale_student: the logit scales (usually head_dim**-0.5 of each).
     key_mask_BN: [B, N] bool, False for keys to leave out (padding tokens).
-    block_q, block_k: tile sizes of the streamed implementations (ignored by "direct").
+    block_q, block_k: tile sizes of the streamed implementations (ignored by "direct"); 0 picks
+      `attn_ce_tiles.auto_block`. The model passes `transfer.loss_block` as both.
     interpret: Pallas only; None interprets on CPU and compiles elsewhere. Inside a step traced under
       `sharding.on_mesh` the kernels run on each device's examples (`attn_ce_pallas.ce_pallas_sharded`).
   """

@@ -1,6 +1,6 @@
 """The tile math of the streamed attention CE, shared by the pure-JAX loop (`attn_ce.ce_blockwise`) and the
 Pallas kernels (`attn_ce_pallas`): one online-softmax step, the per-query CE carried over key tiles, the
-student's logit cotangent, and the checks and padding of the inputs.
+student's logit cotangent, the checks and padding of the inputs, and the tile size (`auto_block`).
 
 Tiles are [..., rows, cols] (queries x keys): the leading axes are (B, H) in the pure-JAX loop and absent
 inside a Pallas kernel. Teacher values carry `_teacher`, the student's `_student`.
@@ -94,6 +94,24 @@ def check_shapes(
     raise ValueError(f"teacher {teacher} and student {student} differ in batch, tokens or heads")
   if key_mask_BN is not None and key_mask_BN.shape != teacher[:2]:
     raise ValueError(f"key_mask {key_mask_BN.shape} must be [B, N] = {teacher[:2]}")
+
+
+def next_pow2(n: int, minimum: int = 16) -> int:
+  """The smallest power of two >= max(n, minimum): Triton's tile sizes and dot dims (it wants >= 16)."""
+  return max(minimum, 1 << (n - 1).bit_length())
+
+
+def auto_block(tokens: int, head_dim: int) -> int:
+  """block_q = block_k of the streamed CE when `transfer.loss_block` is 0 (auto).
+
+  `head_dim`: the larger of the teacher's and student's head dims (padded or not: a dim is <= 64 exactly
+  when its next power of two is). 128 up to head dim 64, else 64: a kernel program holds one block of q
+  rows and two pipeline stages of k rows for both models, which in float32 (the teacher's q and k usually
+  are) is 192 KB at 128 rows x 64 dims or 64 rows x 128 dims (ViT-H/14's 80, padded), but 384 KB at 128 x
+  128, past Hopper's 227 KB of shared memory. Never more than `tokens` rounded up to a power of two (at
+  least 16), so that small inputs are not padded to a whole 128-row block.
+  """
+  return min(128 if head_dim <= 64 else 64, next_pow2(tokens))
 
 
 def pad_tokens(x: Array, block: int) -> Array:

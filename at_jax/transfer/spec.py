@@ -97,6 +97,7 @@ class Transfer:
   num_heads: int = 0
   average: str = "none"
   loss_impl: str = "direct"
+  loss_block: int = 0  # block_q = block_k of the streamed losses; 0: attn_ce_tiles.auto_block
 
   @property
   def active(self) -> bool:
@@ -160,6 +161,23 @@ def _check_loss_impl(loss_impl: str, mode: str, what: str, average: str) -> None
     )
 
 
+def _check_loss_block(loss_block: Any, loss_impl: str) -> int:
+  """`transfer.loss_block` as an int: 0 (auto) or a power of two >= 16 (Triton's tile sizes), and 0
+  for "direct", which has no blocks (an explicit setting is never silently ignored)."""
+  if isinstance(loss_block, bool) or not isinstance(loss_block, int | np.integer):
+    raise ConfigError("transfer.loss_block", f"must be an int, got {loss_block!r}")
+  if loss_block != 0 and (loss_block < 16 or loss_block & (loss_block - 1)):
+    raise ConfigError(
+      "transfer.loss_block", f"{loss_block}: use 0 (auto) or a power of two >= 16 (16, 32, 64, ...)"
+    )
+  if loss_block != 0 and loss_impl == "direct":
+    raise ConfigError(
+      "transfer.loss_block",
+      f"{loss_block} sets the tiles of loss_impl 'blockwise'/'pallas'; 'direct' has none (use 0)",
+    )
+  return int(loss_block)
+
+
 def _check_teacher(student: Any, teacher: Any, layers: tuple[int, ...], what: str, image_size: int):
   """ConfigError unless `teacher` can hand `student` its `what` in `layers` at `image_size`."""
   if teacher.depth <= max(layers):
@@ -198,7 +216,8 @@ def resolve(cfg: Mapping[str, Any], student: Any, teacher: Any | None, image_siz
   """Validates `config.transfer` against the student (and teacher) ViTs; errors name the config field.
 
   Args:
-    cfg: the `transfer` config: mode, what, layers, heads, weight, source, average, loss_impl.
+    cfg: the `transfer` config: mode, what, layers, heads, weight, source, average, loss_impl,
+      loss_block.
     student, teacher: `ViT` modules (teacher may be None when mode is "none" or source "precomputed").
     image_size: the training image size, to check token counts.
   """
@@ -221,10 +240,21 @@ def resolve(cfg: Mapping[str, Any], student: Any, teacher: Any | None, image_siz
     raise ConfigError("transfer.weight", f"must be > 0 for distillation, got {weight}")
   loss_impl = cfg.get("loss_impl", "direct")
   _check_loss_impl(loss_impl, mode, what, average)
+  loss_block = _check_loss_block(cfg.get("loss_block", 0), loss_impl)
   if teacher is not None:
     _check_teacher(student, teacher, layers, what, image_size)
   return Transfer(
-    mode, what, layers, heads, weight, source, student.depth, student.num_heads, average, loss_impl
+    mode,
+    what,
+    layers,
+    heads,
+    weight,
+    source,
+    student.depth,
+    student.num_heads,
+    average,
+    loss_impl,
+    loss_block,
   )
 
 

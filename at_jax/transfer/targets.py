@@ -140,4 +140,4 @@ def attn_target(
     values = {"logits": targets["attn_logits"]}
   else:
     values = {"q": targets["q"], "k": targets["k"]}
-  return attention.AttnTarget(transfer.layers, values, transfer.loss_impl)
+  return attention.AttnTarget(transfer.layers, values, transfer.loss_impl, transfer.loss_block)

@@ -32,10 +32,11 @@ def row_weights(b: int, h: int, n: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("impl", "block_q", "block_k"))
-def value_and_grads(impl, q_t, k_t, q_s, k_s, key_mask, weights, block_q=128, block_k=128):
+def value_and_grads(impl, q_t, k_t, q_s, k_s, key_mask, weights, block_q=0, block_k=0):
   """Per-query CE and the gradients of sum(weights * CE) w.r.t. all four inputs.
 
   Non-uniform weights make the per-row cotangent g_i differ between rows, as the backward must honour.
+  Blocks of 0 are `attn_ce_tiles.auto_block`'s.
   """
 
   def weighted_sum(*qk):
@@ -63,3 +64,15 @@ def assert_same(got, want, **tol):
     np.testing.assert_allclose(
       np.asarray(g, np.float32), np.asarray(g_ref, np.float32), **tol, err_msg=name
     )
+
+
+def assert_close_bf16(got, want, err_msg: str = "") -> None:
+  """bf16 gradients against a float32 reference: within 2**-6 of the reference's largest entry.
+
+  bf16's unit roundoff is 2**-8. The Pallas gradients are rounded twice: each ds tile before the dq/dk
+  dots (errors that do not cancel where the sum over keys does, hence a bound relative to the largest
+  entry, not elementwise) and the result, returned in the inputs' dtype. Measured on these inputs: under
+  2**-8 of the largest entry; 2**-6 leaves a factor 4 for other summation orders (a GPU's).
+  """
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  np.testing.assert_allclose(got, want, rtol=0, atol=2**-6 * np.abs(want).max(), err_msg=err_msg)

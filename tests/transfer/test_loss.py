@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from at_jax.models import vit
+from at_jax.ops import attn_ce
 from at_jax.transfer import loss, spec, targets
 from tests.transfer.conftest import S, build_model, resolve_distill, teacher_targets_and_out
 
@@ -98,6 +99,23 @@ def test_distill_qkv_variants(setup, what):
   np.testing.assert_allclose(
     loss.distill_loss(other, teacher_targets, transfer), expected, rtol=1e-5
   )
+
+
+def test_loss_block_reaches_the_streamed_loss(setup, monkeypatch):
+  """`transfer.loss_block` is the tile size of every selected layer's loss, through `attn_target`."""
+  student, teacher, sp, tp, images = setup
+  transfer = resolve_distill(student, teacher, layers="0,2", loss_impl="blockwise", loss_block=16)
+  teacher_targets, _ = teacher_targets_and_out(teacher, tp, images, transfer)
+  seen, real = [], attn_ce.attention_ce
+
+  def spy(*args, **kw):
+    seen.append((kw["block_q"], kw["block_k"]))
+    return real(*args, **kw)
+
+  monkeypatch.setattr(attn_ce, "attention_ce", spy)
+  target = targets.attn_target(teacher_targets, transfer)
+  student.apply({"params": sp}, images, train=False, attn_target=target)
+  assert seen == [(16, 16)] * 2
 
 
 def _distill_grads(student, sp, images, teacher_targets, transfer, via_encoder):

@@ -79,6 +79,29 @@ def test_resolve_errors(setup):
     resolve_distill(student, build_model(width=64), what="q")
 
 
+def test_loss_block(setup):
+  """`transfer.loss_block`: 0 (auto) or a power of two >= 16, for the streamed losses only."""
+  student, teacher, *_ = setup
+  assert resolve_distill(student, teacher, loss_impl="blockwise").loss_block == 0
+  for block in (16, 64, 256):
+    assert (
+      resolve_distill(student, teacher, loss_impl="pallas", loss_block=block).loss_block == block
+    )
+  for block, match in [(8, "power of two"), (48, "power of two"), (-16, "power of two")]:
+    with pytest.raises(ConfigError, match=match) as e:
+      resolve_distill(student, teacher, loss_impl="blockwise", loss_block=block)
+    assert e.value.field == "transfer.loss_block"
+  for block in ("64", 64.0, True):
+    with pytest.raises(ConfigError, match="int") as e:
+      resolve_distill(student, teacher, loss_impl="pallas", loss_block=block)
+    assert e.value.field == "transfer.loss_block"
+  # "direct" has no blocks: an explicit size there is refused, not ignored.
+  for cfg in ({}, {"mode": "copy"}):
+    with pytest.raises(ConfigError, match="direct") as e:
+      resolve_distill(student, teacher, loss_block=64, **cfg)
+    assert e.value.field == "transfer.loss_block"
+
+
 def test_masks(setup):
   student, teacher, *_ = setup
   transfer = resolve_distill(student, teacher, layers="1,3", heads="1")
