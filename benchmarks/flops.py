@@ -8,33 +8,41 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-# Dense (no sparsity) peak TFLOP/s per chip, as (bfloat16, float32). "float32" is what a float32 matmul
-# gets at each framework's default precision there: TF32 tensor cores on NVIDIA (XLA's default for f32
-# dots on Ampere and later; PyTorch needs torch.backends.cuda.matmul.allow_tf32, which torch_reference.py
-# sets to match), one bf16 pass on TPU (JAX's default precision). Matched by substring of
-# `device_kind`, first hit wins, so the more specific names come first.
-PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
-  ("H100 PCIe", 756.0, 378.0),
-  ("H100 NVL", 835.0, 418.0),
-  ("H100", 989.4, 494.7),  # SXM
-  ("H200", 989.4, 494.7),
-  ("GH200", 989.4, 494.7),
-  ("A100", 312.0, 156.0),
-  ("TPU v5 lite", 197.0, 197.0),
-  ("TPU v5e", 197.0, 197.0),
-  ("TPU v5p", 459.0, 459.0),
-  ("TPU v5", 459.0, 459.0),  # v5p reports device_kind "TPU v5"
-  ("TPU v4", 275.0, 275.0),
+# Dense (no sparsity) peak TFLOP/s per chip, as (name, bfloat16, TF32, plain float32). A float32 matmul
+# runs at the TF32 peak only where TF32 is on: XLA's default for f32 dots on NVIDIA Ampere and later, and
+# PyTorch's only when asked (torch_reference.py --tf32); with TF32 off it gets the CUDA cores' fp32 peak,
+# 15x lower on an H100. On TPU all three are the bf16 peak: JAX's default precision is one bf16 pass.
+# Matched by substring of `device_kind`, first hit wins: more specific names come first ("H200 NVL" before
+# "H200", which "GH200" also contains).
+PEAK_TFLOPS: tuple[tuple[str, float, float, float], ...] = (
+  ("H100 PCIe", 756.0, 378.0, 51.0),
+  ("H100 NVL", 835.0, 418.0, 60.0),
+  ("H100", 989.4, 494.7, 67.0),  # SXM
+  ("H200 NVL", 835.0, 418.0, 60.0),
+  ("GH200", 989.4, 494.7, 67.0),
+  ("H200", 989.4, 494.7, 67.0),  # SXM
+  ("A100", 312.0, 156.0, 19.5),
+  ("TPU v5 lite", 197.0, 197.0, 197.0),
+  ("TPU v5e", 197.0, 197.0, 197.0),
+  ("TPU v5p", 459.0, 459.0, 459.0),
+  ("TPU v5", 459.0, 459.0, 459.0),  # v5p reports device_kind "TPU v5"
+  ("TPU v4", 275.0, 275.0, 275.0),
 )
 
 
-def peak_tflops(device_kind: str, dtype: str, override: float = 0.0) -> float:
-  """Peak dense TFLOP/s of `device_kind` for matmuls in `dtype`; 0.0 when unknown (e.g. a CPU)."""
+def peak_tflops(device_kind: str, dtype: str, override: float = 0.0, tf32: bool = True) -> float:
+  """Peak dense TFLOP/s of `device_kind` for matmuls in `dtype`; 0.0 when unknown (e.g. a CPU).
+
+  `tf32`: whether float32 matmuls use TF32 tensor cores. The default, True, is XLA's behaviour on NVIDIA
+  GPUs; pass False for PyTorch with TF32 off (or JAX at "highest" precision), which gets the fp32 peak.
+  """
   if override > 0:
     return override
-  for name, bf16, fp32 in PEAK_TFLOPS:
+  for name, bf16, tf32_peak, fp32 in PEAK_TFLOPS:
     if name.lower() in device_kind.lower():
-      return bf16 if dtype in ("bfloat16", "bf16") else fp32
+      if dtype in ("bfloat16", "bf16"):
+        return bf16
+      return tf32_peak if tf32 else fp32
   return 0.0
 
 

@@ -9,7 +9,8 @@ For every model x dtype x remat policy, the steps of all modes are compiled firs
 interleaved repetitions (mode after mode, `--reps` times `--steps` steps), so that load from other jobs
 falls on all of them alike; the table gives the median and the minimum over repetitions of ms/step. Also:
 lower+compile time, the compiled program's memory (`memory_analysis()`: arguments + outputs - aliased +
-temporaries; on a GPU also the allocator's peak so far in this process), the analytic model FLOPs of the
+temporaries, exact for that program; the allocator's process-wide peak is not shown: it would include the
+modes built before), the analytic model FLOPs of the
 step (benchmarks/flops.py: teacher forward + student forward and backward, attention included), the FLOP/s
 achieved and MFU against the device's peak (a table by device kind, or --peak_tflops). "vs scratch" is
 the transfer overhead: the ratio of the step's median time to the scratch step's of the same model.
@@ -221,16 +222,6 @@ class JaxStep:
     del self.state, self.teacher_params, self.compiled, self.batch_
 
 
-def device_peak_bytes() -> float | None:
-  """The allocator's peak so far in this process (GPU/TPU); None where the device keeps no stats (CPU)."""
-  import jax
-
-  stats = jax.devices()[0].memory_stats()
-  return (
-    None if not stats or "peak_bytes_in_use" not in stats else float(stats["peak_bytes_in_use"])
-  )
-
-
 def _cpu_busy(interval: float = 0.25) -> float:
   """Fraction of all CPUs' time spent busy over `interval` seconds (while this process sleeps)."""
 
@@ -278,7 +269,7 @@ def main(argv):
   )
   print(
     "| model | img | batch | dtype | remat | attention | mode | compile s | ms/step median | min | img/s "
-    "| vs scratch | GFLOP/img | TFLOP/s | MFU | program GiB | device peak GiB |"
+    "| vs scratch | GFLOP/img | TFLOP/s | MFU | program GiB | temp GiB |"
   )
   print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for entry in FLAGS.models:
@@ -286,7 +277,7 @@ def main(argv):
     for dtype in FLAGS.dtypes:
       peak = flops.peak_tflops(device.device_kind, dtype, FLAGS.peak_tflops)
       for remat, attention in [(r, a) for r in FLAGS.remat for a in FLAGS.attention]:
-        steps, peaks = {}, {}
+        steps = {}
         for mode in FLAGS.modes:
           steps[mode] = JaxStep(
             variant,
@@ -301,7 +292,6 @@ def main(argv):
             loss_impl=FLAGS.loss_impl,
           )
           steps[mode].run(FLAGS.warmup)
-          peaks[mode] = device_peak_bytes()
         for _ in range(FLAGS.reps):
           for s in steps.values():
             wait_for_quiet(FLAGS.quiet_wait)
@@ -313,11 +303,10 @@ def main(argv):
           tflops = batch * f / (med / 1000) / 1e12
           mfu = f"{100 * tflops / peak:.1f}%" if peak else "-"
           ratio = f"{med / base:.2f}x" if base else "-"
-          dev_peak = f"{peaks[mode] / GIB:.2f}" if peaks[mode] is not None else "-"
           print(
             f"| {variant} | {size} | {batch} | {dtype} | {remat} | {attention} | {mode} | {s.compile_s:.1f} | {med:.1f} | "
             f"{low:.1f} | {batch / med * 1000:.1f} | {ratio} | {f / 1e9:.2f} | {tflops:.3f} | {mfu} | "
-            f"{s.program_bytes / GIB:.2f} | {dev_peak} |",
+            f"{s.program_bytes / GIB:.2f} | {s.temp_bytes / GIB:.2f} |",
             flush=True,
           )
         for s in steps.values():

@@ -1,8 +1,8 @@
-"""The attention-transfer train step in PyTorch with timm ViTs, timed alone or side by side with ours.
+"""Our attention-transfer train step timed side by side with the same step in PyTorch with timm ViTs.
 
   python benchmarks/torch_reference.py --models=Ti/16@224:8,S/16@224:8 --modes=none,copy,distill \
-      --framework=both --steps=3 --reps=7
-  python benchmarks/torch_reference.py --models=B/16@224:64 --dtypes=float32,bfloat16 --framework=both  # GPU
+      --steps=3 --reps=7
+  python benchmarks/torch_reference.py --models=B/16@224:64 --dtypes=float32,bfloat16 --scan  # GPU
 
 The PyTorch step is the paper's dual-model step written plainly: the frozen teacher (eval mode, under
 torch.no_grad) runs first and its blocks hand out their pre-softmax attention logits q @ k^T * scale as
@@ -16,42 +16,52 @@ Models come from `timm.create_model` (vit_tiny/small/base/large_patch16_224, pre
 network) or, for other variants such as the Fashion-MNIST demo's Mu/7 at 28 px, timm's VisionTransformer
 with the same shape. Both are built with average pooling + fc_norm (the MAE/paper readout, and ours).
 Attention runs through `ExposedAttention`, a re-implementation of timm's (unfused) Attention.forward that
-keeps the logits and obeys an override.
+keeps the logits and obeys an override. Scratch rows also time timm's own Attention with fused SDPA
+(--native_scratch): the baseline a PyTorch user would get, which needs no maps.
 
---framework=both builds OUR step (benchmarks/step.py's JaxStep: at_jax.train_step, jitted and compiled)
-with the same shapes, the same images and labels and the same weights (converted from the timm models with
-at_jax.convert), checks that the first step's losses agree, then times both in one process in interleaved
-repetitions (JAX, PyTorch, JAX, ...; median and minimum over --reps of --steps steps each) and prints a
-markdown table: ms/step of both and the speedup torch_ms / jax_ms (> 1: ours is faster).
+`compare` (the library entry point; benchmarks/gpu_bench.py calls it) makes one size's weights once
+(seeded timm models, converted in memory by at_jax.convert, stacked into the scan layout with --scan) and
+reuses them for every dtype x mode row. Per row it builds OUR step (benchmarks/step.py's JaxStep:
+at_jax.train_step, jitted and compiled) and the PyTorch step on the same weights, images and labels,
+records the first step's losses of both at once, then times them in interleaved repetitions (ours,
+PyTorch, ...; median and minimum over `reps` of `steps` steps each) and records the row: ms/step of both,
+the speedup torch_ms / ours_ms (> 1: ours is faster), FLOP/s and MFU. `main` prints them as a markdown
+table.
 
-On a GPU (--device=auto picks cuda when available) float32 matmuls use TF32 on both sides by default:
-XLA's default precision on Ampere and later, and here torch.backends.cuda.matmul.allow_tf32 for PyTorch
-(--tf32=false gives PyTorch full float32; ours stays at XLA's default). bfloat16 runs PyTorch under
-torch.autocast and ours with dtype_mm=bfloat16; on a CPU autocast works where oneDNN has bf16 kernels.
-On a shared host pass --quiet_wait=30 (from step.py): each repetition first waits for idle CPUs.
+Precision: on a GPU, float32 matmuls of ours run at XLA's default, TF32 on Ampere and later; PyTorch's
+follow --tf32 (default on, to match; off gives full float32, whose MFU counts against the far lower fp32
+peak). Each row records the precision of both sides. bfloat16 runs PyTorch under torch.autocast and ours
+with dtype_mm=bfloat16; on a CPU autocast works where oneDNN has bf16 kernels. On a shared host pass
+--quiet_wait=30 (from step.py): each repetition first waits for idle CPUs.
 """
 
 import contextlib
+import dataclasses
+import gc
 import os
 import statistics
-import tempfile
+import sys
 import time
+import traceback
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flops  # benchmarks/flops.py
 import step as jax_step  # benchmarks/step.py: defines --models, --modes, --dtypes, --steps, ...
 from absl import app, flags
 
-flags.DEFINE_enum(
-  "framework", "both", ["torch", "both"], "Time PyTorch alone, or ours and PyTorch side by side."
-)
+# Set before JAX and timm are first imported (they are imported lazily): timm must never wait on a model
+# hub, and both frameworks share the GPU, so JAX must not grab 75% of its memory up front.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
 flags.DEFINE_string("device", "auto", "PyTorch device: auto (cuda if available), cpu or cuda.")
 flags.DEFINE_enum(
   "torch_optimizer", "fused", ["fused", "foreach", "loop"], "torch.optim.AdamW implementation."
 )
 flags.DEFINE_bool("tf32", True, "PyTorch on CUDA: TF32 for float32 matmuls (XLA's default on GPU).")
 flags.DEFINE_bool(
-  "check", True, "With --framework=both: same weights and data, compare the first losses."
+  "native_scratch", True, "Also time timm's own fused-SDPA attention in scratch (mode none) rows."
 )
 flags.DEFINE_integer(
   "torch_threads", 0, "torch.set_num_threads (0: PyTorch's default, one per core)."
@@ -147,38 +157,136 @@ def attention_ce(teacher_logits, student_logits):
   return -(teacher_logits.float().softmax(-1) * student_logits.float().log_softmax(-1)).sum(-1)
 
 
+def set_torch_precision(device: str, tf32: bool) -> str:
+  """Sets PyTorch's float32 matmul and conv precision on CUDA; returns it: "tf32" or "ieee"."""
+  if not device.startswith("cuda"):
+    return "ieee"  # CPU float32 matmuls are full precision (oneDNN's default)
+  torch = _torch()
+  precision = "tf32" if tf32 else "ieee"
+  matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+  if hasattr(matmul, "fp32_precision") and hasattr(cudnn, "conv"):  # torch >= 2.9
+    matmul.fp32_precision = precision
+    cudnn.conv.fp32_precision = precision
+  else:  # Older torch has only the legacy flags (newer torch deprecates them, and mixing the two APIs).
+    matmul.allow_tf32 = cudnn.allow_tf32 = tf32
+  return precision
+
+
+def jax_precision(dtype: str) -> str:
+  """The precision our float32 matmuls get: XLA's default is TF32 on NVIDIA GPUs, one bf16 pass on TPU."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  if dtype == "bfloat16":
+    return "bf16"
+  platform = jax.devices()[0].platform
+  setting = str(jax.config.jax_default_matmul_precision or "default")
+  if platform == "cpu" or setting in ("highest", "float32"):
+    return "ieee"
+  if setting == "default":
+    return {"gpu": "tf32", "tpu": "bf16_1pass"}.get(platform, setting)
+  return setting
+
+
+@dataclasses.dataclass
+class Weights:
+  """One (variant, image size)'s seeded weights, made once and loaded afresh into every row's steps.
+
+  Attributes:
+    student_torch, teacher_torch: timm state dicts of float32 CPU tensors (teacher: None when unneeded).
+    student_ours, teacher_ours: the same converted by at_jax.convert into float32 numpy params in our
+      layout (scan layout when made with scan).
+  """
+
+  student_torch: dict[str, Any]
+  teacher_torch: dict[str, Any] | None
+  student_ours: Any
+  teacher_ours: Any
+
+
+def to_ours(state: dict[str, Any], num_heads: int, scan: bool) -> Any:
+  """A timm state dict converted in memory by at_jax.convert (as a real teacher's file is)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  from at_jax.convert import timm as timm_convert  # pylint: disable=import-outside-toplevel
+  from at_jax.models import vit  # pylint: disable=import-outside-toplevel
+
+  flat = {k: v.numpy() for k, v in state.items()}
+  _, params = timm_convert.from_timm(flat, "timm state dict (in memory)", num_heads)
+  if scan:
+    # Kept as numpy: JaxStep puts params and EMA separately to get two buffers (the state is donated),
+    # and a put of a device array already in place may return that same array. (Not stacked under
+    # jax.default_device(cpu): with JAX_PLATFORMS=cuda there is no CPU backend.)
+    params = jax.tree.map(np.asarray, vit.loop_to_scan(params))
+  return params
+
+
+def make_weights(
+  variant: str, image_size: int, *, teacher: bool, scan: bool, seed: int = 0, device: str = "cpu"
+) -> Weights:
+  """Seeded timm student (and teacher) of `variant`, initialised on `device`, kept on the CPU, converted."""
+  torch = _torch()
+  from at_jax.models import vit  # pylint: disable=import-outside-toplevel
+
+  torch.manual_seed(seed)
+  states = []
+  for _ in range(2 if teacher else 1):
+    # On a GPU its init takes a second where the CPU's takes tens for two ViT-Ls.
+    with torch.device(device):
+      model = build_timm_vit(variant, image_size)
+    states.append({k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()})
+    del model
+  heads = vit.decode_variant(variant)["num_heads"]
+  ours = [to_ours(s, heads, scan) for s in states]
+  if not teacher:
+    states.append(None)
+    ours.append(None)
+  return Weights(states[0], states[1], ours[0], ours[1])
+
+
 class TorchStep:
   """The dual-model train step in PyTorch (see the module docstring), with its models, optimizer and batch.
 
   Args:
-    variant, image_size, batch, mode, dtype: as for JaxStep; dtype "bfloat16" runs under torch.autocast.
+    variant, image_size, mode, dtype: as for JaxStep; dtype "bfloat16" runs under torch.autocast.
     device: a torch device string.
-    images: [B, H, W, C] float32 numpy and `labels` [B] int (default: random, seed 0), as JaxStep's.
+    weights: the models' weights, copied into fresh modules (the teacher's only when mode != "none").
+    images: [B, H, W, C] float32 numpy and `labels` [B] int, as JaxStep's.
+    optimizer: "fused", "foreach" or "loop" (torch.optim.AdamW's implementations).
+    attention: "exposed" (ExposedAttention, unfused: any mode) or "native" (timm's Attention with fused
+      scaled_dot_product_attention: scratch only, as it keeps no maps).
   """
 
   def __init__(
     self,
     variant: str,
     image_size: int,
-    batch: int,
     mode: str,
     dtype: str,
     device: str,
-    images: Any = None,
-    labels: Any = None,
+    weights: Weights,
+    images: Any,
+    labels: Any,
     optimizer: str = "fused",
-    seed: int = 0,
+    attention: str = "exposed",
   ):
     import numpy as np  # pylint: disable=import-outside-toplevel
 
+    if attention == "native" and mode != "none":
+      raise ValueError(f"native timm attention keeps no maps: scratch only, not mode {mode!r}")
     torch = _torch()
-    self.torch, self.mode, self.device, self.batch = torch, mode, device, batch
-    torch.manual_seed(seed)
-    self.student = build_timm_vit(variant, image_size).to(device).train()
-    self.s_attn = expose_attention(self.student)
+    self.torch, self.mode, self.device = torch, mode, device
+    self.student = self._model(variant, image_size, weights.student_torch).train()
+    if attention == "native":
+      for blk in self.student.blocks:
+        blk.attn.fused_attn = True
+      self.s_attn = []
+    else:
+      self.s_attn = expose_attention(self.student)
     self.teacher, self.t_attn = None, []
     if mode != "none":
-      self.teacher = build_timm_vit(variant, image_size).to(device).eval().requires_grad_(False)
+      self.teacher = self._model(variant, image_size, weights.teacher_torch)
+      self.teacher.eval().requires_grad_(False)
       self.t_attn = expose_attention(self.teacher)
     self.autocast = (
       torch.autocast(device.split(":")[0], dtype=torch.bfloat16)
@@ -195,20 +303,24 @@ class TorchStep:
     ]
     self.opt = torch.optim.AdamW(
       [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-      lr=1e-4 * batch / 256,
+      lr=1e-4 * len(images) / 256,
       betas=(0.9, 0.95),
       eps=1e-8,
       **impl,
     )
     self.params = list(self.student.parameters())
     self.ema = [p.detach().clone() for p in self.params]
-    if images is None:
-      rng = np.random.default_rng(seed)
-      images = rng.normal(size=(batch, image_size, image_size, 3)).astype(np.float32)
-      labels = rng.integers(0, 1000, batch).astype(np.int32)
     self.images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
     self.labels = torch.from_numpy(labels.astype(np.int64)).to(device)
-    self.times: list[float] = []
+    self.times: list[float] = []  # seconds per step, one entry per timed repetition
+
+  def _model(self, variant: str, image_size: int, state: dict[str, Any]):
+    # Built on the device (its throwaway random init is fast there), then the shared weights copied in:
+    # load_state_dict copies, so training never changes `state`, which later rows reuse.
+    with self.torch.device(self.device):
+      model = build_timm_vit(variant, image_size)
+    model.load_state_dict(state)
+    return model
 
   def losses(self):
     """(loss, ce, distill) of the current params on the batch, with the autograd graph."""
@@ -229,6 +341,17 @@ class TorchStep:
         distill = 3.0 * sum(attention_ce(t, a.logits).mean() for a, t in zip(self.s_attn, targets))
     return ce + distill, ce, distill
 
+  def first_losses(self) -> dict[str, float]:
+    """{"ce", "distill"} of the current params, without a step."""
+    with self.torch.no_grad():
+      _, ce, distill = self.losses()
+    self._drop_maps()
+    return {"ce": float(ce), "distill": float(distill)}
+
+  def _drop_maps(self) -> None:
+    for a in self.s_attn + self.t_attn:
+      a.override = a.logits = None
+
   def step(self) -> None:
     torch = self.torch
     loss, _, _ = self.losses()
@@ -237,11 +360,10 @@ class TorchStep:
     self.opt.zero_grad(set_to_none=True)
     with torch.no_grad():
       torch._foreach_lerp_(self.ema, self.params, 1 - 0.9999)  # pylint: disable=protected-access
-    for a in self.s_attn + self.t_attn:  # drop the maps now rather than at the next step
-      a.override = a.logits = None
+    self._drop_maps()  # now rather than at the next step
 
   def run(self, steps: int) -> float:
-    """Runs `steps` steps; returns seconds per step."""
+    """Runs `steps` (>= 1) steps; returns seconds per step."""
     t0 = time.perf_counter()
     for _ in range(steps):
       self.step()
@@ -249,148 +371,261 @@ class TorchStep:
       self.torch.cuda.synchronize()
     return (time.perf_counter() - t0) / steps
 
-  def our_params(self) -> tuple[Any, Any]:
-    """(student, teacher) params in at_jax's layout, converted by at_jax.convert (as a real teacher is)."""
-    from safetensors.torch import save_file  # pylint: disable=import-outside-toplevel
-
-    from at_jax.convert import load as convert
-
-    out = []
-    for model in (self.student, self.teacher):
-      if model is None:
-        out.append(None)
-        continue
-      with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "vit.safetensors")
-        save_file(
-          {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}, path
-        )
-        _, params = convert.load_checkpoint(path, num_heads=model.blocks[0].attn.num_heads)
-      out.append(params)
-    return out[0], out[1]
-
   def close(self) -> None:
-    del self.student, self.teacher, self.opt, self.params, self.ema
-    if self.device.startswith("cuda"):
-      self.torch.cuda.empty_cache()
+    del self.student, self.teacher, self.opt, self.params, self.ema, self.s_attn, self.t_attn
 
 
 def _median_min(times: list[float]) -> tuple[float, float]:
   return 1000 * statistics.median(times), 1000 * min(times)
 
 
+def _side(name: str, times: list[float], batch: int, flop: float, peak: float) -> dict[str, Any]:
+  """One side's timing fields of a row: ms/step median and min, img/s, TFLOP/s, MFU (None: no peak)."""
+  med, low = _median_min(times)
+  tflops = batch * flop / (med / 1000) / 1e12
+  return {
+    f"{name}_ms_median": med,
+    f"{name}_ms_min": low,
+    f"{name}_img_s": batch / med * 1000,
+    f"{name}_tflops": tflops,
+    f"{name}_peak_tflops": peak,
+    f"{name}_mfu_pct": 100 * tflops / peak if peak else None,
+  }
+
+
+def _interleaved(steps: Sequence[Any], n: int, reps: int, warmup: int, quiet_wait: float) -> None:
+  """Warms up every step, then `reps` rounds of `n` steps each, one step after another."""
+  if warmup > 0:
+    for s in steps:
+      s.run(warmup)
+  for _ in range(reps):
+    for s in steps:
+      jax_step.wait_for_quiet(quiet_wait)
+      s.times.append(s.run(n))
+
+
+def _free(device: str) -> None:
+  gc.collect()  # JAX buffers and torch tensors held by reference cycles
+  if device.startswith("cuda"):
+    _torch().cuda.empty_cache()
+
+
+def compare(
+  variant: str,
+  image_size: int,
+  batch: int,
+  *,
+  modes: Sequence[str],
+  dtypes: Sequence[str],
+  device: str,
+  scan: bool,
+  remat: str,
+  tf32: bool,
+  steps: int,
+  reps: int,
+  warmup: int,
+  native_scratch: bool,
+  record: Callable[[dict], None],
+  quiet_wait: float = 0.0,
+  optimizer: str = "fused",
+  attention: str = "materialized",
+  peak_override: float = 0.0,
+  seed: int = 0,
+) -> None:
+  """Ours vs PyTorch for one size, every dtype x mode; hands each record to `record` as it is made.
+
+  Records (plain JSON-serialisable dicts), by "kind":
+    weights: once, after the weights are made and converted (convert_s).
+    first_step_losses: per row, before timing: "ours" and "torch" {"ce", "distill"} of the same weights
+      and batch (and "torch_native" in scratch rows with native_scratch).
+    torch_vs_ours: per row: ours_* and torch_* ms/step median and min, img/s, TFLOP/s, peak, MFU;
+      speedup (torch ms / ours ms), gflop_per_img, the precision of each side, ours_compile_s.
+    torch_native_scratch: with native_scratch, for mode "none": the same fields, torch = timm's own
+      fused-SDPA attention, timed in the same interleaved rounds as ours and the exposed step.
+    error: a row that raised (e.g. out of memory): its traceback; the next row still runs.
+
+  Args:
+    device: the PyTorch device ("cpu", "cuda", "cuda:0"); ours runs on JAX's default device.
+    remat, attention: our step's remat policy and model.attention_impl.
+    tf32: PyTorch's float32 matmuls on CUDA use TF32 (ours follow XLA's default).
+    steps, reps, warmup: steps per timed repetition, repetitions, untimed steps before.
+    quiet_wait: step.wait_for_quiet's wait before each repetition (shared CPU hosts).
+    peak_override: peak TFLOP/s for MFU; 0 looks the device kind up in flops.py.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  torch = _torch()
+  torch_fp32 = set_torch_precision(device, tf32)
+  kind = (
+    torch.cuda.get_device_name(torch.device(device))
+    if device.startswith("cuda")
+    else jax.devices()[0].device_kind
+  )
+  base = dict(model=variant, image_size=image_size, batch=batch)
+  t0 = time.perf_counter()
+  weights = make_weights(
+    variant,
+    image_size,
+    teacher=any(m != "none" for m in modes),
+    scan=scan,
+    seed=seed,
+    device=device,
+  )
+  record({"kind": "weights", **base, "scan": scan, "convert_s": time.perf_counter() - t0})
+  rng = np.random.default_rng(seed)
+  images = rng.normal(size=(batch, image_size, image_size, 3)).astype(np.float32)
+  labels = rng.integers(0, 1000, batch).astype(np.int32)
+  for dtype in dtypes:
+    for mode in modes:
+      row = dict(base, dtype=dtype, mode=mode)
+      made: list[Any] = []  # closed whatever happens, so a failed row leaves the memory free
+      try:
+        ts = TorchStep(variant, image_size, mode, dtype, device, weights, images, labels, optimizer)
+        made.append(ts)
+        native = None
+        if native_scratch and mode == "none":
+          native = TorchStep(
+            variant, image_size, mode, dtype, device, weights, images, labels, optimizer, "native"
+          )
+          made.append(native)
+        js = jax_step.JaxStep(
+          variant,
+          image_size,
+          batch,
+          mode,
+          dtype,
+          remat,
+          scan,
+          images,
+          labels,
+          weights.student_ours,
+          weights.teacher_ours if mode != "none" else None,
+          attention=attention,
+        )
+        made.append(js)
+        losses = {"kind": "first_step_losses", **row, "torch": ts.first_losses()}
+        if native is not None:
+          losses["torch_native"] = native.first_losses()
+        js.run(1)  # the first step's metrics are of the initial params, as first_losses
+        m = js.first_metrics
+        losses["ours"] = {"ce": float(m["ce_loss"]), "distill": float(m.get("distill_loss", 0.0))}
+        record(losses)
+        _interleaved(
+          [s for s in (js, ts, native) if s is not None], steps, reps, warmup, quiet_wait
+        )
+        flop = js.flops_per_image()["total"]
+        ours_prec = jax_precision(dtype)
+        torch_prec = "bf16" if dtype == "bfloat16" else torch_fp32
+        ours_peak = flops.peak_tflops(kind, dtype, peak_override, tf32=ours_prec == "tf32")
+        torch_peak = flops.peak_tflops(kind, dtype, peak_override, tf32=torch_prec == "tf32")
+        common = dict(
+          row,
+          device_kind=kind,
+          gflop_per_img=flop / 1e9,
+          ours_precision=ours_prec,
+          torch_precision=torch_prec,
+          ours_compile_s=js.compile_s,
+          scan=scan,
+          remat=remat,
+          attention=attention,
+          steps=steps,
+          reps=reps,
+          **_side("ours", js.times, batch, flop, ours_peak),
+        )
+        for name, t in (("torch_vs_ours", ts), ("torch_native_scratch", native)):
+          if t is not None:
+            torch_side = _side("torch", t.times, batch, flop, torch_peak)
+            speedup = torch_side["torch_ms_median"] / common["ours_ms_median"]
+            record({"kind": name, **common, **torch_side, "speedup": speedup})
+      except Exception:  # pylint: disable=broad-except  # one failed row must not cost the others
+        record({"kind": "error", **row, "error": traceback.format_exc()[-4000:]})
+      finally:
+        for s in made:
+          s.close()
+        _free(device)
+
+
+def _print_record(r: dict, checks: list[str]) -> None:
+  """Prints a table row; first-step losses go to stderr at once (and into `checks`, for the end)."""
+  if r["kind"] == "first_step_losses":
+    o, t = r["ours"], r["torch"]
+    line = (
+      f"{r['model']}@{r['image_size']} {r['dtype']} {r['mode']}: ce ours {o['ce']:.5f} torch "
+      f"{t['ce']:.5f}; distill ours {o['distill']:.5f} torch {t['distill']:.5f}"
+    )
+    if "torch_native" in r:
+      line += f"; ce timm SDPA {r['torch_native']['ce']:.5f}"
+    checks.append(line)
+    print("first-step losses,", line, file=sys.stderr, flush=True)
+  elif r["kind"] == "error":
+    print(
+      f"error in {r['model']} {r['dtype']} {r['mode']}:\n{r['error']}", file=sys.stderr, flush=True
+    )
+  elif r["kind"] in ("torch_vs_ours", "torch_native_scratch"):
+
+    def cell(side: str) -> str:
+      mfu = r[f"{side}_mfu_pct"]
+      return f"{r[f'{side}_tflops']:.3f}" + (f" ({mfu:.1f}%)" if mfu is not None else "")
+
+    mode = r["mode"] + (" (timm SDPA)" if r["kind"] == "torch_native_scratch" else "")
+    print(
+      f"| {r['model']} | {r['image_size']} | {r['batch']} | {r['dtype']} | {mode} | "
+      f"{r['ours_ms_median']:.1f} ({r['ours_ms_min']:.1f}) | "
+      f"{r['torch_ms_median']:.1f} ({r['torch_ms_min']:.1f}) | {r['speedup']:.2f}x | "
+      f"{r['ours_img_s']:.1f} | {r['torch_img_s']:.1f} | {r['gflop_per_img']:.2f} | "
+      f"{cell('ours')} | {cell('torch')} |",
+      flush=True,
+    )
+
+
 def main(argv):
   del argv
-  os.environ.setdefault("HF_HUB_OFFLINE", "1")  # timm must never wait on a model hub
-  # Both frameworks share the GPU: JAX must not grab 75% of its memory up front (JAX is imported later).
-  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   torch = _torch()
   device = (
     FLAGS.device if FLAGS.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
   )
   if FLAGS.torch_threads:
     torch.set_num_threads(FLAGS.torch_threads)
-  if device.startswith("cuda"):
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = FLAGS.tf32
-  kind = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
-  both = FLAGS.framework == "both"
-  header = f"torch {torch.__version__} on {device} ({kind}, {torch.get_num_threads()} threads)"
-  if both:
-    import jax  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
 
-    header += f"; jax {jax.__version__} on {jax.devices()[0].device_kind}"
-    kind = jax.devices()[0].device_kind if kind == "cpu" else kind
+  kind = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
   print(
-    f"{header}; {FLAGS.reps} reps x {FLAGS.steps} steps, interleaved; AdamW {FLAGS.torch_optimizer}"
+    f"torch {torch.__version__} on {device} ({kind}, {torch.get_num_threads()} threads, float32 "
+    f"matmuls {set_torch_precision(device, FLAGS.tf32)}); jax {jax.__version__} on "
+    f"{jax.devices()[0].device_kind} (float32 matmuls {jax_precision('float32')}); {FLAGS.reps} reps "
+    f"x {FLAGS.steps} steps, interleaved; AdamW {FLAGS.torch_optimizer}; scan {FLAGS.scan}"
   )
   print(
     "| model | img | batch | dtype | mode | ours ms/step median (min) | PyTorch ms/step median (min) "
     "| speedup torch/ours | ours img/s | PyTorch img/s | GFLOP/img | ours TFLOP/s (MFU) | PyTorch TFLOP/s (MFU) |"
   )
   print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-  checks = []
+  checks: list[str] = []
   for entry in FLAGS.models:
     variant, size, batch = jax_step.parse_model(entry)
-    for dtype in FLAGS.dtypes:
-      peak = flops.peak_tflops(kind, dtype, FLAGS.peak_tflops)
-      for mode in FLAGS.modes:
-        ts = TorchStep(variant, size, batch, mode, dtype, device, optimizer=FLAGS.torch_optimizer)
-        js = None
-        if both:
-          images = ts.images.permute(0, 2, 3, 1).cpu().numpy()
-          labels = ts.labels.cpu().numpy().astype("int32")
-          params, teacher_params = ts.our_params() if FLAGS.check else (None, None)
-          js = jax_step.JaxStep(
-            variant,
-            size,
-            batch,
-            mode,
-            dtype,
-            FLAGS.remat[0],
-            FLAGS.scan,
-            images,
-            labels,
-            params,
-            teacher_params,
-          )
-          if FLAGS.check:
-            with torch.no_grad():
-              _, ce, distill = ts.losses()
-            for a in ts.s_attn + ts.t_attn:
-              a.override = a.logits = None
-            js.run(1)
-            m = js.first_metrics
-            checks.append(
-              f"{variant}@{size} {dtype} {mode}: ce ours {float(m['ce_loss']):.5f} torch "
-              f"{float(ce):.5f}; distill ours {float(m['distill_loss']):.5f} torch {float(distill):.5f}"
-            )
-          js.run(FLAGS.warmup)
-        ts.run(FLAGS.warmup)
-        for _ in range(FLAGS.reps):
-          if js is not None:
-            jax_step.wait_for_quiet(FLAGS.quiet_wait)
-            js.times.append(js.run(FLAGS.steps))
-          jax_step.wait_for_quiet(FLAGS.quiet_wait)
-          ts.times.append(ts.run(FLAGS.steps))
-        f = flops.train_step_flops(**_shape(variant, size), mode=mode)["total"]
-        t_med, t_min = _median_min(ts.times)
-
-        def mfu(ms: float) -> str:
-          achieved = batch * f / (ms / 1000) / 1e12
-          return f"{achieved:.3f}" + (f" ({100 * achieved / peak:.1f}%)" if peak else "")
-
-        if js is not None:
-          j_med, j_min = _median_min(js.times)
-          ours = (
-            f"{j_med:.1f} ({j_min:.1f})",
-            f"{t_med / j_med:.2f}x",
-            f"{batch / j_med * 1000:.1f}",
-            mfu(j_med),
-          )
-          js.close()
-        else:
-          ours = ("-", "-", "-", "-")
-        print(
-          f"| {variant} | {size} | {batch} | {dtype} | {mode} | {ours[0]} | {t_med:.1f} ({t_min:.1f}) | "
-          f"{ours[1]} | {ours[2]} | {batch / t_med * 1000:.1f} | {f / 1e9:.2f} | {ours[3]} | {mfu(t_med)} |",
-          flush=True,
-        )
-        ts.close()
+    compare(
+      variant,
+      size,
+      batch,
+      modes=FLAGS.modes,
+      dtypes=FLAGS.dtypes,
+      device=device,
+      scan=FLAGS.scan,
+      remat=FLAGS.remat[0],
+      tf32=FLAGS.tf32,
+      steps=FLAGS.steps,
+      reps=FLAGS.reps,
+      warmup=FLAGS.warmup,
+      native_scratch=FLAGS.native_scratch,
+      record=lambda r: _print_record(r, checks),
+      quiet_wait=FLAGS.quiet_wait,
+      optimizer=FLAGS.torch_optimizer,
+      attention=FLAGS.attention[0],
+      peak_override=FLAGS.peak_tflops,
+    )
   for line in checks:
     print("first-step losses,", line)
-
-
-def _shape(variant: str, image_size: int) -> dict[str, int]:
-  from at_jax.models import vit  # pylint: disable=import-outside-toplevel
-
-  s = vit.decode_variant(variant)
-  return dict(
-    width=s["width"],
-    depth=s["depth"],
-    mlp_dim=s["mlp_dim"],
-    patch=s["patch_size"],
-    num_patches=(image_size // s["patch_size"]) ** 2,
-  )
 
 
 if __name__ == "__main__":
