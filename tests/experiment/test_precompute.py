@@ -21,6 +21,7 @@ from at_jax.models import vit
 from at_jax.training import classify as train_step
 from at_jax.transfer import spec
 from configs import demo
+from tests.conftest import subprocess_env
 
 N, SIZE, BATCH = 37, 28, 16  # 37 examples: the last batch is padded
 TEACHER = dict(num_classes=0, patch_size=7, width=32, depth=2, mlp_dim=64, num_heads=2)
@@ -470,10 +471,7 @@ def test_two_processes_write_what_one_does(precomputed, tmp_path):
   ]
 
   def launch(workdir, devices, *extra):
-    env = {
-      **{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
-      "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-    }
+    env = subprocess_env(devices)
     return subprocess.Popen(
       [sys.executable, *args, f"--workdir={workdir}", *extra],
       cwd=root,

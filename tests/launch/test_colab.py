@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from tests.conftest import subprocess_env
+
 if os.environ.get(
   "CI"
 ):  # CI installs requirements-test.txt: a missing dep there must fail, not skip.
@@ -73,8 +75,9 @@ def test_notebook_runs_quick(tmp_path):
   nb = nbformat.read(NOTEBOOK, as_version=4)
   workdir = tmp_path / "work"
   # One CPU device, as in a fresh Colab/laptop kernel (conftest.py emulates 8 for the other tests).
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(AT_JAX_NOTEBOOK_QUICK="1", AT_JAX_NOTEBOOK_WORKDIR=str(workdir), JAX_PLATFORMS="cpu")
+  env = subprocess_env(
+    AT_JAX_NOTEBOOK_QUICK="1", AT_JAX_NOTEBOOK_WORKDIR=str(workdir), JAX_PLATFORMS="cpu"
+  )
   client = nbclient.NotebookClient(
     nb,
     km=_kernel_manager(tmp_path),

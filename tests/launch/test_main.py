@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from tests.conftest import subprocess_env
+
 # Real processes, whole runs: end-to-end (`pytest -m 'not slow'` skips them).
 pytestmark = pytest.mark.slow
 
@@ -26,7 +28,7 @@ TINY = [
 
 
 def _main(*args):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as on a laptop
+  env = subprocess_env()  # one CPU device, as on a laptop
   return subprocess.run(
     [sys.executable, os.path.join(ROOT, "launch", "main.py"), *args],
     cwd=ROOT,

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from at_jax import checkpoint, metrics
+from tests.conftest import subprocess_env
 
 # Real processes, whole runs: end-to-end (`pytest -m 'not slow'` skips them).
 pytestmark = pytest.mark.slow
@@ -34,9 +35,7 @@ ARGS = [
 
 
 def _env(devices):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  return env
+  return subprocess_env(devices)
 
 
 def _main(workdir, *extra, devices):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from at_jax import checkpoint
+from tests.conftest import subprocess_env
 
 # Real processes, whole runs: end-to-end (`pytest -m 'not slow'` skips them).
 pytestmark = pytest.mark.slow
@@ -34,7 +35,7 @@ ARGS = [
 
 
 def _launch(workdir):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = subprocess_env()
   return subprocess.Popen(
     [sys.executable, os.path.join(ROOT, "launch", "main.py"), f"--workdir={workdir}", *ARGS],
     cwd=ROOT,
