@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu.sh --dry-run  # both, tiny shapes, on this machine's CPU: what CI runs
 #
 # Each stage is one process under its own `timeout`; the timeouts of a command sum to under its limit
-# (GPU: header 15 + 25 + 70 + 110 + 50 = 270 s for command 1, 15 + 110 + 90 + 55 = 270 s for command 2).
+# (GPU: header 15 + 20 + 80 + 110 + 45 = 270 s for command 1, 15 + 110 + 90 + 55 = 270 s for command 2).
 # Figures are appended as they are made to $OUT/results<N>.jsonl, the console to $OUT/command<N>.log
 # ($OUT: the device tool's result folder, else ./gpu_results). The persistent compilation cache lives
 # in /tmp, so command 2 reuses command 1's compiles when it lands on the same machine.
@@ -93,10 +93,10 @@ for n in $commands; do
     fi
     case "$n" in
       1)
-        stage preflight 25
-        stage kernels 70
+        stage preflight 20
+        stage kernels 80
         stage recipe 110
-        stage loss_memory 50
+        stage loss_memory 45
         ;;
       2)
         stage fused 110
