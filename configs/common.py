@@ -69,12 +69,20 @@ def base() -> ml_collections.ConfigDict:
   # "qk" (2*N*H*Dh: smaller once N > 2*Dh; the step forms q.k/sqrt(Dh) itself).
   c.precompute = dict(store="logits")
 
-  # name: "fashion_mnist" (Debian package / IDX files) or a tfds dataset prepared as ArrayRecord.
+  # name: "fashion_mnist" (Debian package / IDX files), "imagefolder" (dir/<split>/<class>/*.JPEG, as
+  # torchvision's ImageFolder) or a tfds dataset prepared as ArrayRecord.
   c.data = dict(
     name="imagenet2012",
     dir="",
     train_split="train",
     eval_split="validation",
+    # imagefolder: a flat eval split's label file ("<file> <class or index>" lines; "" = class folders),
+    # and where file lists are cached ("" = <workdir>/file_lists).
+    eval_labels="",
+    file_list_dir="",
+    # JPEGs decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) where the crop is at least twice
+    # the output; False decodes every pixel first, as torchvision's loader.
+    jpeg_downscale=True,
     image_size=224,
     crop_pct=0.875,
     normalization="imagenet",

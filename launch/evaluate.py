@@ -22,7 +22,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   from at_jax import metrics
-  from at_jax.data import pipeline, sources
+  from at_jax.data import options, pipeline, sources
   from at_jax.errors import ConfigError
   from at_jax.evaluate import ensembles
   from at_jax.experiment import loop, teachers
@@ -37,11 +37,9 @@ def main(argv):
         members[path] = (vit.build(model_config), params)
       d = config.data
       batches = pipeline.eval_iterator(
-        sources.make_source(d.name, d.eval_split, d.dir or None, field="data.eval_split"),
+        sources.from_config(d, "data.eval_split", FLAGS.workdir),
         global_batch_size=d.eval_batch_size,
-        image_size=d.image_size,
-        crop_pct=d.crop_pct,
-        normalization=d.normalization,
+        **options.eval_view(d),
         num_threads=d.num_threads,
       )
       results = ensembles.ensemble_accuracy(members, batches)

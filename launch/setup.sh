@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-time setup on a fresh Debian/Ubuntu machine (CPU): Fashion-MNIST from Debian, a venv with the pinned
-# requirements; with --tests also the test-only ones (torch, timm: parity tests against PyTorch).
+# requirements; with --tests also the test-only ones (torch, timm: parity tests against PyTorch; foolbox
+# for its photographs).
 # Idempotent: re-running is cheap. On GPU/TPU hosts see README ("Launching ViT-L").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,5 +17,8 @@ fi
 .venv/bin/pip install -q --no-deps -e .
 if [ "${1:-}" = "--tests" ]; then
   .venv/bin/pip install -q -r requirements-test.txt
+  # Only for its 20 ImageNet photographs (foolbox/data/imagenet_*.jpg), which the image-folder tests and
+  # benchmarks/input_pipeline.py read; its own dependencies (eagerpy, ...) are not needed.
+  .venv/bin/pip install -q --no-deps foolbox==3.3.4
 fi
 echo "setup done: .venv ready, Fashion-MNIST in /usr/share/datasets/fashion-mnist"

@@ -165,9 +165,7 @@ def main(argv):
   # The paper's ensemble: fine-tuned teacher + distilled student, averaged probabilities.
   if {"finetune", "distill"} <= set(results):
     c = _config({}, teacher, 0, FLAGS.epochs)
-    source = sources.make_source(
-      c.data.name, c.data.eval_split, c.data.dir or None, field="data.eval_split"
-    )
+    source = sources.from_config(c.data, "data.eval_split", None)
     for seed in range(FLAGS.seeds):
       done = os.path.join(workdir, "ensemble", f"seed{seed}", "results.json")
       if not os.path.exists(done):

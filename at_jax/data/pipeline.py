@@ -10,8 +10,7 @@ flagged ``skipped``; the replacement is a pure function of the same inputs.
 Teacher targets written by `at_jax.experiment.precompute` (`target_store.TeacherTargets`) join the
 training batches under a fixed view: the eval preprocessing the teacher saw.
 
-The ``check_*`` functions are the range checks of the ``data.*`` fields the iterators take, for a
-start-up validation to call before anything runs; the iterators call them on their own arguments.
+The iterators check their arguments with `options`' checks, which a start-up validation calls first.
 """
 
 import functools
@@ -22,8 +21,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from at_jax.data import erasing, skipping, target_store, transforms
-from at_jax.data import randaugment as rand_augment
+from at_jax.data import options, skipping, sources, target_store, transforms
 from at_jax.data.sources import Source
 from at_jax.errors import ConfigError
 
@@ -128,62 +126,6 @@ def _batches(
 
 
 # ----------------------------------------------------------------------------
-# Checks of the iterators' arguments.
-
-
-def check_eval_args(*, image_size: int, crop_pct: float, normalization: str) -> None:
-  """ConfigError naming ``data.normalization``, ``data.image_size`` or ``data.crop_pct``."""
-  transforms.mean_std(normalization)
-  transforms.check_image_size(image_size)
-  transforms.eval_shorter_side(image_size, crop_pct)
-
-
-def check_train_args(
-  *,
-  image_size: int,
-  normalization: str,
-  seed: int = 0,
-  rrc_scale: tuple[float, float] = (0.08, 1.0),
-  rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3),
-  randaugment: str = "",
-  random_erase: float = 0.0,
-  fixed_view: bool = False,
-  crop_pct: float = 0.875,
-) -> None:
-  """ConfigError naming the field of the first of `train_iterator`'s arguments out of range.
-
-  ``data.normalization``, ``data.image_size``, ``seed``, ``data.rrc_scale`` (and ratio),
-  ``data.random_erase``, ``data.randaugment``, ``data.crop_pct``, and RandAugment or erasing with the
-  fixed view.
-  """
-  transforms.mean_std(normalization)
-  transforms.check_image_size(image_size)
-  if seed < 0:
-    raise ConfigError("seed", f"must be non-negative, got {seed}.")
-  transforms.check_crop(rrc_scale, rrc_ratio)
-  erasing.check_random_erase(random_erase)
-  rand_augment.check_randaugment(randaugment)
-  transforms.eval_shorter_side(image_size, crop_pct)
-  if fixed_view and (randaugment or random_erase):
-    # The fixed view exists to match stored teacher targets pixel for pixel.
-    raise ConfigError(
-      "data.randaugment" if randaugment else "data.random_erase",
-      "must be off with the fixed view (precomputed teacher targets describe unaugmented pixels).",
-    )
-
-
-def _check_targets(
-  targets: target_store.TeacherTargets, *, fixed_view: bool, num_examples: int, **view: Any
-) -> None:
-  if not fixed_view:
-    raise ConfigError(
-      "fixed_view",
-      "stored teacher targets describe the fixed view's pixels; pass fixed_view=True.",
-    )
-  targets.check(**view, num_examples=num_examples)
-
-
-# ----------------------------------------------------------------------------
 # Training.
 
 
@@ -230,6 +172,7 @@ def train_iterator(
   fixed_view: bool = False,
   crop_pct: float = 0.875,
   targets: target_store.TeacherTargets | None = None,
+  jpeg_downscale: bool = True,
   process_index: int = 0,
   process_count: int = 1,
   num_threads: int = 2,
@@ -271,7 +214,8 @@ def train_iterator(
     crop_pct: the fixed view's crop fraction.
     targets: stored teacher targets; each example gets its ``teacher_<key>``
       arrays, read by its index in `source`. Needs `fixed_view`, and the
-      view and example count they were computed with.
+      view and example count (and fingerprint, `sources.fingerprint`) they were computed with.
+    jpeg_downscale: whether JPEGs may decode at a reduced scale (`transforms.decode`).
     process_index: p, this process.
     process_count: number of processes sharing each global batch.
     num_threads: grain threads decoding and augmenting examples.
@@ -282,16 +226,27 @@ def train_iterator(
     with `targets` each ``teacher_<key>``: bfloat16 [b, layers, ...].
   """
   b = local_batch_size(global_batch_size, process_index, process_count, "data.batch_size")
-  view = dict(image_size=image_size, crop_pct=crop_pct, normalization=normalization)
+  view = dict(
+    image_size=image_size,
+    crop_pct=crop_pct,
+    normalization=normalization,
+    jpeg_downscale=jpeg_downscale,
+  )
   augment = dict(randaugment=randaugment, random_erase=random_erase)
-  check_train_args(
+  options.check_train_args(
     **view, **augment, seed=seed, rrc_scale=rrc_scale, rrc_ratio=rrc_ratio, fixed_view=fixed_view
   )
   n = len(source)
   if n == 0:
     raise ConfigError("data.train_split", "the training source is empty.")
   if targets is not None:
-    _check_targets(targets, fixed_view=fixed_view, num_examples=n, **view)
+    options.check_targets(
+      targets,
+      fixed_view=fixed_view,
+      num_examples=n,
+      fingerprint=sources.fingerprint(source),
+      **view,
+    )
   crop = dict(scale=rrc_scale, ratio=rrc_ratio, hflip=hflip)
   preprocess = transforms.train_preprocessor(
     **view, **augment, **crop, seed=seed, fixed_view=fixed_view
@@ -356,6 +311,7 @@ def eval_iterator(
   process_count: int = 1,
   num_threads: int = 2,
   start_batch: int = 0,
+  jpeg_downscale: bool = True,
 ) -> Iterator[dict[str, np.ndarray]]:
   """One ordered pass over `source`, padded to whole global batches.
 
@@ -376,6 +332,7 @@ def eval_iterator(
     process_count: number of processes sharing each global batch.
     num_threads: grain threads decoding and preprocessing examples.
     start_batch: the first global batch to yield (resuming a pass).
+    jpeg_downscale: whether JPEGs may decode at a reduced scale (`transforms.decode`).
 
   Yields:
     ``{"image": float32 [b, S, S, 3], "label": int32 [b], "mask": bool [b],
@@ -383,8 +340,13 @@ def eval_iterator(
     ceil(len(source) / B) - 1.
   """
   b = local_batch_size(global_batch_size, process_index, process_count, "data.eval_batch_size")
-  view = dict(image_size=image_size, crop_pct=crop_pct, normalization=normalization)
-  check_eval_args(**view)
+  view = dict(
+    image_size=image_size,
+    crop_pct=crop_pct,
+    normalization=normalization,
+    jpeg_downscale=jpeg_downscale,
+  )
+  options.check_eval_args(**view)
   num_batches = -(-len(source) // global_batch_size)
   example_at = _eval_stream(
     source, b=b, global_batch_size=global_batch_size, process_index=process_index, **view

@@ -1,22 +1,26 @@
-"""Random-access sources of examples: Fashion-MNIST (IDX files or tfds), in-memory arrays, tfds ArrayRecord.
+"""Random-access sources of examples: Fashion-MNIST (IDX files or tfds), in-memory arrays, tfds
+ArrayRecord, image folders.
 
-A source is anything with ``__len__`` and ``__getitem__(i) -> {"image": uint8 [H, W, C], "label":
-int}``: in-memory arrays (Fashion-MNIST read from its IDX files, or any arrays via `ArraySource`) or a
-tfds ArrayRecord data source (e.g. ``imagenet2012`` prepared by ``tfds build``). Nothing here
-downloads: a dataset that is not on disk is a `ConfigError` that says how to get it.
+A source is anything with ``__len__`` and ``__getitem__(i) -> {"image": uint8 [H, W, C] or an undecoded
+PIL image, "label": int}``: in-memory arrays (Fashion-MNIST read from its IDX files, or any arrays via
+`ArraySource`), a tfds ArrayRecord data source (e.g. ``imagenet2012`` prepared by ``tfds build``) or a
+folder of JPEGs (`imagefolder`). A source may carry a ``fingerprint`` string of its contents
+(`fingerprint`). Nothing here downloads: a dataset that is not on disk is a `ConfigError` that says how
+to get it.
 """
 
 import functools
 import gzip
 import io
 import os
-import re
-from collections.abc import Callable
 from typing import Any, Protocol
 
+import ml_collections
 import numpy as np
 from PIL import Image
 
+from at_jax.data import imagefolder
+from at_jax.data.splits import parse_split
 from at_jax.errors import ConfigError
 
 # Where Debian's `dataset-fashion-mnist` package puts the four IDX files.
@@ -218,38 +222,6 @@ class ArraySource:
     return {"image": self.images[index], "label": int(self.labels[index])}
 
 
-def parse_split(split: str, field: str = "data.train_split") -> tuple[str, Callable[[int], slice]]:
-  """Parses a tfds-style split like ``train[:10%]`` or ``test[100:200]``.
-
-  Args:
-    split: ``name``, or ``name[from:to]`` with each bound an int or a percent
-      (negative counts from the end, like Python slices).
-    field: the config field `split` came from, named in the error.
-
-  Returns:
-    (name, bounds): `bounds` maps the split's size n to a `slice` of it.
-
-  Raises:
-    ConfigError: (field `field`) `split` does not parse.
-  """
-  m = re.fullmatch(r"(\w+)(?:\[(-?\d+%?)?:(-?\d+%?)?\])?", split.strip())
-  if m is None:
-    raise ConfigError(
-      field,
-      f"cannot parse split {split!r}; expected e.g. 'train', 'train[:90%]' or 'test[:1000]'.",
-    )
-
-  def bounds(n: int) -> slice:
-    def bound(text: str | None) -> int | None:
-      if text is None or not text.endswith("%"):
-        return None if text is None else int(text)
-      return round(int(text[:-1]) * n / 100)  # Closest example, like tfds.
-
-    return slice(bound(m[2]), bound(m[3]))
-
-  return m[1], bounds
-
-
 def _fashion_mnist_source(split: str, data_dir: str | None, field: str) -> ArraySource:
   name, bounds = parse_split(split, field)
   arrays = load_fashion_mnist(data_dir)
@@ -325,31 +297,75 @@ def _tfds_source(name: str, split: str, data_dir: str | None, field: str) -> _Tf
 
 
 def make_source(
-  name: str, split: str, data_dir: str | None = None, *, field: str = "data.train_split"
+  name: str,
+  split: str,
+  data_dir: str | None = None,
+  *,
+  field: str = "data.train_split",
+  train_split: str = "train",
+  labels: str = "",
+  cache_dir: str | None = None,
 ) -> Source:
   """Returns a random-access source for split `split` of dataset `name`.
 
   Args:
-    name: ``"fashion_mnist"`` (IDX files, see `load_fashion_mnist`) or a tfds
-      dataset name prepared as ArrayRecord, e.g. ``"imagenet2012"``.
-    split: e.g. ``"train"``, ``"test"``, ``"train[:90%]"``, ``"train[-5000:]"``.
-    data_dir: config.data.dir: the IDX folder for Fashion-MNIST, the tfds data
-      dir otherwise (None or "": the system copy / tfds' default).
+    name: ``"fashion_mnist"`` (IDX files, see `load_fashion_mnist`), ``"imagefolder"`` (JPEG/PNG
+      folders, see `imagefolder`) or a tfds dataset name prepared as ArrayRecord, e.g.
+      ``"imagenet2012"``.
+    split: e.g. ``"train"``, ``"test"``, ``"train[:90%]"``, ``"train[-5000:]"``; for an image folder
+      the sub-folder of `data_dir`, sliced in sorted order.
+    data_dir: config.data.dir: the IDX folder for Fashion-MNIST, the folder of split folders for an
+      image folder, the tfds data dir otherwise (None or "": the system copy / tfds' default).
     field: the config field `split` came from (``data.train_split`` or ``data.eval_split``), named
       in the error for a bad split.
+    train_split, labels, cache_dir: image folders only: the split whose class folders name the
+      classes, `split`'s label file if it is a flat folder (``data.eval_labels``), and the folder of
+      cached file lists (None: list every time).
 
   Returns:
-    A source of ``{"image": uint8 [H, W, C], "label": int}``.
+    A source of ``{"image": uint8 [H, W, C] or an undecoded PIL image, "label": int}``.
 
   Raises:
     ConfigError: the data is not on disk (field ``data.dir``; says how to get it), or the split is
-      not one of the dataset's (field `field`). Checked without reading any example and without
+      not one of the dataset's (field `field`). Checked without decoding any example and without
       downloading.
   """
   data_dir = data_dir or None
   if name == "fashion_mnist":
     return _fashion_mnist_source(split, data_dir, field)
+  if name == "imagefolder":
+    return imagefolder.make_source(
+      data_dir, split, field, train_split=train_split, labels=labels, cache_dir=cache_dir
+    )
   return _tfds_source(name, split, data_dir, field)
+
+
+# <workdir>/file_lists holds image folders' file lists unless data.file_list_dir names a folder.
+FILE_LIST_DIR = "file_lists"
+
+
+def from_config(data: ml_collections.ConfigDict, field: str, workdir: str | None) -> Source:
+  """`make_source` of config.data's split `field` (``data.train_split`` or ``data.eval_split``).
+
+  Image folders cache their file lists in ``data.file_list_dir``, or <workdir>/file_lists; with
+  neither (no workdir), they are listed every time. ``data.eval_labels`` labels a flat eval split.
+  """
+  cache_dir = data.file_list_dir or (os.path.join(workdir, FILE_LIST_DIR) if workdir else None)
+  return make_source(
+    data.name,
+    data[field.removeprefix("data.")],
+    data.dir or None,
+    field=field,
+    train_split=data.train_split,
+    labels=data.eval_labels if field == "data.eval_split" else "",
+    cache_dir=cache_dir,
+  )
+
+
+def fingerprint(source: Source) -> str:
+  """The source's contents as a short string ("" for sources with none: arrays, tfds, Fashion-MNIST),
+  recorded by checkpoints and stored targets so that a run on edited data is refused."""
+  return getattr(source, "fingerprint", "")
 
 
 def num_examples(source: Source) -> int:

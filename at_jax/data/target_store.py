@@ -35,10 +35,14 @@ TARGET_FIELDS = {
   "dataset": "data.name",
   "split": "data.train_split",
   "num_examples": "data.train_split",
+  "fingerprint": "data.dir",  # an image folder's files (`sources.fingerprint`)
+  "jpeg_downscale": "data.jpeg_downscale",
   "num_heads": "model.num_heads",
   "tokens": "model.patch_size",
   "head_dim": "model.width",
 }
+# Fields that stores written before them lack, and that are then not compared.
+OPTIONAL_FIELDS = ("fingerprint", "jpeg_downscale")
 _PRECOMPUTE = "run `python launch/precompute.py` with the same --config, overrides and --workdir"
 
 
@@ -143,6 +147,8 @@ class TeacherTargets:
       **expected: metadata field -> this run's value, e.g. image_size=224.
     """
     for name, value in expected.items():
+      if name in OPTIONAL_FIELDS and name not in self.metadata:
+        continue  # written before the field existed
       stored = self.metadata[name]
       if stored != value:
         raise ConfigError(

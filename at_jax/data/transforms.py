@@ -3,8 +3,11 @@
 Training: timm's order: random-resized crop (bicubic) and flip, `RandAugment` on the uint8 image,
 normalisation, then `random_erase`. Evaluation (and the fixed view precomputed teacher targets are
 computed on): shorter side resized to round(image_size / crop_pct), centre image_size crop,
-normalisation. Every random draw comes from the caller's numpy generator, so each function is pure
-given it. The ``check_*`` functions are the range checks of the ``data.*`` fields involved, for a
+normalisation. Both crop and resize in one PIL call (``resize(box=...)``), which resamples only the
+output's pixels. An image still encoded (`decode`: an image folder's JPEG) is decoded knowing its crop:
+where the crop is at least twice the output, libjpeg decodes at 1/2, 1/4 or 1/8 scale in the DCT
+domain (``draft``), before the bicubic resize. Every random draw comes from the caller's numpy
+generator, so each function is pure given it. The ``check_*`` functions are the range checks of the ``data.*`` fields involved, for a
 start-up validation to call before anything runs; the preprocessing calls them too.
 """
 
@@ -91,6 +94,51 @@ def to_pil(image: np.ndarray) -> Image.Image:
   raise ConfigError("data.name", f"images must have 1 or 3 channels, got shape {image.shape}.")
 
 
+def image_hw(image: np.ndarray | Image.Image) -> tuple[int, int]:
+  """(height, width) of a uint8 [H, W, C] array or of a (possibly undecoded) PIL image."""
+  if isinstance(image, Image.Image):
+    return image.height, image.width
+  return image.shape[0], image.shape[1]
+
+
+def dct_reduction(crop_wh: tuple[float, float], out_wh: tuple[int, int]) -> int:
+  """The largest of 8, 4, 2 and 1 that leaves the crop at least the output's size on both sides."""
+  for reduction in (8, 4, 2):
+    if crop_wh[0] >= reduction * out_wh[0] and crop_wh[1] >= reduction * out_wh[1]:
+      return reduction
+  return 1
+
+
+Box = tuple[float, float, float, float]  # PIL's (left, top, right, bottom)
+
+
+def decode(
+  image: np.ndarray | Image.Image, box: Box, out_wh: tuple[int, int], downscale: bool
+) -> tuple[Image.Image, Box]:
+  """(the image decoded to mode L or RGB, `box` in its coordinates), ready for ``resize(box=)``.
+
+  An array becomes a PIL image as it is. An undecoded PIL image (an image folder's file) is decoded,
+  a JPEG with `downscale` at the `dct_reduction` of its crop `box` to `out_wh`; CMYK, palette, RGBA,
+  16-bit and other modes become RGB (PIL's conversion, as torchvision's loader does). A truncated or
+  corrupt file raises here (PIL's OSError), for the pipeline to skip.
+  """
+  if not isinstance(image, Image.Image):
+    return to_pil(image), box
+  reduction = dct_reduction((box[2] - box[0], box[3] - box[1]), out_wh) if downscale else 1
+  if reduction > 1:
+    width = image.width
+    # Only JPEG decoders can (others return None). It returns the original's extent in the reduced
+    # image, whose size it rounds up.
+    drafted = image.draft("RGB", (image.width // reduction, image.height // reduction))
+    if drafted is not None:
+      scale = width / drafted[1][2]
+      box = (box[0] / scale, box[1] / scale, box[2] / scale, box[3] / scale)
+  if image.mode not in ("L", "RGB"):
+    return image.convert("RGB"), box
+  image.load()
+  return image, box
+
+
 def finish(pil: Image.Image, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
   """PIL image of size S x S -> float32 [S, S, 3] = (pixels / 255 - mean) / std.
 
@@ -150,19 +198,19 @@ def train_example(
   std: np.ndarray,
   randaugment: rand_augment.RandAugment | None = None,
   random_erase: float = 0.0,
+  jpeg_downscale: bool = True,
 ) -> dict[str, np.ndarray]:
   """Augments one example in timm's order.
 
   Random-resized-crop with bicubic resize, flip, RandAugment (if given),
   normalise, random erasing (if `random_erase` > 0). Every random draw comes
-  from `rng`, in that order.
+  from `rng`, in that order. `jpeg_downscale`: see `decode`.
   """
-  image = example["image"]
-  top, left, h, w = random_resized_crop_box(image.shape[0], image.shape[1], rng, scale, ratio)
+  top, left, h, w = random_resized_crop_box(*image_hw(example["image"]), rng, scale, ratio)
+  out_wh = (image_size, image_size)
+  pil, box = decode(example["image"], (left, top, left + w, top + h), out_wh, jpeg_downscale)
   # One PIL call crops (box) and resizes: no intermediate copy.
-  pil = to_pil(image).resize(
-    (image_size, image_size), Image.BICUBIC, box=(left, top, left + w, top + h)
-  )
+  pil = pil.resize(out_wh, Image.BICUBIC, box=box)
   flip = hflip and rng.random() < 0.5
   if randaugment is not None:
     # RandAugment sees the flipped image, as in timm. (Otherwise flipping the
@@ -180,33 +228,53 @@ def train_example(
   return {"image": x, "label": np.int32(example["label"])}
 
 
-def eval_example(
-  example: dict[str, Any], *, image_size: int, resize_to: int, mean: np.ndarray, std: np.ndarray
-) -> dict[str, np.ndarray]:
-  """Resizes the shorter side to `resize_to`, centre-crops `image_size`."""
-  pil = to_pil(example["image"])
-  w, h = pil.size
-  # torchvision Resize(int): the longer side keeps the aspect ratio, floored.
+def eval_box(h: int, w: int, image_size: int, resize_to: int) -> Box:
+  """The centre crop of the eval view in the original image's coordinates.
+
+  torchvision's Resize(resize_to) (the shorter side to `resize_to`, the longer keeping the aspect
+  ratio, floored) then CenterCrop(image_size), as one box: resizing it to image_size resamples the
+  same positions with the same filter as resizing the whole image and cropping.
+  """
   if h <= w:
     new_h, new_w = resize_to, int(resize_to * w / h)
   else:
     new_h, new_w = int(resize_to * h / w), resize_to
-  if (new_w, new_h) != (w, h):
-    pil = pil.resize((new_w, new_h), Image.BICUBIC)
   top = int(round((new_h - image_size) / 2))
   left = int(round((new_w - image_size) / 2))
-  pil = pil.crop((left, top, left + image_size, top + image_size))
+  sx, sy = w / new_w, h / new_h
+  return (left * sx, top * sy, (left + image_size) * sx, (top + image_size) * sy)
+
+
+def eval_example(
+  example: dict[str, Any],
+  *,
+  image_size: int,
+  resize_to: int,
+  mean: np.ndarray,
+  std: np.ndarray,
+  jpeg_downscale: bool = True,
+) -> dict[str, np.ndarray]:
+  """Resizes the shorter side to `resize_to`, centre-crops `image_size` (`eval_box`)."""
+  box = eval_box(*image_hw(example["image"]), image_size, resize_to)
+  out_wh = (image_size, image_size)
+  pil, box = decode(example["image"], box, out_wh, jpeg_downscale)
+  pil = pil.resize(out_wh, Image.BICUBIC, box=box)
   return {"image": finish(pil, mean, std), "label": np.int32(example["label"]), "mask": np.True_}
 
 
 def eval_preprocessor(
-  *, image_size: int, crop_pct: float, normalization: str
+  *, image_size: int, crop_pct: float, normalization: str, jpeg_downscale: bool = True
 ) -> Callable[[dict[str, Any]], dict[str, np.ndarray]]:
   """example -> `eval_example` of it: the view of `crop_pct` (see `eval_shorter_side`), normalised."""
   mean, std = mean_std(normalization)
   resize_to = eval_shorter_side(image_size, crop_pct)
   return functools.partial(
-    eval_example, image_size=image_size, resize_to=resize_to, mean=mean, std=std
+    eval_example,
+    image_size=image_size,
+    resize_to=resize_to,
+    mean=mean,
+    std=std,
+    jpeg_downscale=jpeg_downscale,
   )
 
 
@@ -218,6 +286,7 @@ def train_preprocessor(
   crop_pct: float,
   fixed_view: bool,
   randaugment: str,
+  jpeg_downscale: bool = True,
   **augment: Any,
 ) -> Callable[[dict[str, Any], int], dict[str, np.ndarray]]:
   """(example, stream position g) -> `train_example` of it, drawn from (seed, g); or the fixed view.
@@ -227,9 +296,15 @@ def train_preprocessor(
     image_size, normalization, crop_pct: the output, and the fixed view's crop.
     fixed_view: every example is the eval view (`eval_example`, without its mask) instead.
     randaugment: a RandAugment string, or "" for none (`make_randaugment`).
+    jpeg_downscale: whether JPEGs may be decoded at a reduced scale (`decode`).
     **augment: `train_example`'s scale, ratio, hflip and random_erase.
   """
-  view = eval_preprocessor(image_size=image_size, crop_pct=crop_pct, normalization=normalization)
+  view = eval_preprocessor(
+    image_size=image_size,
+    crop_pct=crop_pct,
+    normalization=normalization,
+    jpeg_downscale=jpeg_downscale,
+  )
   mean, std = view.keywords["mean"], view.keywords["std"]
   op = make_randaugment(randaugment, normalization)
 
@@ -242,7 +317,14 @@ def train_preprocessor(
     # failed example would have had, whatever the failure consumed.
     rng = np.random.default_rng([seed, 1, g])  # Stream 1: augmentation.
     return train_example(
-      example, rng, image_size=image_size, mean=mean, std=std, randaugment=op, **augment
+      example,
+      rng,
+      image_size=image_size,
+      mean=mean,
+      std=std,
+      randaugment=op,
+      jpeg_downscale=jpeg_downscale,
+      **augment,
     )
 
   return prepare

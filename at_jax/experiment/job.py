@@ -8,7 +8,7 @@ import jax
 import ml_collections
 
 from at_jax import checkpoint, metrics
-from at_jax.data import pipeline, sources
+from at_jax.data import options, pipeline, sources
 from at_jax.evaluate import attention as evaluate
 from at_jax.experiment.loop import train_and_evaluate
 from at_jax.experiment.paths import EXPORT_DIR, TEACHER_DIR
@@ -93,14 +93,12 @@ def run_with_teacher(
 def attention_report(config: ml_collections.ConfigDict, workdir: str, num_images: int = 4) -> None:
   """Writes <workdir>/attention.png (teacher vs student maps) and prints their per-layer agreement."""
   d = config.data
-  source = sources.make_source(d.name, d.eval_split, d.dir or None, field="data.eval_split")
+  source = sources.from_config(d, "data.eval_split", workdir)
   images = next(
     pipeline.eval_iterator(
       source,
       global_batch_size=num_images,
-      image_size=d.image_size,
-      crop_pct=d.crop_pct,
-      normalization=d.normalization,
+      **options.eval_view(d),
       num_threads=0,
     )
   )["image"]

@@ -14,7 +14,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from at_jax import checkpoint, metrics, sharding
-from at_jax.data import pipeline, target_store
+from at_jax.data import options, pipeline, sources, target_store
 from at_jax.errors import ConfigError
 from at_jax.experiment.paths import EXPORT_DIR
 from at_jax.experiment.preemption import Preempted, _SigtermFlag
@@ -33,9 +33,7 @@ def evaluate_run(run: Run, eval_fn, state: train_state.TrainState) -> dict[str, 
   it = pipeline.eval_iterator(
     run.eval_source,
     global_batch_size=d.eval_batch_size,
-    image_size=d.image_size,
-    crop_pct=d.crop_pct,
-    normalization=d.normalization,
+    **options.eval_view(d),
     process_index=jax.process_index(),
     process_count=jax.process_count(),
     num_threads=d.num_threads,
@@ -76,16 +74,14 @@ def _train_iter(run: Run, start_step: int) -> Iterator[dict[str, np.ndarray]]:
   return pipeline.train_iterator(
     run.train_source,
     global_batch_size=d.batch_size,
-    image_size=d.image_size,
+    **options.eval_view(d),
     seed=run.config.seed,
     start_step=start_step,
-    normalization=d.normalization,
     rrc_scale=tuple(d.rrc_scale),
     hflip=d.hflip,
     randaugment=d.randaugment,
     random_erase=d.random_erase,
     fixed_view=targets is not None,
-    crop_pct=d.crop_pct,
     targets=targets,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
@@ -127,15 +123,17 @@ def _data_position(run: Run, step: int, skipped_examples: int = 0) -> dict[str, 
     "data.name": d.name,
     "data.train_split": d.train_split,
     "num_examples": len(run.train_source),
+    "fingerprint": sources.fingerprint(run.train_source),
   }
 
 
 def _check_data_position(run: Run, saved: Mapping[str, Any]) -> None:
   """Refuses to resume on a data stream other than the checkpoint's: it would replay or skip examples."""
   now = _data_position(run, int(saved.get("step", 0)))
-  for key in ("seed", "data.batch_size", "data.name", "data.train_split", "num_examples"):
+  fields = {"num_examples": "data.train_split", "fingerprint": "data.dir"}
+  for key in ("seed", "data.batch_size", "data.name", "data.train_split", *fields):
     if key in saved and saved[key] != now[key]:
-      field = key if key.startswith("data.") or key == "seed" else "data.train_split"
+      field = fields.get(key, key)
       raise ConfigError(
         field,
         f"the checkpoint in {run.workdir}/checkpoints was written with {key}="

@@ -34,7 +34,7 @@ import tensorstore as ts
 from jax.experimental import multihost_utils
 
 from at_jax import metrics, sharding
-from at_jax.data import pipeline, target_store
+from at_jax.data import options, pipeline, sources, target_store
 from at_jax.data.sources import Source
 from at_jax.errors import ConfigError
 from at_jax.experiment import job, teachers, validation
@@ -85,6 +85,8 @@ def describe(
   dataset: str,
   split: str,
   num_examples: int,
+  fingerprint: str,
+  jpeg_downscale: bool,
   teacher_path: str,
   teacher_config: Mapping[str, Any],
 ) -> dict[str, Any]:
@@ -95,7 +97,9 @@ def describe(
     what, store: `transfer.what` and `precompute.store`, see `stored_keys`.
     layers: the selected layers (`transfer.resolve`), stored in this order.
     image_size, crop_pct, normalization: the fixed view (`pipeline.eval_iterator`'s preprocessing).
-    dataset, split, num_examples: the training source (`data.name`, `data.train_split`, its length).
+    dataset, split, num_examples, fingerprint: the training source (`data.name`, `data.train_split`,
+      its length, `sources.fingerprint`).
+    jpeg_downscale: `data.jpeg_downscale`, part of the view.
     teacher_path, teacher_config: where the teacher came from, and its architecture.
 
   Returns:
@@ -123,10 +127,12 @@ def describe(
     image_size=image_size,
     crop_pct=crop_pct,
     normalization=normalization,
+    jpeg_downscale=jpeg_downscale,
     view=target_store.TARGETS_VIEW,
     dataset=dataset,
     split=split,
     num_examples=num_examples,
+    fingerprint=fingerprint,
     teacher=teacher_path,
     teacher_config=dict(teacher_config),
     done_examples=0,
@@ -179,9 +185,7 @@ def write_targets(
   batches = pipeline.eval_iterator(
     source,
     global_batch_size=batch_size,
-    image_size=metadata["image_size"],
-    crop_pct=metadata["crop_pct"],
-    normalization=metadata["normalization"],
+    **options.eval_view(metadata),
     process_index=p,
     process_count=process_count,
     num_threads=num_threads,
@@ -331,6 +335,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     dataset=d.name,
     split=d.train_split,
     num_examples=len(train_source),
+    fingerprint=sources.fingerprint(train_source),
+    jpeg_downscale=d.jpeg_downscale,
     teacher_path=teachers.teacher_path(config, workdir),
     teacher_config=teacher_config,
   )

@@ -12,9 +12,10 @@ from typing import NamedTuple
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from at_jax import checkpoint, optim, sharding
-from at_jax.data import mixup, pipeline, sources, target_store
+from at_jax.data import mixup, options, pipeline, sources, target_store
 from at_jax.errors import ConfigError
 from at_jax.experiment import build, memory, teachers
 from at_jax.models import vit
@@ -49,9 +50,7 @@ def validate(
   _check_data_args(config, model, spec)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   d = config.data
-  data_dir = d.dir or None
-  train_source = sources.make_source(d.name, d.train_split, data_dir, field="data.train_split")
-  eval_source = sources.make_source(d.name, d.eval_split, data_dir, field="data.eval_split")
+  train_source, eval_source = _sources(d, workdir)
   pipeline.check_batch_sizes(
     batch_size=d.batch_size,
     eval_batch_size=d.eval_batch_size,
@@ -61,13 +60,27 @@ def validate(
   sharding.check_batch(d.batch_size, mesh, "data.batch_size")
   sharding.check_batch(d.eval_batch_size, mesh, "data.eval_batch_size")
   if spec.active and spec.source == "precomputed" and check_targets:
-    _check_stored_targets(config, workdir, model, spec, len(train_source))
+    _check_stored_targets(
+      config, workdir, model, spec, len(train_source), sources.fingerprint(train_source)
+    )
   # Last of the inputs: the teacher, read for its architecture and checked against the student.
   teacher = _teacher_architecture(config, workdir, model)
   if teacher is not None:
     spec = transfer_spec.resolve(config.transfer.to_dict(), model, teacher, image_size)
   memory_line = _check_memory(config, mesh, model, teacher, spec, len(train_source))
   return Validated(model, mesh, train_source, eval_source, memory_line)
+
+
+def _sources(d: ml_collections.ConfigDict, workdir: str) -> tuple[sources.Source, sources.Source]:
+  """The training and eval sources. An image folder is listed by process 0 alone, which caches the
+  list in the (shared) workdir or data.file_list_dir for the others to read after a barrier."""
+  if d.name == "imagefolder" and jax.process_count() > 1:
+    if jax.process_index() == 0:
+      sources.from_config(d, "data.train_split", workdir)
+      sources.from_config(d, "data.eval_split", workdir)
+    multihost_utils.sync_global_devices("at_jax: image folder file lists cached")
+  train = sources.from_config(d, "data.train_split", workdir)
+  return train, sources.from_config(d, "data.eval_split", workdir)
 
 
 def _check_scalars(config: ml_collections.ConfigDict) -> None:
@@ -141,7 +154,7 @@ def _check_data_args(config: ml_collections.ConfigDict, model: vit.ViT, spec: Tr
   precomputed = spec.active and spec.source == "precomputed"
   if precomputed:
     _check_fixed_view_recipe(d, spec)
-  pipeline.check_train_args(
+  options.check_train_args(
     image_size=d.image_size,
     normalization=d.normalization,
     seed=config.seed,
@@ -151,7 +164,7 @@ def _check_data_args(config: ml_collections.ConfigDict, model: vit.ViT, spec: Tr
     fixed_view=precomputed,
     crop_pct=d.crop_pct,
   )
-  pipeline.check_eval_args(
+  options.check_eval_args(
     image_size=d.image_size, crop_pct=d.crop_pct, normalization=d.normalization
   )
   if config.task == "classify":
@@ -192,7 +205,12 @@ def _check_fixed_view_recipe(d: ml_collections.ConfigDict, spec: Transfer) -> No
 
 
 def _check_stored_targets(
-  config: ml_collections.ConfigDict, workdir: str, model: vit.ViT, spec: Transfer, num_examples: int
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  model: vit.ViT,
+  spec: Transfer,
+  num_examples: int,
+  fingerprint: str,
 ) -> None:
   d = config.data
   directory = target_store.targets_dir(config.transfer.targets_dir, workdir)
@@ -205,6 +223,8 @@ def _check_stored_targets(
     dataset=d.name,
     split=d.train_split,
     num_examples=num_examples,
+    fingerprint=fingerprint,
+    jpeg_downscale=d.jpeg_downscale,
     num_heads=model.num_heads,
     tokens=model.tokens_for(d.image_size),
   )

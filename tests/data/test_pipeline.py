@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from at_jax.data import pipeline, skipping, sources
+from at_jax.data import options, pipeline, skipping, sources
 from at_jax.errors import ConfigError
 
 
@@ -180,8 +180,8 @@ def test_train_and_evaluate_counts_skipped_examples(tmp_path, monkeypatch, capsy
   bad_train = {1: "garbage", 2: "truncated", 40: "garbage"}
   bad_eval = {5: "garbage"}
 
-  def make_source(name, split, data_dir=None, field=None):
-    del name, data_dir, field
+  def make_source(name, split, data_dir=None, **options):
+    del name, data_dir, options
     if split.startswith("train"):
       return damaged_source(64, bad_train, size=28)
     return damaged_source(40, bad_eval, size=28)
@@ -271,9 +271,9 @@ def test_batch_sizes_must_divide_over_processes():
   ],
 )
 def test_check_train_args_names_the_field(kw, field, indexed_source, train_kw):
-  pipeline.check_train_args(image_size=16, normalization="imagenet")  # the defaults are fine
+  options.check_train_args(image_size=16, normalization="imagenet")  # the defaults are fine
   with pytest.raises(ConfigError) as e:
-    pipeline.check_train_args(**{"image_size": 16, "normalization": "imagenet", **kw})
+    options.check_train_args(**{"image_size": 16, "normalization": "imagenet", **kw})
   assert e.value.field == field
   # The iterator runs the same checks on its own arguments.
   with pytest.raises(ConfigError) as e:
@@ -291,9 +291,9 @@ def test_check_train_args_names_the_field(kw, field, indexed_source, train_kw):
 )
 def test_check_eval_args_names_the_field(kw, field, indexed_source):
   view = dict(image_size=8, crop_pct=0.875, normalization="unit")
-  pipeline.check_eval_args(**view)
+  options.check_eval_args(**view)
   with pytest.raises(ConfigError) as e:
-    pipeline.check_eval_args(**{**view, **kw})
+    options.check_eval_args(**{**view, **kw})
   assert e.value.field == field
   with pytest.raises(ConfigError) as e:
     pipeline.eval_iterator(indexed_source(4), global_batch_size=2, **{**view, **kw})

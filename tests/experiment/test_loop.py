@@ -349,8 +349,8 @@ def test_skipped_examples_count_survives_resume(tmp_path, monkeypatch, tiny_conf
   """train/skipped_examples counts the whole run: a resumed run logs what an uninterrupted one does."""
   bad = {1: "garbage", 2: "truncated", 40: "garbage"}  # met once per epoch of 4 steps
 
-  def make_source(name, split, data_dir=None, field=None):
-    del name, data_dir, field
+  def make_source(name, split, data_dir=None, **options):
+    del name, data_dir, options
     return (
       damaged_source(64, bad, size=28)
       if split.startswith("train")

@@ -92,6 +92,8 @@ def _metadata(model, setting, layers=(0, 1), num_examples=N):
     dataset="fake",
     split="train",
     num_examples=num_examples,
+    fingerprint="",
+    jpeg_downscale=True,
     teacher_path="random",
     teacher_config=TEACHER,
   )
@@ -321,10 +323,16 @@ def test_reader_and_iterator_refuse_mismatches(stores, tmp_path):
     (dict(normalization="unit"), "data.normalization"),
     (dict(randaugment="rand-m9-mstd0.5-inc1"), "data.randaugment"),
     (dict(random_erase=0.25), "data.random_erase"),
+    (dict(jpeg_downscale=False), "data.jpeg_downscale"),
   ):
     with pytest.raises(ConfigError) as e:
       pipeline.train_iterator(_source(), **{**base, **change})
     assert e.value.field == field, change
+  edited = _source()
+  edited.fingerprint = f"{N}:0123456789abcdef"  # as an image folder's, whose files changed
+  with pytest.raises(ConfigError) as e:
+    pipeline.train_iterator(edited, **base)
+  assert e.value.field == "data.dir"
   with pytest.raises(ConfigError) as e:
     pipeline.train_iterator(_source(n=N - 1), **base)
   assert e.value.field == "data.train_split"
@@ -337,9 +345,9 @@ def test_reader_and_iterator_refuse_mismatches(stores, tmp_path):
 # Through the config: launch/precompute.py's `run`, validate's checks, and a training run.
 
 
-def _fake_make_source(name, split, data_dir=None, field=None):
+def _fake_make_source(name, split, data_dir=None, **options):
   """Small random stand-ins for the config's splits, so that no dataset is needed."""
-  del name, data_dir, field
+  del name, data_dir, options
   return _source(n=64, seed=1) if split.startswith("train") else _source(n=40, seed=2)
 
 
