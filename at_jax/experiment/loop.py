@@ -130,14 +130,15 @@ def _data_position(run: Run, step: int, skipped_examples: int = 0) -> dict[str, 
 def _check_data_position(run: Run, saved: Mapping[str, Any]) -> None:
   """Refuses to resume on a data stream other than the checkpoint's: it would replay or skip examples."""
   now = _data_position(run, int(saved.get("step", 0)))
-  fields = {"num_examples": "data.train_split", "fingerprint": "data.dir"}
+  # An image folder's fingerprint before its count: an edited folder is the cause, not the split.
+  fields = {"fingerprint": "data.dir", "num_examples": "data.train_split"}
   for key in ("seed", "data.batch_size", "data.name", "data.train_split", *fields):
     if key in saved and saved[key] != now[key]:
-      field = fields.get(key, key)
+      what = " (count:hash of the image folder's files: they changed)" * (key == "fingerprint")
       raise ConfigError(
-        field,
+        fields.get(key, key),
         f"the checkpoint in {run.workdir}/checkpoints was written with {key}="
-        f"{saved[key]!r}, this run has {now[key]!r}: resuming would not continue its data "
+        f"{saved[key]!r}, this run has {now[key]!r}{what}: resuming would not continue its data "
         "stream. Restore the setting or use a new --workdir",
       )
 

@@ -1,5 +1,6 @@
 """Multi-host for real on CPU: two processes (4 devices each) joined by jax.distributed over loopback run
-the same training as one process with 8 devices, on the same (4, 2) mesh with FSDP across the processes."""
+the same training as one process with 8 devices, on the same (4, 2) mesh with FSDP across the processes,
+reading a folder of JPEGs (Fashion-MNIST written as files) that process 0 alone lists."""
 
 import os
 import socket
@@ -9,8 +10,10 @@ import sys
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from at_jax import checkpoint, metrics
+from at_jax.data import sources
 from tests.conftest import subprocess_env
 
 # Real processes, whole runs: end-to-end (`pytest -m 'not slow'` skips them).
@@ -21,8 +24,9 @@ ARGS = [
   "--config.transfer.mode=none",
   "--config.model.variant=Pico/7",
   "--config.model.drop_path=0.1",
-  "--config.data.train_split=train[:640]",
-  "--config.data.eval_split=test[:400]",
+  "--config.data.name=imagefolder",
+  "--config.data.train_split=train",
+  "--config.data.eval_split=val",
   "--config.data.batch_size=32",
   "--config.data.eval_batch_size=80",
   "--config.data.num_threads=0",
@@ -61,9 +65,22 @@ def _free_port():
     return s.getsockname()[1]
 
 
+def _jpeg_tree(root, counts=(("train", "train", 640), ("test", "val", 400))):
+  """<root>/<split>/<label>/<i>.JPEG from the first Fashion-MNIST images of each split."""
+  arrays = sources.load_fashion_mnist()
+  for name, split, n in counts:
+    images, labels = arrays[name]
+    for i in range(n):
+      folder = root / split / f"class_{labels[i]}"
+      folder.mkdir(parents=True, exist_ok=True)
+      Image.fromarray(images[i]).save(folder / f"{i}.JPEG", quality=95)
+  return f"--config.data.dir={root}"
+
+
 def test_two_processes_equal_one(tmp_path):
+  data = _jpeg_tree(tmp_path / "jpegs")
   one = str(tmp_path / "one")
-  proc = _main(one, devices=8)
+  proc = _main(one, data, devices=8)
   _, err = proc.communicate(timeout=600)
   assert proc.returncode == 0, err[-3000:]
 
@@ -72,6 +89,7 @@ def test_two_processes_equal_one(tmp_path):
   procs = [
     _main(
       two,
+      data,
       "--multihost",
       f"--coordinator=127.0.0.1:{port}",
       "--num_processes=2",
@@ -84,6 +102,8 @@ def test_two_processes_equal_one(tmp_path):
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   assert "| classify" in outs[0][0] and "| classify" not in outs[1][0]  # only process 0 reports
+  # Process 0 listed the folder and cached the list in the shared workdir; process 1 read the cache.
+  assert "Listing the images" in outs[0][0] and "Listing" not in outs[1][0]
 
   logged = [
     [x for x in metrics.read_jsonl(os.path.join(w, "metrics.jsonl")) if "train/loss" in x]
