@@ -140,10 +140,6 @@ class Checkpointer:
       return restored.state, restored.extra
     raise ConfigError(self.directory, "no readable checkpoint: " + "; ".join(errors))
 
-  def reached_preemption(self, step: int) -> bool:
-    """Whether the job is being preempted and all processes reached `step`."""
-    return self._manager.reached_preemption(step)
-
   def wait(self) -> None:
     """Blocks until all async saves are written and committed."""
     self._manager.wait_until_finished()

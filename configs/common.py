@@ -132,6 +132,8 @@ def base() -> ml_collections.ConfigDict:
   c.ckpt = dict(every_steps=1000, keep=3)
   # every_steps=0: evaluate only at the end.
   c.evals = dict(every_steps=0)
+  # "START:STOP": a jax.profiler trace of train steps START..STOP-1 in <workdir>/tensorboard; "" = none.
+  c.profile = ""
   return c
 
 

@@ -39,6 +39,9 @@ def start() -> tuple[str, str]:
   """Joins the other processes under --multihost; returns (config path, workdir: default workdir/<config>)."""
   import jax
 
+  from at_jax.experiment import preemption
+
+  preemption.install()  # first: a SIGTERM from here on ends the process promptly (exit 143)
   f = flags.FLAGS
   if f.multihost:
     # CPU clusters (and tests over loopback) need a cross-process collectives backend; TPU/GPU ignore it.

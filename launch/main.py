@@ -29,7 +29,7 @@ def main(argv):
     sys.exit(2)
   except preemption.Preempted as e:
     print(f"\n{e}", file=sys.stderr)
-    sys.exit(143)  # 128 + SIGTERM, what schedulers expect from a job that honoured the signal
+    sys.exit(preemption.PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

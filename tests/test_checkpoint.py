@@ -144,7 +144,6 @@ def test_keep_last_n_and_save_every(tmp_path):
   np.testing.assert_array_equal(got["x"], [4, 4])
   with pytest.raises(ConfigError, match="step 2"):
     ckpt.restore(target, step=2)  # Deleted by keep=2.
-  assert not ckpt.reached_preemption(5)
   ckpt.close()
 
 

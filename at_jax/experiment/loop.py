@@ -16,8 +16,9 @@ from jax.experimental import multihost_utils
 from at_jax import checkpoint, metrics, sharding
 from at_jax.data import options, pipeline, sources, target_store
 from at_jax.errors import ConfigError
+from at_jax.experiment import preemption, profiling
 from at_jax.experiment.paths import EXPORT_DIR
-from at_jax.experiment.preemption import Preempted, _SigtermFlag
+from at_jax.experiment.preemption import Preempted
 from at_jax.experiment.runs import Run, setup
 from at_jax.experiment.teachers import init_from_pretrained, load_vit
 from at_jax.training import state as train_state
@@ -152,13 +153,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = metrics.MetricWriter(workdir)
   start = int(jax.device_get(state.step))
   _describe(run, start)
-  sigterm = _SigtermFlag()
-  try:
+  with (
+    preemption.training() as sigterm,
+    profiling.step_trace(config.profile, workdir) as trace,
+  ):
     state, skipped_total = _train(
-      run, state, start, skipped_before, train_fn, eval_fn, ckpt, writer, sigterm
+      run, state, start, skipped_before, train_fn, eval_fn, ckpt, writer, sigterm, trace
     )
-  finally:
-    sigterm.restore()
   ckpt.save(
     run.total_steps, state, extra=_data_position(run, run.total_steps, skipped_total), force=True
   )
@@ -213,12 +214,13 @@ def _train(
   eval_fn: Any,
   ckpt: checkpoint.Checkpointer,
   writer: metrics.MetricWriter,
-  sigterm: _SigtermFlag,
+  sigterm: preemption.Training,
+  trace: profiling.StepTrace,
 ) -> tuple[train_state.TrainState, int]:
   """Steps `start + 1 .. total_steps`: logs, checkpoints, evaluates; returns (state, skipped total).
 
   Metrics of step t are fetched after step t+1 is dispatched, so the host never waits on the device.
-  Raises Preempted (after saving) on SIGTERM or an orbax preemption notice.
+  Raises Preempted (after saving, the same step on every process) on a SIGTERM to any process.
   """
   config, s = run.config, run.config.schedule
   name = "mae" if config.task == "mae" else run.transfer.mode
@@ -234,14 +236,16 @@ def _train(
   for step in range(start + 1, run.total_steps + 1):
     batch = next(batches)
     skipped += int(batch.pop("skipped").sum())  # a host-side count, not an input of the step
+    trace.before(step)
     state, step_metrics = train_fn(
       state, sharding.global_batch(batch, run.mesh), run.teacher_params
     )
+    trace.after(step, state)
     if pending is not None:
       _log(pending, writer, progress, ckpt)
     pending = None
     log_now = step % s.log_every_steps == 0 or step == run.total_steps
-    preempted = sigterm.raised or ckpt.reached_preemption(step)
+    preempted = sigterm.stop_at(step)  # the same answer on every process
     if log_now or preempted or step % config.ckpt.every_steps == 0 or jax.process_count() == 1:
       # Summed over processes where it is logged or may be saved: every process reaches those steps
       # together, so the gather lines up; on other steps no save happens and the stale value is unused.

@@ -17,7 +17,7 @@ from jax.experimental import multihost_utils
 from at_jax import checkpoint, optim, sharding
 from at_jax.data import mixup, options, pipeline, sources, target_store
 from at_jax.errors import ConfigError
-from at_jax.experiment import build, memory, teachers
+from at_jax.experiment import build, memory, profiling, teachers
 from at_jax.models import vit
 from at_jax.transfer import spec as transfer_spec
 from at_jax.transfer.spec import Transfer
@@ -95,6 +95,7 @@ def _check_scalars(config: ml_collections.ConfigDict) -> None:
   if not s.log_every_steps >= 1:
     raise ConfigError("schedule.log_every_steps", f"must be >= 1, got {s.log_every_steps!r}")
   checkpoint.check_options(every_steps=config.ckpt.every_steps, keep=config.ckpt.keep)
+  profiling.parse_window(config.profile)
   if not config.evals.every_steps >= 0:
     raise ConfigError(
       "evals.every_steps", f"must be >= 0 (0: only at the end), got {config.evals.every_steps!r}"

@@ -31,7 +31,9 @@ def test_interrupted_run_resumes_exactly(tmp_path, teacher_export, tiny_config):
   c.teacher.init = teacher_export
   c.model.drop_path = 0.1
   straight = str(tmp_path / "straight")
+  c.profile = "2:4"
   evals = loop.train_and_evaluate(c, straight)
+  c.profile = ""
   interrupted = str(tmp_path / "interrupted")
   loop.train_and_evaluate(c, interrupted)
   # Simulate a kill after the step-4 checkpoint: later checkpoints and the export never happened.
@@ -49,6 +51,10 @@ def test_interrupted_run_resumes_exactly(tmp_path, teacher_export, tiny_config):
   assert all(x["train/distill_loss"] > 0 for x in lines if "train/loss" in x)
   assert {"eval/top1", "eval/ema_top1", "eval/top5"} <= set(lines[-1])
   assert os.path.isdir(os.path.join(straight, "tensorboard"))
+  # --config.profile="2:4": a trace of steps 2 and 3 that TensorBoard's profile plugin opens.
+  (trace_dir,) = os.listdir(os.path.join(straight, "tensorboard", "plugins", "profile"))
+  traces = os.listdir(os.path.join(straight, "tensorboard", "plugins", "profile", trace_dir))
+  assert any(name.endswith(".xplane.pb") for name in traces), traces
   # The checkpoint records the data stream's position; resuming on another stream is refused up front.
   c.data.batch_size = 32
   shutil.rmtree(os.path.join(interrupted, "checkpoints", "6"))

@@ -30,6 +30,8 @@ def test_the_compile_check_sees_a_compilation(no_compiles):
   "overrides,field",
   [
     ({"data.mixup": -1.0}, "data.mixup"),
+    ({"profile": "4:2"}, "profile"),
+    ({"profile": "steps 2-4"}, "profile"),
     ({"data.cutmix": -0.5}, "data.cutmix"),
     ({"data.mixup_prob": 1.5}, "data.mixup_prob"),
     ({"data.batch_size": 0}, "data.batch_size"),

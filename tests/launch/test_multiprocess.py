@@ -3,9 +3,11 @@ the same training as one process with 8 devices, on the same (4, 2) mesh with FS
 reading a folder of JPEGs (Fashion-MNIST written as files) that process 0 alone lists."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -20,6 +22,7 @@ from tests.conftest import subprocess_env
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo
+STEPS = 40  # long enough for a SIGTERM to land mid-run
 ARGS = [
   "--config.transfer.mode=none",
   "--config.model.variant=Pico/7",
@@ -30,11 +33,11 @@ ARGS = [
   "--config.data.batch_size=32",
   "--config.data.eval_batch_size=80",
   "--config.data.num_threads=0",
-  "--config.schedule.steps=6",
+  f"--config.schedule.steps={STEPS}",
   "--config.schedule.log_every_steps=2",
   "--config.mesh.data=4",
   "--config.mesh.fsdp=2",
-  "--config.ckpt.every_steps=3",
+  "--config.ckpt.every_steps=10",
 ]
 
 
@@ -77,19 +80,12 @@ def _jpeg_tree(root, counts=(("train", "train", 640), ("test", "val", 400))):
   return f"--config.data.dir={root}"
 
 
-def test_two_processes_equal_one(tmp_path):
-  data = _jpeg_tree(tmp_path / "jpegs")
-  one = str(tmp_path / "one")
-  proc = _main(one, data, devices=8)
-  _, err = proc.communicate(timeout=600)
-  assert proc.returncode == 0, err[-3000:]
-
-  two = str(tmp_path / "two")
+def _two_processes(workdir, *extra):
   port = _free_port()
-  procs = [
+  return [
     _main(
-      two,
-      data,
+      workdir,
+      *extra,
       "--multihost",
       f"--coordinator=127.0.0.1:{port}",
       "--num_processes=2",
@@ -98,18 +94,37 @@ def test_two_processes_equal_one(tmp_path):
     )
     for i in range(2)
   ]
+
+
+def _finish(procs, code=0):
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
+    assert p.returncode == code, err[-3000:]
+  return outs
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """The data flag, and the workdirs and outputs of uninterrupted runs on 1 process (8 devices) and on
+  2 processes (4 devices each), run side by side."""
+  root = tmp_path_factory.mktemp("multiprocess")
+  data = _jpeg_tree(root / "jpegs")
+  one, two = str(root / "one"), str(root / "two")
+  procs = [_main(one, data, devices=8), *_two_processes(two, data)]
+  outs = _finish(procs)
+  return data, one, two, outs[1:]
+
+
+def test_two_processes_equal_one(runs):
+  _, one, two, outs = runs
   assert "| classify" in outs[0][0] and "| classify" not in outs[1][0]  # only process 0 reports
   # Process 0 listed the folder and cached the list in the shared workdir; process 1 read the cache.
   assert "Listing the images" in outs[0][0] and "Listing" not in outs[1][0]
-
   logged = [
     [x for x in metrics.read_jsonl(os.path.join(w, "metrics.jsonl")) if "train/loss" in x]
     for w in (one, two)
   ]
-  assert [x["step"] for x in logged[1]] == [2, 4, 6]  # one writer: no duplicated lines
+  assert [x["step"] for x in logged[1]] == list(range(2, STEPS + 1, 2))  # one writer: no duplicates
   for a, b in zip(*logged):
     np.testing.assert_allclose(a["train/loss"], b["train/loss"], rtol=1e-5)
   evals = [
@@ -118,11 +133,42 @@ def test_two_processes_equal_one(tmp_path):
   ]
   assert evals[0]["eval/top1"] == evals[1]["eval/top1"]
 
-  def close(
-    path, x, y
-  ):  # the key bias has a zero true gradient: Adam turns float noise into ~lr steps
+  def close(path, x, y):
+    # The key bias has a zero true gradient: Adam turns float noise into ~lr steps.
     key_bias = [getattr(k, "key", "") for k in path][-2:] == ["key", "bias"]
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4 if key_bias else 1e-6)
 
   params = [checkpoint.load_params(os.path.join(w, "params"))[1] for w in (one, two)]
   jax.tree_util.tree_map_with_path(close, *params)
+
+
+def _logged_step(workdir):
+  try:
+    return max(
+      [x["step"] for x in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))] or [0]
+    )
+  except (OSError, ValueError):
+    return 0
+
+
+def test_a_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, runs):
+  """Only process 1 gets SIGTERM: both save the same step and exit with 143; the relaunch resumes
+  bitwise to what the uninterrupted two-process run ended with."""
+  data, _, straight, _ = runs
+  stopped = str(tmp_path / "stopped")
+  procs = _two_processes(stopped, data)
+  deadline = time.time() + 300
+  while _logged_step(stopped) < 6:
+    assert all(p.poll() is None for p in procs) and time.time() < deadline
+    time.sleep(0.02)
+  procs[1].terminate()
+  outs = _finish(procs, code=143)
+  said = [re.search(r"preempted at step (\d+)", err) for _, err in outs]
+  assert all(said), [err[-2000:] for _, err in outs]
+  step = int(said[0][1])
+  assert int(said[1][1]) == step and step < STEPS
+  assert str(step) in os.listdir(os.path.join(stopped, "checkpoints"))
+  outs = _finish(_two_processes(stopped, data))
+  assert f"at step {step}" in outs[0][0]  # "Resumed from ... at step N"
+  params = [checkpoint.load_params(os.path.join(w, "params"))[1] for w in (straight, stopped)]
+  jax.tree.map(np.testing.assert_array_equal, *params)

@@ -95,3 +95,20 @@ def test_killed_run_resumes_exactly(tmp_path, straight, sig):
   assert f"Resumed from {workdir}/checkpoints at step {steps[-1]}" in out
   resumed = checkpoint.load_params(os.path.join(workdir, "params"))[1]
   jax.tree.map(np.testing.assert_array_equal, resumed, straight)
+
+
+def test_sigterm_before_the_first_step_exits_at_once(tmp_path):
+  """A SIGTERM while the run starts (here: right after the memory check, before compiling) ends it
+  promptly with 143, saving nothing; it is not deferred to a step boundary."""
+  workdir = str(tmp_path / "run")
+  proc = _launch(workdir)
+  for line in proc.stdout:
+    if line.startswith("per-device memory estimate"):
+      break
+  sent = time.monotonic()
+  proc.terminate()
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 143 and "before the training loop" in err, err[-2000:]
+  assert time.monotonic() - sent < 30
+  checkpoints = os.path.join(workdir, "checkpoints")
+  assert not os.path.isdir(checkpoints) or not any(d.isdigit() for d in os.listdir(checkpoints))

@@ -1,0 +1,71 @@
+"""``--config.profile="START:STOP"``: a `jax.profiler` trace of train steps START .. STOP-1.
+
+The trace goes to <workdir>/tensorboard/plugins/profile/<time>/, where TensorBoard's profile plugin
+(`pip install tensorboard-plugin-profile`; `tensorboard --logdir <workdir>/tensorboard`) opens it next to
+the run's scalars. Every process traces its own host. Skip the first steps: they include compiling.
+"""
+
+import contextlib
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+
+from at_jax.errors import ConfigError
+from at_jax.metrics import TENSORBOARD_DIR
+
+
+def parse_window(window: str, total_steps: int | None = None) -> tuple[int, int] | None:
+  """ "START:STOP" -> (START, STOP) with 1 <= START < STOP (<= total_steps + 1); "" -> None.
+
+  Raises:
+    ConfigError: (field ``profile``) anything else.
+  """
+  if not window:
+    return None
+  m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", window)
+  if m is None or not 1 <= int(m[1]) < int(m[2]):
+    raise ConfigError("profile", f"{window!r}: expected 'START:STOP' steps, 1 <= START < STOP.")
+  start, stop = int(m[1]), int(m[2])
+  if total_steps is not None and stop > total_steps + 1:
+    raise ConfigError("profile", f"{window!r} ends after the run's last step {total_steps}.")
+  return start, stop
+
+
+class StepTrace:
+  """Starts the trace before step START, stops it after step STOP-1 has run on the devices."""
+
+  def __init__(self, window: tuple[int, int] | None, workdir: str):
+    self._window = window
+    self._directory = os.path.join(workdir, TENSORBOARD_DIR)
+    self._tracing = False
+
+  def before(self, step: int) -> None:
+    if self._window and step == self._window[0]:
+      jax.profiler.start_trace(self._directory)
+      self._tracing = True
+
+  def after(self, step: int, state: Any) -> None:
+    if self._tracing and step == self._window[1] - 1:
+      self.stop(state)
+
+  def stop(self, state: Any) -> None:
+    if self._tracing:
+      jax.block_until_ready(
+        state
+      )  # the trace holds the window's device work, not just its dispatch
+      jax.profiler.stop_trace()
+      self._tracing = False
+      print(f"profile of steps {self._window[0]}..{self._window[1] - 1} in {self._directory}")
+
+
+@contextlib.contextmanager
+def step_trace(window: str, workdir: str) -> Iterator[StepTrace]:
+  """A `StepTrace` of `window` (`parse_window`) that is stopped however the loop ends."""
+  trace = StepTrace(parse_window(window), workdir)
+  try:
+    yield trace
+  finally:
+    trace.stop(None)
