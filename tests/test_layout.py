@@ -23,7 +23,7 @@ LONGER_BECAUSE = "longer than"
 # in one layer stay independent. `models` and `data` never see training or the experiment wiring.
 LAYERS = (
   ("errors",),
-  ("sharding",),
+  ("sharding", "storage"),
   ("checkpoint", "optim", "metrics"),
   ("ops",),
   ("models", "data"),

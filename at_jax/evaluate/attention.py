@@ -1,6 +1,7 @@
 """Attention agreement of two models (cross-entropy, entropy, Jensen-Shannon per layer) and the
 attention-map figure."""
 
+import io
 import math
 from collections.abc import Mapping, Sequence
 
@@ -8,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from at_jax import storage
 from at_jax.transfer import loss
 
 Array = jax.Array
@@ -85,7 +87,9 @@ def save_attention_figure(
   if title:
     fig.suptitle(title, fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  buffer = io.BytesIO()  # a path in a bucket too
+  fig.savefig(buffer, format="png", dpi=110)
+  storage.write_atomic(path, buffer.getvalue())
   plt.close(fig)
 
 

@@ -7,7 +7,7 @@ import os
 import jax
 import ml_collections
 
-from at_jax import checkpoint, metrics
+from at_jax import checkpoint, metrics, storage
 from at_jax.data import options, pipeline, sources
 from at_jax.evaluate import attention as evaluate
 from at_jax.experiment.loop import train_and_evaluate
@@ -30,16 +30,15 @@ def ensure_teacher(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
     metrics.say(f"== No teacher in {teacher_dir}: training one ==")
     evals = train_and_evaluate(config.teacher.pretrain, teacher_dir)
     if jax.process_index() == 0:
-      with open(results_file, "w") as f:
-        json.dump(evals, f)
-  with open(results_file) as f:
+      storage.write_atomic(results_file, json.dumps(evals))
+  with storage.open_file(results_file) as f:
     return json.load(f)
 
 
 def _will_train_teacher(config: ml_collections.ConfigDict, workdir: str) -> bool:
   """Whether `ensure_teacher` has a teacher to train: the config says how, and none is there yet."""
   export = os.path.join(workdir, TEACHER_DIR, EXPORT_DIR, "model_config.json")
-  return _pretrains_teacher(config) and not os.path.exists(export)
+  return _pretrains_teacher(config) and not storage.exists(export)
 
 
 def _pretrains_teacher(config: ml_collections.ConfigDict) -> bool:
@@ -83,8 +82,7 @@ def run_with_teacher(
   table = metrics.format_table(rows, ["model"] + columns)
   if jax.process_index() == 0:
     print(table, flush=True)
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(results, f, indent=1)
+    storage.write_atomic(os.path.join(workdir, "results.json"), json.dumps(results, indent=1))
     if config.transfer.mode != "none" and config.transfer.source == "jointly":
       attention_report(config, workdir)
   return results

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 
+from at_jax import storage
 from at_jax.errors import ConfigError
 from at_jax.metrics import TENSORBOARD_DIR
 
@@ -39,12 +40,13 @@ class StepTrace:
 
   def __init__(self, window: tuple[int, int] | None, workdir: str):
     self._window = window
-    self._directory = os.path.join(workdir, TENSORBOARD_DIR)
+    # The profiler writes files in place: in a bucket, locally first, then uploaded at `stop`.
+    self._mirror = storage.LocalMirror(os.path.join(workdir, TENSORBOARD_DIR))
     self._tracing = False
 
   def before(self, step: int) -> None:
     if self._window and step == self._window[0]:
-      jax.profiler.start_trace(self._directory)
+      jax.profiler.start_trace(self._mirror.local)
       self._tracing = True
 
   def after(self, step: int, state: Any) -> None:
@@ -57,8 +59,9 @@ class StepTrace:
         state
       )  # the trace holds the window's device work, not just its dispatch
       jax.profiler.stop_trace()
+      self._mirror.close()
       self._tracing = False
-      print(f"profile of steps {self._window[0]}..{self._window[1] - 1} in {self._directory}")
+      print(f"profile of steps {self._window[0]}..{self._window[1] - 1} in {self._mirror.remote}")
 
 
 @contextlib.contextmanager

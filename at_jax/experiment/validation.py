@@ -6,7 +6,6 @@
 directly gets the same error as a launch. Nothing here compiles: shapes are evaluated abstractly.
 """
 
-import os
 from typing import NamedTuple
 
 import jax
@@ -14,7 +13,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from at_jax import checkpoint, optim, sharding
+from at_jax import checkpoint, optim, sharding, storage
 from at_jax.data import mixup, options, pipeline, sources, target_store
 from at_jax.errors import ConfigError
 from at_jax.experiment import build, memory, profiling, teachers
@@ -41,6 +40,11 @@ def validate(
   for its architecture only (a checkpoint file is converted once and cached), so a student that cannot
   use it is refused before the teacher is trained or loaded onto devices.
   """
+  # A bucket that does not exist fails here, not at the first checkpoint after compiling.
+  storage.check_bucket(workdir, "--workdir")
+  for field in ("teacher.init", "model.init", "transfer.targets_dir", "data.dir"):
+    group, name = field.split(".")
+    storage.check_bucket(config[group][name] or "", field)
   _check_scalars(config)
   model = vit.build(teachers.model_config(config, workdir))
   _check_model(config, model)
@@ -103,7 +107,7 @@ def _check_scalars(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_model(config: ml_collections.ConfigDict, model: vit.ViT) -> None:
-  if config.model.init and not os.path.exists(config.model.init):
+  if config.model.init and not storage.exists(config.model.init):
     raise ConfigError(
       "model.init",
       f"{config.model.init} does not exist; it should be a params export "

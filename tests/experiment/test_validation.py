@@ -75,3 +75,14 @@ def test_the_demo_validates_without_compiling(tmp_path, no_compiles):
   assert (len(train_source), len(eval_source)) == (60_000, 10_000)
   assert model.num_classes == 10 and mesh.size == 8
   assert memory.startswith("per-device memory estimate: params ") and "host RAM" in memory
+
+
+def test_a_missing_bucket_is_refused_before_anything_compiles(tiny_config, gcs_bucket, no_compiles):
+  c = tiny_config()
+  with no_compiles(), pytest.raises(ConfigError, match="does not exist") as e:
+    validation.validate(c, "gs://no-such-bucket/run")
+  assert e.value.field == "--workdir"
+  c.teacher.init = "gs://no-such-bucket/teacher/params"
+  with no_compiles(), pytest.raises(ConfigError) as e:
+    validation.validate(c, f"{gcs_bucket[0]}/run")
+  assert e.value.field == "teacher.init"

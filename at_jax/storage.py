@@ -1,0 +1,127 @@
+"""Paths that are local files or bucket objects (``gs://bucket/...``), through one small API.
+
+Everything here goes through etils' `epath` (what orbax uses), whose ``gs://`` backend is gcsfs: local
+paths behave as with `os`, bucket paths as objects. Orbax and tensorstore speak ``gs://`` themselves; this
+module serves the plain files around them (model_config.json, metrics.jsonl, results.json, figures).
+Two things differ in a bucket and are handled here: an object is written whole (so a write is atomic
+by itself, and "appending" rewrites it), and a writer that appends in place (TensorBoard event files,
+`jax.profiler` traces) writes to a local folder that `LocalMirror` uploads.
+"""
+
+import os
+import shutil
+import tempfile
+from typing import IO, Any
+
+import fsspec
+from etils import epath
+
+from at_jax.errors import ConfigError
+
+# gcsfs caches folder listings per process: a file another process (or this one) removed or wrote would
+# still be listed, or not. Checkpoint and export checks must see the bucket as it is.
+for _protocol in ("gs", "gcs"):
+  fsspec.config.conf.setdefault(_protocol, {})["use_listings_cache"] = False
+
+
+def is_remote(path: str) -> bool:
+  """Whether `path` is a URL (``gs://``, ``s3://``, ...) rather than a local path."""
+  return "://" in path
+
+
+def absolute(path: str) -> str:
+  """A local path made absolute; a URL as it is (`os.path.abspath` would mangle ``gs://``)."""
+  return path if is_remote(path) else os.path.abspath(path)
+
+
+def exists(path: str) -> bool:
+  return epath.Path(path).exists()
+
+
+def isdir(path: str) -> bool:
+  return epath.Path(path).is_dir()
+
+
+def isfile(path: str) -> bool:
+  return epath.Path(path).is_file()
+
+
+def makedirs(path: str) -> None:
+  """Creates the folder (a bucket has no folders: nothing to do there)."""
+  if not is_remote(path):
+    os.makedirs(path, exist_ok=True)
+
+
+def listdir(path: str) -> list[str]:
+  return sorted(p.name for p in epath.Path(path).iterdir())
+
+
+def open_file(path: str, mode: str = "r") -> IO[Any]:
+  return epath.Path(path).open(mode)
+
+
+def remove(path: str) -> None:
+  epath.Path(path).unlink(missing_ok=True)
+
+
+def write_atomic(path: str, content: str | bytes) -> None:
+  """Writes `content` so that a reader never sees half of it: an object upload is atomic by itself; a
+  local file is written beside and renamed."""
+  mode = "wb" if isinstance(content, bytes) else "w"
+  if is_remote(path):
+    with open_file(path, mode) as f:
+      f.write(content)
+    return
+  makedirs(os.path.dirname(path) or ".")
+  with open(path + ".tmp", mode) as f:
+    f.write(content)
+  os.replace(path + ".tmp", path)
+
+
+def check_bucket(path: str, field: str) -> None:
+  """ConfigError `field` if `path` is in a bucket that does not exist or cannot be reached.
+
+  Local paths pass (they are created as needed).
+  """
+  if not is_remote(path):
+    return
+  scheme, rest = path.split("://", 1)
+  bucket = f"{scheme}://{rest.split('/', 1)[0]}"
+  try:
+    reachable = epath.Path(bucket).exists()
+  except Exception as e:  # pylint: disable=broad-exception-caught  # auth, network, unknown scheme
+    raise ConfigError(field, f"{path}: cannot reach {bucket} ({type(e).__name__}: {e})") from e
+  if not reachable:
+    raise ConfigError(field, f"{path}: the bucket {bucket} does not exist; create it first.")
+
+
+class LocalMirror:
+  """A local folder for a writer that appends in place, uploaded to `remote` by `sync`.
+
+  For a local `remote` it is `remote` itself (nothing to upload). Files are uploaded whole when their
+  size changed since the last sync (appending writers only grow files).
+  """
+
+  def __init__(self, remote: str):
+    self.remote = remote
+    self.local = tempfile.mkdtemp(prefix="at_jax_mirror_") if is_remote(remote) else remote
+    self._sizes: dict[str, int] = {}
+
+  def sync(self) -> None:
+    if not is_remote(self.remote):
+      return
+    for folder, _, names in os.walk(self.local):
+      for name in names:
+        local = os.path.join(folder, name)
+        size = os.path.getsize(local)
+        if self._sizes.get(local) == size:
+          continue
+        relative = os.path.relpath(local, self.local)
+        with open(local, "rb") as src, open_file(f"{self.remote}/{relative}", "wb") as dst:
+          shutil.copyfileobj(src, dst)
+        self._sizes[local] = size
+
+  def close(self) -> None:
+    self.sync()
+    if is_remote(self.remote):
+      shutil.rmtree(self.local, ignore_errors=True)
