@@ -56,6 +56,28 @@ def listdir(path: str) -> list[str]:
   return sorted(p.name for p in epath.Path(path).iterdir())
 
 
+def scandir(path: str) -> list[tuple[str, bool]]:
+  """(name, is a folder) of the entries of the folder `path`, sorted; one listing in a bucket."""
+  if not is_remote(path):
+    with os.scandir(path) as entries:  # is_dir follows symlinks, like torchvision's walk
+      return sorted((e.name, e.is_dir()) for e in entries)
+  fs = fsspec.filesystem(path.split("://", 1)[0])
+  infos = fs.ls(path, detail=True)
+  return sorted(
+    (info["name"].rstrip("/").rsplit("/", 1)[-1], info["type"] == "directory") for info in infos
+  )
+
+
+def mtime_ns(path: str) -> int | None:
+  """A local file's or folder's mtime; None for a missing path and in a bucket (folders have none)."""
+  if is_remote(path):
+    return None
+  try:
+    return os.stat(path).st_mtime_ns
+  except OSError:
+    return None
+
+
 def open_file(path: str, mode: str = "r") -> IO[Any]:
   return epath.Path(path).open(mode)
 

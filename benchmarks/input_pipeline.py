@@ -56,6 +56,7 @@ from typing import Any
 import flops  # benchmarks/flops.py
 import numpy as np
 import photos  # benchmarks/photos.py
+import quiet  # benchmarks/quiet.py
 from absl import app, flags
 from PIL import Image
 
@@ -185,36 +186,6 @@ def wait_for_grain_threads(timeout: float = 30.0) -> None:
   deadline = time.monotonic() + timeout
   while grain_threads() and time.monotonic() < deadline:
     time.sleep(0.05)
-
-
-def _cpu_busy(interval: float = 0.25) -> float:
-  """Fraction of all CPUs' time spent busy over `interval` seconds (while this process sleeps)."""
-
-  def read() -> tuple[int, int]:
-    with open("/proc/stat") as f:
-      values = [int(v) for v in f.readline().split()[1:]]
-    return values[3] + values[4], sum(values)  # idle + iowait, total
-
-  idle0, total0 = read()
-  time.sleep(interval)
-  idle1, total1 = read()
-  return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
-
-
-def wait_for_quiet(max_wait: float, threshold: float = 0.1) -> bool:
-  """Waits (up to `max_wait` s) until other processes leave the CPUs idle; returns whether they did.
-
-  On a host shared with other jobs, throughput varies with their load; CPU-ms per image less so, but
-  two threads on one core's SMT siblings still run slower than one (as benchmarks/step.py).
-  """
-  if max_wait <= 0 or not os.path.exists("/proc/stat"):
-    return False
-  deadline = time.monotonic() + max_wait
-  while time.monotonic() < deadline:
-    if _cpu_busy() < threshold:
-      return True
-    time.sleep(0.5)
-  return False
 
 
 def timed(
@@ -1086,7 +1057,7 @@ def photos_tables(
     for size in sizes:
       for setting in settings:
         for name in FLAGS.pipelines:
-          wait_for_quiet(FLAGS.quiet_wait)
+          quiet.wait_for_quiet(FLAGS.quiet_wait)
           r = measure_photos_setting(
             name,
             source,

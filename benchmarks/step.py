@@ -21,12 +21,12 @@ Append tables to benchmarks/RESULTS.md with the machine and date. benchmarks/tor
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from typing import Any
 
 import flops  # benchmarks/flops.py
+import quiet  # benchmarks/quiet.py
 from absl import app, flags
 
 flags.DEFINE_list("models", ["Mu/7@28:128"], "VARIANT@IMAGE_SIZE:BATCH entries, e.g. Ti/16@224:16.")
@@ -222,36 +222,6 @@ class JaxStep:
     del self.state, self.teacher_params, self.compiled, self.batch_
 
 
-def _cpu_busy(interval: float = 0.25) -> float:
-  """Fraction of all CPUs' time spent busy over `interval` seconds (while this process sleeps)."""
-
-  def sample():
-    with open("/proc/stat") as f:
-      values = [int(v) for v in f.readline().split()[1:]]
-    return values[3] + values[4], sum(values)  # idle + iowait, total
-
-  idle0, total0 = sample()
-  time.sleep(interval)
-  idle1, total1 = sample()
-  return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
-
-
-def wait_for_quiet(max_wait: float, threshold: float = 0.1) -> bool:
-  """Waits (up to `max_wait` s) until other processes leave the CPUs idle; returns whether they did.
-
-  Timings on a host shared with other jobs vary several-fold; waiting for idle CPUs before each repetition
-  and keeping the minimum over repetitions recovers the uncontended time.
-  """
-  if max_wait <= 0 or not os.path.exists("/proc/stat"):
-    return False
-  deadline = time.monotonic() + max_wait
-  while time.monotonic() < deadline:
-    if _cpu_busy() < threshold:
-      return True
-    time.sleep(0.5)
-  return False
-
-
 def summarize(times: list[float]) -> tuple[float, float]:
   """(median, min) in ms of per-step seconds."""
   return 1000 * statistics.median(times), 1000 * min(times)
@@ -294,7 +264,7 @@ def main(argv):
           steps[mode].run(FLAGS.warmup)
         for _ in range(FLAGS.reps):
           for s in steps.values():
-            wait_for_quiet(FLAGS.quiet_wait)
+            quiet.wait_for_quiet(FLAGS.quiet_wait)
             s.times.append(s.run(FLAGS.steps))
         base = summarize(steps["none"].times)[0] if "none" in steps else None
         for mode, s in steps.items():

@@ -47,6 +47,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import flops  # benchmarks/flops.py
+import quiet  # benchmarks/quiet.py
 import step as jax_step  # benchmarks/step.py: defines --models, --modes, --dtypes, --steps, ...
 from absl import app, flags
 
@@ -400,7 +401,7 @@ def _interleaved(steps: Sequence[Any], n: int, reps: int, warmup: int, quiet_wai
       s.run(warmup)
   for _ in range(reps):
     for s in steps:
-      jax_step.wait_for_quiet(quiet_wait)
+      quiet.wait_for_quiet(quiet_wait)
       s.times.append(s.run(n))
 
 
@@ -449,7 +450,7 @@ def compare(
     remat, attention: our step's remat policy and model.attention_impl.
     tf32: PyTorch's float32 matmuls on CUDA use TF32 (ours follow XLA's default).
     steps, reps, warmup: steps per timed repetition, repetitions, untimed steps before.
-    quiet_wait: step.wait_for_quiet's wait before each repetition (shared CPU hosts).
+    quiet_wait: quiet.wait_for_quiet's wait before each repetition (shared CPU hosts).
     peak_override: peak TFLOP/s for MFU; 0 looks the device kind up in flops.py.
   """
   import jax  # pylint: disable=import-outside-toplevel

@@ -7,7 +7,8 @@ Files are those with torchvision's image extensions, case-insensitive; anything 
 
 Listing a split of 1.28M files takes minutes on a network disk, so each split's file list is written
 once to a cache folder (`cache_path`) and reused while it is fresh: until a listed folder's mtime
-changes (a file or class added, removed or renamed in it), or the cache is deleted. The list's
+changes (a file or class added, removed or renamed in it), or the cache is deleted. A folder in a bucket
+(``gs://``) has no mtime: there the cache holds until it is deleted. The list's
 `FileList.fingerprint` (count and a hash of the sorted relative paths and their labels) is recorded
 by every checkpoint and by stored teacher targets, so that resuming on an edited folder is refused.
 
@@ -27,6 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image
 
+from at_jax import storage
 from at_jax.data.splits import parse_split
 from at_jax.errors import ConfigError
 
@@ -72,12 +74,11 @@ def find_classes(train_root: str, field: str = "data.train_split") -> tuple[str,
   Raises:
     ConfigError: (field `field`) the folder is missing or holds no class folders.
   """
-  if not os.path.isdir(train_root):
+  if not storage.isdir(train_root):
     raise ConfigError(
       field, f"{train_root} is not a folder (expected <data.dir>/<split>/<class>/)."
     )
-  with os.scandir(train_root) as entries:
-    classes = sorted(e.name for e in entries if e.is_dir())
+  classes = [name for name, is_folder in storage.scandir(train_root) if is_folder]
   if not classes:
     raise ConfigError(
       field, f"{train_root} holds no class folders; an image folder is <split>/<class>/<image>."
@@ -88,14 +89,13 @@ def find_classes(train_root: str, field: str = "data.train_split") -> tuple[str,
 def _walk(root: str, relative: str, folders: dict[str, int]) -> Iterator[str]:
   """Image paths under root/relative (relative to root), recursively; records each folder's mtime."""
   here = os.path.join(root, relative) if relative else root
-  folders[relative] = os.stat(here).st_mtime_ns
-  with os.scandir(here) as entries:
-    for entry in sorted(entries, key=lambda e: e.name):
-      path = os.path.join(relative, entry.name) if relative else entry.name
-      if entry.is_dir():  # follows symlinks, like torchvision's os.walk(followlinks=True)
-        yield from _walk(root, path, folders)
-      elif is_image(entry.name):
-        yield path
+  folders[relative] = storage.mtime_ns(here)
+  for name, is_folder in storage.scandir(here):
+    path = os.path.join(relative, name) if relative else name
+    if is_folder:
+      yield from _walk(root, path, folders)
+    elif is_image(name):
+      yield path
 
 
 def list_class_folders(root: str, classes: tuple[str, ...], field: str) -> FileList:
@@ -113,7 +113,7 @@ def list_class_folders(root: str, classes: tuple[str, ...], field: str) -> FileL
       f"{root} has class folders the training split lacks: {unknown[:5]}"
       f"{' ...' if len(unknown) > 5 else ''} ({len(unknown)}); their labels would be undefined.",
     )
-  folders[""] = os.stat(root).st_mtime_ns
+  folders[""] = storage.mtime_ns(root)
   paths, labels = [], []
   for name in present:
     found = list(_walk(root, name, folders))
@@ -142,7 +142,7 @@ def read_labels(path: str, classes: tuple[str, ...]) -> dict[str, int]:
     ConfigError: (field: the file) unreadable, or a line without a valid label.
   """
   try:
-    with open(path) as f:
+    with storage.open_file(path) as f:
       lines = f.read().splitlines()
   except (OSError, UnicodeDecodeError) as e:
     raise ConfigError(path, f"cannot read the label file (data.eval_labels): {e}") from e
@@ -175,9 +175,8 @@ def list_flat(root: str, classes: tuple[str, ...], labels_path: str, field: str)
     ConfigError: an image without a label (naming the label file), or no images (field `field`).
   """
   by_name = read_labels(labels_path, classes)
-  folders = {"": os.stat(root).st_mtime_ns}
-  with os.scandir(root) as entries:
-    paths = sorted(e.name for e in entries if e.is_file() and is_image(e.name))
+  folders = {"": storage.mtime_ns(root)}
+  paths = [name for name, is_folder in storage.scandir(root) if not is_folder and is_image(name)]
   if not paths:
     raise ConfigError(field, f"{root} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
   labels = [by_name.get(p, by_name.get(os.path.splitext(p)[0], -1)) for p in paths]
@@ -192,16 +191,9 @@ def list_flat(root: str, classes: tuple[str, ...], labels_path: str, field: str)
 
 def cache_path(cache_dir: str, root: str, labels_path: str = "") -> str:
   """The cache file of the split folder `root` (with its label file): named by both absolute paths."""
-  key = f"{os.path.abspath(root)}\n{os.path.abspath(labels_path) if labels_path else ''}"
+  key = f"{storage.absolute(root)}\n{storage.absolute(labels_path) if labels_path else ''}"
   digest = hashlib.sha256(key.encode()).hexdigest()[:16]
   return os.path.join(cache_dir, f"{os.path.basename(os.path.normpath(root))}-{digest}.json")
-
-
-def _mtime(path: str) -> int | None:
-  try:
-    return os.stat(path).st_mtime_ns
-  except OSError:
-    return None
 
 
 def _read_cache(
@@ -209,16 +201,16 @@ def _read_cache(
 ) -> FileList | None:
   """The cached list if it describes `root` as it is now (every listed folder's mtime unchanged)."""
   try:
-    with open(path) as f:
+    with storage.open_file(path) as f:
       cached = json.load(f)
   except (OSError, ValueError):
     return None  # absent, or torn by a killed writer: list again
   fresh = (
     cached.get("format") == CACHE_FORMAT
-    and cached["root"] == os.path.abspath(root)
+    and cached["root"] == storage.absolute(root)
     and tuple(cached["classes"]) == classes
-    and cached["labels_file_mtime"] == (_mtime(labels_path) if labels_path else None)
-    and all(_mtime(os.path.join(root, d)) == t for d, t in cached["folders"].items())
+    and cached["labels_file_mtime"] == (storage.mtime_ns(labels_path) if labels_path else None)
+    and all(storage.mtime_ns(os.path.join(root, d)) == t for d, t in cached["folders"].items())
   )
   if not fresh:
     return None
@@ -230,8 +222,8 @@ def _write_cache(path: str, files: FileList, labels_path: str) -> None:
   """Writes atomically (a killed writer leaves no torn cache); a read-only cache folder only warns."""
   content = dict(
     format=CACHE_FORMAT,
-    root=os.path.abspath(files.root),
-    labels_file_mtime=_mtime(labels_path) if labels_path else None,
+    root=storage.absolute(files.root),
+    labels_file_mtime=storage.mtime_ns(labels_path) if labels_path else None,
     classes=list(files.classes),
     folders=files.folders,
     fingerprint=files.fingerprint,
@@ -239,17 +231,13 @@ def _write_cache(path: str, files: FileList, labels_path: str) -> None:
     labels=files.labels.tolist(),
   )
   try:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-      json.dump(content, f)
-    os.replace(path + ".tmp", path)
+    storage.write_atomic(path, json.dumps(content))
   except OSError as e:
     print(f"WARNING: cannot write the file list cache {path} ({e}); the next start lists again.")
 
 
 def _has_images(root: str) -> bool:
-  with os.scandir(root) as entries:
-    return any(e.is_file() and is_image(e.name) for e in entries)
+  return any(not is_folder and is_image(name) for name, is_folder in storage.scandir(root))
 
 
 def file_list(
@@ -262,7 +250,7 @@ def file_list(
     ConfigError: `root` missing (field `field`), a flat folder without `labels_path` or class folders
       with one (``data.eval_labels``), or what `list_class_folders` / `list_flat` refuse.
   """
-  if not os.path.isdir(root):
+  if not storage.isdir(root):
     raise ConfigError(field, f"{root} is not a folder (expected <data.dir>/<split>/).")
   path = cache_path(cache_dir, root, labels_path) if cache_dir else None
   cached = _read_cache(path, root, classes, labels_path) if path else None
@@ -302,7 +290,7 @@ class ImageFolderSource:
   def __getitem__(self, index: int) -> dict[str, Any]:
     # Read whole (ImageNet's average is 110 kB) so no file handle outlives the call; PIL reads only the
     # header here, and raises for a file that is no image (the pipeline skips it).
-    with open(os.path.join(self.files.root, self.files.paths[index]), "rb") as f:
+    with storage.open_file(os.path.join(self.files.root, self.files.paths[index]), "rb") as f:
       image = Image.open(io.BytesIO(f.read()))
     return {"image": image, "label": int(self.files.labels[index])}
 
@@ -318,7 +306,7 @@ def make_source(
 ) -> ImageFolderSource:
   """The split `split` (``name`` or ``name[from:to]``, sliced in sorted order) of the image folder
   `data_dir` (see `file_list`); classes from the training split's folder."""
-  if not data_dir or not os.path.isdir(data_dir):
+  if not data_dir or not storage.isdir(data_dir):
     raise ConfigError(
       "data.dir",
       f"{data_dir!r} is not a folder; with data.name='imagefolder' it holds one folder per split, "

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
+from at_jax import storage
 from at_jax.errors import ConfigError
 
 # <workdir>/teacher_targets, unless config.transfer.targets_dir names a folder.
@@ -53,16 +54,20 @@ def targets_dir(configured: str, workdir: str) -> str:
 
 def targets_array_spec(directory: str, key: str) -> dict[str, Any]:
   """The tensorstore spec of the zarr array holding `teacher_<key>`."""
-  return {"driver": "zarr", "kvstore": {"driver": "file", "path": os.path.join(directory, key)}}
+  path = os.path.join(directory, key)
+  if path.startswith("gs://"):  # tensorstore's own GCS client
+    bucket, _, inside = path.removeprefix("gs://").partition("/")
+    return {"driver": "zarr", "kvstore": {"driver": "gcs", "bucket": bucket, "path": inside}}
+  return {"driver": "zarr", "kvstore": {"driver": "file", "path": path}}
 
 
 def read_targets_metadata(directory: str) -> dict[str, Any] | None:
   """The metadata of a targets folder, or None if it has none yet."""
   path = os.path.join(directory, TARGETS_METADATA)
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     return None
   try:
-    with open(path) as f:
+    with storage.open_file(path) as f:
       return json.load(f)
   except (OSError, ValueError) as e:
     raise ConfigError(
@@ -169,9 +174,7 @@ def write_metadata(directory: str, metadata: Mapping[str, Any]) -> None:
   """Writes `metadata` to <directory>/metadata.json atomically (a reader never sees half a file, a kill
   never leaves one)."""
   path = os.path.join(directory, TARGETS_METADATA)
-  with open(path + ".tmp", "w") as f:
-    json.dump(metadata, f, indent=1)
-  os.replace(path + ".tmp", path)
+  storage.write_atomic(path, json.dumps(dict(metadata), indent=1))
 
 
 def open_arrays(

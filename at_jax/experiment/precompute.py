@@ -22,7 +22,6 @@ example, so no two processes write the same file. Progress is committed to metad
 """
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,7 +32,7 @@ import numpy as np
 import tensorstore as ts
 from jax.experimental import multihost_utils
 
-from at_jax import metrics, sharding
+from at_jax import metrics, sharding, storage
 from at_jax.data import options, pipeline, sources, target_store
 from at_jax.data.sources import Source
 from at_jax.errors import ConfigError
@@ -280,7 +279,7 @@ def _open_store(directory: str, metadata: Mapping[str, Any], *, create: bool) ->
   # Every process reads the old metadata before process 0 rewrites it, and opens arrays after they exist.
   multihost_utils.sync_global_devices("precompute: metadata read")
   if jax.process_index() == 0:
-    os.makedirs(directory, exist_ok=True)
+    storage.makedirs(directory)
     arrays = target_store.open_arrays(directory, metadata, create=create)
     if create:
       target_store.write_metadata(directory, metadata)

@@ -286,3 +286,25 @@ def test_draft_decodes_at_the_largest_reduction_that_keeps_the_crop_at_least_the
     image = Image.open(io.BytesIO(f.read()))
   decoded, box = transforms.decode(image, (0, 0, 1024, 683), (160, 160), downscale=True)
   assert decoded.size == (256, 171) and box == (0, 0, 256, 170.75)  # 1/4: 170.75 >= 160
+
+
+def test_a_folder_in_a_bucket_reads_as_on_disk(tmp_path, gcs_bucket, capsys):
+  """data.dir=gs://...: listed through gcsfs (one listing per folder), files read as objects, the list
+  cached in the bucket too; the batches equal those of the same folder on disk."""
+  import fsspec  # pylint: disable=import-outside-toplevel
+
+  root = _tree(tmp_path / "data", per_class=2)
+  remote = f"{gcs_bucket[0]}/imagefolder"
+  fsspec.filesystem("gs").put(root, remote, recursive=True)
+  cache = f"{gcs_bucket[0]}/imagefolder_cache"
+  local_source = _source(root)
+  bucket_source = _source(remote, cache_dir=cache)
+  assert "Listing" in capsys.readouterr().out
+  assert bucket_source.fingerprint == local_source.fingerprint
+  assert _source(remote, cache_dir=cache).files.paths == local_source.files.paths
+  assert "Listing" not in capsys.readouterr().out  # the cached list, from the bucket
+  kw = dict(global_batch_size=6, image_size=8, seed=0, normalization="imagenet", num_threads=2)
+  a = next(pipeline.train_iterator(local_source, **kw))
+  b = next(pipeline.train_iterator(bucket_source, **kw))
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key])

@@ -158,6 +158,16 @@ def test_stored_targets_are_the_teacher_on_the_fixed_view(teacher, stores, store
       assert np.all(np.abs(logits - np.asarray(out["attn_logits"][:, i])) <= bound + 1e-5)
 
 
+def test_targets_in_a_bucket_equal_those_on_disk(teacher, stores, gcs_bucket):
+  """transfer.targets_dir=gs://...: tensorstore's GCS driver for the arrays, epath for the metadata."""
+  directory = f"{gcs_bucket[0]}/targets_logits"
+  _write(teacher, directory, "logits")
+  local, remote = (target_store.TeacherTargets(d) for d in (stores["logits"], directory))
+  assert remote.metadata == local.metadata and remote.metadata["complete"]
+  for i in range(N):
+    np.testing.assert_array_equal(remote[i]["teacher_attn_logits"], local[i]["teacher_attn_logits"])
+
+
 def test_train_iterator_carries_each_examples_targets(stores):
   source = _source()
   targets = target_store.TeacherTargets(stores["logits"])
