@@ -2,7 +2,7 @@
 file (whose state dict may sit under a wrapper key such as "model"). Unreadable files are ConfigErrors
 naming the file."""
 
-import os
+import io
 import pickle
 import re
 from collections.abc import Mapping
@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from at_jax import storage
 from at_jax.convert import keymap
 from at_jax.errors import ConfigError
 
@@ -20,15 +21,24 @@ _WRAPPERS = ("model", "state_dict", "model_ema", "state_dict_ema")
 
 def read(path: str) -> dict[str, Any]:
   """{key: array-like} of the checkpoint's tensors (torch tensors stay tensors until used)."""
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise ConfigError(path, "no such file")
   name = path.lower()
+  if not name.endswith((".npz", ".safetensors", *_TORCH_SUFFIXES)):
+    raise ConfigError(
+      path,
+      "unknown checkpoint type; expected a file ending in "
+      f"{', '.join(('.npz', '.safetensors') + _TORCH_SUFFIXES)}",
+    )
+  # A bucket object is read once into memory (the readers take file objects or bytes); a local file is
+  # read by path (safetensors maps it).
+  source = io.BytesIO(storage.open_file(path, "rb").read()) if storage.is_remote(path) else path
   if name.endswith(".npz"):
-    return _read_npz(path)
+    return _read_npz(path, source)
   if name.endswith(".safetensors"):
-    return _read_safetensors(path)
+    return _read_safetensors(path, source)
   if name.endswith(_TORCH_SUFFIXES):
-    return _read_torch(path)
+    return _read_torch(path, source)
   raise ConfigError(
     path,
     "unknown checkpoint type; expected a file ending in "
@@ -44,29 +54,29 @@ def _unreadable(path: str, error: Exception) -> ConfigError:
   )
 
 
-def _read_npz(path: str) -> dict[str, Any]:
+def _read_npz(path: str, source: str | io.BytesIO) -> dict[str, Any]:
   try:
     # Reads every member now, so that a truncated archive fails here and not halfway through conversion.
-    with np.load(path, allow_pickle=False) as npz:
+    with np.load(source, allow_pickle=False) as npz:
       return {k: npz[k] for k in npz.files}
   except Exception as e:  # pylint: disable=broad-exception-caught  # zipfile/zlib/numpy errors vary.
     raise _unreadable(path, e) from e
 
 
-def _read_safetensors(path: str) -> dict[str, Any]:
+def _read_safetensors(path: str, source: str | io.BytesIO) -> dict[str, Any]:
   try:
-    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+    from safetensors.numpy import load, load_file  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise ConfigError(
       path, "reading .safetensors needs the safetensors package: pip install safetensors"
     ) from e
   try:
-    return load_file(path)
+    return load_file(source) if isinstance(source, str) else load(source.getvalue())
   except Exception as e:  # pylint: disable=broad-exception-caught  # SafetensorError, OSError, ...
     raise _unreadable(path, e) from e
 
 
-def _read_torch(path: str) -> dict[str, Any]:
+def _read_torch(path: str, source: str | io.BytesIO) -> dict[str, Any]:
   try:
     import torch  # pylint: disable=import-outside-toplevel  # Only PyTorch files need it.
   except ImportError as e:
@@ -77,7 +87,7 @@ def _read_torch(path: str) -> dict[str, Any]:
     ) from e
   try:
     # weights_only: a checkpoint is data; never run the pickled code of an arbitrary file.
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = torch.load(source, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
     if found is None:  # Random bytes also fail as "weights only" unpickling errors.

@@ -8,7 +8,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from at_jax import checkpoint, sharding
+from at_jax import checkpoint, sharding, storage
 from at_jax.convert import load as convert
 from at_jax.convert import posemb
 from at_jax.errors import ConfigError
@@ -39,10 +39,10 @@ def load_vit(path: str, config: ml_collections.ConfigDict) -> tuple[dict, Any]:
   another image size; otherwise that is an error), and for files num_heads and family.
   """
   size, t = config.data.image_size, config.teacher
-  if os.path.isfile(path):
+  if storage.isfile(path):
     return _convert_file(
-      os.path.abspath(path),
-      os.path.getmtime(path),
+      storage.absolute(path),
+      storage.mtime_ns(path),  # None in a bucket: converted once per process
       size,
       t.resample_posemb,
       t.family or None,
@@ -56,7 +56,7 @@ def load_vit(path: str, config: ml_collections.ConfigDict) -> tuple[dict, Any]:
 @functools.lru_cache(maxsize=2)
 def _convert_file(
   path: str,
-  mtime: float,
+  mtime: int | None,
   image_size: int,
   resample: bool,
   family: str | None,
@@ -106,7 +106,7 @@ def init_from_pretrained(fresh: Any, loaded: Any, scan: bool) -> tuple[dict, lis
 
 def teacher_model_config(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """The teacher's architecture, read without its weights where possible."""
-  if config.teacher.init and os.path.isfile(config.teacher.init):
+  if config.teacher.init and storage.isfile(config.teacher.init):
     return load_teacher(config, workdir)[0]
   if config.teacher.init:
     return checkpoint.read_model_config(config.teacher.init)

@@ -4,6 +4,7 @@ are ConfigErrors naming the file; torch is needed only for PyTorch files."""
 import argparse
 import sys
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -71,3 +72,17 @@ def test_torch_only_needed_for_pytorch_files(
   assert e.value.field == pth
   config, _ = load_checkpoint(st, num_heads=2)
   assert config["width"] == 128
+
+
+@pytest.mark.parametrize("name", ["a.pth", "a.safetensors"])
+def test_a_checkpoint_file_in_a_bucket_converts_as_on_disk(name, good_file, gcs_bucket):
+  import fsspec  # pylint: disable=import-outside-toplevel
+
+  local = good_file(name)
+  remote = f"{gcs_bucket[0]}/checkpoints/{name}"
+  fsspec.filesystem("gs").put(local, remote)
+  (config_a, a), (config_b, b) = (load_checkpoint(p, num_heads=2) for p in (local, remote))
+  assert config_a == config_b
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  with pytest.raises(ConfigError, match="no such file"):
+    load_checkpoint(f"{gcs_bucket[0]}/checkpoints/missing.pth", num_heads=2)
