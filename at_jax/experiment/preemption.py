@@ -5,8 +5,7 @@ start-up, before `jax.distributed.initialize` (whose own preemption notifier it 
 there is one mechanism, not two handlers replacing each other). Then:
 
 - Outside the training loop (a teacher loading or converting, compiling, the first batch being built)
-  a SIGTERM ends the process at once with exit code 143, saving nothing (before the first loop, the
-  other processes of a pod learn of it through the coordination service within a second and exit too): nothing of this run is worth
+  a SIGTERM ends the process at once with exit code 143, saving nothing: nothing of this run is worth
   saving yet, and orbax's saves are atomic, so none can be torn. A watcher thread acts on it, woken
   through `signal.set_wakeup_fd`, so the exit is prompt even while the main thread sits in C++ (XLA
   compiling, a barrier): Python runs signal handlers only between the main thread's bytecodes.
@@ -23,9 +22,7 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Iterator
-from typing import Any
 
 import jax
 
@@ -41,57 +38,24 @@ class Preempted(Exception):
   """Raised after a SIGTERM / preemption notice once the state is checkpointed; relaunch to resume."""
 
 
-# Where an early SIGTERM is announced to the other processes (jax's coordination service).
-_EARLY_KEY = "at_jax/early_sigterm/"
-_EARLY_POLL_SECONDS = 1.0
-
-
-def _client() -> Any:
-  """jax.distributed's coordination client, or None before (or without) `jax.distributed.initialize`."""
-  from jax._src import distributed  # pylint: disable=import-outside-toplevel  # no public KV API
-
-  return distributed.global_state.client
-
-
 class _Signal:
   """The process's SIGTERM: a flag, and whether a training loop is there to act on it."""
 
   def __init__(self):
     self.requested = threading.Event()
     self.in_loop = False
-    self.loops_entered = 0
     self.lock = threading.Lock()  # `in_loop` changes and the watcher's decision do not interleave
 
   def arrived(self) -> None:
     with self.lock:
       self.requested.set()
       if not self.in_loop:
-        client = _client()
-        if client is not None:  # the other processes' pollers exit too
-          client.key_value_set(f"{_EARLY_KEY}{jax.process_index()}", "1", allow_overwrite=True)
-        self.exit("SIGTERM before the training loop")
-
-  @staticmethod
-  def exit(reason: str) -> None:
-    print(
-      f"{reason}: exiting with 143 (nothing of this run to save yet)", file=sys.stderr, flush=True
-    )
-    os._exit(PREEMPTED_EXIT_CODE)
-
-  def poll_early_stops(self) -> None:
-    """Until the first training loop starts: exits with 143 once another process announced an early
-    SIGTERM. (Later a loop's barrier agrees on the step; after the first loop the poller has stopped,
-    so that it never calls a client that jax has shut down at exit.)"""
-    while self.loops_entered == 0:
-      client = _client()
-      try:
-        announced = client is not None and client.key_value_dir_get(_EARLY_KEY)
-      except Exception:  # pylint: disable=broad-exception-caught  # the coordinator going away
-        announced = False
-      with self.lock:
-        if announced and not self.in_loop:
-          self.exit("SIGTERM to another process before the training loop")
-      time.sleep(_EARLY_POLL_SECONDS)
+        print(
+          "SIGTERM before the training loop: exiting with 143 (nothing of this run to save yet)",
+          file=sys.stderr,
+          flush=True,
+        )
+        os._exit(PREEMPTED_EXIT_CODE)
 
 
 _installed: _Signal | None = None
@@ -118,7 +82,6 @@ def install() -> None:
         state.arrived()
 
   threading.Thread(target=watch, name="at_jax-sigterm", daemon=True).start()
-  threading.Thread(target=state.poll_early_stops, name="at_jax-early-stops", daemon=True).start()
   _installed = state
 
 
@@ -138,12 +101,12 @@ class Training:
     process first records the step of its own SIGTERM (if one came) and meets the others at a barrier
     for `step`; after it, all read the same records, and stop if one is at `step` or before. A record
     written after the barrier names a later step, so no process decides on a record another lacks.
-    Costs three small RPCs to the coordinator per step; the hosts move in step, the devices stay queued."""
+    Costs two small RPCs to the coordinator per step; the hosts move in step, the devices stay queued."""
     if jax.process_count() == 1:
       return self._requested.is_set()
-    client = _client()
-    if client.key_value_dir_get(_EARLY_KEY):  # a process that stopped before its loop is gone
-      _Signal.exit("SIGTERM to another process before its training loop")
+    from jax._src import distributed  # pylint: disable=import-outside-toplevel  # no public KV API
+
+    client = distributed.global_state.client
     if self._requested.is_set() and not self._reported:
       client.key_value_set(f"{self._name}/sigterm/{jax.process_index()}", str(step))
       self._reported = True
@@ -159,7 +122,6 @@ def training() -> Iterator[Training]:
   if _installed is not None:
     with _installed.lock:
       _installed.in_loop = True
-      _installed.loops_entered += 1
     try:
       yield Training(_installed.requested)
     finally:

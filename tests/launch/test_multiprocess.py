@@ -172,20 +172,3 @@ def test_a_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, runs):
   assert f"at step {step}" in outs[0][0]  # "Resumed from ... at step N"
   params = [checkpoint.load_params(os.path.join(w, "params"))[1] for w in (straight, stopped)]
   jax.tree.map(np.testing.assert_array_equal, *params)
-
-
-def test_a_sigterm_to_one_process_before_the_loop_ends_both(tmp_path, runs):
-  """Only process 1 gets SIGTERM while the processes start: both exit with 143 at once."""
-  data = runs[0]
-  procs = _two_processes(str(tmp_path / "early"), data)
-  for line in procs[0].stdout:
-    if line.startswith("per-device memory estimate"):
-      break
-  sent = time.monotonic()
-  procs[1].terminate()
-  outs = [p.communicate(timeout=120) for p in procs]
-  assert [p.returncode for p in procs] == [143, 143], [err[-2000:] for _, err in outs]
-  assert all(
-    "before the training loop" in err or "before its training loop" in err for _, err in outs
-  )
-  assert time.monotonic() - sent < 60
