@@ -7,8 +7,9 @@ there is one mechanism, not two handlers replacing each other). Then:
 - Outside the training loop (a teacher loading or converting, compiling, the first batch being built)
   a SIGTERM ends the process at once with exit code 143, saving nothing: nothing of this run is worth
   saving yet, and orbax's saves are atomic, so none can be torn. A watcher thread acts on it, woken
-  through `signal.set_wakeup_fd`, so the exit is prompt even while the main thread sits in C++ (XLA
-  compiling, a barrier): Python runs signal handlers only between the main thread's bytecodes.
+  through `signal.set_wakeup_fd`, so the exit is prompt even while the main thread sits in a C call that
+  releases the GIL (XLA compiling, a blocking read): Python runs signal handlers only between the main
+  thread's bytecodes. (A C call that holds the GIL still delays it: the watcher needs the GIL.)
 - Inside the loop (`training`) it is a request the loop acts on at a step boundary, through
   `Training.stop_at(step)`: one process stops at its next step; several processes agree, so that a
   SIGTERM reaching any one of them makes all save the same step and exit with 143.
