@@ -221,6 +221,18 @@ def timed(
   }
 
 
+def time_grain(it: Any, *, batch: int, seconds: float, warmup: int) -> dict[str, float]:
+  """`timed` of a grain iterator, with the worker threads that ran; closes it and waits for them.
+  process_time counts every thread of the process: grain's workers and this thread's batching."""
+  try:
+    r = timed(it, batch=batch, seconds=seconds, warmup=warmup)
+    r["threads"] = grain_threads()
+  finally:
+    it.close()
+    wait_for_grain_threads()
+  return r
+
+
 def measure(
   source: Any,
   data_cfg: Any,
@@ -250,14 +262,7 @@ def measure(
     jpeg_downscale=jpeg_downscale,
     num_threads=num_threads,
   )
-  try:
-    # process_time counts every thread of the process: grain's workers and this thread's batching.
-    r = timed(it, batch=batch, seconds=seconds, warmup=warmup)
-    r["threads"] = grain_threads()
-  finally:
-    it.close()
-    wait_for_grain_threads()
-  return r
+  return time_grain(it, batch=batch, seconds=seconds, warmup=warmup)
 
 
 def load_config(name: str) -> Any:
@@ -360,13 +365,7 @@ def measure_ours_eval(
     num_threads=num_threads,
     jpeg_downscale=jpeg_downscale,
   )
-  try:
-    r = timed(it, batch=batch, seconds=seconds, warmup=warmup)
-    r["threads"] = grain_threads()
-  finally:
-    it.close()
-    wait_for_grain_threads()
-  return r
+  return time_grain(it, batch=batch, seconds=seconds, warmup=warmup)
 
 
 def _posterize_any_bits(image: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
