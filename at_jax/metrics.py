@@ -74,7 +74,10 @@ class MetricWriter:
       # Append: a resumed run continues the same file. A bucket object cannot be appended to, so there
       # the lines are kept and the object rewritten at each write (kilobytes, every log step).
       if storage.is_remote(self.path):
-        self._text = storage.open_file(self.path).read() if storage.exists(self.path) else ""
+        self._text = ""
+        if storage.exists(self.path):
+          with storage.open_file(self.path) as f:
+            self._text = f.read()
       else:
         self._file = open(self.path, "a")
       import tensorboardX  # here, not at the top: the training core imports without it

@@ -6,8 +6,8 @@
 #       --config=configs/distill_vitl.py --workdir=gs://BUCKET/distill_vitl \
 #       --config.teacher.init=gs://BUCKET/mae_vitl_params --config.data.dir=/mnt/BUCKET/tensorflow_datasets
 #
-# --workdir and params exports may be gs:// paths; data.dir and transfer.targets_dir must still be visible
-# to every worker as files (e.g. a gcsfuse mount of the bucket at /mnt/BUCKET on each worker).
+# --workdir, teacher.init, transfer.targets_dir and JPEG folders may be gs:// paths; a tfds ArrayRecord
+# data.dir must still be visible to every worker as files (e.g. a gcsfuse mount at /mnt/BUCKET).
 #
 # Env: TPU (name), ZONE, TYPE (accelerator type, used only when creating), VERSION (TPU VM runtime,
 # default tpu-ubuntu2204-base), PROJECT (default: gcloud's), SPOT=1 for a preemptible slice. Re-running

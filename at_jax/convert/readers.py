@@ -32,7 +32,10 @@ def read(path: str) -> dict[str, Any]:
     )
   # A bucket object is read once into memory (the readers take file objects or bytes); a local file is
   # read by path (safetensors maps it).
-  source = io.BytesIO(storage.open_file(path, "rb").read()) if storage.is_remote(path) else path
+  source: str | io.BytesIO = path
+  if storage.is_remote(path):
+    with storage.open_file(path, "rb") as f:
+      source = io.BytesIO(f.read())
   if name.endswith(".npz"):
     return _read_npz(path, source)
   if name.endswith(".safetensors"):

@@ -7,8 +7,9 @@ normalisation. Both crop and resize in one PIL call (``resize(box=...)``), which
 output's pixels. An image still encoded (`decode`: an image folder's JPEG) is decoded knowing its crop:
 where the crop is at least twice the output, libjpeg decodes at 1/2, 1/4 or 1/8 scale in the DCT
 domain (``draft``), before the bicubic resize. Every random draw comes from the caller's numpy
-generator, so each function is pure given it. The ``check_*`` functions are the range checks of the ``data.*`` fields involved, for a
-start-up validation to call before anything runs; the preprocessing calls them too.
+generator, so each function is pure given it. The ``check_*`` functions are the range checks of the
+``data.*`` fields involved, for a start-up validation to call before anything runs; the preprocessing
+calls them too.
 """
 
 import functools

@@ -28,9 +28,8 @@ from collections.abc import Iterator
 import jax
 
 # jax is imported here but not initialised: `install` runs before any backend or distributed start-up.
-PREEMPTED_EXIT_CODE = (
-  143  # 128 + SIGTERM, what schedulers expect from a job that honoured the signal
-)
+# 128 + SIGTERM, what schedulers expect from a job that honoured the signal.
+PREEMPTED_EXIT_CODE = 143
 # Processes wait this long at a step's barrier for the others (a dead process fails the run after it).
 BARRIER_TIMEOUT_MS = 30 * 60 * 1000
 

@@ -18,8 +18,9 @@ from at_jax.errors import ConfigError
 from at_jax.metrics import TENSORBOARD_DIR
 
 
-def parse_window(window: str, total_steps: int | None = None) -> tuple[int, int] | None:
-  """ "START:STOP" -> (START, STOP) with 1 <= START < STOP (<= total_steps + 1); "" -> None.
+def parse_window(window: str) -> tuple[int, int] | None:
+  """ "START:STOP" -> (START, STOP) with 1 <= START < STOP; "" -> None. A window that ends after the
+  run's last step traces until the loop ends.
 
   Raises:
     ConfigError: (field ``profile``) anything else.
@@ -29,10 +30,7 @@ def parse_window(window: str, total_steps: int | None = None) -> tuple[int, int]
   m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", window)
   if m is None or not 1 <= int(m[1]) < int(m[2]):
     raise ConfigError("profile", f"{window!r}: expected 'START:STOP' steps, 1 <= START < STOP.")
-  start, stop = int(m[1]), int(m[2])
-  if total_steps is not None and stop > total_steps + 1:
-    raise ConfigError("profile", f"{window!r} ends after the run's last step {total_steps}.")
-  return start, stop
+  return int(m[1]), int(m[2])
 
 
 class StepTrace:
@@ -40,28 +38,27 @@ class StepTrace:
 
   def __init__(self, window: tuple[int, int] | None, workdir: str):
     self._window = window
-    # The profiler writes files in place: in a bucket, locally first, then uploaded at `stop`.
-    self._mirror = storage.LocalMirror(os.path.join(workdir, TENSORBOARD_DIR))
-    self._tracing = False
+    self._directory = os.path.join(workdir, TENSORBOARD_DIR)
+    self._mirror: storage.LocalMirror | None = None  # made when the trace starts
 
   def before(self, step: int) -> None:
     if self._window and step == self._window[0]:
+      # The profiler writes files in place: in a bucket, locally first, then uploaded at `stop`.
+      self._mirror = storage.LocalMirror(self._directory)
       jax.profiler.start_trace(self._mirror.local)
-      self._tracing = True
 
   def after(self, step: int, state: Any) -> None:
-    if self._tracing and step == self._window[1] - 1:
+    if self._mirror is not None and step == self._window[1] - 1:
       self.stop(state)
 
   def stop(self, state: Any) -> None:
-    if self._tracing:
-      jax.block_until_ready(
-        state
-      )  # the trace holds the window's device work, not just its dispatch
+    if self._mirror is not None:
+      # The trace holds the window's device work, not just its dispatch.
+      jax.block_until_ready(state)
       jax.profiler.stop_trace()
       self._mirror.close()
-      self._tracing = False
-      print(f"profile of steps {self._window[0]}..{self._window[1] - 1} in {self._mirror.remote}")
+      self._mirror = None
+      print(f"profile of steps {self._window[0]}..{self._window[1] - 1} in {self._directory}")
 
 
 @contextlib.contextmanager

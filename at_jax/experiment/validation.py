@@ -78,13 +78,16 @@ def validate(
 def _sources(d: ml_collections.ConfigDict, workdir: str) -> tuple[sources.Source, sources.Source]:
   """The training and eval sources. An image folder is listed by process 0 alone, which caches the
   list in the (shared) workdir or data.file_list_dir for the others to read after a barrier."""
-  if d.name == "imagefolder" and jax.process_count() > 1:
-    if jax.process_index() == 0:
-      sources.from_config(d, "data.train_split", workdir)
-      sources.from_config(d, "data.eval_split", workdir)
-    multihost_utils.sync_global_devices("at_jax: image folder file lists cached")
-  train = sources.from_config(d, "data.train_split", workdir)
-  return train, sources.from_config(d, "data.eval_split", workdir)
+
+  def build() -> tuple[sources.Source, sources.Source]:
+    train = sources.from_config(d, "data.train_split", workdir)
+    return train, sources.from_config(d, "data.eval_split", workdir)
+
+  if d.name != "imagefolder" or jax.process_count() == 1:
+    return build()
+  built = build() if jax.process_index() == 0 else None  # process 0 keeps what it listed
+  multihost_utils.sync_global_devices("at_jax: image folder file lists cached")
+  return built or build()
 
 
 def _check_scalars(config: ml_collections.ConfigDict) -> None:
