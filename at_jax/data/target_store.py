@@ -1,12 +1,20 @@
 """The stored teacher targets' format, in one place: where they live, their metadata, their arrays.
 
 `at_jax.experiment.precompute` decides what to store and writes it with `write_metadata`,
-`open_arrays` and `write_row`; a training run reads it per example with `TeacherTargets`. Layout of a
+`open_arrays` and `write_rows`; a training run reads it per example with `TeacherTargets`. Layout of a
 targets folder (`targets_dir`):
 
-  metadata.json   what was computed from what, and the progress (done_examples, complete)
-  <key>/          one zarr array per stored key (tensorstore), bfloat16, [num_examples, ...], one chunk
-                  per example (an example precompute could not read has none)
+  metadata.json   what was computed from what, the layout (format, shard_examples) and the progress
+                  (done_examples, complete)
+  <key>/          one zarr v3 array per stored key (tensorstore), bfloat16, [num_examples, ...]: one
+                  chunk per example (an example precompute could not read has none), `shard_examples`
+                  chunks per object (zarr3's sharding codec; the shard's index of chunk offsets at its end)
+
+Why shards: in a bucket every object is a request to write and a name to list or delete, and an ImageNet
+store of one object per example and key is millions of them. A shard is written whole, by one process in
+one request (its examples are one process's rows of one batch, see `shard_examples`), and a read of one
+example is a ranged read of its chunk: two requests while the shard's index is not cached, one after.
+Stores of format 1 (zarr v2, one object per example) still read.
 """
 
 import json
@@ -52,13 +60,38 @@ def targets_dir(configured: str, workdir: str) -> str:
   return configured or os.path.join(workdir, TARGETS_DIR)
 
 
-def targets_array_spec(directory: str, key: str) -> dict[str, Any]:
-  """The tensorstore spec of the zarr array holding `teacher_<key>`."""
+# The layout written today (metadata "format"): 2 = zarr v3, sharded; 1 = zarr v2, an object per example.
+FORMAT = 2
+# At most this many bytes per shard object of one key.
+SHARD_BYTES = 256 << 20
+# Cache of shard indices (and recently read chunks) per open store: one request per example read.
+_READ_CACHE_BYTES = 64 << 20
+
+
+def shard_examples(local_batch_size: int, example_bytes: int) -> int:
+  """Examples per shard: the largest divisor of the per-process batch whose shard stays within
+  `SHARD_BYTES`. Process p writes examples [s*G + p*b, s*G + (p+1)*b) of batch s (`pipeline.
+  stream_position`), so a divisor of b puts each shard in one process's rows of one batch: one writer,
+  one request, no read-modify-write of a shard that another process writes too."""
+  cap = max(1, SHARD_BYTES // max(1, example_bytes))
+  return max(d for d in range(1, local_batch_size + 1) if local_batch_size % d == 0 and d <= cap)
+
+
+def new_layout(shapes: Mapping[str, Sequence[int]], local_batch_size: int) -> dict[str, int]:
+  """The layout metadata of a new store of bfloat16 `shapes` per example, written in per-process
+  batches of `local_batch_size`."""
+  example_bytes = max(2 * int(np.prod(shape)) for shape in shapes.values())
+  return {"format": FORMAT, "shard_examples": shard_examples(local_batch_size, example_bytes)}
+
+
+def targets_array_spec(directory: str, key: str, layout: int = FORMAT) -> dict[str, Any]:
+  """The tensorstore spec of the zarr array holding `teacher_<key>` in a store of format `layout`."""
   path = os.path.join(directory, key)
+  driver = "zarr3" if layout >= 2 else "zarr"
   if path.startswith("gs://"):  # tensorstore's own GCS client
     bucket, _, inside = path.removeprefix("gs://").partition("/")
-    return {"driver": "zarr", "kvstore": {"driver": "gcs", "bucket": bucket, "path": inside}}
-  return {"driver": "zarr", "kvstore": {"driver": "file", "path": path}}
+    return {"driver": driver, "kvstore": {"driver": "gcs", "bucket": bucket, "path": inside}}
+  return {"driver": driver, "kvstore": {"driver": "file", "path": path}}
 
 
 def read_targets_metadata(directory: str) -> dict[str, Any] | None:
@@ -131,10 +164,13 @@ class TeacherTargets:
     self._rows = slice(None) if layers == stored else [stored.index(i) for i in layers]
     # An example precompute could not read has no chunk: reading it raises
     # (and the iterator skips the example) instead of returning zeros.
+    spec = {
+      "fill_missing_data_reads": False,
+      "context": {"cache_pool": {"total_bytes_limit": _READ_CACHE_BYTES}},
+    }
+    layout = metadata.get("format", 1)
     self._arrays = {
-      key: ts.open(
-        {**targets_array_spec(directory, key), "fill_missing_data_reads": False}, open=True
-      ).result()
+      key: ts.open({**targets_array_spec(directory, key, layout), **spec}, open=True).result()
       for key in metadata["keys"]
     }
 
@@ -184,12 +220,13 @@ def open_arrays(
 
   Args:
     directory: the targets folder.
-    metadata: its metadata (keys, shapes per example, num_examples).
-    create: create the arrays (replacing any there), one bfloat16 chunk per example; else open them.
+    metadata: its metadata (keys, shapes per example, num_examples, format, shard_examples).
+    create: create the arrays (replacing any there): bfloat16, a chunk per example, sharded by
+      ``metadata["shard_examples"]``; else open them.
   """
   arrays = {}
   for key in metadata["keys"]:
-    spec = targets_array_spec(directory, key)
+    spec = targets_array_spec(directory, key, metadata["format"])
     if create:
       shape = metadata["shapes"][key]
       arrays[key] = ts.open(
@@ -198,13 +235,22 @@ def open_arrays(
         delete_existing=True,
         dtype=ts.bfloat16,
         shape=[metadata["num_examples"], *shape],
-        chunk_layout=ts.ChunkLayout(chunk_shape=[1, *shape]),
+        chunk_layout=ts.ChunkLayout(
+          read_chunk_shape=[1, *shape], write_chunk_shape=[metadata["shard_examples"], *shape]
+        ),
       ).result()
     else:
       arrays[key] = ts.open(spec, open=True).result()
   return arrays
 
 
-def write_row(array: ts.TensorStore, index: int, row: np.ndarray) -> ts.WriteFutures:
-  """Starts writing example `index`'s targets `row` (its one chunk); wait on the result."""
-  return array[int(index)].write(row)
+def write_rows(
+  array: ts.TensorStore, indices: Sequence[int], rows: Sequence[np.ndarray]
+) -> ts.Future:
+  """Starts writing examples `indices`' targets `rows` in one transaction: each shard they touch is
+  written once, whole; wait on the result."""
+  transaction = ts.Transaction()
+  staged = array.with_transaction(transaction)
+  for i, row in zip(indices, rows):
+    staged[int(i)].write(row).result()  # staged in memory: returns at once
+  return transaction.commit_async()

@@ -9,15 +9,17 @@ RandAugment, erasing, mixup or cutmix, and the teacher runs without the student'
 
 Layout of `transfer.targets_dir` (default <workdir>/teacher_targets):
 
-  metadata.json   what was computed from what (`describe`), and the progress (done_examples, complete)
-  <key>/          one zarr array per stored key (tensorstore), bfloat16, [num_examples, ...], one chunk per
-                  example, S = the selected layers in order:
+  metadata.json   what was computed from what (`describe`), the layout (format, shard_examples) and the
+                  progress (done_examples, complete)
+  <key>/          one zarr v3 array per stored key (tensorstore), bfloat16, [num_examples, ...], one chunk
+                  per example, sharded (`target_store`), S = the selected layers in order:
                     attn_logits  [S, H, N, N]   what="attn", precompute.store="logits"
                     q, k         [S, N, H, Dh]  what="attn", precompute.store="qk": logits = q.k / sqrt(Dh)
                     q | k | v    [S, N, H, Dh]  what="q" | "k" | "v"
 
-Every JAX process computes its slice of each global batch and writes those examples: chunks are per
-example, so no two processes write the same file. Progress is committed to metadata.json every
+Every JAX process computes its slice of each global batch and writes those examples, one transaction per
+batch and key: a shard is a divisor of the process's slice (`target_store.shard_examples`), so no two
+processes write the same object. Progress is committed to metadata.json every
 `COMMIT_EVERY` global batches, and a rerun resumes from there.
 """
 
@@ -45,6 +47,8 @@ STORES = ("logits", "qk")
 COMMIT_EVERY = 20
 # Metadata fields that record progress; all others identify the targets.
 _PROGRESS = ("done_examples", "complete", "skipped", "batch_size")
+# How the store is laid out: fixed when it is created, carried over when a precompute resumes.
+_LAYOUT = ("format", "shard_examples")
 
 
 def stored_keys(what: str, store: str) -> tuple[str, ...]:
@@ -113,7 +117,7 @@ def describe(
     )
   )
   metadata = dict(
-    format=1,
+    format=target_store.FORMAT,
     what=what,
     store=store if what == "attn" else what,
     keys=list(keys),
@@ -176,6 +180,8 @@ def write_targets(
   if start_batch is None:
     return old
   metadata["batch_size"] = batch_size
+  if old is None:
+    metadata.update(target_store.new_layout(metadata["shapes"], batch_size // jax.process_count()))
   arrays = _open_store(directory, metadata, create=old is None)
   keys, n = metadata["keys"], metadata["num_examples"]
   fn = _jit_targets_fn(teacher, metadata["layers"], keys, teacher_params, mesh)
@@ -195,7 +201,7 @@ def write_targets(
   )
   log_every = max(1, num_batches // 20)
   base_skipped, skipped = metadata["skipped"], 0
-  pending: list[ts.WriteFutures] = []
+  pending: list[ts.Future] = []
   for s, batch in enumerate(batches, start_batch):
     index = pipeline.eval_example_indices(
       s, batch["mask"], global_batch_size=batch_size, process_index=p, process_count=process_count
@@ -251,8 +257,9 @@ def _resume_point(
   """
   if old is None:
     return 0
+  skip = _PROGRESS + _LAYOUT
   differ = sorted(
-    k for k in set(old) | set(metadata) if k not in _PROGRESS and old.get(k) != metadata.get(k)
+    k for k in set(old) | set(metadata) if k not in skip and old.get(k) != metadata.get(k)
   )
   if differ:
     raise ConfigError(
@@ -270,6 +277,7 @@ def _resume_point(
       f"{old['batch_size']}; resume it with that batch size, or delete {directory}",
     )
   metadata["skipped"] = old["skipped"]
+  metadata.update({k: old[k] for k in _LAYOUT if k in old})
   metrics.say(f"Resuming the precompute in {directory} at example {old['done_examples']}")
   return old["done_examples"] // batch_size
 
@@ -291,15 +299,19 @@ def _open_store(directory: str, metadata: Mapping[str, Any], *, create: bool) ->
 
 def _write_rows(
   out: Mapping[str, jax.Array], keys: Sequence[str], arrays: Mapping[str, Any]
-) -> list[ts.WriteFutures]:
-  """Starts writing this process's rows of `out` (each device's shard, at its examples' indices)."""
+) -> list[ts.Future]:
+  """Starts writing this process's rows of `out` (each device's shard, at its examples' indices): one
+  transaction per key."""
   pending = []
   for key in keys:
-    for rows, ids in zip(out[key].addressable_shards, out["index"].addressable_shards):
-      assert rows.device == ids.device
-      for row, i in zip(np.asarray(rows.data), np.asarray(ids.data)):
+    indices, rows = [], []
+    for shard, ids in zip(out[key].addressable_shards, out["index"].addressable_shards):
+      assert shard.device == ids.device
+      for row, i in zip(np.asarray(shard.data), np.asarray(ids.data)):
         if i >= 0:  # not padding, not an unreadable example
-          pending.append(target_store.write_row(arrays[key], i, row))
+          indices.append(i)
+          rows.append(row)
+    pending.append(target_store.write_rows(arrays[key], indices, rows))
   return pending
 
 

@@ -23,6 +23,8 @@ METADATA = dict(
   num_examples=N,
   done_examples=N,
   complete=True,
+  format=target_store.FORMAT,
+  shard_examples=2,
 )
 
 
@@ -36,7 +38,8 @@ def _write(directory: str, metadata=METADATA, written=range(N)) -> None:
   os.makedirs(directory, exist_ok=True)
   arrays = target_store.open_arrays(directory, metadata, create=True)
   pending = [
-    target_store.write_row(arrays[key], i, row) for i in written for key, row in _rows(i).items()
+    target_store.write_rows(arrays[key], list(written), [_rows(i)[key] for i in written])
+    for key in SHAPES
   ]
   for w in pending:
     w.result()
@@ -103,10 +106,29 @@ def test_teacher_targets_name_what_to_fix(tmp_path):
     assert e.value.field == target_store.TARGET_FIELDS[name]
 
 
-def test_stored_format_is_one_chunk_per_example(tmp_path):
+def test_stored_format_is_a_chunk_per_example_sharded(tmp_path):
+  """zarr v3: a chunk per example, `shard_examples` of them per object; a shard with no examples
+  written has no object."""
   directory = str(tmp_path)
-  _write(directory)
-  with open(os.path.join(directory, "q", ".zarray")) as f:
-    zarray = json.load(f)
-  assert zarray["shape"] == [N, *SHAPES["q"]] and zarray["chunks"] == [1, *SHAPES["q"]]
-  assert zarray["dtype"] == "bfloat16"
+  _write(directory, written=[0, 1, 4])
+  with open(os.path.join(directory, "q", "zarr.json")) as f:
+    zarr = json.load(f)
+  assert zarr["shape"] == [N, *SHAPES["q"]] and zarr["data_type"] == "bfloat16"
+  assert zarr["chunk_grid"]["configuration"]["chunk_shape"] == [2, *SHAPES["q"]]
+  (codec,) = zarr["codecs"]
+  assert codec["name"] == "sharding_indexed"
+  assert codec["configuration"]["chunk_shape"] == [1, *SHAPES["q"]]
+  shards = sorted(os.listdir(os.path.join(directory, "q", "c")))
+  assert shards == ["0", "2"]  # examples 0-1 and 4; none of 2-3 was written
+  targets = target_store.TeacherTargets(directory)
+  np.testing.assert_array_equal(targets[4]["teacher_k"], _rows(4)["k"])
+  with pytest.raises(ValueError, match="missing"):
+    targets[3]
+
+
+def test_a_shard_is_one_processs_rows_of_one_batch():
+  # Divisors of the per-process batch, as big as SHARD_BYTES allows.
+  assert target_store.shard_examples(32, 1000) == 32
+  assert target_store.shard_examples(24, target_store.SHARD_BYTES // 10) == 8
+  assert target_store.shard_examples(7, target_store.SHARD_BYTES) == 1
+  assert target_store.shard_examples(7, 10 * target_store.SHARD_BYTES) == 1

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 
+import fsspec
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -138,8 +139,10 @@ def test_stored_targets_are_the_teacher_on_the_fixed_view(teacher, stores, store
   )
   assert meta["dtype"] == "bfloat16" and meta["view"] == target_store.TARGETS_VIEW
   for key in keys:
-    zarray = json.load(open(os.path.join(stores[store], key, ".zarray")))
-    assert zarray["dtype"] == "bfloat16" and zarray["shape"][0] == N and zarray["chunks"][0] == 1
+    with open(os.path.join(stores[store], key, "zarr.json")) as f:
+      zarr = json.load(f)
+    assert zarr["data_type"] == "bfloat16" and zarr["shape"][0] == N
+    assert zarr["codecs"][0]["configuration"]["chunk_shape"][0] == 1  # a chunk per example
   for i in range(N):
     row = targets[i]
     for key in keys:
@@ -166,6 +169,11 @@ def test_targets_in_a_bucket_equal_those_on_disk(teacher, stores, gcs_bucket):
   assert remote.metadata == local.metadata and remote.metadata["complete"]
   for i in range(N):
     np.testing.assert_array_equal(remote[i]["teacher_attn_logits"], local[i]["teacher_attn_logits"])
+  # An object per shard (a batch's rows: one process here), not one per example.
+  shard = remote.metadata["shard_examples"]
+  assert shard == BATCH
+  objects = fsspec.filesystem("gs").find(f"{directory}/attn_logits/c")
+  assert len(objects) == -(-N // shard)
 
 
 def test_train_iterator_carries_each_examples_targets(stores):
@@ -268,27 +276,26 @@ def test_unreadable_examples_are_skipped_in_precompute_and_training(teacher, tmp
 def test_precompute_resumes_where_it_stopped(teacher, stores, tmp_path, capsys):
   directory = tmp_path / "targets"
   shutil.copytree(stores["logits"], directory)
-  array_dir = directory / "attn_logits"
-  chunks = {
-    int(name.split(".")[0]): array_dir / name for name in os.listdir(array_dir) if name[0].isdigit()
-  }
-  expected = {i: path.read_bytes() for i, path in chunks.items()}
+  shard_dir = directory / "attn_logits" / "c"
+  assert json.load(open(directory / target_store.TARGETS_METADATA))["shard_examples"] == BATCH
+  # shard s holds batch s: {s: its object}
+  shards = {int(p.relative_to(shard_dir).parts[0]): p for p in shard_dir.rglob("*") if p.is_file()}
+  assert sorted(shards) == list(range(-(-N // BATCH)))
+  expected = {s: path.read_bytes() for s, path in shards.items()}
   # As if killed after committing the first batch: later rows are missing, the metadata says so.
   meta = json.load(open(directory / target_store.TARGETS_METADATA))
   meta.update(done_examples=BATCH, complete=False)
   json.dump(meta, open(directory / target_store.TARGETS_METADATA, "w"))
-  for i, path in chunks.items():
-    if i >= BATCH:
+  for s, path in shards.items():
+    if s >= 1:
       path.unlink()
   with pytest.raises(ConfigError, match="again to finish") as e:
     target_store.TeacherTargets(str(directory))
   assert e.value.field == "transfer.targets_dir"
-  before = {i: os.stat(chunks[i]).st_mtime_ns for i in range(BATCH)}
+  before = os.stat(shards[0]).st_mtime_ns
   assert _write(teacher, directory, "logits")["complete"]
-  assert {
-    i: os.stat(chunks[i]).st_mtime_ns for i in range(BATCH)
-  } == before  # the done batch is kept
-  assert {i: path.read_bytes() for i, path in chunks.items()} == expected
+  assert os.stat(shards[0]).st_mtime_ns == before  # the done batch is kept
+  assert {s: path.read_bytes() for s, path in shards.items()} == expected
   assert "Resuming the precompute" in capsys.readouterr().out
   _write(teacher, directory, "logits")  # complete: returns at once
   assert "nothing to do" in capsys.readouterr().out
@@ -521,6 +528,8 @@ def test_two_processes_write_what_one_does(precomputed, tmp_path):
     target_store.TeacherTargets(str(tmp_path / w / target_store.TARGETS_DIR))
     for w in ("one", "two")
   )
+  # A shard is one process's rows of a batch: half as many examples with two processes.
+  assert one.metadata.pop("shard_examples") == 2 * two.metadata.pop("shard_examples")
   assert one.metadata == two.metadata and one.metadata["keys"] == ["q", "k"]
   for i in range(600):
     for key, value in one[i].items():
