@@ -10,6 +10,7 @@ an interrupted study resumes where it stopped. Writes study.md (mean +- std over
 plots (study_main.png, study_layers.png, study_heads.png) to the workdir.
 """
 
+import io
 import json
 import os
 import time
@@ -66,6 +67,28 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
   return float(np.mean(values)), float(np.std(values))
 
 
+def _save(fig, path: str) -> None:
+  """Saves a figure to `path`, on disk or in a bucket."""
+  from at_jax import storage
+
+  buffer = io.BytesIO()
+  fig.savefig(buffer, dpi=110, format="png")
+  storage.write_atomic(path, buffer.getvalue())
+
+
+def _write_json(path: str, value) -> None:
+  from at_jax import storage
+
+  storage.write_atomic(path, json.dumps(value, indent=1))
+
+
+def _read_json(path: str):
+  from at_jax import storage
+
+  with storage.open_file(path) as f:
+    return json.load(f)
+
+
 def _plots(summary: dict, workdir: str) -> None:
   import matplotlib
 
@@ -88,7 +111,7 @@ def _plots(summary: dict, workdir: str) -> None:
     ax.set_title(title, fontsize=9)
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(workdir, path), dpi=110)
+    _save(fig, os.path.join(workdir, path))
     plt.close(fig)
 
   bar(
@@ -118,7 +141,7 @@ def _plots(summary: dict, workdir: str) -> None:
   ax.set_ylabel("test top-1 (%)")
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(os.path.join(workdir, "study_layers.png"), dpi=110)
+  _save(fig, os.path.join(workdir, "study_layers.png"))
   plt.close(fig)
   bar(
     ["scratch", "copy_heads1", "copy_heads2", "copy"],
@@ -129,20 +152,20 @@ def _plots(summary: dict, workdir: str) -> None:
 
 def main(argv):
   del argv
-  from at_jax import checkpoint, metrics
+  from at_jax import checkpoint, metrics, storage
   from at_jax.data import pipeline, sources
   from at_jax.evaluate import ensembles
   from at_jax.experiment import loop, paths
   from at_jax.models import vit
   from configs import mae_fmnist
 
-  workdir = os.path.abspath(FLAGS.workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = storage.absolute(FLAGS.workdir)  # a folder, or gs://bucket/...
+  storage.makedirs(workdir)
   start = time.time()
   teacher = FLAGS.teacher
   if not teacher:
     teacher = os.path.join(workdir, "teacher", paths.EXPORT_DIR)
-    if not os.path.exists(os.path.join(teacher, "model_config.json")):
+    if not storage.exists(os.path.join(teacher, "model_config.json")):
       print("== pre-training the MAE teacher (no labels) ==", flush=True)
       loop.train_and_evaluate(mae_fmnist.get_config(), os.path.join(workdir, "teacher"))
   names = FLAGS.only or list(SETTINGS)
@@ -151,16 +174,14 @@ def main(argv):
   for i, (name, seed) in enumerate(jobs, 1):
     run_dir = os.path.join(workdir, name, f"seed{seed}")
     done = os.path.join(run_dir, "results.json")
-    if not os.path.exists(done):
+    if not storage.exists(done):
       print(
         f"== [{i}/{len(jobs)}] {name} seed {seed} ({(time.time() - start) / 60:.1f} min so far) ==",
         flush=True,
       )
       evals = loop.train_and_evaluate(_config(SETTINGS[name], teacher, seed, FLAGS.epochs), run_dir)
-      with open(done, "w") as f:
-        json.dump(evals, f)
-    with open(done) as f:
-      results.setdefault(name, {})[seed] = json.load(f)
+      _write_json(done, evals)
+    results.setdefault(name, {})[seed] = _read_json(done)
 
   # The paper's ensemble: fine-tuned teacher + distilled student, averaged probabilities.
   if {"finetune", "distill"} <= set(results):
@@ -168,7 +189,7 @@ def main(argv):
     source = sources.from_config(c.data, "data.eval_split", None)
     for seed in range(FLAGS.seeds):
       done = os.path.join(workdir, "ensemble", f"seed{seed}", "results.json")
-      if not os.path.exists(done):
+      if not storage.exists(done):
         members = {}
         for name in ("finetune", "distill"):
           model_config, params = checkpoint.load_params(
@@ -183,11 +204,8 @@ def main(argv):
           normalization=c.data.normalization,
           num_threads=0,
         )
-        os.makedirs(os.path.dirname(done), exist_ok=True)
-        with open(done, "w") as f:
-          json.dump(ensembles.ensemble_accuracy(members, batches)["ensemble"], f)
-      with open(done) as f:
-        results.setdefault("ensemble", {})[seed] = json.load(f)
+        _write_json(done, ensembles.ensemble_accuracy(members, batches)["ensemble"])
+      results.setdefault("ensemble", {})[seed] = _read_json(done)
 
   summary = {
     name: {k: _mean_std([r[k] for r in runs.values()]) for k in ("top1",)}
@@ -211,10 +229,8 @@ def main(argv):
     f"test top-1 %, mean +- std over seeds. Wall time of this invocation: "
     f"{(time.time() - start) / 60:.1f} min.\n\n"
   )
-  with open(os.path.join(workdir, "study.md"), "w") as f:
-    f.write(header + table + "\n")
-  with open(os.path.join(workdir, "study.json"), "w") as f:
-    json.dump({"summary": summary, "runs": results}, f, indent=1)
+  storage.write_atomic(os.path.join(workdir, "study.md"), header + table + "\n")
+  _write_json(os.path.join(workdir, "study.json"), {"summary": summary, "runs": results})
   _plots(summary, workdir)
   print(header + table, flush=True)
 

@@ -4,10 +4,10 @@
 #
 #   TPU=at-jax ZONE=us-central2-b TYPE=v4-64 bash launch/tpu_pod.sh \
 #       --config=configs/distill_vitl.py --workdir=gs://BUCKET/distill_vitl \
-#       --config.teacher.init=gs://BUCKET/mae_vitl_params --config.data.dir=/mnt/BUCKET/tensorflow_datasets
+#       --config.teacher.init=gs://BUCKET/mae_vitl_params --config.data.dir=gs://BUCKET/tensorflow_datasets
 #
-# --workdir, teacher.init, transfer.targets_dir and JPEG folders may be gs:// paths; a tfds ArrayRecord
-# data.dir must still be visible to every worker as files (e.g. a gcsfuse mount at /mnt/BUCKET).
+# --workdir, teacher.init, model.init, transfer.targets_dir and data.dir (tfds ArrayRecord or JPEG
+# folders) may all be gs:// paths; no gcsfuse mount is needed.
 #
 # Env: TPU (name), ZONE, TYPE (accelerator type, used only when creating), VERSION (TPU VM runtime,
 # default tpu-ubuntu2204-base), PROJECT (default: gcloud's), SPOT=1 for a preemptible slice. Re-running

@@ -128,7 +128,7 @@ def gcs_bucket():
   """``(gs://at-jax-test, env)``: a bucket in a fake-gcs-server started on loopback for the session and
   stopped after; `env` is what a process needs to reach it (also set in this one's os.environ):
   gcsfs (epath's gs:// backend) reads STORAGE_EMULATOR_HOST, tensorstore (orbax's arrays)
-  TENSORSTORE_GCS_HTTP_URL. gcsfs's probe for hierarchical buckets speaks gRPC, which the emulator does
+  TENSORSTORE_GCS_HTTP_URL, google-cloud-cpp (ArrayRecord's C++ reader) CLOUD_STORAGE_EMULATOR_ENDPOINT. gcsfs's probe for hierarchical buckets speaks gRPC, which the emulator does
   not, so it is switched off."""
   import json  # pylint: disable=import-outside-toplevel
   import subprocess  # pylint: disable=import-outside-toplevel
@@ -154,6 +154,7 @@ def gcs_bucket():
   env = {
     "STORAGE_EMULATOR_HOST": url,
     "TENSORSTORE_GCS_HTTP_URL": url,
+    "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,  # google-cloud-cpp's (ArrayRecord's reader)
     "GOOGLE_AUTH_TOKEN_FOR_TESTING": "abc",
     "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
   }

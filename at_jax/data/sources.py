@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from at_jax import storage
 from at_jax.data import imagefolder
 from at_jax.data.splits import parse_split
 from at_jax.errors import ConfigError
@@ -62,9 +63,10 @@ def _read_idx(path: str, magic: int) -> np.ndarray:
     uint8 array of the shape given in the file's header.
   """
   try:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
+    with storage.open_file(path, "rb") as f:  # on disk or in a bucket
       raw = f.read()
+    if path.endswith(".gz"):
+      raw = gzip.decompress(raw)
   except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError.
     raise ConfigError(path, f"cannot read IDX file ({e}); re-install or replace it.") from e
   ndim = magic & 0xFF
@@ -92,7 +94,7 @@ def _find_idx_files(directory: str) -> tuple[str, ...] | None:
     found = [
       p
       for p in (os.path.join(directory, name), os.path.join(directory, name + ".gz"))
-      if os.path.isfile(p)
+      if storage.isfile(p)
     ]
     if not found:
       return None
@@ -168,7 +170,7 @@ def load_fashion_mnist(data_dir: str | None = None) -> dict[str, tuple[np.ndarra
       whatever the system has), or a file is corrupt (field: its path).
   """
   if data_dir:
-    paths = _find_idx_files(os.path.abspath(data_dir))
+    paths = _find_idx_files(storage.absolute(data_dir))
     if paths is None:
       raise ConfigError(
         "data.dir",

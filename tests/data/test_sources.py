@@ -184,7 +184,9 @@ def test_unprepared_tfds_dataset_fails_fast(tmp_path, no_network, name):
   assert os.listdir(tmp_path) == []  # Nothing downloaded or prepared.
 
 
-def test_prepared_tfds_dataset_yields_uint8_hwc(tmp_path, no_network, train_kw):
+def _prepare_varied_images(data_dir: str) -> list[np.ndarray]:
+  """Prepares tfds dataset ``varied_images`` (6 images of different shapes, label i = image i) as
+  ArrayRecord in `data_dir`; returns the images."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(0)
@@ -216,7 +218,12 @@ def test_prepared_tfds_dataset_yields_uint8_hwc(tmp_path, no_network, train_kw):
         for i, image in enumerate(images):
           yield i, {"image": Image.fromarray(image), "label": i}
 
-  VariedImages(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  VariedImages(data_dir=data_dir, file_format="array_record").download_and_prepare()
+  return images
+
+
+def test_prepared_tfds_dataset_yields_uint8_hwc(tmp_path, no_network, train_kw):
+  images = _prepare_varied_images(str(tmp_path))
   source = sources.make_source("varied_images", "train", data_dir=str(tmp_path))
   assert len(source) == 6
   for i in range(6):
@@ -229,6 +236,25 @@ def test_prepared_tfds_dataset_yields_uint8_hwc(tmp_path, no_network, train_kw):
     with pytest.raises(ConfigError) as e:
       sources.make_source("varied_images", split, data_dir=str(tmp_path), field=field)
     assert e.value.field == field
+
+
+def test_a_tfds_dataset_in_a_bucket_reads_as_on_disk(tmp_path, gcs_bucket):
+  """ArrayRecord's own C++ GCS client reads the records (it honours CLOUD_STORAGE_EMULATOR_ENDPOINT);
+  tfds reads the dataset's metadata through epath."""
+  import fsspec  # pylint: disable=import-outside-toplevel
+
+  _prepare_varied_images(str(tmp_path / "tfds"))
+  remote = f"{gcs_bucket[0]}/tfds"
+  fsspec.filesystem("gs").put(str(tmp_path / "tfds"), remote, recursive=True)
+  local = sources.make_source("varied_images", "train[1:5]", data_dir=str(tmp_path / "tfds"))
+  in_bucket = sources.make_source("varied_images", "train[1:5]", data_dir=remote)
+  assert len(in_bucket) == len(local) == 4
+  for i in range(4):
+    np.testing.assert_array_equal(in_bucket[i]["image"], local[i]["image"])
+    assert in_bucket[i]["label"] == local[i]["label"]
+  with pytest.raises(ConfigError, match="prepared in gs://") as e:
+    sources.make_source("varied_images", "train", data_dir=f"{gcs_bucket[0]}/no_tfds")
+  assert e.value.field == "data.dir"
 
 
 # ----------------------------------------------------------------------------

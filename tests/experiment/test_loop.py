@@ -82,6 +82,30 @@ def test_copy_mode_trains_and_evaluates_with_teacher(tmp_path, teacher_export, t
 
 
 @pytest.mark.slow
+def test_copy_mode_with_teacher_and_workdir_in_a_bucket_equals_on_disk(
+  tmp_path, teacher_export, tiny_config, gcs_bucket
+):
+  """teacher.init=gs://... and --workdir=gs://...: the same evaluations and export as on disk."""
+  import fsspec  # pylint: disable=import-outside-toplevel
+
+  remote_teacher = f"{gcs_bucket[0]}/copy_teacher/params"
+  fsspec.filesystem("gs").put(teacher_export, remote_teacher, recursive=True)
+  results = {}
+  for where, teacher, workdir in (
+    ("disk", teacher_export, str(tmp_path)),
+    ("bucket", remote_teacher, f"{gcs_bucket[0]}/copy_run"),
+  ):
+    c = tiny_config(steps=2, mode="copy", layers="all")
+    c.teacher.init = teacher
+    results[where] = (
+      loop.train_and_evaluate(c, workdir),
+      checkpoint.load_params(f"{workdir}/{paths.EXPORT_DIR}")[1],
+    )
+  assert results["bucket"][0] == results["disk"][0]
+  jax.tree.map(np.testing.assert_array_equal, results["bucket"][1], results["disk"][1])
+
+
+@pytest.mark.slow
 def test_run_with_teacher_trains_then_reuses_teacher(tmp_path, tiny_config):
   c = tiny_config(steps=2, mode="distill")
   t = tiny_config(steps=2, mode="none")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from at_jax import checkpoint, metrics, storage
+from at_jax.data import sources
 from tests.conftest import subprocess_env
 
 # Real processes, whole runs: end-to-end (`pytest -m 'not slow'` skips them).
@@ -33,10 +34,16 @@ ARGS = [
 ]
 
 
-def _launch(workdir):
+def _launch(workdir, *extra):
   env = subprocess_env()
   return subprocess.Popen(
-    [sys.executable, os.path.join(ROOT, "launch", "main.py"), f"--workdir={workdir}", *ARGS],
+    [
+      sys.executable,
+      os.path.join(ROOT, "launch", "main.py"),
+      f"--workdir={workdir}",
+      *ARGS,
+      *extra,
+    ],
     cwd=ROOT,
     env=env,
     stdout=subprocess.PIPE,
@@ -52,8 +59,8 @@ def _logged_step(workdir):
     return 0
 
 
-def _interrupt(workdir, sig, after_step):
-  proc = _launch(workdir)
+def _interrupt(workdir, sig, after_step, *extra):
+  proc = _launch(workdir, *extra)
   deadline = time.time() + 300
   while _logged_step(workdir) < after_step:
     assert proc.poll() is None, proc.communicate()[1][-2000:]
@@ -129,10 +136,15 @@ def _tear(step_dir: str) -> None:
 
 
 def test_a_run_in_a_bucket_killed_resumes_exactly(straight, gcs_bucket):
-  """--workdir=gs://...: checkpoints, metrics and the export live in the (emulated) bucket; after
-  kill -9 and a torn newest checkpoint, the relaunch resumes from the one before, bitwise."""
+  """--workdir=gs://...: checkpoints, metrics and the export live in the (emulated) bucket, and the
+  data (Fashion-MNIST's IDX files) is read from it; after kill -9 and a torn newest checkpoint, the
+  relaunch resumes from the one before, bitwise."""
+  import fsspec  # pylint: disable=import-outside-toplevel
+
+  data = f"{gcs_bucket[0]}/fashion_mnist"
+  fsspec.filesystem("gs").put(sources.FASHION_MNIST_SYSTEM_DIR, data, recursive=True)
   workdir = f"{gcs_bucket[0]}/killed"
-  code, err = _interrupt(workdir, signal.SIGKILL, after_step=150)
+  code, err = _interrupt(workdir, signal.SIGKILL, 150, f"--config.data.dir={data}")
   assert code == -signal.SIGKILL, err[-2000:]
   # The step being uploaded at the kill has no commit marker: orbax lists only committed steps.
   ckpt = checkpoint.Checkpointer(f"{workdir}/checkpoints", save_every=25, keep=100)
@@ -140,7 +152,7 @@ def test_a_run_in_a_bucket_killed_resumes_exactly(straight, gcs_bucket):
   ckpt.close()
   assert len(committed) >= 2 and committed[-1] < STEPS
   _tear(f"{workdir}/checkpoints/{committed[-1]}")
-  proc = _launch(workdir)
+  proc = _launch(workdir, f"--config.data.dir={data}")
   out, err = proc.communicate(timeout=600)
   assert proc.returncode == 0, err[-2000:]
   said = [line for line in out.splitlines() if "Resumed" in line or "WARNING" in line]
