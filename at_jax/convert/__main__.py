@@ -14,9 +14,13 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
     prog="python -m at_jax.convert",
     description="Converts a pretrained ViT (timm/MAE/MoCo-v3/DINO/DINOv2 .pth/.safetensors, big_vision "
-    ".npz) into a params export for --config.teacher.init.",
+    ".npz, training checkpoints) into a params export for --config.teacher.init.",
   )
-  parser.add_argument("src", help="checkpoint file")
+  parser.add_argument(
+    "src",
+    help="checkpoint file, optionally FILE#SELECTOR for a training checkpoint's weights, e.g. "
+    "checkpoint-199.pth#model_ema.student (a dual teacher + student one must name its tower)",
+  )
   parser.add_argument("dst", help="export directory to write (at_jax.checkpoint.save_params)")
   parser.add_argument(
     "--image_size", type=int, default=None, help="input size; default: the checkpoint's"

@@ -7,6 +7,9 @@ Reads
     DINO, DINOv2 (LayerScale, patch 14) and DINOv2 with registers (timm's or Meta's own key names), and
     timm's CLIP towers (`norm_pre`; pass `family`).
   * big_vision / google-research ViT `.npz` files (loop or scan layout).
+  * training checkpoints, the PyTorch reference's dual (teacher + student) ones included: `FILE#SELECTOR`
+    picks the entry (`model`, `model_ema`) and tower (`student`, `teacher`), e.g.
+    `checkpoint-199.pth#model_ema.student` (`selection`).
 
 The architecture is read off the keys and shapes. What a checkpoint does not store comes from a table:
 the number of heads (`keymap.HEADS_BY_WIDTH`, or `num_heads`), LayerNorm epsilon and MLP activation
@@ -21,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from at_jax.convert import big_vision, keymap, posemb, readers, timm
+from at_jax.convert import big_vision, keymap, posemb, readers, selection, timm
 from at_jax.errors import ConfigError
 from at_jax.models import vit
 
@@ -49,16 +52,20 @@ def load_checkpoint(
   resample_posemb: bool = False,
   family: str | None = None,
   num_heads: int | None = None,
+  default_tower: str | None = None,
 ) -> tuple[dict, dict]:
   """Reads a pretrained ViT checkpoint as (model_config, params) for `vit.build`.
 
   Args:
-    path: a `.pth`/`.pt`/`.bin`/`.pth.tar`/`.safetensors` file with timm key names, or a big_vision `.npz`.
+    path: a `.pth`/`.pt`/`.bin`/`.pth.tar`/`.safetensors` file with timm key names, or a big_vision `.npz`;
+      optionally `#SELECTOR`, the weights to take from a training checkpoint (`selection`).
     image_size: the input size the teacher will see; None keeps the checkpoint's (grid * patch size).
     resample_posemb: resample the position table bicubically (as timm's `resample_abs_pos_embed`) when
       its grid differs from `image_size`; otherwise that is an error.
     family: a `FAMILIES` name, for what the keys do not tell (LayerNorm eps, MLP activation).
     num_heads: the number of attention heads, for widths missing from `keymap.HEADS_BY_WIDTH`.
+    default_tower: the tower ("student" or "teacher") of a dual checkpoint whose path names none; None
+      (the default): such a path is an error asking for one.
 
   Returns:
     model_config: plain dict of `vit.ViT` fields (loop layout, `num_classes` 0 when there is no head).
@@ -72,10 +79,19 @@ def load_checkpoint(
     raise ConfigError("family", f"unknown family {family!r}; one of {sorted(FAMILIES)}")
   if num_heads is not None and num_heads < 1:
     raise ConfigError("num_heads", f"must be >= 1, got {num_heads}")
-  flat = readers.read(path)
-  if path.lower().endswith(".npz"):
-    config, params = big_vision.from_big_vision(flat, path, num_heads)
+  if default_tower not in (None, *selection.TOWERS):
+    raise ValueError(f"default_tower: {default_tower!r} is not None or one of {selection.TOWERS}")
+  file, selector = selection.split(path)
+  contents = readers.read(file)
+  if file.lower().endswith(".npz"):
+    if selector is not None:
+      raise ConfigError(
+        path,
+        "a selector (#...) picks weights of a PyTorch or safetensors file; a .npz holds one model",
+      )
+    config, params = big_vision.from_big_vision(contents, path, num_heads)
   else:
+    flat = selection.pick(contents, selector, path, default_tower)
     config, params = timm.from_timm(flat, path, num_heads)
   config.update(FAMILIES.get(family, {}))
   if config["pre_norm"] and family is None:

@@ -1,26 +1,31 @@
-"""Reads a checkpoint file into one flat {key: array}: big_vision `.npz`, `.safetensors`, or a PyTorch
-file (whose state dict may sit under a wrapper key such as "model"). Unreadable files are ConfigErrors
-naming the file."""
+"""Reads a checkpoint file: big_vision `.npz` and `.safetensors` into one flat {key: array}, a PyTorch
+file into what it holds (a state dict, or a training checkpoint's dict of entries, which
+`selection.pick` chooses from). Unreadable files are ConfigErrors naming the file."""
 
+import argparse
+import contextlib
 import io
 import pickle
 import re
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from at_jax import storage
-from at_jax.convert import keymap
 from at_jax.errors import ConfigError
 
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".pth.tar")
-# Checkpoints that nest the state dict; the first one present wins (so the raw weights over the EMA).
-_WRAPPERS = ("model", "state_dict", "model_ema", "state_dict_ema")
+# What torch.load(weights_only=True) may build besides tensors and plain containers: the argparse
+# arguments that training checkpoints record (the reference's, MAE's, DeiT's, DINO's "args"). Building a
+# Namespace sets attributes on it and runs no code; every other class or function is still refused.
+_ALLOWED_GLOBALS = (argparse.Namespace,)
+# torch's messages for a refused global: one not allowlisted, or one of a blocked module (os, posix, ...).
+_REFUSED_GLOBAL = re.compile(r"unsupported global:? (?:GLOBAL )?(\S+)", re.IGNORECASE)
 
 
-def read(path: str) -> dict[str, Any]:
-  """{key: array-like} of the checkpoint's tensors (torch tensors stay tensors until used)."""
+def read(path: str) -> Any:
+  """The checkpoint's contents: {key: array-like} (torch tensors stay tensors until used), or for a
+  PyTorch file whatever dict it holds (see `selection`)."""
   if not storage.isfile(path):
     raise ConfigError(path, "no such file")
   name = path.lower()
@@ -79,7 +84,7 @@ def _read_safetensors(path: str, source: str | io.BytesIO) -> dict[str, Any]:
     raise _unreadable(path, e) from e
 
 
-def _read_torch(path: str, source: str | io.BytesIO) -> dict[str, Any]:
+def _read_torch(path: str, source: str | io.BytesIO) -> Any:
   try:
     import torch  # pylint: disable=import-outside-toplevel  # Only PyTorch files need it.
   except ImportError as e:
@@ -88,38 +93,22 @@ def _read_torch(path: str, source: str | io.BytesIO) -> dict[str, Any]:
       "reading PyTorch checkpoints needs torch: pip install torch (the CPU wheel is "
       "enough), or convert the file to .safetensors elsewhere",
     ) from e
+  # torch >= 2.5 (requirements-test.txt pins 2.14); older ones refuse the Namespace as any object.
+  allow = getattr(torch.serialization, "safe_globals", None)
   try:
     # weights_only: a checkpoint is data; never run the pickled code of an arbitrary file.
-    obj = torch.load(source, map_location="cpu", weights_only=True)
+    with allow(list(_ALLOWED_GLOBALS)) if allow else contextlib.nullcontext():
+      return torch.load(source, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+    found = _REFUSED_GLOBAL.search(str(e))
     if found is None:  # Random bytes also fail as "weights only" unpickling errors.
       raise _unreadable(path, e) from e
     raise ConfigError(
       path,
-      f"holds a Python object ({found.group(1)}) besides tensors, which torch.load("
-      "weights_only=True) refuses to unpickle; if you trust the file, save just its state "
-      "dict: torch.save(torch.load(f, weights_only=False)['model'], 'model.pth')",
+      f"holds a Python object ({found.group(1)}) besides tensors and argparse arguments, which "
+      "torch.load(weights_only=True) refuses to unpickle (nothing of it ran); if you trust the "
+      "file, save just its state dict: torch.save(torch.load(f, weights_only=False)['model'], "
+      "'model.pth')",
     ) from e
   except Exception as e:  # pylint: disable=broad-exception-caught  # RuntimeError, EOFError, ... vary.
     raise _unreadable(path, e) from e
-  return _pick_state_dict(obj, path)
-
-
-def _is_state_dict(obj: Any) -> bool:
-  return isinstance(obj, Mapping) and bool(obj) and all(hasattr(v, "shape") for v in obj.values())
-
-
-def _pick_state_dict(obj: Any, path: str) -> Mapping[str, Any]:
-  if _is_state_dict(obj):
-    return obj
-  if isinstance(obj, Mapping):
-    for key in _WRAPPERS:
-      if _is_state_dict(obj.get(key)):
-        return obj[key]
-  top = keymap.listed(list(obj)) if isinstance(obj, Mapping) else type(obj).__name__
-  raise ConfigError(
-    path,
-    f"no state dict found: expected a dict of tensors, or one under any of {_WRAPPERS}; "
-    f"found {top}",
-  )

@@ -10,7 +10,7 @@ import numpy as np
 
 from at_jax import checkpoint, sharding, storage
 from at_jax.convert import load as convert
-from at_jax.convert import posemb
+from at_jax.convert import posemb, selection
 from at_jax.errors import ConfigError
 from at_jax.experiment.paths import EXPORT_DIR, TEACHER_DIR
 from at_jax.models import vit
@@ -31,22 +31,33 @@ def teacher_path(config: ml_collections.ConfigDict, workdir: str) -> str:
   )
 
 
-def load_vit(path: str, config: ml_collections.ConfigDict) -> tuple[dict, Any]:
+def is_checkpoint_file(path: str) -> bool:
+  """Whether `path` names a checkpoint file (with or without a `#selector`), not a params export."""
+  return storage.isfile(selection.split(path)[0])
+
+
+def load_vit(
+  path: str, config: ml_collections.ConfigDict, default_tower: str | None = "student"
+) -> tuple[dict, Any]:
   """(model_config, numpy params) of a ViT fitted to data.image_size, from our params export (a directory)
-  or a PyTorch/timm/big_vision checkpoint file (converted by at_jax.convert).
+  or a PyTorch/timm/big_vision checkpoint file (converted by at_jax.convert; `FILE#SELECTOR` picks the
+  weights of a training checkpoint, see at_jax.convert.selection).
 
   The teacher.* conversion fields apply: resample_posemb (bicubic resampling of a position table made for
-  another image size; otherwise that is an error), and for files num_heads and family.
+  another image size; otherwise that is an error), and for files num_heads and family. `default_tower`:
+  the tower of the reference's dual checkpoints when the path names none -- the student for model.init
+  and evaluation; None (teacher.init) makes the path name it.
   """
   size, t = config.data.image_size, config.teacher
-  if storage.isfile(path):
+  if is_checkpoint_file(path):
     return _convert_file(
       storage.absolute(path),
-      storage.mtime_ns(path),  # None in a bucket: converted once per process
+      storage.mtime_ns(selection.split(path)[0]),  # None in a bucket: converted once per process
       size,
       t.resample_posemb,
       t.family or None,
       t.num_heads or None,
+      default_tower,
     )
   model_config, params = checkpoint.load_params(path)
   posemb.fit_posemb(params, model_config, path, size, t.resample_posemb)
@@ -61,18 +72,26 @@ def _convert_file(
   resample: bool,
   family: str | None,
   num_heads: int | None,
+  default_tower: str | None,
 ) -> tuple[dict, Any]:
   """One conversion per file and setting: start-up reads the teacher's architecture (model.arch=teacher)
   and its weights, and a ViT-L .pth is over a gigabyte. `mtime` makes a rewritten file a new entry."""
   del mtime
   return convert.load_checkpoint(
-    path, image_size=image_size, resample_posemb=resample, family=family, num_heads=num_heads
+    path,
+    image_size=image_size,
+    resample_posemb=resample,
+    family=family,
+    num_heads=num_heads,
+    default_tower=default_tower,
   )
 
 
 def load_teacher(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, Any]:
-  """The frozen teacher: `teacher.init` (an export or a checkpoint file), or its pretrain run's export."""
-  return load_vit(teacher_path(config, workdir), config)
+  """The frozen teacher: `teacher.init` (an export or a checkpoint file), or its pretrain run's export.
+  A dual checkpoint of the reference must name its tower here: both are plausible teachers (the frozen one
+  it trained with, the student it trained), and a wrong guess would run a different experiment."""
+  return load_vit(teacher_path(config, workdir), config, default_tower=None)
 
 
 def init_from_pretrained(fresh: Any, loaded: Any, scan: bool) -> tuple[dict, list[str], list[str]]:
@@ -106,7 +125,7 @@ def init_from_pretrained(fresh: Any, loaded: Any, scan: bool) -> tuple[dict, lis
 
 def teacher_model_config(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """The teacher's architecture, read without its weights where possible."""
-  if config.teacher.init and storage.isfile(config.teacher.init):
+  if config.teacher.init and is_checkpoint_file(config.teacher.init):
     return load_teacher(config, workdir)[0]
   if config.teacher.init:
     return checkpoint.read_model_config(config.teacher.init)

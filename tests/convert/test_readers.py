@@ -2,6 +2,7 @@
 are ConfigErrors naming the file; torch is needed only for PyTorch files."""
 
 import argparse
+import pathlib
 import sys
 
 import jax
@@ -29,18 +30,35 @@ def test_damaged_file(name, damage, good_file):
   assert e.value.field == path
 
 
-def test_pickled_objects_are_refused(tmp_path, make_vit, state_dict_of):
-  # DINO's full checkpoints carry an argparse.Namespace; weights_only loading never runs pickled code.
+def test_argparse_args_are_read_other_objects_refused(
+  tmp_path, make_vit, state_dict_of, assert_same
+):
+  # DINO's full checkpoints: {"student", "teacher", "args": argparse.Namespace, ...}, DDP- and
+  # MultiCropWrapper-prefixed. The Namespace is the one object weights-only loading is allowed to build.
+  teacher, student = (
+    make_vit(0, embed_dim=128, num_heads=2),
+    make_vit(1, embed_dim=128, num_heads=2),
+  )
   path = str(tmp_path / "dino_full.pth")
+  wrapped = lambda m: {f"module.backbone.{k}": v for k, v in state_dict_of(m).items()}
   torch.save(
     {
       "args": argparse.Namespace(arch="vit_small"),
-      "model": state_dict_of(make_vit(embed_dim=128, num_heads=2)),
+      "teacher": wrapped(teacher),
+      "student": wrapped(student),
+      "epoch": 100,
     },
     path,
   )
+  images = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
+  for name, model in (("teacher", teacher), ("student", student)):
+    config, params = load_checkpoint(f"{path}#{name}", num_heads=2)
+    assert_same(config, params, model, images)
+  with pytest.raises(ConfigError, match=r"no state dict found.*FILE#ENTRY.*args, teacher, student"):
+    load_checkpoint(path, num_heads=2)  # two models: say which
+  torch.save({"args": pathlib.PurePosixPath("/runs/dino"), "model": wrapped(teacher)}, path)
   with pytest.raises(
-    ConfigError, match=r"holds a Python object \(argparse.Namespace\).*save just its state"
+    ConfigError, match=r"holds a Python object \(pathlib.PurePosixPath\).*save just its state"
   ) as e:
     load_checkpoint(path, num_heads=2)
   assert e.value.field == path
