@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from at_jax import storage
+from at_jax.evaluate import similarity
 from at_jax.transfer import loss
 
 Array = jax.Array
@@ -25,14 +26,12 @@ def attention_agreement(
   """
   t = jax.nn.log_softmax(teacher_logits_LBHNN.astype(jnp.float32), axis=-1)
   s = jax.nn.log_softmax(student_logits_LBHNN.astype(jnp.float32), axis=-1)
-  pt, ps = jnp.exp(t), jnp.exp(s)
-  log_m = jnp.log(0.5 * (pt + ps) + 1e-30)
-  jsd = 0.5 * jnp.sum(pt * (t - log_m), -1) + 0.5 * jnp.sum(ps * (s - log_m), -1)
+  pt = jnp.exp(t)
   mean = lambda x: np.asarray(x.mean(axis=(1, 2, 3)))
   return {
     "cross_entropy": mean(loss.attention_cross_entropy(teacher_logits_LBHNN, student_logits_LBHNN)),
     "teacher_entropy": mean(-jnp.sum(pt * t, -1)),
-    "jsd": mean(jsd),
+    "jsd": mean(similarity.jsd(t, s)),
   }
 
 
