@@ -12,9 +12,12 @@ import optax
 
 from at_jax.errors import ConfigError
 
-# Leaves that never get weight decay besides biases and norm scales (everything but kernels).
 _LAYER_RE = re.compile(r"encoderblock_(\d+)")
 _EMBEDDING_NAMES = ("embedding", "pos_embedding", "cls")
+# optim.decay_rule: which params weight decay skips (`weight_decay_mask`).
+DECAY_RULES = ("timm", "mae")
+# Leaves that are vectors in PyTorch (biases, LayerNorm, LayerScale): MAE's rule never decays them.
+_VECTOR_NAMES = ("bias", "scale")
 
 
 # What each optimizer setting may be, as (lowest, lowest included, highest, highest included): the values
@@ -72,12 +75,35 @@ def _path_names(path) -> list[str]:
   return [str(getattr(k, "key", k)) for k in path]
 
 
-def weight_decay_mask(params: Any) -> Any:
-  """True for kernels (Dense/Conv); biases, norms, pos-embedding and cls token get no decay.
+def check_decay_rule(rule: str) -> None:
+  """Raises ConfigError("optim.decay_rule") unless `rule` is one of `DECAY_RULES`."""
+  if rule not in DECAY_RULES:
+    raise ConfigError("optim.decay_rule", f"{rule!r} is not one of {DECAY_RULES}")
+
+
+def weight_decay_mask(params: Any, rule: str = "timm", frozen_posemb: bool = False) -> Any:
+  """True for the leaves that get weight decay.
+
+  "timm": kernels (Dense/Conv) only; biases, norms, the position table, cls/register and mask tokens get
+  none (timm's ViT `no_weight_decay`, the paper's fine-tuning). "mae": MAE's pre-training
+  (`optim_factory.add_weight_decay(model, wd)`, no skip list): everything but PyTorch's 1-D params
+  (biases, norms, LayerScale) and the frozen params, so the cls, register and mask tokens ([1, 1, D]) are
+  decayed; so is a *learned* position table there, while a fixed one (`frozen_posemb`: model.posemb =
+  "sincos2d", MAE's requires_grad=False table) never is, under either rule.
 
   Decided by name, not by ndim, so a scan layout's stacked biases ([L, D]) are not mistaken for matrices.
   """
-  return jax.tree_util.tree_map_with_path(lambda p, _: _path_names(p)[-1] == "kernel", params)
+  check_decay_rule(rule)
+
+  def decays(path, _) -> bool:
+    name = _path_names(path)[-1]
+    if rule == "timm":
+      return name == "kernel"
+    if name == "pos_embedding" and frozen_posemb:
+      return False
+    return name not in _VECTOR_NAMES and not name.startswith("layerscale_")
+
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def layer_decay_scales(params: Any, depth: int, decay: float) -> Any:
@@ -128,18 +154,23 @@ def make_optimizer(
   layer_decay: float,
   depth: int,
   grad_clip: float | None = None,
+  decay_rule: str = "timm",
+  frozen_posemb: bool = False,
 ) -> optax.GradientTransformation:
   """AdamW as MAE/timm: decoupled weight decay scaled by the (layer-decayed) learning rate.
 
   Args:
     params: the params pytree, or its `jax.eval_shape` (only structure and shapes are read).
+    decay_rule, frozen_posemb: which leaves are decayed (`weight_decay_mask`).
   """
   check_hparams(b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, layer_decay=layer_decay)
   check_hparams(grad_clip=grad_clip or 0.0)
   parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
   parts += [
     optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
-    optax.add_decayed_weights(weight_decay, mask=weight_decay_mask(params)),
+    optax.add_decayed_weights(
+      weight_decay, mask=weight_decay_mask(params, decay_rule, frozen_posemb)
+    ),
     optax.scale_by_learning_rate(schedule),
   ]
   if layer_decay < 1:

@@ -10,7 +10,8 @@ import pytest
 
 from at_jax import optim
 from at_jax.errors import ConfigError
-from at_jax.models import vit
+from at_jax.models import mae, vit
+from at_jax.training import mae as mae_steps
 
 DEPTH = 2  # Pico/4.
 IMAGE = 8  # 2x2 patches of 4 px, plus cls: 5 tokens.
@@ -151,6 +152,121 @@ def test_weight_decay_mask_scan_layout(loop_params, scan_shapes):
   ):
     assert len(shapes[p].shape) == 2
     assert not mask[p]
+
+
+# ------------------------------------------------- weight_decay_mask, MAE's rule
+
+MAE_ENCODER = {"variant": "Pico/7", "num_classes": 0, "pool": "cls", "posemb": "sincos2d"}
+
+
+def _mae_shapes(scan=False, **encoder):
+  """The params (structure and shapes) of a real MAE of Pico/7 on 28 px images."""
+  module = mae.MAE(
+    encoder={**MAE_ENCODER, "scan": scan, **encoder},
+    decoder_width=32,
+    decoder_depth=1,
+    decoder_heads=2,
+    decoder_mlp_dim=64,
+  )
+  return jax.eval_shape(mae_steps.params_initializer(module, 28), jax.random.key(0))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_mae_rule_decays_the_tokens_not_vectors_or_the_fixed_table(scan):
+  mask = _paths(optim.weight_decay_mask(_mae_shapes(scan), "mae", frozen_posemb=True))
+  decayed = {p for p, d in mask.items() if d}
+  # MAE's add_weight_decay: every kernel, and the [1, 1, D] cls and mask tokens.
+  assert decayed == {p for p in mask if p.endswith("/kernel")} | {"encoder/cls", "mask_token"}
+  assert not mask["encoder/pos_embedding"]
+  assert all(
+    p.endswith(("/bias", "/scale")) for p in set(mask) - decayed - {"encoder/pos_embedding"}
+  )
+  # timm's rule on the same tree: kernels only.
+  timm = _paths(optim.weight_decay_mask(_mae_shapes(scan), "timm", frozen_posemb=True))
+  assert {p for p, d in timm.items() if d} == {p for p in mask if p.endswith("/kernel")}
+
+
+def test_mae_rule_decays_a_learned_table_and_registers_not_layerscale():
+  """As add_weight_decay would: a trainable [1, N, D] table and [1, R, D] registers are matrices;
+  LayerScale's [D] is a vector."""
+  shapes = _mae_shapes(posemb="learned", num_registers=2, layerscale_init=1e-4)
+  mask = _paths(optim.weight_decay_mask(shapes, "mae", frozen_posemb=False))
+  assert mask["encoder/pos_embedding"] and mask["encoder/registers"] and mask["encoder/cls"]
+  assert not mask["encoder/Transformer/encoderblock_0/layerscale_0"]
+
+
+def test_mae_rule_matches_timms_param_groups_on_maes_torch_model():
+  """timm's param_groups_weight_decay (MAE's optim_factory.add_weight_decay) on MAE's own PyTorch model:
+  the same number of decayed and of undecayed values as our mask on our MAE.
+
+  Ours holds two things MAE's optimizer never sees: the frozen encoder table (MAE: requires_grad=False)
+  and the ViT's own unused `encoder/encoder_norm` (MAE's norm is our top-level `encoder_norm`).
+  """
+  torch = pytest.importorskip("torch")
+  from timm.optim import param_groups_weight_decay  # pylint: disable=import-outside-toplevel
+
+  from tests.models import torch_mae  # pylint: disable=import-outside-toplevel
+
+  torch.manual_seed(0)
+  reference = torch_mae.MaskedAutoencoderViT(28, 7, 32, 2, 2, 2.0, 32, 1, 2)
+  groups = param_groups_weight_decay(reference, 0.05)
+  count = {g["weight_decay"] > 0: sum(p.numel() for p in g["params"]) for g in groups}
+  shapes = _mae_shapes()
+  mask = _paths(optim.weight_decay_mask(shapes, "mae", frozen_posemb=True))
+  sizes = {p: int(np.prod(s.shape)) for p, s in _paths(shapes).items()}
+  ours = {True: 0, False: 0}
+  for p, decays in mask.items():
+    if p != "encoder/pos_embedding" and not p.startswith("encoder/encoder_norm/"):
+      ours[decays] += sizes[p]
+  assert ours == count
+
+
+def test_a_step_decays_the_tokens_and_leaves_the_fixed_table():
+  """Zero gradients: one AdamW step scales exactly the decayed leaves by 1 - lr * wd."""
+  shapes = _mae_shapes()
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32) + 1, shapes)
+  tx = optim.make_optimizer(
+    shapes,
+    schedule=_constant(0.1),
+    b1=0.9,
+    b2=0.95,
+    eps=1e-8,
+    weight_decay=0.5,
+    layer_decay=1.0,
+    depth=2,
+    decay_rule="mae",
+    frozen_posemb=True,
+  )
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  new = _paths(optax.apply_updates(params, updates))
+  mask = _paths(optim.weight_decay_mask(shapes, "mae", frozen_posemb=True))
+  for p, old in _paths(params).items():
+    want = old * (1 - 0.05) if mask[p] else old
+    np.testing.assert_allclose(new[p], want, rtol=1e-6, err_msg=p)
+  np.testing.assert_array_equal(
+    new["encoder/pos_embedding"], _paths(params)["encoder/pos_embedding"]
+  )
+  assert mask["mask_token"] and mask["encoder/cls"]
+
+
+def test_unknown_decay_rule_is_a_config_error(loop_params):
+  with pytest.raises(ConfigError) as e:
+    optim.weight_decay_mask(loop_params, "adamw")
+  assert e.value.field == "optim.decay_rule"
+  with pytest.raises(ConfigError) as e:
+    optim.make_optimizer(
+      loop_params,
+      schedule=_constant(0.1),
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=0.05,
+      layer_decay=1.0,
+      depth=DEPTH,
+      decay_rule="none",
+    )
+  assert e.value.field == "optim.decay_rule"
 
 
 # ----------------------------------------------------------- layer_decay_scales

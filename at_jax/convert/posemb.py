@@ -1,5 +1,8 @@
-"""The learned position table: which slots it covers (a square patch grid, with or without the prefix
-tokens' slots), and fitting it to another image size by bicubic resampling, as timm does."""
+"""The position table: which slots it covers (a square patch grid, with or without the prefix tokens'
+slots), and fitting it to another image size by bicubic resampling, as timm does.
+
+A fixed sin-cos table (`model.posemb="sincos2d"`, MAE's) is the param `pos_embedding` too, so it is
+fitted the same way, as MAE's own `interpolate_pos_embed` does; the export's posemb stays as it was."""
 
 import math
 

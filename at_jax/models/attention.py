@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from at_jax import sharding
+from at_jax.models import inits
 from at_jax.ops import attn_ce
 
 if TYPE_CHECKING:
@@ -34,7 +35,6 @@ OVERRIDE_KEYS = ("logits", "probs", "q", "k", "v")
 # `jax.nn.dot_product_attention`, which is cuDNN's flash attention on GPUs for bf16/fp16 matmuls (linear
 # memory, no N x N map in HBM) and XLA's reference elsewhere (on TPUs and CPUs it still forms the maps).
 ATTENTION_IMPLS = ("materialized", "fused")
-TRUNC_NORMAL = nn.initializers.truncated_normal(0.02)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +150,8 @@ class Attention(nn.Module):
       (a.num_heads, head_dim),
       use_bias=a.qkv_bias,
       dtype=a.dtype_mm,
-      kernel_init=TRUNC_NORMAL,
+      # q, k, v are one Linear(D, 3D) in timm's and MAE's Block: xavier counts its fan_out 3D.
+      kernel_init=inits.dense_kernel(a.weight_init, fused=3),
       name=name,
     )
     projections = (("q", "query"), ("k", "key"), ("v", "value")) if own_qk else (("v", "value"),)
@@ -204,7 +205,11 @@ class Attention(nn.Module):
         "bhqk,bkhd->bqhd", probs_BHNN.astype(a.dtype_mm), qkv["v"].astype(a.dtype_mm)
       )
     y_BND = nn.DenseGeneral(
-      x_BND.shape[-1], axis=(-2, -1), dtype=a.dtype_mm, kernel_init=TRUNC_NORMAL, name="out"
+      x_BND.shape[-1],
+      axis=(-2, -1),
+      dtype=a.dtype_mm,
+      kernel_init=inits.dense_kernel(a.weight_init),
+      name="out",
     )(y_BNHK)
     out = {"attn_logits": logits_BHNN}
     if target is not None:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from at_jax.models import attention
+from at_jax.models import attention, inits
 
 Array = jax.Array
 
@@ -59,6 +59,7 @@ class BlockArch:
   norm_eps: float = 1e-6
   dtype_mm: Any = jnp.float32
   attention_impl: str = "materialized"  # attention.ATTENTION_IMPLS
+  weight_init: str = "timm"  # inits.WEIGHT_INITS: how the linear layers' kernels are drawn
 
 
 class MlpBlock(nn.Module):
@@ -68,7 +69,7 @@ class MlpBlock(nn.Module):
   def __call__(self, x_BND: Array) -> Array:
     a = self.arch
     dense = lambda n, name: nn.Dense(
-      n, dtype=a.dtype_mm, kernel_init=attention.TRUNC_NORMAL, name=name
+      n, dtype=a.dtype_mm, kernel_init=inits.dense_kernel(a.weight_init), name=name
     )
     y_BNF = ACTIVATIONS[a.mlp_act](dense(a.mlp_dim, "Dense_0")(x_BND))
     return dense(x_BND.shape[-1], "Dense_1")(y_BNF)

@@ -8,19 +8,23 @@ tokens plus a shared mask token at every masked position, with MAE's fixed 2-D s
 predicts each patch's pixels. The loss is the MSE on the masked patches only, against per-patch
 normalised pixels (`norm_pix_loss`).
 
+MAE's own recipe is the encoder's `posemb="sincos2d"` and `weight_init="mae"` (configs/mae_*.py); the
+decoder's linear layers and blocks are drawn by the encoder's `weight_init` too, as MAE initialises the
+whole model alike.
+
 Its train and eval steps are in `at_jax.training.mae`.
 """
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from at_jax.errors import ConfigError
-from at_jax.models import vit
+from at_jax.models import inits, vit
 from at_jax.models.encoder import Block, BlockArch, sample_drop_masks
 
 Array = jax.Array
@@ -49,27 +53,6 @@ def unpatchify(patches_BPQ: Array, p: int) -> Array:
   c = length // (p * p)
   x = patches_BPQ.reshape(b, side, side, p, p, c)
   return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, side * p, side * p, c)
-
-
-def sincos_posemb_2d(grid_h: int, grid_w: int, width: int) -> np.ndarray:
-  """MAE's fixed 2-D sin-cos table [grid_h * grid_w, width] (float32), patches row-major.
-
-  As MAE's `get_2d_sincos_pos_embed`: the first half of the channels encodes the column, the second half
-  the row, each as [sin, cos] of the coordinate times frequencies 1 / 10000 ** (i / (width / 4)).
-  """
-  if width % 4:
-    raise ConfigError(
-      "mae.decoder_width", f"sin-cos position table needs a multiple of 4, got {width}"
-    )
-  omega_F = 1.0 / 10000 ** (np.arange(width // 4, dtype=np.float64) / (width // 4))
-  row_P, col_P = [
-    a.reshape(-1) for a in np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
-  ]
-  halves = []
-  for coord_P in (col_P, row_P):
-    angle_PF = coord_P[:, None] * omega_F[None]
-    halves += [np.sin(angle_PF), np.cos(angle_PF)]
-  return np.concatenate(halves, axis=1).astype(np.float32)
 
 
 def num_kept(num_patches: int, mask_ratio: float) -> int:
@@ -192,32 +175,31 @@ class MAE(nn.Module):
     x_BND = nn.LayerNorm(epsilon=encoder.norm_eps, name="encoder_norm")(out["tokens"])  # N = E + T
 
     dtype_mm = jnp.dtype(encoder.dtype_mm)
-    xavier = nn.initializers.xavier_uniform()  # MAE's init for its Linear layers.
-    x_BND = nn.Dense(self.decoder_width, dtype=dtype_mm, kernel_init=xavier, name="decoder_embed")(
+    kernel = inits.dense_kernel(encoder.weight_init)  # xavier-uniform with "mae", as MAE's Linears
+    x_BND = nn.Dense(self.decoder_width, dtype=dtype_mm, kernel_init=kernel, name="decoder_embed")(
       x_BND
     )
     x_BND = x_BND.astype(jnp.float32)
     num_prefix = encoder.num_prefix
     prefix_BED, visible_BTD = x_BND[:, :num_prefix], x_BND[:, num_prefix:]
-    mask_token_BPD = self.param(
-      "mask_token", nn.initializers.normal(0.02), (1, 1, self.decoder_width)
-    )
+    # trunc_normal(0.02) draws what MAE's normal_(std=.02) does (the cut is at 100 sigma).
+    mask_token_BPD = self.param("mask_token", inits.trunc_normal(0.02), (1, 1, self.decoder_width))
     tokens_BPD = jnp.concatenate(
       [visible_BTD, jnp.broadcast_to(mask_token_BPD, (b, num_patches - keep, self.decoder_width))],
       axis=1,
     )
     tokens_BPD = jnp.take_along_axis(tokens_BPD, restore_BP[:, :, None], axis=1)  # Unshuffle.
-    tokens_BPD = tokens_BPD + sincos_posemb_2d(rows // p, cols // p, self.decoder_width)[None]
+    table_PD = inits.sincos_posemb_2d(rows // p, cols // p, self.decoder_width, "mae.decoder_width")
+    tokens_BPD = tokens_BPD + table_PD[None]
     # The cls/register tokens get no decoder position (MAE's table has zeros in the cls slot).
     x_BND = jnp.concatenate([prefix_BED, tokens_BPD], axis=1)
 
-    arch = BlockArch(
-      self.decoder_mlp_dim, self.decoder_heads, norm_eps=encoder.norm_eps, dtype_mm=dtype_mm
-    )
+    arch = BlockArch(self.decoder_mlp_dim, self.decoder_heads, norm_eps=encoder.norm_eps)
+    arch = dataclasses.replace(arch, dtype_mm=dtype_mm, weight_init=encoder.weight_init)
     for i in range(self.decoder_depth):
       x_BND, _ = Block(arch, name=f"decoderblock_{i}")(x_BND, (None, None, None))
     x_BND = nn.LayerNorm(epsilon=encoder.norm_eps, name="decoder_norm")(x_BND)
-    pred_BPQ = nn.Dense(p * p * c, dtype=dtype_mm, kernel_init=xavier, name="decoder_pred")(
+    pred_BPQ = nn.Dense(p * p * c, dtype=dtype_mm, kernel_init=kernel, name="decoder_pred")(
       x_BND[:, num_prefix:]
     ).astype(jnp.float32)
 

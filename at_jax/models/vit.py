@@ -19,7 +19,8 @@ prefix tokens.
 dtype policy: params are float32; matmuls run in `dtype_mm` (bfloat16 on accelerators); the residual
 stream, attention logits, softmax and LayerNorm are float32.
 
-The blocks and the encoder that stacks them are in `encoder`.
+The blocks and the encoder that stacks them are in `encoder`; the initialisers (`weight_init`) and the
+position tables (`posemb`) in `inits`.
 """
 
 import re
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from at_jax.errors import ConfigError
-from at_jax.models import attention, encoder
+from at_jax.models import attention, encoder, inits
 from at_jax.ops import attn_ce
 
 Array = jax.Array
@@ -92,6 +93,11 @@ class ViT(nn.Module):
     drop_path: max stochastic-depth rate (linear over depth), used when `train` and no masks are given.
     attention_impl: `attention.ATTENTION_IMPLS`; "fused" gives the same function (to float tolerance)
       without the maps in layers that need none.
+    posemb: "learned" (trunc-normal, trained) or "sincos2d" (MAE's fixed 2-D sin-cos table, zero in the
+      prefix slots). The fixed table is still the param `pos_embedding`, so exports, conversion and
+      resampling treat it as any table, and fine-tuning from it starts where MAE's does; the module stops
+      its gradient and the optimizer never decays it, so training leaves it as it is.
+    weight_init: `inits.WEIGHT_INITS`: "timm" (the paper's student) or "mae" (MAE's pre-training).
   """
 
   num_classes: int
@@ -116,6 +122,8 @@ class ViT(nn.Module):
   scan: bool = False
   remat_policy: str = "none"
   attention_impl: str = "materialized"
+  posemb: str = "learned"
+  weight_init: str = "timm"
 
   @property
   def num_prefix(self) -> int:
@@ -130,23 +138,28 @@ class ViT(nn.Module):
       padding="VALID",
       dtype=jnp.dtype(self.dtype_mm),
       name="embedding",
-      # PyTorch's default Conv2d init (uniform +-1/sqrt(fan_in)), as the paper's student.
-      kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+      kernel_init=inits.patch_kernel(self.weight_init),
     )(images_BYXC)
-    batch = x.shape[0]
+    batch, grid_h, grid_w = x.shape[:3]
     patches_BPD = x.reshape(batch, -1, self.width).astype(jnp.float32)
     num_patches = patches_BPD.shape[1]
-    table = num_patches + (self.num_prefix if self.posemb_prefix else 0)
-    pos_BND = self.param("pos_embedding", attention.TRUNC_NORMAL, (1, table, self.width))
+    prefix_slots = self.num_prefix if self.posemb_prefix else 0
+    table = num_patches + prefix_slots
+    table_init = inits.posemb_table(self.posemb, grid_h, grid_w, prefix_slots)
+    pos_BND = self.param("pos_embedding", table_init, (1, table, self.width))
+    if self.posemb == "sincos2d":  # fixed, as MAE's requires_grad=False pos_embed
+      pos_BND = jax.lax.stop_gradient(pos_BND)
     patches_BPD = patches_BPD + pos_BND[:, table - num_patches :]
     if patch_keep is not None:
       patches_BPD = jnp.take_along_axis(patches_BPD, patch_keep[:, :, None], axis=1)
     prefix = []
+    # trunc_normal(0.02) is normal(0.02) (timm's cut is at +-100 sigma): also MAE's cls init.
+    token_init = inits.trunc_normal(0.02)
     if self.class_token:
-      prefix.append(self.param("cls", attention.TRUNC_NORMAL, (1, 1, self.width)))
+      prefix.append(self.param("cls", token_init, (1, 1, self.width)))
     if self.num_registers:
       shape = (1, self.num_registers, self.width)
-      prefix.append(self.param("registers", attention.TRUNC_NORMAL, shape))
+      prefix.append(self.param("registers", token_init, shape))
     if prefix:
       prefix_BED = jnp.concatenate(prefix, axis=1)
       if self.posemb_prefix:
@@ -168,6 +181,7 @@ class ViT(nn.Module):
       self.norm_eps,
       jnp.dtype(self.dtype_mm),
       self.attention_impl,
+      self.weight_init,
     )
 
   def _pool(self, x_BND: Array) -> Array:
@@ -232,7 +246,7 @@ class ViT(nn.Module):
       return pre_BD, out
     logits_BV = nn.Dense(
       self.num_classes,
-      kernel_init=nn.initializers.truncated_normal(self.head_init_std),
+      kernel_init=inits.trunc_normal(self.head_init_std),  # timm's trunc_normal_ (std 2e-5: MAE's)
       name="head",
     )(pre_BD)
     return logits_BV, out
@@ -243,6 +257,8 @@ class ViT(nn.Module):
 
 # Fields that belong to the training recipe, not the architecture: a student that mirrors its teacher
 # (`model.arch = "teacher"`) keeps its own values of these and takes everything else from the teacher.
+# posemb and weight_init are how the weights start and whether the table trains: a student mirroring a
+# sin-cos MAE teacher still learns its own table (the paper's student); the teacher keeps its own.
 RECIPE_FIELDS = (
   "num_classes",
   "pool",
@@ -252,6 +268,8 @@ RECIPE_FIELDS = (
   "scan",
   "remat_policy",
   "attention_impl",
+  "posemb",
+  "weight_init",
 )
 
 
@@ -289,6 +307,11 @@ def build(model_config: Mapping[str, Any]) -> ViT:
     raise ConfigError(
       "model.mlp_act", f"{kwargs['mlp_act']!r} is not one of {sorted(encoder.ACTIVATIONS)}"
     )
+  inits.check(
+    kwargs.get("posemb", "learned"), kwargs.get("weight_init", "timm"), kwargs.get("width", 768)
+  )
+  if not kwargs.get("head_init_std", 0.02) >= 0:
+    raise ConfigError("model.head_init_std", f"must be >= 0, got {kwargs['head_init_std']!r}")
   if kwargs.get("width", 768) % kwargs.get("num_heads", 12):
     raise ConfigError("model.num_heads", "width must be divisible by num_heads")
   return ViT(**kwargs)

@@ -10,10 +10,10 @@ import numpy as np
 import optax
 import pytest
 
-from at_jax import sharding
+from at_jax import optim, sharding
 from at_jax.data import sources, transforms
 from at_jax.errors import ConfigError
-from at_jax.models import mae, vit
+from at_jax.models import inits, mae, vit
 from at_jax.training import mae as mae_steps
 from at_jax.training import state as train_state
 
@@ -182,7 +182,7 @@ def test_norm_pix_loss_matches_numpy():
 
 
 def test_decoder_posemb_is_mae_sincos():
-  table = mae.sincos_posemb_2d(2, 3, 8)
+  table = inits.sincos_posemb_2d(2, 3, 8, "mae.decoder_width")
   assert table.shape == (6, 8)
   # Patch 5 is row 1, column 2: the column is encoded first, then the row; frequencies 1 and 1/100.
   np.testing.assert_allclose(
@@ -217,7 +217,17 @@ def test_encoder_export_is_a_working_vit_teacher():
 # Sharded training on real Fashion-MNIST.
 
 B, STEPS, IMAGES = 64, 60, 2048
-TRAIN_MAE = dict(encoder={"variant": "Mu/7", "num_classes": 0, "pool": "cls", "depth": 2})
+# MAE's recipe (configs/mae_fmnist.py): fixed sin-cos table, xavier-uniform init.
+TRAIN_MAE = dict(
+  encoder={
+    "variant": "Mu/7",
+    "num_classes": 0,
+    "pool": "cls",
+    "depth": 2,
+    "posemb": "sincos2d",
+    "weight_init": "mae",
+  }
+)
 
 
 def _fashion_mnist(n):
@@ -232,7 +242,19 @@ def _jitted(num_devices, fsdp):
   """(mesh, init, train, evaluate) for the first `num_devices` devices; cached so each compiles once."""
   model = mae.MAE(**TRAIN_MAE)
   schedule = optax.warmup_cosine_decay_schedule(0.0, 2e-3, 5, STEPS, end_value=1e-4)
-  tx = optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.05)
+  # AdamW with MAE's decay set; the fixed table is never decayed (optax.adamw alone would decay it).
+  tx = optim.make_optimizer(
+    jax.eval_shape(mae_steps.params_initializer(model, S), jax.random.key(0)),
+    schedule=schedule,
+    b1=0.9,
+    b2=0.95,
+    eps=1e-8,
+    weight_decay=0.05,
+    layer_decay=1.0,
+    depth=2,
+    decay_rule="mae",
+    frozen_posemb=True,
+  )
   mesh = sharding.make_mesh(-1, fsdp, jax.devices()[:num_devices])
   init = lambda r: mae_steps.init_mae_state(model, tx, r, S)
   shardings = sharding.tree_shardings(mesh, jax.eval_shape(init, jax.random.key(0)))
@@ -270,7 +292,11 @@ def _run(num_devices, fsdp, steps, images, labels):
 @requires_fashion_mnist
 def test_training_on_fashion_mnist_lowers_reconstruction_loss():
   images, labels = _fashion_mnist(IMAGES)
-  losses, _, sums, first = _run(8, 2, STEPS, images, labels)
+  losses, params, sums, first = _run(8, 2, STEPS, images, labels)
+  # The fixed table is where it started, bit for bit: MAE's sin-cos, zero in the cls slot.
+  table = np.asarray(params["encoder"]["pos_embedding"])[0]
+  np.testing.assert_array_equal(table[1:], inits.sincos_posemb_2d(4, 4, 128, "model.posemb"))
+  assert not table[0].any()
   assert first["count"] == B - 8 and first["loss"] == first["ema_loss"]
   initial = np.mean([x["loss"] for x in losses[:3]])
   final = np.mean([x["loss"] for x in losses[-5:]])
