@@ -2,8 +2,14 @@
 
 Run on the global batch so that teacher and student see the same mixed images whatever the number of
 hosts. All randomness comes from the caller's JAX key. Imports only jax and at_jax.errors: training
-imports it. `check_mix_args` is the range check of the ``data.mixup*`` / ``data.cutmix`` fields, for a
-start-up validation to call before anything is compiled; `mix_batch` calls it too.
+imports it. `check_mix_args` is the range check of the ``data.mixup*`` / ``data.cutmix`` fields and
+`check_group_size` that of ``data.mix_group_size``, for a start-up validation to call before anything is
+compiled; `mix_batch` and `mix_groups` call them too.
+
+`mix_batch` is one draw for a whole batch; `mix_groups` one draw per group of consecutive examples, as
+the reference, whose every process runs timm's Mixup on its own 32 images: a global batch of 2048 gets
+64 independent lambdas, boxes and mixup-vs-cutmix switches, each pairing within its 32 images. The groups
+are fixed by the batch's order, not by the mesh or the hosts, so every layout mixes alike.
 """
 
 import jax
@@ -166,3 +172,69 @@ def mix_batch(
   mixed = (x * own + x[::-1] * (1 - own)).astype(images.dtype)
   lam = jnp.where(use_cutmix, lam_box, lam)
   return mixed, mixup_target(labels, num_classes, lam, label_smoothing)
+
+
+def check_group_size(group_size: int, batch_size: int, what: str = "the global batch") -> None:
+  """Raises ConfigError("data.mix_group_size") unless it is 0 or an integer >= 2 dividing `batch_size`.
+
+  1 is refused: an example paired with itself stays unmixed, so it would turn mixing off silently.
+  `what` names the batch in the message (with gradient accumulation: the micro-batch).
+  """
+  if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 0:
+    raise ConfigError(
+      "data.mix_group_size", f"must be an integer >= 0 (0: one draw per batch), got {group_size!r}"
+    )
+  if group_size == 1:
+    raise ConfigError(
+      "data.mix_group_size",
+      "1 pairs every example with itself, which mixes nothing; use 0 (one draw per batch) or >= 2",
+    )
+  if group_size and batch_size % group_size:
+    raise ConfigError(
+      "data.mix_group_size",
+      f"{group_size} does not divide {what} of {batch_size} examples into whole groups",
+    )
+
+
+def mix_groups(
+  rng: jax.Array,
+  images: jax.Array,
+  labels: jax.Array,
+  num_classes: int,
+  *,
+  group_size: int = 0,
+  **mix: float,
+) -> tuple[jax.Array, jax.Array]:
+  """`mix_batch` on each group of `group_size` consecutive examples, each with its own draw.
+
+  Group j (examples j*g .. j*g+g-1) is mixed exactly as `mix_batch(fold_in(rng, j), group, ...)` would
+  mix it alone: its own lambda, box and mixup-vs-cutmix switch, example i of the group paired with
+  g-1-i (timm's flip within a process batch). `group_size` 0 is one draw for the whole batch
+  (`mix_batch(rng, ...)`, the key unchanged).
+
+  Args:
+    rng: JAX key of the batch.
+    images: float [B, H, W, C].
+    labels: int [B].
+    num_classes: C.
+    group_size: g, 0 or a divisor of B (>= 2).
+    **mix: the other keyword arguments of `mix_batch` (alphas, probabilities, label_smoothing).
+
+  Returns:
+    (images [B, H, W, C] of the input dtype, soft labels float32 [B, C]).
+
+  Raises:
+    ConfigError: a bad `group_size` (data.mix_group_size) or mixing argument.
+  """
+  batch = images.shape[0]
+  check_group_size(group_size, batch)
+  if group_size == 0:
+    return mix_batch(rng, images, labels, num_classes, **mix)
+  groups = batch // group_size
+  keys = jax.vmap(lambda j: jax.random.fold_in(rng, j))(jnp.arange(groups))
+  mixed, soft = jax.vmap(lambda key, x, y: mix_batch(key, x, y, num_classes, **mix))(
+    keys,
+    images.reshape(groups, group_size, *images.shape[1:]),
+    labels.reshape(groups, group_size),
+  )
+  return mixed.reshape(images.shape), soft.reshape(batch, num_classes)

@@ -21,8 +21,12 @@ def estimate(
 ) -> dict[str, int]:
   """Bytes per device of params, optimizer state, EMA, the teacher's params and the activations.
 
+  The activations are those of one micro-batch (data.batch_size / optim.accum_steps examples: the step
+  runs them one after another); accumulating adds "grad_accum", the running sum of the grads kept beside
+  each micro-batch's own.
+
   Args:
-    config: the run's config (batch size, image size).
+    config: the run's config (batch size, gradient accumulation, image size).
     mesh: the device mesh; the state and teacher are laid out by the fsdp shape rule.
     model: the student.
     spec: the transfer setting (how many layers' maps the step keeps).
@@ -39,8 +43,12 @@ def estimate(
   if teacher_params is not None:
     teacher_shardings = sharding.tree_shardings(mesh, teacher_params)
     bytes_of["teacher"] = sharding.bytes_per_device(teacher_params, teacher_shardings)
+  accum_steps = config.optim.accum_steps
+  if accum_steps > 1:
+    # The grads have the params' shapes, dtypes and layout.
+    bytes_of["grad_accum"] = sharding.bytes_per_device(abstract.params, shardings.params)
   bytes_of["activations"] = sharding.activation_bytes(
-    examples=max(1, config.data.batch_size // mesh.size),
+    examples=max(1, config.data.batch_size // accum_steps // mesh.size),
     tokens=model.tokens_for(config.data.image_size),
     width=model.width,
     mlp_dim=model.mlp_dim,

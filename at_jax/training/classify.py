@@ -75,10 +75,11 @@ def make_loss_fn(
 ) -> Callable[[Any, Batch, Any, Array], tuple[Array, dict]]:
   """`(params, batch, teacher_params, rng) -> (loss, aux)`; aux has ce_loss, distill_loss, logits, labels.
 
-  One draw of drop-path masks per step serves both models, so the teacher's maps come from a forward pass
-  with the same residual branches dropped as the student's. With `mix` (mixup_alpha, cutmix_alpha,
-  switch_prob, prob; batch mode, on the global batch) both models see the same mixed images, and the
-  label smoothing goes into the mixed soft targets.
+  One draw of drop-path masks per (micro-)batch serves both models, so the teacher's maps come from a
+  forward pass with the same residual branches dropped as the student's. With `mix` (mixup_alpha,
+  cutmix_alpha, switch_prob, prob, and group_size: one draw per group of that many consecutive examples,
+  0 = per batch; see `mixup.mix_groups`) both models see the same mixed images, and the label smoothing
+  goes into the mixed soft targets.
   """
   mixing = mix is not None and (mix["mixup_alpha"] > 0 or mix["cutmix_alpha"] > 0)
 
@@ -87,7 +88,7 @@ def make_loss_fn(
     images, labels = batch["image"], batch["label"]
     smoothing = label_smoothing
     if mixing:
-      images, labels = mixup.mix_batch(
+      images, labels = mixup.mix_groups(
         rng_mix, images, labels, model.num_classes, label_smoothing=label_smoothing, **mix
       )
       batch, smoothing = {**batch, "image": images}, 0.0
@@ -129,25 +130,36 @@ def make_train_step(
   label_smoothing: float,
   ema_decay: float,
   mix: Mapping[str, float] | None = None,
+  accum_steps: int = 1,
 ) -> Callable[[TrainState, Batch, Any], tuple[TrainState, dict]]:
-  """The pure step `(state, batch, teacher_params) -> (state, metrics)`; jit it with shardings."""
+  """The pure step `(state, batch, teacher_params) -> (state, metrics)`; jit it with shardings.
+
+  With `accum_steps` k > 1 the batch is k micro-batches (`train_state.accumulate_gradients`, whole mix
+  groups each): the teacher, drop-path masks and mixing run per micro-batch, the grads and metrics are
+  their means, and the optimizer, EMA and schedule take one step.
+  """
   loss_fn = make_loss_fn(model, teacher, t, label_smoothing=label_smoothing, mix=mix)
+  unit = int((mix or {}).get("group_size", 0)) or 1
 
   def step(state: TrainState, batch: Batch, teacher_params: Any) -> tuple[TrainState, dict]:
+    def grad_fn(params: Any, micro: Batch, rng: Array) -> tuple[Any, dict]:
+      (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, micro, teacher_params, rng
+      )
+      labels = aux["labels"]
+      hard = labels if labels.ndim == 1 else labels.argmax(-1)  # mixed: the dominant class
+      return grads, {
+        "loss": loss,
+        "ce_loss": aux["ce_loss"],
+        "distill_loss": aux["distill_loss"],
+        "train_acc": jnp.mean(aux["logits"].argmax(-1) == hard),
+      }
+
     rng = jax.random.fold_in(state.rng, state.step)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params, batch, teacher_params, rng
+    grads, logged = train_state.accumulate_gradients(
+      grad_fn, state.params, batch, rng, accum_steps, unit
     )
-    labels = aux["labels"]
-    hard = labels if labels.ndim == 1 else labels.argmax(-1)  # mixed: the dominant class
-    logged = {
-      "loss": loss,
-      "ce_loss": aux["ce_loss"],
-      "distill_loss": aux["distill_loss"],
-      "train_acc": jnp.mean(aux["logits"].argmax(-1) == hard),
-      "grad_norm": optax.tree.norm(grads),
-      "lr": schedule(state.step),
-    }
+    logged.update(grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
     return train_state.apply_gradients(state, grads, tx, ema_decay), logged
 
   return step

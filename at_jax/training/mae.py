@@ -36,22 +36,34 @@ def init_mae_state(
 
 
 def make_mae_train_step(
-  mae: MAE, tx: optax.GradientTransformation, *, schedule: optax.Schedule, ema_decay: float
+  mae: MAE,
+  tx: optax.GradientTransformation,
+  *,
+  schedule: optax.Schedule,
+  ema_decay: float,
+  accum_steps: int = 1,
 ) -> Callable[[TrainState, Batch, Any], tuple[TrainState, dict]]:
   """The pure step `(state, batch, unused_teacher_params) -> (state, metrics)`; jit it with shardings.
 
-  Labels are ignored: MAE pre-trains without them. The masking key is fold_in(state.rng, state.step), so a
-  resumed run masks exactly as an uninterrupted one.
+  Labels are ignored: MAE pre-trains without them. The masking key is fold_in(state.rng, state.step)
+  (fold_in of that and the micro-batch index with `accum_steps` > 1, MAE's accum_iter: the grads are
+  the micro-batches' mean, one optimizer step), so a resumed run masks exactly as an uninterrupted one.
   """
 
-  def loss_fn(params: Any, images_BYXC: Array, rng: Array) -> tuple[Array, dict]:
-    return mae.apply({"params": params}, images_BYXC, train=True, mask_rng=rng)
+  def grad_fn(params: Any, batch: Batch, rng: Array) -> tuple[Any, dict]:
+    def loss_fn(p: Any) -> tuple[Array, dict]:
+      return mae.apply({"params": p}, batch["image"], train=True, mask_rng=rng)
+
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return grads, {"loss": loss}
 
   def step(state: TrainState, batch: Batch, unused_teacher_params: Any) -> tuple[TrainState, dict]:
     del unused_teacher_params
     rng = jax.random.fold_in(state.rng, state.step)
-    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch["image"], rng)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+    grads, metrics = train_state.accumulate_gradients(
+      grad_fn, state.params, batch, rng, accum_steps
+    )
+    metrics.update(grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
     return train_state.apply_gradients(state, grads, tx, ema_decay), metrics
 
   return step

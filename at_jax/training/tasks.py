@@ -49,8 +49,10 @@ def classify_task(
   label_smoothing: float,
   ema_decay: float,
   mix: Mapping[str, float] | None = None,
+  accum_steps: int = 1,
 ) -> Task:
-  """A ViT classifier trained on labels, with `spec`'s attention transfer from `teacher`."""
+  """A ViT classifier trained on labels, with `spec`'s attention transfer from `teacher`; `mix` and
+  `accum_steps` as `classify.make_train_step` takes them."""
 
   def make_steps(tx: optax.GradientTransformation) -> tuple[TrainStep, EvalStep]:
     step = classify.make_train_step(
@@ -62,6 +64,7 @@ def classify_task(
       label_smoothing=label_smoothing,
       ema_decay=ema_decay,
       mix=mix,
+      accum_steps=accum_steps,
     )
     return step, classify.make_eval_step(model, teacher, spec)
 
@@ -74,12 +77,19 @@ def classify_task(
 
 
 def mae_task(
-  module: mae.MAE, *, image_size: int, schedule: optax.Schedule, ema_decay: float
+  module: mae.MAE,
+  *,
+  image_size: int,
+  schedule: optax.Schedule,
+  ema_decay: float,
+  accum_steps: int = 1,
 ) -> Task:
   """MAE pre-training of `module.encoder`; the export is the encoder alone, a teacher."""
 
   def make_steps(tx: optax.GradientTransformation) -> tuple[TrainStep, EvalStep]:
-    step = mae_steps.make_mae_train_step(module, tx, schedule=schedule, ema_decay=ema_decay)
+    step = mae_steps.make_mae_train_step(
+      module, tx, schedule=schedule, ema_decay=ema_decay, accum_steps=accum_steps
+    )
     return step, mae_steps.make_mae_eval_step(module)
 
   return Task(

@@ -12,6 +12,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from timm.data import mixup as timm_mixup
 
+from at_jax import sharding
 from at_jax.data import mixup
 from at_jax.errors import ConfigError
 
@@ -233,3 +234,89 @@ def test_check_mix_args_names_the_field(kw, field):
 def test_check_mix_args_accepts_the_recipe_and_off():
   mixup.check_mix_args(num_classes=10, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, prob=1.0)
   mixup.check_mix_args(num_classes=2, mixup_alpha=0.0, cutmix_alpha=0.0)
+
+
+# ----------------------------------------------------------------------------
+# Per-group draws (data.mix_group_size): the reference's timm Mixup in each process.
+
+
+def _batch(n, size=8, classes=10, seed=0):
+  rng = np.random.default_rng(seed)
+  images = jnp.asarray(rng.normal(size=(n, size, size, 3)), jnp.float32)
+  return images, jnp.asarray(rng.integers(0, classes, n))
+
+
+def test_each_group_is_mix_batch_of_that_group_with_its_key():
+  images, labels = _batch(24)
+  key = jax.random.key(7)
+  mixed, soft = jax.jit(functools.partial(mixup.mix_groups, num_classes=10, group_size=6, **MIX))(
+    key, images, labels
+  )
+  assert mixed.shape == images.shape and soft.shape == (24, 10)
+  for j in range(4):
+    rows = slice(6 * j, 6 * j + 6)
+    alone = mixup.mix_batch(
+      jax.random.fold_in(key, j), images[rows], labels[rows], 10, **MIX
+    )  # pairs i with 5 - i inside the group
+    np.testing.assert_allclose(mixed[rows], alone[0], atol=1e-6)
+    np.testing.assert_allclose(soft[rows], alone[1], atol=1e-6)
+
+
+def test_group_size_zero_is_one_draw_for_the_batch():
+  images, labels = _batch(8)
+  key = jax.random.key(3)
+  ours = mixup.mix_groups(key, images, labels, 10, group_size=0, **MIX)
+  whole = mixup.mix_batch(key, images, labels, 10, **MIX)
+  for a, b in zip(ours, whole):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_groups_draw_independently():
+  """64 groups of 2 (example 0 all zeros, 1 all ones): each its own lam and mixup-vs-cutmix switch."""
+  two, two_labels = _two_images(8)
+  images, labels = jnp.tile(two, (64, 1, 1, 1)), jnp.tile(two_labels, 64)
+  mixed, soft = mixup.mix_groups(jax.random.key(0), images, labels, 2, group_size=2, **MIX)
+  own = np.asarray(soft[0::2, 0])  # each group's first example: the weight of its own label
+  is_cutmix = np.asarray(jnp.all((mixed[0::2] == 0) | (mixed[0::2] == 1), axis=(1, 2, 3)))
+  assert 10 < is_cutmix.sum() < 54  # both kinds of draw, switched per group (p = 0.5)
+  # Mixup's lam is continuous: every mixup group has its own (CutMix's come in 64 box areas).
+  assert len(np.unique(own[~is_cutmix])) == (~is_cutmix).sum()
+  assert len(np.unique(own[is_cutmix])) > 5
+  # Within a group the partner's label weight mirrors the example's own (pairing i with g-1-i).
+  np.testing.assert_allclose(soft[1::2, 1], own, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+  "group_size", [4, 8]
+)  # 4 per device: groups within a device, or across two
+def test_mix_groups_on_a_4x2_mesh_equals_one_device(group_size):
+  images, labels = _batch(32, seed=2)
+  key = jax.random.key(11)
+  fn = functools.partial(mixup.mix_groups, num_classes=10, group_size=group_size, **MIX)
+  one = jax.jit(fn)(
+    key, jax.device_put(images, jax.devices()[0]), jax.device_put(labels, jax.devices()[0])
+  )
+  mesh = sharding.make_mesh(4, 2)
+  batch = sharding.batch_sharding(mesh)
+  meshed = jax.jit(sharding.on_mesh(fn, mesh), out_shardings=(batch, batch))(
+    key, jax.device_put(images, batch), jax.device_put(labels, batch)
+  )
+  for a, b in zip(one, meshed):  # the same draws; XLA may fuse the blend differently (float noise)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  assert meshed[0].sharding.is_equivalent_to(batch, 4)
+
+
+@pytest.mark.parametrize("group_size", [-2, 1, 3, 2.5, True])
+def test_a_bad_group_size_names_the_field(group_size):
+  with pytest.raises(ConfigError) as e:
+    mixup.check_group_size(group_size, 20)
+  assert e.value.field == "data.mix_group_size"
+  images, labels = _batch(20)
+  with pytest.raises(ConfigError) as e:
+    mixup.mix_groups(jax.random.key(0), images, labels, 10, group_size=group_size, **MIX)
+  assert e.value.field == "data.mix_group_size"
+
+
+def test_check_group_size_accepts_divisors_and_zero():
+  for group_size in (0, 2, 4, 10, 20):
+    mixup.check_group_size(group_size, 20)
