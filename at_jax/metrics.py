@@ -6,6 +6,7 @@ the training core imports without it.
 """
 
 import json
+import math
 import os
 import time
 import uuid
@@ -21,6 +22,35 @@ from at_jax.errors import ConfigError
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+
+
+# The evaluations whose running best a run reports next to its last (the reference logs the max accuracy
+# over its per-epoch evaluations of the raw and of the EMA model), and which way is better.
+BEST_OF = {"top1": "max", "ema_top1": "max", "loss": "min", "ema_loss": "min"}
+
+
+def update_best(
+  best: Mapping[str, float], step: int, evals: Mapping[str, float]
+) -> dict[str, float]:
+  """The running best after an evaluation at `step`: for each `BEST_OF` name in `evals`, best_<name> and
+  best_<name>_step (the first step that reached it: a tie keeps the earlier one). `best` is not changed.
+
+  Args:
+    best: the running best so far ({} before the first evaluation), as this function returns it.
+    step: the training step `evals` were computed at.
+    evals: an evaluation's figures (top1, ema_top1, ... or MAE's loss, ema_loss).
+  """
+  new = dict(best)
+  for name, direction in BEST_OF.items():
+    if name not in evals:
+      continue
+    value, key = float(evals[name]), f"best_{name}"
+    if math.isnan(value):  # a diverged evaluation is never the best, nor a bar the next must beat
+      continue
+    old = new.get(key)
+    if old is None or (value > old if direction == "max" else value < old):
+      new[key], new[f"{key}_step"] = value, int(step)
+  return new
 
 
 def _is_main_process() -> bool:
@@ -266,3 +296,20 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
 
   separator = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
   return "\n".join([line(columns), separator] + [line(row) for row in cells])
+
+
+def evals_table(results: Mapping[str, float], step: int) -> str:
+  """A finished run's evaluations (what `train_and_evaluate` returns) as a table: a row per figure, its
+  value at the last step and, for the `BEST_OF` ones, the running best and the step that reached it."""
+  last = f"last (step {step})"
+  rows = [
+    {
+      "eval": name,
+      last: value,
+      "best": results.get(f"best_{name}"),
+      "best at step": results.get(f"best_{name}_step"),
+    }
+    for name, value in results.items()
+    if not name.startswith("best_")
+  ]
+  return format_table(rows, ["eval", last, "best", "best at step"])

@@ -13,7 +13,7 @@ def model(**overrides) -> dict:
   fields = dict(
     init="", arch="own", variant="B/16", num_classes=1000, pool="gap", class_token=True,
     qkv_bias=True, drop_path=0.0, head_init_std=0.02, dtype_mm="float32", scan=False,
-    remat_policy="none", attention_impl="materialized",
+    remat_policy="none", attention_impl="materialized", posemb="learned", weight_init="timm",
   )  # fmt: skip
   unknown = sorted(set(overrides) - set(fields))
   if unknown:
@@ -33,6 +33,9 @@ def base() -> ml_collections.ConfigDict:
   # num_classes, pool, drop_path, head_init_std, dtype_mm, scan, remat_policy, attention_impl are taken
   # from here. attention_impl: "materialized" | "fused" (jax.nn.dot_product_attention: cuDNN flash
   # attention on GPUs with bf16 matmuls, in the layers that need no maps; the teacher follows the student).
+  # posemb: "learned" (trunc-normal, trained) | "sincos2d" (MAE's fixed 2-D sin-cos table, not trained).
+  # weight_init: "timm" (trunc_normal(0.02) linears, as timm's ViT) | "mae" (xavier-uniform linears and
+  # patch embedding, as MAE's pre-training).
   # init: start from these weights (fine-tuning): a params export or a checkpoint file, converted like
   # teacher.init; leaves it lacks or shapes it doesn't match (a new head, fc_norm) stay freshly initialised.
   c.model = model()
@@ -99,6 +102,9 @@ def base() -> ml_collections.ConfigDict:
     cutmix=0.0,
     mixup_switch_prob=0.5,
     mixup_prob=1.0,
+    # Mixup/CutMix draws per group of this many consecutive examples of the global batch, each paired
+    # within its group (the reference: timm's Mixup in each process, 32 images); 0 = one draw per batch.
+    mix_group_size=0,
   )
 
   # MAE pre-training (task="mae"): a light decoder, 75% of patches masked, per-patch normalised pixels.
@@ -123,6 +129,11 @@ def base() -> ml_collections.ConfigDict:
     grad_clip=0.0,
     label_smoothing=0.1,
     ema_decay=0.9999,
+    # Gradient accumulation: each step sums accum_steps micro-batches of batch_size / accum_steps.
+    accum_steps=1,
+    # Which params weight decay skips: "timm" (biases, norms, position table, class token: timm's
+    # no_weight_decay) | "mae" (biases and norms only: MAE's pre-training decays its cls and mask tokens).
+    decay_rule="timm",
   )
   # Durations in epochs; `steps` > 0 overrides epochs (handy for smoke runs).
   c.schedule = dict(epochs=100.0, warmup_epochs=5.0, steps=0, log_every_steps=50)
@@ -130,8 +141,10 @@ def base() -> ml_collections.ConfigDict:
   # Device mesh ('data', 'fsdp'); -1 fills the axis with the remaining devices.
   c.mesh = dict(data=-1, fsdp=1)
   c.ckpt = dict(every_steps=1000, keep=3)
-  # every_steps=0: evaluate only at the end.
-  c.evals = dict(every_steps=0)
+  # Evaluations (raw and EMA params) during training, besides the one at the end: every `every_steps`
+  # steps or every `every_epochs` epochs (1.0: each epoch, as the reference; fractions allowed); set one,
+  # 0 = off. Each logs the running best too (eval/best_top1, ...), which results report beside the last.
+  c.evals = dict(every_steps=0, every_epochs=0.0)
   # "START:STOP": a jax.profiler trace of train steps START..STOP-1 in <workdir>/tensorboard; "" = none.
   c.profile = ""
   return c
@@ -191,6 +204,7 @@ def imagenet(
       random_erase=0.25,
       mixup=0.8,
       cutmix=1.0,
+      mix_group_size=32,  # the reference's draws: timm's Mixup on each of its 64 processes' 32 images
     )
   )
   c.optim.update(

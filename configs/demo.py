@@ -22,7 +22,7 @@ def get_config(arg: str | None = None):
   c.schedule = dict(epochs=2.0, warmup_epochs=0.2, steps=0, log_every_steps=50)
   c.mesh = dict(data=-1, fsdp=1)
   c.ckpt = dict(every_steps=200, keep=2)
-  c.evals = dict(every_steps=0)
+  c.evals.every_steps = 0
   c.transfer.update(dict(mode="distill", layers="end_layer:-2"))
 
   c.teacher.pretrain = mae_fmnist.get_config()

@@ -110,3 +110,45 @@ def test_format_table():
   widths = {len(line) for line in table.splitlines()}
   assert len(widths) == 1
   assert re.fullmatch(r"\| a +\|\n\|-+\|", metrics.format_table([], ["a"]))
+
+
+def test_update_best_keeps_the_running_best_and_its_first_step():
+  """The reference's max accuracy over evaluations, raw and EMA apart; MAE's losses are best lowest."""
+  evals = [
+    (2, {"top1": 10.0, "ema_top1": 9.0, "top5": 50.0}),
+    (4, {"top1": 30.0, "ema_top1": 9.0, "top5": 60.0}),  # EMA ties: its first step stays
+    (6, {"top1": 20.0, "ema_top1": 12.5, "top5": 70.0}),  # raw falls: its best stays at 4
+  ]
+  best = {}
+  for step, e in evals:
+    before = dict(best)
+    new = metrics.update_best(best, step, e)
+    assert best == before  # the argument is not changed
+    best = new
+  assert best == {
+    "best_top1": 30.0,
+    "best_top1_step": 4,
+    "best_ema_top1": 12.5,
+    "best_ema_top1_step": 6,
+  }  # top5 is no BEST_OF figure: the reference reports the max top-1 alone
+  assert all(isinstance(best[k], int) for k in best if k.endswith("_step"))
+  mae = metrics.update_best({}, 1, {"loss": 0.5, "ema_loss": 0.7})
+  mae = metrics.update_best(mae, 2, {"loss": 0.6, "ema_loss": 0.4})
+  mae = metrics.update_best(mae, 3, {"loss": float("nan"), "ema_loss": float("nan")})
+  assert mae == {
+    "best_loss": 0.5,
+    "best_loss_step": 1,
+    "best_ema_loss": 0.4,
+    "best_ema_loss_step": 2,
+  }
+
+
+def test_evals_table_shows_last_and_best():
+  results = {"top1": 20.0, "ema_top1": 12.5, "top5": 70.0, "best_top1": 30.0, "best_top1_step": 4}
+  assert metrics.evals_table(results, 6).splitlines() == [
+    "| eval     | last (step 6) | best | best at step |",
+    "|----------|---------------|------|--------------|",
+    "| top1     | 20            | 30   | 4            |",
+    "| ema_top1 | 12.5          |      |              |",
+    "| top5     | 70            |      |              |",
+  ]

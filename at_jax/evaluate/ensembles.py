@@ -2,7 +2,8 @@
 
 (A run's own top-1/top-5 for raw and EMA params is computed by its eval step,
 `at_jax.training.classify.make_eval_step`, and re-computed for any checkpoint by
-`at_jax.experiment.loop.evaluate_checkpoint`.)
+`at_jax.experiment.loop.evaluate_checkpoint`. A run exports both: <workdir>/params and
+<workdir>/params_ema, either one a member here.)
 """
 
 from collections.abc import Iterable, Mapping

@@ -49,9 +49,15 @@ def task(
   image_size, o, d = config.data.image_size, config.optim, config.data
   if config.task == "mae":
     module = mae.MAE(encoder=vit.model_fields(model), **config.mae.to_dict())
-    return mae_task(module, image_size=image_size, schedule=lr, ema_decay=o.ema_decay)
+    return mae_task(
+      module, image_size=image_size, schedule=lr, ema_decay=o.ema_decay, accum_steps=o.accum_steps
+    )
   mix = dict(
-    mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, switch_prob=d.mixup_switch_prob, prob=d.mixup_prob
+    mixup_alpha=d.mixup,
+    cutmix_alpha=d.cutmix,
+    switch_prob=d.mixup_switch_prob,
+    prob=d.mixup_prob,
+    group_size=d.mix_group_size,
   )
   return classify_task(
     model,
@@ -62,6 +68,7 @@ def task(
     label_smoothing=o.label_smoothing,
     ema_decay=o.ema_decay,
     mix=mix,
+    accum_steps=o.accum_steps,
   )
 
 
@@ -80,6 +87,9 @@ def optimizer(
     layer_decay=o.layer_decay,
     depth=depth,
     grad_clip=o.grad_clip or None,
+    decay_rule=o.decay_rule,
+    # model.posemb is a recipe field (vit.RECIPE_FIELDS): the student's own even when it mirrors a teacher.
+    frozen_posemb=config.model.posemb == "sincos2d",
   )
 
 

@@ -12,7 +12,7 @@ from at_jax.data import options, pipeline, sources
 from at_jax.evaluate import attention as evaluate
 from at_jax.experiment.loop import train_and_evaluate
 from at_jax.experiment.paths import EXPORT_DIR, TEACHER_DIR
-from at_jax.experiment.teachers import teacher_path
+from at_jax.experiment.teachers import load_teacher
 from at_jax.experiment.validation import validate
 from at_jax.models import vit
 
@@ -76,7 +76,18 @@ def run_with_teacher(
   ]
   columns = [
     c
-    for c in ("top1", "ema_top1", "top5", "ema_top5", "loss", "ema_loss")
+    for c in (
+      "top1",
+      "ema_top1",
+      "best_top1",
+      "best_ema_top1",
+      "top5",
+      "ema_top5",
+      "loss",
+      "ema_loss",
+      "best_loss",
+      "best_ema_loss",
+    )
     if any(c in r for r in rows)
   ]
   table = metrics.format_table(rows, ["model"] + columns)
@@ -100,14 +111,12 @@ def attention_report(config: ml_collections.ConfigDict, workdir: str, num_images
       num_threads=0,
     )
   )["image"]
-  models = {}
-  paths = (
-    ("teacher", teacher_path(config, workdir)),
-    ("student", os.path.join(workdir, EXPORT_DIR)),
-  )
-  for name, path in paths:
-    model_config, params = checkpoint.load_params(path)
-    models[name] = (vit.build(model_config), params)
+  # The teacher as the run loaded it: an export or a (converted) checkpoint file.
+  loaded = {
+    "teacher": load_teacher(config, workdir),
+    "student": checkpoint.load_params(os.path.join(workdir, EXPORT_DIR)),
+  }
+  models = {name: (vit.build(mc), params) for name, (mc, params) in loaded.items()}
   png = os.path.join(workdir, "attention.png")
   agreement = evaluate.compare_attention(models, images, png)
   print(evaluate.format_agreement(agreement, "teacher") + f"\nattention maps: {png}", flush=True)

@@ -17,12 +17,17 @@ from at_jax import checkpoint, metrics, sharding
 from at_jax.data import options, pipeline, sources, target_store
 from at_jax.errors import ConfigError
 from at_jax.experiment import preemption, profiling
-from at_jax.experiment.paths import EXPORT_DIR
+from at_jax.experiment.paths import EMA_EXPORT_DIR, EXPORT_DIR
 from at_jax.experiment.preemption import Preempted
 from at_jax.experiment.runs import Run, setup
 from at_jax.experiment.teachers import init_from_pretrained, load_vit
 from at_jax.training import state as train_state
 from at_jax.transfer import spec as transfer_spec
+
+# In each checkpoint's extra: the running best of the evaluations up to its step (metrics.update_best), and
+# the step of the last of them (a run preempted at an evaluation step saves before evaluating it).
+BEST_KEY = "best_evals"
+LAST_EVAL_KEY = "last_eval_step"
 
 
 def evaluate_run(run: Run, eval_fn, state: train_state.TrainState) -> dict[str, float]:
@@ -55,6 +60,45 @@ def evaluate_run(run: Run, eval_fn, state: train_state.TrainState) -> dict[str, 
       flush=True,
     )
   return {k: v / count for k, v in sorted(totals.items())}
+
+
+class Evaluations:
+  """A run's evaluations: each logged (eval/<name>) with the running best so far (eval/best_<name>,
+  eval/best_<name>_step), which every checkpoint carries, so that a relaunch reports exactly the best an
+  uninterrupted run does. The best lives in the checkpoint, not in metrics.jsonl: the log of a killed run
+  may hold lines past its last checkpoint, which the relaunch writes again."""
+
+  def __init__(
+    self, run: Run, eval_fn: Any, writer: metrics.MetricWriter, saved: Mapping[str, Any]
+  ):
+    """`saved`: the extra of the checkpoint the run starts from ({} for a fresh run)."""
+    self.run, self.eval_fn, self.writer = run, eval_fn, writer
+    self.steps = run.eval_steps()
+    self.best: dict[str, float] = dict(saved.get(BEST_KEY, {}))
+    self.last_step = int(saved.get(LAST_EVAL_KEY, 0))
+    start = int(saved.get("step", 0))
+    if start and BEST_KEY not in saved and any(step <= start for step in self.steps):
+      print(
+        f"WARNING: the checkpoint at step {start} predates recording the best evaluation: the "
+        f"best_* figures cover the evaluations from step {start} on",
+        flush=True,
+      )
+
+  def due(self, step: int) -> bool:
+    """Whether `step` is an evaluation step before the last that has not been evaluated yet."""
+    return step in self.steps and step > self.last_step
+
+  def __call__(self, step: int, state: train_state.TrainState) -> dict[str, float]:
+    """Evaluates `state` (at `step`), updates the best, logs both; returns the evaluation."""
+    evals = evaluate_run(self.run, self.eval_fn, state)
+    self.best = metrics.update_best(self.best, step, evals)
+    self.last_step = step
+    self.writer.write(step, {f"eval/{k}": v for k, v in {**evals, **self.best}.items()})
+    return evals
+
+  def extra(self) -> dict[str, Any]:
+    """What a checkpoint saved now records of the evaluations."""
+    return {BEST_KEY: self.best, LAST_EVAL_KEY: self.last_step}
 
 
 def _train_iter(run: Run, start_step: int) -> Iterator[dict[str, np.ndarray]]:
@@ -149,38 +193,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   run = setup(config, workdir)
   metrics.say(run.memory)  # validation has refused a config that cannot fit, before compiling
   state, shardings, ckpt, train_fn, eval_fn = _fresh_state_and_steps(run)
-  state, skipped_before = _starting_state(run, state, shardings, ckpt)
+  state, saved = _starting_state(run, state, shardings, ckpt)
   writer = metrics.MetricWriter(workdir)
+  evaluations = Evaluations(run, eval_fn, writer, saved)
   start = int(jax.device_get(state.step))
   _describe(run, start)
   with (
     preemption.training() as sigterm,
     profiling.step_trace(config.profile, workdir) as trace,
   ):
+    # A checkpoint of an older format has no count: absent, it starts from 0.
+    skipped_before = int(saved.get("skipped_examples", 0))
     state, skipped_total = _train(
-      run, state, start, skipped_before, train_fn, eval_fn, ckpt, writer, sigterm, trace
+      run, state, start, skipped_before, train_fn, evaluations, ckpt, writer, sigterm, trace
     )
-  ckpt.save(
-    run.total_steps, state, extra=_data_position(run, run.total_steps, skipped_total), force=True
-  )
+  extra = {**_data_position(run, run.total_steps, skipped_total), **evaluations.extra()}
+  ckpt.save(run.total_steps, state, extra=extra, force=True)
   ckpt.wait()
-  evals = evaluate_run(run, eval_fn, state)
-  writer.write(run.total_steps, {f"eval/{k}": v for k, v in evals.items()})
+  # Not in the final checkpoint's best: a relaunch of a finished run evaluates its last step again.
+  evals = evaluations(run.total_steps, state)
   writer.close()
   ckpt.close()
-  # Params may be sharded across processes: every process gathers the full values before the export.
-  export_config, export_params = run.export(
-    multihost_utils.process_allgather(state.params, tiled=True)
-  )
-  checkpoint.save_params(os.path.join(workdir, EXPORT_DIR), export_params, export_config)
-  print("eval " + "  ".join(f"{k} {v:.2f}" for k, v in evals.items()), flush=True)
-  return evals
+  _export(run, state)
+  results = {**evals, **evaluations.best}
+  metrics.say(metrics.evals_table(results, run.total_steps))
+  return results
+
+
+def _export(run: Run, state: train_state.TrainState) -> None:
+  """Exports the EMA params, then the raw ones: <workdir>/params marks a finished run (job.py does not
+  train a teacher whose export is there), so it comes last."""
+  for directory, params in ((EMA_EXPORT_DIR, state.ema_params), (EXPORT_DIR, state.params)):
+    # Params may be sharded across processes: every process gathers the full values before the export.
+    export_config, export_params = run.export(multihost_utils.process_allgather(params, tiled=True))
+    checkpoint.save_params(os.path.join(run.workdir, directory), export_params, export_config)
 
 
 def _starting_state(
   run: Run, state: train_state.TrainState, shardings: Any, ckpt: checkpoint.Checkpointer
-) -> tuple[train_state.TrainState, int]:
-  """(the state to start from, how many examples stood in for unreadable records before it).
+) -> tuple[train_state.TrainState, dict[str, Any]]:
+  """(the state to start from, the extra of its checkpoint: data position, evaluations; {} if none).
 
   Resume order: the workdir's checkpoint, then `model.init` (fine-tuning), then the fresh state.
   """
@@ -189,7 +241,7 @@ def _starting_state(
     state, extra = ckpt.restore(state)
     _check_data_position(run, extra)
     print(f"Resumed from {run.workdir}/checkpoints at step {int(state.step)}", flush=True)
-    return state, int(extra.get("skipped_examples", 0))  # absent in checkpoints before the field
+    return state, extra
   if config.model.init:
     _, loaded = load_vit(config.model.init, config)
     params, kept, unused = init_from_pretrained(
@@ -202,7 +254,7 @@ def _starting_state(
       f"Initialised from {config.model.init}; kept fresh: {kept or 'none'}; unused: {unused or 'none'}",
       flush=True,
     )
-  return state, 0
+  return state, {}
 
 
 def _train(
@@ -211,7 +263,7 @@ def _train(
   start: int,
   skipped_before: int,
   train_fn: Any,
-  eval_fn: Any,
+  evaluations: Evaluations,
   ckpt: checkpoint.Checkpointer,
   writer: metrics.MetricWriter,
   sigterm: preemption.Training,
@@ -233,6 +285,8 @@ def _train(
     0  # examples of this process's batches that stood in for unreadable ones, since (re)start
   )
   skipped_total = skipped_before  # the run's count over all processes, as of the last sum
+  if evaluations.due(start):  # preempted at an evaluation step: it saved before evaluating
+    evaluations(start, state)
   for step in range(start + 1, run.total_steps + 1):
     batch = next(batches)
     skipped += int(batch.pop("skipped").sum())  # a host-side count, not an input of the step
@@ -252,7 +306,11 @@ def _train(
       skipped_total = skipped_before + sharding.process_sum(skipped)
     if log_now:
       pending = (step, {**step_metrics, "skipped_examples": skipped_total})
-    ckpt.save(step, state, extra=_data_position(run, step, skipped_total), force=preempted)
+    if evaluations.due(step) and not preempted:
+      # Before the save, so that the checkpoint's best includes it; a preempted run saves at once.
+      evaluations(step, state)
+    extra = {**_data_position(run, step, skipped_total), **evaluations.extra()}
+    ckpt.save(step, state, extra=extra, force=preempted)
     if preempted:
       ckpt.wait()
       ckpt.close()
@@ -261,9 +319,6 @@ def _train(
         f"preempted at step {step}: checkpoint saved in {ckpt.directory}; relaunch with the "
         "same workdir to resume exactly"
       )
-    every = config.evals.every_steps
-    if every and step % every == 0 and step != run.total_steps:
-      writer.write(step, {f"eval/{k}": v for k, v in evaluate_run(run, eval_fn, state).items()})
   if pending is not None:
     _log(pending, writer, progress, ckpt)
   return state, skipped_total

@@ -4,3 +4,6 @@ TEACHER_DIR = "teacher"  # <workdir>/teacher: where a config's teacher.pretrain 
 
 
 EXPORT_DIR = "params"  # <run workdir>/params: the final params export, usable as teacher.init
+# <run workdir>/params_ema: the final EMA params, exported as EXPORT_DIR is (the same model_config.json),
+# so teacher.init, model.init and launch/evaluate.py --ensemble take either.
+EMA_EXPORT_DIR = "params_ema"

@@ -1,6 +1,7 @@
 """A Run: everything built from a validated config before any compute, and its memory report."""
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -49,8 +50,29 @@ class Run:
   memory: str
 
   def export(self, params: Any) -> tuple[dict, Any]:
-    """Final params -> (model config, params) of the ViT this run leaves, usable as teacher.init."""
+    """Final params (raw or EMA) -> (model config, params) of the ViT this run leaves, usable as
+    teacher.init."""
     return self.task.export(params)
+
+  @property
+  def steps_per_epoch(self) -> int:
+    """Steps of one pass over the training split, as build.schedule counts an epoch."""
+    return max(1, len(self.train_source) // self.config.data.batch_size)
+
+  def eval_steps(self) -> frozenset[int]:
+    """The steps before the last at which the run evaluates: multiples of evals.every_steps, or the
+    ends of every evals.every_epochs epochs (rounded to a step each, so fractions of an epoch do not
+    drift); the last step always evaluates."""
+    e = self.config.evals
+    if e.every_steps:
+      return frozenset(range(e.every_steps, self.total_steps, e.every_steps))
+    if not e.every_epochs:
+      return frozenset()
+    interval = max(1.0, e.every_epochs * self.steps_per_epoch)  # less than a step: every step
+    count = math.ceil(self.total_steps / interval)
+    return frozenset(
+      step for k in range(1, count + 1) if (step := round(k * interval)) < self.total_steps
+    )
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str, *, check_targets: bool = True) -> Run:

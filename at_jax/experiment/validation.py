@@ -6,6 +6,7 @@
 directly gets the same error as a launch. Nothing here compiles: shapes are evaluated abstractly.
 """
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -18,6 +19,7 @@ from at_jax.data import mixup, options, pipeline, sources, target_store
 from at_jax.errors import ConfigError
 from at_jax.experiment import build, memory, profiling, teachers
 from at_jax.models import vit
+from at_jax.training import state as train_state
 from at_jax.transfer import spec as transfer_spec
 from at_jax.transfer.spec import Transfer
 
@@ -63,6 +65,7 @@ def validate(
   )  # positive, split over processes, and (batch_size) no more than the training split
   sharding.check_batch(d.batch_size, mesh, "data.batch_size")
   sharding.check_batch(d.eval_batch_size, mesh, "data.eval_batch_size")
+  _check_micro_batches(config, mesh)
   if spec.active and spec.source == "precomputed" and check_targets:
     _check_stored_targets(
       config, workdir, model, spec, len(train_source), sources.fingerprint(train_source)
@@ -94,6 +97,7 @@ def _check_scalars(config: ml_collections.ConfigDict) -> None:
   """The optimizer's, schedule's and checkpointing's numbers: each within what it means."""
   o, s = config.optim, config.schedule
   optim.check_hparams(**{name: o[name] for name in optim.HPARAM_RANGES})
+  optim.check_decay_rule(o.decay_rule)
   # A negative `steps` would fall back to `epochs`; log_every_steps 0 fails after compilation.
   if not s.steps >= 0:
     raise ConfigError(
@@ -103,14 +107,29 @@ def _check_scalars(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("schedule.log_every_steps", f"must be >= 1, got {s.log_every_steps!r}")
   checkpoint.check_options(every_steps=config.ckpt.every_steps, keep=config.ckpt.keep)
   profiling.parse_window(config.profile)
-  if not config.evals.every_steps >= 0:
+  e = config.evals
+  if not e.every_steps >= 0:
     raise ConfigError(
-      "evals.every_steps", f"must be >= 0 (0: only at the end), got {config.evals.every_steps!r}"
+      "evals.every_steps", f"must be >= 0 (0: only at the end), got {e.every_steps!r}"
+    )
+  if not (e.every_epochs >= 0 and math.isfinite(e.every_epochs)):
+    raise ConfigError(
+      "evals.every_epochs", f"must be >= 0 (0: only at the end), got {e.every_epochs!r}"
+    )
+  if e.every_steps and e.every_epochs:
+    raise ConfigError(
+      "evals.every_epochs",
+      f"set either evals.every_steps ({e.every_steps}) or evals.every_epochs ({e.every_epochs}), "
+      "not both: set the other to 0",
     )
 
 
 def _check_model(config: ml_collections.ConfigDict, model: vit.ViT) -> None:
-  if config.model.init and not storage.exists(config.model.init):
+  if config.model.init and teachers.is_checkpoint_file(config.model.init):
+    # Converted now (and cached for the run's start), so that a file it cannot use or a `#selector` that
+    # does not match the file fails before compiling.
+    teachers.load_vit(config.model.init, config)
+  elif config.model.init and not storage.exists(config.model.init):
     raise ConfigError(
       "model.init",
       f"{config.model.init} does not exist; it should be a params export "
@@ -184,6 +203,16 @@ def _check_data_args(config: ml_collections.ConfigDict, model: vit.ViT, spec: Tr
       prob=d.mixup_prob,
       label_smoothing=config.optim.label_smoothing,
     )
+
+
+def _check_micro_batches(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  """optim.accum_steps against the batch and the mesh, and (classify) data.mix_group_size against the
+  micro-batch, as the step checks them when it is traced."""
+  d, k = config.data, config.optim.accum_steps
+  train_state.check_accum_steps(k, d.batch_size, mesh.size)
+  if config.task == "classify":
+    what = "the global batch" if k == 1 else "the micro-batch (data.batch_size / optim.accum_steps)"
+    mixup.check_group_size(d.mix_group_size, d.batch_size // k, what)
 
 
 def _check_fixed_view_recipe(d: ml_collections.ConfigDict, spec: Transfer) -> None:

@@ -70,7 +70,9 @@ def test_evaluate_checkpoint_reproduces_logged_eval(teacher_export, tiny_config)
     x for x in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "eval/top1" in x
   ][-1]
   got = loop.evaluate_checkpoint(tiny_config(steps=4, mode="none"), workdir)
-  assert got == {k[len("eval/") :]: v for k, v in logged.items() if k.startswith("eval/")}
+  # The logged line also holds the running best (eval/best_*), which is no figure of one checkpoint.
+  evaluated = {k: v for k, v in logged.items() if k.startswith("eval/") and "/best_" not in k}
+  assert got == {k[len("eval/") :]: v for k, v in evaluated.items()}
 
 
 @pytest.mark.slow
@@ -100,9 +102,11 @@ def test_copy_mode_with_teacher_and_workdir_in_a_bucket_equals_on_disk(
     results[where] = (
       loop.train_and_evaluate(c, workdir),
       checkpoint.load_params(f"{workdir}/{paths.EXPORT_DIR}")[1],
+      checkpoint.load_params(f"{workdir}/{paths.EMA_EXPORT_DIR}")[1],
     )
   assert results["bucket"][0] == results["disk"][0]
   jax.tree.map(np.testing.assert_array_equal, results["bucket"][1], results["disk"][1])
+  jax.tree.map(np.testing.assert_array_equal, results["bucket"][2], results["disk"][2])
 
 
 @pytest.mark.slow
@@ -149,7 +153,10 @@ def test_mae_pretraining_exports_a_teacher(tmp_path, tiny_config):
   c.schedule.update(dict(steps=4, log_every_steps=2))
   c.mesh.update(dict(data=4, fsdp=2))
   evals = loop.train_and_evaluate(c, str(tmp_path / "mae"))
-  assert set(evals) == {"loss", "ema_loss"} and 0 < evals["loss"] < 5
+  assert set(evals) == {"loss", "ema_loss"} | {
+    f"best_{name}{suffix}" for name in ("loss", "ema_loss") for suffix in ("", "_step")
+  }
+  assert 0 < evals["loss"] < 5 and evals["best_loss"] == evals["loss"]  # one evaluation: the last
   export = str(tmp_path / "mae" / paths.EXPORT_DIR)
   model_config, params = checkpoint.load_params(export)
   assert (
@@ -423,3 +430,125 @@ def test_skipped_examples_count_survives_resume(tmp_path, monkeypatch, tiny_conf
   extra_file.write_text(json.dumps(extra))
   loop.train_and_evaluate(c, str(old))
   assert skipped_by_step(old)[8] == len(bad)
+
+
+def _evals_by_step(workdir) -> dict[int, dict]:
+  """{step: the eval/ line of metrics.jsonl}; a relaunch writes lines again, the last one kept."""
+  lines = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  return {x["step"]: x for x in lines if "eval/top1" in x}
+
+
+def _kill_after_checkpoint(straight, workdir, step: int) -> None:
+  """What a run killed after its checkpoint at `step` leaves: checkpoints and metrics up to `step`, no
+  exports (a killed run may also leave metrics past its checkpoint: the relaunch writes them again)."""
+  shutil.copytree(straight, workdir)
+  for later in os.listdir(workdir / "checkpoints"):
+    if later.isdigit() and int(later) > step:
+      shutil.rmtree(workdir / "checkpoints" / later)
+  for export in (paths.EXPORT_DIR, paths.EMA_EXPORT_DIR):
+    shutil.rmtree(workdir / export)
+  kept = [x for x in metrics.read_jsonl(str(workdir / "metrics.jsonl")) if x["step"] <= step]
+  (workdir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in kept))
+
+
+@pytest.mark.slow
+def test_best_evaluation_is_reported_and_survives_resume(tmp_path, tiny_config):
+  """Evaluations every 0.1 epoch (2 steps): the run returns the last one and the running best, raw and
+  EMA, as the reference's max accuracy; logged at each evaluation; a relaunch reports the same."""
+  c = tiny_config(steps=8, mode="none")
+  c.evals.every_epochs = 0.1  # 320 examples / 16 = 20 steps an epoch: steps 2, 4, 6 and the last, 8
+  c.optim.base_lr = 3.0  # the constructed case: so high that the raw accuracy falls after step 2
+  straight = tmp_path / "straight"
+  results = loop.train_and_evaluate(c, str(straight))
+  evals = _evals_by_step(straight)
+  assert sorted(evals) == [2, 4, 6, 8]
+  last = {k[len("eval/") :]: v for k, v in evals[8].items() if k.startswith("eval/")}
+  assert {k: v for k, v in last.items() if not k.startswith("best_")} == {
+    k: results[k] for k in ("top1", "top5", "ema_top1", "ema_top5")
+  }
+  for name in ("top1", "ema_top1"):
+    values = [evals[step][f"eval/{name}"] for step in (2, 4, 6, 8)]
+    assert results[f"best_{name}"] == max(values)
+    assert results[f"best_{name}_step"] == (2, 4, 6, 8)[values.index(max(values))]  # the first
+    running = [evals[step][f"eval/best_{name}"] for step in (2, 4, 6, 8)]
+    assert running == [max(values[: i + 1]) for i in range(4)]
+    assert last[f"best_{name}"] == results[f"best_{name}"]
+  assert results["best_top1"] > results["top1"]  # the case: the best is not the last
+  assert set(results) == {"top1", "top5", "ema_top1", "ema_top5"} | {
+    f"best_{n}{s}" for n in ("top1", "ema_top1") for s in ("", "_step")
+  }
+
+  # Killed after the step-4 checkpoint, which carries the evaluations up to 4: the same best.
+  resumed = tmp_path / "resumed"
+  _kill_after_checkpoint(straight, resumed, 4)
+  assert loop.train_and_evaluate(c, str(resumed)) == results
+  assert _evals_by_step(resumed) == evals
+
+  # Preempted at step 4: it saved before evaluating it (best and last evaluation as of step 2); the
+  # relaunch evaluates step 4 first, then goes on as the uninterrupted run did.
+  preempted = tmp_path / "preempted"
+  _kill_after_checkpoint(straight, preempted, 4)
+  extra_file = preempted / "checkpoints" / "4" / "extra" / "metadata"
+  extra = json.loads(extra_file.read_text())
+  assert extra[loop.LAST_EVAL_KEY] == 4 and extra[loop.BEST_KEY]["best_top1_step"] <= 4
+  at_2 = {k[len("eval/") :]: v for k, v in evals[2].items() if "/best_" not in k and k != "step"}
+  extra[loop.BEST_KEY] = metrics.update_best({}, 2, at_2)
+  extra[loop.LAST_EVAL_KEY] = 2
+  extra_file.write_text(json.dumps(extra))
+  (preempted / "metrics.jsonl").write_text(
+    "".join(
+      json.dumps(x) + "\n"
+      for x in metrics.read_jsonl(str(preempted / "metrics.jsonl"))
+      if not (x["step"] == 4 and "eval/top1" in x)
+    )
+  )
+  assert loop.train_and_evaluate(c, str(preempted)) == results
+  assert _evals_by_step(preempted) == evals
+
+
+@pytest.mark.slow
+def test_ema_params_are_exported_and_serve_as_teacher(tmp_path, teacher_export, tiny_config):
+  """<workdir>/params_ema: the final checkpoint's EMA params, with the raw export's model config, usable
+  as teacher.init."""
+  workdir = os.path.dirname(teacher_export)
+  ema_export = os.path.join(workdir, paths.EMA_EXPORT_DIR)
+  ema_config, ema = checkpoint.load_params(ema_export)
+  raw_config, raw = checkpoint.load_params(teacher_export)
+  assert ema_config == raw_config
+  c = tiny_config(steps=4, mode="none")
+  run = runs.setup(c, workdir, check_targets=False)
+  state, _, ckpt, _, _ = loop._fresh_state_and_steps(run)
+  state, extra = ckpt.restore(state)  # the latest: the final step's
+  ckpt.close()
+  assert extra["step"] == 4
+  jax.tree.map(np.testing.assert_array_equal, ema, jax.device_get(state.ema_params))
+  jax.tree.map(np.testing.assert_array_equal, raw, jax.device_get(state.params))
+  differs = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), ema, raw))
+  assert any(differs)  # EMA 0.99 over 4 steps is not the raw params
+  student = tiny_config(steps=2, mode="distill")
+  student.teacher.init = ema_export
+  assert 0 <= loop.train_and_evaluate(student, str(tmp_path / "student"))["top1"] <= 100
+
+
+def test_evaluation_steps_every_steps_or_epochs(tmp_path, tiny_config):
+  """evals.every_epochs: the ends of every so many epochs (20 steps each here), fractions rounded to a
+  step each; evals.every_steps: its multiples; the last step is the final evaluation, not in the set."""
+  c = tiny_config(steps=40, mode="none")
+  run = runs.setup(c, str(tmp_path))
+  assert (run.steps_per_epoch, run.total_steps, run.eval_steps()) == (20, 40, frozenset())
+  expected = {
+    (0, 1.0): {20},
+    (0, 0.5): {10, 20, 30},
+    (0, 0.3): {6, 12, 18, 24, 30, 36},
+    (0, 0.33): {7, 13, 20, 26, 33},  # 6.6 steps apart, without drift
+    (0, 0.01): set(range(1, 40)),  # less than a step: every step
+    (15, 0.0): {15, 30},
+  }
+  for (every_steps, every_epochs), steps in expected.items():
+    run.config.evals.update(dict(every_steps=every_steps, every_epochs=every_epochs))
+    assert run.eval_steps() == steps, (every_steps, every_epochs)
+  c.evals.update(dict(every_steps=15, every_epochs=1.0))
+  err = _validate_error(c, tmp_path)
+  assert err.field == "evals.every_epochs" and "not both" in str(err)
+  c.evals.update(dict(every_steps=0, every_epochs=-1.0))
+  assert _validate_error(c, tmp_path).field == "evals.every_epochs"
