@@ -109,7 +109,9 @@ class Block(nn.Module):
     )(y_BND, override, self.want_qkv, target)
     x_BND = x_BND + residual(y_BND, 0)
     y_BND = nn.LayerNorm(epsilon=a.norm_eps, name="LayerNorm_1")(x_BND)
-    return x_BND + residual(MlpBlock(a, name="MlpBlock_0")(y_BND), 1), out
+    x_BND = x_BND + residual(MlpBlock(a, name="MlpBlock_0")(y_BND), 1)
+    # The block's output (the residual stream), for feature distillation; unused, jit drops it.
+    return x_BND, {**out, "features": x_BND}
 
 
 def _copied_layers(override: attention.Override | None, depth: int) -> np.ndarray:

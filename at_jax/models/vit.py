@@ -227,7 +227,8 @@ class ViT(nn.Module):
     Returns:
       logits [B, V] (pre-logits [B, D] when num_classes == 0), and a dict with "attn_logits"
       [L, B, H, N, N] float32, "pre_logits" [B, D], "tokens" [B, N, D] (the encoder's output before any
-      final norm), and "q"/"k"/"v" if asked.
+      final norm), "features" [L, B, N, D] (each block's output, for feature distillation), and
+      "q"/"k"/"v" if asked.
     """
     x_BND = self._tokens(images_BYXC, patch_keep)
     if drop_masks is None and train and self.drop_path > 0:

@@ -104,7 +104,7 @@ def make_loss_fn(
       train=True,
       override=override,
       drop_masks=drop_masks,
-      want_qkv=distilling and t.what != "attn",
+      want_qkv=distilling and t.what in spec.QKV_KEYS,
       attn_target=targets.attn_target(teacher_targets, t) if distilling else None,
       rngs={"dropout": rng_model},
     )

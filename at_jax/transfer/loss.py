@@ -1,4 +1,5 @@
-"""The distillation loss: attention cross-entropy (or q/k/v mean squared error) and the paper's reduction."""
+"""The distillation loss: attention cross-entropy (or q/k/v mean squared error) and the paper's reduction;
+the feature-distillation baseline's per-token standardised MSE."""
 
 from collections.abc import Mapping
 
@@ -34,6 +35,22 @@ def _paper_reduction(per_SH: Array, transfer: spec.Transfer) -> Array:
   return jnp.sum(jnp.sum(per_SH * mask_SH, axis=1) / jnp.sum(mask_SH, axis=1))
 
 
+def _token_norm(x: Array, eps: float = 1e-6) -> Array:
+  """Each token's vector standardised over its channels (LayerNorm without scale or bias), float32."""
+  x = x.astype(jnp.float32)
+  mean = x.mean(-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(((x - mean) ** 2).mean(-1, keepdims=True) + eps)
+
+
+def feature_loss(student_SBND: Array, teacher_SBND: Array) -> Array:
+  """[S]: the mean squared error between the student's and the teacher's block outputs of each layer,
+  both standardised per token, over batch, tokens and channels. Per-token standardisation makes it
+  blind to the residual stream's growing scale (the norms differ between two ViTs trained apart); a
+  perfect match gives 0, unrelated features about 2."""
+  err = (_token_norm(student_SBND) - _token_norm(teacher_SBND)) ** 2
+  return err.mean(axis=(1, 2, 3))
+
+
 def distill_loss(
   student_out: Mapping[str, Array],
   teacher_targets: Mapping[str, Array],
@@ -47,6 +64,9 @@ def distill_loss(
   formula, materialising every selected layer's maps). `q`/`k`/`v`: mean squared error.
   """
   layers = np.asarray(transfer.layers)
+  if transfer.what == "features":  # the paper's baseline: summed over layers, no heads
+    per_S = feature_loss(student_out["features"][layers], teacher_targets["features"])
+    return transfer.weight * per_S.sum()
   if transfer.what == "attn" and "attn_ce" in student_out:
     per_SH = student_out["attn_ce"][layers]
   elif transfer.what == "attn":  # [S, B, H, N, N] -> per query [S, B, H, N] -> [S, H]

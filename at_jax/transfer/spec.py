@@ -5,7 +5,9 @@ Mode is static Python (it changes the program):
   copy     in the selected layers/heads the student uses softmax(teacher logits) (or the teacher's q, k or v)
            instead of its own; the teacher runs at evaluation too.
   distill  the student computes its own attention; an extra loss (weight `transfer.weight`) pulls it to the
-           teacher's: cross-entropy over keys for `attn`, mean squared error for `q`/`k`/`v`.
+           teacher's: cross-entropy over keys for `attn`, mean squared error for `q`/`k`/`v`. `features`
+           is the paper's baseline, not attention transfer: the selected blocks' outputs (the residual
+           stream) are pulled to the teacher's, normalised per token (`loss.feature_loss`).
 What the teacher hands over is in `targets` (the teacher's forward pass, stored targets, the student's
 override or attention target), the distillation loss in `loss`.
 """
@@ -20,13 +22,13 @@ from at_jax.errors import ConfigError
 from at_jax.ops import attn_ce
 
 MODES = ("none", "copy", "distill")
-WHATS = ("attn", "q", "k", "v")
+WHATS = ("attn", "q", "k", "v", "features")
 SOURCES = ("jointly", "precomputed")
 # The paper's control: replace each image's teacher targets by their mean over the batch's images, keeping
 # layer, head and query structure but no per-image information.
 AVERAGES = ("none", "images")
 # What the teacher must expose for each `what`, in the ViT's `out` dict.
-TEACHER_KEY = {"attn": "attn_logits", "q": "q", "k": "k", "v": "v"}
+TEACHER_KEY = {"attn": "attn_logits", "q": "q", "k": "k", "v": "v", "features": "features"}
 
 
 def _parse_count(selection: str, field: str, limit: int) -> int:
@@ -178,6 +180,18 @@ def _check_loss_block(loss_block: Any, loss_impl: str) -> int:
   return int(loss_block)
 
 
+def _check_features(mode: str, source: str, heads: Any) -> None:
+  """Feature distillation is a distillation of whole block outputs, from a jointly run teacher."""
+  if mode != "distill":
+    raise ConfigError(
+      "transfer.what", "'features' (block outputs) can only be distilled; copy transfers attention"
+    )
+  if source != "jointly":
+    raise ConfigError("transfer.source", "'features' are not stored by precompute; use 'jointly'")
+  if heads != "all":
+    raise ConfigError("transfer.heads", f"{heads!r}: 'features' have no heads; use 'all'")
+
+
 def _check_teacher(student: Any, teacher: Any, layers: tuple[int, ...], what: str, image_size: int):
   """ConfigError unless `teacher` can hand `student` its `what` in `layers` at `image_size`."""
   if teacher.depth <= max(layers):
@@ -185,7 +199,7 @@ def _check_teacher(student: Any, teacher: Any, layers: tuple[int, ...], what: st
       "transfer.layers",
       f"layer {max(layers)} does not exist in the teacher (depth {teacher.depth})",
     )
-  if teacher.num_heads != student.num_heads:
+  if teacher.num_heads != student.num_heads and what != "features":
     raise ConfigError(
       "teacher.init",
       f"teacher has {teacher.num_heads} heads, student "
@@ -202,7 +216,8 @@ def _check_teacher(student: Any, teacher: Any, layers: tuple[int, ...], what: st
     raise ConfigError(
       "teacher.init",
       f"transferring {what!r} needs equal widths (teacher "
-      f"{teacher.width}, student {student.width}, model.width)",
+      f"{teacher.width}, student {student.width}, model.width)"
+      + ("; no projection between widths is built" if what == "features" else ""),
     )
   if student.drop_path > 0 and teacher.depth != student.depth:
     raise ConfigError(
@@ -229,6 +244,8 @@ def resolve(cfg: Mapping[str, Any], student: Any, teacher: Any | None, image_siz
   what = _choice("transfer.what", cfg.get("what", "attn"), WHATS)
   source = _choice("transfer.source", cfg.get("source", "jointly"), SOURCES)
   average = _choice("transfer.average", cfg.get("average", "none"), AVERAGES)
+  if what == "features":
+    _check_features(mode, source, cfg.get("heads", "all"))
   if mode == "copy" and source == "precomputed":
     raise ConfigError(
       "transfer.source", "copy mode runs the teacher at evaluation too; use 'jointly'"

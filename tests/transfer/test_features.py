@@ -1,0 +1,100 @@
+"""Feature distillation (`transfer.what="features"`, the paper's baseline): the loss, what it reads from
+both models, its start-up checks, and a real train step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from at_jax.errors import ConfigError
+from at_jax.transfer import loss, spec, targets
+from tests.transfer.conftest import S, build_model, resolve_distill
+
+
+def _block_outputs(model, params, images) -> np.ndarray:
+  """[L, B, N, D]: each block's output, by running the blocks one at a time through `intermediates`."""
+  _, state = model.apply(
+    {"params": params}, images, train=False, capture_intermediates=True, mutable=["intermediates"]
+  )
+  blocks = state["intermediates"]["Transformer"]
+  return np.stack(
+    [np.asarray(blocks[f"encoderblock_{i}"]["__call__"][0][0]) for i in range(model.depth)]
+  )
+
+
+def test_feature_loss_is_per_token_standardised_mse():
+  rng = np.random.default_rng(0)
+  s, t = rng.normal(size=(2, 3, 5, 8)), rng.normal(size=(2, 3, 5, 8))
+  norm = lambda x: (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+  expected = ((norm(s) - norm(t)) ** 2).mean(axis=(1, 2, 3))
+  np.testing.assert_allclose(loss.feature_loss(jnp.asarray(s), jnp.asarray(t)), expected, rtol=1e-5)
+  # Blind to each token's scale and offset; zero for equal features; about 2 for unrelated ones.
+  scaled = 3.0 * t + rng.normal(size=(2, 3, 5, 1))
+  np.testing.assert_allclose(loss.feature_loss(jnp.asarray(scaled), jnp.asarray(t)), 0, atol=1e-5)
+  wide = rng.normal(size=(1, 4, 64, 256)), rng.normal(size=(1, 4, 64, 256))
+  assert float(loss.feature_loss(*map(jnp.asarray, wide))[0]) == pytest.approx(2.0, abs=0.05)
+
+
+def test_distill_loss_reads_the_selected_blocks_outputs(setup):
+  student, teacher, sp, tp, images = setup
+  transfer = resolve_distill(student, teacher, what="features", layers="1,3", weight=2.0)
+  assert transfer.target_keys == ("features",) and not spec.needs_qkv(transfer)
+  teacher_targets = targets.run_teacher(teacher, tp, images, transfer)
+  t_blocks, s_blocks = _block_outputs(teacher, tp, images), _block_outputs(student, sp, images)
+  np.testing.assert_allclose(teacher_targets["features"], t_blocks[[1, 3]], rtol=1e-5, atol=1e-6)
+  _, s_out = student.apply({"params": sp}, images, train=False)
+  expected = 2.0 * np.sum(
+    loss.feature_loss(jnp.asarray(s_blocks[[1, 3]]), jnp.asarray(t_blocks[[1, 3]]))
+  )
+  np.testing.assert_allclose(
+    loss.distill_loss(s_out, teacher_targets, transfer), expected, rtol=1e-5
+  )
+  _, same = student.apply({"params": tp}, images, train=False)  # the student *is* the teacher
+  assert float(loss.distill_loss(same, teacher_targets, transfer)) == pytest.approx(0, abs=1e-8)
+  # The gradient reaches the student's blocks up to the last distilled one, not the head.
+  grads = jax.grad(
+    lambda p: loss.distill_loss(
+      student.apply({"params": p}, images, train=False)[1], teacher_targets, transfer
+    )
+  )(sp)
+  assert float(jnp.abs(grads["Transformer"]["encoderblock_0"]["LayerNorm_0"]["scale"]).max()) > 0
+  assert float(jnp.abs(grads["head"]["kernel"]).max()) == 0
+
+
+@pytest.mark.parametrize(
+  "cfg, field",
+  [
+    ({"mode": "copy"}, "transfer.what"),
+    ({"source": "precomputed"}, "transfer.source"),
+    ({"heads": "first:1"}, "transfer.heads"),
+  ],
+)
+def test_settings_that_cannot_distill_features_name_their_field(setup, cfg, field):
+  student, teacher, *_ = setup
+  with pytest.raises(ConfigError) as e:
+    spec.resolve({"mode": "distill", "what": "features", **cfg}, student, teacher, S)
+  assert e.value.field == field
+
+
+def test_widths_must_match_heads_need_not():
+  student = build_model()
+  other_heads = build_model(num_heads=1)
+  assert spec.resolve({"mode": "distill", "what": "features"}, student, other_heads, S).active
+  with pytest.raises(ConfigError, match="no projection") as e:
+    spec.resolve({"mode": "distill", "what": "features"}, student, build_model(width=24), S)
+  assert e.value.field == "teacher.init"
+
+
+def test_the_train_loss_adds_feature_distillation(setup):
+  from at_jax.training import classify  # pylint: disable=import-outside-toplevel
+
+  student, teacher, sp, tp, images = setup
+  transfer = resolve_distill(student, teacher, what="features", layers="first:2")
+  loss_fn = classify.make_loss_fn(student, teacher, transfer, label_smoothing=0.0)
+  batch = {"image": images, "label": jnp.arange(images.shape[0])}
+  total, aux = jax.jit(loss_fn)(sp, batch, tp, jax.random.key(0))
+  teacher_targets = targets.run_teacher(teacher, tp, images, transfer)
+  _, s_out = student.apply({"params": sp}, images, train=True, rngs={"dropout": jax.random.key(1)})
+  expected = loss.distill_loss(s_out, teacher_targets, transfer)  # drop_path 0: train == eval
+  np.testing.assert_allclose(aux["distill_loss"], expected, rtol=1e-5)
+  np.testing.assert_allclose(total, aux["ce_loss"] + aux["distill_loss"], rtol=1e-6)
