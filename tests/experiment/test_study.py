@@ -108,3 +108,15 @@ def test_report_summarises_seeds_and_tests_the_findings(tmp_path):
     "study_curve.png",
     "study_groups.png",
   ]
+
+
+def test_the_report_goes_to_a_bucket_as_to_disk(tmp_path, gcs_bucket):
+  from at_jax import storage  # pylint: disable=import-outside-toplevel
+
+  workdir, out = str(tmp_path / "w"), f"{gcs_bucket[0]}/study_out"
+  jobs = study.build_jobs(study.Options(seeds=1, ablation_seeds=1), workdir)
+  _write(workdir, "main/scratch/seed0", top1=80.0)
+  study_report.write(workdir, jobs, out, {"minutes": 1.0})
+  with storage.open_file(f"{out}/study.json") as f:
+    assert json.load(f)["summary"]["main"]["scratch"]["top1"] == [80.0, 0.0, 1]
+  assert "study_groups.png" in storage.listdir(out)
