@@ -8,9 +8,13 @@ curve that fixes the student schedule, then the main, low-label and shift groups
 headline settings (scratch, fine-tune, copy, distill, feature distillation; `--seeds`), their ensembles,
 and the ablations (`--ablation_seeds`). A chunk runs the unfinished jobs in order while the next one fits
 in `--minutes` (estimated from finished jobs of its kind), then writes study.json (with a log of the
-chunks), study_results.md and plots to `--out`. Commit `--out` after each chunk.
+chunks), study_results.md and plots to `--out`. Commit `--out` after each chunk: on a fresh machine the
+committed study.json restores the finished jobs (the teachers, whose weights are not committed, are trained
+again first: deterministic on CPU, about half an hour).
 """
 
+import json
+import os
 import statistics
 import time
 
@@ -67,6 +71,12 @@ def main(argv):
     curve_epochs=FLAGS.curve_epochs,
   )
   jobs = study.build_jobs(options, workdir)
+  committed = os.path.join(FLAGS.out, "study.json")
+  if storage.exists(committed):  # a fresh machine continues from the committed record
+    with storage.open_file(committed) as f:
+      restored = study.restore(workdir, jobs, json.load(f)["runs"])
+    if restored:
+      metrics.say(f"Restored {len(restored)} finished jobs from {committed}")
   if FLAGS.list:
     for job in jobs:
       print(("done  " if study.read_results(workdir, job) else "      ") + job.path)

@@ -153,6 +153,7 @@ class Job:
   path: str
   run: Callable[[str], dict[str, Any]]
   kind: str  # "teacher", "curve", "student", "ensemble", "analysis": for time estimates
+  needs: tuple[str, ...] = ()  # jobs whose exports it reads
 
   def done_file(self, workdir: str) -> str:
     return os.path.join(workdir, self.path, "results.json")
@@ -164,6 +165,24 @@ def read_results(workdir: str, job: Job) -> dict[str, Any] | None:
     return None
   with storage.open_file(path) as f:
     return json.load(f)
+
+
+def restore(workdir: str, jobs: Sequence[Job], recorded: Mapping[str, Any]) -> list[str]:
+  """Writes the results of finished jobs recorded in a committed study.json (`recorded`: its "runs")
+  into `workdir`, so that a fresh machine continues the study instead of starting over; returns them.
+  A teacher is not restored without its export (every student needs its weights: it is trained again,
+  deterministically on CPU), nor a run whose export a pending job needs."""
+  needed = {path for job in jobs if job.path not in recorded for path in job.needs}
+  restored = []
+  for job in jobs:
+    if job.path not in recorded or read_results(workdir, job) is not None:
+      continue
+    export = os.path.join(workdir, job.path, "params", "model_config.json")
+    if (job.kind == "teacher" or job.path in needed) and not storage.exists(export):
+      continue
+    storage.write_atomic(job.done_file(workdir), json.dumps(recorded[job.path], indent=1))
+    restored.append(job.path)
+  return restored
 
 
 def run_chunk(
@@ -254,9 +273,10 @@ def build_jobs(o: Options, workdir: str) -> list[Job]:
   for group in plan:
     settings = plan[group]["settings"]
     headline = [n for n in settings if n in HEADLINE]
-    for seed in range(o.seeds):
+    for seed in range(
+      o.seeds
+    ):  # a seed's ensembles right after its members: few exports are pending
       jobs += [student(group, name, seed) for name in headline]
-    for seed in range(o.seeds):
       jobs += [
         _ensemble_job(workdir, group, plan[group]["data"], members, name, seed)
         for members, name in ENSEMBLES
@@ -295,4 +315,5 @@ def _ensemble_job(
     accuracy = ensembles.ensemble_accuracy(loaded, batches)
     return {**accuracy["ensemble"], "members": {m: accuracy[m] for m in members}}
 
-  return Job(f"{group}/{name}/seed{seed}", run, "ensemble")
+  needs = tuple(f"{group}/{member}/seed{seed}" for member in members)
+  return Job(f"{group}/{name}/seed{seed}", run, "ensemble", needs)

@@ -25,7 +25,8 @@ def test_jobs_come_in_a_useful_order_and_cover_the_plan():
   headline = [p for p in paths if setting(p) in study.HEADLINE]
   assert len(headline) == 3 * 3 * len(study.HEADLINE)
   assert paths.index("main/distill/seed2") < paths.index("lowlabel/scratch/seed0")
-  assert paths.index("main/ens_finetune_distill/seed0") > paths.index("main/distill/seed2")
+  ensemble = paths.index("main/ens_finetune_distill/seed0")  # right after its members
+  assert paths.index("main/distill/seed0") < ensemble < paths.index("main/scratch/seed1")
   ablations = [p for p in paths if setting(p) in study.ABLATIONS]
   assert len(ablations) == 2 * len(study.ABLATIONS) and paths[-1] == ablations[-1]
 
@@ -120,3 +121,22 @@ def test_the_report_goes_to_a_bucket_as_to_disk(tmp_path, gcs_bucket):
   with storage.open_file(f"{out}/study.json") as f:
     assert json.load(f)["summary"]["main"]["scratch"]["top1"] == [80.0, 0.0, 1]
   assert "study_groups.png" in storage.listdir(out)
+
+
+def test_a_fresh_machine_continues_from_the_committed_record(tmp_path):
+  workdir = str(tmp_path / "fresh")
+  jobs = study.build_jobs(study.Options(seeds=1, ablation_seeds=1), workdir)
+  recorded = {
+    path: {"top1": 1.0}
+    for path in ("teachers/full", "curve", "main/scratch/seed0", "main/finetune/seed0")
+  }
+  recorded["main/ens_finetune_scratch/seed0"] = {"top1": 2.0}  # done: its members are not needed
+  restored = study.restore(workdir, jobs, recorded)
+  # No teacher without its weights; the finetune run is needed by the pending finetune + distill ensemble.
+  assert restored == ["curve", "main/scratch/seed0", "main/ens_finetune_scratch/seed0"]
+  export = os.path.join(workdir, "teachers/full/params")
+  os.makedirs(export)
+  open(os.path.join(export, "model_config.json"), "w").write("{}")
+  assert study.restore(workdir, jobs, recorded) == ["teachers/full"]
+  by_path = {job.path: job for job in jobs}
+  assert study.read_results(workdir, by_path["curve"]) == {"top1": 1.0}
