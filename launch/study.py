@@ -33,6 +33,9 @@ flags.DEFINE_integer(
   "curve_epochs", 40, "Longest scratch learning curve (one evaluation per epoch)."
 )
 flags.DEFINE_bool("report_only", False, "Only write the report of the finished jobs.")
+flags.DEFINE_list(
+  "only", [], "Run only the jobs whose path starts with one of these (e.g. teachers,curve)."
+)
 flags.DEFINE_bool("list", False, "Only list the jobs, and which are done.")
 FLAGS = flags.FLAGS
 
@@ -82,10 +85,13 @@ def main(argv):
       print(("done  " if study.read_results(workdir, job) else "      ") + job.path)
     return
   started = time.time()
+  chosen = [job for job in jobs if not FLAGS.only or job.path.startswith(tuple(FLAGS.only))]
+  if FLAGS.only and not chosen:
+    raise app.UsageError(f"--only={','.join(FLAGS.only)} matches no job (see --list)")
   ran = (
     []
     if FLAGS.report_only
-    else study.run_chunk(workdir, jobs, FLAGS.minutes, _estimator(workdir, jobs))
+    else study.run_chunk(workdir, chosen, FLAGS.minutes, _estimator(workdir, jobs))
   )
   left = sum(study.read_results(workdir, job) is None for job in jobs)
   chunk = dict(
