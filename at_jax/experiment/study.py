@@ -59,7 +59,7 @@ TEACHER_DATA = {
   "full": {"data.train_split": "train"},
   "unlabelled": {"data.train_split": "train[10%:]"},
 }
-PLATEAU_GAIN, PLATEAU_SPAN = 0.2, 2
+PLATEAU_GAIN, PLATEAU_SPAN, PLATEAU_SMOOTHING = 0.2, 2, 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,9 +96,15 @@ def groups(o: Options) -> dict[str, dict[str, Any]]:
 
 def plateau_epoch(top1_by_epoch: Sequence[float]) -> int | None:
   """The first epoch e (1-based) after which top-1 gains less than PLATEAU_GAIN points over the next
-  PLATEAU_SPAN epochs; None if the curve never flattens so."""
-  for e in range(1, len(top1_by_epoch) - PLATEAU_SPAN + 1):
-    if max(top1_by_epoch[e : e + PLATEAU_SPAN]) - top1_by_epoch[e - 1] < PLATEAU_GAIN:
+  PLATEAU_SPAN epochs, on the curve's trailing mean over PLATEAU_SMOOTHING epochs (epoch-to-epoch noise,
+  about +-0.6 points on the first curve, is larger than the gain asked for: unsmoothed, one dip ends the
+  curve early); None if the curve never flattens so."""
+  w = PLATEAU_SMOOTHING
+  smooth = [
+    sum(top1_by_epoch[max(0, i - w + 1) : i + 1]) / min(w, i + 1) for i in range(len(top1_by_epoch))
+  ]
+  for e in range(w, len(smooth) - PLATEAU_SPAN + 1):
+    if max(smooth[e : e + PLATEAU_SPAN]) - smooth[e - 1] < PLATEAU_GAIN:
       return e
   return None
 
@@ -260,7 +266,9 @@ def build_jobs(o: Options, workdir: str) -> list[Job]:
 
   def epochs() -> int:
     found = read_results(workdir, jobs[len(TEACHER_DATA)])
-    return found["plateau_epoch"] or o.curve_epochs
+    return (
+      plateau_epoch(found["top1_by_epoch"]) or o.curve_epochs
+    )  # today's rule on the stored curve
 
   def student(group: str, name: str, seed: int) -> Job:
     g = plan[group]

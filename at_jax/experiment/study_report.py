@@ -181,12 +181,13 @@ def plots(collected: Mapping[str, Any], out_dir: str) -> list[str]:
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     top1 = curve["top1_by_epoch"]
     ax.plot(range(1, len(top1) + 1), top1, "o-", ms=3)
-    if curve["plateau_epoch"]:
+    plateau = study.plateau_epoch(top1)
+    if plateau:
       ax.axvline(
-        curve["plateau_epoch"],
+        plateau,
         color="gray",
         ls="--",
-        label=f"plateau: epoch {curve['plateau_epoch']}",
+        label=f"plateau: epoch {plateau}",
       )
       ax.legend(fontsize=8)
     ax.set_xlabel("epoch")

@@ -10,8 +10,10 @@ from at_jax.experiment import study, study_report
 
 
 def test_plateau_is_the_first_epoch_after_which_two_epochs_gain_little():
-  assert study.plateau_epoch([50, 60, 70, 70.1, 70.15, 70.2]) == 3
-  assert study.plateau_epoch([50, 60, 60.1, 65, 66, 66.1, 66.1]) == 5  # a late jump resets it
+  # Smoothed over 3 epochs: [.., 70, 70.1, 70.15, 70.2, 70.2] flattens at epoch 5.
+  assert study.plateau_epoch([50, 60, 70, 70.1, 70.15, 70.2, 70.2, 70.2]) == 5
+  # One dip does not end a rising curve (unsmoothed, epoch 3 would pass the test).
+  assert study.plateau_epoch([50, 60, 65, 64, 66, 67, 68, 69, 70]) is None
   assert study.plateau_epoch([50, 51, 52, 53, 54]) is None
   assert study.plateau_epoch([50]) is None
 
@@ -83,7 +85,8 @@ def test_report_summarises_seeds_and_tests_the_findings(tmp_path):
   workdir, out = str(tmp_path / "w"), str(tmp_path / "out")
   o = study.Options(seeds=2, ablation_seeds=1)
   jobs = study.build_jobs(o, workdir)
-  _write(workdir, "curve", top1=80.0, top1_by_epoch=[70.0, 79.0, 80.0, 80.1, 80.1], plateau_epoch=3)
+  curve = [70.0, 79.0, 80.0, 80.1, 80.1, 80.1, 80.1]
+  _write(workdir, "curve", top1=80.0, top1_by_epoch=curve, plateau_epoch=study.plateau_epoch(curve))
   for seed, shift in ((0, 0.0), (1, 1.0)):
     for name, top1 in (("scratch", 80), ("finetune", 84), ("copy", 82), ("distill", 83.5)):
       _write(workdir, f"main/{name}/seed{seed}", top1=top1 + shift, best_top1=top1 + shift + 0.5)
