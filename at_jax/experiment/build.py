@@ -19,12 +19,17 @@ from at_jax.transfer.spec import Transfer
 TASKS = ("classify", "mae")
 
 
+def steps_per_epoch(config: ml_collections.ConfigDict, num_examples: int) -> int:
+  """Steps of one pass over `num_examples` training examples (at least 1)."""
+  return max(1, num_examples // config.data.batch_size)
+
+
 def schedule(config: ml_collections.ConfigDict, num_examples: int) -> tuple[optax.Schedule, int]:
   """(warmup + cosine lr schedule, total steps) for `num_examples` training examples per epoch."""
-  steps_per_epoch = max(1, num_examples // config.data.batch_size)
+  epoch = steps_per_epoch(config, num_examples)
   s = config.schedule
-  total = s.steps if s.steps > 0 else int(math.ceil(s.epochs * steps_per_epoch))
-  warmup = int(round(s.warmup_epochs * steps_per_epoch))
+  total = s.steps if s.steps > 0 else int(math.ceil(s.epochs * epoch))
+  warmup = int(round(s.warmup_epochs * epoch))
   if s.steps > 0:
     warmup = min(warmup, total - 1)
   o = config.optim

@@ -57,7 +57,7 @@ class Run:
   @property
   def steps_per_epoch(self) -> int:
     """Steps of one pass over the training split, as build.schedule counts an epoch."""
-    return max(1, len(self.train_source) // self.config.data.batch_size)
+    return build.steps_per_epoch(self.config, len(self.train_source))
 
   def eval_steps(self) -> frozenset[int]:
     """The steps before the last at which the run evaluates: multiples of evals.every_steps, or the
