@@ -28,6 +28,7 @@ from typing import Any
 import ml_collections
 
 from at_jax import metrics, storage
+from at_jax.experiment.paths import EXPORT_DIR
 
 TEACHER = "<teacher>"  # stands for the group's teacher export in overrides
 COPY = {"transfer.mode": "copy", "transfer.layers": "all"}
@@ -183,7 +184,7 @@ def restore(workdir: str, jobs: Sequence[Job], recorded: Mapping[str, Any]) -> l
   for job in jobs:
     if job.path not in recorded or read_results(workdir, job) is not None:
       continue
-    export = os.path.join(workdir, job.path, "params", "model_config.json")
+    export = os.path.join(workdir, job.path, EXPORT_DIR, "model_config.json")
     if (job.kind == "teacher" or job.path in needed) and not storage.exists(export):
       continue
     storage.write_atomic(job.done_file(workdir), json.dumps(recorded[job.path], indent=1))
@@ -221,8 +222,6 @@ def run_chunk(
 
 
 def _teacher_dir(workdir: str, which: str) -> str:
-  from at_jax.experiment.paths import EXPORT_DIR  # pylint: disable=import-outside-toplevel
-
   return os.path.join(workdir, "teachers", which, EXPORT_DIR)
 
 
@@ -304,7 +303,6 @@ def _ensemble_job(
     from at_jax.data import options as data_options  # pylint: disable=import-outside-toplevel
     from at_jax.data import pipeline, sources  # pylint: disable=import-outside-toplevel
     from at_jax.evaluate import ensembles  # pylint: disable=import-outside-toplevel
-    from at_jax.experiment.paths import EXPORT_DIR  # pylint: disable=import-outside-toplevel
     from at_jax.models import vit  # pylint: disable=import-outside-toplevel
 
     loaded = {}
