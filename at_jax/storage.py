@@ -68,6 +68,19 @@ def scandir(path: str) -> list[tuple[str, bool]]:
   )
 
 
+def copy_tree(source: str, destination: str) -> None:
+  """Copies the folder `source` (its files and subfolders) to `destination`, between disk and bucket
+  either way. Subfolders go before files, so that a marker file at the top (an export's
+  model_config.json) lands last and an interrupted copy is not taken for a whole one."""
+  for name, is_folder in sorted(scandir(source), key=lambda entry: not entry[1]):
+    src, dst = os.path.join(source, name), os.path.join(destination, name)
+    if is_folder:
+      copy_tree(src, dst)
+    else:
+      with open_file(src, "rb") as f:
+        write_atomic(dst, f.read())
+
+
 def mtime_ns(path: str) -> int | None:
   """A local file's or folder's mtime; None for a missing path and in a bucket (folders have none)."""
   if is_remote(path):

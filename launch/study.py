@@ -8,11 +8,12 @@ curve that fixes the student schedule, then the main, low-label and shift groups
 headline settings (scratch, fine-tune, copy, distill, feature distillation; `--seeds`), their ensembles,
 and the ablations (`--ablation_seeds`). A chunk runs the unfinished jobs in order while the next one fits
 in `--minutes` (estimated from finished jobs of its kind), then writes study.json (with a log of the
-chunks), study_results.md and plots to `--out`. Commit `--out` after each chunk: on a fresh machine the
-committed study.json restores the finished jobs (the teachers, whose weights are not committed, are trained
-again first: deterministic on CPU, about half an hour).
+chunks), study_results.md, plots and the teachers' exports (~1.3 MB each) to `--out`. Commit `--out` after
+each chunk: on a fresh machine the committed study.json and teachers restore the finished jobs. A study.json
+of other options (model, data size, epochs) is refused, not mixed in.
 """
 
+import dataclasses
 import json
 import os
 import statistics
@@ -32,6 +33,7 @@ flags.DEFINE_float("teacher_epochs", 20.0, "MAE pre-training epochs of each teac
 flags.DEFINE_integer(
   "curve_epochs", 40, "Longest scratch learning curve (one evaluation per epoch)."
 )
+flags.DEFINE_string("variant", "Mini/7", "The teachers' and students' ViT (model.variant).")
 flags.DEFINE_bool("report_only", False, "Only write the report of the finished jobs.")
 flags.DEFINE_list(
   "only", [], "Run only the jobs whose path starts with one of these (e.g. teachers,curve)."
@@ -72,14 +74,23 @@ def main(argv):
     train_examples=FLAGS.train_examples,
     teacher_epochs=FLAGS.teacher_epochs,
     curve_epochs=FLAGS.curve_epochs,
+    variant=FLAGS.variant,
   )
   jobs = study.build_jobs(options, workdir)
   committed = os.path.join(FLAGS.out, "study.json")
   if storage.exists(committed):  # a fresh machine continues from the committed record
     with storage.open_file(committed) as f:
-      restored = study.restore(workdir, jobs, json.load(f)["runs"])
-    if restored:
-      metrics.say(f"Restored {len(restored)} finished jobs from {committed}")
+      record = json.load(f)
+    try:
+      study.check_plan(record.get("plan"), options, committed)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from e
+    copied = study.copy_teachers(FLAGS.out, workdir)
+    restored = study.restore(workdir, jobs, record["runs"])
+    if copied or restored:
+      metrics.say(
+        f"From {FLAGS.out}: teacher exports {copied or 'none'}; {len(restored)} finished jobs"
+      )
   if FLAGS.list:
     for job in jobs:
       print(("done  " if study.read_results(workdir, job) else "      ") + job.path)
@@ -100,7 +111,8 @@ def main(argv):
     jobs=ran,
     jobs_left=left,
   )
-  text = study_report.write(workdir, jobs, FLAGS.out, chunk)
+  study.copy_teachers(workdir, FLAGS.out)  # committed with study.json: no session trains them again
+  text = study_report.write(workdir, jobs, FLAGS.out, chunk, plan=dataclasses.asdict(options))
   print(text, flush=True)
   metrics.say(
     f"{len(ran)} jobs run in {chunk['minutes']} min; {left} left"

@@ -29,6 +29,7 @@ import ml_collections
 
 from at_jax import metrics, storage
 from at_jax.experiment.paths import EXPORT_DIR
+from at_jax.models import vit
 
 TEACHER = "<teacher>"  # stands for the group's teacher export in overrides
 COPY = {"transfer.mode": "copy", "transfer.layers": "all"}
@@ -39,15 +40,12 @@ HEADLINE: dict[str, dict[str, Any]] = {
   "distill": {"transfer.mode": "distill"},  # the demo's layers 0-3 of 6 (end_layer:-2)
   "feature_distill": {"transfer.mode": "distill", "transfer.what": "features"},
 }
-ABLATIONS: dict[str, dict[str, Any]] = {
+ABLATIONS: dict[str, dict[str, Any]] = {  # one setting per question the paper's ablations ask
   "copy_q": {**COPY, "transfer.what": "q"},
   "copy_k": {**COPY, "transfer.what": "k"},
   "copy_v": {**COPY, "transfer.what": "v"},
   "copy_first2": {**COPY, "transfer.layers": "first:2"},
   "copy_last2": {**COPY, "transfer.layers": "last:2"},
-  "copy_first4": {**COPY, "transfer.layers": "first:4"},
-  "copy_last4": {**COPY, "transfer.layers": "last:4"},
-  "copy_heads1": {**COPY, "transfer.heads": "first:1"},
   "copy_heads2": {**COPY, "transfer.heads": "first:2"},
   "copy_averaged": {**COPY, "transfer.average": "images"},
 }
@@ -69,6 +67,7 @@ class Options:
 
   seeds: int = 3
   ablation_seeds: int = 2
+  variant: str = "Mini/7"  # teachers' and students' ViT (at_jax.models.vit.VARIANTS)
   train_examples: int = 10000
   teacher_epochs: float = 20.0
   curve_epochs: int = 40
@@ -122,6 +121,11 @@ def teacher_config(o: Options, which: str) -> ml_collections.ConfigDict:
   from configs import mae_fmnist  # pylint: disable=import-outside-toplevel
 
   c = mae_fmnist.get_config()
+  c.model.variant = o.variant
+  width = vit.decode_variant(o.variant)[
+    "width"
+  ]  # the decoder as wide as the encoder: MAE's cost is
+  c.mae.update(dict(decoder_width=width, decoder_mlp_dim=4 * width))  # mostly its 17-token decoder
   c.schedule.epochs = o.teacher_epochs
   c.schedule.warmup_epochs = max(c.schedule.warmup_epochs, o.teacher_epochs / 20)
   apply_overrides(c, TEACHER_DATA[which], "")
@@ -135,12 +139,14 @@ def student_config(
   seed: int,
   epochs: float,
   eval_every_epochs: float,
+  variant: str = Options.variant,
 ) -> ml_collections.ConfigDict:
-  """configs/demo.py's student with `data` and `overrides`, trained `epochs`, evaluated every
-  `eval_every_epochs` (so that the best evaluation is reported next to the last)."""
+  """configs/demo.py's student as a `variant` ViT with `data` and `overrides`, trained `epochs`,
+  evaluated every `eval_every_epochs` (so that the best evaluation is reported next to the last)."""
   from configs import demo  # pylint: disable=import-outside-toplevel
 
   c = demo.get_config()
+  c.model.variant = variant
   c.seed = seed
   c.teacher.pretrain = None
   c.teacher.init = teacher
@@ -190,6 +196,38 @@ def restore(workdir: str, jobs: Sequence[Job], recorded: Mapping[str, Any]) -> l
     storage.write_atomic(job.done_file(workdir), json.dumps(recorded[job.path], indent=1))
     restored.append(job.path)
   return restored
+
+
+def check_plan(recorded: Mapping[str, Any] | None, o: Options, path: str) -> None:
+  """Refuses to continue a study recorded in `path` under other Options: its results would be mixed
+  with this plan's (another model, data size or schedule)."""
+  wanted = dataclasses.asdict(o)
+  if recorded != wanted:
+    differ = sorted(k for k in wanted if (recorded or {}).get(k) != wanted[k])
+    raise ValueError(
+      f"{path} records a study with other options ({', '.join(differ)}: {recorded} vs {wanted}); "
+      "pass the same flags, or another --out to start a new study"
+    )
+
+
+def teacher_exports(root: str) -> dict[str, str]:
+  """which -> the folder of that teacher's export under `root` (a workdir, or --out where the exports
+  are committed: a teacher is ~1.3 MB, and training it again takes a quarter of an hour)."""
+  return {which: _teacher_dir(root, which) for which in TEACHER_DATA}
+
+
+def copy_teachers(source_root: str, destination_root: str) -> list[str]:
+  """Copies each finished teacher export from one root to another where it is missing; returns which."""
+  destinations = teacher_exports(destination_root)
+  copied = []
+  for which, source in teacher_exports(source_root).items():
+    done = os.path.join(source, "model_config.json")
+    if storage.exists(done) and not storage.exists(
+      os.path.join(destinations[which], "model_config.json")
+    ):
+      storage.copy_tree(source, destinations[which])
+      copied.append(which)
+  return copied
 
 
 def run_chunk(
@@ -252,9 +290,8 @@ def build_jobs(o: Options, workdir: str) -> list[Job]:
   ]
 
   def curve(run_dir: str) -> dict[str, Any]:
-    c = student_config(
-      HEADLINE["scratch"], main["data"], _teacher_dir(workdir, "full"), 0, o.curve_epochs, 1
-    )
+    teacher = _teacher_dir(workdir, "full")
+    c = student_config(HEADLINE["scratch"], main["data"], teacher, 0, o.curve_epochs, 1, o.variant)
     from at_jax.experiment import loop  # pylint: disable=import-outside-toplevel
 
     evals = loop.train_and_evaluate(c, run_dir)
@@ -272,8 +309,9 @@ def build_jobs(o: Options, workdir: str) -> list[Job]:
   def student(group: str, name: str, seed: int) -> Job:
     g = plan[group]
     overrides = g["settings"][name][0]
+    teacher = _teacher_dir(workdir, g["teacher"])
     config_fn = lambda: student_config(
-      overrides, g["data"], _teacher_dir(workdir, g["teacher"]), seed, epochs(), o.eval_every_epochs
+      overrides, g["data"], teacher, seed, epochs(), o.eval_every_epochs, o.variant
     )
     return Job(f"{group}/{name}/seed{seed}", _train(config_fn), "student")
 

@@ -206,16 +206,22 @@ def _save(fig, path: str) -> str:
   return path
 
 
-def write(workdir: str, jobs: Sequence[study.Job], out_dir: str, chunk: Mapping[str, Any]) -> str:
-  """Writes study.json (appending `chunk` to its chunk log), study_results.md and the plots to
-  `out_dir`; returns the Markdown."""
+def write(
+  workdir: str,
+  jobs: Sequence[study.Job],
+  out_dir: str,
+  chunk: Mapping[str, Any],
+  plan: Mapping[str, Any],
+) -> str:
+  """Writes study.json (the `plan`'s options, appending `chunk` to its chunk log), study_results.md and
+  the plots to `out_dir`; returns the Markdown."""
   storage.makedirs(out_dir)
   path = os.path.join(out_dir, "study.json")
   chunks = []
   if storage.exists(path):
     with storage.open_file(path) as f:
       chunks = json.load(f).get("chunks", [])
-  collected = collect(workdir, jobs)
+  collected = {"plan": dict(plan), **collect(workdir, jobs)}
   text = markdown(collected)
   collected["chunks"] = [*chunks, dict(chunk)]
   collected["findings"] = findings(collected["summary"])

@@ -1,6 +1,7 @@
 """The miniature study's plan, chunking and report (launch/study.py), without training: the schedule rule,
 the job order, a chunk that stops at its budget and resumes, and the findings read from results."""
 
+import dataclasses
 import json
 import os
 
@@ -43,6 +44,9 @@ def test_student_configs_carry_the_group_and_setting():
     5,
   )
   assert (c.model.init, c.teacher.init, c.seed) == ("/t/params", "/t/params", 2)
+  teacher = study.teacher_config(study.Options(), "unlabelled")
+  assert c.model.variant == teacher.model.variant == "Mini/7"  # copy needs the teacher's shape
+  assert (teacher.mae.decoder_width, teacher.data.train_split) == (64, "train[10%:]")
   assert (c.data.name, c.data.train_split, c.schedule.epochs, c.evals.every_epochs) == (
     "mnist_5k",
     "train",
@@ -81,6 +85,15 @@ def _write(workdir, path, **results):
     json.dump({"wall_s": 60.0, **results}, f)
 
 
+def _fake_export(workdir: str, path: str) -> str:
+  """A folder shaped like an export: model_config.json beside a nested params folder."""
+  export = os.path.join(workdir, path)
+  os.makedirs(os.path.join(export, "params", "d"))
+  open(os.path.join(export, "model_config.json"), "w").write('{"variant": "Mini/7"}')
+  open(os.path.join(export, "params", "d", "0"), "w").write("weights")
+  return export
+
+
 def test_report_summarises_seeds_and_tests_the_findings(tmp_path):
   workdir, out = str(tmp_path / "w"), str(tmp_path / "out")
   o = study.Options(seeds=2, ablation_seeds=1)
@@ -91,8 +104,13 @@ def test_report_summarises_seeds_and_tests_the_findings(tmp_path):
     for name, top1 in (("scratch", 80), ("finetune", 84), ("copy", 82), ("distill", 83.5)):
       _write(workdir, f"main/{name}/seed{seed}", top1=top1 + shift, best_top1=top1 + shift + 0.5)
     _write(workdir, f"main/ens_finetune_distill/seed{seed}", top1=85.0 + shift)
-  text = study_report.write(workdir, jobs, out, {"minutes": 1.0})
+  text = study_report.write(workdir, jobs, out, {"minutes": 1.0}, dataclasses.asdict(o))
   saved = json.load(open(os.path.join(out, "study.json")))
+  study.check_plan(saved["plan"], o, "study.json")  # the record names the options it was run with
+  with pytest.raises(ValueError, match=r"study.json records a study with other options \(seeds"):
+    study.check_plan(saved["plan"], study.Options(seeds=3, ablation_seeds=1), "study.json")
+  with pytest.raises(ValueError, match="other options"):  # a record from before plans were recorded
+    study.check_plan(None, o, "study.json")
   assert saved["summary"]["main"]["scratch"]["top1"] == [80.5, 0.5, 2]
   assert saved["summary"]["main"]["copy"]["best_top1"] == [83.0, 0.5, 2]
   holds = {f["finding"]: f["holds"] for f in saved["findings"]}
@@ -102,7 +120,7 @@ def test_report_summarises_seeds_and_tests_the_findings(tmp_path):
   assert holds["feature distillation is below attention distillation"] == "n/a"  # not run yet
   assert "| scratch" in text and "80.50 +- 0.50 (2)" in text
   assert len(saved["chunks"]) == 1
-  study_report.write(workdir, jobs, out, {"minutes": 2.0})  # the next chunk appends to the log
+  study_report.write(workdir, jobs, out, {"minutes": 2.0}, {})  # the next chunk appends to the log
   assert [c["minutes"] for c in json.load(open(os.path.join(out, "study.json")))["chunks"]] == [
     1.0,
     2.0,
@@ -120,10 +138,21 @@ def test_the_report_goes_to_a_bucket_as_to_disk(tmp_path, gcs_bucket):
   workdir, out = str(tmp_path / "w"), f"{gcs_bucket[0]}/study_out"
   jobs = study.build_jobs(study.Options(seeds=1, ablation_seeds=1), workdir)
   _write(workdir, "main/scratch/seed0", top1=80.0)
-  study_report.write(workdir, jobs, out, {"minutes": 1.0})
+  study_report.write(workdir, jobs, out, {"minutes": 1.0}, {})
   with storage.open_file(f"{out}/study.json") as f:
     assert json.load(f)["summary"]["main"]["scratch"]["top1"] == [80.0, 0.0, 1]
   assert "study_groups.png" in storage.listdir(out)
+  # The teachers' exports travel with the record: to the bucket, and from it to a fresh workdir.
+  export = _fake_export(workdir, "teachers/full/params")
+  assert study.copy_teachers(workdir, out) == ["full"]
+  assert study.copy_teachers(workdir, out) == []  # already there
+  fresh = str(tmp_path / "fresh")
+  assert study.copy_teachers(out, fresh) == ["full"]
+  for name in ("model_config.json", "params/d/0"):
+    assert (
+      open(os.path.join(fresh, "teachers/full/params", name)).read()
+      == open(os.path.join(export, name)).read()
+    )
 
 
 def test_a_fresh_machine_continues_from_the_committed_record(tmp_path):
@@ -137,9 +166,7 @@ def test_a_fresh_machine_continues_from_the_committed_record(tmp_path):
   restored = study.restore(workdir, jobs, recorded)
   # No teacher without its weights; the finetune run is needed by the pending finetune + distill ensemble.
   assert restored == ["curve", "main/scratch/seed0", "main/ens_finetune_scratch/seed0"]
-  export = os.path.join(workdir, "teachers/full/params")
-  os.makedirs(export)
-  open(os.path.join(export, "model_config.json"), "w").write("{}")
+  _fake_export(workdir, "teachers/full/params")
   assert study.restore(workdir, jobs, recorded) == ["teachers/full"]
   by_path = {job.path: job for job in jobs}
   assert study.read_results(workdir, by_path["curve"]) == {"top1": 1.0}
