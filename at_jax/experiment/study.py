@@ -122,10 +122,9 @@ def teacher_config(o: Options, which: str) -> ml_collections.ConfigDict:
 
   c = mae_fmnist.get_config()
   c.model.variant = o.variant
-  width = vit.decode_variant(o.variant)[
-    "width"
-  ]  # the decoder as wide as the encoder: MAE's cost is
-  c.mae.update(dict(decoder_width=width, decoder_mlp_dim=4 * width))  # mostly its 17-token decoder
+  # The decoder as wide as the encoder: most of MAE's cost is its decoder over all 17 tokens.
+  width = vit.decode_variant(o.variant)["width"]
+  c.mae.update(dict(decoder_width=width, decoder_mlp_dim=4 * width))
   c.schedule.epochs = o.teacher_epochs
   c.schedule.warmup_epochs = max(c.schedule.warmup_epochs, o.teacher_epochs / 20)
   apply_overrides(c, TEACHER_DATA[which], "")
@@ -210,22 +209,16 @@ def check_plan(recorded: Mapping[str, Any] | None, o: Options, path: str) -> Non
     )
 
 
-def teacher_exports(root: str) -> dict[str, str]:
-  """which -> the folder of that teacher's export under `root` (a workdir, or --out where the exports
-  are committed: a teacher is ~1.3 MB, and training it again takes a quarter of an hour)."""
-  return {which: _teacher_dir(root, which) for which in TEACHER_DATA}
-
-
 def copy_teachers(source_root: str, destination_root: str) -> list[str]:
-  """Copies each finished teacher export from one root to another where it is missing; returns which."""
-  destinations = teacher_exports(destination_root)
+  """Copies each finished teacher export from one root (a workdir, or --out where the exports are
+  committed: a teacher is ~1.3 MB, training it again ~20 min) to another where it is missing; returns
+  which. An export is finished once its model_config.json is written (storage.copy_tree writes it last)."""
   copied = []
-  for which, source in teacher_exports(source_root).items():
-    done = os.path.join(source, "model_config.json")
-    if storage.exists(done) and not storage.exists(
-      os.path.join(destinations[which], "model_config.json")
-    ):
-      storage.copy_tree(source, destinations[which])
+  for which in TEACHER_DATA:
+    source, destination = _teacher_dir(source_root, which), _teacher_dir(destination_root, which)
+    finished = lambda export: storage.exists(os.path.join(export, "model_config.json"))
+    if finished(source) and not finished(destination):
+      storage.copy_tree(source, destination)
       copied.append(which)
   return copied
 

@@ -45,12 +45,8 @@ VARIANTS: dict[str, tuple[int, int, int, int]] = {
   "L": (1024, 24, 4096, 16),
   "H": (1280, 32, 5120, 16),
   "Mu": (128, 6, 512, 4),
-  "Mini": (
-    64,
-    6,
-    256,
-    4,
-  ),  # the study's (docs/study.md): the demo's depth and heads at half the width
+  # The study's (docs/study.md): the demo's depth and heads at half the width.
+  "Mini": (64, 6, 256, 4),
   "Nano": (64, 4, 256, 2),
   "Pico": (32, 2, 64, 2),
 }
