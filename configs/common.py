@@ -14,6 +14,7 @@ def model(**overrides) -> dict:
     init="", arch="own", variant="B/16", num_classes=1000, pool="gap", class_token=True,
     qkv_bias=True, drop_path=0.0, head_init_std=0.02, dtype_mm="float32", scan=False,
     remat_policy="none", attention_impl="materialized", posemb="learned", weight_init="timm",
+    feature_dim=0,
   )  # fmt: skip
   unknown = sorted(set(overrides) - set(fields))
   if unknown:

@@ -16,7 +16,7 @@ there, else from tfds prepared in ``--shift_dir`` (as its data dir: one folder c
 ImageNet-A/R `imagenet-a/<wnid>/*.jpg` (200 wnid folders), Sketch `sketch/<wnid>/*.JPEG` (1000; or
 `ImageNet-Sketch/sketch/`, as the Hugging Face archive unpacks),
 V2 `imagenetv2-matched-frequency-format-val/<0..999>/*.jpeg` (folders named by label index, as tfds'
-builder reads them), ReaL the ImageNet validation images `val/` (flat or in wnid folders) named
+builder reads them; `-threshold0.7-` and `-top-images-` for its other two samplings), ReaL the ImageNet validation images `val/` (flat or in wnid folders) named
 `ILSVRC2012_val_<8 digits>.JPEG`. tfds: split ``test`` (``validation`` for `imagenet2012_real`), whose
 labels are ImageNet-1k indices (tfds' ClassLabel over the same sorted wnids).
 """
@@ -56,7 +56,10 @@ class ShiftSet(NamedTuple):
 
 
 SETS: dict[str, ShiftSet] = {
+  # ImageNet-V2's three samplings, by tfds' names; the default (matched frequency) is the one papers cite.
   "imagenet_v2": ShiftSet("test", ("imagenetv2-matched-frequency-format-val",), "index"),
+  "imagenet_v2/threshold-0.7": ShiftSet("test", ("imagenetv2-threshold0.7-format-val",), "index"),
+  "imagenet_v2/topimages": ShiftSet("test", ("imagenetv2-top-images-format-val",), "index"),
   "imagenet2012_real": ShiftSet("validation", ("val",), "val"),
   "imagenet_a": ShiftSet("test", ("imagenet-a",), "wnid", "imagenet_a"),
   "imagenet_r": ShiftSet("test", ("imagenet-r",), "wnid", "imagenet_r"),

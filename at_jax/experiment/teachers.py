@@ -134,15 +134,38 @@ def teacher_model_config(config: ml_collections.ConfigDict, workdir: str) -> dic
   return checkpoint.read_model_config(teacher_path(config, workdir))  # raises, naming teacher.init
 
 
+def _distils_features(config: ml_collections.ConfigDict) -> bool:
+  return config.transfer.mode == "distill" and config.transfer.get("what", "attn") == "features"
+
+
+def _with_feature_head(config: ml_collections.ConfigDict, workdir: str, fields: dict) -> dict:
+  """`fields` with `feature_dim` set to the teacher's width where feature distillation needs the
+  projection (widths differ and model.feature_dim is 0); an explicit one is checked by `spec.resolve`."""
+  if fields.get("feature_dim", 0) and not _distils_features(config):
+    raise ConfigError(
+      "model.feature_dim",
+      f"{fields['feature_dim']}: the feature projection serves transfer.what='features' in distill "
+      "mode only; set model.feature_dim=0",
+    )
+  if not _distils_features(config) or fields.get("feature_dim", 0):
+    return fields
+  teacher_width = vit.build(teacher_model_config(config, workdir)).width
+  student_width = vit.build(fields).width
+  return fields if teacher_width == student_width else {**fields, "feature_dim": teacher_width}
+
+
 def model_config(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """The student's ViT fields; `model.arch = "teacher"` mirrors the teacher's architecture."""
+  """The student's ViT fields; `model.arch = "teacher"` mirrors the teacher's architecture. Feature
+  distillation from a teacher of another width adds the projection head (`ViT.feature_dim`)."""
   fields = config.model.to_dict()
   fields.pop("init", None)
   arch = fields.pop("arch", "own")
   if arch == "own":
-    return fields
+    return _with_feature_head(config, workdir, fields)
   if arch == "teacher":
-    return vit.mirror(teacher_model_config(config, workdir), fields)
+    return _with_feature_head(
+      config, workdir, vit.mirror(teacher_model_config(config, workdir), fields)
+    )
   raise ConfigError(
     "model.arch",
     f"{arch!r}: use 'own' (the fields of config.model) or 'teacher' (the "

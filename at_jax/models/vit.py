@@ -100,6 +100,9 @@ class ViT(nn.Module):
       resampling treat it as any table, and fine-tuning from it starts where MAE's does; the module stops
       its gradient and the optimizer never decays it, so training leaves it as it is.
     weight_init: `inits.WEIGHT_INITS`: "timm" (the paper's student) or "mae" (MAE's pre-training).
+    feature_dim: > 0 adds a trained linear map of each block's output to this width, `feature_proj`
+      (out["projected_features"]), so features can be distilled from a teacher of another width. It is
+      a training head: exports drop it (`export_view`), as MAE's exports drop its decoder.
   """
 
   num_classes: int
@@ -126,6 +129,7 @@ class ViT(nn.Module):
   attention_impl: str = "materialized"
   posemb: str = "learned"
   weight_init: str = "timm"
+  feature_dim: int = 0
 
   @property
   def num_prefix(self) -> int:
@@ -243,6 +247,10 @@ class ViT(nn.Module):
       self.depth, self._arch(), self.scan, self.remat_policy, want_qkv, name="Transformer"
     )(x_BND, override, drop_masks, attn_target)
     out["tokens"] = x_BND
+    if self.feature_dim:
+      out["projected_features"] = FeatureProjection(
+        self.feature_dim, self.dtype_mm, name="feature_proj"
+      )(out["features"])
     pre_BD = self._pool(x_BND)
     out["pre_logits"] = pre_BD
     if self.num_classes == 0:
@@ -256,6 +264,23 @@ class ViT(nn.Module):
 
   def tokens_for(self, image_size: int) -> int:
     return (image_size // self.patch_size) ** 2 + self.num_prefix
+
+
+class FeatureProjection(nn.Module):
+  """One linear map per layer, [L, B, N, D] -> [L, B, N, features]: kernel [L, D, F], bias [L, F]."""
+
+  features: int
+  dtype_mm: str = "float32"
+
+  @nn.compact
+  def __call__(self, x_LBND: Array) -> Array:
+    depth, width = x_LBND.shape[0], x_LBND.shape[-1]
+    kernel_init = nn.initializers.xavier_uniform(in_axis=-2, out_axis=-1, batch_axis=(0,))
+    kernel_LDF = self.param("kernel", kernel_init, (depth, width, self.features))
+    bias_LF = self.param("bias", nn.initializers.zeros, (depth, self.features))
+    mm = jnp.dtype(self.dtype_mm)
+    y_LBNF = jnp.einsum("lbnd,ldf->lbnf", x_LBND.astype(mm), kernel_LDF.astype(mm))
+    return y_LBNF.astype(jnp.float32) + bias_LF[:, None, None, :]
 
 
 # Fields that belong to the training recipe, not the architecture: a student that mirrors its teacher
@@ -273,6 +298,7 @@ RECIPE_FIELDS = (
   "attention_impl",
   "posemb",
   "weight_init",
+  "feature_dim",
 )
 
 
@@ -323,6 +349,13 @@ def build(model_config: Mapping[str, Any]) -> ViT:
 def model_fields(model: ViT) -> dict[str, Any]:
   """The plain-dict description of `model` that `build` accepts (stored beside exported params)."""
   return {k: getattr(model, k) for k in ViT.__dataclass_fields__ if k not in ("parent", "name")}
+
+
+def export_view(model: ViT, params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+  """The fields and params of `model` as exported and evaluated: without the training-only
+  `feature_proj` head (`ViT.feature_dim`), so an export is the same ViT whatever it was distilled from."""
+  fields = {**model_fields(model), "feature_dim": 0}
+  return fields, {k: v for k, v in params.items() if k != "feature_proj"}
 
 
 def truncate(model: ViT, params: Mapping[str, Any], depth: int) -> tuple[ViT, dict[str, Any]]:

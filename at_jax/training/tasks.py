@@ -72,7 +72,7 @@ def classify_task(
     name="classify",
     init_params=classify.params_initializer(model, image_size),
     make_steps=make_steps,
-    export=lambda params: (vit.model_fields(model), params),
+    export=lambda params: vit.export_view(model, params),
   )
 
 

@@ -65,7 +65,9 @@ def distill_loss(
   """
   layers = np.asarray(transfer.layers)
   if transfer.what == "features":  # the paper's baseline: summed over layers, no heads
-    per_S = feature_loss(student_out["features"][layers], teacher_targets["features"])
+    # Projected to the teacher's width where the student has the head (`ViT.feature_dim`).
+    student_LBND = student_out.get("projected_features", student_out["features"])
+    per_S = feature_loss(student_LBND[layers], teacher_targets["features"])
     return transfer.weight * per_S.sum()
   if transfer.what == "attn" and "attn_ce" in student_out:
     per_SH = student_out["attn_ce"][layers]

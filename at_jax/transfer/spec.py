@@ -7,7 +7,8 @@ Mode is static Python (it changes the program):
   distill  the student computes its own attention; an extra loss (weight `transfer.weight`) pulls it to the
            teacher's: cross-entropy over keys for `attn`, mean squared error for `q`/`k`/`v`. `features`
            is the paper's baseline, not attention transfer: the selected blocks' outputs (the residual
-           stream) are pulled to the teacher's, normalised per token (`loss.feature_loss`).
+           stream) are pulled to the teacher's, normalised per token (`loss.feature_loss`), through a
+           trained linear map where the widths differ (`ViT.feature_dim`).
 What the teacher hands over is in `targets` (the teacher's forward pass, stored targets, the student's
 override or attention target), the distillation loss in `loss`.
 """
@@ -192,6 +193,17 @@ def _check_features(mode: str, source: str, heads: Any) -> None:
     raise ConfigError("transfer.heads", f"{heads!r}: 'features' have no heads; use 'all'")
 
 
+def _check_feature_width(student: Any, teacher: Any) -> None:
+  """The student's features reach the teacher's width directly or through its `feature_proj` head."""
+  student_width = student.feature_dim or student.width
+  if student_width != teacher.width:
+    raise ConfigError(
+      "model.feature_dim",
+      f"{student.feature_dim}: the student's features are {student_width} wide and the teacher's "
+      f"{teacher.width}; set model.feature_dim={teacher.width} (or 0, which sets it when widths differ)",
+    )
+
+
 def _check_teacher(student: Any, teacher: Any, layers: tuple[int, ...], what: str, image_size: int):
   """ConfigError unless `teacher` can hand `student` its `what` in `layers` at `image_size`."""
   if teacher.depth <= max(layers):
@@ -212,12 +224,13 @@ def _check_teacher(student: Any, teacher: Any, layers: tuple[int, ...], what: st
       f"teacher sees {teacher_tokens} tokens per image and the student "
       f"{student_tokens} at {image_size}px; match model.patch_size/class_token to the teacher",
     )
-  if what != "attn" and teacher.width != student.width:
+  if what == "features":
+    _check_feature_width(student, teacher)
+  elif what != "attn" and teacher.width != student.width:
     raise ConfigError(
       "teacher.init",
       f"transferring {what!r} needs equal widths (teacher "
-      f"{teacher.width}, student {student.width}, model.width)"
-      + ("; no projection between widths is built" if what == "features" else ""),
+      f"{teacher.width}, student {student.width}, model.width)",
     )
   if student.drop_path > 0 and teacher.depth != student.depth:
     raise ConfigError(

@@ -121,11 +121,19 @@ def test_wnid_folders_of_a_and_r_and_sketch(tmp_path):
   assert e.value.field == "--shift_dir"
 
 
-def test_v2_folders_are_label_indices(tmp_path):
-  root = tmp_path / "imagenetv2-matched-frequency-format-val"
+@pytest.mark.parametrize(
+  "name, folder",
+  [
+    ("imagenet_v2", "imagenetv2-matched-frequency-format-val"),
+    ("imagenet_v2/threshold-0.7", "imagenetv2-threshold0.7-format-val"),
+    ("imagenet_v2/topimages", "imagenetv2-top-images-format-val"),
+  ],
+)
+def test_v2_folders_are_label_indices(tmp_path, name, folder):
+  root = tmp_path / folder
   for label in (7, 10, 999):  # sorted as text "10" < "7" < "999": the label must not be the rank
     _jpeg(str(root / str(label) / "abc.jpeg"), label)
-  source, _ = shift.make_source("imagenet_v2", str(tmp_path))
+  source, _ = shift.make_source(name, str(tmp_path))
   assert sorted(source[i]["label"] for i in range(3)) == [7, 10, 999]
   batch = next(
     pipeline.eval_iterator(
@@ -161,10 +169,12 @@ def test_missing_set_says_folder_or_tfds(tmp_path):
 
 
 def _prepare_tfds(data_dir: str, name: str, split: str, examples: list[dict]) -> None:
-  """Prepares `examples` as ArrayRecord under tfds' own builder of `name` (its features, its label names,
-  its version), generated from the given records instead of the release's download."""
+  """Prepares `examples` as ArrayRecord under tfds' own builder of `name` ("dataset" or
+  "dataset/config": its features, its label names, its version), generated from the given records
+  instead of the release's download."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
+  name, _, config = name.partition("/")
   base = tfds.builder_cls(name)
   with tfds.core.registered.skip_registration():
 
@@ -180,7 +190,8 @@ def _prepare_tfds(data_dir: str, name: str, split: str, examples: list[dict]) ->
           yield str(i), record
 
   StandIn.name = name
-  StandIn(data_dir=data_dir, file_format="array_record").download_and_prepare()
+  kwargs = {"config": config} if config else {}
+  StandIn(data_dir=data_dir, file_format="array_record", **kwargs).download_and_prepare()
 
 
 def _pil(seed: int) -> Image.Image:
@@ -209,3 +220,8 @@ def test_tfds_imagenet_a_and_real(tmp_path):
   _prepare_tfds(str(tmp_path), "imagenet2012_real", "validation", real)
   source, _ = shift.make_source("imagenet2012_real", str(tmp_path))
   assert sorted(source[i]["label"] for i in range(3)) == [0, 1, 6]
+  # A V2 sampling other than the default is its tfds config: labels are ImageNet-1k indices.
+  v2 = [{"image": _pil(j), "label": j, "file_name": f"{j}.jpeg"} for j in (3, 998)]
+  _prepare_tfds(str(tmp_path), "imagenet_v2/topimages", "test", v2)
+  source, where = shift.make_source("imagenet_v2/topimages", str(tmp_path))
+  assert where == f"tfds:{tmp_path}" and sorted(source[i]["label"] for i in range(2)) == [3, 998]

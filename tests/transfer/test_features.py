@@ -6,7 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from at_jax import checkpoint
 from at_jax.errors import ConfigError
+from at_jax.experiment import teachers
+from at_jax.models import vit
 from at_jax.transfer import loss, spec, targets
 from tests.transfer.conftest import S, build_model, resolve_distill
 
@@ -76,13 +79,62 @@ def test_settings_that_cannot_distill_features_name_their_field(setup, cfg, fiel
   assert e.value.field == field
 
 
-def test_widths_must_match_heads_need_not():
+def test_heads_need_not_match_and_other_widths_need_the_projection():
   student = build_model()
   other_heads = build_model(num_heads=1)
   assert spec.resolve({"mode": "distill", "what": "features"}, student, other_heads, S).active
-  with pytest.raises(ConfigError, match="no projection") as e:
-    spec.resolve({"mode": "distill", "what": "features"}, student, build_model(width=24), S)
+  wide_teacher = build_model(width=48)
+  for unfit in (student, build_model(feature_dim=40)):
+    with pytest.raises(ConfigError, match="model.feature_dim=48") as e:
+      spec.resolve({"mode": "distill", "what": "features"}, unfit, wide_teacher, S)
+    assert e.value.field == "model.feature_dim"
+  with pytest.raises(ConfigError) as e:  # q/k/v have no projection: their widths must match
+    spec.resolve({"mode": "distill", "what": "q"}, build_model(feature_dim=48), wide_teacher, S)
   assert e.value.field == "teacher.init"
+
+
+def test_a_narrower_student_distils_through_its_trained_projection(setup):
+  *_, images = setup
+  student, teacher = build_model(feature_dim=48), build_model(width=48)
+  sp = student.init(jax.random.key(3), images, train=False)["params"]
+  tp = teacher.init(jax.random.key(4), images, train=False)["params"]
+  assert sp["feature_proj"]["kernel"].shape == (4, 32, 48)
+  transfer = resolve_distill(student, teacher, what="features", layers="1,3")
+  teacher_targets = targets.run_teacher(teacher, tp, images, transfer)
+  s_blocks = _block_outputs(student, sp, images)[[1, 3]]
+  proj = sp["feature_proj"]
+  projected = np.einsum("lbnd,ldf->lbnf", s_blocks, np.asarray(proj["kernel"])[[1, 3]])
+  projected = projected + np.asarray(proj["bias"])[[1, 3], None, None]
+  expected = 3.0 * np.sum(loss.feature_loss(jnp.asarray(projected), teacher_targets["features"]))
+  distill = lambda p: loss.distill_loss(
+    student.apply({"params": p}, images, train=False)[1], teacher_targets, transfer
+  )
+  np.testing.assert_allclose(distill(sp), expected, rtol=1e-5)
+  grads = jax.grad(distill)(sp)["feature_proj"]["kernel"]
+  assert float(jnp.abs(grads[1]).max()) > 0 and float(jnp.abs(grads[0]).max()) == 0
+  # The export is the ViT without the head: same logits, no feature_proj, feature_dim 0.
+  fields, exported = vit.export_view(student, sp)
+  assert fields["feature_dim"] == 0 and "feature_proj" not in exported
+  np.testing.assert_allclose(
+    vit.build(fields).apply({"params": exported}, images, train=False)[0],
+    student.apply({"params": sp}, images, train=False)[0],
+    rtol=1e-6,
+  )
+
+
+def test_the_student_config_gains_the_projection_when_widths_differ(tiny_config, tmp_path):
+  teacher = vit.build({"variant": "Mini/7", "num_classes": 0})
+  tp = teacher.init(jax.random.key(0), jnp.zeros((1, 28, 28, 3)), train=False)["params"]
+  checkpoint.save_params(str(tmp_path / "teacher"), tp, vit.model_fields(teacher))
+  config = tiny_config(mode="distill", what="features")
+  config.teacher.init = str(tmp_path / "teacher")
+  assert teachers.model_config(config, str(tmp_path))["feature_dim"] == 64  # Pico is 32 wide
+  config.transfer.what = "attn"
+  assert teachers.model_config(config, str(tmp_path))["feature_dim"] == 0
+  config.model.feature_dim = 64  # only feature distillation trains the head
+  with pytest.raises(ConfigError) as e:
+    teachers.model_config(config, str(tmp_path))
+  assert e.value.field == "model.feature_dim"
 
 
 def test_the_train_loss_adds_feature_distillation(setup):
