@@ -28,6 +28,7 @@ from typing import Any
 import ml_collections
 
 from at_jax import metrics, storage
+from at_jax.experiment import study_analysis
 from at_jax.experiment.paths import EXPORT_DIR
 from at_jax.models import vit
 
@@ -274,7 +275,8 @@ def _train(config_fn: Callable[[], ml_collections.ConfigDict]) -> Callable[[str]
 
 def build_jobs(o: Options, workdir: str) -> list[Job]:
   """Every job of the study, in the order a chunk runs them: teachers, the curve, the main group's
-  headline settings seed by seed, its ensembles, the low-label and shift groups, then the ablations."""
+  headline settings seed by seed, each seed's ensembles and analysis (`study_analysis`), the low-label
+  and shift groups, then the ablations."""
   plan = groups(o)
   main = plan["main"]
   jobs = [
@@ -319,6 +321,7 @@ def build_jobs(o: Options, workdir: str) -> list[Job]:
         _ensemble_job(workdir, group, plan[group]["data"], members, name, seed)
         for members, name in ENSEMBLES
       ]
+      jobs.append(_analysis_job(workdir, group, plan[group], seed))
   ablations = [n for n in main["settings"] if n in ABLATIONS]
   for seed in range(o.ablation_seeds):
     jobs += [student("main", name, seed) for name in ablations]
@@ -354,3 +357,18 @@ def _ensemble_job(
 
   needs = tuple(f"{group}/{member}/seed{seed}" for member in members)
   return Job(f"{group}/{name}/seed{seed}", run, "ensemble", needs)
+
+
+def _analysis_job(workdir: str, group: str, g: Mapping[str, Any], seed: int) -> Job:
+  """Probes and attention similarity (`study_analysis.analyse`) of the group's teacher and students."""
+  students = {name: f"{group}/{name}/seed{seed}" for name in study_analysis.ANALYSED}
+  teacher = f"teachers/{g['teacher']}"
+
+  def run(run_dir: str) -> dict[str, Any]:
+    del run_dir
+    exports = {"teacher": os.path.join(workdir, teacher, EXPORT_DIR)}
+    exports.update({n: os.path.join(workdir, p, EXPORT_DIR) for n, p in students.items()})
+    data = student_config({}, g["data"], "", seed, 1, 1).data
+    return study_analysis.analyse(exports, data)
+
+  return Job(f"{group}/analysis/seed{seed}", run, "analysis", (teacher, *students.values()))

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from at_jax import metrics, storage
-from at_jax.experiment import study
+from at_jax.experiment import study, study_analysis
 
 # ImageNet-1K top-1 of ViT-L/16 with an MAE ViT-L teacher (the paper's Table 1 and section 2.4).
 PAPER_TOP1 = {
@@ -26,6 +26,7 @@ PAPER_TOP1 = {
   "ens_finetune_distill": 86.3,
 }
 METRICS = ("top1", "ema_top1", "best_top1", "best_ema_top1")
+JSD_SHOWN = ("no_matching", "hungarian", "head_averaged")  # of similarity.Similarity.schemes
 
 
 def collect(workdir: str, jobs: Sequence[study.Job]) -> dict[str, Any]:
@@ -39,7 +40,7 @@ def collect(workdir: str, jobs: Sequence[study.Job]) -> dict[str, Any]:
   by_setting: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
   for path, results in runs.items():
     parts = path.split("/")
-    if len(parts) == 3 and parts[2].startswith("seed"):
+    if len(parts) == 3 and parts[2].startswith("seed") and parts[1] != "analysis":
       by_setting.setdefault((parts[0], parts[1]), []).append(results)
   for (group, setting), results in sorted(by_setting.items()):
     row = {}
@@ -49,7 +50,8 @@ def collect(workdir: str, jobs: Sequence[study.Job]) -> dict[str, Any]:
         row[name] = [float(np.mean(values)), float(np.std(values)), len(values)]
     summary.setdefault(group, {})[setting] = row
   wall = sum(r.get("wall_s", 0.0) for r in runs.values())
-  return {"runs": runs, "summary": summary, "wall_hours": wall / 3600}
+  analysis = study_analysis.summarise(runs)
+  return {"runs": runs, "summary": summary, "analysis": analysis, "wall_hours": wall / 3600}
 
 
 def _mean(summary: Mapping[str, Any], group: str, setting: str, metric: str = "top1") -> float:
@@ -135,11 +137,38 @@ def markdown(collected: Mapping[str, Any]) -> str:
     out.append(
       f"### {group}\n\n" + metrics.format_table(rows, ["setting", *METRICS, "paper (ImageNet)"])
     )
+  for group, found in collected.get("analysis", {}).items():
+    out.append(_analysis_markdown(group, found))
   out.append(
     "### Findings (main group, last evaluation)\n\n"
     + metrics.format_table(findings(collected["summary"]), ["finding", "holds", "numbers"])
   )
   return "\n\n".join(out) + "\n"
+
+
+def _analysis_markdown(group: str, found: Mapping[str, Any]) -> str:
+  """The probes (top-1, mean +- std) and the JSD to the teacher (mean over layers) of each model."""
+  rows = []
+  for name, probed in found["probes"].items():
+    jsd = found["jsd"].get(name, {})
+    rows.append(
+      {
+        "model": name,
+        **{f"{p} probe": _cell(probed, p) for p in study_analysis.PROBES},
+        **{f"JSD {k}": f"{np.mean(jsd[k]):.3f}" if k in jsd else "" for k in JSD_SHOWN},
+        "JSD per layer (Hungarian)": " ".join(f"{v:.2f}" for v in jsd.get("hungarian", [])),
+      }
+    )
+  columns = [
+    "model",
+    *(f"{p} probe" for p in study_analysis.PROBES),
+    *(f"JSD {k}" for k in JSD_SHOWN),
+    "JSD per layer (Hungarian)",
+  ]
+  return (
+    f"### {group}: frozen-feature probes (test top-1 %) and attention JSD to the teacher (nats), "
+    f"{found['seeds']} seeds\n\n" + metrics.format_table(rows, columns)
+  )
 
 
 def _bars(ax, summary: Mapping[str, Any], group: str, names: Sequence[str], title: str) -> None:
@@ -155,7 +184,8 @@ def _bars(ax, summary: Mapping[str, Any], group: str, names: Sequence[str], titl
 
 
 def plots(collected: Mapping[str, Any], out_dir: str) -> list[str]:
-  """study_groups.png (headline settings per group), study_ablations.png, study_curve.png."""
+  """study_groups.png (headline settings per group), study_ablations.png, study_analysis.png (the main
+  group's probes and attention similarity), study_curve.png."""
   import matplotlib  # pylint: disable=import-outside-toplevel
 
   matplotlib.use("Agg")
@@ -176,6 +206,9 @@ def plots(collected: Mapping[str, Any], out_dir: str) -> list[str]:
     fig.tight_layout()
     written.append(_save(fig, os.path.join(out_dir, file_name)))
     plt.close(fig)
+  main = collected.get("analysis", {}).get("main")
+  if main:
+    written.append(_analysis_plot(plt, main, os.path.join(out_dir, "study_analysis.png")))
   curve = collected["runs"].get("curve")
   if curve:
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
@@ -197,6 +230,31 @@ def plots(collected: Mapping[str, Any], out_dir: str) -> list[str]:
     written.append(_save(fig, os.path.join(out_dir, "study_curve.png")))
     plt.close(fig)
   return written
+
+
+def _analysis_plot(plt, found: Mapping[str, Any], path: str) -> str:
+  """Probe top-1 per model (bars) and each student's per-layer JSD to the teacher (Hungarian)."""
+  fig, (probe_ax, jsd_ax) = plt.subplots(1, 2, figsize=(10, 3.4))
+  names = list(found["probes"])
+  x = np.arange(len(names))
+  for i, p in enumerate(study_analysis.PROBES):
+    means = [found["probes"][n][p][0] for n in names]
+    stds = [found["probes"][n][p][1] for n in names]
+    probe_ax.bar(x + 0.4 * i, means, 0.4, yerr=stds, capsize=3, label=f"{p} probe")
+  probe_ax.set_xticks(x + 0.2, names, rotation=30, fontsize=7)
+  probe_ax.set_ylabel("test top-1 (%)")
+  probe_ax.set_title("frozen features (main group)", fontsize=9)
+  probe_ax.legend(fontsize=7)
+  for name, jsd in found["jsd"].items():
+    jsd_ax.plot(range(len(jsd["hungarian"])), jsd["hungarian"], "o-", ms=3, label=name)
+  jsd_ax.set_xlabel("layer")
+  jsd_ax.set_ylabel("JSD to the teacher (nats)")
+  jsd_ax.set_title("attention similarity, Hungarian head matching", fontsize=9)
+  jsd_ax.legend(fontsize=7)
+  fig.tight_layout()
+  saved = _save(fig, path)
+  plt.close(fig)
+  return saved
 
 
 def _save(fig, path: str) -> str:

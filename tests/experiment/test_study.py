@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from at_jax.experiment import study, study_report
+from at_jax.experiment import study, study_analysis, study_report
 
 
 def test_plateau_is_the_first_epoch_after_which_two_epochs_gain_little():
@@ -30,6 +30,12 @@ def test_jobs_come_in_a_useful_order_and_cover_the_plan():
   assert paths.index("main/distill/seed2") < paths.index("lowlabel/scratch/seed0")
   ensemble = paths.index("main/ens_finetune_distill/seed0")  # right after its members
   assert paths.index("main/distill/seed0") < ensemble < paths.index("main/scratch/seed1")
+  analysis = {job.path: job for job in study.build_jobs(o, "/w")}["main/analysis/seed0"]
+  assert paths.index(analysis.path) == paths.index("main/ens_finetune_scratch/seed0") + 1
+  assert analysis.kind == "analysis" and set(analysis.needs) == {
+    "teachers/full",
+    *(f"main/{name}/seed0" for name in study_analysis.ANALYSED),
+  }
   ablations = [p for p in paths if setting(p) in study.ABLATIONS]
   assert len(ablations) == 2 * len(study.ABLATIONS) and paths[-1] == ablations[-1]
 
@@ -104,6 +110,13 @@ def test_report_summarises_seeds_and_tests_the_findings(tmp_path):
     for name, top1 in (("scratch", 80), ("finetune", 84), ("copy", 82), ("distill", 83.5)):
       _write(workdir, f"main/{name}/seed{seed}", top1=top1 + shift, best_top1=top1 + shift + 0.5)
     _write(workdir, f"main/ens_finetune_distill/seed{seed}", top1=85.0 + shift)
+    jsd = {"no_matching": [0.3, 0.5], "hungarian": [0.2, 0.4 + shift], "head_averaged": [0.1, 0.2]}
+    _write(
+      workdir,
+      f"main/analysis/seed{seed}",
+      probes={"teacher": {"knn": 70 + shift, "linear": 75.0}, "distill": {"knn": 72, "linear": 78}},
+      jsd={"distill": jsd},
+    )
   text = study_report.write(workdir, jobs, out, {"minutes": 1.0}, dataclasses.asdict(o))
   saved = json.load(open(os.path.join(out, "study.json")))
   study.check_plan(saved["plan"], o, "study.json")  # the record names the options it was run with
@@ -119,6 +132,20 @@ def test_report_summarises_seeds_and_tests_the_findings(tmp_path):
   assert holds["the fine-tune + distill ensemble beats both members"] == "yes"
   assert holds["feature distillation is below attention distillation"] == "n/a"  # not run yet
   assert "| scratch" in text and "80.50 +- 0.50 (2)" in text
+  assert "analysis" not in saved["summary"]["main"]  # not a setting
+  analysed = saved["analysis"]["main"]
+  assert analysed["probes"]["teacher"]["knn"] == [70.5, 0.5, 2] and analysed["seeds"] == 2
+  assert analysed["jsd"]["distill"]["hungarian"] == pytest.approx([0.2, 0.9])
+  row = next(line for line in text.splitlines() if "78.00 +- 0.00 (2)" in line)
+  cells = [c.strip() for c in row.strip("|").split("|")]
+  assert cells == [
+    "distill",
+    "72.00 +- 0.00 (2)",
+    "78.00 +- 0.00 (2)",
+    "0.400",
+    "0.550",
+    "0.150",
+  ] + ["0.20 0.90"]
   assert len(saved["chunks"]) == 1
   study_report.write(workdir, jobs, out, {"minutes": 2.0}, {})  # the next chunk appends to the log
   assert [c["minutes"] for c in json.load(open(os.path.join(out, "study.json")))["chunks"]] == [
@@ -127,6 +154,7 @@ def test_report_summarises_seeds_and_tests_the_findings(tmp_path):
   ]
   assert sorted(n for n in os.listdir(out) if n.endswith(".png")) == [
     "study_ablations.png",
+    "study_analysis.png",
     "study_curve.png",
     "study_groups.png",
   ]
@@ -164,8 +192,9 @@ def test_a_fresh_machine_continues_from_the_committed_record(tmp_path):
   }
   recorded["main/ens_finetune_scratch/seed0"] = {"top1": 2.0}  # done: its members are not needed
   restored = study.restore(workdir, jobs, recorded)
-  # No teacher without its weights; the finetune run is needed by the pending finetune + distill ensemble.
-  assert restored == ["curve", "main/scratch/seed0", "main/ens_finetune_scratch/seed0"]
+  # No teacher without its weights; the finetune and scratch runs' exports are needed by pending jobs
+  # (the finetune + distill ensemble, the seed's analysis).
+  assert restored == ["curve", "main/ens_finetune_scratch/seed0"]
   _fake_export(workdir, "teachers/full/params")
   assert study.restore(workdir, jobs, recorded) == ["teachers/full"]
   by_path = {job.path: job for job in jobs}
