@@ -27,6 +27,15 @@ os.environ.setdefault(
 )  # timm must never wait on a model hub (none is reachable)
 
 
+def pytest_collection_modifyitems(config, items):
+  """Files with end-to-end (`slow`) tests first: xdist's two workers then start the long runs at once
+  and the short tests fill in around them, rather than a long run starting last and leaving the other
+  worker idle at the end. Each file stays contiguous, so its module fixtures are set up once."""
+  del config
+  slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+  items.sort(key=lambda item: item.path not in slow_files)
+
+
 def subprocess_env(devices: int = 1, **extra: str) -> dict[str, str]:
   """The environment for a process a test starts: this one's, with `devices` emulated CPU devices (1: as
   on a laptop) and the fast compile flag."""
