@@ -181,6 +181,11 @@ def save_params(path: str, params: Any, model_config: dict) -> None:
     storage.write_atomic(config_file, config_json)
 
 
+def is_export(path: str) -> bool:
+  """Whether `path` holds a finished export: `save_params` writes model_config.json last."""
+  return storage.exists(os.path.join(storage.absolute(path), _MODEL_CONFIG_FILE))
+
+
 _HINT = (
   f"{_TEACHER_FIELD} must point at a directory written by at_jax.checkpoint.save_params (or a "
   "PyTorch/timm/big_vision file that at_jax.convert reads)"

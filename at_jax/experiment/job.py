@@ -37,8 +37,8 @@ def ensure_teacher(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
 
 def _will_train_teacher(config: ml_collections.ConfigDict, workdir: str) -> bool:
   """Whether `ensure_teacher` has a teacher to train: the config says how, and none is there yet."""
-  export = os.path.join(workdir, TEACHER_DIR, EXPORT_DIR, "model_config.json")
-  return _pretrains_teacher(config) and not storage.exists(export)
+  export = os.path.join(workdir, TEACHER_DIR, EXPORT_DIR)
+  return _pretrains_teacher(config) and not checkpoint.is_export(export)
 
 
 def _pretrains_teacher(config: ml_collections.ConfigDict) -> bool:

@@ -27,7 +27,7 @@ from typing import Any
 
 import ml_collections
 
-from at_jax import metrics, storage
+from at_jax import checkpoint, metrics, storage
 from at_jax.experiment import study_analysis
 from at_jax.experiment.paths import EXPORT_DIR
 from at_jax.models import vit
@@ -190,8 +190,8 @@ def restore(workdir: str, jobs: Sequence[Job], recorded: Mapping[str, Any]) -> l
   for job in jobs:
     if job.path not in recorded or read_results(workdir, job) is not None:
       continue
-    export = os.path.join(workdir, job.path, EXPORT_DIR, "model_config.json")
-    if (job.kind == "teacher" or job.path in needed) and not storage.exists(export):
+    export = os.path.join(workdir, job.path, EXPORT_DIR)
+    if (job.kind == "teacher" or job.path in needed) and not checkpoint.is_export(export):
       continue
     storage.write_atomic(job.done_file(workdir), json.dumps(recorded[job.path], indent=1))
     restored.append(job.path)
@@ -217,8 +217,7 @@ def copy_teachers(source_root: str, destination_root: str) -> list[str]:
   copied = []
   for which in TEACHER_DATA:
     source, destination = _teacher_dir(source_root, which), _teacher_dir(destination_root, which)
-    finished = lambda export: storage.exists(os.path.join(export, "model_config.json"))
-    if finished(source) and not finished(destination):
+    if checkpoint.is_export(source) and not checkpoint.is_export(destination):
       storage.copy_tree(source, destination)
       copied.append(which)
   return copied
