@@ -56,7 +56,7 @@ def save_attention_figure(
   Args:
     images_BHWC: images to show, any range (rescaled per image to [0, 1]).
     maps: model name -> [L, B, g, g] from `query_maps`.
-    layers: which layers to show (default all).
+    layers: which layers to show (default all that every model has).
   """
   import matplotlib
 
@@ -64,7 +64,7 @@ def save_attention_figure(
   import matplotlib.pyplot as plt
 
   names = list(maps)
-  depth = next(iter(maps.values())).shape[0]
+  depth = min(m.shape[0] for m in maps.values())  # a shallower student: the layers both models have
   layers = list(range(depth)) if layers is None else list(layers)
   rows = len(images_BHWC) * len(names)
   fig, axes = plt.subplots(
@@ -95,7 +95,8 @@ def save_attention_figure(
 def compare_attention(
   models: Mapping[str, tuple[object, object]], images_BHWC: np.ndarray, out_png: str
 ) -> dict[str, dict[str, np.ndarray]]:
-  """Draws `models`' cls-token maps on `images` and returns each model's agreement with the first.
+  """Draws `models`' cls-token maps on `images` and returns each model's agreement with the first, per
+  layer that both have (head-averaged where their head counts differ).
 
   Args:
     models: name -> (ViT module, params); the first entry is the reference (the teacher).
@@ -111,7 +112,18 @@ def compare_attention(
     out_png, images_BHWC, maps, title="cls-token attention over patches, head-averaged, per layer"
   )
   first, *rest = list(models)
-  return {name: attention_agreement(logits[first], logits[name]) for name in rest}
+  return {name: attention_agreement(*_comparable(logits[first], logits[name])) for name in rest}
+
+
+def _comparable(a_LBHNN: Array, b_LBHNN: Array) -> tuple[Array, Array]:
+  """Two models' logits over the layers both have; where their head counts differ (a feature-distilled
+  student may have its own), the head-averaged maps, as log-probabilities (which are logits too)."""
+  depth = min(a_LBHNN.shape[0], b_LBHNN.shape[0])
+  a_LBHNN, b_LBHNN = a_LBHNN[:depth], b_LBHNN[:depth]
+  if a_LBHNN.shape[2] != b_LBHNN.shape[2]:
+    averaged = lambda x: jnp.log(jax.nn.softmax(x.astype(jnp.float32), -1).mean(2, keepdims=True))
+    a_LBHNN, b_LBHNN = averaged(a_LBHNN), averaged(b_LBHNN)
+  return a_LBHNN, b_LBHNN
 
 
 def format_agreement(agreement: Mapping[str, Mapping[str, np.ndarray]], reference: str) -> str:

@@ -39,3 +39,29 @@ def test_query_maps_and_figure(tmp_path):
   png = (tmp_path / "maps.png").read_bytes()
   assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
   assert "layer" in evaluate.format_agreement(agreement, "a")
+
+
+def test_models_of_other_depths_and_heads_compare_on_what_they_share(tmp_path):
+  """A feature-distilled student may be shallower and have other heads than its teacher."""
+  images = jax.random.normal(jax.random.key(0), (2, 28, 28, 3))
+  deep = vit.build({"variant": "Pico/7", "num_classes": 10, "depth": 3, "num_heads": 4})
+  shallow = vit.build({"variant": "Pico/7", "num_classes": 10})  # depth 2, 2 heads
+  params = {m: m.init(jax.random.key(1), images, train=False)["params"] for m in (deep, shallow)}
+  agreement = evaluate.compare_attention(
+    {"teacher": (deep, params[deep]), "student": (shallow, params[shallow])},
+    np.asarray(images),
+    str(tmp_path / "maps.png"),
+  )
+  assert agreement["student"]["jsd"].shape == (2,)
+  # The layers both have, each model's maps averaged over its own heads (in probability, not logits).
+  _, out = deep.apply({"params": params[deep]}, images, train=False)
+  logits = np.asarray(out["attn_logits"], np.float64)
+  a, b = evaluate._comparable(logits, logits[:2, :, :2])  # pylint: disable=protected-access
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  assert a.shape == (2, 2, 1, 17, 17) and b.shape == a.shape
+  np.testing.assert_allclose(np.exp(a), probs[:2].mean(2, keepdims=True), rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(
+    np.exp(b), probs[:2, :, :2].mean(2, keepdims=True), rtol=1e-4, atol=1e-7
+  )
+  assert (tmp_path / "maps.png").stat().st_size > 5000
