@@ -33,6 +33,9 @@ flags.DEFINE_float("teacher_epochs", 20.0, "MAE pre-training epochs of each teac
 flags.DEFINE_integer(
   "curve_epochs", 40, "Longest scratch learning curve (one evaluation per epoch)."
 )
+flags.DEFINE_float(
+  "plateau_within", 1.0, "Students train until the curve comes within this many points of its best."
+)
 flags.DEFINE_string("variant", "Mini/7", "The teachers' and students' ViT (model.variant).")
 flags.DEFINE_bool("report_only", False, "Only write the report of the finished jobs.")
 flags.DEFINE_list(
@@ -74,6 +77,7 @@ def main(argv):
     train_examples=FLAGS.train_examples,
     teacher_epochs=FLAGS.teacher_epochs,
     curve_epochs=FLAGS.curve_epochs,
+    plateau_within=FLAGS.plateau_within,
     variant=FLAGS.variant,
   )
   jobs = study.build_jobs(options, workdir)
@@ -112,7 +116,8 @@ def main(argv):
     jobs_left=left,
   )
   study.copy_teachers(workdir, FLAGS.out)  # committed with study.json: no session trains them again
-  text = study_report.write(workdir, jobs, FLAGS.out, chunk, plan=dataclasses.asdict(options))
+  logged = None if FLAGS.report_only else chunk  # a re-rendered report is not a chunk of work
+  text = study_report.write(workdir, jobs, FLAGS.out, logged, plan=dataclasses.asdict(options))
   print(text, flush=True)
   metrics.say(
     f"{len(ran)} jobs run in {chunk['minutes']} min; {left} left"

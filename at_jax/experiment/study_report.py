@@ -54,65 +54,73 @@ def collect(workdir: str, jobs: Sequence[study.Job]) -> dict[str, Any]:
   return {"runs": runs, "summary": summary, "analysis": analysis, "wall_hours": wall / 3600}
 
 
-def _mean(summary: Mapping[str, Any], group: str, setting: str, metric: str = "top1") -> float:
-  row = summary.get(group, {}).get(setting, {})
-  return row[metric][0] if metric in row else float("nan")
+NOISE_SE = 2.0  # a difference counts only beyond 2 standard errors (over seeds) of the difference
+
+
+Estimate = tuple[float, float, int]  # (mean, standard error, seeds)
+
+
+def _mean_se(summary: Mapping[str, Any], setting: str) -> Estimate:
+  """The main group's mean last-evaluation top-1 of `setting`, its standard error over seeds (the
+  summary's std is numpy's population std: the sample SE is std / sqrt(n - 1)) and the seed count."""
+  row = summary.get("main", {}).get(setting, {}).get("top1")
+  if row is None:
+    return float("nan"), float("nan"), 0
+  mean, std, n = row
+  return mean, (std / np.sqrt(n - 1) if n > 1 else float("nan")), n
+
+
+def _beats(a: Estimate, b: Estimate) -> tuple[str, str]:
+  """("yes" | "no" | "within noise" | "n/a" | "1 seed", the numbers) for "a is above b". One seed
+  has no noise estimate, so it gets no verdict; a missing setting gets "n/a"."""
+  (ma, sa, na), (mb, sb, nb) = a, b
+  if not na or not nb:
+    return "n/a", "not run yet"
+  if min(na, nb) < 2:
+    return "1 seed", f"{ma:.2f} vs {mb:.2f}"
+  noise = NOISE_SE * float(np.hypot(sa, sb))
+  numbers = f"{ma:.2f} vs {mb:.2f} (noise {noise:.2f})"
+  return ("yes" if ma - mb > noise else "no" if mb - ma > noise else "within noise"), numbers
 
 
 def findings(summary: Mapping[str, Any]) -> list[dict[str, str]]:
-  """The paper's findings, each tested on the main group's mean last-evaluation top-1."""
-  m = lambda s: _mean(summary, "main", s)
-  checks = [
-    ("copy beats scratch", m("copy") > m("scratch"), f"{m('copy'):.2f} vs {m('scratch'):.2f}"),
-    (
-      "distill beats scratch",
-      m("distill") > m("scratch"),
-      f"{m('distill'):.2f} vs {m('scratch'):.2f}",
+  """The paper's findings, each tested on the main group's mean last-evaluation top-1. "A beats B"
+  holds when A - B exceeds NOISE_SE standard errors of the difference, fails when B - A does, and is
+  "within noise" otherwise: the seeds cannot tell."""
+  s = lambda setting: _mean_se(summary, setting)
+  members = max((s("finetune"), s("distill")), key=lambda x: x[0] if x[2] else -np.inf)
+  (copy, copy_se, copy_n), (scratch, scratch_se, scratch_n) = s("copy"), s("scratch")
+  midpoint = (
+    (copy + scratch) / 2,
+    float(np.hypot(copy_se, scratch_se)) / 2,
+    min(copy_n, scratch_n),
+  )
+  (distill, _, distill_n), (finetune, _, finetune_n) = s("distill"), s("finetune")
+  near = (
+    ("n/a", "not run yet")
+    if not (distill_n and finetune_n)
+    else ("yes" if abs(distill - finetune) <= 1.0 else "no", f"{distill:.2f} vs {finetune:.2f}")
+  )
+  checks = {
+    "copy beats scratch": _beats(s("copy"), s("scratch")),
+    "distill beats scratch": _beats(s("distill"), s("scratch")),
+    "distill is within 1 point of fine-tuning": near,
+    "the fine-tune + distill ensemble beats both members": _beats(
+      s("ens_finetune_distill"), members
     ),
-    (
-      "distill is within 1 point of fine-tuning",
-      abs(m("distill") - m("finetune")) <= 1.0,
-      f"{m('distill'):.2f} vs {m('finetune'):.2f}",
+    "... and beats the fine-tune + scratch control": _beats(
+      s("ens_finetune_distill"), s("ens_finetune_scratch")
     ),
-    (
-      "the fine-tune + distill ensemble beats both members",
-      m("ens_finetune_distill") > max(m("finetune"), m("distill")),
-      f"{m('ens_finetune_distill'):.2f} vs {max(m('finetune'), m('distill')):.2f}",
+    "feature distillation is below attention distillation": _beats(
+      s("distill"), s("feature_distill")
     ),
-    (
-      "... and beats the fine-tune + scratch control",
-      m("ens_finetune_distill") > m("ens_finetune_scratch"),
-      f"{m('ens_finetune_distill'):.2f} vs {m('ens_finetune_scratch'):.2f}",
+    "copying Q beats copying the map": _beats(s("copy_q"), s("copy")),
+    "later layers matter more (last 2 beat first 2)": _beats(s("copy_last2"), s("copy_first2")),
+    "averaged maps lose most of the gain (the copy-scratch midpoint beats them)": _beats(
+      midpoint, s("copy_averaged")
     ),
-    (
-      "feature distillation is below attention distillation",
-      m("feature_distill") < m("distill"),
-      f"{m('feature_distill'):.2f} vs {m('distill'):.2f}",
-    ),
-    (
-      "copying Q beats copying the map",
-      m("copy_q") > m("copy"),
-      f"{m('copy_q'):.2f} vs {m('copy'):.2f}",
-    ),
-    (
-      "later layers matter more (last 2 beat first 2)",
-      m("copy_last2") > m("copy_first2"),
-      f"{m('copy_last2'):.2f} vs {m('copy_first2'):.2f}",
-    ),
-    (
-      "averaged maps lose most of the gain",
-      m("copy_averaged") < (m("copy") + m("scratch")) / 2,
-      f"{m('copy_averaged'):.2f} vs midpoint {(m('copy') + m('scratch')) / 2:.2f}",
-    ),
-  ]
-  return [
-    {
-      "finding": text,
-      "holds": "n/a" if "nan" in numbers else ("yes" if ok else "no"),
-      "numbers": numbers,
-    }
-    for text, ok, numbers in checks
-  ]
+  }
+  return [{"finding": k, "holds": h, "numbers": n} for k, (h, n) in checks.items()]
 
 
 def _cell(row: Mapping[str, Any], metric: str) -> str:
@@ -173,7 +181,7 @@ def _analysis_markdown(group: str, found: Mapping[str, Any]) -> str:
 
 def _bars(ax, summary: Mapping[str, Any], group: str, names: Sequence[str], title: str) -> None:
   names = [n for n in names if n in summary.get(group, {})]
-  means = [_mean(summary, group, n) for n in names]
+  means = [summary[group][n]["top1"][0] for n in names]
   stds = [summary[group][n]["top1"][1] for n in names]
   ax.bar(names, means, yerr=stds, capsize=3, color="tab:blue")
   if means:
@@ -214,13 +222,13 @@ def plots(collected: Mapping[str, Any], out_dir: str) -> list[str]:
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     top1 = curve["top1_by_epoch"]
     ax.plot(range(1, len(top1) + 1), top1, "o-", ms=3)
-    plateau = study.plateau_epoch(top1)
+    plateau = study.plateau_epoch(top1, collected["plan"]["plateau_within"])
     if plateau:
       ax.axvline(
         plateau,
         color="gray",
         ls="--",
-        label=f"plateau: epoch {plateau}",
+        label=f"students train {plateau} epochs",
       )
       ax.legend(fontsize=8)
     ax.set_xlabel("epoch")
@@ -268,11 +276,11 @@ def write(
   workdir: str,
   jobs: Sequence[study.Job],
   out_dir: str,
-  chunk: Mapping[str, Any],
+  chunk: Mapping[str, Any] | None,
   plan: Mapping[str, Any],
 ) -> str:
-  """Writes study.json (the `plan`'s options, appending `chunk` to its chunk log), study_results.md and
-  the plots to `out_dir`; returns the Markdown."""
+  """Writes study.json (the `plan`'s options, appending `chunk`, if any, to its chunk log),
+  study_results.md and the plots to `out_dir`; returns the Markdown."""
   storage.makedirs(out_dir)
   path = os.path.join(out_dir, "study.json")
   chunks = []
@@ -281,7 +289,7 @@ def write(
       chunks = json.load(f).get("chunks", [])
   collected = {"plan": dict(plan), **collect(workdir, jobs)}
   text = markdown(collected)
-  collected["chunks"] = [*chunks, dict(chunk)]
+  collected["chunks"] = [*chunks, dict(chunk)] if chunk else chunks
   collected["findings"] = findings(collected["summary"])
   storage.write_atomic(path, json.dumps(collected, indent=1))
   storage.write_atomic(os.path.join(out_dir, "study_results.md"), text)

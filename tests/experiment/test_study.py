@@ -10,13 +10,19 @@ import pytest
 from at_jax.experiment import study, study_analysis, study_report
 
 
-def test_plateau_is_the_first_epoch_after_which_two_epochs_gain_little():
-  # Smoothed over 3 epochs: [.., 70, 70.1, 70.15, 70.2, 70.2] flattens at epoch 5.
-  assert study.plateau_epoch([50, 60, 70, 70.1, 70.15, 70.2, 70.2, 70.2]) == 5
-  # One dip does not end a rising curve (unsmoothed, epoch 3 would pass the test).
-  assert study.plateau_epoch([50, 60, 65, 64, 66, 67, 68, 69, 70]) is None
-  assert study.plateau_epoch([50, 51, 52, 53, 54]) is None
-  assert study.plateau_epoch([50]) is None
+def test_plateau_is_the_first_epoch_within_a_margin_of_the_smoothed_best():
+  # Smoothed over 3 epochs: 50, 55, 60, 66.67, 70, 70.07, ... 70.2: within 1 of 70.2 from epoch 5.
+  curve = [50, 60, 70, 70, 70, 70.2, 70.25, 70.15, 70.2, 70.1, 70.2, 70.2]
+  assert study.plateau_epoch(curve, within=1.0) == 5
+  assert study.plateau_epoch(curve, within=10.0) == 4
+  # A flat, noisy stretch does not stop a curve that rises again: smoothed, 75.17 to 75.37 over epochs
+  # 5-8 (the first rule stopped at epoch 5), then 81.87 at the end; 81.37 >= 80.87 first at epoch 13.
+  curve = [60, 70, 75, 75.5, 75, 75.5, 75.2, 75.4, 78, 80, 81, 81.5, 81.6, 81.8, 81.7, 81.8, 81.9]
+  curve += [81.8, 81.9]
+  assert study.plateau_epoch(curve, within=1.0) == 13
+  # Still rising over its last 5 epochs: no plateau yet (a longer curve would move the answer).
+  assert study.plateau_epoch([50, 51, 52, 53, 54, 55, 56, 57], within=1.0) is None
+  assert study.plateau_epoch([50], within=1.0) is None
 
 
 def test_jobs_come_in_a_useful_order_and_cover_the_plan():
@@ -105,11 +111,14 @@ def test_report_summarises_seeds_and_tests_the_findings(tmp_path):
   o = study.Options(seeds=2, ablation_seeds=1)
   jobs = study.build_jobs(o, workdir)
   curve = [70.0, 79.0, 80.0, 80.1, 80.1, 80.1, 80.1]
-  _write(workdir, "curve", top1=80.0, top1_by_epoch=curve, plateau_epoch=study.plateau_epoch(curve))
+  _write(
+    workdir, "curve", top1=80.0, top1_by_epoch=curve, plateau_epoch=study.plateau_epoch(curve, 1.0)
+  )
   for seed, shift in ((0, 0.0), (1, 1.0)):
     for name, top1 in (("scratch", 80), ("finetune", 84), ("copy", 82), ("distill", 83.5)):
       _write(workdir, f"main/{name}/seed{seed}", top1=top1 + shift, best_top1=top1 + shift + 0.5)
-    _write(workdir, f"main/ens_finetune_distill/seed{seed}", top1=85.0 + shift)
+    _write(workdir, f"main/ens_finetune_distill/seed{seed}", top1=86.0 + shift)
+    _write(workdir, f"main/ens_finetune_scratch/seed{seed}", top1=86.0 + 3 * shift)
     jsd = {"no_matching": [0.3, 0.5], "hungarian": [0.2, 0.4 + shift], "head_averaged": [0.1, 0.2]}
     _write(
       workdir,
@@ -117,6 +126,7 @@ def test_report_summarises_seeds_and_tests_the_findings(tmp_path):
       probes={"teacher": {"knn": 70 + shift, "linear": 75.0}, "distill": {"knn": 72, "linear": 78}},
       jsd={"distill": jsd},
     )
+  _write(workdir, "main/copy_q/seed0", top1=90.0)  # an ablation with one seed so far
   text = study_report.write(workdir, jobs, out, {"minutes": 1.0}, dataclasses.asdict(o))
   saved = json.load(open(os.path.join(out, "study.json")))
   study.check_plan(saved["plan"], o, "study.json")  # the record names the options it was run with
@@ -127,10 +137,21 @@ def test_report_summarises_seeds_and_tests_the_findings(tmp_path):
   assert saved["summary"]["main"]["scratch"]["top1"] == [80.5, 0.5, 2]
   assert saved["summary"]["main"]["copy"]["best_top1"] == [83.0, 0.5, 2]
   holds = {f["finding"]: f["holds"] for f in saved["findings"]}
-  assert holds["copy beats scratch"] == "yes"
+  # 2 standard errors of a difference of two 2-seed means with std 0.5 each: 2 * sqrt(0.5^2 + 0.5^2)
+  assert holds["copy beats scratch"] == "yes"  # by 2.0 > 1.41
+  assert holds["distill beats scratch"] == "yes"
+  assert holds["... and beats the fine-tune + scratch control"] == "within noise"  # 86.5 vs 87.5
   assert holds["distill is within 1 point of fine-tuning"] == "yes"
-  assert holds["the fine-tune + distill ensemble beats both members"] == "yes"
+  assert holds["the fine-tune + distill ensemble beats both members"] == "yes"  # 86.5 vs 84.5
+  found = {f["finding"]: f["numbers"] for f in saved["findings"]}
+  assert found["copy beats scratch"] == "82.50 vs 80.50 (noise 1.41)"
   assert holds["feature distillation is below attention distillation"] == "n/a"  # not run yet
+  assert found["feature distillation is below attention distillation"] == "not run yet"
+  # one seed has no noise estimate: a gap of 7.5 points still gets no verdict
+  assert (holds["copying Q beats copying the map"], found["copying Q beats copying the map"]) == (
+    "1 seed",
+    "90.00 vs 82.50",
+  )
   assert "| scratch" in text and "80.50 +- 0.50 (2)" in text
   assert "analysis" not in saved["summary"]["main"]  # not a setting
   analysed = saved["analysis"]["main"]
@@ -147,7 +168,9 @@ def test_report_summarises_seeds_and_tests_the_findings(tmp_path):
     "0.150",
   ] + ["0.20 0.90"]
   assert len(saved["chunks"]) == 1
-  study_report.write(workdir, jobs, out, {"minutes": 2.0}, {})  # the next chunk appends to the log
+  study_report.write(
+    workdir, jobs, out, {"minutes": 2.0}, dataclasses.asdict(o)
+  )  # the next chunk appends to the log
   assert [c["minutes"] for c in json.load(open(os.path.join(out, "study.json")))["chunks"]] == [
     1.0,
     2.0,
