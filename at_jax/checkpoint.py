@@ -19,7 +19,6 @@ from at_jax.errors import ConfigError
 
 _MODEL_CONFIG_FILE = "model_config.json"
 _PARAMS_SUBDIR = "params"
-_TEACHER_FIELD = "teacher.init"
 
 
 def check_options(*, every_steps: int, keep: int) -> None:
@@ -186,9 +185,11 @@ def is_export(path: str) -> bool:
   return storage.exists(os.path.join(storage.absolute(path), _MODEL_CONFIG_FILE))
 
 
+# Exports are read for teacher.init, model.init, ensemble members and evaluate.py's --models: the hint
+# names them all, the error's field names the path.
 _HINT = (
-  f"{_TEACHER_FIELD} must point at a directory written by at_jax.checkpoint.save_params (or a "
-  "PyTorch/timm/big_vision file that at_jax.convert reads)"
+  "an export is a directory written by at_jax.checkpoint.save_params (what teacher.init, model.init, "
+  "ensemble members and --models take), or a PyTorch/timm/big_vision file that at_jax.convert reads"
 )
 
 

@@ -1,7 +1,7 @@
 """The paper's findings in miniature (launch/study.py): the plan of runs, and running it in resumable chunks.
 
 Three groups of students, each trained from scratch on labels under every setting, from frozen MAE teachers
-pre-trained here without labels (configs/mae_fmnist.py, the demo's architecture):
+pre-trained here without labels (configs/mae_fmnist.py's recipe at `variant`):
 
   main      Fashion-MNIST, `train_examples` labelled training images, the teacher pre-trained on all 60,000
             training images (as the paper's MAE saw ImageNet's training images); the headline settings
@@ -12,7 +12,8 @@ pre-trained here without labels (configs/mae_fmnist.py, the demo's architecture)
 
 The student schedule is fixed from one scratch learning curve (the "curve" job: main-group scratch, one
 evaluation per epoch up to `curve_epochs`): the first epoch e whose smoothed top-1 is within
-`plateau_within` points of the curve's best (`plateau_epoch`); every student then trains e epochs. Each job writes results.json (with its wall time) into its folder of the workdir when it finishes;
+`plateau_within` points of the curve's best (`plateau_epoch`); every student then trains e epochs.
+Each job writes results.json (with its wall time) into its folder of the workdir when it finishes;
 a finished job is skipped, an interrupted one resumes from its checkpoint, so the study runs in chunks
 (`run_chunk`, a time budget each) and accumulates.
 """

@@ -131,7 +131,7 @@ def teacher_model_config(config: ml_collections.ConfigDict, workdir: str) -> dic
     return checkpoint.read_model_config(config.teacher.init)
   if config.teacher.pretrain is not None:
     return {k: v for k, v in config.teacher.pretrain.model.to_dict().items() if k != "arch"}
-  return checkpoint.read_model_config(teacher_path(config, workdir))  # raises, naming teacher.init
+  return checkpoint.read_model_config(teacher_path(config, workdir))  # raises, naming the path
 
 
 def _distils_features(config: ml_collections.ConfigDict) -> bool:
