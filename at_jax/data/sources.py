@@ -257,16 +257,17 @@ def to_example(record: dict[str, Any]) -> dict[str, Any]:
 
 
 class _TfdsSource:
-  """A tfds data source that yields examples in our format."""
+  """A tfds data source that yields examples in our format; `records` is the tfds source itself, for
+  readers of other fields (at_jax.evaluate.shift's ReaL labels)."""
 
-  def __init__(self, source: Any):
-    self._source = source
+  def __init__(self, records: Any):
+    self.records = records
 
   def __len__(self) -> int:
-    return len(self._source)
+    return len(self.records)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    return to_example(self._source[index])
+    return to_example(self.records[index])
 
 
 def _tfds_source(name: str, split: str, data_dir: str | None, field: str) -> _TfdsSource:

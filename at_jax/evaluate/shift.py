@@ -153,7 +153,7 @@ def make_source(name: str, shift_dir: str, cache_dir: str | None = None) -> tupl
     ) from e
   if spec.layout == "val":
     # The tfds records lack a "label" field (they have "real_label"); read them raw.
-    source = _RealTfds(source._source)  # pylint: disable=protected-access
+    source = _RealTfds(source.records)
   return source, f"tfds:{shift_dir}"
 
 
