@@ -180,6 +180,7 @@ def test_report_summarises_seeds_and_tests_the_findings(tmp_path):
     "study_analysis.png",
     "study_curve.png",
     "study_groups.png",
+    "study_vs_paper.png",
   ]
 
 
