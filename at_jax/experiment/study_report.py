@@ -60,10 +60,10 @@ NOISE_SE = 2.0  # a difference counts only beyond 2 standard errors (over seeds)
 Estimate = tuple[float, float, int]  # (mean, standard error, seeds)
 
 
-def _mean_se(summary: Mapping[str, Any], setting: str) -> Estimate:
-  """The main group's mean last-evaluation top-1 of `setting`, its standard error over seeds (the
+def _mean_se(summary: Mapping[str, Any], group: str, setting: str) -> Estimate:
+  """The group's mean last-evaluation top-1 of `setting`, its standard error over seeds (the
   summary's std is numpy's population std: the sample SE is std / sqrt(n - 1)) and the seed count."""
-  row = summary.get("main", {}).get(setting, {}).get("top1")
+  row = summary.get(group, {}).get(setting, {}).get("top1")
   if row is None:
     return float("nan"), float("nan"), 0
   mean, std, n = row
@@ -83,11 +83,12 @@ def _beats(a: Estimate, b: Estimate) -> tuple[str, str]:
   return ("yes" if ma - mb > noise else "no" if mb - ma > noise else "within noise"), numbers
 
 
-def findings(summary: Mapping[str, Any]) -> list[dict[str, str]]:
-  """The paper's findings, each tested on the main group's mean last-evaluation top-1. "A beats B"
-  holds when A - B exceeds NOISE_SE standard errors of the difference, fails when B - A does, and is
-  "within noise" otherwise: the seeds cannot tell."""
-  s = lambda setting: _mean_se(summary, setting)
+def findings(summary: Mapping[str, Any], group: str = "main") -> list[dict[str, str]]:
+  """The paper's findings, each tested on the group's mean last-evaluation top-1. "A beats B" holds
+  when A - B exceeds NOISE_SE standard errors of the difference, fails when B - A does, and is
+  "within noise" otherwise: the seeds cannot tell. The ablations' findings belong to the main group,
+  the only one that runs them."""
+  s = lambda setting: _mean_se(summary, group, setting)
   members = max((s("finetune"), s("distill")), key=lambda x: x[0] if x[2] else -np.inf)
   (copy, copy_se, copy_n), (scratch, scratch_se, scratch_n) = s("copy"), s("scratch")
   midpoint = (
@@ -114,12 +115,16 @@ def findings(summary: Mapping[str, Any]) -> list[dict[str, str]]:
     "feature distillation is below attention distillation": _beats(
       s("distill"), s("feature_distill")
     ),
+  }
+  ablations = {
     "copying Q beats copying the map": _beats(s("copy_q"), s("copy")),
     "later layers matter more (last 2 beat first 2)": _beats(s("copy_last2"), s("copy_first2")),
     "averaged maps lose most of the gain (the copy-scratch midpoint beats them)": _beats(
       midpoint, s("copy_averaged")
     ),
   }
+  if group == "main":
+    checks.update(ablations)
   return [{"finding": k, "holds": h, "numbers": n} for k, (h, n) in checks.items()]
 
 
@@ -147,10 +152,11 @@ def markdown(collected: Mapping[str, Any]) -> str:
     )
   for group, found in collected.get("analysis", {}).items():
     out.append(_analysis_markdown(group, found))
-  out.append(
-    "### Findings (main group, last evaluation)\n\n"
-    + metrics.format_table(findings(collected["summary"]), ["finding", "holds", "numbers"])
-  )
+  for group in sorted(collected["summary"], key=lambda g: g != "main"):
+    out.append(
+      f"### Findings ({group} group, last evaluation)\n\n"
+      + metrics.format_table(findings(collected["summary"], group), ["finding", "holds", "numbers"])
+    )
   return "\n\n".join(out) + "\n"
 
 
@@ -322,7 +328,10 @@ def write(
   collected = {"plan": dict(plan), **collect(workdir, jobs)}
   text = markdown(collected)
   collected["chunks"] = [*chunks, dict(chunk)] if chunk else chunks
-  collected["findings"] = findings(collected["summary"])
+  collected["findings"] = findings(collected["summary"])  # the main group's, as before
+  collected["findings_by_group"] = {
+    g: findings(collected["summary"], g) for g in collected["summary"]
+  }
   storage.write_atomic(path, json.dumps(collected, indent=1))
   storage.write_atomic(os.path.join(out_dir, "study_results.md"), text)
   plots(collected, out_dir)

@@ -127,6 +127,9 @@ def test_report_summarises_seeds_and_tests_the_findings(tmp_path):
       jsd={"distill": jsd},
     )
   _write(workdir, "main/copy_q/seed0", top1=90.0)  # an ablation with one seed so far
+  for seed, top1 in ((0, 70.0), (1, 70.2)):  # low-label: distill below scratch, beyond noise
+    _write(workdir, f"lowlabel/scratch/seed{seed}", top1=top1 + 5)
+    _write(workdir, f"lowlabel/distill/seed{seed}", top1=top1)
   text = study_report.write(workdir, jobs, out, {"minutes": 1.0}, dataclasses.asdict(o))
   saved = json.load(open(os.path.join(out, "study.json")))
   study.check_plan(saved["plan"], o, "study.json")  # the record names the options it was run with
@@ -153,6 +156,15 @@ def test_report_summarises_seeds_and_tests_the_findings(tmp_path):
     "90.00 vs 82.50",
   )
   assert "| scratch" in text and "80.50 +- 0.50 (2)" in text
+  # each group's findings are its own; the ablations are the main group's only
+  by_group = {
+    g: {f["finding"]: f["holds"] for f in found} for g, found in saved["findings_by_group"].items()
+  }
+  assert by_group["main"] == holds and set(by_group) == {"main", "lowlabel"}
+  assert by_group["lowlabel"]["distill beats scratch"] == "no"
+  assert by_group["lowlabel"]["copy beats scratch"] == "n/a"
+  assert "copying Q beats copying the map" not in by_group["lowlabel"]
+  assert text.index("### Findings (main group") < text.index("### Findings (lowlabel group")
   assert "analysis" not in saved["summary"]["main"]  # not a setting
   analysed = saved["analysis"]["main"]
   assert analysed["probes"]["teacher"]["knn"] == [70.5, 0.5, 2] and analysed["seeds"] == 2
