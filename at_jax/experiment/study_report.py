@@ -219,7 +219,9 @@ def _gains_vs_paper(ax, summary: Mapping[str, Any]) -> None:
   ax.set_xticks(x + 0.4 - width / 2, names, rotation=20, fontsize=7)
   ax.set_ylabel("top-1 gain over scratch (points)")
   ax.set_title("gains over scratch: the miniature's groups and the paper", fontsize=9)
-  ax.legend(fontsize=7)
+  low, high = ax.get_ylim()  # headroom for the legend's row above the tallest bars
+  ax.set_ylim(low, high + 0.2 * (high - low))
+  ax.legend(fontsize=7, loc="upper left", ncol=len(series))
 
 
 def plots(collected: Mapping[str, Any], out_dir: str) -> list[str]:
