@@ -90,12 +90,6 @@ def findings(summary: Mapping[str, Any], group: str = "main") -> list[dict[str, 
   the only one that runs them."""
   s = lambda setting: _mean_se(summary, group, setting)
   members = max((s("finetune"), s("distill")), key=lambda x: x[0] if x[2] else -np.inf)
-  (copy, copy_se, copy_n), (scratch, scratch_se, scratch_n) = s("copy"), s("scratch")
-  midpoint = (
-    (copy + scratch) / 2,
-    float(np.hypot(copy_se, scratch_se)) / 2,
-    min(copy_n, scratch_n),
-  )
   (distill, _, distill_n), (finetune, _, finetune_n) = s("distill"), s("finetune")
   near = (
     ("n/a", "not run yet")
@@ -116,15 +110,20 @@ def findings(summary: Mapping[str, Any], group: str = "main") -> list[dict[str, 
       s("distill"), s("feature_distill")
     ),
   }
-  ablations = {
-    "copying Q beats copying the map": _beats(s("copy_q"), s("copy")),
-    "later layers matter more (last 2 beat first 2)": _beats(s("copy_last2"), s("copy_first2")),
-    "averaged maps lose most of the gain (the copy-scratch midpoint beats them)": _beats(
-      midpoint, s("copy_averaged")
-    ),
-  }
-  if group == "main":
-    checks.update(ablations)
+  if group == "main":  # the only group that runs the ablations
+    (copy, copy_se, copy_n), (scratch, scratch_se, scratch_n) = s("copy"), s("scratch")
+    midpoint = (
+      (copy + scratch) / 2,
+      float(np.hypot(copy_se, scratch_se)) / 2,
+      min(copy_n, scratch_n),
+    )
+    checks |= {
+      "copying Q beats copying the map": _beats(s("copy_q"), s("copy")),
+      "later layers matter more (last 2 beat first 2)": _beats(s("copy_last2"), s("copy_first2")),
+      "averaged maps lose most of the gain (the copy-scratch midpoint beats them)": _beats(
+        midpoint, s("copy_averaged")
+      ),
+    }
   return [{"finding": k, "holds": h, "numbers": n} for k, (h, n) in checks.items()]
 
 
@@ -136,7 +135,8 @@ def _cell(row: Mapping[str, Any], metric: str) -> str:
 
 
 def markdown(collected: Mapping[str, Any]) -> str:
-  """Tables per group (mean +- std (seeds)), the paper's numbers beside, and the findings."""
+  """Tables per group (mean +- std (seeds)), the paper's numbers beside, and each group's findings
+  (`collected["findings_by_group"]`)."""
   out = [f"Total wall time of the finished jobs: {collected['wall_hours']:.2f} h (2 CPU cores).\n"]
   for group, settings in collected["summary"].items():
     rows = [
@@ -152,10 +152,10 @@ def markdown(collected: Mapping[str, Any]) -> str:
     )
   for group, found in collected.get("analysis", {}).items():
     out.append(_analysis_markdown(group, found))
-  for group in sorted(collected["summary"], key=lambda g: g != "main"):
+  for group, found in collected["findings_by_group"].items():
     out.append(
       f"### Findings ({group} group, last evaluation)\n\n"
-      + metrics.format_table(findings(collected["summary"], group), ["finding", "holds", "numbers"])
+      + metrics.format_table(found, ["finding", "holds", "numbers"])
     )
   return "\n\n".join(out) + "\n"
 
@@ -328,12 +328,13 @@ def write(
     with storage.open_file(path) as f:
       chunks = json.load(f).get("chunks", [])
   collected = {"plan": dict(plan), **collect(workdir, jobs)}
+  summary = collected["summary"]
+  # main first, and always (its findings read "not run yet" before it has results)
+  groups = ["main", *(g for g in summary if g != "main")]
+  collected["findings_by_group"] = {g: findings(summary, g) for g in groups}
+  collected["findings"] = collected["findings_by_group"]["main"]  # the key records had before
   text = markdown(collected)
   collected["chunks"] = [*chunks, dict(chunk)] if chunk else chunks
-  collected["findings"] = findings(collected["summary"])  # the main group's, as before
-  collected["findings_by_group"] = {
-    g: findings(collected["summary"], g) for g in collected["summary"]
-  }
   storage.write_atomic(path, json.dumps(collected, indent=1))
   storage.write_atomic(os.path.join(out_dir, "study_results.md"), text)
   plots(collected, out_dir)
