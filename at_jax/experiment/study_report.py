@@ -120,6 +120,8 @@ def findings(summary: Mapping[str, Any], group: str = "main") -> list[dict[str, 
     checks |= {
       "copying Q beats copying the map": _beats(s("copy_q"), s("copy")),
       "later layers matter more (last 2 beat first 2)": _beats(s("copy_last2"), s("copy_first2")),
+      "more layers help (all beat the last 2)": _beats(s("copy"), s("copy_last2")),
+      "more heads help (all 4 beat 2)": _beats(s("copy"), s("copy_heads2")),
       "averaged maps lose most of the gain (the copy-scratch midpoint beats them)": _beats(
         midpoint, s("copy_averaged")
       ),

@@ -108,7 +108,7 @@ def _fake_export(workdir: str, path: str) -> str:
 
 def test_report_summarises_seeds_and_tests_the_findings(tmp_path):
   workdir, out = str(tmp_path / "w"), str(tmp_path / "out")
-  o = study.Options(seeds=2, ablation_seeds=1)
+  o = study.Options(seeds=2, ablation_seeds=2)
   jobs = study.build_jobs(o, workdir)
   curve = [70.0, 79.0, 80.0, 80.1, 80.1, 80.1, 80.1]
   _write(
@@ -127,6 +127,8 @@ def test_report_summarises_seeds_and_tests_the_findings(tmp_path):
       jsd={"distill": jsd},
     )
   _write(workdir, "main/copy_q/seed0", top1=90.0)  # an ablation with one seed so far
+  for seed in (0, 1):  # two seeds of the last 2 layers, 3 points above copying all of them
+    _write(workdir, f"main/copy_last2/seed{seed}", top1=85.0 + seed)
   for seed, top1 in ((0, 70.0), (1, 70.2)):  # low-label: distill below scratch, beyond noise
     _write(workdir, f"lowlabel/scratch/seed{seed}", top1=top1 + 5)
     _write(workdir, f"lowlabel/distill/seed{seed}", top1=top1)
@@ -134,7 +136,7 @@ def test_report_summarises_seeds_and_tests_the_findings(tmp_path):
   saved = json.load(open(os.path.join(out, "study.json")))
   study.check_plan(saved["plan"], o, "study.json")  # the record names the options it was run with
   with pytest.raises(ValueError, match=r"study.json records a study with other options \(seeds"):
-    study.check_plan(saved["plan"], study.Options(seeds=3, ablation_seeds=1), "study.json")
+    study.check_plan(saved["plan"], study.Options(seeds=3, ablation_seeds=2), "study.json")
   with pytest.raises(ValueError, match="other options"):  # a record from before plans were recorded
     study.check_plan(None, o, "study.json")
   assert saved["summary"]["main"]["scratch"]["top1"] == [80.5, 0.5, 2]
@@ -160,6 +162,8 @@ def test_report_summarises_seeds_and_tests_the_findings(tmp_path):
   by_group = {
     g: {f["finding"]: f["holds"] for f in found} for g, found in saved["findings_by_group"].items()
   }
+  assert holds["more layers help (all beat the last 2)"] == "no"  # 82.5 vs 85.5, noise 1.41
+  assert holds["more heads help (all 4 beat 2)"] == "n/a"
   assert by_group["main"] == holds and set(by_group) == {"main", "lowlabel"}
   assert by_group["lowlabel"]["distill beats scratch"] == "no"
   assert by_group["lowlabel"]["copy beats scratch"] == "n/a"
