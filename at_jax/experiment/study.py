@@ -49,6 +49,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {  # one setting per question the paper's
   "copy_last2": {**COPY, "transfer.layers": "last:2"},
   "copy_heads2": {**COPY, "transfer.heads": "first:2"},
   "copy_averaged": {**COPY, "transfer.average": "images"},
+  # a follow-up (session 13): the student's own first 2 layers, the teacher's maps in the other 4;
+  # tests the reading of the ablations above that copying the early layers is what holds copy back
+  "copy_last4": {**COPY, "transfer.layers": "last:4"},
 }
 # (members, name): averaged probabilities; finetune + scratch is the control for finetune + distill.
 ENSEMBLES = (

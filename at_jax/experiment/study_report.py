@@ -122,6 +122,10 @@ def findings(summary: Mapping[str, Any], group: str = "main") -> list[dict[str, 
       "later layers matter more (last 2 beat first 2)": _beats(s("copy_last2"), s("copy_first2")),
       "more layers help (all beat the last 2)": _beats(s("copy"), s("copy_last2")),
       "more heads help (all 4 beat 2)": _beats(s("copy"), s("copy_heads2")),
+      # not the paper's: our reading of the ablations above (copying layers 0-1 holds copy back)
+      "(ours) the student's own first 2 layers help (last 4 beat all 6)": _beats(
+        s("copy_last4"), s("copy")
+      ),
       "averaged maps lose most of the gain (the copy-scratch midpoint beats them)": _beats(
         midpoint, s("copy_averaged")
       ),

@@ -164,6 +164,7 @@ def test_report_summarises_seeds_and_tests_the_findings(tmp_path):
   }
   assert holds["more layers help (all beat the last 2)"] == "no"  # 82.5 vs 85.5, noise 1.41
   assert holds["more heads help (all 4 beat 2)"] == "n/a"
+  assert holds["(ours) the student's own first 2 layers help (last 4 beat all 6)"] == "n/a"
   assert by_group["main"] == holds and set(by_group) == {"main", "lowlabel"}
   assert by_group["lowlabel"]["distill beats scratch"] == "no"
   assert by_group["lowlabel"]["copy beats scratch"] == "n/a"
