@@ -14,6 +14,7 @@ table and a plot (`--jsd_out`).
 import itertools
 import os
 
+import cli
 from absl import app, flags
 
 flags.DEFINE_list(
@@ -96,6 +97,7 @@ def _first_images(source, count: int, batch_size: int):
 
 def main(argv):
   del argv
+  cli.quiet_library_logs()
   from at_jax import checkpoint
   from at_jax.data import sources
   from at_jax.evaluate import attention as evaluate

@@ -35,6 +35,18 @@ def define_multihost_flags() -> None:
   flags.DEFINE_integer("process_id", None, "This process's index (GPU/CPU clusters).")
 
 
+def quiet_library_logs() -> None:
+  """Shows libraries' absl logs from WARNING up, unless --verbosity is given.
+
+  app.run sets INFO, and orbax logs about 40 INFO lines per checkpoint save, which bury our progress
+  lines and tables (all printed, none logged). `--verbosity=0` brings them back.
+  """
+  from absl import logging
+
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+
+
 def start() -> tuple[str, str]:
   """Joins the other processes under --multihost; returns (config path, workdir: default workdir/<config>)."""
   import jax
@@ -42,6 +54,7 @@ def start() -> tuple[str, str]:
   from at_jax.experiment import preemption
 
   preemption.install()  # first: a SIGTERM from here on ends the process promptly (exit 143)
+  quiet_library_logs()
   f = flags.FLAGS
   if f.multihost:
     # CPU clusters (and tests over loopback) need a cross-process collectives backend; TPU/GPU ignore it.

@@ -145,6 +145,7 @@ def _shift_and_probes(config) -> None:
 
 def main(argv):
   del argv
+  cli.quiet_library_logs()
   from at_jax import metrics
   from at_jax.data import options, pipeline, sources
   from at_jax.errors import ConfigError

@@ -19,6 +19,7 @@ import os
 import statistics
 import time
 
+import cli
 from absl import app, flags
 
 flags.DEFINE_string("workdir", "workdir/study", "Where the runs go (a folder, or gs://...).")
@@ -67,6 +68,7 @@ def _estimator(workdir, jobs):
 
 def main(argv):
   del argv
+  cli.quiet_library_logs()
   from at_jax import metrics, storage
   from at_jax.experiment import study, study_report
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -48,6 +49,8 @@ def test_demo_end_to_end_and_resume(tmp_path):
   assert "| teacher" in out and "| student" in out  # the results table
   assert "train[distill]" in out and "img/s" in out  # progress lines
   assert "per-device memory estimate: params" in out
+  # Libraries' absl INFO lines (orbax writes ~40 per checkpoint save) would bury the progress lines.
+  assert not re.search(r"^I\d{4} ", proc.stderr, re.MULTILINE), proc.stderr[:2000]
   results = json.load(open(os.path.join(workdir, "results.json")))
   assert set(results) == {"teacher", "student"} and 0 <= results["student"]["top1"] <= 100
   assert "attention of student vs teacher" in out
