@@ -15,7 +15,7 @@ import itertools
 import os
 
 import cli
-from absl import app, flags
+from absl import flags
 
 flags.DEFINE_list(
   "params", None, "Params exports (the params/ folder of a run, or a converted teacher)."
@@ -97,7 +97,6 @@ def _first_images(source, count: int, batch_size: int):
 
 def main(argv):
   del argv
-  cli.quiet_library_logs()
   from at_jax import checkpoint
   from at_jax.data import sources
   from at_jax.evaluate import attention as evaluate
@@ -129,4 +128,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

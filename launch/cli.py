@@ -1,6 +1,7 @@
 """What every launcher shares: the --config/--workdir/multi-host flags, jax.distributed start-up, workdir."""
 
 import os
+from collections.abc import Callable
 
 from absl import flags
 from ml_collections import config_flags
@@ -35,16 +36,21 @@ def define_multihost_flags() -> None:
   flags.DEFINE_integer("process_id", None, "This process's index (GPU/CPU clusters).")
 
 
-def quiet_library_logs() -> None:
-  """Shows libraries' absl logs from WARNING up, unless --verbosity is given.
+def run(main: Callable[[list[str]], None]) -> None:
+  """`app.run(main)`, with libraries' absl logs from WARNING up unless --verbosity is given.
 
-  app.run sets INFO, and orbax logs about 40 INFO lines per checkpoint save, which bury our progress
-  lines and tables (all printed, none logged). `--verbosity=0` brings them back.
+  app.run sets INFO when --verbosity is not given, and orbax logs about 40 INFO lines per checkpoint
+  save, which bury our progress lines and tables (all printed, none logged). `--verbosity=0` brings
+  them back.
   """
-  from absl import logging
+  from absl import app, logging
 
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  def main_with_quiet_libraries(argv: list[str]) -> None:
+    if not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)
+    main(argv)
+
+  app.run(main_with_quiet_libraries)
 
 
 def start() -> tuple[str, str]:
@@ -54,7 +60,6 @@ def start() -> tuple[str, str]:
   from at_jax.experiment import preemption
 
   preemption.install()  # first: a SIGTERM from here on ends the process promptly (exit 143)
-  quiet_library_logs()
   f = flags.FLAGS
   if f.multihost:
     # CPU clusters (and tests over loopback) need a cross-process collectives backend; TPU/GPU ignore it.

@@ -13,7 +13,7 @@ import os
 import sys
 
 import cli
-from absl import app, flags
+from absl import flags
 
 cli.define_config_flag()
 flags.DEFINE_string("workdir", None, "Run directory whose checkpoint to evaluate.")
@@ -145,7 +145,6 @@ def _shift_and_probes(config) -> None:
 
 def main(argv):
   del argv
-  cli.quiet_library_logs()
   from at_jax import metrics
   from at_jax.data import options, pipeline, sources
   from at_jax.errors import ConfigError
@@ -183,4 +182,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

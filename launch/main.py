@@ -9,7 +9,7 @@ jax.distributed.initialize reads).
 import sys
 
 import cli
-from absl import app, flags
+from absl import flags
 
 cli.define_flags("Checkpoints, metrics and exports go here (default: workdir/<config>).")
 FLAGS = flags.FLAGS
@@ -33,4 +33,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -13,7 +13,7 @@ precompute. Multi-host: the same flags as launch/main.py; each process writes it
 import sys
 
 import cli
-from absl import app, flags
+from absl import flags
 
 cli.define_flags("The training run's workdir (default: workdir/<config>).")
 FLAGS = flags.FLAGS
@@ -42,4 +42,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -68,7 +68,6 @@ def _estimator(workdir, jobs):
 
 def main(argv):
   del argv
-  cli.quiet_library_logs()
   from at_jax import metrics, storage
   from at_jax.experiment import study, study_report
 
@@ -128,4 +127,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
