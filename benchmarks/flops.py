@@ -6,6 +6,7 @@ that both report MFU against the same count.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 
 # Dense (no sparsity) peak TFLOP/s per chip, as (name, bfloat16, TF32, plain float32). A float32 matmul
@@ -98,4 +99,21 @@ def train_step_flops(
     "student_fwd": float(student_fwd),
     "student_bwd": float(student_bwd),
     "total": float(teacher_fwd + student_fwd + student_bwd),
+  }
+
+
+def step_figures(
+  seconds_per_step: Sequence[float], batch: int, flop_per_image: float, peak: float
+) -> dict[str, float | None]:
+  """One step's figures from its timed repetitions (seconds per step each): ms/step median and min,
+  images/s and TFLOP/s at the median, and MFU in percent of `peak` TFLOP/s (None where the peak is
+  unknown, e.g. a CPU). Shared by benchmarks/torch_reference.py and benchmarks/gpu_report.py."""
+  median = 1000 * statistics.median(seconds_per_step)
+  tflops = batch * flop_per_image / (median / 1000) / 1e12
+  return {
+    "ms_median": median,
+    "ms_min": 1000 * min(seconds_per_step),
+    "img_s": batch / median * 1000,
+    "tflops": tflops,
+    "mfu_pct": 100 * tflops / peak if peak else None,
   }

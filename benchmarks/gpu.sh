@@ -1,16 +1,25 @@
 #!/usr/bin/env bash
-# The whole GPU benchmark in two commands of at most ~270 s each, for one lent H100/H200 (device tool:
-# 15 minutes of machine time in all, start-up and idle waits included, no second try):
+# The GPU benchmark for one lent H100 or H200 (device tool: 15 minutes of machine time in all, start-up
+# and idle waits included, no second try), most important first, in commands of at most 240 s each:
 #
-#   bash benchmarks/gpu.sh 1          # preflight, kernels, recipe, loss_memory   (see gpu_bench.py)
-#   bash benchmarks/gpu.sh 2          # fused, torch_b16, torch_l16
-#   bash benchmarks/gpu.sh --dry-run  # both, tiny shapes, on this machine's CPU: what CI runs
+#   bash benchmarks/gpu.sh 1          # the headline: preflight, recipe (ViT-L MFU), torch_headline
+#   bash benchmarks/gpu.sh 2          # kernels, fused, loss_memory
+#   bash benchmarks/gpu.sh 3          # if the lease has time left: torch_l16, torch_b16
+#   bash benchmarks/gpu.sh 1 2        # both in one call: one machine start, one compilation cache
+#   bash benchmarks/gpu.sh --dry-run  # all three, tiny shapes, on this machine's CPU: what CI runs
 #
-# Each stage is one process under its own `timeout`; the timeouts of a command sum to under its limit
-# (GPU: header 15 + 20 + 80 + 110 + 45 = 270 s for command 1, 15 + 110 + 90 + 55 = 270 s for command 2).
-# Figures are appended as they are made to $OUT/results<N>.jsonl, the console to $OUT/command<N>.log
-# ($OUT: the device tool's result folder, else ./gpu_results). The persistent compilation cache lives
-# in /tmp, so command 2 reuses command 1's compiles when it lands on the same machine.
+# Each stage is one process of benchmarks/gpu_bench.py under its own `timeout -k 2`, with its budget from
+# benchmarks/gpu_plan.py (which also writes down the budget model). Worst cases, every timeout reached
+# and every kill grace used (`python benchmarks/gpu_plan.py worst`; tests/benchmarks check both):
+#   command 1: header (5+2)+(25+2) + preflight (20+2) + recipe (98+2) + torch_headline (73+2) + report (5+2) = 238 s
+#   command 2: header (5+2)+(25+2) + kernels (65+2) + fused (80+2) + loss_memory (45+2) + report (5+2) = 237 s
+#   command 3: header (5+2)+(25+2) + torch_l16 (95+2) + torch_b16 (95+2) + report (5+2) = 235 s
+# Every figure is appended to $OUT/results<N>.jsonl the moment it exists (one record per compile, per
+# timed repetition, per check), so a stage killed at any point keeps all it measured; the console goes
+# to $OUT/command<N>.log; benchmarks/gpu_report.py then prints the tables ($OUT/report<N>.md) and the dry
+# run's budget table (each stage's compiles and CPU seconds beside its GPU budget). $OUT is the device
+# tool's result folder, else ./gpu_results. The persistent compilation cache lives in /tmp, so a later
+# command reuses earlier compiles when it lands on the same machine.
 #
 # It runs on the machine's own Python (PYTHON, default python3) and installs nothing: the GPU image has
 # Python 3.12 with jax 0.11.2 (cuda13), flax, optax, orbax-checkpoint, tensorstore, torch 2.11, timm,
@@ -34,10 +43,10 @@ if [ "${1:-}" = "--make-image-env" ]; then
 fi
 
 dry=""
-commands=${1:?usage: bash benchmarks/gpu.sh 1|2|--dry-run|--make-image-env DIR}
+commands=${*:?usage: bash benchmarks/gpu.sh 1|2|3 ...|--dry-run|--make-image-env DIR}
 if [ "$commands" = "--dry-run" ]; then
   dry="--dry_run"
-  commands="1 2"
+  commands="1 2 3"
 fi
 out=${OUT:-gpu_results}
 mkdir -p "$out"
@@ -61,52 +70,53 @@ else
   scale=1
   want_backend=gpu
 fi
+limits=$("$py" benchmarks/gpu_plan.py shell) || exit 1
+read -r grace smi_s header_s report_s <<<"$limits"
 
-header() {  # what ran where, then the backend check (at most ~15 s)
+header() {  # what ran where, then the backend check
   date -u
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 \
-    || echo "nvidia-smi: not available"
-  "$py" --version
-  "$py" -m pip list 2>/dev/null \
-    | grep -i -E '^(jax|jaxlib|jax-cuda|flax|optax|orbax|tensorstore|numpy|torch|triton|timm|absl|nvidia-cudnn)'
-  timeout 30 "$py" -c "import jax; print('jax', jax.__version__, jax.devices())
+  timeout -k "$grace" "$smi_s" nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm \
+    --format=csv,noheader 2>&1 || echo "nvidia-smi: not available"
+  timeout -k "$grace" $((header_s * scale)) "$py" -c "
+import importlib.metadata as m, sys
+print('python', sys.version.split()[0])
+for name in ('jax', 'jaxlib', 'jax-cuda13-plugin', 'flax', 'optax', 'orbax-checkpoint', 'tensorstore',
+             'numpy', 'torch', 'triton', 'timm', 'nvidia-cudnn-cu13'):
+  try:
+    print(name, m.version(name))
+  except m.PackageNotFoundError:
+    pass
+import jax
+print('devices', jax.devices())
 assert jax.default_backend() == '$want_backend', f'backend is {jax.default_backend()}, not $want_backend'"
 }
 
 stage() {  # stage NAME SECONDS: one gpu_bench.py stage under its timeout; a failure is recorded
   local name=$1 limit=$(($2 * scale)) rc
   echo "=== stage $name (timeout ${limit}s) $(date -u +%T)"
-  timeout -k 5 "$limit" "$py" benchmarks/gpu_bench.py --stage="$name" --out="$jsonl" $dry
+  timeout -k "$grace" "$limit" "$py" benchmarks/gpu_bench.py --stage="$name" --out="$jsonl" $dry
   rc=$?
   if [ $rc -ne 0 ]; then
-    echo "{\"stage\": \"$name\", \"kind\": \"stage_failed\", \"rc\": $rc, \"timeout_s\": $limit}" >>"$jsonl"
-    echo "=== stage $name FAILED rc=$rc (124: timed out)"
+    echo "{\"stage\": \"$name\", \"kind\": \"stage_failed\", \"rc\": $rc, \"timeout_s\": $limit, \"time\": $(date +%s)}" >>"$jsonl"
+    echo "=== stage $name FAILED rc=$rc (124 or 137: killed at its budget)"
   fi
 }
 
 for n in $commands; do
   jsonl="$out/results$n.jsonl"
+  plan=$("$py" benchmarks/gpu_plan.py stages "$n") || { echo "unknown command $n (1, 2, 3, --dry-run)"; exit 2; }
   {
     if ! header; then
       echo "=== no $want_backend backend: nothing run"
       exit 3
     fi
-    case "$n" in
-      1)
-        stage preflight 20
-        stage kernels 80
-        stage recipe 110
-        stage loss_memory 45
-        ;;
-      2)
-        stage fused 110
-        stage torch_b16 90
-        stage torch_l16 55
-        ;;
-      *)
-        echo "unknown command $n (1, 2, --dry-run)"
-        exit 2
-        ;;
-    esac
+    while read -r name seconds; do
+      stage "$name" "$seconds"
+    done <<<"$plan"
+    timeout -k "$grace" $((report_s * scale)) "$py" benchmarks/gpu_report.py "$jsonl" >"$out/report$n.md"
+    cat "$out/report$n.md"
   } 2>&1 | tee "$out/command$n.log"
 done
+if [ -n "$dry" ]; then  # every stage's compiles and CPU seconds beside its GPU budget, in one table
+  "$py" benchmarks/gpu_report.py "$out"/results[123].jsonl >"$out/report.md" && cat "$out/report.md"
+fi

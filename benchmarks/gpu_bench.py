@@ -3,27 +3,34 @@
   python benchmarks/gpu_bench.py --stage=preflight --out=$OUT/results1.jsonl
   python benchmarks/gpu_bench.py --stage=kernels --out=/tmp/r.jsonl --dry_run   # tiny shapes, any backend
 
-Every figure is appended to the JSONL file `--out` the moment it is made (one object per line with its
-`stage` and `kind`, flushed and fsynced), so a stage killed by its timeout keeps what it measured. A row
-that raises (an OOM, a kernel that does not compile) is recorded as `kind: "error"` and the stage goes on.
-`--dry_run` runs the same code on tiny shapes (any backend: the CI runs it on the CPU), so that nothing
+Every figure is appended to the JSONL file `--out` the moment it exists, one object per line with its
+`stage` and `kind`, flushed and fsynced, so that a stage killed at any point keeps everything before it:
+- `stage_start` names the device (device_kind, backend, jax version); `row_start` names what the stage
+  is about to do, so the last one in a killed stage says where it was;
+- `compile`: one per XLA program compiled (or read from the persistent cache), with its seconds;
+- the measurements themselves, raw: one `step_time` per (setting, repetition) of a train step and one
+  `step` per setting with its static figures (FLOPs, compile time, memory); `torch_rep` and `torch_row`
+  likewise against PyTorch; one record per kernel check, matmul and loss-memory row.
+No stage computes a summary: MFU, medians and ratios are derived afterwards from these records by
+`benchmarks/gpu_report.py`, which also runs on the CPU and writes RESULTS.md's GPU tables.
+A row that raises (an OOM, a kernel that does not compile) is recorded as `kind: "error"` and the stage
+goes on. `--dry_run` runs the same code on tiny shapes (any backend: CI runs it on the CPU), so nothing
 can crash on the GPU for a reason a CPU could have shown.
 
-Stages, most important first (gpu.sh's two commands run them in this order):
-  preflight    bf16 and default-precision f32 matmuls: the measured ceiling, and whether f32 is TF32
-  kernels      Pallas and blockwise attention CE vs direct (values, student gradients) at 197 and 1601
-               tokens; the Pallas tests compiled; cuDNN vs XLA attention in bf16, with the cuDNN call found
-               in the compiled text; the model's fused path vs materialised (cuDNN in the step, temp memory);
-               a small end-to-end step with fused attention + the Pallas loss
-  recipe       the ViT-L/16 recipe step (bf16, scan, remat dots, batch 32): scratch and the paper's
-               18-layer distillation; MFU against the datasheet and the measured ceiling, distill/scratch
-  loss_memory  one layer's distillation loss + gradient: compiled temp memory and time at 197/785/1601
-               tokens for direct, blockwise and pallas
-  fused        the recipe step with fused attention (scratch) and fused + pallas loss (distill), beside
-               the materialised scratch step
-  torch_b16    ours (scan) vs PyTorch/timm, ViT-B/16, scratch/copy/distill, autocast bf16 and fp32 (TF32),
-               with timm's fused-SDPA scratch row (benchmarks/torch_reference.py)
-  torch_l16    the same for ViT-L/16, scratch and distill, bf16 only
+Stages (benchmarks/gpu_plan.py: which command runs which, in this order, under which budget):
+  preflight       bf16 and default-precision f32 matmuls: the measured ceiling, and whether f32 is TF32
+  recipe          the ViT-L/16 recipe step (bf16, scan, remat dots, batch 32): the paper's 18-layer
+                  distillation and scratch; MFU and distill/scratch come from their step_time records
+  torch_headline  ours (scan) vs PyTorch/timm, ViT-B/16 batch 64, distill, fp32 (TF32) and autocast bf16
+  kernels         Pallas and blockwise attention CE vs direct (value, student gradients); cuDNN vs XLA
+                  attention in bf16 with the cuDNN call found in the compiled text; a small distill step
+                  with fused attention + the Pallas loss against materialised + direct (same first losses)
+  fused           the recipe step with fused attention (scratch) and fused + Pallas loss (distill): time,
+                  temp memory, cuDNN in the compiled step (the materialised baseline is recipe's)
+  loss_memory     one layer's distillation loss + gradient: compiled temp memory and time at 197/785/1601
+                  tokens for direct, blockwise and pallas
+  torch_l16       ours vs PyTorch, ViT-L/16 batch 32, scratch and distill, bf16
+  torch_b16       ours vs PyTorch, ViT-B/16, scratch (with timm's fused-SDPA row) and copy, fp32 and bf16
 """
 
 from __future__ import annotations
@@ -32,30 +39,19 @@ import contextlib
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import flops  # benchmarks/flops.py
+import gpu_plan  # benchmarks/gpu_plan.py
 from absl import app, flags
 
-STAGES = (
-  "preflight",
-  "kernels",
-  "recipe",
-  "loss_memory",
-  "fused",
-  "torch_b16",
-  "torch_l16",
-)
-flags.DEFINE_enum("stage", None, list(STAGES), "The stage to run.")
+flags.DEFINE_enum("stage", None, list(gpu_plan.STAGES), "The stage to run.")
 flags.DEFINE_string("out", None, "JSONL file the records are appended to.")
 flags.DEFINE_bool("dry_run", False, "Tiny shapes: the same code paths in seconds, on any backend.")
 FLAGS = flags.FLAGS
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +59,7 @@ class Sizes:
   """The shapes each stage measures: the GPU's, or the dry run's."""
 
   matmul: int  # square matmul side for the ceiling
-  kernel_tokens: tuple[int, ...]  # attention-CE checks
+  kernel_tokens: tuple[int, int]  # attention-CE checks: (f32 and bf16, bf16 only)
   kernel_heads: int
   kernel_head_dim: int
   recipe: str  # VARIANT@IMAGE:BATCH of the recipe step
@@ -74,7 +70,6 @@ class Sizes:
   torch_b: str
   torch_l: str
   torch_remat: str
-  run_pallas_tests: bool
   steps: int
   reps: int
 
@@ -92,7 +87,6 @@ GPU = Sizes(
   torch_b="B/16@224:64",
   torch_l="L/16@224:32",
   torch_remat="none",  # as PyTorch's step: no activation checkpointing
-  run_pallas_tests=True,
   steps=5,
   reps=3,
 )
@@ -112,20 +106,29 @@ DRY = Sizes(
   torch_b="Pico/7@28:8",
   torch_l="Pico/7@28:8",
   torch_remat="dots",
-  run_pallas_tests=False,
   steps=1,
-  reps=1,
+  reps=2,
 )
+COMPILE_EVENT = (
+  "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch.BACKEND_COMPILE_EVENT
+)
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 
 
 class Recorder:
-  """Appends one JSON object per figure to a file, at once, and prints it."""
+  """Appends one JSON object per figure to a file the moment it exists (flushed, fsynced), and prints it.
+
+  Each record carries the stage, the time and the row being run (`row()`), so a compile or an error is
+  attributed to the setting that caused it."""
 
   def __init__(self, path: str, stage: str):
     self.path, self.stage = path, stage
+    self.current: dict[str, Any] = {}
 
   def __call__(self, record: dict[str, Any]) -> None:
-    record = {"stage": self.stage, "time": round(time.time(), 1), **record}
+    record = {"stage": self.stage, "time": round(time.time(), 2), **record}
+    if self.current and "row" not in record:
+      record["row"] = self.current
     line = json.dumps(record, default=_plain)
     with open(self.path, "a") as f:
       f.write(line + "\n")
@@ -135,12 +138,44 @@ class Recorder:
 
   @contextlib.contextmanager
   def row(self, **what: Any) -> Iterator[None]:
-    """Records an exception inside the block as `kind: "error"` (with `what`) and carries on."""
+    """Records `row_start` (what is about to run), and an exception inside the block as `kind: "error"`
+    (with `what`), then carries on."""
+    self({"kind": "row_start", "row": what})
+    self.current = what
     try:
       yield
     except Exception as e:  # one failing row must not cost the rest of the stage
       self({"kind": "error", **what, "error": f"{type(e).__name__}: {e}"[:2000]})
       traceback.print_exc()
+    finally:
+      self.current = {}
+
+  def watch_compiles(self) -> None:
+    """One `compile` record per XLA program this process compiles or reads from the persistent cache,
+    with its seconds (jax.monitoring's backend-compile event, which covers the cache lookup)."""
+    import jax
+
+    hit = []
+
+    def on_event(event: str, **kwargs: Any) -> None:
+      del kwargs
+      if event == CACHE_HIT_EVENT:
+        hit.append(True)
+
+    def on_duration(event: str, seconds: float, **kwargs: Any) -> None:
+      if event == COMPILE_EVENT:
+        self(
+          {
+            "kind": "compile",
+            "fun": kwargs.get("fun_name"),
+            "seconds": seconds,
+            "cache_hit": bool(hit),
+          }
+        )
+        hit.clear()
+
+    jax.monitoring.register_event_listener(on_event)
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
 
 
 def _plain(x: Any) -> Any:
@@ -172,21 +207,6 @@ def preflight(sizes: Sizes, record: Recorder) -> None:
   import jax.numpy as jnp
   import numpy as np
 
-  device = jax.devices()[0]
-  record(
-    {
-      "kind": "device",
-      "backend": jax.default_backend(),
-      "device_kind": device.device_kind,
-      "devices": jax.device_count(),
-      "jax": jax.__version__,
-      "datasheet_tflops": {
-        "bf16": flops.peak_tflops(device.device_kind, "bfloat16"),
-        "tf32": flops.peak_tflops(device.device_kind, "float32", tf32=True),
-        "fp32": flops.peak_tflops(device.device_kind, "float32", tf32=False),
-      },
-    }
-  )
   n = sizes.matmul
   for dtype in ("bfloat16", "float32"):
     with record.row(kind="matmul", dtype=dtype):
@@ -204,12 +224,122 @@ def preflight(sizes: Sizes, record: Recorder) -> None:
       )
   # Precision of a default f32 dot: ~1e-3 relative error is TF32 (10-bit mantissa) or one bf16 pass,
   # ~1e-6 is true f32.
-  rng = np.random.default_rng(0)
-  a, b = rng.standard_normal((2, 512, 512), np.float32)
-  got = np.asarray(jax.jit(jnp.matmul)(a, b))
-  want = a.astype(np.float64) @ b.astype(np.float64)
-  rel = float(np.abs(got - want).max() / np.abs(want).max())
-  record({"kind": "f32_precision", "max_rel_error": rel, "f32_is_reduced": rel > 1e-4})
+  with record.row(kind="f32_precision"):
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((2, 512, 512), np.float32)
+    got = np.asarray(jax.jit(jnp.matmul)(a, b))
+    want = a.astype(np.float64) @ b.astype(np.float64)
+    rel = float(np.abs(got - want).max() / np.abs(want).max())
+    record({"kind": "f32_precision", "max_rel_error": rel, "f32_is_reduced": rel > 1e-4})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# train steps: recipe, fused
+
+
+def recipe_step(sizes: Sizes, entry: str, mode: str, attention: str, loss_impl: str) -> Any:
+  """benchmarks/step.py's JaxStep of model `entry` (VARIANT@IMAGE:BATCH) at the ViT-L recipes'
+  settings: bf16 matmuls, scan over layers, dots remat, the distilled layers of `sizes`."""
+  import step as jax_step
+
+  variant, size, batch = jax_step.parse_model(entry)
+  return jax_step.JaxStep(
+    variant,
+    size,
+    batch,
+    mode,
+    "bfloat16",
+    "dots",
+    True,
+    attention=attention,
+    layers=sizes.recipe_layers,
+    loss_impl=loss_impl,
+  )
+
+
+def _cudnn_in(compiled: Any) -> bool:
+  """Whether a compiled GPU program calls cuDNN's fused attention (its custom call's name)."""
+  text = compiled.as_text().lower()
+  return "cudnn" in text and "fmha" in text
+
+
+def time_steps(sizes: Sizes, record: Recorder, settings: list[dict[str, str]], group: str) -> None:
+  """Builds one JaxStep per setting (dict of mode, attention, loss_impl) and times them.
+
+  Each setting, once compiled, gets its `step` record (static figures) and its first repetition at once;
+  the other repetitions then run interleaved across the settings (load from elsewhere falls on all
+  alike), each recorded as `step_time` the moment it is timed. So a stage killed after the first
+  setting's compile still has that setting's time."""
+  import jax
+  import step as jax_step
+
+  variant, size, batch = jax_step.parse_model(sizes.recipe)
+  built: list[tuple[dict[str, str], Any]] = []
+
+  def rep(setting: dict[str, str], s: Any, i: int) -> None:
+    with record.row(kind="step_time", group=group, **setting, rep=i):
+      ms = 1e3 * s.run(sizes.steps)
+      record({"kind": "step_time", "group": group, **setting, "rep": i, "ms": ms})
+
+  for setting in settings:
+    with record.row(kind="step", group=group, **setting):
+      s = recipe_step(sizes, sizes.recipe, **setting)
+      s.run(2)  # warm-up; the first call's metrics are of the initial params
+      record(
+        {
+          "kind": "step",
+          "group": group,
+          **setting,
+          "model": sizes.recipe,
+          "batch": batch,
+          "dtype": "bfloat16",
+          "remat": "dots",
+          "scan": True,
+          "layers": list(s.layers) if setting["mode"] != "none" else [],
+          "gflop_per_image": s.flops_per_image()["total"] / 1e9,
+          "peak_tflops": flops.peak_tflops(jax.devices()[0].device_kind, "bfloat16"),
+          "compile_s": s.compile_s,
+          "program_gib": s.program_bytes / 2**30,
+          "temp_gib": s.temp_bytes / 2**30,
+          "cudnn_in_text": _cudnn_in(s.compiled),
+          "first_loss": s.first_metrics["loss"],
+          "first_ce": s.first_metrics["ce_loss"],
+          "first_distill": s.first_metrics.get("distill_loss"),
+          "steps_per_rep": sizes.steps,
+        }
+      )
+      built.append((setting, s))
+      rep(setting, s, 0)
+  for i in range(1, sizes.reps):
+    for setting, s in built:
+      rep(setting, s, i)
+  for _, s in built:
+    s.close()
+
+
+def recipe(sizes: Sizes, record: Recorder) -> None:
+  # Distillation first: the 50% MFU target is its.
+  time_steps(
+    sizes,
+    record,
+    [
+      dict(mode="distill", attention="materialized", loss_impl="direct"),
+      dict(mode="none", attention="materialized", loss_impl="direct"),
+    ],
+    "recipe",
+  )
+
+
+def fused(sizes: Sizes, record: Recorder) -> None:
+  time_steps(
+    sizes,
+    record,
+    [
+      dict(mode="none", attention="fused", loss_impl="direct"),
+      dict(mode="distill", attention="fused", loss_impl="pallas"),
+    ],
+    "fused",
+  )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -241,17 +371,20 @@ def _rel_diff(got: Any, want: Any) -> float:
 
 
 def attention_ce_checks(sizes: Sizes, record: Recorder) -> None:
-  """Pallas and blockwise vs direct (f32 reference at full precision), f32 and bf16 inputs."""
+  """Pallas and blockwise vs direct (f32 reference at full precision): f32 and bf16 inputs at the
+  smaller token count, bf16 (the recipes' dtype) at the larger."""
   import jax
   import jax.numpy as jnp
   import numpy as np
 
   rng = np.random.default_rng(0)
   h, d = sizes.kernel_heads, sizes.kernel_head_dim
-  for n in sizes.kernel_tokens:
+  small, large = sizes.kernel_tokens
+  for n, dtypes in ((small, ("float32", "bfloat16")), (large, ("bfloat16",))):
     base = [2 * rng.standard_normal((2, n, h, d), np.float32) for _ in range(4)]
-    reference = _ce_grads("direct", [jnp.asarray(x) for x in base], True)
-    for dtype in ("float32", "bfloat16"):
+    with record.row(kind="ce_reference", tokens=n):
+      reference = _ce_grads("direct", [jnp.asarray(x) for x in base], True)
+    for dtype in dtypes:
       qk = [jnp.asarray(x, dtype) for x in base]
       for impl in ("blockwise", "pallas"):
         with record.row(kind="ce_check", impl=impl, tokens=n, dtype=dtype):
@@ -268,30 +401,6 @@ def attention_ce_checks(sizes: Sizes, record: Recorder) -> None:
               "rel_diff_dk": _rel_diff(got[2], reference[2]),
             }
           )
-
-
-def pallas_tests(sizes: Sizes, record: Recorder) -> None:
-  """tests/ops/test_attn_ce_pallas.py, the kernels compiled (on a GPU; the test suite runs them
-  interpreted on the CPU, so the dry run only collects them: they import in this Python)."""
-  with record.row(kind="pallas_tests"):
-    child = subprocess.run(
-      [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        "tests/ops/test_attn_ce_pallas.py",
-        *([] if sizes.run_pallas_tests else ["--collect-only"]),
-      ],
-      capture_output=True,
-      text=True,
-      timeout=120,
-      cwd=ROOT,
-    )
-    tail = (child.stdout + child.stderr).strip().splitlines()[-15:]
-    record({"kind": "pallas_tests", "rc": child.returncode, "tail": tail})
 
 
 def cudnn_attention(sizes: Sizes, record: Recorder) -> None:
@@ -318,12 +427,11 @@ def cudnn_attention(sizes: Sizes, record: Recorder) -> None:
           return jax.nn.dot_product_attention(q, k, v, implementation=impl).astype("float32").sum()
 
         compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile()
-        text = compiled.as_text()
         outputs[impl] = compiled(q, k, v)
         figures[impl] = {
           "ms": 1e3 * _time_call(lambda c=compiled: c(q, k, v), 10),
           "temp_mib": compiled.memory_analysis().temp_size_in_bytes / 2**20,
-          "cudnn_in_text": "cudnn" in text.lower() and "fmha" in text.lower(),
+          "cudnn_in_text": _cudnn_in(compiled),
         }
       grads = [
         _rel_diff(np.asarray(g_c, np.float32), np.asarray(g_x, np.float32))
@@ -332,27 +440,6 @@ def cudnn_attention(sizes: Sizes, record: Recorder) -> None:
       record(
         {"kind": "cudnn_attention", "tokens": n, "batch": b, **figures, "rel_diff_grads": grads}
       )
-
-
-def model_fused_path(sizes: Sizes, record: Recorder) -> None:
-  """The model's fused attention vs materialised in a scratch step: cuDNN in the compiled step, and temp
-  memory (the fused path relies on XLA dropping the f32 logits the layer still forms for nothing)."""
-
-  for attention in ("materialized", "fused"):
-    with record.row(kind="model_attention", attention=attention):
-      s = recipe_step(sizes, sizes.small_step, "none", attention, "direct")
-      text = s.compiled.as_text().lower()
-      record(
-        {
-          "kind": "model_attention",
-          "model": sizes.small_step,
-          "attention": attention,
-          "cudnn_in_text": "cudnn" in text and "fmha" in text,
-          "temp_mib": s.temp_bytes / 2**20,
-          "ms": 1e3 * s.run(sizes.steps),
-        }
-      )
-      s.close()
 
 
 def small_fused_pallas_step(sizes: Sizes, record: Recorder) -> None:
@@ -373,139 +460,16 @@ def small_fused_pallas_step(sizes: Sizes, record: Recorder) -> None:
           "first_distill": s.first_metrics["distill_loss"],
           "ms": ms,
           "compile_s": s.compile_s,
+          "cudnn_in_text": _cudnn_in(s.compiled),
         }
       )
       s.close()
 
 
 def kernels(sizes: Sizes, record: Recorder) -> None:
-  # The test file last: it compiles the most kernels, and its rows repeat the checks' in kind.
   attention_ce_checks(sizes, record)
   cudnn_attention(sizes, record)
-  model_fused_path(sizes, record)
   small_fused_pallas_step(sizes, record)
-  pallas_tests(sizes, record)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# recipe, fused
-
-
-def recipe_step(sizes: Sizes, entry: str, mode: str, attention: str, loss_impl: str) -> Any:
-  """benchmarks/step.py's JaxStep of model `entry` (VARIANT@IMAGE:BATCH) at the ViT-L recipes'
-  settings: bf16 matmuls, scan over layers, dots remat, the distilled layers of `sizes`."""
-  import step as jax_step
-
-  variant, size, batch = jax_step.parse_model(entry)
-  return jax_step.JaxStep(
-    variant,
-    size,
-    batch,
-    mode,
-    "bfloat16",
-    "dots",
-    True,
-    attention=attention,
-    layers=sizes.recipe_layers,
-    loss_impl=loss_impl,
-  )
-
-
-def time_steps(
-  sizes: Sizes,
-  record: Recorder,
-  settings: list[dict[str, str]],
-  kind: str,
-  ceiling_tflops: float | None,
-) -> None:
-  """Builds one JaxStep per setting (dict of mode, attention, loss_impl), times them interleaved, and
-  records each with its MFU and its time relative to the first setting (the scratch baseline)."""
-  import jax
-  import step as jax_step
-
-  variant, size, batch = jax_step.parse_model(sizes.recipe)
-  steps: dict[int, Any] = {}
-  for i, setting in enumerate(settings):
-    with record.row(kind=kind, **setting):
-      steps[i] = recipe_step(sizes, sizes.recipe, **setting)
-      steps[i].run(2)
-  for _ in range(sizes.reps):
-    for i, s in list(steps.items()):
-      with record.row(kind=kind, **settings[i]):
-        s.times.append(s.run(sizes.steps))
-  peak = flops.peak_tflops(jax.devices()[0].device_kind, "bfloat16")
-  base = jax_step.summarize(steps[0].times)[0] if 0 in steps and steps[0].times else None
-  for i, s in steps.items():
-    if not s.times:
-      continue
-    median, low = jax_step.summarize(s.times)
-    per_image = s.flops_per_image()["total"]
-    achieved = batch * per_image / (median / 1000) / 1e12
-    record(
-      {
-        "kind": kind,
-        **settings[i],
-        "model": sizes.recipe,
-        "dtype": "bfloat16",
-        "remat": "dots",
-        "scan": True,
-        "layers": list(s.layers) if settings[i]["mode"] != "none" else [],
-        "ms_median": median,
-        "ms_min": low,
-        "img_s": batch / median * 1000,
-        "gflop_per_image": per_image / 1e9,
-        "tflops": achieved,
-        "mfu_datasheet": achieved / peak if peak else None,
-        "mfu_measured_ceiling": achieved / ceiling_tflops if ceiling_tflops else None,
-        "vs_first": median / base if base else None,
-        "compile_s": s.compile_s,
-        "program_gib": s.program_bytes / 2**30,
-        "temp_gib": s.temp_bytes / 2**30,
-        "first_loss": s.first_metrics["loss"],
-      }
-    )
-  for s in steps.values():
-    s.close()
-
-
-def _ceiling(path: str) -> float | None:
-  """The measured bf16 matmul TFLOP/s of this command's preflight, if it ran."""
-  for_bf16 = [r for r in _records(path, "matmul") if r.get("dtype") == "bfloat16"]
-  return for_bf16[-1]["tflops"] if for_bf16 else None
-
-
-def _records(path: str, kind: str) -> list[dict[str, Any]]:
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [r for r in map(json.loads, f) if r.get("kind") == kind]
-
-
-def recipe(sizes: Sizes, record: Recorder) -> None:
-  time_steps(
-    sizes,
-    record,
-    [
-      dict(mode="none", attention="materialized", loss_impl="direct"),
-      dict(mode="distill", attention="materialized", loss_impl="direct"),
-    ],
-    "recipe_step",
-    _ceiling(record.path),
-  )
-
-
-def fused(sizes: Sizes, record: Recorder) -> None:
-  time_steps(
-    sizes,
-    record,
-    [
-      dict(mode="none", attention="materialized", loss_impl="direct"),
-      dict(mode="none", attention="fused", loss_impl="direct"),
-      dict(mode="distill", attention="fused", loss_impl="pallas"),
-    ],
-    "fused_step",
-    None,
-  )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -535,10 +499,12 @@ def loss_memory(sizes: Sizes, record: Recorder) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# torch
+# ours against PyTorch
 
 
-def _torch_stage(entry: str, modes: list[str], dtypes: list[str], sizes: Sizes, record: Recorder):
+def _torch_stage(
+  entry: str, modes: list[str], dtypes: list[str], sizes: Sizes, record: Recorder, native: bool
+) -> None:
   import step as jax_step
   import torch
   import torch_reference
@@ -547,49 +513,71 @@ def _torch_stage(entry: str, modes: list[str], dtypes: list[str], sizes: Sizes, 
   device = "cuda" if torch.cuda.is_available() else "cpu"
   if device == "cpu":  # the dry run: PyTorch's threads and XLA's pool would contend for a few cores
     torch.set_num_threads(1)
-  torch_reference.compare(
-    variant,
-    size,
-    batch,
-    modes=modes,
-    dtypes=dtypes,
-    device=device,
-    scan=True,
-    remat=sizes.torch_remat,
-    tf32=True,
-    steps=sizes.steps,
-    reps=sizes.reps,
-    warmup=1,
-    native_scratch=True,
-    record=record,
-  )
+  with record.row(kind="torch_compare", model=entry, modes=modes, dtypes=dtypes):
+    torch_reference.compare(
+      variant,
+      size,
+      batch,
+      modes=modes,
+      dtypes=dtypes,
+      device=device,
+      scan=True,
+      remat=sizes.torch_remat,
+      tf32=True,
+      steps=sizes.steps,
+      reps=sizes.reps,
+      warmup=1,
+      native_scratch=native,
+      record=record,
+    )
 
 
-def torch_b16(sizes: Sizes, record: Recorder) -> None:
-  _torch_stage(sizes.torch_b, ["none", "copy", "distill"], ["bfloat16", "float32"], sizes, record)
+def torch_headline(sizes: Sizes, record: Recorder) -> None:
+  _torch_stage(sizes.torch_b, ["distill"], ["float32", "bfloat16"], sizes, record, native=False)
 
 
 def torch_l16(sizes: Sizes, record: Recorder) -> None:
-  _torch_stage(sizes.torch_l, ["none", "distill"], ["bfloat16"], sizes, record)
+  _torch_stage(sizes.torch_l, ["none", "distill"], ["bfloat16"], sizes, record, native=False)
+
+
+def torch_b16(sizes: Sizes, record: Recorder) -> None:
+  _torch_stage(sizes.torch_b, ["none", "copy"], ["float32", "bfloat16"], sizes, record, native=True)
 
 
 RUN: dict[str, Callable[[Sizes, Recorder], None]] = {
   "preflight": preflight,
-  "kernels": kernels,
   "recipe": recipe,
-  "loss_memory": loss_memory,
+  "torch_headline": torch_headline,
+  "kernels": kernels,
   "fused": fused,
-  "torch_b16": torch_b16,
+  "loss_memory": loss_memory,
   "torch_l16": torch_l16,
+  "torch_b16": torch_b16,
 }
+assert set(RUN) == set(gpu_plan.STAGES), "every planned stage runs, and only those"
 
 
 def main(argv: list[str]) -> None:
   del argv
   os.environ.setdefault("HF_HUB_OFFLINE", "1")  # timm must never wait on a model hub
-  record = Recorder(FLAGS.out, FLAGS.stage)
   start = time.perf_counter()
-  record({"kind": "stage_start", "dry_run": FLAGS.dry_run})
+  record = Recorder(FLAGS.out, FLAGS.stage)
+  import jax
+
+  device = jax.devices()[0]
+  record(
+    {
+      "kind": "stage_start",
+      "dry_run": FLAGS.dry_run,
+      "budget_s": gpu_plan.STAGES[FLAGS.stage].budget_s,
+      "backend": jax.default_backend(),
+      "device_kind": device.device_kind,
+      "devices": jax.device_count(),
+      "jax": jax.__version__,
+      "start_s": time.perf_counter() - start,  # Python, jax import and the backend's start
+    }
+  )
+  record.watch_compiles()
   RUN[FLAGS.stage](DRY if FLAGS.dry_run else GPU, record)
   record({"kind": "stage_done", "seconds": time.perf_counter() - start})
 

@@ -39,7 +39,6 @@ import contextlib
 import dataclasses
 import gc
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -376,33 +375,30 @@ class TorchStep:
     del self.student, self.teacher, self.opt, self.params, self.ema, self.s_attn, self.t_attn
 
 
-def _median_min(times: list[float]) -> tuple[float, float]:
-  return 1000 * statistics.median(times), 1000 * min(times)
-
-
 def _side(name: str, times: list[float], batch: int, flop: float, peak: float) -> dict[str, Any]:
-  """One side's timing fields of a row: ms/step median and min, img/s, TFLOP/s, MFU (None: no peak)."""
-  med, low = _median_min(times)
-  tflops = batch * flop / (med / 1000) / 1e12
-  return {
-    f"{name}_ms_median": med,
-    f"{name}_ms_min": low,
-    f"{name}_img_s": batch / med * 1000,
-    f"{name}_tflops": tflops,
-    f"{name}_peak_tflops": peak,
-    f"{name}_mfu_pct": 100 * tflops / peak if peak else None,
-  }
+  """One side's timing fields of a row (flops.step_figures, prefixed `name`_), and its peak."""
+  figures = flops.step_figures(times, batch, flop, peak)
+  return {f"{name}_{k}": v for k, v in figures.items()} | {f"{name}_peak_tflops": peak}
 
 
-def _interleaved(steps: Sequence[Any], n: int, reps: int, warmup: int, quiet_wait: float) -> None:
-  """Warms up every step, then `reps` rounds of `n` steps each, one step after another."""
+def _interleaved(
+  steps: Sequence[Any],
+  n: int,
+  reps: int,
+  warmup: int,
+  quiet_wait: float,
+  on_rep: Callable[[int, int, float], None] = lambda i, rep, seconds: None,
+) -> None:
+  """Warms up every step, then `reps` rounds of `n` steps each, one step after another; `on_rep(step
+  index, repetition, seconds per step)` hears each repetition the moment it is timed."""
   if warmup > 0:
     for s in steps:
       s.run(warmup)
-  for _ in range(reps):
-    for s in steps:
+  for rep in range(reps):
+    for i, s in enumerate(steps):
       quiet.wait_for_quiet(quiet_wait)
       s.times.append(s.run(n))
+      on_rep(i, rep, s.times[-1])
 
 
 def _free(device: str) -> None:
@@ -441,6 +437,10 @@ def compare(
       and batch (and "torch_native" in scratch rows with native_scratch).
     torch_vs_ours: per row: ours_* and torch_* ms/step median and min, img/s, TFLOP/s, peak, MFU;
       speedup (torch ms / ours ms), gflop_per_img, the precision of each side, ours_compile_s.
+    torch_row: per row, before timing: its facts (FLOPs per image, each side's precision and peak
+      TFLOP/s, our compile time, the settings).
+    torch_rep: per row, side ("ours", "torch", "torch_native") and repetition, the moment it is timed:
+      ms per step (benchmarks/gpu_report.py builds its tables from these and torch_row alone).
     torch_native_scratch: with native_scratch, for mode "none": the same fields, torch = timm's own
       fused-SDPA attention, timed in the same interleaved rounds as ours and the exposed step.
     error: a row that raised (e.g. out of memory): its traceback; the next row still runs.
@@ -512,28 +512,40 @@ def compare(
         m = js.first_metrics
         losses["ours"] = {"ce": float(m["ce_loss"]), "distill": float(m.get("distill_loss", 0.0))}
         record(losses)
-        _interleaved(
-          [s for s in (js, ts, native) if s is not None], steps, reps, warmup, quiet_wait
-        )
         flop = js.flops_per_image()["total"]
         ours_prec = jax_precision(dtype)
         torch_prec = "bf16" if dtype == "bfloat16" else torch_fp32
         ours_peak = flops.peak_tflops(kind, dtype, peak_override, tf32=ours_prec == "tf32")
         torch_peak = flops.peak_tflops(kind, dtype, peak_override, tf32=torch_prec == "tf32")
-        common = dict(
+        row_facts = dict(
           row,
           device_kind=kind,
           gflop_per_img=flop / 1e9,
           ours_precision=ours_prec,
           torch_precision=torch_prec,
+          ours_peak_tflops=ours_peak,
+          torch_peak_tflops=torch_peak,
           ours_compile_s=js.compile_s,
           scan=scan,
           remat=remat,
           attention=attention,
           steps=steps,
           reps=reps,
-          **_side("ours", js.times, batch, flop, ours_peak),
         )
+        # The row's facts, then each repetition as it is timed: a process killed mid-row keeps both.
+        record({"kind": "torch_row", **row_facts})
+        timed = [(n, s) for n, s in (("ours", js), ("torch", ts), ("torch_native", native)) if s]
+        _interleaved(
+          [s for _, s in timed],
+          steps,
+          reps,
+          warmup,
+          quiet_wait,
+          lambda i, rep, seconds: record(
+            {"kind": "torch_rep", **row, "side": timed[i][0], "rep": rep, "ms": 1e3 * seconds}
+          ),
+        )
+        common = dict(row_facts, **_side("ours", js.times, batch, flop, ours_peak))
         for name, t in (("torch_vs_ours", ts), ("torch_native_scratch", native)):
           if t is not None:
             torch_side = _side("torch", t.times, batch, flop, torch_peak)

@@ -30,6 +30,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from at_jax.errors import ConfigError
 from at_jax.models import attention, encoder, inits
@@ -380,8 +381,7 @@ def scan_to_loop(params: Mapping[str, Any]) -> dict[str, Any]:
   params = dict(params)
   enc = dict(params["Transformer"])
   stacked = enc.pop("encoderblock")
-  depth = jax.tree.leaves(stacked)[0].shape[0]
-  for i in range(depth):
+  for i in range(jax.tree.leaves(stacked)[0].shape[0]):
     enc[f"encoderblock_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
   params["Transformer"] = enc
   return params
@@ -391,10 +391,10 @@ def loop_to_scan(params: Mapping[str, Any]) -> dict[str, Any]:
   """Stacks `encoderblock_{i}` into `Transformer/encoderblock` with a leading layer axis."""
   params = dict(params)
   enc = dict(params["Transformer"])
-  names = sorted(
-    (k for k in enc if k.startswith("encoderblock_")), key=lambda k: int(k.split("_")[1])
-  )
+  names = sorted((k for k in enc if k.startswith("encoderblock_")), key=lambda k: int(k[13:]))
   blocks = [enc.pop(k) for k in names]
-  enc["encoderblock"] = jax.tree.map(lambda *a: jnp.stack(a), *blocks)
+  # Host arrays (a checkpoint just read) stay there: jnp.stack compiles a program per leaf shape.
+  stack = np.stack if all(isinstance(x, np.ndarray) for x in jax.tree.leaves(blocks)) else jnp.stack
+  enc["encoderblock"] = jax.tree.map(lambda *a: stack(a), *blocks)
   params["Transformer"] = enc
   return params

@@ -46,6 +46,25 @@ def test_loop_equals_scan(setup, remat):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), ga, gb)
 
 
+def test_loop_to_scan_stacks_host_arrays_on_the_host(setup):
+  """A checkpoint read from disk (numpy leaves) is stacked with numpy: no device program, no device copy;
+  the same values as the device path."""
+  _, params, _ = setup
+  host = jax.tree.map(np.asarray, params)
+  compiles = []
+  listener = lambda event, seconds, **kw: compiles.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    stacked = vit.loop_to_scan(host)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert not [e for e in compiles if "compile" in e]
+  leaves = jax.tree.leaves(stacked["Transformer"]["encoderblock"])
+  assert leaves and all(type(x) is np.ndarray for x in leaves)
+  on_device = vit.loop_to_scan(params)
+  jax.tree.map(np.testing.assert_array_equal, stacked, on_device)
+
+
 @pytest.mark.parametrize("scan", [False, True])
 def test_truncate_keeps_the_first_layers(setup, scan):
   model, params, images = setup
