@@ -42,6 +42,7 @@ class Checkpointer:
     check_options(every_steps=save_every, keep=keep)
     # orbax rejects relative paths.
     self.directory = storage.absolute(directory)
+    self.save_every = save_every
     options = ocp.CheckpointManagerOptions(
       # Not `save_interval_steps`: its default policy also saves the first
       # step of every run (InitialSavePolicy), whatever the interval.

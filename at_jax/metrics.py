@@ -88,12 +88,14 @@ def _format_number(value: float) -> str:
 class MetricWriter:
   """Appends metrics to workdir/metrics.jsonl and to TensorBoard."""
 
-  def __init__(self, workdir: str, *, enabled: bool | None = None):
+  def __init__(self, workdir: str, *, enabled: bool | None = None, after_step: int | None = None):
     """Opens the writers.
 
     Args:
       workdir: run directory; created if missing.
       enabled: whether to write; default: only on process 0.
+      after_step: a resumed run's first step - 1: lines of later steps (logged by a killed run past
+        its last checkpoint, and about to be logged again) are dropped from metrics.jsonl first.
     """
     self.enabled = _is_main_process() if enabled is None else enabled
     self.path = os.path.join(workdir, METRICS_FILE)
@@ -103,6 +105,8 @@ class MetricWriter:
       storage.makedirs(workdir)
       # Append: a resumed run continues the same file. A bucket object cannot be appended to, so there
       # the lines are kept and the object rewritten at each write (kilobytes, every log step).
+      if after_step is not None and storage.exists(self.path):
+        _drop_lines_after(self.path, after_step)
       if storage.is_remote(self.path):
         self._text = ""
         if storage.exists(self.path):
@@ -154,6 +158,21 @@ class MetricWriter:
       self._tensorboard.close()
       self._mirror.close()
       self._file = self._tensorboard = None
+
+
+def _drop_lines_after(path: str, step: int) -> None:
+  """Rewrites the metrics file `path` without its lines of steps after `step` (and a torn last line)."""
+  with storage.open_file(path) as f:
+    lines = f.read().splitlines(keepends=True)
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= step:
+        kept.append(line if line.endswith("\n") else line + "\n")
+    except (ValueError, KeyError):
+      continue  # a line cut short by the kill
+  if len(kept) != len(lines):
+    storage.write_atomic(path, "".join(kept))
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -113,6 +113,28 @@ def write_atomic(path: str, content: str | bytes) -> None:
   os.replace(path + ".tmp", path)
 
 
+def create_exclusive(path: str, content: str) -> bool:
+  """Writes `content` to `path` only if nothing is there; returns whether it did. Of several writers
+  racing for one path exactly one succeeds: on disk through O_EXCL, in a bucket through an upload
+  conditional on no object being there (GCS's ifGenerationMatch=0). Raises OSError if `path` cannot be
+  written at all (a folder that cannot be made, no permission)."""
+  if is_remote(path):
+    fs = fsspec.filesystem(path.split("://", 1)[0])
+    try:
+      fs.pipe_file(path, content.encode(), mode="create")
+    except FileExistsError:
+      return False
+    return True
+  makedirs(os.path.dirname(path) or ".")
+  try:
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+  except FileExistsError:
+    return False
+  with os.fdopen(fd, "w") as f:
+    f.write(content)
+  return True
+
+
 def check_bucket(path: str, field: str) -> None:
   """ConfigError `field` if `path` is in a bucket that does not exist or cannot be reached.
 

@@ -148,6 +148,10 @@ def base() -> ml_collections.ConfigDict:
   c.evals = dict(every_steps=0, every_epochs=0.0)
   # "START:STOP": a jax.profiler trace of train steps START..STOP-1 in <workdir>/tensorboard; "" = none.
   c.profile = ""
+  # A relaunch on a workdir continues its run when the fields that define the run are unchanged
+  # (at_jax.experiment.workdir: model, teacher, transfer, data, optim, schedule, ...), and is refused
+  # naming each changed field otherwise; "override" continues it with the changes, recorded in run.json.
+  c.resume = "auto"
   return c
 
 

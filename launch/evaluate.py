@@ -177,7 +177,7 @@ def main(argv):
         "--workdir/--ensemble", "give a run directory or a list of exports to ensemble"
       )
   except ConfigError as e:
-    print(f"\nConfig error: {e}", file=sys.stderr)
+    print(f"\nConfig error: {e.line()}", file=sys.stderr)
     sys.exit(2)
 
 

@@ -25,7 +25,7 @@ def main(argv):
     job.run_with_teacher(FLAGS.config, workdir)
   except ConfigError as e:
     # A config/input problem: say what to fix, without a traceback from deep inside.
-    print(f"\nConfig error in {config_path}: {e}", file=sys.stderr)
+    print(f"\nConfig error in {config_path}: {e.line()}", file=sys.stderr)
     sys.exit(2)
   except preemption.Preempted as e:
     print(f"\n{e}", file=sys.stderr)

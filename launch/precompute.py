@@ -31,7 +31,7 @@ def main(argv):
   try:
     metadata = precompute.run(FLAGS.config, workdir)
   except ConfigError as e:
-    print(f"\nConfig error in {config_path}: {e}", file=sys.stderr)
+    print(f"\nConfig error in {config_path}: {e.line()}", file=sys.stderr)
     sys.exit(2)
   if jax.process_index() == 0:
     print(

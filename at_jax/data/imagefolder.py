@@ -283,6 +283,7 @@ class ImageFolderSource:
   def __init__(self, files: FileList, part: slice = slice(None)):
     self.files = files._replace(paths=files.paths[part], labels=files.labels[part])
     self.fingerprint = self.files.fingerprint
+    self.num_classes = len(files.classes)  # the training split's class folders
 
   def __len__(self) -> int:
     return len(self.files.paths)

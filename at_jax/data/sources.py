@@ -216,6 +216,7 @@ class ArraySource:
       raise ConfigError("labels", f"{len(labels)} labels for {len(images)} images.")
     self.images = images
     self.labels = np.asarray(labels)
+    self.num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
 
   def __len__(self) -> int:
     return len(self.images)
@@ -260,8 +261,9 @@ class _TfdsSource:
   """A tfds data source that yields examples in our format; `records` is the tfds source itself, for
   readers of other fields (at_jax.evaluate.shift's ReaL labels)."""
 
-  def __init__(self, records: Any):
+  def __init__(self, records: Any, num_classes: int | None = None):
     self.records = records
+    self.num_classes = num_classes  # the dataset's, from its tfds metadata
 
   def __len__(self) -> int:
     return len(self.records)
@@ -302,7 +304,8 @@ def _tfds_source(name: str, split: str, data_dir: str | None, field: str) -> _Tf
     ) from e
   except ValueError as e:  # tfds' answer to an unknown or malformed split.
     raise ConfigError(field, f"bad split {split!r} of dataset {name!r}: {e}") from e
-  return _TfdsSource(source)
+  label = builder.info.features.get("label", None)
+  return _TfdsSource(source, getattr(label, "num_classes", None))
 
 
 def make_source(
@@ -376,6 +379,13 @@ def fingerprint(source: Source) -> str:
   """The source's contents as a short string ("" for sources with none: arrays, tfds, Fashion-MNIST),
   recorded by checkpoints and stored targets so that a run on edited data is refused."""
   return getattr(source, "fingerprint", "")
+
+
+def num_classes(source: Source) -> int | None:
+  """How many classes the source's labels range over (labels are 0 .. num_classes - 1): the tfds
+  metadata's, an image folder's class folders, or the largest label + 1 of in-memory arrays (IDX files);
+  None where a source does not say."""
+  return getattr(source, "num_classes", None)
 
 
 def num_examples(source: Source) -> int:

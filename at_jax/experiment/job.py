@@ -9,7 +9,9 @@ import ml_collections
 
 from at_jax import checkpoint, metrics, storage
 from at_jax.data import options, pipeline, sources
+from at_jax.errors import ConfigError
 from at_jax.evaluate import attention as evaluate
+from at_jax.experiment import workdir as workdir_claim
 from at_jax.experiment.loop import train_and_evaluate
 from at_jax.experiment.paths import EXPORT_DIR, TEACHER_DIR
 from at_jax.experiment.teachers import load_teacher
@@ -28,11 +30,29 @@ def ensure_teacher(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   results_file = os.path.join(teacher_dir, "results.json")
   if _will_train_teacher(config, workdir):
     metrics.say(f"== No teacher in {teacher_dir}: training one ==")
-    evals = train_and_evaluate(config.teacher.pretrain, teacher_dir)
+    try:
+      evals = train_and_evaluate(config.teacher.pretrain, teacher_dir)
+    except ConfigError as e:
+      raise e.under("teacher.pretrain") from None
     if jax.process_index() == 0:
       storage.write_atomic(results_file, json.dumps(evals))
   with storage.open_file(results_file) as f:
     return json.load(f)
+
+
+def _say_teacher_data(config: ml_collections.ConfigDict) -> None:
+  """Says so when the teacher pre-trained here sees other data than its student (a deliberate shift
+  setting, or a config pointed at new data whose teacher section still names the old)."""
+  student, teacher = config.data, config.teacher.pretrain.data
+  keys = ("name", "dir", "train_split", "image_size")
+  if any(student[k] != teacher[k] for k in keys):
+    differ = ", ".join(
+      f"{k} {teacher[k]!r} vs {student[k]!r}" for k in keys if student[k] != teacher[k]
+    )
+    metrics.say(
+      f"Note: the teacher is pre-trained on other data than the student (teacher.pretrain.data vs "
+      f"data: {differ}); set teacher.pretrain.data.* to pre-train it on the student's data"
+    )
 
 
 def _will_train_teacher(config: ml_collections.ConfigDict, workdir: str) -> bool:
@@ -55,13 +75,31 @@ def run_with_teacher(
 ) -> dict[str, dict[str, float]]:
   """Trains the teacher first when the config says how and it isn't there yet, then the student.
 
-  Returns {"teacher": evals or {}, "student": evals}, and prints them as a table.
+  Holds the workdir's lock for the whole job. Returns {"teacher": evals or {}, "student": evals}, and
+  prints them as a table.
   """
+  with workdir_claim.claimed(workdir):
+    return _run_with_teacher(config, workdir)
+
+
+def _run_with_teacher(
+  config: ml_collections.ConfigDict, workdir: str
+) -> dict[str, dict[str, float]]:
   results: dict[str, dict[str, float]] = {}
-  # A typo in either config must not cost a teacher's training first: both are checked up front.
+  # A typo in either config, or a relaunch that changes either run, must not cost a teacher's training
+  # first: both are checked up front.
+  teacher_dir = os.path.join(workdir, TEACHER_DIR)
   if _will_train_teacher(config, workdir):
-    validate(config.teacher.pretrain, os.path.join(workdir, TEACHER_DIR))
+    try:
+      validate(config.teacher.pretrain, teacher_dir)
+    except ConfigError as e:
+      raise e.under("teacher.pretrain") from None
   validate(config, workdir)
+  if _pretrains_teacher(config):
+    # An existing teacher of another recipe would be reused without a word.
+    workdir_claim.check(config.teacher.pretrain, teacher_dir, prefix="teacher.pretrain.")
+    _say_teacher_data(config)
+  workdir_claim.check(config, workdir)
   teacher_evals = ensure_teacher(config, workdir)
   if teacher_evals is not None:
     results["teacher"] = teacher_evals

@@ -17,6 +17,7 @@ from at_jax import checkpoint, metrics, sharding
 from at_jax.data import options, pipeline, sources, target_store
 from at_jax.errors import ConfigError
 from at_jax.experiment import preemption, profiling
+from at_jax.experiment import workdir as workdir_claim
 from at_jax.experiment.paths import EMA_EXPORT_DIR, EXPORT_DIR
 from at_jax.experiment.preemption import Preempted
 from at_jax.experiment.runs import Run, setup
@@ -134,16 +135,18 @@ def _train_iter(run: Run, start_step: int) -> Iterator[dict[str, np.ndarray]]:
   )
 
 
-def _fresh_state_and_steps(run: Run):
-  """A fresh sharded state, the run's Checkpointer, and the jitted (train, eval) steps."""
-  config = run.config
-  state, shardings = train_state.create_sharded_state(
-    run.init_fn, jax.random.key(config.seed), run.mesh
-  )
-  ckpt = checkpoint.Checkpointer(
+def _checkpointer(run: Run) -> checkpoint.Checkpointer:
+  return checkpoint.Checkpointer(
     os.path.join(run.workdir, "checkpoints"),
-    save_every=config.ckpt.every_steps,
-    keep=config.ckpt.keep,
+    save_every=run.config.ckpt.every_steps,
+    keep=run.config.ckpt.keep,
+  )
+
+
+def _fresh_state_and_steps(run: Run):
+  """A fresh sharded state and the jitted (train, eval) steps."""
+  state, shardings = train_state.create_sharded_state(
+    run.init_fn, jax.random.key(run.config.seed), run.mesh
   )
   teacher_shardings = (
     None if run.teacher_params is None else jax.tree.map(lambda a: a.sharding, run.teacher_params)
@@ -151,7 +154,7 @@ def _fresh_state_and_steps(run: Run):
   train_fn, eval_fn = train_state.jit_steps(
     run.step_fn, run.eval_fn, run.mesh, shardings, teacher_shardings
   )
-  return state, shardings, ckpt, train_fn, eval_fn
+  return state, shardings, train_fn, eval_fn
 
 
 def _data_position(run: Run, step: int, skipped_examples: int = 0) -> dict[str, Any]:
@@ -189,34 +192,60 @@ def _check_data_position(run: Run, saved: Mapping[str, Any]) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (resuming from <workdir>/checkpoints if present), evaluates, exports params; returns evals."""
-  run = setup(config, workdir)
-  metrics.say(run.memory)  # validation has refused a config that cannot fit, before compiling
-  state, shardings, ckpt, train_fn, eval_fn = _fresh_state_and_steps(run)
+  """Trains (resuming from <workdir>/checkpoints if present), evaluates, exports params; returns evals.
+
+  Holds the workdir's lock throughout, and refuses a relaunch that would continue another run
+  (at_jax.experiment.workdir) or relabel its checkpoints (a schedule shorter than the saved step)."""
+  with workdir_claim.claimed(workdir):
+    run = setup(config, workdir)
+    changed = workdir_claim.check(config, workdir)
+    ckpt = _checkpointer(run)
+    saved_step = ckpt.latest_step()
+    if saved_step is not None and saved_step > run.total_steps:
+      raise ConfigError(
+        "schedule.steps",
+        f"this run ends at step {run.total_steps}, but {ckpt.directory} holds step {saved_step}: "
+        f"a shorter schedule would relabel that state and let ckpt.keep delete it. Set "
+        f"schedule.steps >= {saved_step} (or the epochs that give it), or use a new --workdir",
+      )
+    workdir_claim.record(config, workdir, changed, resuming=saved_step is not None)
+    metrics.say(run.memory)  # validation has refused a config that cannot fit, before compiling
+    return _train_and_evaluate(run, ckpt)
+
+
+def _train_and_evaluate(run: Run, ckpt: checkpoint.Checkpointer) -> dict[str, float]:
+  config, workdir = run.config, run.workdir
+  state, shardings, train_fn, eval_fn = _fresh_state_and_steps(run)
   state, saved = _starting_state(run, state, shardings, ckpt)
-  writer = metrics.MetricWriter(workdir)
-  evaluations = Evaluations(run, eval_fn, writer, saved)
   start = int(jax.device_get(state.step))
+  # Lines a killed run logged past its last checkpoint are logged again from there: drop them first.
+  writer = metrics.MetricWriter(workdir, after_step=start)
+  evaluations = Evaluations(run, eval_fn, writer, saved)
   _describe(run, start)
-  with (
-    preemption.training() as sigterm,
-    profiling.step_trace(config.profile, workdir) as trace,
-  ):
-    # A checkpoint of an older format has no count: absent, it starts from 0.
-    skipped_before = int(saved.get("skipped_examples", 0))
-    state, skipped_total = _train(
-      run, state, start, skipped_before, train_fn, evaluations, ckpt, writer, sigterm, trace
-    )
-  extra = {**_data_position(run, run.total_steps, skipped_total), **evaluations.extra()}
-  ckpt.save(run.total_steps, state, extra=extra, force=True)
-  ckpt.wait()
-  # Not in the final checkpoint's best: a relaunch of a finished run evaluates its last step again.
-  evals = evaluations(run.total_steps, state)
-  writer.close()
-  ckpt.close()
-  _export(run, state)
+  # One SIGTERM/SIGINT policy from the first step to the export: in the loop every process saves the
+  # same step and stops; after it, the final save, evaluation and export complete first.
+  with preemption.training() as sigterm:
+    with profiling.step_trace(config.profile, workdir) as trace:
+      # A checkpoint of an older format has no count: absent, it starts from 0.
+      skipped_before = int(saved.get("skipped_examples", 0))
+      state, skipped_total = _train(
+        run, state, start, skipped_before, train_fn, evaluations, ckpt, writer, sigterm, trace
+      )
+    extra = {**_data_position(run, run.total_steps, skipped_total), **evaluations.extra()}
+    ckpt.save(run.total_steps, state, extra=extra, force=True)
+    ckpt.wait()
+    # Not in the final checkpoint's best: a relaunch of a finished run evaluates its last step again.
+    evals = evaluations(run.total_steps, state)
+    writer.close()
+    ckpt.close()
+    _export(run, state)
   results = {**evals, **evaluations.best}
   metrics.say(metrics.evals_table(results, run.total_steps))
+  if sigterm.requested:
+    raise Preempted(
+      f"stopped after finishing: the signal came after the last step, so the final checkpoint, "
+      f"evaluation and export of {workdir} completed first; the run is complete"
+    )
   return results
 
 
@@ -329,7 +358,8 @@ def evaluate_checkpoint(
 ) -> dict[str, float]:
   """Evaluates <workdir>/checkpoints at `step` (default: the latest) exactly as training evaluated it."""
   run = setup(config, workdir, check_targets=False)  # evaluation reads no stored teacher targets
-  state, _, ckpt, _, eval_fn = _fresh_state_and_steps(run)
+  state, _, _, eval_fn = _fresh_state_and_steps(run)
+  ckpt = _checkpointer(run)
   state, _ = ckpt.restore(state, step)
   ckpt.close()
   return evaluate_run(run, eval_fn, state)
@@ -340,10 +370,12 @@ def _log(pending, writer: metrics.MetricWriter, progress: metrics.Progress, ckpt
   values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
   if not math.isfinite(values["loss"]):
     last = ckpt.latest_step()
-    raise FloatingPointError(
-      f"non-finite loss {values['loss']} at step {step}; the last good checkpoint "
-      f"(step {last}) is intact in {ckpt.directory}"
+    kept = (
+      f"the last good checkpoint (step {last}) is intact in {ckpt.directory}"
+      if last is not None
+      else f"no checkpoint was saved before it (ckpt.every_steps={ckpt.save_every})"
     )
+    raise FloatingPointError(f"non-finite loss {values['loss']} at step {step}; {kept}")
   writer.write(step, {f"train/{k}": v for k, v in values.items()})
   progress.update(
     step, {k: values[k] for k in ("loss", "distill_loss", "train_acc") if k in values}

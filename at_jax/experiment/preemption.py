@@ -23,7 +23,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 
@@ -32,6 +32,21 @@ import jax
 PREEMPTED_EXIT_CODE = 143
 # Processes wait this long at a step's barrier for the others (a dead process fails the run after it).
 BARRIER_TIMEOUT_MS = 30 * 60 * 1000
+
+
+_before_exit: list[
+  Callable[[], None]
+] = []  # what an early exit does first (release a workdir's lock)
+
+
+def before_exit(fn: Callable[[], None]) -> None:
+  """Runs `fn` before a SIGTERM or SIGINT outside the training loop ends the process."""
+  _before_exit.append(fn)
+
+
+def cancel_before_exit(fn: Callable[[], None]) -> None:
+  if fn in _before_exit:
+    _before_exit.remove(fn)
 
 
 class Preempted(Exception):
@@ -46,16 +61,23 @@ class _Signal:
     self.in_loop = False
     self.lock = threading.Lock()  # `in_loop` changes and the watcher's decision do not interleave
 
-  def arrived(self) -> None:
+  def arrived(self, signum: int) -> None:
     with self.lock:
       self.requested.set()
       if not self.in_loop:
+        name = signal.Signals(signum).name
         print(
-          "SIGTERM before the training loop: exiting with 143 (nothing of this run to save yet)",
+          f"{name} outside the training loop: exiting with {128 + signum} (nothing of this run to "
+          "save yet; its last checkpoint, if any, stands)",
           file=sys.stderr,
           flush=True,
         )
-        os._exit(PREEMPTED_EXIT_CODE)
+        for fn in _before_exit:
+          with contextlib.suppress(Exception):  # the exit must happen
+            fn()
+        # Without Python's teardown: XLA's compiler threads may still run, and a normal interpreter
+        # exit under them is what made Ctrl-C during the first compile end in a segmentation fault.
+        os._exit(128 + signum)
 
 
 _installed: _Signal | None = None
@@ -71,15 +93,18 @@ def install() -> None:
   state = _Signal()
   read_fd, write_fd = os.pipe()
   os.set_blocking(write_fd, False)
-  # The Python-level handler does nothing: the C-level one has already written the signal number to
-  # the wakeup fd, which the watcher reads at once.
-  signal.signal(signal.SIGTERM, lambda signum, frame: None)
+  # The Python-level handlers do nothing: the C-level one has already written the signal number to
+  # the wakeup fd, which the watcher reads at once. SIGINT (Ctrl-C) follows the same policy as SIGTERM
+  # rather than raising KeyboardInterrupt wherever the main thread happens to be.
+  for signum in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(signum, lambda signum, frame: None)
   signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
 
   def watch() -> None:
     while True:
-      if signal.SIGTERM in os.read(read_fd, 64):
-        state.arrived()
+      for signum in os.read(read_fd, 64):
+        if signum in (signal.SIGTERM, signal.SIGINT):
+          state.arrived(signum)
 
   threading.Thread(target=watch, name="at_jax-sigterm", daemon=True).start()
   _installed = state
@@ -95,6 +120,11 @@ class Training:
     Training._loops += 1
     self._name = f"at_jax/loop{Training._loops}"
     self._reported = False
+
+  @property
+  def requested(self) -> bool:
+    """Whether a SIGTERM (or SIGINT) reached this process during the phase."""
+    return self._requested.is_set()
 
   def stop_at(self, step: int) -> bool:
     """Whether every process stops after `step`. Single process: whether SIGTERM came. Several: each

@@ -130,7 +130,9 @@ def teacher_model_config(config: ml_collections.ConfigDict, workdir: str) -> dic
   if config.teacher.init:
     return checkpoint.read_model_config(config.teacher.init)
   if config.teacher.pretrain is not None:
-    return {k: v for k, v in config.teacher.pretrain.model.to_dict().items() if k != "arch"}
+    # Its architecture: not the recipe fields of its own run (arch, init), which no ViT has.
+    fields = config.teacher.pretrain.model.to_dict()
+    return {k: v for k, v in fields.items() if k not in ("arch", "init")}
   return checkpoint.read_model_config(teacher_path(config, workdir))  # raises, naming the path
 
 

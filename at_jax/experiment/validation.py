@@ -47,6 +47,7 @@ def validate(
   for field in ("teacher.init", "model.init", "transfer.targets_dir", "data.dir"):
     group, name = field.split(".")
     storage.check_bucket(config[group][name] or "", field)
+  _check_finite(config.to_dict())
   _check_scalars(config)
   model = vit.build(teachers.model_config(config, workdir))
   _check_model(config, model)
@@ -57,6 +58,8 @@ def validate(
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   d = config.data
   train_source, eval_source = _sources(d, workdir)
+  if config.task == "classify":
+    _check_labels(d, model, train_source, eval_source)
   pipeline.check_batch_sizes(
     batch_size=d.batch_size,
     eval_batch_size=d.eval_batch_size,
@@ -93,8 +96,60 @@ def _sources(d: ml_collections.ConfigDict, workdir: str) -> tuple[sources.Source
   return built or build()
 
 
+def _check_finite(fields: dict, prefix: str = "") -> None:
+  """Every number of the config is finite: a NaN passes most range checks unnoticed (every comparison
+  with it is False) and an infinity breaks the step count or the loss only after compiling."""
+  for name, value in fields.items():
+    field = f"{prefix}{name}"
+    if (
+      isinstance(value, dict) and field != "teacher.pretrain"
+    ):  # the teacher's run: checked as its own
+      _check_finite(value, f"{field}.")
+    elif isinstance(value, float) and not math.isfinite(value):
+      raise ConfigError(field, f"must be a finite number, got {value}")
+
+
+# Numbers no other check bounds: (field, within, what to say); each is also finite (`_check_finite`).
+_RANGES = (
+  ("model.drop_path", lambda x: 0 <= x < 1, "a probability in [0, 1)"),
+  (
+    "data.num_threads",
+    lambda x: x >= 0 and int(x) == x,
+    "a whole number >= 0 (0: in the main thread)",
+  ),
+  ("schedule.epochs", lambda x: x >= 0, ">= 0"),
+  ("schedule.warmup_epochs", lambda x: x >= 0, ">= 0"),
+)
+_CHOICES = (
+  ("model.dtype_mm", ("float32", "bfloat16", "float16")),
+  ("precompute.store", ("logits", "qk")),
+)
+
+
+def _check_labels(d: ml_collections.ConfigDict, model: vit.ViT, *splits: sources.Source) -> None:
+  """model.num_classes against the labels the data holds: a head with fewer outputs can never predict
+  the other classes, and would train without a word."""
+  for field, source in zip(("data.train_split", "data.eval_split"), splits):
+    n = sources.num_classes(source)
+    if n is not None and n > model.num_classes:
+      where = f"the class folders of {d.dir}" if d.name == "imagefolder" else f"{d.name}'s labels"
+      raise ConfigError(
+        "model.num_classes",
+        f"{model.num_classes}, but {field}={d[field.removeprefix('data.')]!r} has {n} classes "
+        f"(labels 0..{n - 1}, from {where}): set model.num_classes={n}",
+      )
+
+
 def _check_scalars(config: ml_collections.ConfigDict) -> None:
   """The optimizer's, schedule's and checkpointing's numbers: each within what it means."""
+  for field, within, what in _RANGES:
+    section, name = field.split(".")
+    if not within(config[section][name]):
+      raise ConfigError(field, f"must be {what}, got {config[section][name]!r}")
+  for field, choices in _CHOICES:
+    section, name = field.split(".")
+    if config[section][name] not in choices:
+      raise ConfigError(field, f"{config[section][name]!r} is not one of {choices}")
   o, s = config.optim, config.schedule
   optim.check_hparams(**{name: o[name] for name in optim.HPARAM_RANGES})
   optim.check_decay_rule(o.decay_rule)
@@ -150,8 +205,7 @@ def _teacher_architecture(
   """The teacher the step will run, built from its architecture alone; None without one."""
   if config.transfer.mode == "none" or config.transfer.source == "precomputed":
     return None
-  teacher_config = dict(teachers.teacher_model_config(config, workdir))
-  teacher_config.pop("init", None)  # a pretrain config's recipe field, not an architecture
+  teacher_config = teachers.teacher_model_config(config, workdir)
   return vit.build({**teacher_config, "attention_impl": model.attention_impl})
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 from at_jax import checkpoint, metrics
 from at_jax.data import sources
 from at_jax.errors import ConfigError
-from at_jax.experiment import job, loop, paths
+from at_jax.experiment import job, loop, paths, validation
 
 CLASSES = (
   "t-shirt",
@@ -114,3 +114,12 @@ def test_bad_folders_stop_before_anything_compiles(tmp_path, tiny_config, jpeg_t
     with no_compiles(), pytest.raises(ConfigError) as e:
       job.run_with_teacher(c, str(tmp_path / "workdir"))
     assert e.value.field == field, change
+
+
+def test_the_label_range_of_an_image_folder_is_its_class_folders(tmp_path, tiny_config, jpeg_tree):
+  """A head with fewer outputs than the folder has classes is refused, naming both counts."""
+  c = _config(tiny_config, jpeg_tree)
+  c.model.num_classes = 2
+  with pytest.raises(ConfigError, match=r"has 10 classes .* from the class folders of") as e:
+    validation.validate(c, str(tmp_path))
+  assert e.value.field == "model.num_classes"

@@ -25,5 +25,8 @@ def test_unknown_recipe_stops_before_compiling(
   (c.teacher.pretrain if in_teacher else c)[group][name] = value
   with no_compiles(), pytest.raises(ConfigError) as e:
     job.run_with_teacher(c, str(tmp_path))
-  assert e.value.field == f"{group}.{name}", str(e.value)
+  # The teacher's run config sits at teacher.pretrain: its fields are named in full.
+  assert e.value.field == ("teacher.pretrain." if in_teacher else "") + f"{group}.{name}", str(
+    e.value
+  )
   assert not (tmp_path / "teacher").exists()

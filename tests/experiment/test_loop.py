@@ -13,7 +13,7 @@ from at_jax.data import sources
 from at_jax.errors import ConfigError
 from at_jax.experiment import job, loop, paths, runs, teachers, validation
 from at_jax.models import vit
-from configs import mae_fmnist
+from configs import demo, mae_fmnist
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +55,22 @@ def test_interrupted_run_resumes_exactly(tmp_path, teacher_export, tiny_config):
   (trace_dir,) = os.listdir(os.path.join(straight, "tensorboard", "plugins", "profile"))
   traces = os.listdir(os.path.join(straight, "tensorboard", "plugins", "profile", trace_dir))
   assert any(name.endswith(".xplane.pb") for name in traces), traces
-  # The checkpoint records the data stream's position; resuming on another stream is refused up front.
+  # The run's identity (run.json) and the checkpoint's data position refuse a relaunch on another
+  # data stream up front; the identity names the field first.
   c.data.batch_size = 32
   shutil.rmtree(os.path.join(interrupted, "checkpoints", "6"))
-  with pytest.raises(ConfigError, match=r"data.batch_size=16, this run has 32") as e:
+  with pytest.raises(ConfigError, match=r"1 changed: data.batch_size: 16 -> 32") as e:
     loop.train_and_evaluate(c, interrupted)
   assert e.value.field == "data.batch_size"
+  c.resume = "override"  # past the identity, the data position still refuses it
+  with pytest.raises(ConfigError, match=r"data.batch_size=16, this run has 32") as e:
+    loop.train_and_evaluate(c, interrupted)
+  # A shorter schedule would relabel the step-4 state as step 2 and let ckpt.keep delete step 4.
+  c.data.batch_size, c.schedule.steps = 16, 2
+  with pytest.raises(ConfigError, match=r"ends at step 2, but .* holds step 4") as e:
+    loop.train_and_evaluate(c, interrupted)
+  assert e.value.field == "schedule.steps"
+  assert sorted(os.listdir(os.path.join(interrupted, "checkpoints"))) == ["2", "4"]
 
 
 @pytest.mark.slow
@@ -517,7 +527,8 @@ def test_ema_params_are_exported_and_serve_as_teacher(tmp_path, teacher_export, 
   assert ema_config == raw_config
   c = tiny_config(steps=4, mode="none")
   run = runs.setup(c, workdir, check_targets=False)
-  state, _, ckpt, _, _ = loop._fresh_state_and_steps(run)
+  state, _, _, _ = loop._fresh_state_and_steps(run)
+  ckpt = loop._checkpointer(run)
   state, extra = ckpt.restore(state)  # the latest: the final step's
   ckpt.close()
   assert extra["step"] == 4
@@ -552,3 +563,21 @@ def test_evaluation_steps_every_steps_or_epochs(tmp_path, tiny_config):
   assert err.field == "evals.every_epochs" and "not both" in str(err)
   c.evals.update(dict(every_steps=0, every_epochs=-1.0))
   assert _validate_error(c, tmp_path).field == "evals.every_epochs"
+
+
+@pytest.mark.parametrize("what", ["attn", "q", "k", "v", "features"])
+@pytest.mark.parametrize("mode", ["copy", "distill"])
+def test_every_transfer_setting_validates_from_both_teacher_sources(
+  tmp_path, teacher_export, tiny_config, mode, what
+):
+  """A teacher pre-trained in the run (teacher.pretrain, here the demo's MAE) and one exported before
+  (teacher.init): feature distillation from the first failed on a field of the teacher's run config."""
+  if mode == "copy" and what == "features":
+    pytest.skip("features are distilled, not copied")
+  pretrained = demo.get_config()
+  pretrained.data.eval_batch_size = pretrained.teacher.pretrain.data.eval_batch_size = 400
+  pretrained.transfer.update(dict(mode=mode, what=what))
+  exported = tiny_config(mode=mode, what=what)
+  exported.teacher.init = teacher_export
+  for config in (pretrained, exported):
+    validation.validate(config, str(tmp_path / "run"))

@@ -378,6 +378,7 @@ def _config(teacher_dir, **transfer_fields):
   c = demo.get_config()
   c.unlock()
   c.model.variant = "Pico/7"
+  c.model.num_classes = 64  # _fake_make_source labels each of its 64 examples by its index
   c.data.update(
     dict(
       batch_size=16,

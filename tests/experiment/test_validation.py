@@ -50,6 +50,14 @@ def test_the_compile_check_sees_a_compilation(no_compiles):
     ({"data.crop_pct": 0.0}, "data.crop_pct"),
     ({"optim.label_smoothing": 1.0}, "optim.label_smoothing"),
     ({"task": "segment"}, "task"),
+    # Trained without a word before: a head too small for the labels, an impossible drop rate.
+    ({"model.num_classes": 5}, "model.num_classes"),
+    ({"model.drop_path": 1.5}, "model.drop_path"),
+    # Found only after the teacher's training before.
+    ({"transfer.weight": float("inf")}, "transfer.weight"),
+    ({"data.num_threads": -1}, "data.num_threads"),
+    ({"schedule.epochs": float("nan")}, "schedule.epochs"),
+    ({"model.dtype_mm": "float16x"}, "model.dtype_mm"),
   ],
 )
 def test_bad_input_stops_before_anything_compiles(tmp_path, no_compiles, overrides, field):
@@ -61,11 +69,15 @@ def test_bad_input_stops_before_anything_compiles(tmp_path, no_compiles, overrid
 
 
 def test_a_bad_teacher_recipe_stops_before_anything_compiles(tmp_path, no_compiles):
+  """Named in full, as the flag that fixes it: the teacher's run config sits at teacher.pretrain."""
   config = _demo()
   config.teacher.pretrain.optim.b2 = 1.0
   with no_compiles(), pytest.raises(ConfigError) as e:
     job.run_with_teacher(config, str(tmp_path))
-  assert e.value.field == "optim.b2"
+  assert e.value.field == "teacher.pretrain.optim.b2"
+  assert e.value.line().startswith(
+    "teacher.pretrain.optim.b2 (--config.teacher.pretrain.optim.b2): "
+  )
 
 
 def test_the_demo_validates_without_compiling(tmp_path, no_compiles):

@@ -69,11 +69,36 @@ def test_demo_end_to_end_and_resume(tmp_path):
   assert again.returncode == 0, again.stderr[-3000:]
   assert "No teacher" not in again.stdout and "Resumed" in again.stdout
   assert json.load(open(os.path.join(workdir, "results.json"))) == results
+  history = json.load(open(os.path.join(workdir, "run.json")))["history"]
+  assert [h["event"] for h in history] == ["start", "resume"]
+  # A relaunch that changes the run, the student's or its teacher's, is refused before any compute.
+  for change, says in (
+    ("--config.transfer.mode=copy", "transfer.mode: 'distill' -> 'copy'"),
+    (
+      "--config.teacher.pretrain.mae.mask_ratio=0.5",
+      "teacher.pretrain.mae.mask_ratio: 0.75 -> 0.5",
+    ),
+  ):
+    other = _main(f"--workdir={workdir}", *TINY, change)
+    assert other.returncode == 2 and says in other.stderr, other.stderr[-3000:]
+    assert "Traceback" not in other.stderr
+  assert json.load(open(os.path.join(workdir, "results.json"))) == results
 
 
 def test_bad_override_is_a_clear_error(tmp_path):
   proc = _main(f"--workdir={tmp_path}", *TINY, "--config.transfer.layers=last:9")
   assert proc.returncode == 2
   assert "transfer.layers" in proc.stderr and "Traceback" not in proc.stderr
-  typo = _main(f"--workdir={tmp_path}", "--config.transfer.modee=copy")
-  assert typo.returncode != 0 and "modee" in typo.stderr
+  broken, empty = tmp_path / "broken.py", tmp_path / "empty.py"
+  broken.write_text("def get_config(:\n")
+  empty.write_text("")
+  for args, says in (
+    (["--config.transfer.modee=copy"], "config.transfer has no field 'modee'; its fields: ["),
+    (["--config=/nonexistent/config.py"], "/nonexistent/config.py: no such config file"),
+    ([f"--config={broken}"], f"{broken}, line 1: "),
+    ([f"--config={empty}"], f"{empty}: defines no get_config()"),
+    (["--workdir="], "--workdir is empty"),
+  ):
+    proc = _main(*args)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and says in lines[0], proc.stderr[-3000:]

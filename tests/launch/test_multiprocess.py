@@ -2,6 +2,7 @@
 the same training as one process with 8 devices, on the same (4, 2) mesh with FSDP across the processes,
 reading a folder of JPEGs (Fashion-MNIST written as files) that process 0 alone lists."""
 
+import json
 import os
 import re
 import socket
@@ -172,3 +173,21 @@ def test_a_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, runs):
   assert f"at step {step}" in outs[0][0]  # "Resumed from ... at step N"
   params = [checkpoint.load_params(os.path.join(w, "params"))[1] for w in (straight, stopped)]
   jax.tree.map(np.testing.assert_array_equal, *params)
+
+
+def test_a_held_workdir_stops_every_process_with_the_same_line(tmp_path, runs):
+  """Process 0 finds the workdir locked by a live run (this test's own process stands in for it);
+  process 1 learns it from process 0, and both exit with 2 and the one line naming the holder, before
+  anything is written or compiled."""
+  data = runs[0]
+  held = tmp_path / "held"
+  held.mkdir()
+  now = time.time()
+  holder = dict(host=socket.gethostname(), pid=os.getpid(), started=now, heartbeat=now, token="t")
+  (held / "run.lock").write_text(json.dumps({**holder, "command": "another launch"}))
+  outs = _finish(_two_processes(str(held), data), code=2)
+  for _, err in outs:
+    said = [line for line in err.splitlines() if "is in use by another run" in line]
+    assert len(said) == 1 and f"pid {os.getpid()}" in said[0], err[-3000:]
+    assert "Traceback" not in err
+  assert sorted(os.listdir(held)) == ["run.lock"]

@@ -113,10 +113,35 @@ def test_sigterm_before_the_first_step_exits_at_once(tmp_path):
   sent = time.monotonic()
   proc.terminate()
   _, err = proc.communicate(timeout=120)
-  assert proc.returncode == 143 and "before the training loop" in err, err[-2000:]
+  assert proc.returncode == 143 and "outside the training loop" in err, err[-2000:]
   assert time.monotonic() - sent < 30
   checkpoints = os.path.join(workdir, "checkpoints")
   assert not os.path.isdir(checkpoints) or not any(d.isdigit() for d in os.listdir(checkpoints))
+
+
+def test_a_sigterm_after_the_loop_lets_the_run_finish(tmp_path):
+  """A SIGTERM during the final save, evaluation or export (here: once the last step's checkpoint is
+  committed, during the final evaluation of the 10,000 test images) waits for them: the export is
+  written, then the process exits with 143 saying the run is complete. It used to exit at once as if
+  the run had not started, leaving no export (and, on a pod, the other hosts in the final evaluation)."""
+  workdir = str(tmp_path / "run")
+  steps = 10
+  proc = _launch(workdir, f"--config.schedule.steps={steps}", "--config.data.eval_split=test")
+  final = os.path.join(workdir, "checkpoints", str(steps))
+  deadline = time.time() + 300
+  while not os.path.isdir(final):
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    assert time.time() < deadline
+    time.sleep(0.02)
+  proc.terminate()
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 143 and "stopped after finishing" in err, err[-2000:]
+  assert checkpoint.is_export(os.path.join(workdir, "params"))
+  evals = [
+    x for x in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "eval/top1" in x
+  ]
+  assert evals[-1]["step"] == steps
+  assert not os.path.exists(os.path.join(workdir, "run.lock"))  # released
 
 
 def _tear(step_dir: str) -> None:
