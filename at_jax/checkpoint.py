@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 from etils import epath
 from orbax import checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_policies
@@ -118,6 +119,7 @@ class Checkpointer:
       raise ConfigError(self.directory, f"no checkpoint at step {step}; saved steps: {steps}")
     if not steps:
       raise ConfigError(self.directory, "no checkpoint to restore from")
+    self._check_shapes(steps[-1] if step is None else step, target)
     # An explicit step must restore as asked; "the latest" falls back past damaged checkpoints (a torn
     # write, a truncated file) to the newest one that reads, and says so.
     candidates = [step] if step is not None else steps[::-1]
@@ -144,6 +146,30 @@ class Checkpointer:
         print(f"WARNING: resumed from step {candidate}, the newest readable checkpoint", flush=True)
       return restored.state, restored.extra
     raise ConfigError(self.directory, "no readable checkpoint: " + "; ".join(errors))
+
+  def _check_shapes(self, step: int, target: Any) -> None:
+    """ConfigError if the checkpoint at `step` holds arrays of other shapes than `target`: another
+    model (width, depth, heads, patch) or optimizer, not a damaged file, so no older step would do."""
+    try:
+      saved = self._manager.item_metadata(step)["state"].tree
+      saved_shapes = {
+        jax.tree_util.keystr(k): tuple(m.shape)
+        for k, m in jax.tree_util.tree_leaves_with_path(saved)
+      }
+    except Exception:  # pylint: disable=broad-exception-caught  # unreadable metadata: restore says
+      return
+    for path, leaf in jax.tree_util.tree_leaves_with_path(target):
+      key = jax.tree_util.keystr(path)
+      dtype = getattr(leaf, "dtype", None)
+      if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        continue  # a typed key is stored as its key data, of another shape
+      if key in saved_shapes and saved_shapes[key] != tuple(np.shape(leaf)):
+        raise ConfigError(
+          "model",
+          f"the checkpoint at step {step} in {self.directory} holds another model: {key} is "
+          f"{saved_shapes[key]} there, {tuple(np.shape(leaf))} in this run. Relaunch with that "
+          "run's model settings or use a new --workdir",
+        )
 
   def wait(self) -> None:
     """Blocks until all async saves are written and committed."""

@@ -179,6 +179,23 @@ def test_torn_latest_checkpoint_falls_back_to_previous(tmp_path, capsys):
   ckpt.close()
 
 
+def test_a_checkpoint_of_another_model_is_named_as_such(tmp_path):
+  """Arrays of other shapes are another run's state, not a damaged file: one error naming the first
+  that differs, rather than 'unreadable' for every step and a fallback that cannot help."""
+  ckpt = checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=3)
+  for step in (1, 2):
+    ckpt.save(step, {"w": jnp.ones((3, 4)), "b": jnp.zeros(4)}, force=True)
+  ckpt.wait()
+  with pytest.raises(
+    ConfigError, match=r"holds another model: \['w'\] is \(3, 4\) there, \(3, 8\)"
+  ) as e:
+    ckpt.restore({"w": jnp.ones((3, 8)), "b": jnp.zeros(4)})
+  assert e.value.field == "model"
+  state, _ = ckpt.restore({"w": jnp.zeros((3, 4)), "b": jnp.ones(4)})  # the control: same shapes
+  np.testing.assert_array_equal(state["w"], np.ones((3, 4)))
+  ckpt.close()
+
+
 def test_empty_directory(tmp_path):
   ckpt = checkpoint.Checkpointer(str(tmp_path / "none"), save_every=10)
   assert ckpt.latest_step() is None

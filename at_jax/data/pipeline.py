@@ -131,6 +131,7 @@ def _batches(
 
 def _shuffled_stream(
   prepare: Callable[[int, int], dict[str, np.ndarray]],
+  source: Source,
   *,
   seed: int,
   n: int,
@@ -146,7 +147,7 @@ def _shuffled_stream(
   def permutation(epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, 0, epoch]).permutation(n)
 
-  warn = skipping.SkipWarnings()
+  warn = skipping.SkipWarnings(source)
 
   def example_at(j: int) -> dict[str, np.ndarray]:
     g = stream_position(j, b, global_batch_size, process_index)
@@ -259,7 +260,13 @@ def train_iterator(
     return out
 
   example_at = _shuffled_stream(
-    prepare, seed=seed, n=n, b=b, global_batch_size=global_batch_size, process_index=process_index
+    prepare,
+    source,
+    seed=seed,
+    n=n,
+    b=b,
+    global_batch_size=global_batch_size,
+    process_index=process_index,
   )
   ds = grain.MapDataset.range(start_step * b, sys.maxsize).map(example_at)
   return _batches(ds, b, num_threads, drop_remainder=True)
@@ -283,7 +290,7 @@ def _eval_stream(
     "mask": np.False_,
     "skipped": np.False_,
   }
-  warn = skipping.SkipWarnings()
+  warn = skipping.SkipWarnings(source)
 
   def example_at(j: int) -> dict[str, np.ndarray]:
     g = stream_position(j, b, global_batch_size, process_index)

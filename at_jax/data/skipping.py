@@ -5,8 +5,10 @@ Training replaces an example that raises by the next one of its epoch's permutat
 rest ``skipped``, so that the loop can count them.
 """
 
+import os
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -21,11 +23,18 @@ MAX_SKIP_WARNINGS = 5
 
 
 class SkipWarnings:
-  """Prints the first `MAX_SKIP_WARNINGS` unreadable examples, thread-safe."""
+  """Prints the first `MAX_SKIP_WARNINGS` unreadable examples, thread-safe, each by its file where the
+  source has one (an image folder) and by its index otherwise."""
 
-  def __init__(self):
+  def __init__(self, source: Any = None):
     self._count = 0
     self._lock = threading.Lock()
+    self._files = getattr(source, "files", None)  # an image folder's FileList
+
+  def name(self, index: int) -> str:
+    if self._files is not None:
+      return os.path.join(self._files.root, self._files.paths[index])
+    return f"example {index} of the source"
 
   def __call__(self, index: int, error: Exception, action: str) -> None:
     with self._lock:
@@ -34,7 +43,7 @@ class SkipWarnings:
     if count <= MAX_SKIP_WARNINGS:
       last = "; further ones are only counted" if count == MAX_SKIP_WARNINGS else ""
       print(
-        f"WARNING: example {index} of the source is unreadable "
+        f"WARNING: {self.name(index)} is unreadable "
         f"({type(error).__name__}: {error}); {action}{last}",
         flush=True,
       )

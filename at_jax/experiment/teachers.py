@@ -77,14 +77,20 @@ def _convert_file(
   """One conversion per file and setting: start-up reads the teacher's architecture (model.arch=teacher)
   and its weights, and a ViT-L .pth is over a gigabyte. `mtime` makes a rewritten file a new entry."""
   del mtime
-  return convert.load_checkpoint(
-    path,
-    image_size=image_size,
-    resample_posemb=resample,
-    family=family,
-    num_heads=num_heads,
-    default_tower=default_tower,
-  )
+  try:
+    return convert.load_checkpoint(
+      path,
+      image_size=image_size,
+      resample_posemb=resample,
+      family=family,
+      num_heads=num_heads,
+      default_tower=default_tower,
+    )
+  except ConfigError as e:
+    if e.field in ("num_heads", "family"):  # the converter's own names: here they are teacher.*
+      message = e.message.replace(f"pass {e.field} (--{e.field})", f"set teacher.{e.field}")
+      raise ConfigError(f"teacher.{e.field}", message) from None
+    raise
 
 
 def load_teacher(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, Any]:

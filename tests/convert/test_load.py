@@ -53,8 +53,13 @@ def test_timm_file_as_teacher_init_in_a_distill_run(tmp_path, tiny_config):
   c = tiny_config(steps=2, mode="distill")
   c.teacher.init = path
   c.model.arch = "teacher"
-  with pytest.raises(ConfigError, match="num_heads"):  # width 32 is no standard ViT size
+  with pytest.raises(
+    ConfigError, match="width 32 is not a known ViT size"
+  ) as e:  # no standard size
     runs.setup(c, str(tmp_path / "student"))
+  # Named as the config field that fixes it, not as the converter's command-line flag.
+  assert e.value.field == "teacher.num_heads" and "--num_heads" not in e.value.message
+  assert e.value.line().startswith("teacher.num_heads (--config.teacher.num_heads): ")
   c.teacher.num_heads = 2
   run = runs.setup(c, str(tmp_path / "student"))
   assert (run.model.num_registers, run.model.posemb_prefix, run.model.layerscale_init > 0) == (

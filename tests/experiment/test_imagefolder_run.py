@@ -67,13 +67,18 @@ def _kill_after_step_4(straight, workdir):
 
 @pytest.mark.slow
 def test_trains_from_jpegs_skips_a_broken_file_and_resumes_bitwise(
-  tmp_path, tiny_config, jpeg_tree
+  tmp_path, tiny_config, jpeg_tree, capsys
 ):
   c = _config(tiny_config, jpeg_tree)  # 6 steps of 16 pass all 81 files: the broken one is met
   straight = tmp_path / "straight"
   evals = loop.train_and_evaluate(c, str(straight))
   lines = metrics.read_jsonl(str(straight / "metrics.jsonl"))
   assert max(x.get("train/skipped_examples", 0) for x in lines) >= 1
+  # Named by its file, not by its index in the source.
+  assert (
+    f"WARNING: {jpeg_tree / 'train' / 'bag' / 'broken.JPEG'} is unreadable"
+    in capsys.readouterr().out
+  )
   assert sorted(os.listdir(straight / sources.FILE_LIST_DIR))[0].startswith("train-")
   resumed = tmp_path / "resumed"
   _kill_after_step_4(straight, resumed)
