@@ -132,9 +132,7 @@ def _batches(
 def _shuffled_stream(
   prepare: Callable[[int, int], dict[str, np.ndarray]],
   source: Source,
-  *,
   seed: int,
-  n: int,
   b: int,
   global_batch_size: int,
   process_index: int,
@@ -148,6 +146,7 @@ def _shuffled_stream(
     return np.random.default_rng([seed, 0, epoch]).permutation(n)
 
   warn = skipping.SkipWarnings(source)
+  n = len(source)
 
   def example_at(j: int) -> dict[str, np.ndarray]:
     g = stream_position(j, b, global_batch_size, process_index)
@@ -259,15 +258,7 @@ def train_iterator(
       out.update(targets[index])
     return out
 
-  example_at = _shuffled_stream(
-    prepare,
-    source,
-    seed=seed,
-    n=n,
-    b=b,
-    global_batch_size=global_batch_size,
-    process_index=process_index,
-  )
+  example_at = _shuffled_stream(prepare, source, seed, b, global_batch_size, process_index)
   ds = grain.MapDataset.range(start_step * b, sys.maxsize).map(example_at)
   return _batches(ds, b, num_threads, drop_remainder=True)
 
