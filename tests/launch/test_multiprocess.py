@@ -154,7 +154,8 @@ def _logged_step(workdir):
 
 def test_a_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, runs):
   """Only process 1 gets SIGTERM: both save the same step and exit with 143; the relaunch resumes
-  bitwise to what the uninterrupted two-process run ended with."""
+  bitwise to what the uninterrupted two-process run ended with, even when process 1 is signalled again
+  after the last step."""
   data, _, straight, _ = runs
   stopped = str(tmp_path / "stopped")
   procs = _two_processes(stopped, data)
@@ -169,8 +170,19 @@ def test_a_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, runs):
   step = int(said[0][1])
   assert int(said[1][1]) == step and step < STEPS
   assert str(step) in os.listdir(os.path.join(stopped, "checkpoints"))
-  outs = _finish(_two_processes(stopped, data))
+  # The relaunch is signalled too, once its last step is saved: during the final evaluation (in
+  # batches of 8 here: an evaluation setting, not part of the run's identity, so it may change). Both
+  # finish the evaluation and the export together; the signalled one then exits with 143.
+  procs = _two_processes(stopped, data, "--config.data.eval_batch_size=8")
+  final = os.path.join(stopped, "checkpoints", str(STEPS))
+  while not os.path.isdir(final):
+    assert all(p.poll() is None for p in procs) and time.time() < deadline + 300
+    time.sleep(0.02)
+  procs[1].terminate()
+  outs = [p.communicate(timeout=600) for p in procs]
+  assert [p.returncode for p in procs] == [0, 143], [err[-2000:] for _, err in outs]
   assert f"at step {step}" in outs[0][0]  # "Resumed from ... at step N"
+  assert "stopped after finishing" in outs[1][1]
   params = [checkpoint.load_params(os.path.join(w, "params"))[1] for w in (straight, stopped)]
   jax.tree.map(np.testing.assert_array_equal, *params)
 
