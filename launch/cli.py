@@ -144,6 +144,7 @@ def start() -> tuple[str, str]:
     # CPU clusters (and tests over loopback) need a cross-process collectives backend; TPU/GPU ignore it.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f.coordinator, f.num_processes, f.process_id)
+    preemption.watch_peers()  # a process stopped before the loop stops the others too
   config_path = f["config"].config_filename
   name = os.path.splitext(os.path.basename(config_path))[0]
   if f["workdir"].present and not f.workdir.strip():

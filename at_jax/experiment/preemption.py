@@ -1,29 +1,38 @@
-"""Preemption: one SIGTERM handler per process, and one rule for when a run stops.
+"""Preemption: one SIGTERM/SIGINT handler per process, and one rule for when a run stops, in every phase.
 
-SIGTERM is how Cloud TPU, Kubernetes and Slurm announce preemption. A launch script calls `install` at
-start-up, before `jax.distributed.initialize` (whose own preemption notifier it switches off, so that
-there is one mechanism, not two handlers replacing each other). Then:
+SIGTERM is how Cloud TPU, Kubernetes and Slurm announce preemption; SIGINT (Ctrl-C) is treated alike. A
+launch script calls `install` at start-up, before `jax.distributed.initialize` (whose own preemption
+notifier it switches off, so that there is one mechanism, not two handlers replacing each other), and
+`watch_peers` after it. Then:
 
 - Outside the training loop (a teacher loading or converting, compiling, the first batch being built)
-  a SIGTERM ends the process at once with exit code 143, saving nothing: nothing of this run is worth
-  saving yet, and orbax's saves are atomic, so none can be torn. A watcher thread acts on it, woken
-  through `signal.set_wakeup_fd`, so the exit is prompt even while the main thread sits in a C call that
-  releases the GIL (XLA compiling, a blocking read): Python runs signal handlers only between the main
-  thread's bytecodes. (A C call that holds the GIL still delays it: the watcher needs the GIL.)
-- Inside the loop (`training`) it is a request the loop acts on at a step boundary, through
-  `Training.stop_at(step)`: one process stops at its next step; several processes agree, so that a
-  SIGTERM reaching any one of them makes all save the same step and exit with 143.
+  a signal ends the process at once with 128 + its number (143, 130), saving nothing: nothing of this
+  run is worth saving yet, and orbax's saves are atomic, so none can be torn. A watcher thread acts on
+  it, woken through `signal.set_wakeup_fd`, so the exit is prompt even while the main thread sits in a
+  C call that releases the GIL (XLA compiling, a blocking read): Python runs signal handlers only
+  between the main thread's bytecodes. It exits through `os._exit` (after `before_exit` callbacks such
+  as the workdir lock's release): an interpreter teardown under XLA's compiler threads segfaulted. In a
+  multi-process job it first writes the stop into the coordination service, and `watch_peers` ends the
+  other processes within seconds rather than at their next collective's timeout.
+- Inside the loop and until the run's final save, evaluation and export are done (`training`) it is a
+  request the loop acts on at a step boundary, through `Training.stop_at(step)`: one process stops at
+  its next step; several processes agree, so that a signal reaching any one of them makes all save the
+  same step and exit with 143. A signal after the last step lets the final work finish first.
 
 Without `install` (a colab, a test calling the loop), `training` sets a SIGTERM flag for the loop's
 duration only and restores the previous handler after.
 """
 
+import atexit
 import contextlib
 import os
 import signal
+import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 
@@ -72,12 +81,74 @@ class _Signal:
           file=sys.stderr,
           flush=True,
         )
-        for fn in _before_exit:
-          with contextlib.suppress(Exception):  # the exit must happen
-            fn()
-        # Without Python's teardown: XLA's compiler threads may still run, and a normal interpreter
-        # exit under them is what made Ctrl-C during the first compile end in a segmentation fault.
-        os._exit(128 + signum)
+        _announce_early_stop(name)
+        _exit(128 + signum)
+
+
+def _exit(code: int) -> None:
+  for fn in _before_exit:
+    with contextlib.suppress(Exception):  # the exit must happen
+      fn()
+  # Without Python's teardown: XLA's compiler threads may still run, and a normal interpreter exit
+  # under them is what made Ctrl-C during the first compile end in a segmentation fault.
+  os._exit(code)
+
+
+# A multi-process job's early stop, in jax's coordination service: the process a signal stopped
+# outside the loop writes it; the others' `watch_peers` threads read it and stop too.
+EARLY_STOP_KEY = "at_jax/early_stop"
+PEER_POLL_S = 1.0
+
+
+def _client() -> Any:
+  from jax._src import distributed  # pylint: disable=import-outside-toplevel  # no public KV API
+
+  return distributed.global_state.client, distributed.global_state.process_id
+
+
+def _announce_early_stop(name: str) -> None:
+  client, process = _client()
+  if (
+    client is not None
+  ):  # a multi-process job; a second announcement finds the key set, and is moot
+    with contextlib.suppress(Exception):
+      client.key_value_set(EARLY_STOP_KEY, f"process {process} ({socket.gethostname()}) got {name}")
+
+
+def watch_peers() -> None:
+  """In a multi-process job (after `jax.distributed.initialize`): ends this process with 143 within
+  `PEER_POLL_S` of another one stopping outside the training loop, which the job cannot go on without:
+  otherwise this one would wait at its next collective until a timeout. A thread polls the coordination
+  service with a call that returns at once (never a blocking get, whose wait would hold the GIL), and
+  is stopped before jax's own exit handler shuts the service down."""
+  client, process = _client()
+  if client is None:
+    return
+  halt = threading.Event()
+
+  def poll() -> None:
+    while not halt.wait(PEER_POLL_S):
+      try:
+        who = client.key_value_try_get(EARLY_STOP_KEY)
+      except Exception:  # pylint: disable=broad-exception-caught  # not set (NOT_FOUND)
+        continue
+      print(
+        f"{who} outside the training loop: process {process} stops too, with 143",
+        file=sys.stderr,
+        flush=True,
+      )
+      if process == 0:  # it hosts the service: the others read the key before it goes
+        time.sleep(2 * PEER_POLL_S)
+      _exit(PREEMPTED_EXIT_CODE)
+
+  thread = threading.Thread(target=poll, name="at_jax-peers", daemon=True)
+  thread.start()
+
+  def stop_polling() -> None:
+    halt.set()
+    thread.join(timeout=5)
+
+  atexit.register(stop_polling)  # after jax's handler at import, so it runs first
 
 
 _installed: _Signal | None = None

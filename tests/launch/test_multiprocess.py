@@ -203,3 +203,24 @@ def test_a_held_workdir_stops_every_process_with_the_same_line(tmp_path, runs):
     assert len(said) == 1 and f"pid {os.getpid()}" in said[0], err[-3000:]
     assert "Traceback" not in err
   assert sorted(os.listdir(held)) == ["run.lock"]
+
+
+def test_a_sigterm_before_the_loop_to_one_process_stops_both_promptly(tmp_path, runs):
+  """Process 1 is signalled while the job starts (process 0 has printed its memory estimate: both are
+  compiling or at their first step). Process 1 exits at once; process 0 learns it from the coordination
+  service within a second or two and exits too, rather than waiting at its next collective."""
+  data = runs[0]
+  procs = _two_processes(str(tmp_path / "early"), data)
+  for line in procs[0].stdout:
+    if line.startswith("per-device memory estimate"):
+      break
+  sent = time.monotonic()
+  procs[1].terminate()
+  outs = [p.communicate(timeout=120) for p in procs]
+  assert [p.returncode for p in procs] == [143, 143], [err[-2000:] for _, err in outs]
+  assert time.monotonic() - sent < 30
+  assert "SIGTERM outside the training loop" in outs[1][1]
+  assert (
+    "process 1 (" in outs[0][1]
+    and "got SIGTERM outside the training loop: process 0 stops" in outs[0][1]
+  )
