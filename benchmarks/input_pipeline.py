@@ -272,13 +272,13 @@ def load_config(name: str) -> Any:
 def step_need(config: Any) -> tuple[float, str]:
   """(model FLOPs per image of the config's train step, its transferred layers as text)."""
   from at_jax.models import vit
-  from at_jax.transfer import spec
+  from at_jax.transfer import pairing, spec
 
   m = config.model
   shape = vit.decode_variant(m.variant)
   size = config.data.image_size
   mode = config.transfer.mode
-  layers = spec.parse_selection(config.transfer.layers, shape["depth"], "transfer.layers")
+  layers = pairing.parse_selection(config.transfer.layers, shape["depth"], "transfer.layers")
   f = flops.train_step_flops(
     width=shape["width"],
     depth=shape["depth"],

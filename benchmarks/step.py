@@ -163,7 +163,7 @@ class JaxStep:
           lambda: teacher.init(jax.random.key(1), ones, train=False)["params"]
         )()
       # Cut after the last transferred layer, as train.setup does.
-      teacher, teacher_params = vit.truncate(teacher, teacher_params, max(t.layers) + 1)
+      teacher, teacher_params = vit.truncate(teacher, teacher_params, t.teacher_depth)
       tp = jax.device_put(teacher_params, sharding.tree_shardings(mesh, teacher_params))
     t_sh = None if tp is None else jax.tree.map(lambda a: a.sharding, tp)
     step = train_step.make_train_step(

@@ -57,11 +57,16 @@ def base() -> ml_collections.ConfigDict:
   # and "pallas" stream over query/key blocks from q and k, memory linear in tokens (large images).
   # targets_dir: where launch/precompute.py writes the teacher's targets and a "precomputed" run reads
   # them ("": <workdir>/teacher_targets).
+  # layer_map / head_map: which teacher layer and heads each student layer and head reads, for a teacher
+  # of another depth or head count (at_jax.transfer.pairing): layer_map "same" | "uniform" | "last" |
+  # pairs "s:t,s:t"; head_map "same" | "first" | "group" | "mean".
   c.transfer = dict(
     mode="none",
     what="attn",
     layers="all",
     heads="all",
+    layer_map="same",
+    head_map="same",
     weight=3.0,
     source="jointly",
     average="none",

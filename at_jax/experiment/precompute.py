@@ -333,6 +333,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     )
   job.ensure_teacher(config, workdir)  # as launch/main.py would, so precomputing can come first
   teacher, params, t = teachers.teacher_on_mesh(config, workdir, model, mesh)
+  if t.teacher_layers != t.layers or t.head_map != "same":
+    field = "transfer.layer_map" if t.teacher_layers != t.layers else "transfer.head_map"
+    raise ConfigError(
+      field, "stored targets hold the teacher's layers and heads as the student's (same)"
+    )
   teacher_config = teachers.teacher_model_config(config, workdir)
   d = config.data
   metadata = describe(

@@ -191,5 +191,5 @@ def teacher_on_mesh(
   model_config, params = load_teacher(config, workdir)
   teacher = vit.build({**model_config, "attention_impl": model.attention_impl})
   t = spec.resolve(config.transfer.to_dict(), model, teacher, config.data.image_size)
-  teacher, params = vit.truncate(teacher, params, max(t.layers) + 1)
+  teacher, params = vit.truncate(teacher, params, t.teacher_depth)
   return teacher, jax.device_put(params, sharding.tree_shardings(mesh, params)), t

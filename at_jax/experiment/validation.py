@@ -343,7 +343,7 @@ def _check_memory(
       lambda: vit.truncate(
         teacher,
         teacher.init(jax.random.key(0), images, train=False)["params"],
-        max(spec.layers) + 1,
+        spec.teacher_depth,
       )[1]
     )
   return memory.check(config, mesh, model, spec, build.init_fn(task, tx), teacher_params)

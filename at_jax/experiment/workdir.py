@@ -289,10 +289,11 @@ def check(config: ml_collections.ConfigDict, workdir: str, prefix: str = "") -> 
   if record is None:
     return {}
   before, now = record["identity"], identity(config)
+  # A field the record lacks came with a newer at_jax than the run's start: not a change of the run.
   changed = {
     k: [before.get(k, "(absent)"), now.get(k, "(absent)")]
-    for k in sorted(set(before) | set(now))
-    if before.get(k, "(absent)") != now.get(k, "(absent)")
+    for k in sorted(before)
+    if before[k] != now.get(k, "(absent)")
   }
   if changed and resume != "override":
     listed = "; ".join(f"{prefix}{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())

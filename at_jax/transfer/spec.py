@@ -21,6 +21,7 @@ import numpy as np
 
 from at_jax.errors import ConfigError
 from at_jax.ops import attn_ce
+from at_jax.transfer import pairing
 
 MODES = ("none", "copy", "distill")
 WHATS = ("attn", "q", "k", "v", "features")
@@ -30,60 +31,6 @@ SOURCES = ("jointly", "precomputed")
 AVERAGES = ("none", "images")
 # What the teacher must expose for each `what`, in the ViT's `out` dict.
 TEACHER_KEY = {"attn": "attn_logits", "q": "q", "k": "k", "v": "v", "features": "features"}
-
-
-def _parse_count(selection: str, field: str, limit: int) -> int:
-  try:
-    count = int(selection.split(":", 1)[1])
-  except ValueError:
-    raise ConfigError(field, f"{selection!r}: expected an integer after ':'") from None
-  if not 0 < count <= limit:
-    raise ConfigError(field, f"{selection!r}: count must be in [1, {limit}]")
-  return count
-
-
-def parse_selection(selection: Any, size: int, field: str, what: str = "layers") -> tuple[int, ...]:
-  """Resolves a selection of layers or heads against `size` (the depth or the number of heads).
-
-  Accepted specs: "all"; "first:k"; "last:k"; "end_layer:e" (e <= 0: indices [0, size + e), the paper's
-  --end_layer); "i,j,k" or a sequence of ints (negative indices count from the end).
-  """
-  if isinstance(selection, str):
-    selection = selection.strip()
-    if selection == "all":
-      return tuple(range(size))
-    if selection.startswith("first:"):
-      return tuple(range(_parse_count(selection, field, size)))
-    if selection.startswith("last:"):
-      return tuple(range(size - _parse_count(selection, field, size), size))
-    if selection.startswith("end_layer:"):
-      try:
-        end = int(selection.split(":", 1)[1])
-      except ValueError:
-        raise ConfigError(field, f"{selection!r}: expected an integer after ':'") from None
-      if not -size < end <= 0:
-        raise ConfigError(
-          field, f"{selection!r}: end_layer must be in ({-size}, 0] for {size} {what}"
-        )
-      return tuple(range(size + end))
-    try:
-      selection = [int(s) for s in selection.split(",") if s.strip()]
-    except ValueError:
-      raise ConfigError(
-        field,
-        f"{selection!r}: use 'all', 'first:k', 'last:k', 'end_layer:e' or a list "
-        f"of indices like '0,3,5'",
-      ) from None
-  indices = []
-  for i in selection:
-    if not -size <= int(i) < size:
-      raise ConfigError(field, f"index {i} out of range for {size} {what} (valid: 0..{size - 1})")
-    indices.append(int(i) % size)
-  if not indices:
-    raise ConfigError(field, "selects nothing; use 'all' or name at least one index")
-  if len(set(indices)) != len(indices):
-    raise ConfigError(field, f"repeated indices in {list(selection)}")
-  return tuple(sorted(indices))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,10 +48,23 @@ class Transfer:
   average: str = "none"
   loss_impl: str = "direct"
   loss_block: int = 0  # block_q = block_k of the streamed losses; 0: attn_ce_tiles.auto_block
+  teacher_layers: tuple[int, ...] = ()  # the teacher layer each of `layers` reads (`layer_map`)
+  head_map: str = "same"  # pairing.HEAD_MAPS
+  teacher_heads: int = 0  # the teacher's head count (0: no teacher known yet, or features)
 
   @property
   def active(self) -> bool:
     return self.mode != "none"
+
+  @property
+  def teacher_depth(self) -> int:
+    """How many of the teacher's layers the transfer reads: it can be cut after the deepest."""
+    return max(self.teacher_layers) + 1
+
+  def head_mixing(self) -> np.ndarray | None:
+    """[H_s, H_t] rows summing to 1: the mix of teacher maps each student head distils under head_map
+    "group" or "mean"; None for "same" and "first", which pick heads."""
+    return pairing.head_mixing(self.head_map, self.num_heads, self.teacher_heads or self.num_heads)
 
   @property
   def teacher_in_eval(self) -> bool:
@@ -119,7 +79,13 @@ class Transfer:
     """What a jointly run teacher hands over: q and k for distilled maps (the per-layer maps are formed
     inside the student's blocks), else the transferred quantity itself (copy needs the maps; averaging
     over images averages maps)."""
-    if self.mode == "distill" and self.what == "attn" and self.average == "none":
+    averaged_heads = self.head_mixing() is not None  # maps, which q and k cannot express
+    if (
+      self.mode == "distill"
+      and self.what == "attn"
+      and self.average == "none"
+      and not averaged_heads
+    ):
       return ("q", "k")
     return (self.teacher_key,)
 
@@ -145,12 +111,6 @@ class Transfer:
     mask = np.zeros((self.depth, self.num_heads), bool)
     mask[np.ix_(self.layers, self.heads)] = True
     return mask
-
-
-def _choice(field: str, value: str, options: Sequence[str]) -> str:
-  if value not in options:
-    raise ConfigError(field, f"unknown {value!r}; use one of {tuple(options)}")
-  return value
 
 
 def _check_loss_impl(loss_impl: str, mode: str, what: str, average: str) -> None:
@@ -204,18 +164,14 @@ def _check_feature_width(student: Any, teacher: Any) -> None:
     )
 
 
-def _check_teacher(student: Any, teacher: Any, layers: tuple[int, ...], what: str, image_size: int):
-  """ConfigError unless `teacher` can hand `student` its `what` in `layers` at `image_size`."""
-  if teacher.depth <= max(layers):
+def _check_teacher(student: Any, teacher: Any, t: "Transfer", image_size: int) -> None:
+  """ConfigError unless `teacher` can hand `student` what `t` transfers at `image_size`."""
+  what, layers = t.what, t.layers
+  if teacher.depth <= max(t.teacher_layers):
     raise ConfigError(
       "transfer.layers",
-      f"layer {max(layers)} does not exist in the teacher (depth {teacher.depth})",
-    )
-  if teacher.num_heads != student.num_heads and what != "features":
-    raise ConfigError(
-      "teacher.init",
-      f"teacher has {teacher.num_heads} heads, student "
-      f"{student.num_heads}; attention maps need the same head count (model.num_heads)",
+      f"layer {max(t.teacher_layers)} does not exist in the teacher (depth {teacher.depth}); "
+      "transfer.layer_map 'uniform' or 'last' maps a deeper student onto a shallower teacher",
     )
   teacher_tokens, student_tokens = teacher.tokens_for(image_size), student.tokens_for(image_size)
   if teacher_tokens != student_tokens:
@@ -232,11 +188,12 @@ def _check_teacher(student: Any, teacher: Any, layers: tuple[int, ...], what: st
       f"transferring {what!r} needs equal widths (teacher "
       f"{teacher.width}, student {student.width}, model.width)",
     )
-  if student.drop_path > 0 and teacher.depth != student.depth:
+  if student.drop_path > 0 and (teacher.depth != student.depth or t.teacher_layers != layers):
     raise ConfigError(
       "model.drop_path",
-      "teacher and student share drop-path masks, which needs equal "
-      f"depths (teacher {teacher.depth}, student {student.depth}); set drop_path=0",
+      "teacher and student share drop-path masks layer by layer, which needs equal depths and "
+      f"transfer.layer_map 'same' (teacher {teacher.depth} layers, student {student.depth}); set "
+      "model.drop_path=0",
     )
 
 
@@ -254,26 +211,31 @@ def resolve(cfg: Mapping[str, Any], student: Any, teacher: Any | None, image_siz
     raise ConfigError("transfer.mode", f"unknown mode {mode!r}; use one of {MODES}")
   if mode == "none":
     return Transfer(depth=student.depth, num_heads=student.num_heads)
-  what = _choice("transfer.what", cfg.get("what", "attn"), WHATS)
-  source = _choice("transfer.source", cfg.get("source", "jointly"), SOURCES)
-  average = _choice("transfer.average", cfg.get("average", "none"), AVERAGES)
+  what = pairing.choice("transfer.what", cfg.get("what", "attn"), WHATS)
+  source = pairing.choice("transfer.source", cfg.get("source", "jointly"), SOURCES)
+  average = pairing.choice("transfer.average", cfg.get("average", "none"), AVERAGES)
   if what == "features":
     _check_features(mode, source, cfg.get("heads", "all"))
   if mode == "copy" and source == "precomputed":
     raise ConfigError(
       "transfer.source", "copy mode runs the teacher at evaluation too; use 'jointly'"
     )
-  layers = parse_selection(cfg.get("layers", "all"), student.depth, "transfer.layers", "layers")
-  heads = parse_selection(cfg.get("heads", "all"), student.num_heads, "transfer.heads", "heads")
+  layers, teacher_layers = pairing.resolve_layer_map(cfg, student, teacher)
   weight = float(cfg.get("weight", 3.0))
   if mode == "distill" and not weight > 0:
     raise ConfigError("transfer.weight", f"must be > 0 for distillation, got {weight}")
   loss_impl = cfg.get("loss_impl", "direct")
   _check_loss_impl(loss_impl, mode, what, average)
   loss_block = _check_loss_block(cfg.get("loss_block", 0), loss_impl)
-  if teacher is not None:
-    _check_teacher(student, teacher, layers, what, image_size)
-  return Transfer(
+  head_map, heads, teacher_heads = pairing.resolve_heads(cfg, student, teacher, what, loss_impl)
+  for field in ("layer_map", "head_map"):
+    if source == "precomputed" and cfg.get(field, "same") != "same":
+      raise ConfigError(
+        f"transfer.{field}",
+        f"{cfg[field]!r}: stored targets hold the teacher's layers and heads at the student's own "
+        "(same); a teacher of another shape needs transfer.source 'jointly'",
+      )
+  t = Transfer(
     mode,
     what,
     layers,
@@ -285,7 +247,13 @@ def resolve(cfg: Mapping[str, Any], student: Any, teacher: Any | None, image_siz
     average,
     loss_impl,
     loss_block,
+    teacher_layers,
+    head_map,
+    teacher_heads,
   )
+  if teacher is not None:
+    _check_teacher(student, teacher, t, image_size)
+  return t
 
 
 # The teacher `out` keys that a ViT returns only when run with `want_qkv`.

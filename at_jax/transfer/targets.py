@@ -33,6 +33,38 @@ def _select(
   return {k: jax.lax.stop_gradient(teacher_out[k][rows]) for k in keys}
 
 
+def _first_heads(x: Array, axis: int, heads: int) -> Array:
+  """The first `heads` heads of `x` along `axis`; zeros for heads the teacher lacks (left free: they are
+  outside `transfer.heads`, so no loss or override reads them)."""
+  x = jax.lax.slice_in_dim(x, 0, min(heads, x.shape[axis]), axis=axis)
+  missing = heads - x.shape[axis]
+  if missing:
+    shape = list(x.shape)
+    shape[axis] = missing
+    x = jnp.concatenate([x, jnp.zeros(shape, x.dtype)], axis=axis)
+  return x
+
+
+def _to_student_heads(targets: Targets, transfer: spec.Transfer) -> Targets:
+  """The teacher's targets at the student's head count (`transfer.head_map`, see `pairing.HEAD_MAPS`):
+  "first" picks heads of maps or of q and k; "group" and "mean" mix probability maps (rows stay
+  distributions) and hand them over as log-probabilities, which are logits of exactly those maps."""
+  if transfer.head_map == "same":
+    return targets
+  mix = transfer.head_mixing()
+  adapted = dict(targets)
+  for key, value in targets.items():
+    if key == "attn_logits" and mix is not None:  # [S, B, H_t, N, N] -> [S, B, H_s, N, N]
+      probs = jax.nn.softmax(value.astype(jnp.float32), -1)
+      mixed = jnp.einsum("st,SBtqk->SBsqk", jnp.asarray(mix), probs)
+      adapted[key] = jnp.log(jnp.maximum(mixed, jnp.finfo(jnp.float32).tiny))
+    elif key == "attn_logits":
+      adapted[key] = _first_heads(value, 2, transfer.num_heads)
+    elif key in ("q", "k"):  # [S, B, N, H, K]
+      adapted[key] = _first_heads(value, 3, transfer.num_heads)
+  return adapted
+
+
 def _average(targets: Targets, transfer: spec.Transfer) -> Targets:
   """With `average = "images"`, every image's transferred quantity replaced by its mean over the batch."""
   if transfer.average != "images":
@@ -83,22 +115,24 @@ def run_teacher(
   *,
   drop_masks: Array | None = None,
 ) -> Targets:
-  """What a jointly run teacher hands over (`transfer.target_keys` of the selected layers, averaged over
-  images if asked), {key: [S, B, ...]}, with no gradient; `drop_masks` as in `teacher_outputs`."""
+  """What a jointly run teacher hands over (`transfer.target_keys` of the teacher layers the selected
+  student layers read, at the student's head count, averaged over images if asked), {key: [S, B, ...]},
+  with no gradient; `drop_masks` as in `teacher_outputs`."""
   stacked = teacher_outputs(
     teacher,
     teacher_params,
     images_BYXC,
-    transfer.layers,
+    transfer.teacher_layers,
     transfer.target_keys,
     drop_masks=drop_masks,
   )
-  return _average(stacked, transfer)
+  return _average(_to_student_heads(stacked, transfer), transfer)
 
 
 def teacher_targets(teacher_out: Mapping[str, Array], transfer: spec.Transfer) -> Targets:
   """`run_teacher`'s targets from a teacher `out` the caller already has."""
-  return _average(_select(teacher_out, transfer.layers, transfer.target_keys), transfer)
+  selected = _select(teacher_out, transfer.teacher_layers, transfer.target_keys)
+  return _average(_to_student_heads(selected, transfer), transfer)
 
 
 def precomputed_targets(batch: Mapping[str, Array], transfer: spec.Transfer) -> Targets:

@@ -581,3 +581,23 @@ def test_every_transfer_setting_validates_from_both_teacher_sources(
   exported.teacher.init = teacher_export
   for config in (pretrained, exported):
     validation.validate(config, str(tmp_path / "run"))
+
+
+def test_a_deeper_teacher_with_more_heads_distils_into_the_student(tmp_path, tiny_config):
+  """Teacher depth 4 with 4 heads (an export), student Pico/7 (depth 2, 2 heads): uniform layers
+  (student 0 <- teacher 1, 1 <- 3) and grouped heads, through the whole loop; the teacher is cut after
+  its deepest read layer and the run says what it transfers."""
+  teacher = vit.build({"variant": "Pico/7", "num_classes": 0, "depth": 4, "num_heads": 4})
+  images = np.zeros((1, 28, 28, 3), np.float32)  # the pipeline hands grey images over as RGB
+  params = teacher.init(jax.random.key(3), images, train=False)["params"]
+  export = str(tmp_path / "teacher")
+  checkpoint.save_params(export, jax.device_get(params), vit.model_fields(teacher))
+  c = tiny_config(steps=4, mode="distill", layers="all", layer_map="uniform", head_map="group")
+  c.teacher.init = export
+  run = runs.setup(c, str(tmp_path / "student"))
+  assert (run.transfer.teacher_layers, run.teacher.depth, run.teacher.num_heads) == ((1, 3), 4, 4)
+  results = loop.train_and_evaluate(c, str(tmp_path / "student"))
+  lines = metrics.read_jsonl(str(tmp_path / "student" / "metrics.jsonl"))
+  distill = [x["train/distill_loss"] for x in lines if "train/distill_loss" in x]
+  assert distill and all(np.isfinite(distill)) and all(d > 0 for d in distill)
+  assert 0 <= results["top1"] <= 100

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from at_jax.errors import ConfigError
-from at_jax.transfer import spec
+from at_jax.transfer import pairing, spec
 from tests.transfer.conftest import S, build_model, resolve_distill
 
 
@@ -23,7 +23,7 @@ from tests.transfer.conftest import S, build_model, resolve_distill
   ],
 )
 def test_parse_selection(selection, expected):
-  assert spec.parse_selection(selection, 6, "transfer.layers") == expected
+  assert pairing.parse_selection(selection, 6, "transfer.layers") == expected
 
 
 @pytest.mark.parametrize(
@@ -42,7 +42,7 @@ def test_parse_selection(selection, expected):
 )
 def test_parse_selection_errors(selection, match):
   with pytest.raises(ConfigError, match=match) as e:
-    spec.parse_selection(selection, 6, "transfer.layers")
+    pairing.parse_selection(selection, 6, "transfer.layers")
   assert e.value.field == "transfer.layers"
 
 
@@ -67,7 +67,7 @@ def test_resolve_errors(setup):
     assert e.value.field == field, cfg
   with pytest.raises(ConfigError, match="heads") as e:
     resolve_distill(student, build_model(num_heads=4))
-  assert e.value.field == "teacher.init"
+  assert e.value.field == "transfer.head_map"  # how the counts pair is the fix (test_pairing.py)
   with pytest.raises(ConfigError, match="tokens") as e:
     resolve_distill(student, build_model(patch_size=8))
   with pytest.raises(ConfigError, match="does not exist in the teacher"):

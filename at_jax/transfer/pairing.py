@@ -1,0 +1,207 @@
+"""Which teacher layer and heads each student layer and head reads: the selections of `transfer.layers`
+and `transfer.heads`, and the maps between a teacher and a student of other depths or head counts
+(`transfer.layer_map`, `transfer.head_map`). Pure Python and numpy, resolved before any compute.
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from at_jax.errors import ConfigError
+
+# Which teacher layer each selected student layer reads (`layer_map`), besides explicit pairs "s:t,...":
+# same     student layer i reads teacher layer i (the paper: equal depths);
+# uniform  student layer i of L_s reads teacher layer ceil((i + 1) * L_t / L_s) - 1, the last of its span;
+# last     the selected student layers, in order, read the teacher's last layers (HASTE's deep pairs).
+LAYER_MAPS = ("same", "uniform", "last")
+# What each student head distils when the head counts differ (`head_map`):
+# same   head h reads teacher head h (equal counts);
+# first  the first min(H_s, H_t) heads of each side pair up, the student's others are free;
+# group  head h distils the mean map of a contiguous group of teacher heads, groups as equal as the
+#        counts allow (one teacher head each, in order, when the student has more heads);
+# mean   every head distils the mean map over all teacher heads.
+# group and mean average probability maps (which stay distributions): they need the teacher's maps, not
+# its q and k, so the streamed losses (`loss_impl`) and q/k/v transfer take same or first only.
+HEAD_MAPS = ("same", "first", "group", "mean")
+
+
+def _parse_count(selection: str, field: str, limit: int) -> int:
+  try:
+    count = int(selection.split(":", 1)[1])
+  except ValueError:
+    raise ConfigError(field, f"{selection!r}: expected an integer after ':'") from None
+  if not 0 < count <= limit:
+    raise ConfigError(field, f"{selection!r}: count must be in [1, {limit}]")
+  return count
+
+
+def parse_selection(selection: Any, size: int, field: str, what: str = "layers") -> tuple[int, ...]:
+  """Resolves a selection of layers or heads against `size` (the depth or the number of heads).
+
+  Accepted specs: "all"; "first:k"; "last:k"; "end_layer:e" (e <= 0: indices [0, size + e), the paper's
+  --end_layer); "i,j,k" or a sequence of ints (negative indices count from the end).
+  """
+  if isinstance(selection, str):
+    selection = selection.strip()
+    if selection == "all":
+      return tuple(range(size))
+    if selection.startswith("first:"):
+      return tuple(range(_parse_count(selection, field, size)))
+    if selection.startswith("last:"):
+      return tuple(range(size - _parse_count(selection, field, size), size))
+    if selection.startswith("end_layer:"):
+      try:
+        end = int(selection.split(":", 1)[1])
+      except ValueError:
+        raise ConfigError(field, f"{selection!r}: expected an integer after ':'") from None
+      if not -size < end <= 0:
+        raise ConfigError(
+          field, f"{selection!r}: end_layer must be in ({-size}, 0] for {size} {what}"
+        )
+      return tuple(range(size + end))
+    try:
+      selection = [int(s) for s in selection.split(",") if s.strip()]
+    except ValueError:
+      raise ConfigError(
+        field,
+        f"{selection!r}: use 'all', 'first:k', 'last:k', 'end_layer:e' or a list "
+        f"of indices like '0,3,5'",
+      ) from None
+  indices = []
+  for i in selection:
+    if not -size <= int(i) < size:
+      raise ConfigError(field, f"index {i} out of range for {size} {what} (valid: 0..{size - 1})")
+    indices.append(int(i) % size)
+  if not indices:
+    raise ConfigError(field, "selects nothing; use 'all' or name at least one index")
+  if len(set(indices)) != len(indices):
+    raise ConfigError(field, f"repeated indices in {list(selection)}")
+  return tuple(sorted(indices))
+
+
+def choice(field: str, value: str, options: Sequence[str]) -> str:
+  if value not in options:
+    raise ConfigError(field, f"unknown {value!r}; use one of {tuple(options)}")
+  return value
+
+
+def head_mixing(head_map: str, student_heads: int, teacher_heads: int) -> np.ndarray | None:
+  """The [H_s, H_t] mixing matrix of head_map "group" or "mean" (rows sum to 1); None otherwise."""
+  if head_map == "mean":
+    return np.full((student_heads, teacher_heads), 1.0 / teacher_heads, np.float32)
+  if head_map != "group":
+    return None
+  mix = np.zeros((student_heads, teacher_heads), np.float32)
+  if teacher_heads >= student_heads:  # contiguous groups, sizes differing by at most one
+    for h, group in enumerate(np.array_split(np.arange(teacher_heads), student_heads)):
+      mix[h, group] = 1.0 / len(group)
+  else:  # more student heads: each reads one teacher head, in order
+    mix[np.arange(student_heads), np.arange(student_heads) * teacher_heads // student_heads] = 1.0
+  return mix
+
+
+def teacher_layers_for(
+  layer_map: str, layers: tuple[int, ...], student_depth: int, teacher_depth: int
+) -> tuple[int, ...]:
+  """The teacher layer each selected student layer reads under a named `layer_map` (LAYER_MAPS)."""
+  if layer_map == "same":
+    teacher_layers = layers
+  elif layer_map == "uniform":
+    teacher_layers = tuple(-(-(i + 1) * teacher_depth // student_depth) - 1 for i in layers)
+  elif layer_map == "last":
+    if len(layers) > teacher_depth:
+      raise ConfigError(
+        "transfer.layer_map",
+        f"'last': {len(layers)} student layers selected, but the teacher has {teacher_depth}",
+      )
+    teacher_layers = tuple(range(teacher_depth - len(layers), teacher_depth))
+  else:
+    raise ConfigError(
+      "transfer.layer_map", f"unknown {layer_map!r}; use one of {LAYER_MAPS} or pairs 's:t,...'"
+    )
+  return teacher_layers
+
+
+def _pairs(layer_map: Any) -> list[tuple[int, ...]] | None:
+  """Explicit (student, teacher) layer pairs from "s:t,s:t" or a sequence of pairs; None for a name."""
+  if isinstance(layer_map, str) and ":" not in layer_map:
+    return None
+  try:
+    if isinstance(layer_map, str):
+      return [tuple(int(x) for x in p.split(":")) for p in layer_map.split(",") if p.strip()]
+    return [tuple(int(x) for x in pair) for pair in layer_map]
+  except (TypeError, ValueError):
+    raise ConfigError(
+      "transfer.layer_map", f"{layer_map!r}: write pairs as 'student:teacher,...', e.g. '4:8,5:9'"
+    ) from None
+
+
+def resolve_layer_map(
+  cfg: Mapping[str, Any], student: Any, teacher: Any | None
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(the student layers that transfer, the teacher layer each reads), from transfer.layers and
+  transfer.layer_map; without a teacher (yet) the student's own indices stand in for the teacher's."""
+  layer_map = cfg.get("layer_map", "same")
+  pairs = _pairs(layer_map)
+  if pairs is None:
+    layers = parse_selection(cfg.get("layers", "all"), student.depth, "transfer.layers", "layers")
+    if teacher is None:
+      return layers, layers
+    return layers, teacher_layers_for(layer_map, layers, student.depth, teacher.depth)
+  if cfg.get("layers", "all") != "all":
+    raise ConfigError(
+      "transfer.layers",
+      f"{cfg['layers']!r}: transfer.layer_map's pairs name the student's layers; leave this 'all'",
+    )
+  if not pairs or any(len(p) != 2 for p in pairs):
+    raise ConfigError("transfer.layer_map", f"{layer_map!r}: pairs of (student, teacher) layers")
+  pairs = sorted(pairs)
+  layers = parse_selection([s for s, _ in pairs], student.depth, "transfer.layer_map", "layers")
+  teacher_layers = tuple(t for _, t in pairs)
+  depth = teacher.depth if teacher is not None else None
+  bad = [t for t in teacher_layers if t < 0 or (depth is not None and t >= depth)]
+  if bad:
+    raise ConfigError(
+      "transfer.layer_map", f"teacher layers {bad} do not exist (the teacher has {depth} layers)"
+    )
+  return layers, teacher_layers
+
+
+def resolve_heads(
+  cfg: Mapping[str, Any], student: Any, teacher: Any | None, what: str, loss_impl: str
+) -> tuple[str, tuple[int, ...], int]:
+  """(head_map, the student heads that transfer, the teacher's head count or 0 without a teacher),
+  from transfer.heads and transfer.head_map against both head counts."""
+  head_map = choice("transfer.head_map", cfg.get("head_map", "same"), HEAD_MAPS)
+  heads = parse_selection(cfg.get("heads", "all"), student.num_heads, "transfer.heads", "heads")
+  if head_map != "same" and what != "attn":
+    raise ConfigError(
+      "transfer.head_map", f"{head_map!r}: {what!r} is handed over head by head; use 'same'"
+    )
+  if head_map in ("group", "mean") and loss_impl != "direct":
+    raise ConfigError(
+      "transfer.loss_impl",
+      f"{loss_impl!r} streams the teacher's maps from its q and k, which cannot express the "
+      f"averaged maps of transfer.head_map {head_map!r}; use 'direct' (or head_map 'first')",
+    )
+  if teacher is None or what == "features":
+    return head_map, heads, 0
+  h_s, h_t = student.num_heads, teacher.num_heads
+  if head_map == "same" and h_s != h_t:
+    raise ConfigError(
+      "transfer.head_map",
+      f"'same': the teacher has {h_t} heads and the student {h_s}; choose how they pair ('first', "
+      "'group' or 'mean'), or give the student the teacher's head count (model.variant)",
+    )
+  if head_map == "first":
+    k = min(h_s, h_t)
+    if cfg.get("heads", "all") == "all":
+      heads = tuple(range(k))
+    elif max(heads) >= k:
+      raise ConfigError(
+        "transfer.heads",
+        f"head_map 'first' pairs the first {k} heads only (teacher {h_t}, student {h_s}); "
+        f"{[h for h in heads if h >= k]} have no partner",
+      )
+  return head_map, heads, h_t

@@ -1,0 +1,211 @@
+"""A teacher of another depth or head count: the layer and head maps against hand-computed references,
+their errors, the loss through every path against numpy, and today's loss through the new paths when
+the shapes agree."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from at_jax.errors import ConfigError
+from at_jax.models import vit
+from at_jax.transfer import loss, pairing, targets
+from tests.transfer.conftest import build_model, resolve_distill
+
+
+def test_head_mixing_by_hand():
+  # 8 teacher heads into 4: pairs; 3 into 2: [0, 1] and [2]; 2 into 4: each teacher head twice, in order.
+  np.testing.assert_array_equal(
+    pairing.head_mixing("group", 4, 8), np.kron(np.eye(4), [[0.5, 0.5]])
+  )
+  np.testing.assert_array_equal(pairing.head_mixing("group", 2, 3), [[0.5, 0.5, 0], [0, 0, 1]])
+  np.testing.assert_array_equal(
+    pairing.head_mixing("group", 4, 2), [[1, 0], [1, 0], [0, 1], [0, 1]]
+  )
+  np.testing.assert_array_equal(pairing.head_mixing("group", 3, 3), np.eye(3))  # identity case
+  np.testing.assert_allclose(pairing.head_mixing("mean", 2, 4), np.full((2, 4), 0.25))
+  for student, teacher in ((4, 8), (2, 3), (4, 2), (5, 16), (16, 12)):
+    for name in ("group", "mean"):
+      mix = pairing.head_mixing(name, student, teacher)
+      np.testing.assert_allclose(mix.sum(1), 1.0, rtol=1e-6)  # maps stay distributions
+  assert pairing.head_mixing("first", 2, 4) is None and pairing.head_mixing("same", 2, 2) is None
+
+
+def test_layer_maps_by_hand():
+  assert pairing.teacher_layers_for("uniform", tuple(range(6)), 6, 12) == (1, 3, 5, 7, 9, 11)
+  assert pairing.teacher_layers_for("uniform", (0, 1, 2, 3), 4, 6) == (1, 2, 4, 5)
+  assert pairing.teacher_layers_for("uniform", tuple(range(6)), 6, 6) == tuple(range(6))
+  # ceil((i + 1) * 3 / 8) - 1: the last teacher layer of each student layer's span.
+  assert pairing.teacher_layers_for("uniform", tuple(range(8)), 8, 3) == (0, 0, 1, 1, 1, 2, 2, 2)
+  assert pairing.teacher_layers_for("last", (4, 5), 6, 12) == (10, 11)
+  assert pairing.teacher_layers_for("same", (0, 2), 6, 12) == (0, 2)
+
+
+STUDENT = dict()  # Pico/4 at depth 4: 2 heads
+TEACHER = dict(depth=8, num_heads=4)
+
+
+@pytest.fixture(scope="module")
+def shapes():
+  """A student (depth 4, 2 heads) and a teacher of twice its depth and heads, with params and images."""
+  student, teacher = build_model(**STUDENT), build_model(**TEACHER)
+  images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  sp = student.init(jax.random.key(1), images, train=False)["params"]
+  tp = teacher.init(jax.random.key(2), images, train=False)["params"]
+  return student, teacher, sp, tp, images
+
+
+def test_resolved_pairs_and_errors(shapes):
+  student, teacher, *_ = shapes
+  t = resolve_distill(student, teacher, layer_map="uniform", head_map="group")
+  assert (t.layers, t.teacher_layers, t.teacher_depth, t.teacher_heads) == (
+    (0, 1, 2, 3),
+    (1, 3, 5, 7),
+    8,
+    4,
+  )
+  assert t.target_keys == ("attn_logits",)  # averaged maps: not expressible through q and k
+  t = resolve_distill(student, teacher, layer_map="2:6,3:7", head_map="first")
+  assert (t.layers, t.teacher_layers, t.heads, t.target_keys) == (
+    (2, 3),
+    (6, 7),
+    (0, 1),
+    ("q", "k"),
+  )
+  t = resolve_distill(student, teacher, layers="last:2", layer_map="last", head_map="mean")
+  assert t.teacher_layers == (6, 7)
+  cases = [
+    ({}, "transfer.head_map"),  # 'same' with 4 vs 2 heads
+    ({"head_map": "group", "loss_impl": "blockwise"}, "transfer.loss_impl"),
+    ({"head_map": "group", "what": "q"}, "transfer.head_map"),
+    ({"head_map": "first", "layer_map": "0:9"}, "transfer.layer_map"),  # no teacher layer 9
+    ({"head_map": "first", "layer_map": "0:1", "layers": "first:1"}, "transfer.layers"),
+    ({"head_map": "first", "layer_map": "0-1"}, "transfer.layer_map"),
+    ({"head_map": "first", "layer_map": "deepest"}, "transfer.layer_map"),
+    ({"head_map": "sum"}, "transfer.head_map"),
+    ({"head_map": "first", "source": "precomputed", "layer_map": "uniform"}, "transfer.layer_map"),
+  ]
+  for cfg, field in cases:
+    with pytest.raises(ConfigError) as e:
+      resolve_distill(student, teacher, **cfg)
+    assert e.value.field == field, (cfg, str(e.value))
+  bigger_student = build_model(depth=12)
+  with pytest.raises(ConfigError, match="'uniform' or 'last'") as e:
+    resolve_distill(bigger_student, teacher, head_map="first")  # 'same' layers: 9..11 do not exist
+  assert e.value.field == "transfer.layers"
+  with pytest.raises(ConfigError, match="first 2 heads only") as e:
+    resolve_distill(build_model(num_heads=4), build_model(num_heads=2), head_map="first", heads="3")
+  assert e.value.field == "transfer.heads"
+
+
+def _reference_loss(t_logits_LBHNN, s_logits_LBHNN, pairs, mix, weight=3.0):
+  """numpy: weight * sum over (student, teacher) layer pairs of the mean over batch, heads and queries
+  of -sum_j p_j log q_j, p the teacher maps mixed by `mix` [H_s, H_t] (or picked: a one-hot mix)."""
+  total = 0.0
+  for s_layer, t_layer in pairs:
+    t = np.asarray(t_logits_LBHNN[t_layer], np.float64)
+    p_t = np.exp(t - t.max(-1, keepdims=True))
+    p_t /= p_t.sum(-1, keepdims=True)
+    p = np.einsum("st,btqk->bsqk", mix, p_t)
+    s = np.asarray(s_logits_LBHNN[s_layer], np.float64)
+    log_q = s - s.max(-1, keepdims=True)
+    log_q -= np.log(np.exp(log_q).sum(-1, keepdims=True))
+    total += np.mean(-(p * log_q).sum(-1))
+  return weight * total
+
+
+@pytest.mark.parametrize(
+  "head_map,layer_map,loss_impl",
+  [
+    ("group", "uniform", "direct"),
+    ("mean", "last", "direct"),
+    ("first", "uniform", "direct"),
+    ("first", "1:0,3:7", "blockwise"),
+  ],
+)
+def test_cross_shape_loss_equals_the_numpy_reference(shapes, head_map, layer_map, loss_impl):
+  """Through the step's path (teacher targets, the student's in-block loss) and the stacked-maps path."""
+  student, teacher, sp, tp, images = shapes
+  t = resolve_distill(student, teacher, head_map=head_map, layer_map=layer_map, loss_impl=loss_impl)
+  _, t_out = teacher.apply({"params": tp}, images, train=False)
+  handed = targets.run_teacher(*vit.truncate(teacher, tp, t.teacher_depth), images, t)
+  _, s_out = student.apply(
+    {"params": sp}, images, train=False, attn_target=targets.attn_target(handed, t)
+  )
+  mix = t.head_mixing()
+  if mix is None:  # "first": student head h reads teacher head h
+    mix = np.eye(student.num_heads, teacher.num_heads)
+  expected = _reference_loss(
+    t_out["attn_logits"], s_out["attn_logits"], zip(t.layers, t.teacher_layers), mix
+  )
+  np.testing.assert_allclose(loss.distill_loss(s_out, handed, t), expected, rtol=2e-5)
+  if loss_impl == "direct":  # the reference formula's path: the student's stacked maps
+    stacked = {"attn_logits": s_out["attn_logits"]}
+    np.testing.assert_allclose(loss.distill_loss(stacked, handed, t), expected, rtol=2e-5)
+
+
+def test_a_student_with_more_heads_than_its_teacher(shapes):
+  """group: each student head reads one teacher head, in order; first: the student's extra heads are
+  free (outside the loss)."""
+  _, _, _, _, images = shapes
+  student, teacher = build_model(num_heads=4), build_model(num_heads=2)
+  sp = student.init(jax.random.key(3), images, train=False)["params"]
+  tp = teacher.init(jax.random.key(4), images, train=False)["params"]
+  _, t_out = teacher.apply({"params": tp}, images, train=False, want_qkv=True)
+  _, s_out = student.apply({"params": sp}, images, train=False)
+  for head_map, mix, heads in (
+    ("group", pairing.head_mixing("group", 4, 2), 4),
+    ("first", np.eye(2, 2), 2),
+  ):
+    t = resolve_distill(student, teacher, head_map=head_map)
+    assert len(t.heads) == heads
+    handed = targets.teacher_targets(t_out, t)
+    pairs = list(zip(t.layers, t.teacher_layers))
+    s_logits = s_out["attn_logits"][:, :, :heads]
+    expected = _reference_loss(t_out["attn_logits"], s_logits, pairs, mix)
+    np.testing.assert_allclose(loss.distill_loss(s_out, handed, t), expected, rtol=2e-5)
+
+
+@pytest.mark.parametrize(
+  "cfg",
+  [
+    dict(head_map="group"),  # an identity mix
+    dict(head_map="first"),
+    dict(layer_map="uniform"),
+    dict(layer_map="0:0,1:1,2:2,3:3"),
+  ],
+)
+def test_equal_shapes_give_todays_loss_through_every_new_path(cfg):
+  """A teacher of the student's shape: each new path hands over what `same` does (group's mix is the
+  identity, uniform the identity map, explicit pairs the same layers), so the loss is today's."""
+  student, teacher = build_model(), build_model()
+  images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  sp = student.init(jax.random.key(1), images, train=False)["params"]
+  tp = teacher.init(jax.random.key(2), images, train=False)["params"]
+  _, t_out = teacher.apply({"params": tp}, images, train=False, want_qkv=True)
+  _, s_out = student.apply({"params": sp}, images, train=False)
+  today = resolve_distill(student, teacher)
+  t = resolve_distill(student, teacher, **cfg)
+  np.testing.assert_allclose(
+    loss.distill_loss(s_out, targets.teacher_targets(t_out, t), t),
+    loss.distill_loss(s_out, targets.teacher_targets(t_out, today), today),
+    rtol=1e-6,
+  )
+
+
+def test_copy_from_a_teacher_of_other_shape_uses_the_mixed_maps(shapes):
+  """Copy in layer 1 from teacher layer 3 (uniform), heads grouped: the student's attention there is
+  exactly the group mean of the teacher's maps."""
+  student, teacher, sp, tp, images = shapes
+  t = resolve_distill(
+    student, teacher, mode="copy", layers="1", layer_map="uniform", head_map="group"
+  )
+  assert t.teacher_layers == (3,)
+  handed = targets.run_teacher(teacher, tp, images, t)
+  _, s_out = student.apply(
+    {"params": sp}, images, train=False, override=targets.copy_override(handed, t)
+  )
+  _, t_out = teacher.apply({"params": tp}, images, train=False)
+  p_t = jax.nn.softmax(t_out["attn_logits"][3], -1)  # [B, 4, N, N]
+  expected = jnp.einsum("st,btqk->bsqk", t.head_mixing(), p_t)
+  np.testing.assert_allclose(jax.nn.softmax(s_out["attn_logits"][1], -1), expected, atol=1e-6)
