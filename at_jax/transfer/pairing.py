@@ -20,10 +20,12 @@ LAYER_MAPS = ("same", "uniform", "last")
 # first  the first min(H_s, H_t) heads of each side pair up, the student's others are free;
 # group  head h distils the mean map of a contiguous group of teacher heads, groups as equal as the
 #        counts allow (one teacher head each, in order, when the student has more heads);
-# mean   every head distils the mean map over all teacher heads.
-# group and mean average probability maps (which stay distributions): they need the teacher's maps, not
+# mean   every head distils the mean map over all teacher heads;
+# merge  SHD's (arXiv 2502.07436) merging of adjacent teacher heads, A = (A_p + A_q) / 2, round after round
+#        (9 -> 5 -> 3), merging in the last round only as many pairs as reach the student's count.
+# group, mean and merge average probability maps (which stay distributions): they need the teacher's maps, not
 # its q and k, so the streamed losses (`loss_impl`) and q/k/v transfer take same or first only.
-HEAD_MAPS = ("same", "first", "group", "mean")
+HEAD_MAPS = ("same", "first", "group", "mean", "merge")
 
 
 def _parse_count(selection: str, field: str, limit: int) -> int:
@@ -86,10 +88,25 @@ def choice(field: str, value: str, options: Sequence[str]) -> str:
   return value
 
 
+def _merge_rounds(student_heads: int, teacher_heads: int) -> np.ndarray:
+  """SHD's merges as one [H_s, H_t] matrix: each round averages adjacent pairs (0, 1), (2, 3), ... of the
+  heads so far, carrying an odd one over, and the last merges only as many pairs as reach H_s."""
+  mix = np.eye(teacher_heads)
+  while mix.shape[0] > student_heads:
+    n = mix.shape[0]
+    merges = min(n // 2, n - student_heads)
+    rows = [(mix[2 * i] + mix[2 * i + 1]) / 2 for i in range(merges)]
+    mix = np.stack(rows + list(mix[2 * merges :]))
+  return mix.astype(np.float32)
+
+
 def head_mixing(head_map: str, student_heads: int, teacher_heads: int) -> np.ndarray | None:
-  """The [H_s, H_t] mixing matrix of head_map "group" or "mean" (rows sum to 1); None otherwise."""
+  """The [H_s, H_t] mixing matrix of head_map "group", "mean" or "merge" (rows sum to 1); None for the
+  maps that pick heads."""
   if head_map == "mean":
     return np.full((student_heads, teacher_heads), 1.0 / teacher_heads, np.float32)
+  if head_map == "merge":
+    return _merge_rounds(student_heads, teacher_heads)
   if head_map != "group":
     return None
   mix = np.zeros((student_heads, teacher_heads), np.float32)
@@ -179,7 +196,7 @@ def resolve_heads(
     raise ConfigError(
       "transfer.head_map", f"{head_map!r}: {what!r} is handed over head by head; use 'same'"
     )
-  if head_map in ("group", "mean") and loss_impl != "direct":
+  if head_map in ("group", "mean", "merge") and loss_impl != "direct":
     raise ConfigError(
       "transfer.loss_impl",
       f"{loss_impl!r} streams the teacher's maps from its q and k, which cannot express the "
@@ -193,6 +210,12 @@ def resolve_heads(
       "transfer.head_map",
       f"'same': the teacher has {h_t} heads and the student {h_s}; choose how they pair ('first', "
       "'group' or 'mean'), or give the student the teacher's head count (model.variant)",
+    )
+  if head_map == "merge" and h_t < h_s:
+    raise ConfigError(
+      "transfer.head_map",
+      f"'merge' merges teacher heads down to the student's count; the teacher has {h_t}, fewer than "
+      f"the student's {h_s} (use 'group' or 'first')",
     )
   if head_map == "first":
     k = min(h_s, h_t)

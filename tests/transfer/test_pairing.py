@@ -25,10 +25,26 @@ def test_head_mixing_by_hand():
   np.testing.assert_array_equal(pairing.head_mixing("group", 3, 3), np.eye(3))  # identity case
   np.testing.assert_allclose(pairing.head_mixing("mean", 2, 4), np.full((2, 4), 0.25))
   for student, teacher in ((4, 8), (2, 3), (4, 2), (5, 16), (16, 12)):
-    for name in ("group", "mean"):
+    for name in ("group", "mean", "merge"):
+      if name == "merge" and teacher < student:
+        continue
       mix = pairing.head_mixing(name, student, teacher)
       np.testing.assert_allclose(mix.sum(1), 1.0, rtol=1e-6)  # maps stay distributions
   assert pairing.head_mixing("first", 2, 4) is None and pairing.head_mixing("same", 2, 2) is None
+  # SHD's merges: 9 -> 5 -> 3 in two rounds of adjacent pairs, the odd head carried; 4 -> 3 merges one pair.
+  merged = pairing.head_mixing("merge", 3, 9)
+  np.testing.assert_allclose(
+    merged,
+    [
+      [0.25, 0.25, 0.25, 0.25, 0, 0, 0, 0, 0],
+      [0, 0, 0, 0, 0.25, 0.25, 0.25, 0.25, 0],
+      [0, 0, 0, 0, 0, 0, 0, 0, 1],
+    ],
+  )
+  np.testing.assert_allclose(
+    pairing.head_mixing("merge", 3, 4), [[0.5, 0.5, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
+  )
+  np.testing.assert_array_equal(pairing.head_mixing("merge", 4, 4), np.eye(4))
 
 
 def test_layer_maps_by_hand():
@@ -83,6 +99,7 @@ def test_resolved_pairs_and_errors(shapes):
     ({"head_map": "first", "layer_map": "0-1"}, "transfer.layer_map"),
     ({"head_map": "first", "layer_map": "deepest"}, "transfer.layer_map"),
     ({"head_map": "sum"}, "transfer.head_map"),
+    ({"head_map": "merge", "loss_impl": "pallas"}, "transfer.loss_impl"),
     ({"head_map": "first", "source": "precomputed", "layer_map": "uniform"}, "transfer.layer_map"),
   ]
   for cfg, field in cases:
@@ -93,6 +110,9 @@ def test_resolved_pairs_and_errors(shapes):
   with pytest.raises(ConfigError, match="'uniform' or 'last'") as e:
     resolve_distill(bigger_student, teacher, head_map="first")  # 'same' layers: 9..11 do not exist
   assert e.value.field == "transfer.layers"
+  with pytest.raises(ConfigError, match="fewer than") as e:
+    resolve_distill(build_model(num_heads=4), build_model(num_heads=2), head_map="merge")
+  assert e.value.field == "transfer.head_map"
   with pytest.raises(ConfigError, match="first 2 heads only") as e:
     resolve_distill(build_model(num_heads=4), build_model(num_heads=2), head_map="first", heads="3")
   assert e.value.field == "transfer.heads"
@@ -119,6 +139,7 @@ def _reference_loss(t_logits_LBHNN, s_logits_LBHNN, pairs, mix, weight=3.0):
   [
     ("group", "uniform", "direct"),
     ("mean", "last", "direct"),
+    ("merge", "uniform", "direct"),
     ("first", "uniform", "direct"),
     ("first", "1:0,3:7", "blockwise"),
   ],
