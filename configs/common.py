@@ -67,6 +67,7 @@ def base() -> ml_collections.ConfigDict:
     heads="all",
     layer_map="same",
     head_map="same",
+    prefix="keep",  # a teacher of another token grid: its cls row/column kept, registers dropped
     weight=3.0,
     source="jointly",
     average="none",

@@ -21,7 +21,7 @@ import numpy as np
 
 from at_jax.errors import ConfigError
 from at_jax.ops import attn_ce
-from at_jax.transfer import pairing
+from at_jax.transfer import grids, pairing
 
 MODES = ("none", "copy", "distill")
 WHATS = ("attn", "q", "k", "v", "features")
@@ -51,6 +51,9 @@ class Transfer:
   teacher_layers: tuple[int, ...] = ()  # the teacher layer each of `layers` reads (`layer_map`)
   head_map: str = "same"  # pairing.HEAD_MAPS
   teacher_heads: int = 0  # the teacher's head count (0: no teacher known yet, or features)
+  # () where the teacher's tokens are the student's; else the arguments of `grids.token_weights`
+  # (teacher cls, teacher registers, teacher grid, student cls, student grid): maps are resampled.
+  token_map: tuple[int, ...] = ()
 
   @property
   def active(self) -> bool:
@@ -79,13 +82,10 @@ class Transfer:
     """What a jointly run teacher hands over: q and k for distilled maps (the per-layer maps are formed
     inside the student's blocks), else the transferred quantity itself (copy needs the maps; averaging
     over images averages maps)."""
-    averaged_heads = self.head_mixing() is not None  # maps, which q and k cannot express
-    if (
-      self.mode == "distill"
-      and self.what == "attn"
-      and self.average == "none"
-      and not averaged_heads
-    ):
+    # Averaged heads and resampled grids are maps, which q and k cannot express.
+    as_maps = self.head_mixing() is not None or bool(self.token_map)
+    streams = self.mode == "distill" and self.what == "attn" and self.average == "none"
+    if streams and not as_maps:
       return ("q", "k")
     return (self.teacher_key,)
 
@@ -164,21 +164,14 @@ def _check_feature_width(student: Any, teacher: Any) -> None:
     )
 
 
-def _check_teacher(student: Any, teacher: Any, t: "Transfer", image_size: int) -> None:
-  """ConfigError unless `teacher` can hand `student` what `t` transfers at `image_size`."""
+def _check_teacher(student: Any, teacher: Any, t: "Transfer") -> None:
+  """ConfigError unless `teacher` can hand `student` what `t` transfers (its tokens: `_token_map`)."""
   what, layers = t.what, t.layers
   if teacher.depth <= max(t.teacher_layers):
     raise ConfigError(
       "transfer.layers",
       f"layer {max(t.teacher_layers)} does not exist in the teacher (depth {teacher.depth}); "
       "transfer.layer_map 'uniform' or 'last' maps a deeper student onto a shallower teacher",
-    )
-  teacher_tokens, student_tokens = teacher.tokens_for(image_size), student.tokens_for(image_size)
-  if teacher_tokens != student_tokens:
-    raise ConfigError(
-      "teacher.init",
-      f"teacher sees {teacher_tokens} tokens per image and the student "
-      f"{student_tokens} at {image_size}px; match model.patch_size/class_token to the teacher",
     )
   if what == "features":
     _check_feature_width(student, teacher)
@@ -252,8 +245,59 @@ def resolve(cfg: Mapping[str, Any], student: Any, teacher: Any | None, image_siz
     teacher_heads,
   )
   if teacher is not None:
-    _check_teacher(student, teacher, t, image_size)
+    _check_teacher(student, teacher, t)
+    token_map = _token_map(cfg, student, teacher, t, image_size)
+    if token_map and source == "precomputed":
+      raise ConfigError(
+        "transfer.source", "stored targets hold the student's tokens; use 'jointly'"
+      )
+    t = dataclasses.replace(t, token_map=token_map)
   return t
+
+
+def _token_map(
+  cfg: Mapping[str, Any], student: Any, teacher: Any, t: Transfer, image_size: int
+) -> tuple[int, ...]:
+  """`Transfer.token_map` for a teacher of another token grid or prefix (at_jax.transfer.grids), with an
+  error naming the field for every combination it cannot serve."""
+  prefix = pairing.choice("transfer.prefix", cfg.get("prefix", "keep"), grids.PREFIXES)
+  s_grid, t_grid = image_size // student.patch_size, image_size // teacher.patch_size
+  s_tokens, t_tokens = student.tokens_for(image_size), teacher.tokens_for(image_size)
+  s_shape = (s_grid, student.class_token, student.num_registers)
+  if s_shape == (t_grid, teacher.class_token, teacher.num_registers) or t.what == "features":
+    return ()
+  if image_size % teacher.patch_size:
+    raise ConfigError(
+      "teacher.init",
+      f"the teacher's patch {teacher.patch_size} does not divide data.image_size {image_size}",
+    )
+  if t.what != "attn":
+    raise ConfigError(
+      "teacher.init",
+      f"teacher sees {t_tokens} tokens per image and the student {s_tokens} at {image_size}px: "
+      f"{t.what!r} is handed over token by token; match model.patch_size/class_token to the teacher",
+    )
+  if t.loss_impl != "direct":
+    raise ConfigError(
+      "transfer.loss_impl",
+      f"{t.loss_impl!r} streams the teacher's maps from its q and k; maps resampled from its "
+      f"{t_grid}x{t_grid} grid to the student's {s_grid}x{s_grid} need 'direct'",
+    )
+  if prefix == "drop":
+    raise ConfigError(
+      "transfer.prefix", "'drop' (patch tokens only, renormalised) is not built yet; use 'keep'"
+    )
+  if student.num_registers:
+    raise ConfigError(
+      "transfer.prefix",
+      f"the student's {student.num_registers} register tokens have no counterpart in the teacher's "
+      "resampled maps ('keep' drops the teacher's registers); give the student none",
+    )
+  if student.class_token and not teacher.class_token:
+    raise ConfigError(
+      "model.class_token", "the teacher has no cls token whose map row the student's could keep"
+    )
+  return (int(teacher.class_token), teacher.num_registers, t_grid, int(student.class_token), s_grid)
 
 
 # The teacher `out` keys that a ViT returns only when run with `want_qkv`.

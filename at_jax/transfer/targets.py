@@ -19,7 +19,7 @@ import numpy as np
 
 from at_jax.errors import ConfigError
 from at_jax.models import attention, vit
-from at_jax.transfer import spec
+from at_jax.transfer import grids, spec
 
 Array = jax.Array
 Targets = dict[str, Array]
@@ -62,6 +62,15 @@ def _to_student_heads(targets: Targets, transfer: spec.Transfer) -> Targets:
       adapted[key] = _first_heads(value, 2, transfer.num_heads)
     elif key in ("q", "k"):  # [S, B, N, H, K]
       adapted[key] = _first_heads(value, 3, transfer.num_heads)
+  return adapted
+
+
+def _to_student(targets: Targets, transfer: spec.Transfer) -> Targets:
+  """The teacher's targets at the student's heads, then on the student's tokens (`grids`)."""
+  adapted = _to_student_heads(targets, transfer)
+  if transfer.token_map and "attn_logits" in adapted:
+    weights = grids.token_weights(*transfer.token_map)
+    adapted = {**adapted, "attn_logits": grids.resample_logits(adapted["attn_logits"], weights)}
   return adapted
 
 
@@ -126,13 +135,13 @@ def run_teacher(
     transfer.target_keys,
     drop_masks=drop_masks,
   )
-  return _average(_to_student_heads(stacked, transfer), transfer)
+  return _average(_to_student(stacked, transfer), transfer)
 
 
 def teacher_targets(teacher_out: Mapping[str, Array], transfer: spec.Transfer) -> Targets:
   """`run_teacher`'s targets from a teacher `out` the caller already has."""
   selected = _select(teacher_out, transfer.teacher_layers, transfer.target_keys)
-  return _average(_to_student_heads(selected, transfer), transfer)
+  return _average(_to_student(selected, transfer), transfer)
 
 
 def precomputed_targets(batch: Mapping[str, Array], transfer: spec.Transfer) -> Targets:

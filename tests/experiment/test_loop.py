@@ -583,19 +583,40 @@ def test_every_transfer_setting_validates_from_both_teacher_sources(
     validation.validate(config, str(tmp_path / "run"))
 
 
-def test_a_deeper_teacher_with_more_heads_distils_into_the_student(tmp_path, tiny_config):
-  """Teacher depth 4 with 4 heads (an export), student Pico/7 (depth 2, 2 heads): uniform layers
-  (student 0 <- teacher 1, 1 <- 3) and grouped heads, through the whole loop; the teacher is cut after
-  its deepest read layer and the run says what it transfers."""
-  teacher = vit.build({"variant": "Pico/7", "num_classes": 0, "depth": 4, "num_heads": 4})
+def _random_teacher(path: str, **fields) -> str:
+  """A params export of a freshly initialised Pico ViT with `fields`: a teacher of another shape."""
+  teacher = vit.build({"variant": "Pico/7", "num_classes": 0, **fields})
   images = np.zeros((1, 28, 28, 3), np.float32)  # the pipeline hands grey images over as RGB
   params = teacher.init(jax.random.key(3), images, train=False)["params"]
-  export = str(tmp_path / "teacher")
-  checkpoint.save_params(export, jax.device_get(params), vit.model_fields(teacher))
-  c = tiny_config(steps=4, mode="distill", layers="all", layer_map="uniform", head_map="group")
+  checkpoint.save_params(path, jax.device_get(params), vit.model_fields(teacher))
+  return path
+
+
+@pytest.mark.parametrize(
+  "teacher_fields,transfer,student_variant,expected",
+  [
+    # Deeper, more heads: uniform layers (student 0 <- teacher 1, 1 <- 3), grouped heads; the teacher
+    # is cut after its deepest read layer.
+    (
+      dict(depth=4, num_heads=4),
+      dict(layer_map="uniform", head_map="group"),
+      "Pico/7",
+      ((1, 3), 4, 16),
+    ),
+    # A patch-4 student (7x7 = 49 patches) from a patch-7 teacher (4x4 = 16): maps resampled.
+    (dict(), dict(), "Pico/4", ((0, 1), 2, 16)),
+  ],
+)
+def test_a_teacher_of_another_shape_distils_through_the_loop(
+  tmp_path, tiny_config, teacher_fields, transfer, student_variant, expected
+):
+  export = _random_teacher(str(tmp_path / "teacher"), **teacher_fields)
+  c = tiny_config(steps=4, mode="distill", layers="all", **transfer)
+  c.model.variant = student_variant
   c.teacher.init = export
   run = runs.setup(c, str(tmp_path / "student"))
-  assert (run.transfer.teacher_layers, run.teacher.depth, run.teacher.num_heads) == ((1, 3), 4, 4)
+  t = run.transfer
+  assert (t.teacher_layers, run.teacher.depth, run.teacher.tokens_for(28) - 1) == expected
   results = loop.train_and_evaluate(c, str(tmp_path / "student"))
   lines = metrics.read_jsonl(str(tmp_path / "student" / "metrics.jsonl"))
   distill = [x["train/distill_loss"] for x in lines if "train/distill_loss" in x]

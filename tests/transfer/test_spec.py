@@ -68,8 +68,10 @@ def test_resolve_errors(setup):
   with pytest.raises(ConfigError, match="heads") as e:
     resolve_distill(student, build_model(num_heads=4))
   assert e.value.field == "transfer.head_map"  # how the counts pair is the fix (test_pairing.py)
-  with pytest.raises(ConfigError, match="tokens") as e:
-    resolve_distill(student, build_model(patch_size=8))
+  with pytest.raises(
+    ConfigError, match="tokens"
+  ) as e:  # maps are resampled (test_grids.py), q is not
+    resolve_distill(student, build_model(patch_size=8), what="q")
   with pytest.raises(ConfigError, match="does not exist in the teacher"):
     resolve_distill(student, build_model(depth=2), layers="last:1")
   with pytest.raises(ConfigError, match="drop-path") as e:
