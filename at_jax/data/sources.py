@@ -304,7 +304,8 @@ def _tfds_source(name: str, split: str, data_dir: str | None, field: str) -> _Tf
     ) from e
   except ValueError as e:  # tfds' answer to an unknown or malformed split.
     raise ConfigError(field, f"bad split {split!r} of dataset {name!r}: {e}") from e
-  label = builder.info.features.get("label", None)
+  features = builder.info.features  # a tfds FeaturesDict: `in` and [], no .get
+  label = features["label"] if "label" in features else None  # noqa: SIM401
   return _TfdsSource(source, getattr(label, "num_classes", None))
 
 

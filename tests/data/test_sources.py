@@ -226,6 +226,7 @@ def test_prepared_tfds_dataset_yields_uint8_hwc(tmp_path, no_network, train_kw):
   images = _prepare_varied_images(str(tmp_path))
   source = sources.make_source("varied_images", "train", data_dir=str(tmp_path))
   assert len(source) == 6
+  assert sources.num_classes(source) == 6  # the tfds metadata's ClassLabel, for model.num_classes
   for i in range(6):
     example = source[i]
     assert example["image"].dtype == np.uint8
