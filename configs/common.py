@@ -47,7 +47,12 @@ def base() -> ml_collections.ConfigDict:
   # and its export used. resample_posemb: allow bicubic resampling of the teacher's position table when
   # it was trained at another image size. For checkpoint files only: num_heads (0: from the width) and
   # family (at_jax.convert.load.FAMILIES; "" unless the file is a CLIP tower) -- what the file doesn't store.
-  c.teacher = dict(init="", pretrain=None, resample_posemb=False, num_heads=0, family="")
+  # image_size: the size the teacher sees the training images at (resized in the step; 0: data.image_size),
+  # e.g. so that a teacher of another patch size has the student's token grid (its position table is
+  # fitted to it: resample_posemb).
+  c.teacher = dict(
+    init="", pretrain=None, resample_posemb=False, num_heads=0, family="", image_size=0
+  )
 
   # mode: none | copy | distill; what: attn | q | k | v; layers/heads: "all", "first:k", "last:k",
   # "end_layer:e" (layers [0, depth + e), the paper's --end_layer) or "0,3,5"; source: jointly |

@@ -36,8 +36,16 @@ def is_checkpoint_file(path: str) -> bool:
   return storage.isfile(selection.split(path)[0])
 
 
+def teacher_image_size(config: ml_collections.ConfigDict) -> int:
+  """The size the teacher sees the training images at: teacher.image_size, else data.image_size."""
+  return config.teacher.get("image_size", 0) or config.data.image_size
+
+
 def load_vit(
-  path: str, config: ml_collections.ConfigDict, default_tower: str | None = "student"
+  path: str,
+  config: ml_collections.ConfigDict,
+  default_tower: str | None = "student",
+  image_size: int = 0,
 ) -> tuple[dict, Any]:
   """(model_config, numpy params) of a ViT fitted to data.image_size, from our params export (a directory)
   or a PyTorch/timm/big_vision checkpoint file (converted by at_jax.convert; `FILE#SELECTOR` picks the
@@ -48,7 +56,7 @@ def load_vit(
   the tower of the reference's dual checkpoints when the path names none -- the student for model.init
   and evaluation; None (teacher.init) makes the path name it.
   """
-  size, t = config.data.image_size, config.teacher
+  size, t = image_size or config.data.image_size, config.teacher
   if is_checkpoint_file(path):
     return _convert_file(
       storage.absolute(path),
@@ -97,7 +105,8 @@ def load_teacher(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict,
   """The frozen teacher: `teacher.init` (an export or a checkpoint file), or its pretrain run's export.
   A dual checkpoint of the reference must name its tower here: both are plausible teachers (the frozen one
   it trained with, the student it trained), and a wrong guess would run a different experiment."""
-  return load_vit(teacher_path(config, workdir), config, default_tower=None)
+  path = teacher_path(config, workdir)
+  return load_vit(path, config, default_tower=None, image_size=teacher_image_size(config))
 
 
 def init_from_pretrained(fresh: Any, loaded: Any, scan: bool) -> tuple[dict, list[str], list[str]]:
@@ -190,6 +199,12 @@ def teacher_on_mesh(
   student does (`model.attention_impl`)."""
   model_config, params = load_teacher(config, workdir)
   teacher = vit.build({**model_config, "attention_impl": model.attention_impl})
-  t = spec.resolve(config.transfer.to_dict(), model, teacher, config.data.image_size)
+  t = spec.resolve(
+    config.transfer.to_dict(),
+    model,
+    teacher,
+    config.data.image_size,
+    teacher_image_size=teacher_image_size(config),
+  )
   teacher, params = vit.truncate(teacher, params, t.teacher_depth)
   return teacher, jax.device_put(params, sharding.tree_shardings(mesh, params)), t

@@ -76,7 +76,13 @@ def validate(
   # Last of the inputs: the teacher, read for its architecture and checked against the student.
   teacher = _teacher_architecture(config, workdir, model)
   if teacher is not None:
-    spec = transfer_spec.resolve(config.transfer.to_dict(), model, teacher, image_size)
+    spec = transfer_spec.resolve(
+      config.transfer.to_dict(),
+      model,
+      teacher,
+      image_size,
+      teacher_image_size=teachers.teacher_image_size(config),
+    )
   memory_line = _check_memory(config, mesh, model, teacher, spec, len(train_source))
   return Validated(model, mesh, train_source, eval_source, memory_line)
 
@@ -119,6 +125,7 @@ _RANGES = (
   ),
   ("schedule.epochs", lambda x: x >= 0, ">= 0"),
   ("schedule.warmup_epochs", lambda x: x >= 0, ">= 0"),
+  ("teacher.image_size", lambda x: x >= 0 and int(x) == x, "a whole number >= 0 (0: data.image_size)"),
 )
 _CHOICES = (
   ("model.dtype_mm", ("float32", "bfloat16", "float16")),
@@ -338,7 +345,8 @@ def _check_memory(
   tx = build.optimizer(config, task, lr, model.depth)
   teacher_params = None
   if teacher is not None:  # as teachers.teacher_on_mesh will place it: cut after its last layer
-    images = np.zeros((1, config.data.image_size, config.data.image_size, 3), np.float32)
+    size = teachers.teacher_image_size(config)
+    images = np.zeros((1, size, size, 3), np.float32)
     teacher_params = jax.eval_shape(
       lambda: vit.truncate(
         teacher,

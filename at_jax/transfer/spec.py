@@ -54,6 +54,7 @@ class Transfer:
   # () where the teacher's tokens are the student's; else the arguments of `grids.token_weights`
   # (teacher cls, teacher registers, teacher grid, student cls, student grid): maps are resampled.
   token_map: tuple[int, ...] = ()
+  teacher_image_size: int = 0  # the size the teacher sees the images at (0: the student's)
 
   @property
   def active(self) -> bool:
@@ -190,7 +191,14 @@ def _check_teacher(student: Any, teacher: Any, t: "Transfer") -> None:
     )
 
 
-def resolve(cfg: Mapping[str, Any], student: Any, teacher: Any | None, image_size: int) -> Transfer:
+def resolve(
+  cfg: Mapping[str, Any],
+  student: Any,
+  teacher: Any | None,
+  image_size: int,
+  *,
+  teacher_image_size: int = 0,
+) -> Transfer:
   """Validates `config.transfer` against the student (and teacher) ViTs; errors name the config field.
 
   Args:
@@ -198,6 +206,7 @@ def resolve(cfg: Mapping[str, Any], student: Any, teacher: Any | None, image_siz
       loss_block.
     student, teacher: `ViT` modules (teacher may be None when mode is "none" or source "precomputed").
     image_size: the training image size, to check token counts.
+    teacher_image_size: the size the teacher sees the images at (`teacher.image_size`; 0: image_size).
   """
   mode = cfg["mode"]
   if mode not in MODES:
@@ -246,36 +255,42 @@ def resolve(cfg: Mapping[str, Any], student: Any, teacher: Any | None, image_siz
   )
   if teacher is not None:
     _check_teacher(student, teacher, t)
-    token_map = _token_map(cfg, student, teacher, t, image_size)
+    t_size = teacher_image_size or image_size
+    if t_size != image_size and source == "precomputed":
+      raise ConfigError("teacher.image_size", "stored targets were computed at data.image_size")
+    token_map = _token_map(cfg, student, teacher, t, image_size, t_size)
     if token_map and source == "precomputed":
       raise ConfigError(
         "transfer.source", "stored targets hold the student's tokens; use 'jointly'"
       )
-    t = dataclasses.replace(t, token_map=token_map)
+    t = dataclasses.replace(
+      t, token_map=token_map, teacher_image_size=t_size if t_size != image_size else 0
+    )
   return t
 
 
 def _token_map(
-  cfg: Mapping[str, Any], student: Any, teacher: Any, t: Transfer, image_size: int
+  cfg: Mapping[str, Any], student: Any, teacher: Any, t: Transfer, image_size: int, t_size: int
 ) -> tuple[int, ...]:
   """`Transfer.token_map` for a teacher of another token grid or prefix (at_jax.transfer.grids), with an
   error naming the field for every combination it cannot serve."""
   prefix = pairing.choice("transfer.prefix", cfg.get("prefix", "keep"), grids.PREFIXES)
-  s_grid, t_grid = image_size // student.patch_size, image_size // teacher.patch_size
-  s_tokens, t_tokens = student.tokens_for(image_size), teacher.tokens_for(image_size)
+  s_grid, t_grid = image_size // student.patch_size, t_size // teacher.patch_size
+  s_tokens, t_tokens = student.tokens_for(image_size), teacher.tokens_for(t_size)
+  if t_size % teacher.patch_size:
+    field = "teacher.image_size" if t_size != image_size else "teacher.init"
+    raise ConfigError(
+      field, f"the teacher's patch {teacher.patch_size} does not divide its image size {t_size}"
+    )
   s_shape = (s_grid, student.class_token, student.num_registers)
   if s_shape == (t_grid, teacher.class_token, teacher.num_registers) or t.what == "features":
     return ()
-  if image_size % teacher.patch_size:
-    raise ConfigError(
-      "teacher.init",
-      f"the teacher's patch {teacher.patch_size} does not divide data.image_size {image_size}",
-    )
   if t.what != "attn":
     raise ConfigError(
       "teacher.init",
-      f"teacher sees {t_tokens} tokens per image and the student {s_tokens} at {image_size}px: "
-      f"{t.what!r} is handed over token by token; match model.patch_size/class_token to the teacher",
+      f"teacher sees {t_tokens} tokens per image and the student {s_tokens}: {t.what!r} is handed "
+      "over token by token; match model.patch_size/class_token to the teacher, or set "
+      "teacher.image_size to give it the student's grid",
     )
   if t.loss_impl != "direct":
     raise ConfigError(

@@ -124,9 +124,14 @@ def run_teacher(
   *,
   drop_masks: Array | None = None,
 ) -> Targets:
-  """What a jointly run teacher hands over (`transfer.target_keys` of the teacher layers the selected
+  """What a jointly run teacher hands over, seeing the images at `transfer.teacher_image_size` where it is
+  set (bilinearly resized) (`transfer.target_keys` of the teacher layers the selected
   student layers read, at the student's head count, averaged over images if asked), {key: [S, B, ...]},
   with no gradient; `drop_masks` as in `teacher_outputs`."""
+  size = transfer.teacher_image_size
+  if size and images_BYXC.shape[1:3] != (size, size):
+    shape = (images_BYXC.shape[0], size, size, images_BYXC.shape[3])
+    images_BYXC = jax.image.resize(images_BYXC, shape, "bilinear")  # antialiased when shrinking
   stacked = teacher_outputs(
     teacher,
     teacher_params,

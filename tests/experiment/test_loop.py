@@ -605,18 +605,23 @@ def _random_teacher(path: str, **fields) -> str:
     ),
     # A patch-4 student (7x7 = 49 patches) from a patch-7 teacher (4x4 = 16): maps resampled.
     (dict(), dict(), "Pico/4", ((0, 1), 2, 16)),
+    # The same teacher shown the images at 49 px: a 7x7 grid, the student's (its table resampled).
+    (dict(), dict(teacher_image_size=49), "Pico/4", ((0, 1), 2, 49)),
   ],
 )
 def test_a_teacher_of_another_shape_distils_through_the_loop(
   tmp_path, tiny_config, teacher_fields, transfer, student_variant, expected
 ):
   export = _random_teacher(str(tmp_path / "teacher"), **teacher_fields)
+  size = transfer.pop("teacher_image_size", 0)
   c = tiny_config(steps=4, mode="distill", layers="all", **transfer)
   c.model.variant = student_variant
-  c.teacher.init = export
+  c.teacher.update(dict(init=export, image_size=size, resample_posemb=bool(size)))
   run = runs.setup(c, str(tmp_path / "student"))
   t = run.transfer
-  assert (t.teacher_layers, run.teacher.depth, run.teacher.tokens_for(28) - 1) == expected
+  patches = run.teacher.tokens_for(size or 28) - 1
+  assert (t.teacher_layers, run.teacher.depth, patches) == expected
+  assert not t.token_map if size else True
   results = loop.train_and_evaluate(c, str(tmp_path / "student"))
   lines = metrics.read_jsonl(str(tmp_path / "student" / "metrics.jsonl"))
   distill = [x["train/distill_loss"] for x in lines if "train/distill_loss" in x]

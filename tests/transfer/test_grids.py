@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from at_jax.errors import ConfigError
-from at_jax.transfer import grids, loss, targets
+from at_jax.transfer import grids, loss, spec, targets
 from tests.transfer.conftest import build_model, resolve_distill
 
 
@@ -110,3 +110,22 @@ def test_grid_errors_name_the_field(grid_pair):
   # A student without cls from a teacher with one: the teacher's cls row and column are dropped.
   t = resolve_distill(build_model(class_token=False, pool="gap"), teacher)
   assert t.token_map == (1, 0, 2, 0, 4)
+
+
+def test_teacher_image_size_gives_the_teacher_the_students_grid(grid_pair):
+  """The patch-8 teacher sees the 16 px images at 32 px: a 4x4 grid, the student's. No resampling of
+  maps (q and k stream as for equal shapes); the teacher's targets are its own on the resized images."""
+  student, teacher, sp, tp, images = grid_pair
+  t = spec.resolve({"mode": "distill"}, student, teacher, 16, teacher_image_size=32)
+  assert (t.token_map, t.teacher_image_size, t.target_keys) == ((), 32, ("q", "k"))
+  big = jax.image.resize(images, (2, 32, 32, 3), "bilinear")
+  big_teacher = build_model(patch_size=8)  # its position table sized for 32 px
+  big_tp = big_teacher.init(jax.random.key(2), big, train=False)["params"]
+  handed = targets.run_teacher(big_teacher, big_tp, images, t)
+  _, out = big_teacher.apply({"params": big_tp}, big, train=False, want_qkv=True)
+  np.testing.assert_allclose(handed["q"], out["q"][np.asarray(t.layers)], rtol=1e-6)
+  own = spec.resolve({"mode": "distill"}, student, teacher, 16, teacher_image_size=16)
+  assert own.teacher_image_size == 0 and own.token_map  # the student's size: maps resampled
+  with pytest.raises(ConfigError) as e:
+    spec.resolve({"mode": "distill"}, student, teacher, 16, teacher_image_size=36)  # patch 8 ∤ 36
+  assert e.value.field == "teacher.image_size"
