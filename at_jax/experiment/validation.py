@@ -125,7 +125,11 @@ _RANGES = (
   ),
   ("schedule.epochs", lambda x: x >= 0, ">= 0"),
   ("schedule.warmup_epochs", lambda x: x >= 0, ">= 0"),
-  ("teacher.image_size", lambda x: x >= 0 and int(x) == x, "a whole number >= 0 (0: data.image_size)"),
+  (
+    "teacher.image_size",
+    lambda x: x >= 0 and int(x) == x,
+    "a whole number >= 0 (0: data.image_size)",
+  ),
 )
 _CHOICES = (
   ("model.dtype_mm", ("float32", "bfloat16", "float16")),

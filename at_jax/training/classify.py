@@ -50,6 +50,22 @@ def cross_entropy(logits: Array, labels: Array, label_smoothing: float) -> Array
   return optax.softmax_cross_entropy(logits.astype(jnp.float32), labels).mean()
 
 
+def teacher_drop_masks(
+  rng: Array, drop_masks: Array | None, t: spec.Transfer, teacher_depth: int, rate: float
+) -> Array | None:
+  """The teacher's drop-path masks [L_t, R, B]: the student's own where each student layer reads the
+  teacher layer of its index (the paper's choice); for a teacher of another depth (`transfer.layer_map`),
+  each teacher layer a student layer reads takes that student layer's masks (the first, where several
+  read it), and its other layers are drawn independently at the student's rate over its own depth."""
+  if drop_masks is None or t.teacher_layers == t.layers:
+    return drop_masks
+  own = sample_drop_masks(jax.random.fold_in(rng, 1), drop_masks.shape[2], teacher_depth, rate)
+  first: dict[int, int] = {}
+  for student_layer, teacher_layer in zip(t.layers, t.teacher_layers):
+    first.setdefault(teacher_layer, student_layer)
+  return own.at[np.asarray(list(first))].set(drop_masks[np.asarray(list(first.values()))])
+
+
 def _teacher_targets(
   teacher: ViT | None,
   teacher_params: Any,
@@ -95,7 +111,10 @@ def make_loss_fn(
     drop_masks = None
     if model.drop_path > 0:
       drop_masks = sample_drop_masks(rng_drop, images.shape[0], model.depth, model.drop_path)
-    teacher_targets = _teacher_targets(teacher, teacher_params, batch, t, drop_masks)
+    masks = drop_masks
+    if t.active and teacher is not None:
+      masks = teacher_drop_masks(rng_drop, drop_masks, t, teacher.depth, model.drop_path)
+    teacher_targets = _teacher_targets(teacher, teacher_params, batch, t, masks)
     override = targets.copy_override(teacher_targets, t) if t.mode == "copy" else None
     distilling = t.mode == "distill"
     logits, out = model.apply(

@@ -167,7 +167,7 @@ def _check_feature_width(student: Any, teacher: Any) -> None:
 
 def _check_teacher(student: Any, teacher: Any, t: "Transfer") -> None:
   """ConfigError unless `teacher` can hand `student` what `t` transfers (its tokens: `_token_map`)."""
-  what, layers = t.what, t.layers
+  what = t.what
   if teacher.depth <= max(t.teacher_layers):
     raise ConfigError(
       "transfer.layers",
@@ -181,13 +181,6 @@ def _check_teacher(student: Any, teacher: Any, t: "Transfer") -> None:
       "teacher.init",
       f"transferring {what!r} needs equal widths (teacher "
       f"{teacher.width}, student {student.width}, model.width)",
-    )
-  if student.drop_path > 0 and (teacher.depth != student.depth or t.teacher_layers != layers):
-    raise ConfigError(
-      "model.drop_path",
-      "teacher and student share drop-path masks layer by layer, which needs equal depths and "
-      f"transfer.layer_map 'same' (teacher {teacher.depth} layers, student {student.depth}); set "
-      "model.drop_path=0",
     )
 
 

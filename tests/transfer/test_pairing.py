@@ -230,3 +230,30 @@ def test_copy_from_a_teacher_of_other_shape_uses_the_mixed_maps(shapes):
   p_t = jax.nn.softmax(t_out["attn_logits"][3], -1)  # [B, 4, N, N]
   expected = jnp.einsum("st,btqk->bsqk", t.head_mixing(), p_t)
   np.testing.assert_allclose(jax.nn.softmax(s_out["attn_logits"][1], -1), expected, atol=1e-6)
+
+
+def test_drop_path_masks_are_shared_by_mapped_layers(shapes):
+  """Each teacher layer a student layer reads takes that student layer's masks (the first, where several
+  read it); the teacher's other layers are drawn independently; equal maps hand over the masks as they are."""
+  from at_jax.models import encoder  # pylint: disable=import-outside-toplevel
+  from at_jax.training import classify  # pylint: disable=import-outside-toplevel
+
+  student, teacher, *_ = shapes
+  t = resolve_distill(student, teacher, layer_map="uniform", head_map="group")
+  masks = encoder.sample_drop_masks(jax.random.key(5), 256, student.depth, 0.5)
+  teacher_masks = classify.teacher_drop_masks(jax.random.key(6), masks, t, teacher.depth, 0.5)
+  assert teacher_masks.shape == (teacher.depth, 2, 256)
+  for s_layer, t_layer in zip(t.layers, t.teacher_layers):  # (0, 1), (1, 3), (2, 5), (3, 7)
+    np.testing.assert_array_equal(teacher_masks[t_layer], masks[s_layer])
+  unmapped = np.asarray(teacher_masks[np.array([2, 4, 6])])
+  assert 0.2 < (unmapped == 0).mean() < 0.5  # drawn at the teacher's own rates (0.14, 0.29, 0.43)
+  assert not np.array_equal(unmapped[0], np.asarray(masks[1]))
+  same = resolve_distill(student, build_model(num_heads=4), head_map="group")
+  assert classify.teacher_drop_masks(jax.random.key(6), masks, same, 4, 0.5) is masks
+  # Several student layers reading one teacher layer: the first one's masks.
+  deep = build_model(depth=4)
+  shallow = build_model(depth=2)
+  t = resolve_distill(deep, shallow, layer_map="uniform")  # (0, 0, 1, 1)
+  shared = classify.teacher_drop_masks(jax.random.key(6), masks, t, 2, 0.5)
+  np.testing.assert_array_equal(shared[0], masks[0])
+  np.testing.assert_array_equal(shared[1], masks[2])
