@@ -30,6 +30,8 @@ def base() -> ml_collections.ConfigDict:
   c.task = "classify"
 
   # Fields of at_jax.models.vit.ViT; `variant` ("L/16") sets width/depth/mlp_dim/num_heads/patch_size.
+  # arch="teacher_components": the teacher's components (registers, LayerScale, QK-norm, activation, norm
+  # eps, ...) at this config's own width, depth, heads and patch (model.variant), for a smaller student.
   # arch="teacher": the teacher's architecture (registers, LayerScale, ...), freshly initialised; only
   # num_classes, pool, drop_path, head_init_std, dtype_mm, scan, remat_policy, attention_impl are taken
   # from here. attention_impl: "materialized" | "fused" (jax.nn.dot_product_attention: cuDNN flash

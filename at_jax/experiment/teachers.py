@@ -171,9 +171,16 @@ def _with_feature_head(config: ml_collections.ConfigDict, workdir: str, fields: 
   return fields if teacher_width == student_width else {**fields, "feature_dim": teacher_width}
 
 
+# What makes a ViT's size rather than its kind: `model.arch = "teacher_components"` keeps the student's.
+SHAPE_FIELDS = ("width", "depth", "mlp_dim", "num_heads", "patch_size")
+
+
 def model_config(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """The student's ViT fields; `model.arch = "teacher"` mirrors the teacher's architecture. Feature
-  distillation from a teacher of another width adds the projection head (`ViT.feature_dim`)."""
+  """The student's ViT fields; `model.arch = "teacher"` mirrors the teacher's architecture, and
+  "teacher_components" the teacher's components (registers, LayerScale, QK-norm, stem pre-norm,
+  activation, norm eps, position-table layout: what `vit.mirror` copies) at the student's own size
+  (`SHAPE_FIELDS` from model.variant). Feature distillation from a teacher of another width adds the
+  projection head (`ViT.feature_dim`)."""
   fields = config.model.to_dict()
   fields.pop("init", None)
   arch = fields.pop("arch", "own")
@@ -183,11 +190,15 @@ def model_config(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return _with_feature_head(
       config, workdir, vit.mirror(teacher_model_config(config, workdir), fields)
     )
+  if arch == "teacher_components":
+    size = {k: v for k, v in vit.expand(fields).items() if k in SHAPE_FIELDS}
+    mirrored = vit.mirror(teacher_model_config(config, workdir), fields)
+    return _with_feature_head(config, workdir, {**mirrored, **size})
   raise ConfigError(
     "model.arch",
-    f"{arch!r}: use 'own' (the fields of config.model) or 'teacher' (the "
-    "teacher's architecture, freshly initialised, with this config's recipe fields "
-    f"{list(vit.RECIPE_FIELDS)})",
+    f"{arch!r}: use 'own' (the fields of config.model), 'teacher' (the teacher's architecture, "
+    f"freshly initialised, with this config's recipe fields {list(vit.RECIPE_FIELDS)}) or "
+    "'teacher_components' (the teacher's components at the student's size, model.variant)",
   )
 
 

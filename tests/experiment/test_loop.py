@@ -627,3 +627,24 @@ def test_a_teacher_of_another_shape_distils_through_the_loop(
   distill = [x["train/distill_loss"] for x in lines if "train/distill_loss" in x]
   assert distill and all(np.isfinite(distill)) and all(d > 0 for d in distill)
   assert 0 <= results["top1"] <= 100
+
+
+def test_a_student_takes_the_teachers_components_at_its_own_size(tmp_path, tiny_config):
+  """model.arch=teacher_components: a register token, LayerScale and QK-norm from a deeper 4-head
+  teacher, the student's own width, depth, heads and patch (Pico/7)."""
+  export = _random_teacher(
+    str(tmp_path / "teacher"),
+    depth=4,
+    num_heads=4,
+    num_registers=1,
+    layerscale_init=0.1,
+    qk_norm=True,
+  )
+  c = tiny_config(mode="distill", layers="all", layer_map="uniform", head_map="group")
+  c.teacher.init = export
+  c.model.arch = "teacher_components"
+  run = runs.setup(c, str(tmp_path / "student"))
+  m = run.model
+  assert (m.width, m.depth, m.num_heads, m.patch_size) == (32, 2, 2, 7)
+  assert (m.num_registers, m.layerscale_init, m.qk_norm) == (1, 0.1, True)
+  assert run.transfer.token_map == ()  # the same tokens: cls, one register, 16 patches
