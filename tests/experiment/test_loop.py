@@ -310,12 +310,15 @@ def test_missing_teacher_file_names_path(teacher_export, tiny_config):
   assert "/nonexistent/teacher" in str(err) and "teacher.init" in str(err)
 
 
-def test_teacher_with_other_patch_size_is_rejected(tmp_path, teacher_export, tiny_config):
-  model_config, params = checkpoint.load_params(teacher_export)
-  c = tiny_config(mode="distill")
+def test_teacher_with_other_patch_size_hands_over_maps_only(tmp_path, teacher_export, tiny_config):
+  """Its maps are resampled onto the student's grid (tests/transfer/test_grids.py); q, k and v, which
+  go token by token, are refused naming the teacher."""
+  c = tiny_config(mode="distill", what="q")
   c.teacher.init = teacher_export
   c.model.variant = "Pico/4"
   assert _setup_error(c).field == "teacher.init"
+  c.transfer.what = "attn"
+  assert runs.setup(c, str(tmp_path / "maps")).transfer.token_map == (1, 0, 4, 1, 7)
 
 
 def _validate_error(c, workdir):
