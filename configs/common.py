@@ -66,7 +66,7 @@ def base() -> ml_collections.ConfigDict:
   # them ("": <workdir>/teacher_targets).
   # layer_map / head_map: which teacher layer and heads each student layer and head reads, for a teacher
   # of another depth or head count (at_jax.transfer.pairing): layer_map "same" | "uniform" | "last" |
-  # pairs "s:t,s:t"; head_map "same" | "first" | "group" | "mean" | "merge".
+  # pairs "s:t,s:t"; head_map "same" | "first" | "group" | "mean" | "merge" | "learned".
   c.transfer = dict(
     mode="none",
     what="attn",

@@ -2,6 +2,7 @@
 
 import functools
 import os
+import types
 from typing import Any
 
 import jax
@@ -14,7 +15,7 @@ from at_jax.convert import posemb, selection
 from at_jax.errors import ConfigError
 from at_jax.experiment.paths import EXPORT_DIR, TEACHER_DIR
 from at_jax.models import vit
-from at_jax.transfer import spec
+from at_jax.transfer import pairing, spec
 
 
 def teacher_path(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -164,6 +165,8 @@ def _with_feature_head(config: ml_collections.ConfigDict, workdir: str, fields: 
       f"{fields['feature_dim']}: the feature projection serves transfer.what='features' in distill "
       "mode only; set model.feature_dim=0",
     )
+  if config.transfer.get("head_map", "same") == "learned":
+    fields = {**fields, "head_mix": _head_mix_shape(config, workdir, fields)}
   if not _distils_features(config) or fields.get("feature_dim", 0):
     return fields
   teacher_width = vit.build(teacher_model_config(config, workdir)).width
@@ -173,6 +176,17 @@ def _with_feature_head(config: ml_collections.ConfigDict, workdir: str, fields: 
 
 # What makes a ViT's size rather than its kind: `model.arch = "teacher_components"` keeps the student's.
 SHAPE_FIELDS = ("width", "depth", "mlp_dim", "num_heads", "patch_size")
+
+
+def _head_mix_shape(
+  config: ml_collections.ConfigDict, workdir: str, fields: dict
+) -> tuple[int, ...]:
+  """(distilled layers, student heads, teacher heads) of the student's learned head mix (`ViT.head_mix`)."""
+  student = vit.expand(fields)
+  depth = types.SimpleNamespace(depth=student["depth"])
+  layers, _ = pairing.resolve_layer_map(config.transfer.to_dict(), depth, None)
+  teacher_heads = vit.expand(teacher_model_config(config, workdir))["num_heads"]
+  return (len(layers), student["num_heads"], teacher_heads)
 
 
 def model_config(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -71,6 +71,8 @@ def layer_attention_ce(
   """
   if "logits" in target:
     ce_BHN = attn_ce.ce_from_logits(target["logits"], logits_BHNN, student_lse_BHN=lse_BHN)
+  elif "probs" in target:  # a learned mix of the teacher's maps: differentiable in the mix
+    ce_BHN = attn_ce.ce_from_probs(target["probs"], logits_BHNN, student_lse=lse_BHN)
   elif impl == "direct":
     scale = target["q"].shape[-1] ** -0.5
     teacher_logits_BHNN = attn_ce.qk_logits(target["q"], target["k"], scale)

@@ -104,6 +104,9 @@ class ViT(nn.Module):
     feature_dim: > 0 adds a trained linear map of each block's output to this width, `feature_proj`
       (out["projected_features"]), so features can be distilled from a teacher of another width. It is
       a training head: exports drop it (`export_view`), as MAE's exports drop its decoder.
+    head_mix: (S, H_s, H_t) for transfer.head_map "learned": the logits `head_mix` of each distilled
+      layer's softmax mix of teacher heads per student head, trained with the student, read by the loss
+      (not the forward pass) and dropped from exports, as `feature_proj` is.
   """
 
   num_classes: int
@@ -131,6 +134,7 @@ class ViT(nn.Module):
   posemb: str = "learned"
   weight_init: str = "timm"
   feature_dim: int = 0
+  head_mix: tuple[int, ...] = ()
 
   @property
   def num_prefix(self) -> int:
@@ -252,6 +256,8 @@ class ViT(nn.Module):
       out["projected_features"] = FeatureProjection(
         self.feature_dim, self.dtype_mm, name="feature_proj"
       )(out["features"])
+    if self.head_mix:  # zeros: each head starts at the mean of the teacher's maps
+      self.param("head_mix", nn.initializers.zeros, tuple(self.head_mix))
     pre_BD = self._pool(x_BND)
     out["pre_logits"] = pre_BD
     if self.num_classes == 0:
@@ -288,19 +294,12 @@ class FeatureProjection(nn.Module):
 # (`model.arch = "teacher"`) keeps its own values of these and takes everything else from the teacher.
 # posemb and weight_init are how the weights start and whether the table trains: a student mirroring a
 # sin-cos MAE teacher still learns its own table (the paper's student); the teacher keeps its own.
+# fmt: off
 RECIPE_FIELDS = (
-  "num_classes",
-  "pool",
-  "drop_path",
-  "head_init_std",
-  "dtype_mm",
-  "scan",
-  "remat_policy",
-  "attention_impl",
-  "posemb",
-  "weight_init",
-  "feature_dim",
+  "num_classes", "pool", "drop_path", "head_init_std", "dtype_mm", "scan", "remat_policy",
+  "attention_impl", "posemb", "weight_init", "feature_dim", "head_mix",
 )
+# fmt: on
 
 
 def expand(model_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -353,10 +352,11 @@ def model_fields(model: ViT) -> dict[str, Any]:
 
 
 def export_view(model: ViT, params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-  """The fields and params of `model` as exported and evaluated: without the training-only
-  `feature_proj` head (`ViT.feature_dim`), so an export is the same ViT whatever it was distilled from."""
-  fields = {**model_fields(model), "feature_dim": 0}
-  return fields, {k: v for k, v in params.items() if k != "feature_proj"}
+  """The fields and params of `model` as exported and evaluated: without the training-only heads
+  (`feature_proj`, `head_mix`), so an export is the same ViT whatever it was distilled from."""
+  heads = ("feature_proj", "head_mix")
+  fields = {k: v for k, v in model_fields(model).items() if k != "head_mix"}
+  return {**fields, "feature_dim": 0}, {k: v for k, v in params.items() if k not in heads}
 
 
 def truncate(model: ViT, params: Mapping[str, Any], depth: int) -> tuple[ViT, dict[str, Any]]:

@@ -85,6 +85,17 @@ def ce_from_logits(
   return lse - jnp.sum(p_teacher * student, axis=-1)
 
 
+def ce_from_probs(
+  teacher_probs: Array, student_logits: Array, *, student_lse: Array | None = None
+) -> Array:
+  """Per-query CE [..., Nq] of student logits [..., Nq, Nk] against given teacher probabilities, in
+  float32, with a gradient in both: for a target the student trains itself (a learned mix of the
+  teacher's heads, whose maps are stopped before they are mixed)."""
+  student = student_logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(student, axis=-1) if student_lse is None else student_lse
+  return lse - jnp.sum(teacher_probs.astype(jnp.float32) * student, axis=-1)
+
+
 def ce_direct(
   q_teacher_BNHK: Array,
   k_teacher_BNHK: Array,

@@ -115,6 +115,10 @@ def make_loss_fn(
     if t.active and teacher is not None:
       masks = teacher_drop_masks(rng_drop, drop_masks, t, teacher.depth, model.drop_path)
     teacher_targets = _teacher_targets(teacher, teacher_params, batch, t, masks)
+    if (
+      t.head_map == "learned"
+    ):  # the student's own mix of the teacher's heads, trained by this loss
+      teacher_targets = targets.learned_mix(teacher_targets, params["head_mix"])
     override = targets.copy_override(teacher_targets, t) if t.mode == "copy" else None
     distilling = t.mode == "distill"
     logits, out = model.apply(

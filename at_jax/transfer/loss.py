@@ -71,6 +71,9 @@ def distill_loss(
     return transfer.weight * per_S.sum()
   if transfer.what == "attn" and "attn_ce" in student_out:
     per_SH = student_out["attn_ce"][layers]
+  elif transfer.what == "attn" and "attn_probs" in teacher_targets:  # a learned mix of heads
+    student_SBHNN = student_out["attn_logits"][layers]
+    per_SH = attn_ce.ce_from_probs(teacher_targets["attn_probs"], student_SBHNN).mean((1, 3))
   elif transfer.what == "attn":  # [S, B, H, N, N] -> per query [S, B, H, N] -> [S, H]
     per_SBHN = attention_cross_entropy(
       _teacher_logits(teacher_targets), student_out["attn_logits"][layers]

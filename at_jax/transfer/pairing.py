@@ -21,11 +21,13 @@ LAYER_MAPS = ("same", "uniform", "last")
 # group  head h distils the mean map of a contiguous group of teacher heads, groups as equal as the
 #        counts allow (one teacher head each, in order, when the student has more heads);
 # mean   every head distils the mean map over all teacher heads;
+# learned  per distilled layer and student head, a softmax-weighted mix of the teacher's maps, its logits
+#        trained with the student (`ViT.head_mix`, dropped from exports; it starts as "mean");
 # merge  SHD's (arXiv 2502.07436) merging of adjacent teacher heads, A = (A_p + A_q) / 2, round after round
 #        (9 -> 5 -> 3), merging in the last round only as many pairs as reach the student's count.
 # group, mean and merge average probability maps (which stay distributions): they need the teacher's maps, not
 # its q and k, so the streamed losses (`loss_impl`) and q/k/v transfer take same or first only.
-HEAD_MAPS = ("same", "first", "group", "mean", "merge")
+HEAD_MAPS = ("same", "first", "group", "mean", "merge", "learned")
 
 
 def _parse_count(selection: str, field: str, limit: int) -> int:
@@ -196,7 +198,7 @@ def resolve_heads(
     raise ConfigError(
       "transfer.head_map", f"{head_map!r}: {what!r} is handed over head by head; use 'same'"
     )
-  if head_map in ("group", "mean", "merge") and loss_impl != "direct":
+  if head_map in ("group", "mean", "merge", "learned") and loss_impl != "direct":
     raise ConfigError(
       "transfer.loss_impl",
       f"{loss_impl!r} streams the teacher's maps from its q and k, which cannot express the "

@@ -84,7 +84,7 @@ class Transfer:
     inside the student's blocks), else the transferred quantity itself (copy needs the maps; averaging
     over images averages maps)."""
     # Averaged heads and resampled grids are maps, which q and k cannot express.
-    as_maps = self.head_mixing() is not None or bool(self.token_map)
+    as_maps = self.head_mixing() is not None or self.head_map == "learned" or bool(self.token_map)
     streams = self.mode == "distill" and self.what == "attn" and self.average == "none"
     if streams and not as_maps:
       return ("q", "k")
@@ -223,6 +223,11 @@ def resolve(
   _check_loss_impl(loss_impl, mode, what, average)
   loss_block = _check_loss_block(cfg.get("loss_block", 0), loss_impl)
   head_map, heads, teacher_heads = pairing.resolve_heads(cfg, student, teacher, what, loss_impl)
+  if head_map == "learned" and mode != "distill":
+    raise ConfigError(
+      "transfer.head_map",
+      "'learned' mixes are trained by the distillation loss; copy takes the others",
+    )
   for field in ("layer_map", "head_map"):
     if source == "precomputed" and cfg.get(field, "same") != "same":
       raise ConfigError(

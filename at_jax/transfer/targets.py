@@ -49,7 +49,7 @@ def _to_student_heads(targets: Targets, transfer: spec.Transfer) -> Targets:
   """The teacher's targets at the student's head count (`transfer.head_map`, see `pairing.HEAD_MAPS`):
   "first" picks heads of maps or of q and k; "group" and "mean" mix probability maps (rows stay
   distributions) and hand them over as log-probabilities, which are logits of exactly those maps."""
-  if transfer.head_map == "same":
+  if transfer.head_map in ("same", "learned"):  # learned: mixed in the step by the student's param
     return targets
   mix = transfer.head_mixing()
   adapted = dict(targets)
@@ -72,6 +72,16 @@ def _to_student(targets: Targets, transfer: spec.Transfer) -> Targets:
     weights = grids.token_weights(*transfer.token_map)
     adapted = {**adapted, "attn_logits": grids.resample_logits(adapted["attn_logits"], weights)}
   return adapted
+
+
+def learned_mix(targets: Targets, head_mix_SHT: Array) -> Targets:
+  """head_map "learned": each student head's target is softmax(`head_mix_SHT`)-weighted over the
+  teacher's maps of its layer, "attn_logits" [S, B, H_t, N, N] -> "attn_probs" [S, B, H_s, N, N], a
+  target differentiable in the mix (the student's param; the teacher's maps have no gradient)."""
+  mix_SHT = jax.nn.softmax(head_mix_SHT.astype(jnp.float32), -1)
+  probs = jax.nn.softmax(targets["attn_logits"].astype(jnp.float32), -1)
+  rest = {k: v for k, v in targets.items() if k != "attn_logits"}
+  return {**rest, "attn_probs": jnp.einsum("Sst,SBtqk->SBsqk", mix_SHT, probs)}
 
 
 def _average(targets: Targets, transfer: spec.Transfer) -> Targets:
@@ -184,7 +194,9 @@ def attn_target(
   """The student's `attn_target` when distilling maps: its blocks then score themselves layer by layer."""
   if transfer.mode != "distill" or transfer.what != "attn":
     return None
-  if "attn_logits" in targets:
+  if "attn_probs" in targets:  # a learned mix of heads (`learned_mix`)
+    values = {"probs": targets["attn_probs"]}
+  elif "attn_logits" in targets:
     values = {"logits": targets["attn_logits"]}
   else:
     values = {"q": targets["q"], "k": targets["k"]}

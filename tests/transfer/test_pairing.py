@@ -257,3 +257,49 @@ def test_drop_path_masks_are_shared_by_mapped_layers(shapes):
   shared = classify.teacher_drop_masks(jax.random.key(6), masks, t, 2, 0.5)
   np.testing.assert_array_equal(shared[0], masks[0])
   np.testing.assert_array_equal(shared[1], masks[2])
+
+
+def test_a_learned_head_mix_starts_as_the_mean_and_trains(shapes):
+  """head_map "learned": the student's `head_mix` logits (zeros: the mean of the teacher's maps) mix
+  each layer's teacher maps; the loss has a gradient in them; copy and the streamed losses refuse it."""
+  student, teacher, sp, tp, images = shapes
+  t = resolve_distill(student, teacher, layer_map="uniform", head_map="learned")
+  assert t.target_keys == ("attn_logits",) and t.head_mixing() is None
+  mixed = build_model(head_mix=(4, 2, 4))
+  params = mixed.init(jax.random.key(1), images, train=False)["params"]
+  assert params["head_mix"].shape == (4, 2, 4) and not params["head_mix"].any()
+  handed = targets.run_teacher(teacher, tp, images, t)
+  assert handed["attn_logits"].shape[2] == 4  # the teacher's heads: mixed in the step, by the param
+  mean = resolve_distill(student, teacher, layer_map="uniform", head_map="mean")
+  _, s_out = student.apply({"params": sp}, images, train=False)
+
+  def distill(head_mix):
+    return loss.distill_loss(s_out, targets.learned_mix(handed, head_mix), t)
+
+  np.testing.assert_allclose(
+    distill(params["head_mix"]),
+    loss.distill_loss(s_out, targets.run_teacher(teacher, tp, images, mean), mean),
+    rtol=1e-6,
+  )
+  assert float(jnp.abs(jax.grad(distill)(params["head_mix"])).max()) > 0
+
+  def in_block(head_mix):  # the step's path: the student's blocks score themselves
+    mixed_targets = targets.learned_mix(handed, head_mix)
+    target = targets.attn_target(mixed_targets, t)
+    _, out = student.apply({"params": sp}, images, train=False, attn_target=target)
+    return loss.distill_loss(out, mixed_targets, t)
+
+  np.testing.assert_allclose(in_block(params["head_mix"]), distill(params["head_mix"]), rtol=1e-5)
+  grads = jax.grad(in_block)(params["head_mix"] + 0.3)
+  np.testing.assert_allclose(
+    grads, jax.grad(distill)(params["head_mix"] + 0.3), rtol=1e-4, atol=1e-7
+  )
+  for cfg, field in (
+    ({"mode": "copy"}, "transfer.head_map"),
+    ({"loss_impl": "blockwise"}, "transfer.loss_impl"),
+  ):
+    with pytest.raises(ConfigError) as e:
+      resolve_distill(student, teacher, head_map="learned", **cfg)
+    assert e.value.field == field
+  fields, exported = vit.export_view(mixed, params)
+  assert "head_mix" not in exported and "head_mix" not in fields
