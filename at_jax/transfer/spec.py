@@ -223,18 +223,7 @@ def resolve(
   _check_loss_impl(loss_impl, mode, what, average)
   loss_block = _check_loss_block(cfg.get("loss_block", 0), loss_impl)
   head_map, heads, teacher_heads = pairing.resolve_heads(cfg, student, teacher, what, loss_impl)
-  if head_map == "learned" and mode != "distill":
-    raise ConfigError(
-      "transfer.head_map",
-      "'learned' mixes are trained by the distillation loss; copy takes the others",
-    )
-  for field in ("layer_map", "head_map"):
-    if source == "precomputed" and cfg.get(field, "same") != "same":
-      raise ConfigError(
-        f"transfer.{field}",
-        f"{cfg[field]!r}: stored targets hold the teacher's layers and heads at the student's own "
-        "(same); a teacher of another shape needs transfer.source 'jointly'",
-      )
+  _check_shape_maps(cfg, mode, source, head_map)
   t = Transfer(
     mode,
     what,
@@ -251,20 +240,47 @@ def resolve(
     head_map,
     teacher_heads,
   )
-  if teacher is not None:
-    _check_teacher(student, teacher, t)
-    t_size = teacher_image_size or image_size
-    if t_size != image_size and source == "precomputed":
-      raise ConfigError("teacher.image_size", "stored targets were computed at data.image_size")
-    token_map = _token_map(cfg, student, teacher, t, image_size, t_size)
-    if token_map and source == "precomputed":
-      raise ConfigError(
-        "transfer.source", "stored targets hold the student's tokens; use 'jointly'"
-      )
-    t = dataclasses.replace(
-      t, token_map=token_map, teacher_image_size=t_size if t_size != image_size else 0
+  return (
+    t
+    if teacher is None
+    else _against_teacher(cfg, t, student, teacher, image_size, teacher_image_size)
+  )
+
+
+def _check_shape_maps(cfg: Mapping[str, Any], mode: str, source: str, head_map: str) -> None:
+  """What the layer and head maps need: a learned mix needs distillation, stored targets need none."""
+  if head_map == "learned" and mode != "distill":
+    raise ConfigError(
+      "transfer.head_map",
+      "'learned' mixes are trained by the distillation loss; copy takes the others",
     )
-  return t
+  for field in ("layer_map", "head_map"):
+    if source == "precomputed" and cfg.get(field, "same") != "same":
+      raise ConfigError(
+        f"transfer.{field}",
+        f"{cfg[field]!r}: stored targets hold the teacher's layers and heads at the student's own "
+        "(same); a teacher of another shape needs transfer.source 'jointly'",
+      )
+
+
+def _against_teacher(
+  cfg: Mapping[str, Any],
+  t: Transfer,
+  student: Any,
+  teacher: Any,
+  image_size: int,
+  teacher_size: int,
+) -> Transfer:
+  """`t` checked against the teacher, with its tokens (`_token_map`) and the size it sees images at."""
+  _check_teacher(student, teacher, t)
+  t_size = teacher_size or image_size
+  if t_size != image_size and t.source == "precomputed":
+    raise ConfigError("teacher.image_size", "stored targets were computed at data.image_size")
+  token_map = _token_map(cfg, student, teacher, t, image_size, t_size)
+  if token_map and t.source == "precomputed":
+    raise ConfigError("transfer.source", "stored targets hold the student's tokens; use 'jointly'")
+  teacher_image_size = t_size if t_size != image_size else 0
+  return dataclasses.replace(t, token_map=token_map, teacher_image_size=teacher_image_size)
 
 
 def _token_map(
