@@ -43,9 +43,8 @@ PREEMPTED_EXIT_CODE = 143
 BARRIER_TIMEOUT_MS = 30 * 60 * 1000
 
 
-_before_exit: list[
-  Callable[[], None]
-] = []  # what an early exit does first (release a workdir's lock)
+# What an early exit does first (release a workdir's lock).
+_before_exit: list[Callable[[], None]] = []
 
 
 def before_exit(fn: Callable[[], None]) -> None:
@@ -100,17 +99,18 @@ EARLY_STOP_KEY = "at_jax/early_stop"
 PEER_POLL_S = 1.0
 
 
-def _client() -> Any:
-  from jax._src import distributed  # pylint: disable=import-outside-toplevel  # no public KV API
+def coordination_client() -> tuple[Any, int]:
+  """(jax's coordination-service client, this process's index); the client is None outside a
+  multi-process job. jax has no public key-value API; this is the one place that reaches for it."""
+  from jax._src import distributed  # pylint: disable=import-outside-toplevel
 
   return distributed.global_state.client, distributed.global_state.process_id
 
 
 def _announce_early_stop(name: str) -> None:
-  client, process = _client()
-  if (
-    client is not None
-  ):  # a multi-process job; a second announcement finds the key set, and is moot
+  client, process = coordination_client()
+  # A multi-process job; a second announcement finds the key set, and is moot.
+  if client is not None:
     with contextlib.suppress(Exception):
       client.key_value_set(EARLY_STOP_KEY, f"process {process} ({socket.gethostname()}) got {name}")
 
@@ -121,7 +121,7 @@ def watch_peers() -> None:
   otherwise this one would wait at its next collective until a timeout. A thread polls the coordination
   service with a call that returns at once (never a blocking get, whose wait would hold the GIL), and
   is stopped before jax's own exit handler shuts the service down."""
-  client, process = _client()
+  client, process = coordination_client()
   if client is None:
     return
   halt = threading.Event()
@@ -205,9 +205,7 @@ class Training:
     Costs two small RPCs to the coordinator per step; the hosts move in step, the devices stay queued."""
     if jax.process_count() == 1:
       return self._requested.is_set()
-    from jax._src import distributed  # pylint: disable=import-outside-toplevel  # no public KV API
-
-    client = distributed.global_state.client
+    client, _ = coordination_client()
     if self._requested.is_set() and not self._reported:
       client.key_value_set(f"{self._name}/sigterm/{jax.process_index()}", str(step))
       self._reported = True

@@ -112,6 +112,7 @@ class WorkdirLock:
     self.me = Holder(_HOST, os.getpid(), now, now, uuid.uuid4().hex, " ".join(sys.argv)[:300])
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
+    self._markers: list[str] = []  # takeover markers this launch made: kept until it releases
 
   def acquire(self) -> None:
     deadline = time.time() + self.stale_s + self.heartbeat_s
@@ -151,6 +152,8 @@ class WorkdirLock:
     holder = self._read()
     if holder is not None and holder.token == self.me.token:
       storage.remove(self.path)
+    for marker in self._markers:
+      storage.remove(marker)
 
   def _create(self, path: str, holder: Holder) -> bool:
     try:
@@ -175,12 +178,16 @@ class WorkdirLock:
     return gone or now - holder.heartbeat > self.stale_s
 
   def _take_over(self, stale: Holder, now: float) -> None:
-    """Removes a stale lock, once: the launch that creates the stale lock's takeover marker does it."""
+    """Removes a stale lock, once: the launch that creates the stale lock's takeover marker does it.
+    The marker stays while that launch holds the workdir, so a slower launch that read the same stale
+    lock cannot make it again and remove the new lock; the lock is re-read before it is removed."""
     marker = f"{self.path}.{stale.token}.takeover"
     if self._create(marker, self.me):
-      print(f"Taking over the stale lock of {self.workdir} ({stale.describe(now)})", flush=True)
-      storage.remove(self.path)
-      storage.remove(marker)
+      self._markers.append(marker)
+      current = self._read()
+      if current is not None and current.token == stale.token:
+        print(f"Taking over the stale lock of {self.workdir} ({stale.describe(now)})", flush=True)
+        storage.remove(self.path)
     else:
       time.sleep(0.2)  # another launch is taking it over: the next look sees its lock
 
@@ -228,14 +235,13 @@ def claimed(workdir: str) -> Iterator[None]:
   finally:
     _held.discard(path)
     if lock is not None:
+      preemption.cancel_before_exit(lock.release)
       lock.release()
 
 
 def _agree(key: str, error: ConfigError | None) -> ConfigError | None:
   """Process 0's outcome for every process, through the coordination service's key-value store."""
-  from jax._src import distributed  # pylint: disable=import-outside-toplevel  # no public KV API
-
-  client = distributed.global_state.client
+  client, _ = preemption.coordination_client()
   if jax.process_index() == 0:
     client.key_value_set(key, json.dumps(None if error is None else [error.field, error.message]))
     return error
