@@ -27,6 +27,7 @@ import numpy as np
 from scipy import optimize  # a dependency of jax itself, so always installed
 
 from at_jax import metrics, storage
+from at_jax.ops import attn_ce
 
 Array = jax.Array
 
@@ -48,7 +49,7 @@ def log_probs(maps: Array, kind: str = "logits") -> Array:
   if kind == "probs":
     p = jnp.clip(maps, 0.0, None)
     p = p / jnp.maximum(p.sum(-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
-    return jnp.log(jnp.maximum(p, jnp.finfo(jnp.float32).tiny))
+    return attn_ce.logits_of(p)
   raise ValueError(f"kind must be 'logits' or 'probs', not {kind!r}")
 
 

@@ -81,19 +81,24 @@ def ce_from_logits(
     teacher = jnp.where(valid_BHNN, teacher, tiles.MASKED)
     student = jnp.where(valid_BHNN, student, tiles.MASKED)
   p_teacher = jax.nn.softmax(teacher, axis=-1)  # exactly 0 on masked keys: they drop out of the sum
-  lse = jax.nn.logsumexp(student, axis=-1) if student_lse_BHN is None else student_lse_BHN
-  return lse - jnp.sum(p_teacher * student, axis=-1)
+  return ce_from_probs(p_teacher, student, student_lse=student_lse_BHN)
 
 
 def ce_from_probs(
   teacher_probs: Array, student_logits: Array, *, student_lse: Array | None = None
 ) -> Array:
   """Per-query CE [..., Nq] of student logits [..., Nq, Nk] against given teacher probabilities, in
-  float32, with a gradient in both: for a target the student trains itself (a learned mix of the
-  teacher's heads, whose maps are stopped before they are mixed)."""
+  float32, with a gradient in both: `ce_from_logits` stops the teacher's before it comes here; a target
+  the student trains itself (a learned mix of the teacher's heads) keeps its own."""
   student = student_logits.astype(jnp.float32)
   lse = jax.nn.logsumexp(student, axis=-1) if student_lse is None else student_lse
   return lse - jnp.sum(teacher_probs.astype(jnp.float32) * student, axis=-1)
+
+
+def logits_of(probs: Array) -> Array:
+  """Logits of exactly the maps `probs` (their log), with zeros at log(float32 tiny) rather than -inf,
+  so that no -inf * 0 reaches a cross-entropy or divergence."""
+  return jnp.log(jnp.maximum(probs, jnp.finfo(jnp.float32).tiny))
 
 
 def ce_direct(

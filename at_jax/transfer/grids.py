@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from at_jax.ops import attn_ce
+
 Array = jax.Array
 PREFIXES = ("keep", "drop")
 
@@ -82,4 +84,4 @@ def resample_logits(logits: Array, weights: tuple[np.ndarray, np.ndarray]) -> Ar
   probs = jax.nn.softmax(logits.astype(jnp.float32), -1)
   resampled = jnp.einsum("sq,...qk,tk->...st", q, probs, k)
   resampled = resampled / resampled.sum(-1, keepdims=True)
-  return jnp.log(jnp.maximum(resampled, jnp.finfo(jnp.float32).tiny))
+  return attn_ce.logits_of(resampled)

@@ -19,6 +19,7 @@ import numpy as np
 
 from at_jax.errors import ConfigError
 from at_jax.models import attention, vit
+from at_jax.ops import attn_ce
 from at_jax.transfer import grids, spec
 
 Array = jax.Array
@@ -57,7 +58,7 @@ def _to_student_heads(targets: Targets, transfer: spec.Transfer) -> Targets:
     if key == "attn_logits" and mix is not None:  # [S, B, H_t, N, N] -> [S, B, H_s, N, N]
       probs = jax.nn.softmax(value.astype(jnp.float32), -1)
       mixed = jnp.einsum("st,SBtqk->SBsqk", jnp.asarray(mix), probs)
-      adapted[key] = jnp.log(jnp.maximum(mixed, jnp.finfo(jnp.float32).tiny))
+      adapted[key] = attn_ce.logits_of(mixed)
     elif key == "attn_logits":
       adapted[key] = _first_heads(value, 2, transfer.num_heads)
     elif key in ("q", "k"):  # [S, B, N, H, K]
@@ -134,10 +135,10 @@ def run_teacher(
   *,
   drop_masks: Array | None = None,
 ) -> Targets:
-  """What a jointly run teacher hands over, seeing the images at `transfer.teacher_image_size` where it is
-  set (bilinearly resized) (`transfer.target_keys` of the teacher layers the selected
-  student layers read, at the student's head count, averaged over images if asked), {key: [S, B, ...]},
-  with no gradient; `drop_masks` as in `teacher_outputs`."""
+  """What a jointly run teacher hands over: `transfer.target_keys` of the teacher layers the selected
+  student layers read, at the student's head count and tokens, averaged over images if asked,
+  {key: [S, B, ...]}, with no gradient. The teacher sees the images at `transfer.teacher_image_size`
+  where that is set (bilinearly resized); `drop_masks` as in `teacher_outputs`."""
   size = transfer.teacher_image_size
   if size and images_BYXC.shape[1:3] != (size, size):
     shape = (images_BYXC.shape[0], size, size, images_BYXC.shape[3])
