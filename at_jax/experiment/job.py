@@ -1,8 +1,10 @@
 """The whole job a config describes: its teacher first when the config says how to train one, then the
 student, the results table and the attention figure."""
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 
 import jax
 import ml_collections
@@ -30,14 +32,21 @@ def ensure_teacher(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   results_file = os.path.join(teacher_dir, "results.json")
   if _will_train_teacher(config, workdir):
     metrics.say(f"== No teacher in {teacher_dir}: training one ==")
-    try:
+    with _named_as_teacher():
       evals = train_and_evaluate(config.teacher.pretrain, teacher_dir)
-    except ConfigError as e:
-      raise e.under("teacher.pretrain") from None
     if jax.process_index() == 0:
       storage.write_atomic(results_file, json.dumps(evals))
   with storage.open_file(results_file) as f:
     return json.load(f)
+
+
+@contextlib.contextmanager
+def _named_as_teacher() -> Iterator[None]:
+  """Errors about the teacher's own run config named in full (teacher.pretrain.<field>)."""
+  try:
+    yield
+  except ConfigError as e:
+    raise e.under("teacher.pretrain") from None
 
 
 def _say_teacher_data(config: ml_collections.ConfigDict) -> None:
@@ -90,10 +99,8 @@ def _run_with_teacher(
   # first: both are checked up front.
   teacher_dir = os.path.join(workdir, TEACHER_DIR)
   if _will_train_teacher(config, workdir):
-    try:
+    with _named_as_teacher():
       validate(config.teacher.pretrain, teacher_dir)
-    except ConfigError as e:
-      raise e.under("teacher.pretrain") from None
   validate(config, workdir)
   if _pretrains_teacher(config):
     # An existing teacher of another recipe would be reused without a word.

@@ -2,7 +2,6 @@
 
 import functools
 import os
-import types
 from typing import Any
 
 import jax
@@ -182,11 +181,10 @@ def _head_mix_shape(
   config: ml_collections.ConfigDict, workdir: str, fields: dict
 ) -> tuple[int, ...]:
   """(distilled layers, student heads, teacher heads) of the student's learned head mix (`ViT.head_mix`)."""
-  student = vit.expand(fields)
-  depth = types.SimpleNamespace(depth=student["depth"])
-  layers, _ = pairing.resolve_layer_map(config.transfer.to_dict(), depth, None)
+  student = vit.build(fields)  # a module's description: nothing is initialised
+  layers, _ = pairing.resolve_layer_map(config.transfer.to_dict(), student, None)
   teacher_heads = vit.expand(teacher_model_config(config, workdir))["num_heads"]
-  return (len(layers), student["num_heads"], teacher_heads)
+  return (len(layers), student.num_heads, teacher_heads)
 
 
 def model_config(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -107,9 +107,8 @@ def _check_finite(fields: dict, prefix: str = "") -> None:
   with it is False) and an infinity breaks the step count or the loss only after compiling."""
   for name, value in fields.items():
     field = f"{prefix}{name}"
-    if (
-      isinstance(value, dict) and field != "teacher.pretrain"
-    ):  # the teacher's run: checked as its own
+    # The teacher's run (teacher.pretrain) is checked as its own config.
+    if isinstance(value, dict) and field != "teacher.pretrain":
       _check_finite(value, f"{field}.")
     elif isinstance(value, float) and not math.isfinite(value):
       raise ConfigError(field, f"must be a finite number, got {value}")

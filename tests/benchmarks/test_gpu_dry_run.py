@@ -31,12 +31,10 @@ def dry_run(tmp_path_factory) -> dict:
     timeout=900,
   )
   assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-3000:]
-  sys.path.insert(0, BENCHMARKS)  # the scripts import each other by bare name
-  try:
+  with pytest.MonkeyPatch.context() as m:  # as the other benchmark tests: scripts, not a package
+    m.syspath_prepend(BENCHMARKS)  # they import each other by bare name
     import gpu_plan  # pylint: disable=import-outside-toplevel
     import gpu_report  # pylint: disable=import-outside-toplevel
-  finally:
-    sys.path.remove(BENCHMARKS)
   commands = list(gpu_plan.COMMANDS)
   files = set(os.listdir(out))
   for n in commands:
