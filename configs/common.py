@@ -74,7 +74,9 @@ def base() -> ml_collections.ConfigDict:
     heads="all",
     layer_map="same",
     head_map="same",
-    prefix="keep",  # a teacher of another token grid: its cls row/column kept, registers dropped
+    # keep: a teacher of another token grid has its cls row/column kept, registers dropped; drop: the
+    # loss is over patch rows and patch keys only, both maps renormalised there (HASTE), any grid.
+    prefix="keep",
     weight=3.0,
     source="jointly",
     average="none",

@@ -47,9 +47,13 @@ def estimate(
   if accum_steps > 1:
     # The grads have the params' shapes, dtypes and layout.
     bytes_of["grad_accum"] = sharding.bytes_per_device(abstract.params, shardings.params)
+  examples = max(1, config.data.batch_size // accum_steps // mesh.size)
+  tokens = model.tokens_for(config.data.image_size)
+  if spec.teacher_map_bytes(tokens):  # a teacher of another head count or grid: its own maps
+    bytes_of["teacher_maps"] = examples * spec.teacher_map_bytes(tokens)
   bytes_of["activations"] = sharding.activation_bytes(
-    examples=max(1, config.data.batch_size // accum_steps // mesh.size),
-    tokens=model.tokens_for(config.data.image_size),
+    examples=examples,
+    tokens=tokens,
     width=model.width,
     mlp_dim=model.mlp_dim,
     heads=model.num_heads,

@@ -38,56 +38,67 @@ ATTENTION_IMPLS = ("materialized", "fused")
 
 
 @dataclasses.dataclass(frozen=True)
+class LossForm:
+  """How a layer scores its attention against its target; static (a module field), hence apart from
+  the target's arrays. `impl` (`attn_ce.IMPLS`): "direct" materialises one layer's maps;
+  "blockwise"/"pallas" stream over blocks of queries and keys from q and k and never hold an N x N map
+  (they need "q"/"k" values). `block`: their query and key tile size (`transfer.loss_block`; 0 =
+  `attn_ce_tiles.auto_block`). `skip`: the student's leading tokens (cls, registers) whose rows and
+  columns the loss leaves out (`transfer.prefix` "drop"); its maps are renormalised over the rest."""
+
+  impl: str = "direct"
+  block: int = 0
+  skip: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class AttnTarget:
   """The teacher's attention for the distillation loss, computed layer by layer inside the encoder.
 
-  `values` are stacked over the selected `layers` only: either "logits" [S, B, H, N, N] (stored maps) or
-  "q" and "k" [S, B, N, H, K_teacher], from which each block forms its layer's teacher logits
-  (scale K_teacher**-0.5) when it needs them. `impl` picks how the per-query cross-entropy is computed
-  (`attn_ce.IMPLS`): "direct" materialises one layer's maps; "blockwise"/"pallas" stream over blocks of
-  queries and keys from q and k and never hold an N x N map (they need "q"/"k" values). `block`: their
-  query and key tile size (`transfer.loss_block`; 0 = `attn_ce_tiles.auto_block`).
+  `values` are stacked over the selected `layers` only: "logits" [S, B, H, N, N] (maps), "probs" (a
+  learned mix of maps) or "q" and "k" [S, B, N, H, K_teacher], from which each block forms its layer's
+  teacher logits (scale K_teacher**-0.5) when it needs them. `form`: how the loss is computed.
   """
 
   layers: tuple[int, ...]
   values: Mapping[str, Array]
-  impl: str = "direct"
-  block: int = 0
+  form: LossForm = LossForm()
 
 
 def layer_attention_ce(
   target: Mapping[str, Array],
-  impl: str,
+  form: LossForm,
   q_BNHK: Array,
   k_BNHK: Array,
   logits_BHNN: Array,
   lse_BHN: Array | None,
-  block: int = 0,
 ) -> Array:
   """Per-head cross-entropy [H] of one layer's attention against the teacher's, mean over batch and queries.
 
   `target`: this layer's slice of `AttnTarget.values`. `lse_BHN`: logsumexp of the student's logits over
-  keys, when the layer's softmax already has it. `block`: the streamed impls' tile size (`AttnTarget`).
+  keys, when the layer's softmax already has it.
   """
+  if form.skip:  # the target covers the tokens after the student's prefix; renormalised over them
+    logits_BHNN, lse_BHN = logits_BHNN[:, :, form.skip :, form.skip :], None
   if "logits" in target:
     ce_BHN = attn_ce.ce_from_logits(target["logits"], logits_BHNN, student_lse_BHN=lse_BHN)
   elif "probs" in target:  # a learned mix of the teacher's maps: differentiable in the mix
     ce_BHN = attn_ce.ce_from_probs(target["probs"], logits_BHNN, student_lse=lse_BHN)
-  elif impl == "direct":
+  elif form.impl == "direct":
     scale = target["q"].shape[-1] ** -0.5
     teacher_logits_BHNN = attn_ce.qk_logits(target["q"], target["k"], scale)
     ce_BHN = attn_ce.ce_from_logits(teacher_logits_BHNN, logits_BHNN, student_lse_BHN=lse_BHN)
   else:
     ce_BHN = attn_ce.attention_ce(
-      impl,
+      form.impl,
       target["q"],
       target["k"],
       q_BNHK,
       k_BNHK,
       scale_teacher=target["q"].shape[-1] ** -0.5,
       scale_student=q_BNHK.shape[-1] ** -0.5,
-      block_q=block,
-      block_k=block,
+      block_q=form.block,
+      block_k=form.block,
     )
   return ce_BHN.mean(axis=(0, 2))
 
@@ -140,9 +151,8 @@ class Attention(nn.Module):
   """
 
   arch: "BlockArch"
-  loss_impl: str = "direct"
   copied: bool = False
-  loss_block: int = 0  # AttnTarget.block
+  loss: LossForm = LossForm()
 
   def _project(self, x_BND: Array, own_qk: bool) -> dict[str, Array]:
     """{"q", "k", "v"} [B, N, H, K] (only "v" without `own_qk`), QK-normed if the arch says so."""
@@ -195,7 +205,7 @@ class Attention(nn.Module):
       qkv = _override_qkv(qkv, override)
     maps_override = override is not None and ("logits" in override or "probs" in override)
     needs_maps = maps_override or (
-      target is not None and ("logits" in target or self.loss_impl == "direct")
+      target is not None and ("logits" in target or self.loss.impl == "direct")
     )
     logits_BHNN = self._logits(qkv, override, own_qk)
     lse_BHN = None
@@ -216,7 +226,7 @@ class Attention(nn.Module):
     out = {"attn_logits": logits_BHNN}
     if target is not None:
       out["attn_ce"] = layer_attention_ce(
-        target, self.loss_impl, qkv["q"], qkv["k"], logits_BHNN, lse_BHN, self.loss_block
+        target, self.loss, qkv["q"], qkv["k"], logits_BHNN, lse_BHN
       )
     if want_qkv:
       out.update({k: x.astype(jnp.float32) for k, x in qkv.items()})

@@ -80,9 +80,8 @@ class Block(nn.Module):
 
   arch: BlockArch
   want_qkv: bool = False
-  loss_impl: str = "direct"
   copied: bool = False
-  loss_block: int = 0  # AttnTarget.block
+  loss: attention.LossForm = attention.LossForm()
 
   @nn.compact
   def __call__(
@@ -105,7 +104,7 @@ class Block(nn.Module):
 
     y_BND = nn.LayerNorm(epsilon=a.norm_eps, name="LayerNorm_0")(x_BND)
     y_BND, out = attention.Attention(
-      a, self.loss_impl, self.copied, self.loss_block, name="MultiHeadDotProductAttention_0"
+      a, self.copied, self.loss, name="MultiHeadDotProductAttention_0"
     )(y_BND, override, self.want_qkv, target)
     x_BND = x_BND + residual(y_BND, 0)
     y_BND = nn.LayerNorm(epsilon=a.norm_eps, name="LayerNorm_1")(x_BND)
@@ -144,7 +143,7 @@ class Encoder(nn.Module):
     block = Block
     if self.remat_policy != "none":
       block = nn.remat(Block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan)
-    impl, loss_block = ("direct", 0) if target is None else (target.impl, target.block)
+    form = attention.LossForm() if target is None else target.form
     copied_L = _copied_layers(override, self.depth)
     if self.scan:
       # Scanned blocks need every layer's inputs alike: unselected layers get zero targets (a uniform
@@ -165,7 +164,7 @@ class Encoder(nn.Module):
         length=self.depth,
       )
       scanned_block = scanned(
-        self.arch, self.want_qkv, impl, bool(copied_L.all()), loss_block, name="encoderblock"
+        self.arch, self.want_qkv, bool(copied_L.all()), form, name="encoderblock"
       )
       return scanned_block(x_BND, (override, drop_LRB, full))
     outs = []
@@ -175,7 +174,7 @@ class Encoder(nn.Module):
       if target is not None and i in target.layers:
         target_i = {k: v[target.layers.index(i)] for k, v in target.values.items()}
       x_BND, out = block(
-        self.arch, self.want_qkv, impl, bool(copied_L[i]), loss_block, name=f"encoderblock_{i}"
+        self.arch, self.want_qkv, bool(copied_L[i]), form, name=f"encoderblock_{i}"
       )(x_BND, (layer(override), layer(drop_LRB), target_i))
       outs.append(out)
     if target is not None:  # layers without a target report zero loss, so that the outputs stack

@@ -46,8 +46,18 @@ VARIANTS: dict[str, tuple[int, int, int, int]] = {
   "L": (1024, 24, 4096, 16),
   "H": (1280, 32, 5120, 16),
   "Mu": (128, 6, 512, 4),
-  # The study's (docs/study.md): the demo's depth and heads at half the width.
-  "Mini": (64, 6, 256, 4),
+  "Mini": (
+    64,
+    6,
+    256,
+    4,
+  ),  # the study's (docs/study.md): the demo's depth and heads at half the width
+  "MiniDeep": (
+    64,
+    12,
+    256,
+    8,
+  ),  # projects/cross_shape's larger teacher: Mini's width, twice its depth/heads
   "Nano": (64, 4, 256, 2),
   "Pico": (32, 2, 64, 2),
 }
@@ -75,9 +85,9 @@ def _check_inputs(override: attention.Override | None, attn_target: attention.At
       raise ValueError(
         f"override needs 'mask' and keys from {attention.OVERRIDE_KEYS}, got {sorted(override)}"
       )
-  if attn_target is not None and attn_target.impl not in attn_ce.IMPLS:
+  if attn_target is not None and attn_target.form.impl not in attn_ce.IMPLS:
     raise ConfigError(
-      "transfer.loss_impl", f"unknown {attn_target.impl!r}; use one of {attn_ce.IMPLS}"
+      "transfer.loss_impl", f"unknown {attn_target.form.impl!r}; use one of {attn_ce.IMPLS}"
     )
 
 

@@ -69,15 +69,15 @@ def distill_loss(
     student_LBND = student_out.get("projected_features", student_out["features"])
     per_S = feature_loss(student_LBND[layers], teacher_targets["features"])
     return transfer.weight * per_S.sum()
+  skip = transfer.student_prefix  # tokens left out of the loss (transfer.prefix "drop")
   if transfer.what == "attn" and "attn_ce" in student_out:
     per_SH = student_out["attn_ce"][layers]
   elif transfer.what == "attn" and "attn_probs" in teacher_targets:  # a learned mix of heads
-    student_SBHNN = student_out["attn_logits"][layers]
+    student_SBHNN = student_out["attn_logits"][layers][..., skip:, skip:]
     per_SH = attn_ce.ce_from_probs(teacher_targets["attn_probs"], student_SBHNN).mean((1, 3))
   elif transfer.what == "attn":  # [S, B, H, N, N] -> per query [S, B, H, N] -> [S, H]
-    per_SBHN = attention_cross_entropy(
-      _teacher_logits(teacher_targets), student_out["attn_logits"][layers]
-    )
+    student_SBHNN = student_out["attn_logits"][layers][..., skip:, skip:]
+    per_SBHN = attention_cross_entropy(_teacher_logits(teacher_targets), student_SBHNN)
     per_SH = per_SBHN.mean((1, 3))
   else:  # [S, B, N, H, K] -> [S, H]
     student_SBNHK = student_out[transfer.what][layers].astype(jnp.float32)

@@ -55,6 +55,9 @@ class Transfer:
   # (teacher cls, teacher registers, teacher grid, student cls, student grid): maps are resampled.
   token_map: tuple[int, ...] = ()
   teacher_image_size: int = 0  # the size the teacher sees the images at (0: the student's)
+  # transfer.prefix "drop": the student's leading (cls, register) tokens left out of the loss, whose
+  # maps are then its patch rows over its patch keys, renormalised (as the teacher's targets are).
+  student_prefix: int = 0
 
   @property
   def active(self) -> bool:
@@ -100,6 +103,20 @@ class Transfer:
     if self.target_keys == ("attn_logits",):
       return len(self.layers)
     return 1 if self.loss_impl == "direct" else 0
+
+  def teacher_map_bytes(self, student_tokens: int) -> int:
+    """Bytes per example of the teacher's stacked float32 maps at its own head count and tokens, when
+    they differ from the student's (they are then mixed or resampled into `maps_kept`'s and held beside
+    them); 0 where the teacher's maps already have the student's shape or none are handed over."""
+    if self.target_keys != ("attn_logits",):
+      return 0
+    heads = self.teacher_heads or self.num_heads
+    tokens = student_tokens
+    if self.token_map:  # (teacher cls, teacher registers, teacher grid, ...)
+      tokens = self.token_map[0] + self.token_map[1] + self.token_map[2] ** 2
+    if (heads, tokens) == (self.num_heads, student_tokens):
+      return 0
+    return len(self.layers) * 4 * heads * tokens**2
 
   def head_mask(self) -> np.ndarray:
     """[S, H] bool over the selected layers: which heads transfer."""
@@ -254,6 +271,12 @@ def _check_shape_maps(cfg: Mapping[str, Any], mode: str, source: str, head_map: 
       "transfer.head_map",
       "'learned' mixes are trained by the distillation loss; copy takes the others",
     )
+  if cfg.get("prefix", "keep") == "drop" and (mode != "distill" or source == "precomputed"):
+    raise ConfigError(
+      "transfer.prefix",
+      "'drop' leaves the cls row and column out of the distillation loss; it needs transfer.mode "
+      "'distill' with source 'jointly' (copy replaces whole maps; stored targets hold every token)",
+    )
   for field in ("layer_map", "head_map"):
     if source == "precomputed" and cfg.get(field, "same") != "same":
       raise ConfigError(
@@ -280,7 +303,12 @@ def _against_teacher(
   if token_map and t.source == "precomputed":
     raise ConfigError("transfer.source", "stored targets hold the student's tokens; use 'jointly'")
   teacher_image_size = t_size if t_size != image_size else 0
-  return dataclasses.replace(t, token_map=token_map, teacher_image_size=teacher_image_size)
+  dropped = (
+    int(student.class_token) + student.num_registers if token_map and not token_map[3] else 0
+  )
+  return dataclasses.replace(
+    t, token_map=token_map, teacher_image_size=teacher_image_size, student_prefix=dropped
+  )
 
 
 def _token_map(
@@ -297,8 +325,11 @@ def _token_map(
       field, f"the teacher's patch {teacher.patch_size} does not divide its image size {t_size}"
     )
   s_shape = (s_grid, student.class_token, student.num_registers)
-  if s_shape == (t_grid, teacher.class_token, teacher.num_registers) or t.what == "features":
+  same_tokens = s_shape == (t_grid, teacher.class_token, teacher.num_registers)
+  if (same_tokens and prefix == "keep") or t.what == "features":
     return ()
+  if t.what != "attn" and prefix == "drop":
+    raise ConfigError("transfer.prefix", f"'drop' applies to attention maps, not {t.what!r}")
   if t.what != "attn":
     raise ConfigError(
       "teacher.init",
@@ -312,10 +343,8 @@ def _token_map(
       f"{t.loss_impl!r} streams the teacher's maps from its q and k; maps resampled from its "
       f"{t_grid}x{t_grid} grid to the student's {s_grid}x{s_grid} need 'direct'",
     )
-  if prefix == "drop":
-    raise ConfigError(
-      "transfer.prefix", "'drop' (patch tokens only, renormalised) is not built yet; use 'keep'"
-    )
+  if prefix == "drop":  # patch rows over patch keys on both sides (the student's cut in the loss)
+    return (int(teacher.class_token), teacher.num_registers, t_grid, 0, s_grid)
   if student.num_registers:
     raise ConfigError(
       "transfer.prefix",

@@ -201,4 +201,5 @@ def attn_target(
     values = {"logits": targets["attn_logits"]}
   else:
     values = {"q": targets["q"], "k": targets["k"]}
-  return attention.AttnTarget(transfer.layers, values, transfer.loss_impl, transfer.loss_block)
+  form = attention.LossForm(transfer.loss_impl, transfer.loss_block, transfer.student_prefix)
+  return attention.AttnTarget(transfer.layers, values, form)

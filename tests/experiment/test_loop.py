@@ -606,10 +606,11 @@ def _random_teacher(path: str, **fields) -> str:
       "Pico/7",
       ((1, 3), 4, 16),
     ),
-    # The same, each student head's mix of the teacher's heads learned with it (not in the export).
+    # The same, each student head's mix of the teacher's heads learned with it (not in the export),
+    # scored over patch tokens only (transfer.prefix=drop: cls row and column out, renormalised).
     (
       dict(depth=4, num_heads=4),
-      dict(layer_map="uniform", head_map="learned"),
+      dict(layer_map="uniform", head_map="learned", prefix="drop"),
       "Pico/7",
       ((1, 3), 4, 16),
     ),
@@ -631,6 +632,7 @@ def test_a_teacher_of_another_shape_distils_through_the_loop(
   t = run.transfer
   patches = run.teacher.tokens_for(size or 28) - 1
   assert (t.teacher_layers, run.teacher.depth, patches) == expected
+  assert t.student_prefix == (1 if transfer.get("prefix") == "drop" else 0)
   assert not t.token_map if size else True
   results = loop.train_and_evaluate(c, str(tmp_path / "student"))
   exported_config, exported = checkpoint.load_params(str(tmp_path / "student" / paths.EXPORT_DIR))

@@ -127,8 +127,10 @@ def test_fused_attention_matches_materialized(setup, scan):
         "mask": np.array([[False, True], [False, False]]),
       }
     },
-    "direct loss": {"attn_target": attention.AttnTarget((1,), qk, "direct")},
-    "blockwise loss": {"attn_target": attention.AttnTarget((1,), qk, "blockwise")},
+    "direct loss": {"attn_target": attention.AttnTarget((1,), qk)},
+    "blockwise loss": {
+      "attn_target": attention.AttnTarget((1,), qk, attention.LossForm("blockwise"))
+    },
   }
   for name, kwargs in cases.items():
 

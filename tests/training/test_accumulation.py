@@ -211,3 +211,29 @@ def test_memory_estimate_counts_one_micro_batch(tiny_config, tmp_path):
   assert four["activations"] * 4 == one["activations"]  # 8 vs 2 examples per device
   for name in ("params", "optimizer", "ema"):
     assert four[name] == one[name]
+
+
+@pytest.mark.parametrize(
+  "variant,teacher_fields,expected",
+  [
+    ("Pico/7", {}, 0),  # the student's own shape: its maps are counted in the activations
+    ("Pico/7", {"depth": 4, "num_heads": 4}, 2 * 4 * 4 * 17**2),  # 2 mapped layers, 4 heads
+    ("Pico/4", {}, 2 * 4 * 2 * 17**2),  # the patch-7 teacher's 17 tokens, resampled to 50
+  ],
+)
+def test_memory_estimate_counts_a_teacher_of_another_shapes_maps(
+  tiny_config, tmp_path, variant, teacher_fields, expected
+):
+  """Maps mixed or resampled from the teacher's own heads and tokens: those maps come on top."""
+  config = tiny_config(mode="distill", layers="all", layer_map="uniform", head_map="group")
+  config.model.variant = variant
+  student = vit.build(teachers.model_config(config, str(tmp_path)))
+  teacher = vit.build({"variant": "Pico/7", "num_classes": 0, **teacher_fields})
+  spec = transfer_spec.resolve(config.transfer, student, teacher, config.data.image_size)
+  mesh = sharding.make_mesh(4, 2)
+  lr, _ = build.schedule(config, 320)
+  task = build.task(config, student, teacher, spec, lr)
+  tx = build.optimizer(config, task, lr, student.depth)
+  found = memory.estimate(config, mesh, student, spec, build.init_fn(task, tx), None)
+  examples = config.data.batch_size // mesh.size
+  assert found.get("teacher_maps", 0) == examples * expected

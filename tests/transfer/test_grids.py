@@ -89,13 +89,54 @@ def test_the_loss_from_a_coarser_teacher_equals_numpy(grid_pair):
   np.testing.assert_allclose(loss.distill_loss(s_out, handed, t), 3.0 * expected, rtol=2e-5)
 
 
+def _patch_only_loss(t_logits, s_logits, q, k, t_prefix, s_prefix):
+  """numpy: the teacher's patch rows over patch keys, resampled by (q, k) and renormalised, against the
+  student's patch rows over patch keys, renormalised; mean over batch, heads and queries."""
+  p_t = np.asarray(jax.nn.softmax(t_logits, -1), np.float64)[..., t_prefix:, t_prefix:]
+  p = np.einsum("sq,bhqk,tk->bhst", q, p_t, k)
+  p /= p.sum(-1, keepdims=True)
+  s = np.asarray(s_logits, np.float64)[..., s_prefix:, s_prefix:]
+  log_q = s - np.log(np.exp(s).sum(-1, keepdims=True))
+  return np.mean(-(p * log_q).sum(-1))
+
+
+@pytest.mark.parametrize("same_grid", [False, True])
+def test_prefix_drop_scores_patch_tokens_only_as_numpy(grid_pair, same_grid):
+  """transfer.prefix=drop (HASTE): the cls row and column leave both maps (and the student's register,
+  which 'keep' refuses), each renormalised over patch keys; through the student's blocks and the reference
+  path alike, from a coarser teacher and from one of the student's own grid."""
+  student, teacher, sp, tp, images = grid_pair
+  student = build_model(num_registers=1)
+  sp = student.init(jax.random.key(1), images, train=False)["params"]
+  if same_grid:
+    teacher = build_model()  # cls + 16 patches, no register
+    tp = teacher.init(jax.random.key(3), images, train=False)["params"]
+  t = resolve_distill(student, teacher, layers="0,1", prefix="drop")
+  assert (t.token_map[3], t.student_prefix, t.target_keys) == (0, 2, ("attn_logits",))
+  handed = targets.run_teacher(teacher, tp, images, t)
+  _, s_out = student.apply(
+    {"params": sp}, images, train=False, attn_target=targets.attn_target(handed, t)
+  )
+  _, t_out = teacher.apply({"params": tp}, images, train=False)
+  q, k = grids.token_weights(*t.token_map)
+  expected = sum(
+    _patch_only_loss(t_out["attn_logits"][i], s_out["attn_logits"][i], q[:, 1:], k[:, 1:], 1, 2)
+    for i in t.layers
+  )
+  np.testing.assert_allclose(loss.distill_loss(s_out, handed, t), 3.0 * expected, rtol=2e-5)
+  reference = {"attn_logits": s_out["attn_logits"]}  # no per-layer "attn_ce": the stacked maps
+  np.testing.assert_allclose(loss.distill_loss(reference, handed, t), 3.0 * expected, rtol=2e-5)
+
+
 def test_grid_errors_name_the_field(grid_pair):
   student, teacher, *_ = grid_pair
   for cfg, field in (
     ({"what": "q"}, "teacher.init"),
     ({"loss_impl": "blockwise"}, "transfer.loss_impl"),
-    ({"prefix": "drop"}, "transfer.prefix"),
     ({"prefix": "both"}, "transfer.prefix"),
+    ({"prefix": "drop", "what": "q"}, "transfer.prefix"),
+    ({"prefix": "drop", "mode": "copy"}, "transfer.prefix"),
+    ({"prefix": "drop", "loss_impl": "blockwise"}, "transfer.loss_impl"),
     ({"source": "precomputed"}, "transfer.source"),
   ):
     with pytest.raises(ConfigError) as e:
