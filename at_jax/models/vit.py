@@ -46,18 +46,8 @@ VARIANTS: dict[str, tuple[int, int, int, int]] = {
   "L": (1024, 24, 4096, 16),
   "H": (1280, 32, 5120, 16),
   "Mu": (128, 6, 512, 4),
-  "Mini": (
-    64,
-    6,
-    256,
-    4,
-  ),  # the study's (docs/study.md): the demo's depth and heads at half the width
-  "MiniDeep": (
-    64,
-    12,
-    256,
-    8,
-  ),  # projects/cross_shape's larger teacher: Mini's width, twice its depth/heads
+  "Mini": (64, 6, 256, 4),  # docs/study.md's: the demo's depth and heads at half the width
+  "MiniDeep": (64, 12, 256, 8),  # projects/cross_shape's teacher: twice Mini's depth and heads
   "Nano": (64, 4, 256, 2),
   "Pico": (32, 2, 64, 2),
 }
