@@ -151,22 +151,28 @@ def teacher_model_config(config: ml_collections.ConfigDict, workdir: str) -> dic
   return checkpoint.read_model_config(teacher_path(config, workdir))  # raises, naming the path
 
 
-def _distils_features(config: ml_collections.ConfigDict) -> bool:
-  return config.transfer.mode == "distill" and config.transfer.get("what", "attn") == "features"
+def _projected(config: ml_collections.ConfigDict) -> str | None:
+  """What a width-mapping head (`ViT.feature_dim`) may project: the distilled features, q, k or v."""
+  what = config.transfer.get("what", "attn")
+  return what if config.transfer.mode == "distill" and what != "attn" else None
 
 
 def _with_feature_head(config: ml_collections.ConfigDict, workdir: str, fields: dict) -> dict:
-  """`fields` with `feature_dim` set to the teacher's width where feature distillation needs the
-  projection (widths differ and model.feature_dim is 0); an explicit one is checked by `spec.resolve`."""
-  if fields.get("feature_dim", 0) and not _distils_features(config):
+  """`fields` with the width map (`ViT.feature_dim`, `projected`) where distilling features, q, k or v
+  needs one (the widths differ and model.feature_dim is 0); an explicit one is checked by `spec.resolve`."""
+  projected = _projected(config)
+  if fields.get("feature_dim", 0) and projected is None:
     raise ConfigError(
       "model.feature_dim",
-      f"{fields['feature_dim']}: the feature projection serves transfer.what='features' in distill "
-      "mode only; set model.feature_dim=0",
+      f"{fields['feature_dim']}: the width map serves transfer.what 'features', 'q', 'k' or 'v' in "
+      "distill mode only; set model.feature_dim=0",
     )
   if config.transfer.get("head_map", "same") == "learned":
     fields = {**fields, "head_mix": _head_mix_shape(config, workdir, fields)}
-  if not _distils_features(config) or fields.get("feature_dim", 0):
+  if projected is None:
+    return fields
+  fields = {**fields, "projected": projected}
+  if fields.get("feature_dim", 0):
     return fields
   teacher_width = vit.build(teacher_model_config(config, workdir)).width
   student_width = vit.build(fields).width

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from at_jax.errors import ConfigError
-from at_jax.models import attention, encoder, inits
+from at_jax.models import attention, encoder, inits, projection
 from at_jax.ops import attn_ce
 
 Array = jax.Array
@@ -101,9 +101,10 @@ class ViT(nn.Module):
       resampling treat it as any table, and fine-tuning from it starts where MAE's does; the module stops
       its gradient and the optimizer never decays it, so training leaves it as it is.
     weight_init: `inits.WEIGHT_INITS`: "timm" (the paper's student) or "mae" (MAE's pre-training).
-    feature_dim: > 0 adds a trained linear map of each block's output to this width, `feature_proj`
-      (out["projected_features"]), so features can be distilled from a teacher of another width. It is
-      a training head: exports drop it (`export_view`), as MAE's exports drop its decoder.
+    feature_dim: > 0 adds a trained linear map per layer of `projected` ("features": each block's
+      output; "q"/"k"/"v": its heads flattened) to this width, `feature_proj` (out["projected_<name>"]),
+      so they can be distilled from a teacher of another width. It is a training head: exports drop it
+      (`export_view`), as MAE's exports drop its decoder.
     head_mix: (S, H_s, H_t) for transfer.head_map "learned": the logits `head_mix` of each distilled
       layer's softmax mix of teacher heads per student head, trained with the student, read by the loss
       (not the forward pass) and dropped from exports, as `feature_proj` is.
@@ -134,6 +135,7 @@ class ViT(nn.Module):
   posemb: str = "learned"
   weight_init: str = "timm"
   feature_dim: int = 0
+  projected: str = "features"
   head_mix: tuple[int, ...] = ()
 
   @property
@@ -248,14 +250,16 @@ class ViT(nn.Module):
         self.make_rng("dropout"), batch, self.depth, self.drop_path
       )
     _check_inputs(override, attn_target)
+    want_qkv = want_qkv or (bool(self.feature_dim) and self.projected != "features")
     x_BND, out = encoder.Encoder(
       self.depth, self._arch(), self.scan, self.remat_policy, want_qkv, name="Transformer"
     )(x_BND, override, drop_masks, attn_target)
     out["tokens"] = x_BND
-    if self.feature_dim:
-      out["projected_features"] = FeatureProjection(
+    if self.feature_dim:  # q/k/v [L, B, N, H, K] mapped with their heads flattened
+      x_LBNW = out[self.projected].reshape(*out[self.projected].shape[:3], -1)
+      out[f"projected_{self.projected}"] = projection.FeatureProjection(
         self.feature_dim, self.dtype_mm, name="feature_proj"
-      )(out["features"])
+      )(x_LBNW)
     if self.head_mix:  # zeros: each head starts at the mean of the teacher's maps
       self.param("head_mix", nn.initializers.zeros, tuple(self.head_mix))
     pre_BD = self._pool(x_BND)
@@ -273,23 +277,6 @@ class ViT(nn.Module):
     return (image_size // self.patch_size) ** 2 + self.num_prefix
 
 
-class FeatureProjection(nn.Module):
-  """One linear map per layer, [L, B, N, D] -> [L, B, N, features]: kernel [L, D, F], bias [L, F]."""
-
-  features: int
-  dtype_mm: str = "float32"
-
-  @nn.compact
-  def __call__(self, x_LBND: Array) -> Array:
-    depth, width = x_LBND.shape[0], x_LBND.shape[-1]
-    kernel_init = nn.initializers.xavier_uniform(in_axis=-2, out_axis=-1, batch_axis=(0,))
-    kernel_LDF = self.param("kernel", kernel_init, (depth, width, self.features))
-    bias_LF = self.param("bias", nn.initializers.zeros, (depth, self.features))
-    mm = jnp.dtype(self.dtype_mm)
-    y_LBNF = jnp.einsum("lbnd,ldf->lbnf", x_LBND.astype(mm), kernel_LDF.astype(mm))
-    return y_LBNF.astype(jnp.float32) + bias_LF[:, None, None, :]
-
-
 # Fields that belong to the training recipe, not the architecture: a student that mirrors its teacher
 # (`model.arch = "teacher"`) keeps its own values of these and takes everything else from the teacher.
 # posemb and weight_init are how the weights start and whether the table trains: a student mirroring a
@@ -297,7 +284,7 @@ class FeatureProjection(nn.Module):
 # fmt: off
 RECIPE_FIELDS = (
   "num_classes", "pool", "drop_path", "head_init_std", "dtype_mm", "scan", "remat_policy",
-  "attention_impl", "posemb", "weight_init", "feature_dim", "head_mix",
+  "attention_impl", "posemb", "weight_init", "feature_dim", "projected", "head_mix",
 )
 # fmt: on
 
@@ -332,6 +319,10 @@ def build(model_config: Mapping[str, Any]) -> ViT:
       "model.attention_impl",
       f"{kwargs['attention_impl']!r} is not one of {attention.ATTENTION_IMPLS}",
     )
+  if kwargs.get("projected", "features") not in projection.PROJECTED:
+    raise ConfigError(
+      "model.projected", f"{kwargs['projected']!r} is not one of {projection.PROJECTED}"
+    )
   if kwargs.get("mlp_act", "gelu") not in encoder.ACTIVATIONS:
     raise ConfigError(
       "model.mlp_act", f"{kwargs['mlp_act']!r} is not one of {sorted(encoder.ACTIVATIONS)}"
@@ -356,7 +347,8 @@ def export_view(model: ViT, params: Mapping[str, Any]) -> tuple[dict[str, Any], 
   (`feature_proj`, `head_mix`), so an export is the same ViT whatever it was distilled from."""
   heads = ("feature_proj", "head_mix")
   fields = {k: v for k, v in model_fields(model).items() if k != "head_mix"}
-  return {**fields, "feature_dim": 0}, {k: v for k, v in params.items() if k not in heads}
+  exported = {**fields, "feature_dim": 0, "projected": "features"}
+  return exported, {k: v for k, v in params.items() if k not in heads}
 
 
 def truncate(model: ViT, params: Mapping[str, Any], depth: int) -> tuple[ViT, dict[str, Any]]:

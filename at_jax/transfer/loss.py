@@ -80,7 +80,13 @@ def distill_loss(
     per_SBHN = attention_cross_entropy(_teacher_logits(teacher_targets), student_SBHNN)
     per_SH = per_SBHN.mean((1, 3))
   else:  # [S, B, N, H, K] -> [S, H]
-    student_SBNHK = student_out[transfer.what][layers].astype(jnp.float32)
-    err_SBNHK = (student_SBNHK - teacher_targets[transfer.what].astype(jnp.float32)) ** 2
+    teacher_SBNHK = teacher_targets[transfer.what].astype(jnp.float32)
+    projected = student_out.get(f"projected_{transfer.what}")  # a teacher of another width
+    student_SBNHK = (
+      student_out[transfer.what][layers]
+      if projected is None
+      else projected[layers].reshape(teacher_SBNHK.shape)
+    ).astype(jnp.float32)
+    err_SBNHK = (student_SBNHK - teacher_SBNHK) ** 2
     per_SH = err_SBNHK.mean(axis=(1, 2, 4))
   return transfer.weight * _paper_reduction(per_SH, transfer)

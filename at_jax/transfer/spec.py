@@ -7,8 +7,9 @@ Mode is static Python (it changes the program):
   distill  the student computes its own attention; an extra loss (weight `transfer.weight`) pulls it to the
            teacher's: cross-entropy over keys for `attn`, mean squared error for `q`/`k`/`v`. `features`
            is the paper's baseline, not attention transfer: the selected blocks' outputs (the residual
-           stream) are pulled to the teacher's, normalised per token (`loss.feature_loss`), through a
-           trained linear map where the widths differ (`ViT.feature_dim`).
+           stream) are pulled to the teacher's, normalised per token (`loss.feature_loss`). Features,
+           q, k and v of a teacher of another width are reached through a trained linear map per layer
+           (`ViT.feature_dim`; q/k/v head by head, so the head counts must be equal).
 What the teacher hands over is in `targets` (the teacher's forward pass, stored targets, the student's
 override or attention target), the distillation loss in `loss`.
 """
@@ -171,13 +172,18 @@ def _check_features(mode: str, source: str, heads: Any) -> None:
     raise ConfigError("transfer.heads", f"{heads!r}: 'features' have no heads; use 'all'")
 
 
-def _check_feature_width(student: Any, teacher: Any) -> None:
-  """The student's features reach the teacher's width directly or through its `feature_proj` head."""
+def _check_feature_width(student: Any, teacher: Any, what: str) -> None:
+  """The student's distilled features (or q, k, v) reach the teacher's width directly or through its
+  `feature_proj` head (`ViT.feature_dim`, mapping `ViT.projected`)."""
+  if student.feature_dim and student.projected != what:
+    raise ConfigError(
+      "model.feature_dim", f"the width map projects {student.projected!r}; {what!r} is distilled"
+    )
   student_width = student.feature_dim or student.width
   if student_width != teacher.width:
     raise ConfigError(
       "model.feature_dim",
-      f"{student.feature_dim}: the student's features are {student_width} wide and the teacher's "
+      f"{student.feature_dim}: the student's {what} are {student_width} wide and the teacher's "
       f"{teacher.width}; set model.feature_dim={teacher.width} (or 0, which sets it when widths differ)",
     )
 
@@ -191,14 +197,17 @@ def _check_teacher(student: Any, teacher: Any, t: "Transfer") -> None:
       f"layer {max(t.teacher_layers)} does not exist in the teacher (depth {teacher.depth}); "
       "transfer.layer_map 'uniform' or 'last' maps a deeper student onto a shallower teacher",
     )
-  if what == "features":
-    _check_feature_width(student, teacher)
-  elif what != "attn" and teacher.width != student.width:
+  if what == "attn":
+    return
+  widths_differ = teacher.width != student.width
+  if what != "features" and widths_differ and t.mode == "copy":
     raise ConfigError(
       "teacher.init",
-      f"transferring {what!r} needs equal widths (teacher "
-      f"{teacher.width}, student {student.width}, model.width)",
+      f"copying {what!r} needs equal widths (teacher {teacher.width}, student {student.width}, "
+      "model.variant); distillation maps the student's to the teacher's width",
     )
+  if t.mode == "distill":
+    _check_feature_width(student, teacher, what)
 
 
 def resolve(

@@ -614,6 +614,8 @@ def _random_teacher(path: str, **fields) -> str:
       "Pico/7",
       ((1, 3), 4, 16),
     ),
+    # A teacher twice as wide (its heads too): the student's q mapped per layer to its width.
+    (dict(width=64), dict(what="q"), "Pico/7", ((0, 1), 2, 16)),
     # A patch-4 student (7x7 = 49 patches) from a patch-7 teacher (4x4 = 16): maps resampled.
     (dict(), dict(), "Pico/4", ((0, 1), 2, 16)),
     # The same teacher shown the images at 49 px: a 7x7 grid, the student's (its table resampled).
@@ -636,7 +638,8 @@ def test_a_teacher_of_another_shape_distils_through_the_loop(
   assert not t.token_map if size else True
   results = loop.train_and_evaluate(c, str(tmp_path / "student"))
   exported_config, exported = checkpoint.load_params(str(tmp_path / "student" / paths.EXPORT_DIR))
-  assert "head_mix" not in exported and "head_mix" not in exported_config
+  assert not {"head_mix", "feature_proj"} & set(exported) and "head_mix" not in exported_config
+  assert exported_config["feature_dim"] == 0
   lines = metrics.read_jsonl(str(tmp_path / "student" / "metrics.jsonl"))
   distill = [x["train/distill_loss"] for x in lines if "train/distill_loss" in x]
   assert distill and all(np.isfinite(distill)) and all(d > 0 for d in distill)

@@ -88,9 +88,41 @@ def test_heads_need_not_match_and_other_widths_need_the_projection():
     with pytest.raises(ConfigError, match="model.feature_dim=48") as e:
       spec.resolve({"mode": "distill", "what": "features"}, unfit, wide_teacher, S)
     assert e.value.field == "model.feature_dim"
-  with pytest.raises(ConfigError) as e:  # q/k/v have no projection: their widths must match
+  with pytest.raises(ConfigError) as e:  # a width map of the features cannot serve q
     spec.resolve({"mode": "distill", "what": "q"}, build_model(feature_dim=48), wide_teacher, S)
+  assert e.value.field == "model.feature_dim"
+  with pytest.raises(ConfigError) as e:  # copy swaps the teacher's q in: the widths must match
+    spec.resolve({"mode": "copy", "what": "q"}, student, wide_teacher, S)
   assert e.value.field == "teacher.init"
+
+
+@pytest.mark.parametrize("what", ["q", "v"])
+def test_a_narrower_student_distils_q_k_v_through_its_width_map(setup, what):
+  """Q/K/V of a teacher of another width (same heads, wider heads): the student's heads flattened,
+  mapped per layer to the teacher's width and compared head by head, against numpy."""
+  *_, images = setup
+  student = build_model(feature_dim=48, projected=what)
+  teacher = build_model(width=48)  # 2 heads of 24 against the student's 2 of 16
+  sp = student.init(jax.random.key(3), images, train=False)["params"]
+  tp = teacher.init(jax.random.key(4), images, train=False)["params"]
+  transfer = resolve_distill(student, teacher, what=what, layers="1,3")
+  handed = targets.run_teacher(teacher, tp, images, transfer)
+  _, out = student.apply({"params": sp}, images, train=False, want_qkv=True)
+  own = np.asarray(out[what])[[1, 3]]  # [S, B, N, H, K]
+  kernel, bias = (np.asarray(sp["feature_proj"][n])[[1, 3]] for n in ("kernel", "bias"))
+  flat = own.reshape(*own.shape[:3], -1)
+  mapped = np.einsum("lbnd,ldf->lbnf", flat, kernel) + bias[:, None, None]
+  teacher_SBNHK = np.asarray(handed[what])
+  err = (mapped.reshape(teacher_SBNHK.shape) - teacher_SBNHK) ** 2
+  expected = 3.0 * err.mean(axis=(1, 2, 4)).mean(1).sum()
+  distill = lambda p: loss.distill_loss(
+    student.apply({"params": p}, images, train=False)[1], handed, transfer
+  )
+  np.testing.assert_allclose(distill(sp), expected, rtol=1e-5)
+  assert float(jnp.abs(jax.grad(distill)(sp)["feature_proj"]["kernel"][1]).max()) > 0
+  fields, exported = vit.export_view(student, sp)
+  assert (fields["feature_dim"], fields["projected"]) == (0, "features")
+  assert "feature_proj" not in exported
 
 
 def test_a_narrower_student_distils_through_its_trained_projection(setup):
@@ -129,6 +161,9 @@ def test_the_student_config_gains_the_projection_when_widths_differ(tiny_config,
   config = tiny_config(mode="distill", what="features")
   config.teacher.init = str(tmp_path / "teacher")
   assert teachers.model_config(config, str(tmp_path))["feature_dim"] == 64  # Pico is 32 wide
+  config.transfer.what = "k"  # k of another width: the same head, mapping the student's k
+  fields = teachers.model_config(config, str(tmp_path))
+  assert (fields["feature_dim"], fields["projected"]) == (64, "k")
   config.transfer.what = "attn"
   assert teachers.model_config(config, str(tmp_path))["feature_dim"] == 0
   config.model.feature_dim = 64  # only feature distillation trains the head
