@@ -108,7 +108,7 @@ def _train_iter(run: Run, start_step: int) -> Iterator[dict[str, np.ndarray]]:
   targets = None
   if run.transfer.active and run.transfer.source == "precomputed":
     directory = target_store.targets_dir(run.config.transfer.targets_dir, run.workdir)
-    targets = target_store.TeacherTargets(directory, run.transfer.layers)
+    targets = target_store.TeacherTargets(directory, run.transfer.teacher_layers)
     metrics.say(
       f"Teacher targets: {', '.join(targets.metadata['keys'])} from {directory} (teacher "
       f"{targets.metadata['teacher']}); training on their fixed view ({target_store.TARGETS_VIEW}), "

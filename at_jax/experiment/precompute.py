@@ -1,6 +1,7 @@
 """Teacher targets computed once and stored, for `transfer.source = "precomputed"` (issue #7).
 
-The teacher runs once over the training split and its transferred quantity in the selected layers is
+The teacher runs once over the training split and its transferred quantity in the teacher layers the
+selected student layers read (`transfer.layer_map`), at the teacher's own heads and tokens, is
 written to disk; distillation then trains without the teacher in the step, reading each example's targets
 with its pixels (`target_store.TeacherTargets`). The teacher sees one fixed view per image, the eval preprocessing
 (shorter side resized to round(image_size / crop_pct), centre image_size crop: `transforms.eval_example`), so the
@@ -12,7 +13,7 @@ Layout of `transfer.targets_dir` (default <workdir>/teacher_targets):
   metadata.json   what was computed from what (`describe`), the layout (format, shard_examples) and the
                   progress (done_examples, complete)
   <key>/          one zarr v3 array per stored key (tensorstore), bfloat16, [num_examples, ...], one chunk
-                  per example, sharded (`target_store`), S = the selected layers in order:
+                  per example, sharded (`target_store`), S = those teacher layers in order:
                     attn_logits  [S, H, N, N]   what="attn", precompute.store="logits"
                     q, k         [S, N, H, Dh]  what="attn", precompute.store="qk": logits = q.k / sqrt(Dh)
                     q | k | v    [S, N, H, Dh]  what="q" | "k" | "v"
@@ -98,7 +99,7 @@ def describe(
   Args:
     teacher: the teacher ViT (its heads, tokens and the stored shapes come from it).
     what, store: `transfer.what` and `precompute.store`, see `stored_keys`.
-    layers: the selected layers (`transfer.resolve`), stored in this order.
+    layers: the teacher layers read (`Transfer.teacher_layers`, sorted, once each), stored in this order.
     image_size, crop_pct, normalization: the fixed view (`pipeline.eval_iterator`'s preprocessing).
     dataset, split, num_examples, fingerprint: the training source (`data.name`, `data.train_split`,
       its length, `sources.fingerprint`).
@@ -333,18 +334,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     )
   job.ensure_teacher(config, workdir)  # as launch/main.py would, so precomputing can come first
   teacher, params, t = teachers.teacher_on_mesh(config, workdir, model, mesh)
-  if t.teacher_layers != t.layers or t.head_map != "same":
-    field = "transfer.layer_map" if t.teacher_layers != t.layers else "transfer.head_map"
-    raise ConfigError(
-      field, "stored targets hold the teacher's layers and heads as the student's (same)"
-    )
+  # The teacher's own layers, heads and tokens: a run maps them onto the student as it reads them.
+  layers = tuple(sorted(set(t.teacher_layers)))
   teacher_config = teachers.teacher_model_config(config, workdir)
   d = config.data
   metadata = describe(
     teacher,
     what=t.what,
     store=config.precompute.store,
-    layers=t.layers,
+    layers=layers,
     image_size=d.image_size,
     crop_pct=d.crop_pct,
     normalization=d.normalization,
@@ -358,7 +356,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   )
   directory = target_store.targets_dir(config.transfer.targets_dir, workdir)
   metrics.say(
-    f"Precomputing teacher targets ({', '.join(metadata['keys'])} of layers {spec.selected(t.layers)}, "
+    f"Precomputing teacher targets ({', '.join(metadata['keys'])} of teacher layers {spec.selected(layers)}, "
     f"{metadata['num_examples']} examples of {d.name} {d.train_split}) into {directory}"
   )
   return write_targets(

@@ -85,7 +85,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, check_targets: boo
   )
   if config.transfer.mode == "none" or config.transfer.source == "precomputed":
     teacher, teacher_params = None, None
-    spec = transfer_spec.resolve(config.transfer.to_dict(), model, None, config.data.image_size)
+    stored = teachers.stored_teacher(config, workdir)  # the shape of the targets' teacher
+    spec = transfer_spec.resolve(config.transfer.to_dict(), model, stored, config.data.image_size)
   else:
     teacher, teacher_params, spec = teachers.teacher_on_mesh(config, workdir, model, mesh)
   lr, total = build.schedule(config, len(train_source))

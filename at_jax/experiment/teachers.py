@@ -11,6 +11,7 @@ import numpy as np
 from at_jax import checkpoint, sharding, storage
 from at_jax.convert import load as convert
 from at_jax.convert import posemb, selection
+from at_jax.data import target_store
 from at_jax.errors import ConfigError
 from at_jax.experiment.paths import EXPORT_DIR, TEACHER_DIR
 from at_jax.models import vit
@@ -149,6 +150,16 @@ def teacher_model_config(config: ml_collections.ConfigDict, workdir: str) -> dic
     fields = config.teacher.pretrain.model.to_dict()
     return {k: v for k, v in fields.items() if k not in ("arch", "init")}
   return checkpoint.read_model_config(teacher_path(config, workdir))  # raises, naming the path
+
+
+def stored_teacher(config: ml_collections.ConfigDict, workdir: str) -> vit.ViT | None:
+  """The architecture of the teacher whose targets a "precomputed" run reads (from the store's
+  metadata, what launch/precompute.py ran); None for other runs or before anything is stored."""
+  if config.transfer.mode == "none" or config.transfer.get("source") != "precomputed":
+    return None
+  directory = target_store.targets_dir(config.transfer.targets_dir, workdir)
+  metadata = target_store.read_targets_metadata(directory)
+  return None if metadata is None else vit.build(metadata["teacher_config"])
 
 
 def _projected(config: ml_collections.ConfigDict) -> str | None:

@@ -69,10 +69,6 @@ def validate(
   sharding.check_batch(d.batch_size, mesh, "data.batch_size")
   sharding.check_batch(d.eval_batch_size, mesh, "data.eval_batch_size")
   _check_micro_batches(config, mesh)
-  if spec.active and spec.source == "precomputed" and check_targets:
-    _check_stored_targets(
-      config, workdir, model, spec, len(train_source), sources.fingerprint(train_source)
-    )
   # Last of the inputs: the teacher, read for its architecture and checked against the student.
   teacher = _teacher_architecture(config, workdir, model)
   if teacher is not None:
@@ -82,6 +78,10 @@ def validate(
       teacher,
       image_size,
       teacher_image_size=teachers.teacher_image_size(config),
+    )
+  if spec.active and spec.source == "precomputed" and check_targets:
+    _check_stored_targets(
+      config, workdir, model, spec, len(train_source), sources.fingerprint(train_source)
     )
   memory_line = _check_memory(config, mesh, model, teacher, spec, len(train_source))
   return Validated(model, mesh, train_source, eval_source, memory_line)
@@ -212,8 +212,11 @@ def _check_model(config: ml_collections.ConfigDict, model: vit.ViT) -> None:
 def _teacher_architecture(
   config: ml_collections.ConfigDict, workdir: str, model: vit.ViT
 ) -> vit.ViT | None:
-  """The teacher the step will run, built from its architecture alone; None without one."""
-  if config.transfer.mode == "none" or config.transfer.source == "precomputed":
+  """The teacher the step will run (or whose stored targets it reads), built from its architecture
+  alone; None without one."""
+  if config.transfer.source == "precomputed":
+    return teachers.stored_teacher(config, workdir)
+  if config.transfer.mode == "none":
     return None
   teacher_config = teachers.teacher_model_config(config, workdir)
   return vit.build({**teacher_config, "attention_impl": model.attention_impl})
@@ -315,7 +318,7 @@ def _check_stored_targets(
 ) -> None:
   d = config.data
   directory = target_store.targets_dir(config.transfer.targets_dir, workdir)
-  stored = target_store.TeacherTargets(directory, spec.layers)
+  stored = target_store.TeacherTargets(directory, spec.teacher_layers)
   expected = dict(
     what=spec.what,
     image_size=d.image_size,
@@ -326,12 +329,10 @@ def _check_stored_targets(
     num_examples=num_examples,
     fingerprint=fingerprint,
     jpeg_downscale=d.jpeg_downscale,
-    num_heads=model.num_heads,
-    tokens=model.tokens_for(d.image_size),
   )
-  if spec.what != "attn":  # q/k/v replace the student's own: same head size
-    expected["head_dim"] = model.width // model.num_heads
-  stored.check(**expected)
+  stored.check(
+    **expected
+  )  # the stored teacher's shape went through `spec.resolve` (its heads, tokens)
 
 
 def _check_memory(

@@ -249,7 +249,7 @@ def resolve(
   _check_loss_impl(loss_impl, mode, what, average)
   loss_block = _check_loss_block(cfg.get("loss_block", 0), loss_impl)
   head_map, heads, teacher_heads = pairing.resolve_heads(cfg, student, teacher, what, loss_impl)
-  _check_shape_maps(cfg, mode, source, head_map)
+  _check_shape_maps(cfg, mode, head_map)
   t = Transfer(
     mode,
     what,
@@ -273,26 +273,18 @@ def resolve(
   )
 
 
-def _check_shape_maps(cfg: Mapping[str, Any], mode: str, source: str, head_map: str) -> None:
-  """What the layer and head maps need: a learned mix needs distillation, stored targets need none."""
+def _check_shape_maps(cfg: Mapping[str, Any], mode: str, head_map: str) -> None:
+  """What the shape maps need: a learned mix of heads and a loss without the prefix, distillation."""
   if head_map == "learned" and mode != "distill":
     raise ConfigError(
       "transfer.head_map",
       "'learned' mixes are trained by the distillation loss; copy takes the others",
     )
-  if cfg.get("prefix", "keep") == "drop" and (mode != "distill" or source == "precomputed"):
+  if cfg.get("prefix", "keep") == "drop" and mode != "distill":
     raise ConfigError(
       "transfer.prefix",
-      "'drop' leaves the cls row and column out of the distillation loss; it needs transfer.mode "
-      "'distill' with source 'jointly' (copy replaces whole maps; stored targets hold every token)",
+      "'drop' leaves the cls row and column out of the distillation loss; copy replaces whole maps",
     )
-  for field in ("layer_map", "head_map"):
-    if source == "precomputed" and cfg.get(field, "same") != "same":
-      raise ConfigError(
-        f"transfer.{field}",
-        f"{cfg[field]!r}: stored targets hold the teacher's layers and heads at the student's own "
-        "(same); a teacher of another shape needs transfer.source 'jointly'",
-      )
 
 
 def _against_teacher(
@@ -309,8 +301,6 @@ def _against_teacher(
   if t_size != image_size and t.source == "precomputed":
     raise ConfigError("teacher.image_size", "stored targets were computed at data.image_size")
   token_map = _token_map(cfg, student, teacher, t, image_size, t_size)
-  if token_map and t.source == "precomputed":
-    raise ConfigError("transfer.source", "stored targets hold the student's tokens; use 'jointly'")
   teacher_image_size = t_size if t_size != image_size else 0
   dropped = (
     int(student.class_token) + student.num_registers if token_map and not token_map[3] else 0

@@ -161,9 +161,10 @@ def teacher_targets(teacher_out: Mapping[str, Array], transfer: spec.Transfer) -
 
 
 def precomputed_targets(batch: Mapping[str, Array], transfer: spec.Transfer) -> Targets:
-  """Targets carried in the batch as `teacher_<key>` [B, S, ...] (example-major, as stored) -> [S, B, ...].
-
-  Distilled maps come as stored logits (`teacher_attn_logits`) or as q and k (`teacher_q`, `teacher_k`).
+  """Targets carried in the batch as `teacher_<key>` [B, S, ...] (example-major, as stored) -> [S, B, ...],
+  at the teacher's shape as `precompute` stored them, then at the student's (heads, tokens) as a jointly
+  run teacher's are. Distilled maps come as stored logits (`teacher_attn_logits`) or as q and k
+  (`teacher_q`, `teacher_k`; formed into maps where heads are mixed or tokens resampled).
   """
   options = [(transfer.teacher_key,)]
   if transfer.mode == "distill" and transfer.what == "attn":
@@ -171,7 +172,11 @@ def precomputed_targets(batch: Mapping[str, Array], transfer: spec.Transfer) -> 
     options = [("q", "k"), ("attn_logits",)] if streamed else [("attn_logits",), ("q", "k")]
   for keys in options:
     if all(f"teacher_{k}" in batch for k in keys):
-      return {k: jnp.swapaxes(batch[f"teacher_{k}"], 0, 1) for k in keys}
+      stored = {k: jnp.swapaxes(batch[f"teacher_{k}"], 0, 1) for k in keys}
+      if transfer.target_keys == ("attn_logits",) and "attn_logits" not in stored:
+        q, k = stored.pop("q"), stored.pop("k")  # maps to mix or resample, stored as q and k
+        stored["attn_logits"] = attn_ce.qk_logits(q, k, q.shape[-1] ** -0.5)
+      return _to_student(stored, transfer)  # stored at the teacher's layers, heads and tokens
   wanted = " or ".join("+".join(f"teacher_{k}" for k in keys) for keys in options)
   raise ConfigError(
     "transfer.source",

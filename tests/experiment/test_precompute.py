@@ -256,6 +256,53 @@ def test_distill_loss_from_stored_targets_equals_jointly_run_teacher(teacher, st
   )
 
 
+@pytest.mark.parametrize(
+  "store,teacher_fields,student_patch,transfer",
+  [
+    # A deeper 4-head teacher stored as q and k (layers 1, 3: what uniform reads), grouped heads.
+    ("qk", dict(depth=4, num_heads=4), 7, dict(layer_map="uniform", head_map="group")),
+    # A patch-4 student from the patch-7 teacher's stored maps: resampled, patch tokens only.
+    ("logits", {}, 4, dict(prefix="drop")),
+  ],
+)
+def test_stored_targets_of_another_shape_give_the_jointly_run_loss(
+  tmp_path, store, teacher_fields, student_patch, transfer
+):
+  """Targets stored at the teacher's own layers, heads and tokens reach the student's shape as a jointly
+  run teacher's do: the same distillation loss, to bfloat16's rounding."""
+  model = vit.build({**TEACHER, **teacher_fields})
+  images = jnp.zeros((1, SIZE, SIZE, 3))
+  params = _sharpened(model.init(jax.random.key(0), images, train=False)["params"], 4)
+  student = vit.build({**TEACHER, "num_classes": 10, "patch_size": student_patch})
+  sp = _sharpened(student.init(jax.random.key(1), images, train=False)["params"], 8)
+  resolve = lambda source: spec.resolve(
+    {"mode": "distill", "layers": "all", "source": source, **transfer}, student, model, SIZE
+  )
+  layers = tuple(sorted(set(resolve("precomputed").teacher_layers)))
+  _write((model, params), tmp_path, store, layers=layers)
+  batch = next(
+    pipeline.train_iterator(
+      _source(),
+      global_batch_size=BATCH,
+      seed=0,
+      **VIEW,
+      fixed_view=True,
+      targets=target_store.TeacherTargets(str(tmp_path), resolve("precomputed").teacher_layers),
+      num_threads=0,
+    )
+  )
+  batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "skipped"}
+  losses = {}
+  for source in ("jointly", "precomputed"):
+    t, jointly = resolve(source), source == "jointly"
+    loss_fn = train_step.make_loss_fn(student, model if jointly else None, t, label_smoothing=0.1)
+    fed = {k: v for k, v in batch.items() if not (jointly and k.startswith("teacher_"))}
+    losses[source] = float(
+      loss_fn(sp, fed, params if jointly else None, jax.random.key(2))[1]["distill_loss"]
+    )
+  np.testing.assert_allclose(losses["precomputed"], losses["jointly"], rtol=1e-4)
+
+
 def test_unreadable_examples_are_skipped_in_precompute_and_training(teacher, tmp_path):
   source = _Corrupt(_source(), bad={5, 20})
   meta = _write(teacher, tmp_path, "logits", source=source)
@@ -433,6 +480,28 @@ def test_train_with_stored_targets(precomputed, fake_fashion_mnist, tmp_path, ca
   ]
   assert [x["step"] for x in lines] == [2, 4]
   assert all(x["train/distill_loss"] > 0 and x["train/skipped_examples"] == 0 for x in lines)
+
+
+@pytest.mark.slow
+def test_train_from_a_deeper_teachers_stored_targets(fake_fashion_mnist, tmp_path):
+  """launch/precompute.py and a run of a config whose teacher has another depth and head count: the
+  store holds the teacher layers `uniform` reads, at its heads; the run maps them as it reads them."""
+  fields = vit.model_fields(
+    vit.build({"variant": "Pico/7", "num_classes": 0, "depth": 4, "num_heads": 4})
+  )
+  params = vit.build(fields).init(jax.random.key(5), jnp.zeros((1, SIZE, SIZE, 3)), train=False)
+  export = str(tmp_path / "teacher")
+  checkpoint.save_params(export, jax.device_get(params["params"]), fields)
+  c = _config(export, layers="all", layer_map="uniform", head_map="group")
+  meta = precompute.run(c, str(tmp_path / "run"))
+  assert meta["layers"] == [1, 3] and meta["num_heads"] == 4
+  loop.train_and_evaluate(c, str(tmp_path / "run"))
+  lines = metrics.read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))
+  assert all(x["train/distill_loss"] > 0 for x in lines if "train/distill_loss" in x)
+  c.transfer.head_map = "same"  # 2 student heads cannot read 4 stored ones head by head
+  with pytest.raises(ConfigError) as e:
+    validation.validate(c, str(tmp_path / "run"))
+  assert e.value.field == "transfer.head_map"
 
 
 @pytest.mark.parametrize(

@@ -137,7 +137,6 @@ def test_grid_errors_name_the_field(grid_pair):
     ({"prefix": "drop", "what": "q"}, "transfer.prefix"),
     ({"prefix": "drop", "mode": "copy"}, "transfer.prefix"),
     ({"prefix": "drop", "loss_impl": "blockwise"}, "transfer.loss_impl"),
-    ({"source": "precomputed"}, "transfer.source"),
   ):
     with pytest.raises(ConfigError) as e:
       resolve_distill(student, teacher, **cfg)
@@ -145,6 +144,11 @@ def test_grid_errors_name_the_field(grid_pair):
   with pytest.raises(ConfigError) as e:
     resolve_distill(build_model(num_registers=1), teacher)
   assert e.value.field == "transfer.prefix"
+  with pytest.raises(ConfigError) as e:  # stored targets are the teacher on data.image_size images
+    spec.resolve(
+      {"mode": "distill", "source": "precomputed"}, student, teacher, 16, teacher_image_size=32
+    )
+  assert e.value.field == "teacher.image_size"
   with pytest.raises(ConfigError) as e:
     resolve_distill(student, build_model(patch_size=8, class_token=False, pool="gap"))
   assert e.value.field == "model.class_token"

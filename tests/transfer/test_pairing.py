@@ -100,7 +100,6 @@ def test_resolved_pairs_and_errors(shapes):
     ({"head_map": "first", "layer_map": "deepest"}, "transfer.layer_map"),
     ({"head_map": "sum"}, "transfer.head_map"),
     ({"head_map": "merge", "loss_impl": "pallas"}, "transfer.loss_impl"),
-    ({"head_map": "first", "source": "precomputed", "layer_map": "uniform"}, "transfer.layer_map"),
   ]
   for cfg, field in cases:
     with pytest.raises(ConfigError) as e:
