@@ -1,9 +1,11 @@
 """Attention agreement of two models (cross-entropy, entropy, Jensen-Shannon per layer) and the
 attention-map figure."""
 
+import dataclasses
 import io
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +13,7 @@ import numpy as np
 
 from at_jax import storage
 from at_jax.evaluate import similarity
-from at_jax.transfer import loss
+from at_jax.transfer import loss, spec, targets
 
 Array = jax.Array
 
@@ -50,6 +52,7 @@ def save_attention_figure(
   *,
   layers: Sequence[int] | None = None,
   title: str = "",
+  column_titles: Sequence[str] | None = None,
 ) -> None:
   """A PNG grid: per image, one row per model: the image, then that model's map in each layer.
 
@@ -57,6 +60,7 @@ def save_attention_figure(
     images_BHWC: images to show, any range (rescaled per image to [0, 1]).
     maps: model name -> [L, B, g, g] from `query_maps`.
     layers: which layers to show (default all that every model has).
+    column_titles: one per shown layer (default "layer i").
   """
   import matplotlib
 
@@ -79,7 +83,8 @@ def save_attention_figure(
       for c, layer in enumerate(layers):
         axes[r, c + 1].imshow(maps[name][layer, b], cmap="viridis")
         if r == 0:
-          axes[r, c + 1].set_title(f"layer {layer}", fontsize=7)
+          label = f"layer {layer}" if column_titles is None else column_titles[c]
+          axes[r, c + 1].set_title(label, fontsize=7)
   for ax in axes.ravel():
     ax.set_xticks([])
     ax.set_yticks([])
@@ -112,7 +117,53 @@ def compare_attention(
     out_png, images_BHWC, maps, title="cls-token attention over patches, head-averaged, per layer"
   )
   first, *rest = list(models)
-  return {name: attention_agreement(*_comparable(logits[first], logits[name])) for name in rest}
+  tokens = logits[first].shape[-1]  # models of another token grid are drawn, not compared
+  return {
+    name: attention_agreement(*_comparable(logits[first], logits[name]))
+    for name in rest
+    if logits[name].shape[-1] == tokens
+  }
+
+
+def compare_with_teacher(
+  student: Any,
+  student_params: Any,
+  teacher: Any,
+  teacher_params: Any,
+  images_BHWC: np.ndarray,
+  transfer: spec.Transfer,
+  out_png: str,
+) -> dict[str, np.ndarray]:
+  """The student's attention in each transferred layer against the teacher's maps it was taught there:
+  the teacher layer `transfer.layer_map` pairs with it, heads picked or mixed and tokens resampled as in
+  training (`targets.run_teacher`), over the tokens the loss saw (`transfer.prefix`). A learned head mix
+  is dropped from exports: both sides are then averaged over their heads. Draws both; returns the
+  agreement per transferred layer, with "student_layer" and "teacher_layer"."""
+  as_maps = dataclasses.replace(transfer, mode="copy", average="none")  # maps, per image
+  taught = targets.run_teacher(teacher, teacher_params, jnp.asarray(images_BHWC), as_maps)
+  taught_SBHNN = taught["attn_logits"]
+  _, out = student.apply({"params": student_params}, images_BHWC, train=False)
+  skip = transfer.student_prefix
+  own_SBHNN = out["attn_logits"][np.asarray(transfer.layers)][..., skip:, skip:]
+  prefix = 0 if skip else student.num_prefix
+  maps = {
+    "teacher": query_maps(taught_SBHNN, num_prefix=prefix),
+    "student": query_maps(own_SBHNN, num_prefix=prefix),
+  }
+  pairs = zip(transfer.layers, transfer.teacher_layers, strict=True)
+  save_attention_figure(
+    out_png,
+    images_BHWC,
+    maps,
+    title=f"{'first patch' if skip else 'cls'}-token attention, head-averaged: each student layer "
+    "and the teacher's maps it was taught",
+    column_titles=[f"s{s} <- t{t}" for s, t in pairs],
+  )
+  return {
+    **attention_agreement(*_comparable(taught_SBHNN, own_SBHNN)),
+    "student_layer": np.asarray(transfer.layers),
+    "teacher_layer": np.asarray(transfer.teacher_layers),
+  }
 
 
 def _comparable(a_LBHNN: Array, b_LBHNN: Array) -> tuple[Array, Array]:
@@ -131,5 +182,6 @@ def format_agreement(agreement: Mapping[str, Mapping[str, np.ndarray]], referenc
   for name, values in agreement.items():
     lines.append(f"attention of {name} vs {reference}, per layer:")
     for key, per_layer in values.items():
-      lines.append(f"  {key:16s} " + " ".join(f"{v:.3f}" for v in np.asarray(per_layer)))
+      shown = (f"{v:5d}" if key.endswith("_layer") else f"{v:.3f}" for v in np.asarray(per_layer))
+      lines.append(f"  {key:16s} " + " ".join(shown))
   return "\n".join(lines)

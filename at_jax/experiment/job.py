@@ -13,12 +13,14 @@ from at_jax import checkpoint, metrics, storage
 from at_jax.data import options, pipeline, sources
 from at_jax.errors import ConfigError
 from at_jax.evaluate import attention as evaluate
+from at_jax.experiment import teachers
 from at_jax.experiment import workdir as workdir_claim
 from at_jax.experiment.loop import train_and_evaluate
 from at_jax.experiment.paths import EXPORT_DIR, TEACHER_DIR
 from at_jax.experiment.teachers import load_teacher
 from at_jax.experiment.validation import validate
 from at_jax.models import vit
+from at_jax.transfer import spec as transfer_spec
 
 
 def ensure_teacher(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float] | None:
@@ -156,12 +158,26 @@ def attention_report(config: ml_collections.ConfigDict, workdir: str, num_images
       num_threads=0,
     )
   )["image"]
-  # The teacher as the run loaded it: an export or a (converted) checkpoint file.
+  # The teacher as the run loaded it: an export or a (converted) checkpoint file, fitted to its size.
   loaded = {
     "teacher": load_teacher(config, workdir),
     "student": checkpoint.load_params(os.path.join(workdir, EXPORT_DIR)),
   }
   models = {name: (vit.build(mc), params) for name, (mc, params) in loaded.items()}
   png = os.path.join(workdir, "attention.png")
-  agreement = evaluate.compare_attention(models, images, png)
+  if config.transfer.get("what", "attn") == "attn":  # each layer against the maps it was taught
+    (teacher, teacher_params), (student, student_params) = models["teacher"], models["student"]
+    transfer = transfer_spec.resolve(
+      config.transfer.to_dict(),
+      student,
+      teacher,
+      d.image_size,
+      teacher_image_size=teachers.teacher_image_size(config),
+    )
+    taught = evaluate.compare_with_teacher(
+      student, student_params, teacher, teacher_params, images, transfer, png
+    )
+    agreement = {"student": taught}
+  else:
+    agreement = evaluate.compare_attention(models, images, png)
   print(evaluate.format_agreement(agreement, "teacher") + f"\nattention maps: {png}", flush=True)

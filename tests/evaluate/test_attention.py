@@ -65,3 +65,53 @@ def test_models_of_other_depths_and_heads_compare_on_what_they_share(tmp_path):
     np.exp(b), probs[:2, :, :2].mean(2, keepdims=True), rtol=1e-4, atol=1e-7
   )
   assert (tmp_path / "maps.png").stat().st_size > 5000
+
+
+@pytest.mark.parametrize(
+  "teacher_fields,transfer",
+  [
+    (dict(depth=4, num_heads=4), dict(layer_map="uniform", head_map="group")),
+    (dict(patch_size=14), dict(prefix="drop")),  # a 2x2 teacher grid onto the student's 4x4
+  ],
+)
+def test_each_student_layer_is_compared_with_the_maps_it_was_taught(
+  tmp_path, teacher_fields, transfer
+):
+  """The attention report of a teacher of another shape: student layer i against the teacher layer the
+  layer map pairs with it, its heads grouped and tokens resampled as in training, by hand."""
+  from at_jax.transfer import grids, pairing, spec  # pylint: disable=import-outside-toplevel
+
+  images = jax.random.normal(jax.random.key(0), (2, 28, 28, 3))
+  teacher = vit.build({"variant": "Pico/7", "num_classes": 0, **teacher_fields})
+  student = vit.build({"variant": "Pico/7", "num_classes": 10})  # depth 2, 2 heads, 17 tokens
+  sharp = lambda params: jax.tree_util.tree_map_with_path(  # random init attends near uniformly
+    lambda path, x: 4 * x if "query" in str(path) or "key" in str(path) else x, params
+  )
+  tp = sharp(teacher.init(jax.random.key(1), images, train=False)["params"])
+  sp = sharp(student.init(jax.random.key(2), images, train=False)["params"])
+  t = spec.resolve({"mode": "distill", **transfer}, student, teacher, 28)
+  found = evaluate.compare_with_teacher(
+    student, sp, teacher, tp, np.asarray(images), t, str(tmp_path / "maps.png")
+  )
+  _, t_out = teacher.apply({"params": tp}, images, train=False)
+  _, s_out = student.apply({"params": sp}, images, train=False)
+  p_t = np.asarray(jax.nn.softmax(t_out["attn_logits"], -1), np.float64)[list(t.teacher_layers)]
+  mix = pairing.head_mixing(t.head_map, 2, teacher.num_heads)
+  if mix is not None:
+    p_t = np.einsum("st,lbtqk->lbsqk", mix, p_t)
+  skip = t.student_prefix
+  if t.token_map:
+    q, k = grids.token_weights(*t.token_map)
+    p_t = np.einsum("sq,lbhqk,tk->lbhst", q, p_t, k)
+    p_t /= p_t.sum(-1, keepdims=True)
+  own = np.asarray(s_out["attn_logits"])[..., skip:, skip:]
+  expected = evaluate.attention_agreement(np.log(p_t), own)
+  np.testing.assert_allclose(found["jsd"], expected["jsd"], rtol=1e-4, atol=1e-6)
+  assert (
+    list(found["teacher_layer"])
+    == list(t.teacher_layers)
+    == ([1, 3] if mix is not None else [0, 1])
+  )
+  assert "teacher_layer" in evaluate.format_agreement({"student": found}, "teacher")
+  assert np.all(found["jsd"] > 1e-3)  # sharpened maps that differ: a comparison that can fail
+  assert (tmp_path / "maps.png").stat().st_size > 5000

@@ -644,6 +644,8 @@ def test_a_teacher_of_another_shape_distils_through_the_loop(
   distill = [x["train/distill_loss"] for x in lines if "train/distill_loss" in x]
   assert distill and all(np.isfinite(distill)) and all(d > 0 for d in distill)
   assert 0 <= results["top1"] <= 100
+  job.attention_report(c, str(tmp_path / "student"), num_images=2)  # the maps each layer was taught
+  assert (tmp_path / "student" / "attention.png").stat().st_size > 5000
 
 
 def test_a_student_takes_the_teachers_components_at_its_own_size(tmp_path, tiny_config):
