@@ -106,6 +106,36 @@ def test_imports_only_go_down_the_layers():
   assert not wrong, "imports that go up or sideways in LAYERS:\n" + "\n".join(wrong)
 
 
+def _imported_modules(tree: ast.AST) -> set[str]:
+  """Every module a file imports, at any depth (imports inside functions too), dotted."""
+  found = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+      found.add(node.module)
+      found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    elif isinstance(node, ast.Import):
+      found.update(alias.name for alias in node.names)
+  return found
+
+
+def test_the_library_never_imports_studies_or_launchers_and_projects_stand_alone():
+  """at_jax never imports projects/ or launch/ (a study uses the library, not the reverse); a project
+  never imports another project (each can be read, run and removed alone)."""
+  wrong = []
+  for path in _modules():
+    tops = {name.split(".")[0] for name in _imported_modules(ast.parse(path.read_text()))}
+    wrong += [
+      f"{path.relative_to(ROOT)} imports {t}" for t in sorted(tops & {"projects", "launch"})
+    ]
+  for path in sorted((ROOT / "projects").rglob("*.py")):
+    own = path.relative_to(ROOT / "projects").parts[0]
+    for name in _imported_modules(ast.parse(path.read_text())):
+      parts = name.split(".")
+      if parts[0] == "projects" and len(parts) > 1 and parts[1] != own:
+        wrong.append(f"{path.relative_to(ROOT)} imports {name}")
+  assert not wrong, "\n".join(wrong)
+
+
 def test_shape_suffixes_use_the_defined_letters():
   """Names like x_BND in models/, ops/ and transfer/ use only the letters of at_jax.models.SHAPE_LETTERS."""
   letters = set(models.SHAPE_LETTERS)

@@ -60,7 +60,7 @@ NOISE_SE = 2.0  # a difference counts only beyond 2 standard errors (over seeds)
 Estimate = tuple[float, float, int]  # (mean, standard error, seeds)
 
 
-def _mean_se(summary: Mapping[str, Any], group: str, setting: str) -> Estimate:
+def mean_se(summary: Mapping[str, Any], group: str, setting: str) -> Estimate:
   """The group's mean last-evaluation top-1 of `setting`, its standard error over seeds (the
   summary's std is numpy's population std: the sample SE is std / sqrt(n - 1)) and the seed count."""
   row = summary.get(group, {}).get(setting, {}).get("top1")
@@ -70,7 +70,7 @@ def _mean_se(summary: Mapping[str, Any], group: str, setting: str) -> Estimate:
   return mean, (std / np.sqrt(n - 1) if n > 1 else float("nan")), n
 
 
-def _beats(a: Estimate, b: Estimate) -> tuple[str, str]:
+def beats(a: Estimate, b: Estimate) -> tuple[str, str]:
   """("yes" | "no" | "within noise" | "n/a" | "1 seed", the numbers) for "a is above b". One seed
   has no noise estimate, so it gets no verdict; a missing setting gets "n/a"."""
   (ma, sa, na), (mb, sb, nb) = a, b
@@ -88,7 +88,7 @@ def findings(summary: Mapping[str, Any], group: str = "main") -> list[dict[str, 
   when A - B exceeds NOISE_SE standard errors of the difference, fails when B - A does, and is
   "within noise" otherwise: the seeds cannot tell. The ablations' findings belong to the main group,
   the only one that runs them."""
-  s = lambda setting: _mean_se(summary, group, setting)
+  s = lambda setting: mean_se(summary, group, setting)
   members = max((s("finetune"), s("distill")), key=lambda x: x[0] if x[2] else -np.inf)
   (distill, _, distill_n), (finetune, _, finetune_n) = s("distill"), s("finetune")
   near = (
@@ -97,16 +97,16 @@ def findings(summary: Mapping[str, Any], group: str = "main") -> list[dict[str, 
     else ("yes" if abs(distill - finetune) <= 1.0 else "no", f"{distill:.2f} vs {finetune:.2f}")
   )
   checks = {
-    "copy beats scratch": _beats(s("copy"), s("scratch")),
-    "distill beats scratch": _beats(s("distill"), s("scratch")),
+    "copy beats scratch": beats(s("copy"), s("scratch")),
+    "distill beats scratch": beats(s("distill"), s("scratch")),
     "distill is within 1 point of fine-tuning": near,
-    "the fine-tune + distill ensemble beats both members": _beats(
+    "the fine-tune + distill ensemble beats both members": beats(
       s("ens_finetune_distill"), members
     ),
-    "... and beats the fine-tune + scratch control": _beats(
+    "... and beats the fine-tune + scratch control": beats(
       s("ens_finetune_distill"), s("ens_finetune_scratch")
     ),
-    "feature distillation is below attention distillation": _beats(
+    "feature distillation is below attention distillation": beats(
       s("distill"), s("feature_distill")
     ),
   }
@@ -118,15 +118,15 @@ def findings(summary: Mapping[str, Any], group: str = "main") -> list[dict[str, 
       min(copy_n, scratch_n),
     )
     checks |= {
-      "copying Q beats copying the map": _beats(s("copy_q"), s("copy")),
-      "later layers matter more (last 2 beat first 2)": _beats(s("copy_last2"), s("copy_first2")),
-      "more layers help (all beat the last 2)": _beats(s("copy"), s("copy_last2")),
-      "more heads help (all 4 beat 2)": _beats(s("copy"), s("copy_heads2")),
+      "copying Q beats copying the map": beats(s("copy_q"), s("copy")),
+      "later layers matter more (last 2 beat first 2)": beats(s("copy_last2"), s("copy_first2")),
+      "more layers help (all beat the last 2)": beats(s("copy"), s("copy_last2")),
+      "more heads help (all 4 beat 2)": beats(s("copy"), s("copy_heads2")),
       # not the paper's: our reading of the ablations above (copying layers 0-1 holds copy back)
-      "(ours) the student's own first 2 layers help (last 4 beat all 6)": _beats(
+      "(ours) the student's own first 2 layers help (last 4 beat all 6)": beats(
         s("copy_last4"), s("copy")
       ),
-      "averaged maps lose most of the gain (the copy-scratch midpoint beats them)": _beats(
+      "averaged maps lose most of the gain (the copy-scratch midpoint beats them)": beats(
         midpoint, s("copy_averaged")
       ),
     }

@@ -256,10 +256,10 @@ class ViT(nn.Module):
     )(x_BND, override, drop_masks, attn_target)
     out["tokens"] = x_BND
     if self.feature_dim:  # q/k/v [L, B, N, H, K] mapped with their heads flattened
-      x_LBNW = out[self.projected].reshape(*out[self.projected].shape[:3], -1)
+      x_LBND = out[self.projected].reshape(*out[self.projected].shape[:3], -1)
       out[f"projected_{self.projected}"] = projection.FeatureProjection(
         self.feature_dim, self.dtype_mm, name="feature_proj"
-      )(x_LBNW)
+      )(x_LBND)
     if self.head_mix:  # zeros: each head starts at the mean of the teacher's maps
       self.param("head_mix", nn.initializers.zeros, tuple(self.head_mix))
     pre_BD = self._pool(x_BND)

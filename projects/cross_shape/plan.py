@@ -1,0 +1,91 @@
+"""The cross-shape study's runs: which teacher, student and transfer settings, in which order.
+
+Two groups of students, trained from scratch on Fashion-MNIST labels (the miniature study's main-group
+data, `train[:10000]`) for EPOCHS epochs, each setting against its own scratch students:
+
+  deeper  the MiniDeep/7 MAE teacher (12 layers, 8 heads, width 64; pre-trained here on all 60,000
+          training images without labels, the miniature study's recipe) into the Mini/7 student (6 layers,
+          4 heads): layer maps `uniform` and `last`, head maps `first`, `group`, `mean`, `learned`; and,
+          as the reference, the same-shape Mini/7 teacher of the miniature study (docs/study/teachers/full).
+  finer   that same-shape Mini/7 teacher (16 patches of 7x7) into a Mini/4 student (49 patches of 4x4):
+          the teacher's maps resampled onto the student's grid (`transfer.prefix` keep, drop), or the
+          teacher shown the images at 49 px (`teacher.image_size`: its grid becomes the student's).
+
+`merge` is left out: for 8 teacher heads into 4 it is one round of adjacent pairs averaged, which is
+`group` exactly (tests/transfer/test_pairing.py).
+"""
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from at_jax.experiment import study
+from at_jax.experiment.paths import EXPORT_DIR
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SAME_SHAPE_TEACHER = os.path.join(ROOT, "docs", "study", "teachers", "full", EXPORT_DIR)
+DEEP_TEACHER = "MiniDeep/7"
+TEACHER_EPOCHS = 20.0  # as the same-shape teacher's, so that the two teachers differ in shape only
+EPOCHS, EVAL_EVERY_EPOCHS = 10, 5
+DATA = {"data.train_split": "train[:10000]"}
+DISTILL = {"transfer.mode": "distill"}  # the demo's layers 0-3 of 6 (end_layer:-2)
+DEEP, SAME = "deep", "same"  # which teacher a setting reads
+
+# name -> (student variant, teacher, overrides, seeds)
+Setting = tuple[str, str | None, dict[str, Any], int]
+GROUPS: dict[str, dict[str, Setting]] = {
+  "deeper": {
+    "scratch": ("Mini/7", None, {"transfer.mode": "none"}, 3),
+    "same_shape": ("Mini/7", SAME, DISTILL, 3),
+    "uniform_group": ("Mini/7", DEEP, {**DISTILL, "transfer.layer_map": "uniform", "transfer.head_map": "group"}, 3),
+    "uniform_learned": ("Mini/7", DEEP, {**DISTILL, "transfer.layer_map": "uniform", "transfer.head_map": "learned"}, 3),
+    "uniform_first": ("Mini/7", DEEP, {**DISTILL, "transfer.layer_map": "uniform", "transfer.head_map": "first"}, 2),
+    "uniform_mean": ("Mini/7", DEEP, {**DISTILL, "transfer.layer_map": "uniform", "transfer.head_map": "mean"}, 2),
+    "last_group": ("Mini/7", DEEP, {**DISTILL, "transfer.layer_map": "last", "transfer.head_map": "group"}, 2),
+  },
+  "finer": {
+    "scratch": ("Mini/4", None, {"transfer.mode": "none"}, 2),
+    "resample_keep": ("Mini/4", SAME, {**DISTILL, "transfer.prefix": "keep"}, 2),
+    "resample_drop": ("Mini/4", SAME, {**DISTILL, "transfer.prefix": "drop"}, 2),
+    "image_size": ("Mini/4", SAME, {**DISTILL, "teacher.image_size": 49, "teacher.resample_posemb": True}, 2),
+  },
+}  # fmt: skip
+
+
+def teacher_dir(workdir: str) -> str:
+  return os.path.join(workdir, "teachers", "deep", EXPORT_DIR)
+
+
+def _train(config_fn: Callable[[], Any]) -> Callable[[str], dict[str, Any]]:
+  def run(run_dir: str) -> dict[str, Any]:
+    from at_jax.experiment import loop  # pylint: disable=import-outside-toplevel
+
+    return dict(loop.train_and_evaluate(config_fn(), run_dir))
+
+  return run
+
+
+def student_config(workdir: str, group: str, setting: str, seed: int) -> Any:
+  """The run config of one student: configs/demo.py's, as the miniature study's students
+  (`study.student_config`), with the setting's variant, teacher and overrides."""
+  variant, which, overrides, _ = GROUPS[group][setting]
+  teacher = {DEEP: teacher_dir(workdir), SAME: SAME_SHAPE_TEACHER, None: ""}[which]
+  return study.student_config(overrides, DATA, teacher, seed, EPOCHS, EVAL_EVERY_EPOCHS, variant)
+
+
+def build_jobs(workdir: str) -> list[study.Job]:
+  """The deep teacher, then seed by seed every setting that has that seed (seed 0 of everything first,
+  so that a partial study already has one run of each setting)."""
+  options = study.Options(variant=DEEP_TEACHER, teacher_epochs=TEACHER_EPOCHS)
+  jobs = [
+    study.Job("teachers/deep", _train(lambda: study.teacher_config(options, "full")), "teacher")
+  ]
+  for seed in range(max(s[3] for g in GROUPS.values() for s in g.values())):
+    for group, settings in GROUPS.items():
+      for name, (_, which, _, seeds) in settings.items():
+        if seed >= seeds:
+          continue
+        config_fn = lambda g=group, n=name, s=seed: student_config(workdir, g, n, s)
+        needs = ("teachers/deep",) if which == DEEP else ()
+        jobs.append(study.Job(f"{group}/{name}/seed{seed}", _train(config_fn), "student", needs))
+  return jobs

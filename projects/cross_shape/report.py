@@ -1,0 +1,160 @@
+"""The cross-shape study's record: results.json (every finished run), results.md (a table per group and
+the findings, each with its noise) and cross_shape.png (top-1 per setting, mean and spread over seeds)."""
+
+import io
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from at_jax import checkpoint, metrics, storage
+from at_jax.experiment import study, study_report
+from projects.cross_shape import plan
+
+TEACHER_EXPORT = "teacher"  # <out>/teacher: the deep teacher's export, committed (~2.4 MB)
+# (finding, setting A, setting B): "A beats B" under study_report's rule (2 standard errors)
+FINDINGS = {
+  "deeper": [
+    ("a deeper 8-head teacher helps at all (uniform layers, grouped heads beat scratch)", "uniform_group", "scratch"),
+    ("... as much as the same-shape teacher (uniform/group vs same shape)", "uniform_group", "same_shape"),
+    ("the same-shape teacher beats scratch", "same_shape", "scratch"),
+    ("a learned mix of heads beats fixed groups", "uniform_learned", "uniform_group"),
+    ("groups of heads beat the first 4 heads alone", "uniform_group", "uniform_first"),
+    ("groups of heads beat one mean map for every head", "uniform_group", "uniform_mean"),
+    ("spread layers (uniform) beat the teacher's last layers", "uniform_group", "last_group"),
+  ],
+  "finer": [
+    ("resampled maps from a coarser teacher beat scratch", "resample_keep", "scratch"),
+    ("... and so do the teacher's maps at the student's grid (teacher.image_size)", "image_size", "scratch"),
+    ("showing the teacher larger images beats resampling its maps", "image_size", "resample_keep"),
+    ("patch tokens only (prefix drop) beat keeping the cls row and column", "resample_drop", "resample_keep"),
+  ],
+}  # fmt: skip
+
+
+def restore_teacher(out: str, workdir: str) -> None:
+  """The committed teacher export into a fresh workdir, so that its students need not train it again."""
+  source, destination = os.path.join(out, TEACHER_EXPORT), plan.teacher_dir(workdir)
+  if checkpoint.is_export(source) and not checkpoint.is_export(destination):
+    storage.copy_tree(source, destination)
+
+
+def _distill_losses(run_dir: str) -> list[float]:
+  """The run's logged train/distill_loss, in order: whether the loss fell (empty for scratch)."""
+  path = os.path.join(run_dir, metrics.METRICS_FILE)
+  if not storage.exists(path):
+    return []
+  return [x["train/distill_loss"] for x in metrics.read_jsonl(path) if "train/distill_loss" in x]
+
+
+def collect(workdir: str, jobs: Sequence[study.Job], recorded: Mapping[str, Any]) -> dict[str, Any]:
+  """{path: results} of every finished job, with its first and last logged distillation loss (from
+  its metrics.jsonl when the workdir has it, else as recorded before)."""
+  runs = {}
+  for job in jobs:
+    found = study.read_results(workdir, job)
+    if found is None:
+      continue
+    losses = _distill_losses(os.path.join(workdir, job.path))
+    if losses:
+      found = {**found, "distill_loss_first_last": [losses[0], losses[-1]]}
+    elif "distill_loss_first_last" in recorded.get(job.path, {}):
+      found = {**found, "distill_loss_first_last": recorded[job.path]["distill_loss_first_last"]}
+    runs[job.path] = found
+  return runs
+
+
+def summarise(runs: Mapping[str, Any]) -> dict[str, dict[str, list[float]]]:
+  """{group: {setting: [mean, std, seeds]}} of the last evaluation's top-1 (study_report's layout)."""
+  by_setting: dict[tuple[str, str], list[float]] = {}
+  for path, results in runs.items():
+    group, setting, *_ = path.split("/")
+    if group in plan.GROUPS:
+      by_setting.setdefault((group, setting), []).append(results["top1"])
+  summary: dict[str, dict[str, Any]] = {}
+  for (group, setting), values in by_setting.items():
+    row = [float(np.mean(values)), float(np.std(values)), len(values)]
+    summary.setdefault(group, {})[setting] = {"top1": row}
+  return summary
+
+
+def _describe(group: str, setting: str) -> str:
+  variant, teacher, overrides, _ = plan.GROUPS[group][setting]
+  if teacher is None:
+    return f"{variant}, no teacher"
+  shown = {k.split(".")[1]: v for k, v in overrides.items() if k != "transfer.mode"}
+  name = plan.DEEP_TEACHER if teacher == plan.DEEP else "Mini/7"
+  return f"{variant} from {name}" + "".join(f", {k}={v}" for k, v in shown.items())
+
+
+def markdown(runs: Mapping[str, Any]) -> str:
+  summary = summarise(runs)
+  lines = []
+  for group, settings in plan.GROUPS.items():
+    lines += [f"### {group}", "", "| setting | student and transfer | top-1 (mean +- std, seeds) | "
+              "distill loss first -> last |", "|---|---|---|---|"]  # fmt: skip
+    for setting in settings:
+      row = summary.get(group, {}).get(setting)
+      cell = "not run yet" if row is None else "{:.2f} +- {:.2f} ({})".format(*row["top1"])
+      losses = [runs[p]["distill_loss_first_last"] for p in runs if p.startswith(f"{group}/{setting}/")
+                if "distill_loss_first_last" in runs[p]]  # fmt: skip
+      loss = " / ".join(f"{a:.2f} -> {b:.2f}" for a, b in losses)
+      lines.append(f"| {setting} | {_describe(group, setting)} | {cell} | {loss} |")
+    lines += ["", "| finding | holds | numbers |", "|---|---|---|"]
+    for text, a, b in FINDINGS[group]:
+      a_est, b_est = (study_report.mean_se(summary, group, s) for s in (a, b))
+      holds, numbers = study_report.beats(a_est, b_est)
+      lines.append(f"| {text} | {holds} | {numbers} |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def plot(runs: Mapping[str, Any], path: str) -> None:
+  """Per group, each setting's top-1 over seeds (dots) and mean, scratch's mean as a line."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  fig, axes = plt.subplots(1, len(plan.GROUPS), figsize=(11, 3.6), squeeze=False)
+  for ax, (group, settings) in zip(axes[0], plan.GROUPS.items(), strict=True):
+    for y, setting in enumerate(settings):
+      values = [r["top1"] for p, r in runs.items() if p.startswith(f"{group}/{setting}/")]
+      if values:
+        ax.scatter(values, [y] * len(values), s=14, color="tab:blue", alpha=0.6)
+        ax.plot([np.mean(values)] * 2, [y - 0.3, y + 0.3], color="black")
+      if setting == "scratch" and values:
+        ax.axvline(np.mean(values), color="gray", linestyle=":", label="scratch mean")
+    ax.set_yticks(range(len(settings)), list(settings), fontsize=8)
+    ax.set_xlabel("test top-1 (%)")
+    ax.set_title(group, fontsize=9)
+  fig.suptitle(
+    "cross-shape attention distillation on Fashion-MNIST (dots: seeds; bar: mean)", fontsize=9
+  )
+  fig.tight_layout()
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=110)
+  storage.write_atomic(path, buffer.getvalue())
+  plt.close(fig)
+
+
+def write(workdir: str, jobs: Sequence[study.Job], out: str) -> str:
+  """Writes results.json, results.md, cross_shape.png and the teacher export into `out`; returns the
+  Markdown."""
+  recorded_path = os.path.join(out, "results.json")
+  recorded = {}
+  if storage.exists(recorded_path):
+    with storage.open_file(recorded_path) as f:
+      recorded = json.load(f)["runs"]
+  runs = collect(workdir, jobs, recorded)
+  teacher = plan.teacher_dir(workdir)
+  if checkpoint.is_export(teacher) and not checkpoint.is_export(os.path.join(out, TEACHER_EXPORT)):
+    storage.copy_tree(teacher, os.path.join(out, TEACHER_EXPORT))
+  text = markdown(runs)
+  storage.write_atomic(recorded_path, json.dumps({"runs": runs}, indent=1))
+  storage.write_atomic(os.path.join(out, "results.md"), text)
+  if runs:
+    plot(runs, os.path.join(out, "cross_shape.png"))
+  return text

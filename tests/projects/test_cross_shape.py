@@ -1,0 +1,86 @@
+"""projects/cross_shape: every planned student is a valid run before the study spends CPU on it, the
+plan's order and seeds, and the report's findings and plot."""
+
+import jax
+import numpy as np
+import pytest
+
+from at_jax import checkpoint
+from at_jax.experiment import validation
+from at_jax.models import vit
+from projects.cross_shape import plan, report
+
+
+def _random_export(path: str, variant: str) -> str:
+  teacher = vit.build({"variant": variant, "num_classes": 0})
+  params = teacher.init(jax.random.key(0), np.zeros((1, 28, 28, 3), np.float32), train=False)
+  checkpoint.save_params(path, jax.device_get(params["params"]), vit.model_fields(teacher))
+  return path
+
+
+def test_jobs_run_the_deep_teacher_first_then_seed_by_seed():
+  jobs = plan.build_jobs("/nowhere")
+  paths = [job.path for job in jobs]
+  assert paths[0] == "teachers/deep" and len(paths) == len(set(paths))
+  expected = sum(s[3] for g in plan.GROUPS.values() for s in g.values())
+  assert len(paths) == 1 + expected
+  first_seed1 = paths.index("deeper/scratch/seed1")
+  assert all(p.endswith("seed0") for p in paths[1:first_seed1])  # one run of everything first
+  for job in jobs[1:]:
+    group, setting, _ = job.path.split("/")
+    assert job.needs == (("teachers/deep",) if plan.GROUPS[group][setting][1] == plan.DEEP else ())
+
+
+def test_every_planned_student_is_a_valid_run(tmp_path, monkeypatch):
+  """Validated as launch/main.py would (data, model, teacher, transfer, memory), nothing compiled:
+  random teachers of the planned shapes stand in for the pre-trained ones."""
+  workdir = str(tmp_path)
+  _random_export(plan.teacher_dir(workdir), plan.DEEP_TEACHER)
+  monkeypatch.setattr(plan, "SAME_SHAPE_TEACHER", _random_export(str(tmp_path / "same"), "Mini/7"))
+  for group, settings in plan.GROUPS.items():
+    for setting in settings:
+      config = plan.student_config(workdir, group, setting, 0)
+      config.data.eval_batch_size = 496  # over the tests' 8 devices (the study: 500 on one)
+      validation.validate(config, str(tmp_path / group / setting))
+
+
+def _fake_runs(top1: dict[str, list[float]]) -> dict[str, dict]:
+  return {
+    f"deeper/{setting}/seed{i}": {"top1": value, "wall_s": 60.0}
+    for setting, values in top1.items()
+    for i, value in enumerate(values)
+  }
+
+
+def test_report_states_each_finding_with_its_noise(tmp_path):
+  runs = _fake_runs(
+    {
+      "scratch": [70.0, 70.5, 69.5],
+      "same_shape": [74.0, 74.2, 73.8],
+      "uniform_group": [74.1, 73.9, 74.3],
+      "uniform_learned": [72.0, 75.0, 73.0],
+    }
+  )
+  text = report.markdown(runs)
+  rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines()}
+  assert (
+    "| yes |"
+    in rows["a deeper 8-head teacher helps at all (uniform layers, grouped heads beat scratch)"]
+  )
+  assert (
+    "| within noise |"
+    in rows["... as much as the same-shape teacher (uniform/group vs same shape)"]
+  )
+  assert "| n/a |" in rows["groups of heads beat the first 4 heads alone"]
+  assert "74.10 +- 0.16 (3)" in text  # uniform_group's mean and population std over 3 seeds
+  report.plot(runs, str(tmp_path / "plot.png"))
+  assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("missing", ["teacher", "none"])
+def test_restore_teacher_copies_a_committed_export_once(tmp_path, missing):
+  out, workdir = tmp_path / "out", str(tmp_path / "work")
+  if missing == "none":
+    _random_export(str(out / report.TEACHER_EXPORT), plan.DEEP_TEACHER)
+  report.restore_teacher(str(out), workdir)
+  assert checkpoint.is_export(plan.teacher_dir(workdir)) == (missing == "none")
