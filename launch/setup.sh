@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-time setup on a fresh Debian/Ubuntu machine (CPU): Fashion-MNIST from Debian, a venv with the pinned
-# requirements; with --tests also the test-only ones (torch, timm: parity tests against PyTorch; foolbox
+# requirements; with --tests also the test-only ones (torch, timm, transformers: parity tests against PyTorch; foolbox
 # for its photographs).
 # Idempotent: re-running is cheap. On GPU/TPU hosts see README ("Launching ViT-L").
 set -euo pipefail
