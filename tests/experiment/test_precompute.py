@@ -207,6 +207,22 @@ def test_train_iterator_carries_each_examples_targets(stores):
   )
 
 
+def _batch_with_targets(targets: target_store.TeacherTargets) -> dict:
+  """The first training batch of `_source()` in the fixed view, carrying its examples' stored targets."""
+  batch = next(
+    pipeline.train_iterator(
+      _source(),
+      global_batch_size=BATCH,
+      seed=0,
+      **VIEW,
+      fixed_view=True,
+      targets=targets,
+      num_threads=0,
+    )
+  )
+  return {k: jnp.asarray(v) for k, v in batch.items() if k != "skipped"}
+
+
 @pytest.mark.parametrize("store", SETTINGS)
 def test_distill_loss_from_stored_targets_equals_jointly_run_teacher(teacher, stores, store):
   model, params = teacher
@@ -215,18 +231,7 @@ def test_distill_loss_from_stored_targets_equals_jointly_run_teacher(teacher, st
   student_params = _sharpened(
     student.init(jax.random.key(1), jnp.zeros((1, SIZE, SIZE, 3)), train=False)["params"], 8
   )
-  batch = next(
-    pipeline.train_iterator(
-      _source(),
-      global_batch_size=BATCH,
-      seed=0,
-      **VIEW,
-      fixed_view=True,
-      targets=target_store.TeacherTargets(stores[store]),
-      num_threads=0,
-    )
-  )
-  batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "skipped"}
+  batch = _batch_with_targets(target_store.TeacherTargets(stores[store]))
 
   def loss(source, fed):
     t = spec.resolve(
@@ -280,18 +285,8 @@ def test_stored_targets_of_another_shape_give_the_jointly_run_loss(
   )
   layers = tuple(sorted(set(resolve("precomputed").teacher_layers)))
   _write((model, params), tmp_path, store, layers=layers)
-  batch = next(
-    pipeline.train_iterator(
-      _source(),
-      global_batch_size=BATCH,
-      seed=0,
-      **VIEW,
-      fixed_view=True,
-      targets=target_store.TeacherTargets(str(tmp_path), resolve("precomputed").teacher_layers),
-      num_threads=0,
-    )
-  )
-  batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "skipped"}
+  stored = target_store.TeacherTargets(str(tmp_path), resolve("precomputed").teacher_layers)
+  batch = _batch_with_targets(stored)
   losses = {}
   for source in ("jointly", "precomputed"):
     t, jointly = resolve(source), source == "jointly"
