@@ -10,6 +10,9 @@ Reads
   * training checkpoints, the PyTorch reference's dual (teacher + student) ones included: `FILE#SELECTOR`
     picks the entry (`model`, `model_ema`) and tower (`student`, `teacher`), e.g.
     `checkpoint-199.pth#model_ema.student` (`selection`).
+  * Hugging Face `transformers` folders (`save_pretrained`, a hub-cache snapshot or cached repo root) of
+    ViT, ViT-MAE, DINOv2 (with registers) and CLIP vision towers, their architecture read from config.json
+    (`hf`, `hf_folder`).
 
 The architecture is read off the keys and shapes. What a checkpoint does not store comes from a table:
 the number of heads (`keymap.HEADS_BY_WIDTH`, or `num_heads`), LayerNorm epsilon and MLP activation
@@ -24,7 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from at_jax.convert import big_vision, keymap, posemb, readers, selection, timm
+from at_jax.convert import big_vision, hf, hf_folder, keymap, posemb, readers, selection, timm
 from at_jax.errors import ConfigError
 from at_jax.models import vit
 
@@ -58,10 +61,12 @@ def load_checkpoint(
 
   Args:
     path: a `.pth`/`.pt`/`.bin`/`.pth.tar`/`.safetensors` file with timm key names, or a big_vision `.npz`;
-      optionally `#SELECTOR`, the weights to take from a training checkpoint (`selection`).
+      optionally `#SELECTOR`, the weights to take from a training checkpoint (`selection`); or a Hugging
+      Face folder (`hf_folder.is_hf_folder`), whose config.json states what `family` and `num_heads` would.
     image_size: the input size the teacher will see; None keeps the checkpoint's (grid * patch size).
-    resample_posemb: resample the position table bicubically (as timm's `resample_abs_pos_embed`) when
-      its grid differs from `image_size`; otherwise that is an error.
+    resample_posemb: resample the position table bicubically (as timm's `resample_abs_pos_embed`; for a
+      Hugging Face folder as transformers' `interpolate_pos_encoding`) when its grid differs from
+      `image_size`; otherwise that is an error.
     family: a `FAMILIES` name, for what the keys do not tell (LayerNorm eps, MLP activation).
     num_heads: the number of attention heads, for widths missing from `keymap.HEADS_BY_WIDTH`.
     default_tower: the tower ("student" or "teacher") of a dual checkpoint whose path names none; None
@@ -82,6 +87,26 @@ def load_checkpoint(
   if default_tower not in (None, *selection.TOWERS):
     raise ValueError(f"default_tower: {default_tower!r} is not None or one of {selection.TOWERS}")
   file, selector = selection.split(path)
+  if hf_folder.is_hf_folder(file):
+    if selector is not None or family is not None:
+      raise ConfigError(
+        "family" if selector is None else path,
+        f"{file} is a Hugging Face folder: its config.json states the architecture and it holds one "
+        "model; pass neither family nor a #selector",
+      )
+    config, params = hf.from_hf(file, num_heads, image_size, resample_posemb)
+  else:
+    config, params = _from_file(path, family, num_heads, default_tower)
+  image_size = posemb.fit_posemb(params, config, path, image_size, resample_posemb)
+  _check_against_model(config, params, image_size, path)
+  return config, params
+
+
+def _from_file(
+  path: str, family: str | None, num_heads: int | None, default_tower: str | None
+) -> tuple[dict, dict]:
+  """A checkpoint file (timm-named PyTorch/safetensors or big_vision .npz) -> (config, params)."""
+  file, selector = selection.split(path)
   contents = readers.read(file)
   if file.lower().endswith(".npz"):
     if selector is not None:
@@ -101,8 +126,6 @@ def load_checkpoint(
       "LayerNorm eps and MLP activation the checkpoint does not store; pass family='clip' "
       "(GELU, eps 1e-5) or 'clip_openai' (QuickGELU, eps 1e-5)",
     )
-  image_size = posemb.fit_posemb(params, config, path, image_size, resample_posemb)
-  _check_against_model(config, params, image_size, path)
   return config, params
 
 

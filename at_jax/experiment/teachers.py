@@ -9,8 +9,8 @@ import ml_collections
 import numpy as np
 
 from at_jax import checkpoint, sharding, storage
+from at_jax.convert import hf_folder, posemb, selection
 from at_jax.convert import load as convert
-from at_jax.convert import posemb, selection
 from at_jax.data import target_store
 from at_jax.errors import ConfigError
 from at_jax.experiment.paths import EXPORT_DIR, TEACHER_DIR
@@ -33,8 +33,10 @@ def teacher_path(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def is_checkpoint_file(path: str) -> bool:
-  """Whether `path` names a checkpoint file (with or without a `#selector`), not a params export."""
-  return storage.isfile(selection.split(path)[0])
+  """Whether `path` names a checkpoint to convert, not a params export: a file (with or without a
+  `#selector`) or a Hugging Face folder (config.json; an export has model_config.json instead)."""
+  file = selection.split(path)[0]
+  return storage.isfile(file) or hf_folder.is_hf_folder(file)
 
 
 def teacher_image_size(config: ml_collections.ConfigDict) -> int:
@@ -48,9 +50,10 @@ def load_vit(
   default_tower: str | None = "student",
   image_size: int = 0,
 ) -> tuple[dict, Any]:
-  """(model_config, numpy params) of a ViT fitted to data.image_size, from our params export (a directory)
-  or a PyTorch/timm/big_vision checkpoint file (converted by at_jax.convert; `FILE#SELECTOR` picks the
-  weights of a training checkpoint, see at_jax.convert.selection).
+  """(model_config, numpy params) of a ViT fitted to data.image_size, from our params export (a directory
+  with model_config.json), a PyTorch/timm/big_vision checkpoint file or a Hugging Face folder (converted by
+  at_jax.convert; `FILE#SELECTOR` picks the weights of a training checkpoint, see
+  at_jax.convert.selection).
 
   The teacher.* conversion fields apply: resample_posemb (bicubic resampling of a position table made for
   another image size; otherwise that is an error), and for files num_heads and family. `default_tower`:
@@ -59,9 +62,11 @@ def load_vit(
   """
   size, t = image_size or config.data.image_size, config.teacher
   if is_checkpoint_file(path):
+    file = selection.split(path)[0]
     return _convert_file(
       storage.absolute(path),
-      storage.mtime_ns(selection.split(path)[0]),  # None in a bucket: converted once per process
+      # None in a bucket: converted once per process. A folder's own mtime misses files rewritten in it.
+      hf_folder.mtime_ns(file) if storage.isdir(file) else storage.mtime_ns(file),
       size,
       t.resample_posemb,
       t.family or None,

@@ -43,7 +43,12 @@ ACTIVATIONS = {
   "gelu": lambda x: 0.5 * x * (1.0 + jax.lax.erf(x * 2**-0.5)),
   "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
   "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP
+  # Gated (`GATED`): the first Dense is twice `mlp_dim` wide, [gate | value] halves, as DINOv2's fused
+  # `weights_in`; silu(gate) * value is `mlp_dim` wide.
+  "swiglu": lambda x: jax.nn.silu(x[..., : x.shape[-1] // 2]) * x[..., x.shape[-1] // 2 :],
 }
+# Activations that halve their input: their MLP's first Dense is 2 * mlp_dim wide.
+GATED = frozenset({"swiglu"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +76,8 @@ class MlpBlock(nn.Module):
     dense = lambda n, name: nn.Dense(
       n, dtype=a.dtype_mm, kernel_init=inits.dense_kernel(a.weight_init), name=name
     )
-    y_BNF = ACTIVATIONS[a.mlp_act](dense(a.mlp_dim, "Dense_0")(x_BND))
+    hidden = a.mlp_dim * (2 if a.mlp_act in GATED else 1)
+    y_BNF = ACTIVATIONS[a.mlp_act](dense(hidden, "Dense_0")(x_BND))
     return dense(x_BND.shape[-1], "Dense_1")(y_BNF)
 
 

@@ -1,0 +1,200 @@
+"""A params export (any run's `params/` or `params_ema/`, a teacher's) -> PyTorch: timm's
+VisionTransformer or Hugging Face's ViT. The inverse of `load_checkpoint`:
+
+  python -m at_jax.convert --export <workdir>/params /tmp/student_timm --to=timm
+  python -m at_jax.convert --export <workdir>/params /tmp/student_hf --to=hf
+
+timm: `<out>/model.safetensors` (timm's key names) and `<out>/timm_args.json`, the `timm.create_model`
+name and kwargs that rebuild the architecture:
+
+  args = json.load(open(f"{out}/timm_args.json"))
+  model = timm.create_model(args["model_name"], pretrained=False, **args["kwargs"])
+  model.load_state_dict(safetensors.torch.load_file(f"{out}/model.safetensors"), strict=True)
+
+Hugging Face: what `save_pretrained` writes (config.json, model.safetensors):
+`transformers.ViTForImageClassification.from_pretrained(out)` with a head (num_classes > 0, cls pooling),
+else `transformers.ViTModel.from_pretrained(out, add_pooling_layer=False)` (the export has no pooler; the
+pre-logits are `last_hidden_state[:, 0]`).
+
+Both take NCHW float images normalised as the run's `data.normalization` did, at the export's image
+size (the position grid times the patch size). What a target cannot express is refused before anything
+is written, naming the fields and the target that can (`export_keys.unsupported`). Training-only heads
+(`feature_proj`, `head_mix`) are not part of the ViT: found in a params dir, they are dropped with a note.
+"""
+
+import json
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from at_jax import checkpoint, storage
+from at_jax.convert import export_keys
+from at_jax.errors import ConfigError
+from at_jax.models import vit
+
+TARGETS = ("timm", "hf")
+# The heads a training run adds beside the ViT (`vit.export_view` drops them from exports already).
+_TRAINING_HEADS = ("feature_proj", "head_mix")
+# A run's exports under its workdir (at_jax.experiment.paths, which convert may not import).
+_RUN_EXPORTS = ("params", "params_ema")
+
+
+def export(src: str, dst: str, to: str) -> tuple[dict[str, Any], list[str]]:
+  """Writes the export `src` to `dst` for `to` ("timm" or "hf").
+
+  Returns:
+    (what rebuilds the architecture: timm_args.json's contents or HF's config.json, notes for the user).
+
+  Raises:
+    ConfigError: `src` is not a readable export (field: `src`), or the target cannot express its
+      architecture (field: "to"; the message names what and which target can).
+  """
+  if to not in TARGETS:
+    raise ConfigError("to", f"unknown target {to!r}; one of {TARGETS}")
+  fields = read_fields(src)
+  check_expressible(fields, to, src)
+  params, notes = read_params(src, fields)
+  image_size, channels = input_shape(fields, params, src)
+  if to == "timm":
+    state = export_keys.timm_state_dict(fields, params, image_size)
+    meta_name, meta = "timm_args.json", export_keys.timm_args(fields, image_size, channels)
+  else:
+    state = export_keys.hf_state_dict(fields, params, image_size)
+    meta_name, meta = "config.json", export_keys.hf_config(fields, image_size, channels)
+  _write(dst, state, {meta_name: meta})
+  return meta, notes
+
+
+def check_expressible(fields: dict[str, Any], to: str, src: str) -> None:
+  """ConfigError (field "to") listing what of `fields` target `to` cannot express, and who can."""
+  problems = export_keys.unsupported(fields)
+  if not problems[to]:
+    return
+  others = [t for t in TARGETS if t != to and not problems[t]]
+  hint = (
+    f"export with --to={others[0]}, which can take it"
+    if others
+    else "neither timm nor Hugging Face can take it: "
+    + "; ".join(f"{t}: {', '.join(problems[t])}" for t in TARGETS if t != to)
+  )
+  raise ConfigError(
+    "to",
+    f"{src}: {export_keys.TARGET_NAMES[to]} cannot express {'; '.join(problems[to])}; {hint}",
+  )
+
+
+def read_fields(src: str) -> dict[str, Any]:
+  """The complete `vit.ViT` fields of the export `src`, as exported (no training heads, loop layout)."""
+  if not checkpoint.is_export(src):
+    raise ConfigError(src, _not_an_export(src))
+  config = checkpoint.read_model_config(src)
+  # The training heads' fields describe no part of the exported ViT; scan is a layout read_params undoes.
+  config = {**config, "feature_dim": 0, "projected": "features", "head_mix": (), "scan": False}
+  try:
+    return vit.model_fields(vit.build(config))
+  except ConfigError as e:
+    raise ConfigError(src, f"model_config.json does not build a ViT: {e}") from e
+
+
+def _not_an_export(src: str) -> str:
+  """Why `src` is not an export, and what the user may have meant."""
+  what = (
+    "a params export (a directory with model_config.json and params/, written by "
+    "at_jax.checkpoint.save_params: a run leaves <workdir>/params and <workdir>/params_ema)"
+  )
+  if not storage.exists(src):
+    return f"no such directory; --export takes {what}"
+  if storage.isfile(src):
+    return (
+      f"a file, not {what}; to read a checkpoint file INTO an export, run "
+      "python -m at_jax.convert FILE OUT_DIR (without --export)"
+    )
+  found = [d for d in _RUN_EXPORTS if checkpoint.is_export(os.path.join(src, d))]
+  if found:
+    return (
+      f"a run's workdir, not an export; its exports are {', '.join(f'{src}/{d}' for d in found)}"
+    )
+  parent = os.path.dirname(os.path.normpath(src))
+  if checkpoint.is_export(parent):
+    return f"the params folder inside the export {parent}; pass {parent}"
+  return f"no model_config.json: not {what} (or an unfinished one)"
+
+
+def read_params(src: str, fields: dict[str, Any]) -> tuple[dict[str, np.ndarray], list[str]]:
+  """(float32 params of `src` as {'/'-joined path: array} in the loop layout, notes); checks they are
+  the params of the ViT `fields` describe."""
+  _, params = checkpoint.load_params(src)
+  params = dict(params)
+  notes = []
+  dropped = [k for k in _TRAINING_HEADS if k in params]
+  if dropped:
+    notes.append(
+      f"dropped the training-only {' and '.join(dropped)} (not part of the ViT's forward pass)"
+    )
+    params = {k: v for k, v in params.items() if k not in dropped}
+  if "encoderblock" in params.get("Transformer", {}):
+    params = vit.scan_to_loop(params)
+  flat = {
+    "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf, np.float32)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+  }
+  _check_fits(fields, flat, src)
+  return flat, notes
+
+
+def input_shape(fields: dict[str, Any], params: dict[str, np.ndarray], src: str) -> tuple[int, int]:
+  """(image size, channels): the position table's square grid times the patch size, and the patch
+  kernel's input channels."""
+  if "pos_embedding" not in params or "embedding/kernel" not in params:
+    raise ConfigError(src, "no pos_embedding or embedding/kernel: not the params of a ViT")
+  table = params["pos_embedding"].shape[1]
+  patches = table - (vit.build(fields).num_prefix if fields["posemb_prefix"] else 0)
+  grid = math.isqrt(max(patches, 0))
+  if patches <= 0 or grid * grid != patches:
+    raise ConfigError(
+      src,
+      f"its position table has {patches} patch slots, not a square grid: timm's and Hugging "
+      "Face's ViTs are built for a square image size",
+    )
+  return grid * fields["patch_size"], int(params["embedding/kernel"].shape[2])
+
+
+def _check_fits(fields: dict[str, Any], params: dict[str, np.ndarray], src: str) -> None:
+  """ConfigError unless `params` has exactly the leaves and shapes of the ViT `fields` describes."""
+  image_size, channels = input_shape(fields, params, src)
+  images = jax.ShapeDtypeStruct((1, image_size, image_size, channels), jnp.float32)
+  model = vit.build(fields)
+  want = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)["params"]
+  want = {
+    "/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(want)
+  }
+  got = {k: tuple(v.shape) for k, v in params.items()}
+  if want != got:
+    diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+    raise ConfigError(
+      src,
+      "its params do not match its model_config.json: "
+      + ", ".join(f"{k} {got.get(k)} vs {want.get(k)}" for k in diff[:10]),
+    )
+
+
+def _write(dst: str, state: dict[str, np.ndarray], jsons: dict[str, Any]) -> None:
+  """`state` as dst/model.safetensors and each of `jsons` as dst/NAME."""
+  try:
+    from safetensors.numpy import save  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ConfigError(
+      dst, "writing .safetensors needs the safetensors package: pip install safetensors"
+    ) from e
+  dst = storage.absolute(dst)
+  storage.makedirs(dst)
+  # {"format": "pt"}: transformers refuses a safetensors file whose metadata names no framework.
+  blob = save({k: np.ascontiguousarray(v) for k, v in state.items()}, metadata={"format": "pt"})
+  storage.write_atomic(os.path.join(dst, "model.safetensors"), blob)
+  for name, content in jsons.items():
+    storage.write_atomic(os.path.join(dst, name), json.dumps(content, indent=2, sort_keys=True))

@@ -1,0 +1,259 @@
+"""Our params -> timm's and Hugging Face's key names, and what each of them cannot express.
+
+timm's names come from inverting the importer's own rules (`timm._embedding_rules`, `_head_rules`,
+`_block_rules`), not from a second table: every rule's function only rearranges its array (transposes,
+reshapes, splits the fused qkv), so applying it to the key's element indices says where each of our
+values sits in that key's tensor (`invert`). Hugging Face's names are timm's renamed (`_HF_NAMES`), the
+fused qkv split in three: transformers 4's `ViTModel` names, which transformers 5 renames on loading.
+"""
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from at_jax.convert import timm
+from at_jax.convert.keymap import Rules
+
+TARGET_NAMES = {
+  "timm": "timm's VisionTransformer",
+  "hf": "Hugging Face's ViT (ViTModel / ViTForImageClassification)",
+}
+# Our MLP activations -> timm's `act_layer` names (timm.layers.get_act_layer) and Hugging Face's
+# `hidden_act` (transformers' ACT2FN): exact GELU, tanh GELU, OpenAI's QuickGELU in both.
+_TIMM_ACTS = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "quick_gelu": "quick_gelu"}
+_HF_ACTS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu"}
+# timm's LayerNorm eps is no JSON kwarg: the entrypoint carries it. Standard ViTs use 1e-6, the CLIP
+# towers 1e-5 (`vit_*_clip_*`); every other architecture field is a kwarg that overrides the name's.
+_TIMM_EPS_NAMES = ((1e-6, ""), (1e-5, "_clip"))
+# (width, depth, heads) -> timm's size name; with 4x MLP, patch and image size they name a model.
+_TIMM_SIZES = {
+  (192, 12, 3): "tiny",
+  (384, 12, 6): "small",
+  (768, 12, 12): "base",
+  (1024, 24, 16): "large",
+}
+# fmt: off
+_TIMM_ENTRYPOINTS = {
+  "vit_tiny_patch16_224", "vit_tiny_patch16_384", "vit_small_patch8_224", "vit_small_patch16_224",
+  "vit_small_patch16_384", "vit_small_patch32_224", "vit_small_patch32_384", "vit_base_patch8_224",
+  "vit_base_patch16_224", "vit_base_patch16_384", "vit_base_patch32_224", "vit_base_patch32_384",
+  "vit_large_patch14_224", "vit_large_patch16_224", "vit_large_patch16_384", "vit_large_patch32_224",
+  "vit_large_patch32_384", "vit_base_patch16_clip_224", "vit_base_patch32_clip_224",
+  "vit_large_patch14_clip_224",
+}
+# fmt: on
+# timm key (regex) -> transformers 4's ViTModel key; the fused qkv is split apart (`_hf_split_qkv`).
+_HF_NAMES = (
+  (r"cls_token", "embeddings.cls_token"),
+  (r"pos_embed", "embeddings.position_embeddings"),
+  (r"patch_embed\.proj\.", "embeddings.patch_embeddings.projection."),
+  (r"blocks\.(\d+)\.norm1\.", r"encoder.layer.\1.layernorm_before."),
+  (r"blocks\.(\d+)\.attn\.proj\.", r"encoder.layer.\1.attention.output.dense."),
+  (r"blocks\.(\d+)\.norm2\.", r"encoder.layer.\1.layernorm_after."),
+  (r"blocks\.(\d+)\.mlp\.fc1\.", r"encoder.layer.\1.intermediate.dense."),
+  (r"blocks\.(\d+)\.mlp\.fc2\.", r"encoder.layer.\1.output.dense."),
+  (r"norm\.", "layernorm."),
+  (r"head\.", "classifier."),
+)
+
+
+def _eps_suffix(eps: float) -> str | None:
+  return next((s for e, s in _TIMM_EPS_NAMES if math.isclose(eps, e, rel_tol=1e-6)), None)
+
+
+def unsupported(f: Mapping[str, Any]) -> dict[str, list[str]]:
+  """Per target ("timm", "hf"), what of the ViT fields `f` it cannot express (empty: it can)."""
+  timm_cannot = []
+  if _eps_suffix(f["norm_eps"]) is None:
+    timm_cannot.append(
+      f"LayerNorm eps {f['norm_eps']} (norm_eps; its entrypoints fix 1e-6, or 1e-5 for CLIP towers)"
+    )
+  if f["mlp_act"] not in _TIMM_ACTS:
+    timm_cannot.append(f"the MLP activation {f['mlp_act']!r} (mlp_act)")
+  hf_cannot = [
+    what
+    for cannot, what in (
+      (f["num_registers"] > 0, f"{f['num_registers']} register tokens (num_registers)"),
+      (f["layerscale_init"] > 0, "LayerScale (layerscale_init > 0)"),
+      (f["qk_norm"], "QK-norm (qk_norm)"),
+      (f["pre_norm"], "a LayerNorm before the blocks (pre_norm)"),
+      (not f["class_token"], "a ViT without a cls token (class_token=False)"),
+      (
+        f["pool"] != "cls",
+        f"{f['pool']!r} pooling (pool; it reads the LayerNorm-ed cls token, no fc_norm)",
+      ),
+      (f["mlp_act"] not in _HF_ACTS, f"the MLP activation {f['mlp_act']!r} (mlp_act)"),
+    )
+    if cannot
+  ]
+  return {"timm": timm_cannot, "hf": hf_cannot}
+
+
+def _timm_architecture(f: Mapping[str, Any], channels: int, pos_len: int) -> timm._Architecture:
+  """The importer's description of the timm ViT that `f` is."""
+  return timm._Architecture(
+    width=f["width"],
+    channels=channels,
+    patch=f["patch_size"],
+    depth=f["depth"],
+    mlp_dim=f["mlp_dim"],
+    heads=f["num_heads"],
+    qk_norm=f["qk_norm"],
+    qkv_bias=f["qkv_bias"],
+    layerscale=f["layerscale_init"] > 0,
+    class_token=f["class_token"],
+    registers=f["num_registers"],
+    meta_registers=False,
+    pre_norm=f["pre_norm"],
+    has_norm=f["pool"] == "cls",
+    num_classes=f["num_classes"],
+    pos_len=pos_len,
+    posemb_prefix=f["posemb_prefix"],
+  )
+
+
+def invert(rules: Rules, ours: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The checkpoint that `keymap.apply(checkpoint, rules)` would turn into `ours` ({'/' path: array}).
+
+  Raises RuntimeError where the rules and the params disagree (a param left over, a tensor element no
+  param fills): the refusals and the fit check come first, so that is a bug, not bad input.
+  """
+  out, used = {}, set()
+  for key, (shape, to_ours) in rules.items():
+    size = math.prod(shape)
+    values = np.zeros(size, np.float32)
+    filled = np.zeros(size, np.int64)
+    for dst, index in to_ours(np.arange(size).reshape(shape)).items():
+      if dst not in ours or ours[dst].shape != index.shape:
+        raise RuntimeError(f"export bug: {key} needs {dst} {index.shape}, the params have none")
+      values[index.ravel()] = ours[dst].ravel()
+      np.add.at(filled, index.ravel(), 1)
+      used.add(dst)
+    if not (filled == 1).all():
+      raise RuntimeError(f"export bug: the params fill {key} {shape} partly or twice")
+    out[key] = values.reshape(shape)
+  if set(ours) - used:
+    raise RuntimeError(f"export bug: params without a key: {sorted(set(ours) - used)}")
+  return out
+
+
+def timm_state_dict(
+  f: Mapping[str, Any], params: Mapping[str, np.ndarray], image_size: int
+) -> dict[str, np.ndarray]:
+  """timm's VisionTransformer state dict holding `params` ({'/' path: array}) of the ViT `f`."""
+  ours = dict(params)
+  channels = ours["embedding/kernel"].shape[2]
+  if f["pre_norm"]:
+    # timm's patch embedding has no bias under pre_norm (CLIP's). The bias is added to every patch
+    # just before its position: folded into the table's patch slots, it computes the same.
+    patches = (image_size // f["patch_size"]) ** 2
+    table_BND = ours["pos_embedding"].copy()
+    table_BND[:, -patches:] += ours.pop("embedding/bias")
+    ours["pos_embedding"] = table_BND
+  a = _timm_architecture(f, channels, ours["pos_embedding"].shape[1])
+  # The importer reads the patch bias where the checkpoint has one: it has one unless pre_norm.
+  rules = timm._embedding_rules({} if f["pre_norm"] else {"patch_embed.proj.bias": None}, a)
+  rules.update(timm._head_rules(a))
+  for i in range(f["depth"]):
+    rules.update(timm._block_rules(a, i))
+  return invert(rules, ours)
+
+
+def _timm_name(f: Mapping[str, Any], image_size: int) -> str:
+  """The timm entrypoint: the model `f` is where there is one, else a stock one whose architecture the
+  kwargs override whole; with the LayerNorm eps of `f`, which no kwarg can set."""
+  clip = _eps_suffix(f["norm_eps"])
+  size = _TIMM_SIZES.get((f["width"], f["depth"], f["num_heads"]))
+  named = f"vit_{size}_patch{f['patch_size']}{clip}_{image_size}"
+  if size and f["mlp_dim"] == 4 * f["width"] and named in _TIMM_ENTRYPOINTS:
+    return named
+  return f"vit_base_patch16{clip}_224"
+
+
+def timm_args(f: Mapping[str, Any], image_size: int, channels: int) -> dict[str, Any]:
+  """{"model_name", "kwargs"} for `timm.create_model(model_name, pretrained=False, **kwargs)`."""
+  width, mlp_dim = f["width"], f["mlp_dim"]
+  # timm builds int(width * mlp_ratio) hidden units: nudge a ratio that float rounding would truncate.
+  ratio = mlp_dim / width if int(width * (mlp_dim / width)) == mlp_dim else (mlp_dim + 0.5) / width
+  prefix = f["class_token"] or f["num_registers"] > 0
+  kwargs = dict(
+    img_size=image_size,
+    patch_size=f["patch_size"],
+    in_chans=channels,
+    num_classes=f["num_classes"],
+    global_pool="token" if f["pool"] == "cls" else "avg",
+    embed_dim=width,
+    depth=f["depth"],
+    num_heads=f["num_heads"],
+    mlp_ratio=ratio,
+    qkv_bias=f["qkv_bias"],
+    qk_norm=f["qk_norm"],
+    init_values=f["layerscale_init"] if f["layerscale_init"] > 0 else None,
+    class_token=f["class_token"],
+    reg_tokens=f["num_registers"],
+    no_embed_class=bool(prefix and not f["posemb_prefix"]),
+    pre_norm=f["pre_norm"],
+    fc_norm=f["pool"] == "gap",
+    act_layer=_TIMM_ACTS[f["mlp_act"]],
+  )
+  return {"model_name": _timm_name(f, image_size), "kwargs": kwargs}
+
+
+def _hf_split_qkv(key: str, value: np.ndarray) -> dict[str, np.ndarray]:
+  """timm's fused blocks.N.attn.qkv.{weight,bias} ([3D, ...], q then k then v) -> HF's three."""
+  i, kind = re.fullmatch(r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)", key).groups()
+  return {
+    f"encoder.layer.{i}.attention.attention.{name}.{kind}": part
+    for name, part in zip(("query", "key", "value"), np.split(value, 3))
+  }
+
+
+def hf_state_dict(
+  f: Mapping[str, Any], params: Mapping[str, np.ndarray], image_size: int
+) -> dict[str, np.ndarray]:
+  """Hugging Face's ViT state dict holding `params` (`unsupported(f)["hf"]` must be empty)."""
+  head = f["num_classes"] > 0
+  out = {}
+  for key, value in timm_state_dict(f, params, image_size).items():
+    if key == "pos_embed" and not f["posemb_prefix"]:
+      # HF's table always has the cls slot; a zero there adds nothing to the cls token, as ours.
+      value = np.concatenate([np.zeros_like(value[:, :1]), value], axis=1)
+    if ".attn.qkv." in key:
+      renamed = _hf_split_qkv(key, value)
+    else:
+      name = next((re.sub(f"^{p}", r, key) for p, r in _HF_NAMES if re.match(p, key)), None)
+      if name is None:
+        raise RuntimeError(f"export bug: no Hugging Face name for timm's {key}")
+      renamed = {name: value}
+    # ViTForImageClassification keeps the encoder under `vit.`; a headless export is a ViTModel.
+    out.update(
+      {k if not head or k.startswith("classifier.") else f"vit.{k}": v for k, v in renamed.items()}
+    )
+  return out
+
+
+def hf_config(f: Mapping[str, Any], image_size: int, channels: int) -> dict[str, Any]:
+  """config.json for `ViTForImageClassification` (with a head) or `ViTModel` (headless)."""
+  config = dict(
+    model_type="vit",
+    architectures=["ViTForImageClassification" if f["num_classes"] > 0 else "ViTModel"],
+    hidden_size=f["width"],
+    num_hidden_layers=f["depth"],
+    num_attention_heads=f["num_heads"],
+    intermediate_size=f["mlp_dim"],
+    hidden_act=_HF_ACTS[f["mlp_act"]],
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+    layer_norm_eps=f["norm_eps"],
+    image_size=image_size,
+    patch_size=f["patch_size"],
+    num_channels=channels,
+    qkv_bias=f["qkv_bias"],
+  )
+  if f["num_classes"] > 0:  # HF reads the number of labels off id2label
+    config["id2label"] = {str(i): f"LABEL_{i}" for i in range(f["num_classes"])}
+    config["label2id"] = {f"LABEL_{i}": i for i in range(f["num_classes"])}
+  return config
