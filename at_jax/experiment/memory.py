@@ -7,7 +7,7 @@ import jax
 import ml_collections
 
 from at_jax import sharding
-from at_jax.models import vit
+from at_jax.models import encoder, vit
 from at_jax.transfer.spec import Transfer
 
 
@@ -55,7 +55,7 @@ def estimate(
     examples=examples,
     tokens=tokens,
     width=model.width,
-    mlp_dim=model.mlp_dim,
+    mlp_dim=model.mlp_dim * (2 if model.mlp_act in encoder.GATED else 1),  # SwiGLU's [gate | value]
     heads=model.num_heads,
     depth=model.depth,
     mm_bytes=jax.numpy.dtype(model.dtype_mm).itemsize,
