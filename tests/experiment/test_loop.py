@@ -667,3 +667,48 @@ def test_a_student_takes_the_teachers_components_at_its_own_size(tmp_path, tiny_
   assert (m.width, m.depth, m.num_heads, m.patch_size) == (32, 2, 2, 7)
   assert (m.num_registers, m.layerscale_init, m.qk_norm) == (1, 0.1, True)
   assert run.transfer.token_map == ()  # the same tokens: cls, one register, 16 patches
+
+
+@pytest.mark.slow
+def test_a_hugging_face_teacher_of_another_shape_distils_and_the_student_goes_to_timm(
+  tmp_path, tiny_config
+):
+  """The issues' chain: a transformers DINOv2-with-registers folder (4 layers, 4 heads, a register) as
+  teacher.init of the Pico/7 student (2 layers, 2 heads) through uniform layers, grouped heads and its
+  register dropped from the maps; the trained student exported to timm, whose logits match ours."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from at_jax.convert import export  # pylint: disable=import-outside-toplevel
+
+  torch.manual_seed(0)
+  config = transformers.Dinov2WithRegistersConfig(
+    hidden_size=32, num_hidden_layers=4, num_attention_heads=4, mlp_ratio=2, image_size=28,
+    patch_size=7, num_register_tokens=1,
+  )  # fmt: skip
+  folder = str(tmp_path / "dinov2_hf")
+  transformers.Dinov2WithRegistersModel(config).save_pretrained(folder)
+  c = tiny_config(steps=4, mode="distill", layers="all", layer_map="uniform", head_map="group")
+  c.teacher.init = folder
+  run = runs.setup(c, str(tmp_path / "student"))
+  assert (run.teacher.num_registers, run.transfer.teacher_layers) == (1, (1, 3))
+  assert run.transfer.token_map == (
+    1,
+    1,
+    4,
+    1,
+    4,
+  )  # cls kept, the register's row and column dropped
+  loop.train_and_evaluate(c, str(tmp_path / "student"))
+  export.export(str(tmp_path / "student" / paths.EXPORT_DIR), str(tmp_path / "timm"), "timm")
+  import safetensors.torch  # pylint: disable=import-outside-toplevel
+  import timm  # pylint: disable=import-outside-toplevel
+
+  args = json.loads((tmp_path / "timm" / "timm_args.json").read_text())
+  model = timm.create_model(args["model_name"], pretrained=False, **args["kwargs"]).eval()
+  model.load_state_dict(safetensors.torch.load_file(str(tmp_path / "timm" / "model.safetensors")))
+  fields, params = checkpoint.load_params(str(tmp_path / "student" / paths.EXPORT_DIR))
+  images = np.random.default_rng(0).normal(size=(2, 28, 28, 3)).astype(np.float32)
+  ours = vit.build(fields).apply({"params": params}, images, train=False)[0]
+  with torch.no_grad():
+    theirs = model(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+  np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
