@@ -12,7 +12,7 @@ LayerNorm in float32.
 
 import dataclasses
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -21,9 +21,6 @@ import jax.numpy as jnp
 from at_jax import sharding
 from at_jax.models import inits
 from at_jax.ops import attn_ce
-
-if TYPE_CHECKING:
-  from at_jax.models.encoder import BlockArch
 
 Array = jax.Array
 # {"mask": [L, H] bool (per layer: [H]), and one of OVERRIDE_KEYS: "logits"/"probs" [L, B, H, N, N] or
@@ -35,6 +32,22 @@ OVERRIDE_KEYS = ("logits", "probs", "q", "k", "v")
 # `jax.nn.dot_product_attention`, which is cuDNN's flash attention on GPUs for bf16/fp16 matmuls (linear
 # memory, no N x N map in HBM) and XLA's reference elsewhere (on TPUs and CPUs it still forms the maps).
 ATTENTION_IMPLS = ("materialized", "fused")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockArch:
+  """What every encoder block shares; one hashable value instead of a field per module."""
+
+  mlp_dim: int
+  num_heads: int
+  qkv_bias: bool = True
+  qk_norm: bool = False  # LayerNorm over head_dim on q and k (timm q_norm/k_norm)
+  layerscale_init: float = 0.0  # > 0: per-channel residual scales (CaiT/DINOv2 LayerScale)
+  mlp_act: str = "gelu"  # encoder.ACTIVATIONS
+  norm_eps: float = 1e-6
+  dtype_mm: Any = jnp.float32
+  attention_impl: str = "materialized"  # ATTENTION_IMPLS
+  weight_init: str = "timm"  # inits.WEIGHT_INITS: how the linear layers' kernels are drawn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +163,7 @@ class Attention(nn.Module):
       then skips its own q and k and their gradient, which are all zero (XLA cannot tell from a traced mask).
   """
 
-  arch: "BlockArch"
+  arch: BlockArch
   copied: bool = False
   loss: LossForm = LossForm()
 

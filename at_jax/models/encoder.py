@@ -1,13 +1,12 @@
 """The encoder: blocks (attention + MLP, pre-norm, drop path, LayerScale) stacked as a Python loop or
-`nn.scan`, with optional remat; what every block shares travels as one hashable `BlockArch`.
+`nn.scan`, with optional remat; what every block shares travels as one hashable `BlockArch` (defined
+in `attention`, the lower of the two modules, so that neither imports the other back).
 
 Per-layer outputs are stacked [L, ...]: the attention logits every layer attended with, q/k/v when
 asked, and the in-block distillation cross-entropy (`attention.AttnTarget`).
 """
 
-import dataclasses
 from collections.abc import Mapping
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -15,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from at_jax.models import attention, inits
+from at_jax.models.attention import BlockArch  # here for the blocks, vit and mae
 
 Array = jax.Array
 
@@ -49,22 +49,6 @@ ACTIVATIONS = {
 }
 # Activations that halve their input: their MLP's first Dense is 2 * mlp_dim wide.
 GATED = frozenset({"swiglu"})
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockArch:
-  """What every encoder block shares; one hashable value instead of a field per module."""
-
-  mlp_dim: int
-  num_heads: int
-  qkv_bias: bool = True
-  qk_norm: bool = False  # LayerNorm over head_dim on q and k (timm q_norm/k_norm)
-  layerscale_init: float = 0.0  # > 0: per-channel residual scales (CaiT/DINOv2 LayerScale)
-  mlp_act: str = "gelu"
-  norm_eps: float = 1e-6
-  dtype_mm: Any = jnp.float32
-  attention_impl: str = "materialized"  # attention.ATTENTION_IMPLS
-  weight_init: str = "timm"  # inits.WEIGHT_INITS: how the linear layers' kernels are drawn
 
 
 class MlpBlock(nn.Module):
