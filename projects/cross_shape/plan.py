@@ -6,7 +6,7 @@ data, `train[:10000]`) for EPOCHS epochs, each setting against its own scratch s
   deeper  the MiniDeep/7 MAE teacher (12 layers, 8 heads, width 64; pre-trained here on all 60,000
           training images without labels, the miniature study's recipe) into the Mini/7 student (6 layers,
           4 heads): layer maps `uniform` and `last`, head maps `first`, `group`, `mean`, `learned`; and,
-          as the reference, the same-shape Mini/7 teacher of the miniature study (docs/study/teachers/full).
+          as the reference, the same-shape Mini/7 teacher of the miniature study (projects/miniature/results/teachers/full).
   finer   that same-shape Mini/7 teacher (16 patches of 7x7) into a Mini/4 student (49 patches of 4x4):
           the teacher's maps resampled onto the student's grid (`transfer.prefix` keep, drop), or the
           teacher shown the images at 49 px (`teacher.image_size`: its grid becomes the student's).
@@ -16,14 +16,17 @@ data, `train[:10000]`) for EPOCHS epochs, each setting against its own scratch s
 """
 
 import os
-from collections.abc import Callable
 from typing import Any
 
-from at_jax.experiment import study
+from at_jax.experiment import studies
 from at_jax.experiment.paths import EXPORT_DIR
+from configs import miniature
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SAME_SHAPE_TEACHER = os.path.join(ROOT, "docs", "study", "teachers", "full", EXPORT_DIR)
+# The miniature study's teacher (a file it committed, read as data: projects never import each other).
+SAME_SHAPE_TEACHER = os.path.join(
+  ROOT, "projects", "miniature", "results", "teachers", "full", EXPORT_DIR
+)
 DEEP_TEACHER = "MiniDeep/7"
 TEACHER_EPOCHS = 20.0  # as the same-shape teacher's, so that the two teachers differ in shape only
 EPOCHS, EVAL_EVERY_EPOCHS = 10, 5
@@ -56,30 +59,23 @@ def teacher_dir(workdir: str) -> str:
   return os.path.join(workdir, "teachers", "deep", EXPORT_DIR)
 
 
-def _train(config_fn: Callable[[], Any]) -> Callable[[str], dict[str, Any]]:
-  def run(run_dir: str) -> dict[str, Any]:
-    from at_jax.experiment import loop  # pylint: disable=import-outside-toplevel
-
-    return dict(loop.train_and_evaluate(config_fn(), run_dir))
-
-  return run
-
-
 def student_config(workdir: str, group: str, setting: str, seed: int) -> Any:
   """The run config of one student: configs/demo.py's, as the miniature study's students
-  (`study.student_config`), with the setting's variant, teacher and overrides."""
+  (`configs.miniature.student_config`), with the setting's variant, teacher and overrides."""
   variant, which, overrides, _ = GROUPS[group][setting]
   teacher = {DEEP: teacher_dir(workdir), SAME: SAME_SHAPE_TEACHER, None: ""}[which]
-  return study.student_config(overrides, DATA, teacher, seed, EPOCHS, EVAL_EVERY_EPOCHS, variant)
+  return miniature.student_config(
+    overrides, DATA, teacher, seed, EPOCHS, EVAL_EVERY_EPOCHS, variant
+  )
 
 
-def build_jobs(workdir: str) -> list[study.Job]:
+def build_jobs(workdir: str) -> list[studies.Job]:
   """The deep teacher, then seed by seed every setting that has that seed (seed 0 of everything first,
   so that a partial study already has one run of each setting)."""
-  options = study.Options(variant=DEEP_TEACHER, teacher_epochs=TEACHER_EPOCHS)
-  jobs = [
-    study.Job("teachers/deep", _train(lambda: study.teacher_config(options, "full")), "teacher")
-  ]
+  teacher = lambda: miniature.teacher_config(
+    DEEP_TEACHER, TEACHER_EPOCHS, {"data.train_split": "train"}
+  )
+  jobs = [studies.Job("teachers/deep", studies.train(teacher), "teacher")]
   for seed in range(max(s[3] for g in GROUPS.values() for s in g.values())):
     for group, settings in GROUPS.items():
       for name, (_, which, _, seeds) in settings.items():
@@ -87,5 +83,7 @@ def build_jobs(workdir: str) -> list[study.Job]:
           continue
         config_fn = lambda g=group, n=name, s=seed: student_config(workdir, g, n, s)
         needs = ("teachers/deep",) if which == DEEP else ()
-        jobs.append(study.Job(f"{group}/{name}/seed{seed}", _train(config_fn), "student", needs))
+        jobs.append(
+          studies.Job(f"{group}/{name}/seed{seed}", studies.train(config_fn), "student", needs)
+        )
   return jobs

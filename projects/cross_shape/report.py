@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 
 from at_jax import checkpoint, metrics, storage
-from at_jax.experiment import study, study_report
+from at_jax.experiment import studies
 from projects.cross_shape import plan
 
 TEACHER_EXPORT = "teacher"  # <out>/teacher: the deep teacher's export, committed (~2.4 MB)
-# (finding, setting A, setting B): "A beats B" under study_report's rule (2 standard errors)
+# (finding, setting A, setting B): "A beats B" under studies.beats's rule (2 standard errors)
 FINDINGS = {
   "deeper": [
     ("a deeper 8-head teacher helps at all (uniform layers, grouped heads beat scratch)", "uniform_group", "scratch"),
@@ -49,12 +49,14 @@ def _distill_losses(run_dir: str) -> list[float]:
   return [x["train/distill_loss"] for x in metrics.read_jsonl(path) if "train/distill_loss" in x]
 
 
-def collect(workdir: str, jobs: Sequence[study.Job], recorded: Mapping[str, Any]) -> dict[str, Any]:
+def collect(
+  workdir: str, jobs: Sequence[studies.Job], recorded: Mapping[str, Any]
+) -> dict[str, Any]:
   """{path: results} of every finished job, with its first and last logged distillation loss (from
   its metrics.jsonl when the workdir has it, else as recorded before)."""
   runs = {}
   for job in jobs:
-    found = study.read_results(workdir, job)
+    found = studies.read_results(workdir, job)
     if found is None:
       continue
     losses = _distill_losses(os.path.join(workdir, job.path))
@@ -67,7 +69,7 @@ def collect(workdir: str, jobs: Sequence[study.Job], recorded: Mapping[str, Any]
 
 
 def summarise(runs: Mapping[str, Any]) -> dict[str, dict[str, list[float]]]:
-  """{group: {setting: [mean, std, seeds]}} of the last evaluation's top-1 (study_report's layout)."""
+  """{group: {setting: [mean, std, seeds]}} of the last evaluation's top-1 (as projects/miniature's report lays it out)."""
   by_setting: dict[tuple[str, str], list[float]] = {}
   for path, results in runs.items():
     group, setting, *_ = path.split("/")
@@ -104,8 +106,8 @@ def markdown(runs: Mapping[str, Any]) -> str:
       lines.append(f"| {setting} | {_describe(group, setting)} | {cell} | {loss} |")
     lines += ["", "| finding | holds | numbers |", "|---|---|---|"]
     for text, a, b in FINDINGS[group]:
-      a_est, b_est = (study_report.mean_se(summary, group, s) for s in (a, b))
-      holds, numbers = study_report.beats(a_est, b_est)
+      a_est, b_est = (studies.mean_se(summary, group, s) for s in (a, b))
+      holds, numbers = studies.beats(a_est, b_est)
       lines.append(f"| {text} | {holds} | {numbers} |")
     lines.append("")
   return "\n".join(lines)
@@ -140,7 +142,7 @@ def plot(runs: Mapping[str, Any], path: str) -> None:
   plt.close(fig)
 
 
-def write(workdir: str, jobs: Sequence[study.Job], out: str) -> str:
+def write(workdir: str, jobs: Sequence[studies.Job], out: str) -> str:
   """Writes results.json, results.md, cross_shape.png and the teacher export into `out`; returns the
   Markdown."""
   recorded_path = os.path.join(out, "results.json")

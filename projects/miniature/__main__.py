@@ -1,9 +1,9 @@
 """The paper's findings in miniature on Fashion-MNIST and MNIST digits, in resumable chunks.
 
-  python launch/study.py --workdir=workdir/study --minutes=110     # one chunk; repeat until it says done
-  python launch/study.py --workdir=workdir/study --report_only     # tables and plots of what is done
+  python -m projects.miniature --workdir=workdir/study --minutes=110   # one chunk; repeat until it says done
+  python -m projects.miniature --workdir=workdir/study --report_only   # tables and plots of what is done
 
-The plan (`at_jax.experiment.study`): two MAE teachers pre-trained without labels, one scratch learning
+The plan (`projects.miniature.plan`): two MAE teachers pre-trained without labels, one scratch learning
 curve that fixes the student schedule, then the main, low-label and shift groups' students under the
 headline settings (scratch, fine-tune, copy, distill, feature distillation; `--seeds`), their ensembles,
 and the ablations (`--ablation_seeds`). A chunk runs the unfinished jobs in order while the next one fits
@@ -16,14 +16,22 @@ of other options (model, data size, epochs) is refused, not mixed in.
 import dataclasses
 import json
 import os
-import statistics
 import time
 
-import cli
 from absl import app, flags
 
+from at_jax import metrics, storage
+from at_jax.experiment import studies
+from launch import cli  # the launchers' quiet logging (orbax INFO lines buried the progress)
+from projects.miniature import plan as study
+from projects.miniature import report as study_report
+
 flags.DEFINE_string("workdir", "workdir/study", "Where the runs go (a folder, or gs://...).")
-flags.DEFINE_string("out", "docs/study", "Where study.json, study_results.md and the plots go.")
+flags.DEFINE_string(
+  "out",
+  os.path.join(os.path.dirname(__file__), "results"),
+  "Where study.json, the report and plots go.",
+)
 flags.DEFINE_float("minutes", 110.0, "This chunk's time budget: no job starts that would not fit.")
 flags.DEFINE_integer("seeds", 3, "Seeds of each headline setting.")
 flags.DEFINE_integer("ablation_seeds", 2, "Seeds of each ablation.")
@@ -49,28 +57,8 @@ FLAGS = flags.FLAGS
 FIRST_GUESS = {"teacher": 1200, "curve": 900, "student": 600, "ensemble": 60, "analysis": 120}
 
 
-def _estimator(workdir, jobs):
-  """Seconds for a job: the median wall time of finished jobs of its kind and group, else FIRST_GUESS."""
-  from at_jax.experiment import study
-
-  measured: dict[tuple[str, str], list[float]] = {}
-  for job in jobs:
-    found = study.read_results(workdir, job)
-    if found is not None and "wall_s" in found:
-      measured.setdefault((job.kind, job.path.split("/")[0]), []).append(found["wall_s"])
-
-  def estimate(job) -> float:
-    times = measured.get((job.kind, job.path.split("/")[0]))
-    return statistics.median(times) if times else FIRST_GUESS[job.kind]
-
-  return estimate
-
-
 def main(argv):
   del argv
-  from at_jax import metrics, storage
-  from at_jax.experiment import study, study_report
-
   workdir = storage.absolute(FLAGS.workdir)
   options = study.Options(
     seeds=FLAGS.seeds,
@@ -91,14 +79,14 @@ def main(argv):
     except ValueError as e:
       raise app.UsageError(str(e)) from e
     copied = study.copy_teachers(FLAGS.out, workdir)
-    restored = study.restore(workdir, jobs, record["runs"])
+    restored = studies.restore(workdir, jobs, record["runs"])
     if copied or restored:
       metrics.say(
         f"From {FLAGS.out}: teacher exports {copied or 'none'}; {len(restored)} finished jobs"
       )
   if FLAGS.list:
     for job in jobs:
-      print(("done  " if study.read_results(workdir, job) else "      ") + job.path)
+      print(("done  " if studies.read_results(workdir, job) else "      ") + job.path)
     return
   started = time.time()
   chosen = [job for job in jobs if not FLAGS.only or job.path.startswith(tuple(FLAGS.only))]
@@ -107,9 +95,11 @@ def main(argv):
   ran = (
     []
     if FLAGS.report_only
-    else study.run_chunk(workdir, chosen, FLAGS.minutes, _estimator(workdir, jobs))
+    else studies.run_chunk(
+      workdir, chosen, FLAGS.minutes, studies.estimator(workdir, jobs, FIRST_GUESS)
+    )
   )
-  left = sum(study.read_results(workdir, job) is None for job in jobs)
+  left = sum(studies.read_results(workdir, job) is None for job in jobs)
   chunk = dict(
     started=time.strftime("%Y-%m-%d %H:%M", time.gmtime(started)),
     minutes=round((time.time() - started) / 60, 1),

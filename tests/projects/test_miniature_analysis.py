@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from at_jax import checkpoint
-from at_jax.experiment import study, study_analysis
 from at_jax.models import vit
+from configs import miniature
+from projects.miniature import analysis as study_analysis
 
 
 def _sharpened(params: dict) -> dict:
@@ -35,7 +36,9 @@ def test_probes_and_similarity_of_real_exports(tmp_path):
     str(tmp_path / "same"), {**teacher_params, "head": head}, vit.model_fields(student)
   )
   _export(str(tmp_path / "other"), 2, num_classes=10)
-  data = study.student_config({}, {"data.train_split": "train[:200]"}, "", 0, 1, 1).data
+  data = miniature.student_config(
+    {}, {"data.train_split": "train[:200]"}, "", 0, 1, 1, "Mini/7"
+  ).data
   data.unlock()
   data.eval_split, data.eval_batch_size = "test[:100]", 50
   exports = {n: str(tmp_path / n) for n in ("teacher", "same", "other")}

@@ -1,4 +1,4 @@
-"""The paper's findings in miniature (launch/study.py): the plan of runs, and running it in resumable chunks.
+"""The paper's findings in miniature (`python -m projects.miniature`): the plan of runs, and running it in resumable chunks.
 
 Three groups of students, each trained from scratch on labels under every setting, from frozen MAE teachers
 pre-trained here without labels (configs/mae_fmnist.py's recipe at `variant`):
@@ -19,20 +19,16 @@ a finished job is skipped, an interrupted one resumes from its checkpoint, so th
 """
 
 import dataclasses
-import json
 import os
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import ml_collections
-
 from at_jax import checkpoint, metrics, storage
-from at_jax.experiment import study_analysis
 from at_jax.experiment.paths import EXPORT_DIR
-from at_jax.models import vit
+from at_jax.experiment.studies import Job, read_results, train
+from configs.miniature import TEACHER, student_config, teacher_config
+from projects.miniature import analysis as study_analysis
 
-TEACHER = "<teacher>"  # stands for the group's teacher export in overrides
 COPY = {"transfer.mode": "copy", "transfer.layers": "all"}
 HEADLINE: dict[str, dict[str, Any]] = {
   "scratch": {"transfer.mode": "none"},
@@ -67,7 +63,7 @@ PLATEAU_SMOOTHING, PLATEAU_TAIL = 3, 5  # epochs: the trailing mean's; the end a
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-  """The study's size (launch/study.py's flags)."""
+  """The study's size (`python -m projects.miniature`'s flags)."""
 
   seeds: int = 3
   ablation_seeds: int = 2
@@ -117,94 +113,6 @@ def plateau_epoch(top1_by_epoch: Sequence[float], within: float) -> int | None:
   return next(e for e, top1 in enumerate(smooth, 1) if top1 >= max(smooth) - within)
 
 
-def apply_overrides(
-  c: ml_collections.ConfigDict, overrides: Mapping[str, Any], teacher: str
-) -> None:
-  for key, value in overrides.items():
-    section, field = key.split(".")
-    c[section][field] = teacher if value == TEACHER else value
-
-
-def teacher_config(o: Options, which: str) -> ml_collections.ConfigDict:
-  from configs import mae_fmnist  # pylint: disable=import-outside-toplevel
-
-  c = mae_fmnist.get_config()
-  c.model.variant = o.variant
-  # The decoder as wide as the encoder: most of MAE's cost is its decoder over all 17 tokens.
-  width = vit.decode_variant(o.variant)["width"]
-  c.mae.update(dict(decoder_width=width, decoder_mlp_dim=4 * width))
-  c.schedule.epochs = o.teacher_epochs
-  c.schedule.warmup_epochs = max(c.schedule.warmup_epochs, o.teacher_epochs / 20)
-  apply_overrides(c, TEACHER_DATA[which], "")
-  return c
-
-
-def student_config(
-  overrides: Mapping[str, Any],
-  data: Mapping[str, Any],
-  teacher: str,
-  seed: int,
-  epochs: float,
-  eval_every_epochs: float,
-  variant: str = Options.variant,
-) -> ml_collections.ConfigDict:
-  """configs/demo.py's student as a `variant` ViT with `data` and `overrides`, trained `epochs`,
-  evaluated every `eval_every_epochs` (so that the best evaluation is reported next to the last)."""
-  from configs import demo  # pylint: disable=import-outside-toplevel
-
-  c = demo.get_config()
-  c.model.variant = variant
-  c.seed = seed
-  c.teacher.pretrain = None
-  c.teacher.init = teacher
-  c.schedule.epochs = epochs
-  c.schedule.warmup_epochs = min(1.0, epochs / 10)
-  c.evals.every_steps = 0
-  c.evals.every_epochs = eval_every_epochs
-  apply_overrides(c, data, teacher)
-  apply_overrides(c, overrides, teacher)
-  return c
-
-
-@dataclasses.dataclass(frozen=True)
-class Job:
-  """One unit of work: `run()` returns what results.json keeps; `path` is its folder in the workdir."""
-
-  path: str
-  run: Callable[[str], dict[str, Any]]
-  kind: str  # "teacher", "curve", "student", "ensemble", "analysis": for time estimates
-  needs: tuple[str, ...] = ()  # jobs whose exports it reads
-
-  def done_file(self, workdir: str) -> str:
-    return os.path.join(workdir, self.path, "results.json")
-
-
-def read_results(workdir: str, job: Job) -> dict[str, Any] | None:
-  path = job.done_file(workdir)
-  if not storage.exists(path):
-    return None
-  with storage.open_file(path) as f:
-    return json.load(f)
-
-
-def restore(workdir: str, jobs: Sequence[Job], recorded: Mapping[str, Any]) -> list[str]:
-  """Writes the results of finished jobs recorded in a committed study.json (`recorded`: its "runs")
-  into `workdir`, so that a fresh machine continues the study instead of starting over; returns them.
-  A teacher is not restored without its export (every student needs its weights: it is trained again,
-  deterministically on CPU), nor a run whose export a pending job needs."""
-  needed = {path for job in jobs if job.path not in recorded for path in job.needs}
-  restored = []
-  for job in jobs:
-    if job.path not in recorded or read_results(workdir, job) is not None:
-      continue
-    export = os.path.join(workdir, job.path, EXPORT_DIR)
-    if (job.kind == "teacher" or job.path in needed) and not checkpoint.is_export(export):
-      continue
-    storage.write_atomic(job.done_file(workdir), json.dumps(recorded[job.path], indent=1))
-    restored.append(job.path)
-  return restored
-
-
 def check_plan(recorded: Mapping[str, Any] | None, o: Options, path: str) -> None:
   """Refuses to continue a study recorded in `path` under other Options: its results would be mixed
   with this plan's (another model, data size or schedule)."""
@@ -230,31 +138,6 @@ def copy_teachers(source_root: str, destination_root: str) -> list[str]:
   return copied
 
 
-def run_chunk(
-  workdir: str, jobs: Sequence[Job], minutes: float, estimate: Callable[[Job], float]
-) -> list[str]:
-  """Runs the unfinished `jobs` in order while the next one's `estimate` (seconds) fits in `minutes`;
-  returns the paths run. A job's results.json, with its wall time, is written when it finishes."""
-  start, ran = time.time(), []
-  pending = [job for job in jobs if read_results(workdir, job) is None]
-  for i, job in enumerate(pending, 1):
-    left = minutes * 60 - (time.time() - start)
-    if estimate(job) > left:
-      metrics.say(
-        f"== chunk budget: {left / 60:.0f} min left, {job.path} needs ~{estimate(job) / 60:.0f}; stopping =="
-      )
-      break
-    metrics.say(
-      f"== [{i}/{len(pending)}] {job.path} ({(time.time() - start) / 60:.1f} min into the chunk) =="
-    )
-    began = time.time()
-    results = job.run(os.path.join(workdir, job.path))
-    results["wall_s"] = time.time() - began
-    storage.write_atomic(job.done_file(workdir), json.dumps(results, indent=1))
-    ran.append(job.path)
-  return ran
-
-
 # ----------------------------------------------------------------------------
 # The jobs.
 
@@ -270,15 +153,6 @@ def _curve_top1(run_dir: str) -> list[float]:
   return [by_step[s] for s in sorted(by_step)]
 
 
-def _train(config_fn: Callable[[], ml_collections.ConfigDict]) -> Callable[[str], dict[str, Any]]:
-  def run(run_dir: str) -> dict[str, Any]:
-    from at_jax.experiment import loop  # pylint: disable=import-outside-toplevel
-
-    return dict(loop.train_and_evaluate(config_fn(), run_dir))
-
-  return run
-
-
 def build_jobs(o: Options, workdir: str) -> list[Job]:
   """Every job of the study, in the order a chunk runs them: teachers, the curve, the main group's
   headline settings seed by seed, each seed's ensembles and analysis (`study_analysis`), the low-label
@@ -286,7 +160,11 @@ def build_jobs(o: Options, workdir: str) -> list[Job]:
   plan = groups(o)
   main = plan["main"]
   jobs = [
-    Job(f"teachers/{which}", _train(lambda w=which: teacher_config(o, w)), "teacher")
+    Job(
+      f"teachers/{which}",
+      train(lambda w=which: teacher_config(o.variant, o.teacher_epochs, TEACHER_DATA[w])),
+      "teacher",
+    )
     for which in TEACHER_DATA
   ]
 
@@ -313,14 +191,13 @@ def build_jobs(o: Options, workdir: str) -> list[Job]:
     config_fn = lambda: student_config(
       overrides, g["data"], teacher, seed, epochs(), o.eval_every_epochs, o.variant
     )
-    return Job(f"{group}/{name}/seed{seed}", _train(config_fn), "student")
+    return Job(f"{group}/{name}/seed{seed}", train(config_fn), "student")
 
   for group in plan:
     settings = plan[group]["settings"]
     headline = [n for n in settings if n in HEADLINE]
-    for seed in range(
-      o.seeds
-    ):  # a seed's ensembles right after its members: few exports are pending
+    # A seed's ensembles right after its members: few exports are pending.
+    for seed in range(o.seeds):
       jobs += [student(group, name, seed) for name in headline]
       jobs += [
         _ensemble_job(workdir, group, plan[group]["data"], members, name, seed)
@@ -350,7 +227,7 @@ def _ensemble_job(
         os.path.join(workdir, group, member, f"seed{seed}", EXPORT_DIR)
       )
       loaded[member] = (vit.build(model_config), params)
-    c = student_config({}, data, "", seed, 1, 1)
+    c = student_config({}, data, "", seed, 1, 1, Options.variant)
     batches = pipeline.eval_iterator(
       sources.from_config(c.data, "data.eval_split", None),
       global_batch_size=c.data.eval_batch_size,
@@ -373,7 +250,7 @@ def _analysis_job(workdir: str, group: str, g: Mapping[str, Any], seed: int) -> 
     del run_dir
     exports = {"teacher": os.path.join(workdir, teacher, EXPORT_DIR)}
     exports.update({n: os.path.join(workdir, p, EXPORT_DIR) for n, p in students.items()})
-    data = student_config({}, g["data"], "", seed, 1, 1).data
+    data = student_config({}, g["data"], "", seed, 1, 1, Options.variant).data
     return study_analysis.analyse(exports, data)
 
   return Job(f"{group}/analysis/seed{seed}", run, "analysis", (teacher, *students.values()))

@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 
 from at_jax import metrics, storage
-from at_jax.experiment import study, study_analysis
+from at_jax.experiment import studies
+from projects.miniature import analysis as study_analysis
+from projects.miniature import plan as study
 
 # ImageNet-1K top-1 of ViT-L/16 with an MAE ViT-L teacher (the paper's Table 1 and section 2.4).
 PAPER_TOP1 = {
@@ -29,11 +31,11 @@ METRICS = ("top1", "ema_top1", "best_top1", "best_ema_top1")
 JSD_SHOWN = ("no_matching", "hungarian", "head_averaged")  # of similarity.Similarity.schemes
 
 
-def collect(workdir: str, jobs: Sequence[study.Job]) -> dict[str, Any]:
+def collect(workdir: str, jobs: Sequence[studies.Job]) -> dict[str, Any]:
   """{"runs": {path: results}, "summary": {group: {setting: {metric: [mean, std, n]}}}, ...}."""
   runs = {}
   for job in jobs:
-    found = study.read_results(workdir, job)
+    found = studies.read_results(workdir, job)
     if found is not None:
       runs[job.path] = found
   summary: dict[str, dict[str, dict[str, list[float]]]] = {}
@@ -54,38 +56,12 @@ def collect(workdir: str, jobs: Sequence[study.Job]) -> dict[str, Any]:
   return {"runs": runs, "summary": summary, "analysis": analysis, "wall_hours": wall / 3600}
 
 
-NOISE_SE = 2.0  # a difference counts only beyond 2 standard errors (over seeds) of the difference
-
-
-Estimate = tuple[float, float, int]  # (mean, standard error, seeds)
-
-
-def mean_se(summary: Mapping[str, Any], group: str, setting: str) -> Estimate:
-  """The group's mean last-evaluation top-1 of `setting`, its standard error over seeds (the
-  summary's std is numpy's population std: the sample SE is std / sqrt(n - 1)) and the seed count."""
-  row = summary.get(group, {}).get(setting, {}).get("top1")
-  if row is None:
-    return float("nan"), float("nan"), 0
-  mean, std, n = row
-  return mean, (std / np.sqrt(n - 1) if n > 1 else float("nan")), n
-
-
-def beats(a: Estimate, b: Estimate) -> tuple[str, str]:
-  """("yes" | "no" | "within noise" | "n/a" | "1 seed", the numbers) for "a is above b". One seed
-  has no noise estimate, so it gets no verdict; a missing setting gets "n/a"."""
-  (ma, sa, na), (mb, sb, nb) = a, b
-  if not na or not nb:
-    return "n/a", "not run yet"
-  if min(na, nb) < 2:
-    return "1 seed", f"{ma:.2f} vs {mb:.2f}"
-  noise = NOISE_SE * float(np.hypot(sa, sb))
-  numbers = f"{ma:.2f} vs {mb:.2f} (noise {noise:.2f})"
-  return ("yes" if ma - mb > noise else "no" if mb - ma > noise else "within noise"), numbers
+mean_se, beats = studies.mean_se, studies.beats  # the verdict rule, shared with other studies
 
 
 def findings(summary: Mapping[str, Any], group: str = "main") -> list[dict[str, str]]:
   """The paper's findings, each tested on the group's mean last-evaluation top-1. "A beats B" holds
-  when A - B exceeds NOISE_SE standard errors of the difference, fails when B - A does, and is
+  when A - B exceeds studies.NOISE_SE standard errors of the difference, fails when B - A does, and is
   "within noise" otherwise: the seeds cannot tell. The ablations' findings belong to the main group,
   the only one that runs them."""
   s = lambda setting: mean_se(summary, group, setting)
@@ -320,7 +296,7 @@ def _save(fig, path: str) -> str:
 
 def write(
   workdir: str,
-  jobs: Sequence[study.Job],
+  jobs: Sequence[studies.Job],
   out_dir: str,
   chunk: Mapping[str, Any] | None,
   plan: Mapping[str, Any],

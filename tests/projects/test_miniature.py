@@ -1,4 +1,4 @@
-"""The miniature study's plan, chunking and report (launch/study.py), without training: the schedule rule,
+"""The miniature study's plan, chunking and report (python -m projects.miniature), without training: the schedule rule,
 the job order, a chunk that stops at its budget and resumes, and the findings read from results."""
 
 import dataclasses
@@ -7,7 +7,11 @@ import os
 
 import pytest
 
-from at_jax.experiment import study, study_analysis, study_report
+from at_jax.experiment import studies
+from configs import miniature
+from projects.miniature import analysis as study_analysis
+from projects.miniature import plan as study
+from projects.miniature import report as study_report
 
 
 def test_plateau_is_the_first_epoch_within_a_margin_of_the_smoothed_best():
@@ -47,16 +51,17 @@ def test_jobs_come_in_a_useful_order_and_cover_the_plan():
 
 
 def test_student_configs_carry_the_group_and_setting():
-  c = study.student_config(
+  c = miniature.student_config(
     study.HEADLINE["finetune"],
     study.groups(study.Options())["shift"]["data"],
     "/t/params",
     2,
     12,
     5,
+    study.Options.variant,
   )
   assert (c.model.init, c.teacher.init, c.seed) == ("/t/params", "/t/params", 2)
-  teacher = study.teacher_config(study.Options(), "unlabelled")
+  teacher = miniature.teacher_config("Mini/7", 20.0, study.TEACHER_DATA["unlabelled"])
   assert c.model.variant == teacher.model.variant == "Mini/7"  # copy needs the teacher's shape
   assert (teacher.mae.decoder_width, teacher.data.train_split) == (64, "train[10%:]")
   assert (c.data.name, c.data.train_split, c.schedule.epochs, c.evals.every_epochs) == (
@@ -66,28 +71,28 @@ def test_student_configs_carry_the_group_and_setting():
     5,
   )
   with pytest.raises(KeyError, match="wat"):  # a typo in a setting is not silently a new field
-    study.apply_overrides(c, {"transfer.wat": "q"}, "")
+    miniature.apply_overrides(c, {"transfer.wat": "q"}, "")
 
 
 def test_a_chunk_stops_at_its_budget_and_the_next_resumes(tmp_path):
   workdir, ran = str(tmp_path), []
 
-  def job(name: str, seconds: float) -> study.Job:
+  def job(name: str, seconds: float) -> studies.Job:
     def run(run_dir: str) -> dict:
       os.makedirs(run_dir, exist_ok=True)
       ran.append(name)
       return {"top1": float(len(ran))}
 
-    return study.Job(name, run, "student"), seconds
+    return studies.Job(name, run, "student"), seconds
 
   jobs_and_times = [job("a", 60), job("b", 60), job("c", 3600)]
   jobs = [j for j, _ in jobs_and_times]
   estimate = {j.path: s for j, s in jobs_and_times}.__getitem__
-  assert study.run_chunk(workdir, jobs, 30, lambda j: estimate(j.path)) == ["a", "b"]
-  assert study.read_results(workdir, jobs[0])["top1"] == 1 and "wall_s" in study.read_results(
+  assert studies.run_chunk(workdir, jobs, 30, lambda j: estimate(j.path)) == ["a", "b"]
+  assert studies.read_results(workdir, jobs[0])["top1"] == 1 and "wall_s" in studies.read_results(
     workdir, jobs[0]
   )
-  assert study.run_chunk(workdir, jobs, 120, lambda j: estimate(j.path)) == ["c"]
+  assert studies.run_chunk(workdir, jobs, 120, lambda j: estimate(j.path)) == ["c"]
   assert ran == ["a", "b", "c"]
 
 
@@ -232,11 +237,11 @@ def test_a_fresh_machine_continues_from_the_committed_record(tmp_path):
     for path in ("teachers/full", "curve", "main/scratch/seed0", "main/finetune/seed0")
   }
   recorded["main/ens_finetune_scratch/seed0"] = {"top1": 2.0}  # done: its members are not needed
-  restored = study.restore(workdir, jobs, recorded)
+  restored = studies.restore(workdir, jobs, recorded)
   # No teacher without its weights; the finetune and scratch runs' exports are needed by pending jobs
   # (the finetune + distill ensemble, the seed's analysis).
   assert restored == ["curve", "main/ens_finetune_scratch/seed0"]
   _fake_export(workdir, "teachers/full/params")
-  assert study.restore(workdir, jobs, recorded) == ["teachers/full"]
+  assert studies.restore(workdir, jobs, recorded) == ["teachers/full"]
   by_path = {job.path: job for job in jobs}
-  assert study.read_results(workdir, by_path["curve"]) == {"top1": 1.0}
+  assert studies.read_results(workdir, by_path["curve"]) == {"top1": 1.0}
