@@ -119,8 +119,8 @@ def _imported_modules(tree: ast.AST) -> set[str]:
 
 
 def test_the_library_never_imports_studies_or_launchers_and_projects_stand_alone():
-  """at_jax never imports projects/ or launch/ (a study uses the library, not the reverse); a project
-  never imports another project (each can be read, run and removed alone)."""
+  """at_jax never imports configs/, projects/ or launch/ (recipes, studies and scripts use the library,
+  not the reverse); a project never imports another project (each can be read, run and removed alone)."""
   wrong = []
   for path in _modules():
     tops = {name.split(".")[0] for name in _imported_modules(ast.parse(path.read_text()))}
