@@ -60,7 +60,7 @@ def collect(
     if found is None:
       continue
     losses = _distill_losses(os.path.join(workdir, job.path))
-    if losses:
+    if any(losses):  # scratch runs log none, or zeros
       found = {**found, "distill_loss_first_last": [losses[0], losses[-1]]}
     elif "distill_loss_first_last" in recorded.get(job.path, {}):
       found = {**found, "distill_loss_first_last": recorded[job.path]["distill_loss_first_last"]}
