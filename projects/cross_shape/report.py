@@ -101,7 +101,7 @@ def markdown(runs: Mapping[str, Any]) -> str:
       row = summary.get(group, {}).get(setting)
       cell = "not run yet" if row is None else "{:.2f} +- {:.2f} ({})".format(*row["top1"])
       losses = [runs[p]["distill_loss_first_last"] for p in runs if p.startswith(f"{group}/{setting}/")
-                if "distill_loss_first_last" in runs[p]]  # fmt: skip
+                if any(runs[p].get("distill_loss_first_last", []))]  # fmt: skip
       loss = " / ".join(f"{a:.2f} -> {b:.2f}" for a, b in losses)
       lines.append(f"| {setting} | {_describe(group, setting)} | {cell} | {loss} |")
     lines += ["", "| finding | holds | numbers |", "|---|---|---|"]
