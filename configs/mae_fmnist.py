@@ -1,8 +1,9 @@
-"""MAE pre-training on Fashion-MNIST without labels: the demo's teacher, on a laptop CPU.
+"""MAE pre-training on Fashion-MNIST without labels, on a laptop CPU (the demo pre-trains its teacher with
+this recipe at Mini/7 when `--config.teacher.init=` is empty; configs/miniature.py).
 
   python launch/main.py --config=configs/mae_fmnist.py --workdir=workdir/mae_fmnist
 
-The encoder is the demo's ViT (width 128, depth 6, 4 heads, patch 7: 16 patches, 4 visible); a 2-block
+The encoder is a Mu/7 ViT (width 128, depth 6, 4 heads, patch 7: 16 patches, 4 visible); a 2-block
 decoder of width 128 reconstructs the 12 masked patches (per-patch normalised pixels). The run's
 `params/` export is the encoder, usable as --config.teacher.init. Expected: test reconstruction loss
 (normalised pixels, masked patches) ~0.45 after 5 epochs (~4 min on 2 cores); predicting each patch's mean

@@ -9,7 +9,7 @@ from typing import Any
 import ml_collections
 
 from at_jax.models import vit
-from configs import demo, mae_fmnist
+from configs import mae_fmnist
 
 TEACHER = (
   "<teacher>"  # stands for the run's teacher export in overrides (e.g. model.init: fine-tune it)
@@ -52,6 +52,8 @@ def student_config(
   """configs/demo.py's student as a `variant` ViT with `data` and `overrides`, trained `epochs`,
   evaluated every `eval_every_epochs` (so that the best evaluation is reported next to the last), its
   teacher the export `teacher`."""
+  from configs import demo  # pylint: disable=import-outside-toplevel  # demo imports this module
+
   c = demo.get_config()
   c.model.variant = variant
   c.seed = seed

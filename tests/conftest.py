@@ -65,7 +65,7 @@ def _tiny_config(steps=6, layers="first:1", **transfer):
   c.ckpt.update(dict(every_steps=2, keep=5))
   c.mesh.update(dict(data=4, fsdp=2))
   c.transfer.update(dict(layers=layers, **transfer))
-  c.teacher.pretrain = None
+  c.teacher.init, c.teacher.pretrain = "", None  # each test names its own teacher
   return c
 
 

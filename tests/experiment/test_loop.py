@@ -578,6 +578,7 @@ def test_every_transfer_setting_validates_from_both_teacher_sources(
   if mode == "copy" and what == "features":
     pytest.skip("features are distilled, not copied")
   pretrained = demo.get_config()
+  pretrained.teacher.init = ""  # the demo's committed teacher aside: its teacher.pretrain
   pretrained.data.eval_batch_size = pretrained.teacher.pretrain.data.eval_batch_size = 400
   pretrained.transfer.update(dict(mode=mode, what=what))
   exported = tiny_config(mode=mode, what=what)

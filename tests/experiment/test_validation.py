@@ -11,8 +11,10 @@ from configs import demo
 
 def _demo(**overrides):
   """configs/demo.py with `--config.a.b=value` style overrides (eval batches of 400, not 500: the
-  tests' 8 emulated devices must divide them, for the student and its MAE teacher)."""
+  tests' 8 emulated devices must divide them, for the student and its MAE teacher), its teacher
+  pre-trained first (`teacher.init` empty): checks must come before that training too."""
   c = demo.get_config()
+  c.teacher.init = ""
   c.data.eval_batch_size = c.teacher.pretrain.data.eval_batch_size = 400
   for dotted, value in overrides.items():
     *groups, name = dotted.split(".")
@@ -80,10 +82,15 @@ def test_a_bad_teacher_recipe_stops_before_anything_compiles(tmp_path, no_compil
   )
 
 
-def test_the_demo_validates_without_compiling(tmp_path, no_compiles):
-  """The control for the cases above: the same path accepts the unchanged demo, compiling nothing."""
+@pytest.mark.parametrize("teacher", ["committed", "pre-trained"])
+def test_the_demo_validates_without_compiling(tmp_path, no_compiles, teacher):
+  """The control for the cases above: the same path accepts the unchanged demo, compiling nothing,
+  with its committed teacher (the default) and with one pre-trained first."""
+  config = _demo()
+  if teacher == "committed":
+    config.teacher.init = demo.STUDY_TEACHER
   with no_compiles():
-    model, mesh, train_source, eval_source, memory = validation.validate(_demo(), str(tmp_path))
+    model, mesh, train_source, eval_source, memory = validation.validate(config, str(tmp_path))
   assert (len(train_source), len(eval_source)) == (60_000, 10_000)
   assert model.num_classes == 10 and mesh.size == 8
   assert memory.startswith("per-device memory estimate: params ") and "host RAM" in memory

@@ -15,6 +15,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo
 TINY = [
+  "--config.teacher.init=",  # pre-train the teacher first (the demo's committed one: test_demo_default)
   "--config.model.variant=Pico/7",
   "--config.transfer.layers=first:1",
   "--config.data.train_split=train[:640]",
