@@ -68,7 +68,7 @@ def parse_model(entry: str) -> tuple[str, int, int]:
 
 
 class JaxStep:
-  """Our jitted train step (at_jax.train_step, as training runs it), compiled, with its state and batch.
+  """Our jitted train step (at_jax.training.classify, as training runs it), compiled, with its state and batch.
 
   Args:
     variant, image_size, batch, mode, dtype, remat, scan, attention: the model and step to build; no

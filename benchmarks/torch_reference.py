@@ -22,7 +22,7 @@ keeps the logits and obeys an override. Scratch rows also time timm's own Attent
 `compare` (the library entry point; benchmarks/gpu_bench.py calls it) makes one size's weights once
 (seeded timm models, converted in memory by at_jax.convert, stacked into the scan layout with --scan) and
 reuses them for every dtype x mode row. Per row it builds OUR step (benchmarks/step.py's JaxStep:
-at_jax.train_step, jitted and compiled) and the PyTorch step on the same weights, images and labels,
+at_jax.training.classify, jitted and compiled) and the PyTorch step on the same weights, images and labels,
 records the first step's losses of both at once, then times them in interleaved repetitions (ours,
 PyTorch, ...; median and minimum over `reps` of `steps` steps each) and records the row: ms/step of both,
 the speedup torch_ms / ours_ms (> 1: ours is faster), FLOP/s and MFU. `main` prints them as a markdown

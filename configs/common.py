@@ -1,7 +1,7 @@
 """Defaults shared by every config; each config file overrides what its recipe sets.
 
 Namespaces: model, teacher, transfer, data, optim, schedule, mesh, ckpt, evals, precompute. Every field is
-read by at_jax.train (precompute.* by at_jax.precompute). Configs are locked, so a mistyped
+read by at_jax.experiment (precompute.* by at_jax.experiment.precompute). Configs are locked, so a mistyped
 `--config.x.y=...` override fails at start-up.
 """
 
