@@ -136,6 +136,17 @@ def test_the_library_never_imports_studies_or_launchers_and_projects_stand_alone
   assert not wrong, "\n".join(wrong)
 
 
+def test_test_modules_share_set_ups_through_helpers_not_each_other():
+  """A test module never imports another test module (its privates change with it): what several
+  share lives in a conftest.py fixture or a helper module (tests/training/steps.py, ...)."""
+  wrong = []
+  for path in sorted((ROOT / "tests").rglob("test_*.py")):
+    for name in _imported_modules(ast.parse(path.read_text())):
+      if name.startswith("tests.") and any(p.startswith("test_") for p in name.split(".")[1:]):
+        wrong.append(f"{path.relative_to(ROOT)} imports {name}")
+  assert not wrong, "\n".join(wrong)
+
+
 def test_shape_suffixes_use_the_defined_letters():
   """Names like x_BND in models/, ops/ and transfer/ use only the letters of at_jax.models.SHAPE_LETTERS."""
   letters = set(models.SHAPE_LETTERS)

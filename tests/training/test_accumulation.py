@@ -16,7 +16,7 @@ from at_jax.training import classify
 from at_jax.training import mae as mae_steps
 from at_jax.training import state as train_state
 from at_jax.transfer import spec as transfer_spec
-from tests.training.test_classify import S, _assert_params_close, _build
+from tests.training.steps import S, assert_params_close, build_step
 
 B = 32  # micro-batches of 16 and 8 still split over the 8 emulated devices
 
@@ -34,7 +34,7 @@ def _batches(steps=2, seed=0):
 
 def _run(mode, accum_steps, devices, fsdp=1, *, mix=None, **kw):
   """Steps over `_batches()` with `accum_steps`; returns (per-step metrics, final params)."""
-  student, teacher, t, schedule, tx, tp = _build(mode, **kw)
+  student, teacher, t, schedule, tx, tp = build_step(mode, **kw)
   mesh = sharding.make_mesh(-1, fsdp, devices)
   state, shardings = train_state.create_sharded_state(
     lambda r: classify.init_state(student, tx, r, S), jax.random.key(0), mesh
@@ -73,7 +73,7 @@ def test_accumulated_step_equals_the_big_batch_step(mode):
       assert a.keys() == b.keys()
       for name in a:
         np.testing.assert_allclose(b[name], a[name], rtol=2e-5, atol=1e-6, err_msg=f"{k}: {name}")
-    _assert_params_close(big_params, acc_params)
+    assert_params_close(big_params, acc_params)
   assert (big[0]["distill_loss"] > 0) == (mode == "distill")
   assert big[1]["loss"] != big[0]["loss"]
 
@@ -87,7 +87,7 @@ def test_random_accumulated_step_is_the_same_on_one_device_and_the_mesh():
   for a, b in zip(one, meshed):
     for name in a:
       np.testing.assert_allclose(b[name], a[name], rtol=2e-5, atol=1e-6, err_msg=name)
-  _assert_params_close(one_params, mesh_params)
+  assert_params_close(one_params, mesh_params)
   # Control: the draws do depend on the split, so the equality above is not vacuous.
   big, _ = _run("distill", 1, jax.devices()[:1], **kw)
   assert abs(big[0]["loss"] - one[0]["loss"]) > 1e-4

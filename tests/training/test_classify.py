@@ -5,53 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from at_jax import optim, sharding
+from at_jax import sharding
 from at_jax.models import encoder, vit
 from at_jax.training import classify as train_step
 from at_jax.training import state as train_state
 from at_jax.transfer import loss, spec, targets
+from tests.training.steps import B, S, assert_params_close, build_step
 
-B, S, STEPS = 16, 16, 3
-
-
-def _build(
-  mode,
-  *,
-  drop_path=0.0,
-  what="attn",
-  source="jointly",
-  layers="first:1",
-  depth=2,
-  loss_impl="direct",
-):
-  student = vit.build(
-    {"variant": "Pico/4", "num_classes": 10, "drop_path": drop_path, "depth": depth}
-  )
-  teacher = vit.build({"variant": "Pico/4", "num_classes": 10, "depth": depth})
-  t = spec.resolve(
-    {"mode": mode, "what": what, "layers": layers, "source": source, "loss_impl": loss_impl},
-    student,
-    teacher,
-    S,
-  )
-  schedule = optim.make_schedule(
-    base_lr=1e-3, batch_size=B, warmup_steps=1, total_steps=10, min_lr=0.0
-  )
-  abstract = jax.eval_shape(
-    lambda: student.init(jax.random.key(0), jnp.zeros((1, S, S, 3)), train=False)
-  )
-  tx = optim.make_optimizer(
-    abstract["params"],
-    schedule=schedule,
-    b1=0.9,
-    b2=0.999,
-    eps=1e-8,
-    weight_decay=0.05,
-    layer_decay=0.75,
-    depth=student.depth,
-  )
-  tp = teacher.init(jax.random.key(9), jnp.zeros((1, S, S, 3)), train=False)["params"]
-  return student, teacher, t, schedule, tx, tp
+STEPS = 3
 
 
 def _batches(with_targets=None):
@@ -71,7 +32,7 @@ def _batches(with_targets=None):
 
 def _run(mode, devices, fsdp, batches, **kw):
   """STEPS sharded steps + one eval; returns (losses, params, eval sums, state)."""
-  student, teacher, t, schedule, tx, tp = _build(mode, **kw)
+  student, teacher, t, schedule, tx, tp = build_step(mode, **kw)
   mesh = sharding.make_mesh(-1, fsdp, devices)
   state, shardings = train_state.create_sharded_state(
     lambda r: train_step.init_state(student, tx, r, S), jax.random.key(0), mesh
@@ -91,17 +52,6 @@ def _run(mode, devices, fsdp, batches, **kw):
     losses.append({k: float(v) for k, v in m.items()})
   sums = evaluate(state.params, state.ema_params, sharding.global_batch(batches[0], mesh), tp)
   return losses, jax.device_get(state.params), jax.device_get(sums), state
-
-
-def _assert_params_close(a, b):
-  """The key bias has an exactly-zero true gradient (softmax over keys ignores a per-query shift), so
-  Adam turns float noise there into steps of up to ~lr; everything else must agree tightly."""
-
-  def check(path, x, y):
-    is_key_bias = [getattr(k, "key", "") for k in path][-2:] == ["key", "bias"]
-    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4 if is_key_bias else 1e-6)
-
-  jax.tree_util.tree_map_with_path(check, a, b)
 
 
 @pytest.mark.parametrize(
@@ -125,7 +75,7 @@ def test_one_device_equals_eight_device_mesh(mode, kw):
   for a, b in zip(l1, l8):
     for k in a:
       np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=1e-6, err_msg=k)
-  _assert_params_close(p1, p8)
+  assert_params_close(p1, p8)
   assert e1 == e8
   if mode == "distill":
     assert all(x["distill_loss"] > 0 for x in l1)
@@ -136,7 +86,7 @@ def test_one_device_equals_eight_device_mesh(mode, kw):
 
 @pytest.mark.parametrize("what", ["attn", "k"])
 def test_precomputed_equals_jointly(what):
-  student, teacher, t, *_, tp = _build("distill", what=what, layers="0,1")
+  student, teacher, t, *_, tp = build_step("distill", what=what, layers="0,1")
 
   def stored_targets(b):  # what launch/precompute would store: example-major [B, S, ...]
     _, out = teacher.apply({"params": tp}, b["image"], train=False, want_qkv=True)
@@ -152,14 +102,14 @@ def test_precomputed_equals_jointly(what):
   )
   for a, b in zip(joint, pre):
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
-  _assert_params_close(pj, pp)
+  assert_params_close(pj, pp)
 
 
 def test_teacher_and_student_share_drop_path_masks():
   """With student == teacher and drop path on, the distill term is at its minimum (zero gradient)
   only if the teacher ran with the student's masks."""
   # Depth 4: masks of layers 1-2 change the inputs of later layers' attention (layer 0 has rate 0).
-  student, teacher, t, *_ = _build("distill", drop_path=0.5, layers="all", depth=4)
+  student, teacher, t, *_ = build_step("distill", drop_path=0.5, layers="all", depth=4)
   tp = student.init(jax.random.key(3), jnp.zeros((1, S, S, 3)), train=False)["params"]
   # Sharpen the attention (random init is near-uniform and barely sensitive to its inputs).
   tp = jax.tree_util.tree_map_with_path(
@@ -189,7 +139,7 @@ def test_teacher_and_student_share_drop_path_masks():
 
 def test_teacher_sees_the_mixed_batch():
   """Mixup/CutMix happen before the teacher runs: with student == teacher the distill term is minimal."""
-  student, teacher, t, *_ = _build("distill", layers="all")
+  student, teacher, t, *_ = build_step("distill", layers="all")
   tp = student.init(jax.random.key(3), jnp.zeros((1, S, S, 3)), train=False)["params"]
   tp = jax.tree_util.tree_map_with_path(
     lambda p, x: (
@@ -212,7 +162,7 @@ def test_teacher_sees_the_mixed_batch():
 def test_ema_and_metrics():
   batches = _batches()
   losses, params, _, state = _run("none", jax.devices(), 2, batches[:1])
-  student, _, _, schedule, tx, _ = _build("none")
+  student, _, _, schedule, tx, _ = build_step("none")
   init = train_step.init_state(student, tx, jax.random.key(0), S)
   ema = jax.device_get(state.ema_params)
   jax.tree.map(
@@ -240,7 +190,7 @@ def test_cross_entropy_label_smoothing_and_soft_labels():
 def test_copy_eval_runs_teacher():
   """Copy-mode evaluation overrides with the teacher's maps; distill-mode evaluation does not."""
   batches = _batches()
-  student, teacher, t_copy, *_, tp = _build("copy", layers="all")
+  student, teacher, t_copy, *_, tp = build_step("copy", layers="all")
   t_distill = spec.resolve({"mode": "distill"}, student, teacher, S)
   sp = student.init(jax.random.key(4), jnp.zeros((1, S, S, 3)), train=False)["params"]
   batch = {k: jnp.asarray(v) for k, v in batches[0].items()}
