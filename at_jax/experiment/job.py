@@ -103,7 +103,7 @@ def _run_with_teacher(
   if _will_train_teacher(config, workdir):
     with _named_as_teacher():
       validate(config.teacher.pretrain, teacher_dir)
-  validate(config, workdir)
+  validated = validate(config, workdir)  # once: the student's run takes it as it is
   if _pretrains_teacher(config):
     # An existing teacher of another recipe would be reused without a word.
     workdir_claim.check(config.teacher.pretrain, teacher_dir, prefix="teacher.pretrain.")
@@ -116,7 +116,7 @@ def _run_with_teacher(
   metrics.say(
     f"== {name.capitalize()}: {config.transfer.mode if name == 'student' else 'training'} =="
   )
-  results[name] = train_and_evaluate(config, workdir)
+  results[name] = train_and_evaluate(config, workdir, validated)
   rows = [
     {"model": name, **{k: round(v, 4 if "loss" in k else 2) for k, v in r.items()}}
     for name, r in results.items()

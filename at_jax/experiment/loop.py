@@ -16,7 +16,7 @@ from jax.experimental import multihost_utils
 from at_jax import checkpoint, metrics, sharding
 from at_jax.data import options, pipeline, sources, target_store
 from at_jax.errors import ConfigError
-from at_jax.experiment import preemption, profiling
+from at_jax.experiment import preemption, profiling, validation
 from at_jax.experiment import workdir as workdir_claim
 from at_jax.experiment.paths import EMA_EXPORT_DIR, EXPORT_DIR
 from at_jax.experiment.preemption import Preempted
@@ -191,13 +191,16 @@ def _check_data_position(run: Run, saved: Mapping[str, Any]) -> None:
       )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (resuming from <workdir>/checkpoints if present), evaluates, exports params; returns evals.
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, validated: validation.Validated | None = None
+) -> dict[str, float]:
+  """Trains (resuming from <workdir>/checkpoints), evaluates, exports params; returns evals. `validated`:
+  `validation.validate(config, workdir)`, when the caller has it (a config is checked once).
 
   Holds the workdir's lock throughout, and refuses a relaunch that would continue another run
   (at_jax.experiment.workdir) or relabel its checkpoints (a schedule shorter than the saved step)."""
   with workdir_claim.claimed(workdir):
-    run = setup(config, workdir)
+    run = setup(config, workdir, validated=validated)
     changed = workdir_claim.check(config, workdir)
     ckpt = _checkpointer(run)
     saved_step = ckpt.latest_step()

@@ -75,12 +75,19 @@ class Run:
     )
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str, *, check_targets: bool = True) -> Run:
-  """Validates the config, loads the teacher onto the mesh, and builds the task's pieces.
+def setup(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  check_targets: bool = True,
+  validated: validation.Validated | None = None,
+) -> Run:
+  """Validates the config (unless the caller has: `validated`), loads the teacher onto the mesh, and
+  builds the task's pieces.
 
   Raises ConfigError naming the field/file to fix; nothing is compiled.
   """
-  model, mesh, train_source, eval_source, memory_line = validation.validate(
+  model, mesh, train_source, eval_source, memory_line = validated or validation.validate(
     config, workdir, check_targets=check_targets
   )
   if config.transfer.mode == "none" or config.transfer.source == "precomputed":

@@ -1,6 +1,7 @@
 """Bad input is refused at start-up, naming the config field, before anything is compiled or a teacher
 is trained: each case goes through `job.run_with_teacher` (what launch/main.py calls) on the demo."""
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -105,3 +106,26 @@ def test_a_missing_bucket_is_refused_before_anything_compiles(tiny_config, gcs_b
   with no_compiles(), pytest.raises(ConfigError) as e:
     validation.validate(c, f"{gcs_bucket[0]}/run")
   assert e.value.field == "teacher.init"
+
+
+def test_a_launch_validates_its_config_once(tmp_path, tiny_config, monkeypatch):
+  """job.run_with_teacher checks the student's config before a teacher could train, and its run takes
+  that result: the config is not validated a second time in the loop."""
+  from at_jax.experiment import runs  # pylint: disable=import-outside-toplevel
+
+  calls, original = [], validation.validate
+  counted = lambda config, workdir, **kw: calls.append(workdir) or original(config, workdir, **kw)
+  monkeypatch.setattr(job, "validate", counted)
+  monkeypatch.setattr(runs.validation, "validate", counted)
+  from at_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from at_jax.models import vit  # pylint: disable=import-outside-toplevel
+
+  teacher = vit.build({"variant": "Pico/7", "num_classes": 0})
+  params = teacher.init(jax.random.key(0), jnp.zeros((1, 28, 28, 3)), train=False)["params"]
+  checkpoint.save_params(
+    str(tmp_path / "teacher"), jax.device_get(params), vit.model_fields(teacher)
+  )
+  c = tiny_config(steps=2, mode="distill")
+  c.teacher.init = str(tmp_path / "teacher")
+  job.run_with_teacher(c, str(tmp_path / "run"))
+  assert calls == [str(tmp_path / "run")]
