@@ -21,6 +21,7 @@ def test_unknown_recipe_stops_before_compiling(
   tmp_path, no_compiles, group, name, value, in_teacher
 ):
   c = demo.get_config()
+  c.teacher.init = ""  # the teacher pre-trained in the run (the demo's committed one aside)
   c.data.eval_batch_size = c.teacher.pretrain.data.eval_batch_size = 400  # 8 emulated devices
   (c.teacher.pretrain if in_teacher else c)[group][name] = value
   with no_compiles(), pytest.raises(ConfigError) as e:
