@@ -49,8 +49,9 @@ def estimate(
     bytes_of["grad_accum"] = sharding.bytes_per_device(abstract.params, shardings.params)
   examples = max(1, config.data.batch_size // accum_steps // mesh.size)
   tokens = model.tokens_for(config.data.image_size)
-  if spec.teacher_map_bytes(tokens):  # a teacher of another head count or grid: its own maps
-    bytes_of["teacher_maps"] = examples * spec.teacher_map_bytes(tokens)
+  teacher_maps = spec.teacher_map_bytes(tokens)  # a teacher of another head count or grid: its own
+  if teacher_maps:
+    bytes_of["teacher_maps"] = examples * teacher_maps
   bytes_of["activations"] = sharding.activation_bytes(
     examples=examples,
     tokens=tokens,
