@@ -61,6 +61,16 @@ def restore(workdir: str, jobs: Sequence[Job], recorded: Mapping[str, Any]) -> l
   return restored
 
 
+def copy_export(source: str, destination: str) -> bool:
+  """Copies a finished params export (a teacher's: committed beside a study's record, so a fresh machine
+  need not train it again) to `destination` where none is; whether it did. An export is finished once
+  its model_config.json is written (storage.copy_tree writes it last)."""
+  if checkpoint.is_export(source) and not checkpoint.is_export(destination):
+    storage.copy_tree(source, destination)
+    return True
+  return False
+
+
 def run_chunk(
   workdir: str, jobs: Sequence[Job], minutes: float, estimate: Callable[[Job], float]
 ) -> list[str]:

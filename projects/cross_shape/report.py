@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from at_jax import checkpoint, metrics, storage
+from at_jax import metrics, storage
 from at_jax.experiment import studies
 from projects.cross_shape import plan
 
@@ -36,9 +36,7 @@ FINDINGS = {
 
 def restore_teacher(out: str, workdir: str) -> None:
   """The committed teacher export into a fresh workdir, so that its students need not train it again."""
-  source, destination = os.path.join(out, TEACHER_EXPORT), plan.teacher_dir(workdir)
-  if checkpoint.is_export(source) and not checkpoint.is_export(destination):
-    storage.copy_tree(source, destination)
+  studies.copy_export(os.path.join(out, TEACHER_EXPORT), plan.teacher_dir(workdir))
 
 
 def _distill_losses(run_dir: str) -> list[float]:
@@ -151,9 +149,7 @@ def write(workdir: str, jobs: Sequence[studies.Job], out: str) -> str:
     with storage.open_file(recorded_path) as f:
       recorded = json.load(f)["runs"]
   runs = collect(workdir, jobs, recorded)
-  teacher = plan.teacher_dir(workdir)
-  if checkpoint.is_export(teacher) and not checkpoint.is_export(os.path.join(out, TEACHER_EXPORT)):
-    storage.copy_tree(teacher, os.path.join(out, TEACHER_EXPORT))
+  studies.copy_export(plan.teacher_dir(workdir), os.path.join(out, TEACHER_EXPORT))
   text = markdown(runs)
   storage.write_atomic(recorded_path, json.dumps({"runs": runs}, indent=1))
   storage.write_atomic(os.path.join(out, "results.md"), text)

@@ -23,9 +23,9 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from at_jax import checkpoint, metrics, storage
+from at_jax import checkpoint, metrics
 from at_jax.experiment.paths import EXPORT_DIR
-from at_jax.experiment.studies import Job, read_results, train
+from at_jax.experiment.studies import Job, copy_export, read_results, train
 from configs.miniature import TEACHER, student_config, teacher_config
 from projects.miniature import analysis as study_analysis
 
@@ -128,14 +128,12 @@ def check_plan(recorded: Mapping[str, Any] | None, o: Options, path: str) -> Non
 def copy_teachers(source_root: str, destination_root: str) -> list[str]:
   """Copies each finished teacher export from one root (a workdir, or --out where the exports are
   committed: a teacher is ~1.3 MB, training it again ~20 min) to another where it is missing; returns
-  which. An export is finished once its model_config.json is written (storage.copy_tree writes it last)."""
-  copied = []
-  for which in TEACHER_DATA:
-    source, destination = _teacher_dir(source_root, which), _teacher_dir(destination_root, which)
-    if checkpoint.is_export(source) and not checkpoint.is_export(destination):
-      storage.copy_tree(source, destination)
-      copied.append(which)
-  return copied
+  which (`studies.copy_export`)."""
+  return [
+    which
+    for which in TEACHER_DATA
+    if copy_export(_teacher_dir(source_root, which), _teacher_dir(destination_root, which))
+  ]
 
 
 # ----------------------------------------------------------------------------
@@ -215,7 +213,6 @@ def _ensemble_job(
 ) -> Job:
   def run(run_dir: str) -> dict[str, Any]:
     del run_dir
-    from at_jax import checkpoint  # pylint: disable=import-outside-toplevel
     from at_jax.data import options as data_options  # pylint: disable=import-outside-toplevel
     from at_jax.data import pipeline, sources  # pylint: disable=import-outside-toplevel
     from at_jax.evaluate import ensembles  # pylint: disable=import-outside-toplevel
