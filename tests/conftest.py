@@ -1,5 +1,7 @@
-"""Every test runs on 8 emulated CPU devices, so each sharding path is exercised; `tiny_config` is the
-whole-loop tests' shared config; `damaged_source` the class of a source with unreadable records."""
+"""Every test runs on 8 emulated CPU devices, so each sharding path is exercised. The set-ups several
+test modules share live here: `tiny_config`/`shrunk_demo` (the demo shrunk to seconds for whole-loop
+tests), `demo_pretraining_its_teacher`, `adamw` (the optimizer of tests whose subject is not the
+optimizer), `damaged_source` (a source with unreadable records), `gcs_bucket` and `subprocess_env`."""
 
 import io
 import os
@@ -45,8 +47,9 @@ def subprocess_env(devices: int = 1, **extra: str) -> dict[str, str]:
   return {**os.environ, "XLA_FLAGS": flags, **extra}
 
 
-def _tiny_config(steps=6, layers="first:1", **transfer):
-  """The demo config shrunk to seconds: Pico ViT, batch 16 on the (4, 2) mesh of 8 emulated devices."""
+def shrunk_demo(steps=6, layers="first:1", **transfer):
+  """The demo config shrunk to seconds: Pico ViT, batch 16 on the (4, 2) mesh of 8 emulated devices,
+  no teacher named (each test names its own). Also the `tiny_config` fixture."""
   from configs import demo  # pylint: disable=import-outside-toplevel  # After the XLA flags above.
 
   c = demo.get_config()
@@ -73,7 +76,39 @@ def _tiny_config(steps=6, layers="first:1", **transfer):
 def tiny_config():
   """`tiny_config(steps=6, layers="first:1", **transfer)`: a fresh demo config shrunk to seconds (Pico
   ViT, batch 16 on the (4, 2) mesh of 8 emulated devices), for tests that run the whole loop."""
-  return _tiny_config
+  return shrunk_demo
+
+
+def demo_pretraining_its_teacher(**overrides):
+  """configs/demo.py as launched with `--config.teacher.init=`: its MAE teacher pre-trained in the run
+  (the committed export aside), so that checks are seen to come before that training too. Eval batches
+  of 400, not 500, for the student and the teacher: the 8 emulated devices must divide them.
+  `overrides` are dotted fields, as `--config.a.b=value`: `{"data.mixup": -1.0}`."""
+  from configs import demo  # pylint: disable=import-outside-toplevel  # After the XLA flags above.
+
+  c = demo.get_config()
+  c.teacher.init = ""
+  c.data.eval_batch_size = c.teacher.pretrain.data.eval_batch_size = 400
+  for dotted, value in overrides.items():
+    *groups, name = dotted.split(".")
+    group = c
+    for g in groups:
+      group = group[g]
+    group[name] = value
+  return c
+
+
+def adamw(params, *, depth=0, schedule=None, **hparams):
+  """`optim.make_optimizer` for tests whose subject is not the optimizer: MAE's AdamW constants (b1 0.9,
+  b2 0.95, eps 1e-8, weight decay 0.05, no layer decay, a constant 1e-3 schedule) unless `hparams` say
+  otherwise. `params` may be abstract."""
+  import optax  # pylint: disable=import-outside-toplevel
+
+  from at_jax import optim  # pylint: disable=import-outside-toplevel  # After the XLA flags above.
+
+  settings = dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05, layer_decay=1.0) | hparams
+  schedule = schedule or optax.constant_schedule(1e-3)
+  return optim.make_optimizer(params, schedule=schedule, depth=depth, **settings)
 
 
 def _png(image: np.ndarray) -> bytes:

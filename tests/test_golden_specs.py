@@ -15,6 +15,7 @@ from at_jax.experiment import teachers
 from at_jax.models import vit
 from at_jax.training import classify as train_step
 from configs import distill_vitl
+from tests.conftest import adamw
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "vitl_specs_16x16.json")
 
@@ -37,16 +38,7 @@ def test_vitl_student_teacher_optimizer_specs_16x16():
   schedule = optim.make_schedule(
     base_lr=1e-4, batch_size=2048, warmup_steps=20 * 625, total_steps=200 * 625, min_lr=1e-6
   )
-  tx = optim.make_optimizer(
-    params,
-    schedule=schedule,
-    b1=0.9,
-    b2=0.95,
-    eps=1e-8,
-    weight_decay=0.3,
-    layer_decay=1.0,
-    depth=24,
-  )
+  tx = adamw(params, depth=24, schedule=schedule, weight_decay=0.3)
   state = jax.eval_shape(lambda r: train_step.init_state(student, tx, r, 224), jax.random.key(0))
   teacher_params = jax.eval_shape(
     lambda: teacher.init(jax.random.key(0), images, train=False)["params"]

@@ -15,25 +15,16 @@ from at_jax import checkpoint
 from at_jax.data import target_store
 from at_jax.experiment import loop, validation
 from at_jax.models import vit
-from configs import demo
+from tests.conftest import shrunk_demo
 
 LEGACY = pathlib.Path(__file__).parent / "fixtures" / "legacy"
 
 
 def _config(mode="none", **transfer):
   """The config the fixtures were written with (the demo shrunk: Pico/7, 64 training images)."""
-  c = demo.get_config()
-  c.unlock()
-  c.model.variant = "Pico/7"
-  c.data.update(
-    dict(batch_size=16, eval_batch_size=40, train_split="train[:64]", eval_split="test[:40]")
-  )
-  c.data.num_threads = 0
-  c.schedule.update(dict(steps=4, log_every_steps=2))
+  c = shrunk_demo(steps=4, mode=mode, **transfer)
+  c.data.update(dict(eval_batch_size=40, train_split="train[:64]", eval_split="test[:40]"))
   c.ckpt.update(dict(every_steps=4, keep=1))
-  c.mesh.update(dict(data=4, fsdp=2))
-  c.teacher.pretrain = None
-  c.transfer.update(dict(mode=mode, layers="first:1", **transfer))
   return c
 
 

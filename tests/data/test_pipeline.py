@@ -172,10 +172,11 @@ def test_eval_leaves_out_unreadable_records(capsys, damaged_source):
 
 
 @pytest.mark.slow  # a whole training run
-def test_train_and_evaluate_counts_skipped_examples(tmp_path, monkeypatch, capsys, damaged_source):
+def test_train_and_evaluate_counts_skipped_examples(
+  tmp_path, monkeypatch, capsys, damaged_source, tiny_config
+):
   from at_jax import metrics
   from at_jax.experiment import loop as train
-  from configs import demo  # pylint: disable=g-import-not-at-top
 
   bad_train = {1: "garbage", 2: "truncated", 40: "garbage"}
   bad_eval = {5: "garbage"}
@@ -187,13 +188,8 @@ def test_train_and_evaluate_counts_skipped_examples(tmp_path, monkeypatch, capsy
     return damaged_source(40, bad_eval, size=28)
 
   monkeypatch.setattr(sources, "make_source", make_source)
-  c = demo.get_config()
-  c.unlock()
-  c.model.variant = "Pico/7"
-  c.data.update(dict(batch_size=16, eval_batch_size=40, num_threads=0))
-  c.schedule.update(dict(steps=4, log_every_steps=2))
-  c.transfer.mode = "none"
-  c.teacher.pretrain = None
+  c = tiny_config(steps=4, mode="none")
+  c.data.update(dict(eval_batch_size=40, train_split="train", eval_split="test"))
   evals = train.train_and_evaluate(c, str(tmp_path))  # runs through
   assert 0 <= evals["top1"] <= 100
   lines = [x for x in metrics.read_jsonl(str(tmp_path / "metrics.jsonl")) if "train/loss" in x]

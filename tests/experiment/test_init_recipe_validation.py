@@ -5,7 +5,7 @@ import pytest
 
 from at_jax.errors import ConfigError
 from at_jax.experiment import job
-from configs import demo
+from tests.conftest import demo_pretraining_its_teacher
 
 
 @pytest.mark.parametrize(
@@ -20,10 +20,8 @@ from configs import demo
 def test_unknown_recipe_stops_before_compiling(
   tmp_path, no_compiles, group, name, value, in_teacher
 ):
-  c = demo.get_config()
-  c.teacher.init = ""  # the teacher pre-trained in the run (the demo's committed one aside)
-  c.data.eval_batch_size = c.teacher.pretrain.data.eval_batch_size = 400  # 8 emulated devices
-  (c.teacher.pretrain if in_teacher else c)[group][name] = value
+  prefix = "teacher.pretrain." if in_teacher else ""
+  c = demo_pretraining_its_teacher(**{f"{prefix}{group}.{name}": value})
   with no_compiles(), pytest.raises(ConfigError) as e:
     job.run_with_teacher(c, str(tmp_path))
   # The teacher's run config sits at teacher.pretrain: its fields are named in full.

@@ -13,7 +13,8 @@ from at_jax.data import sources
 from at_jax.errors import ConfigError
 from at_jax.experiment import job, loop, paths, runs, teachers, validation
 from at_jax.models import vit
-from configs import demo, mae_fmnist
+from configs import mae_fmnist
+from tests.conftest import demo_pretraining_its_teacher
 
 
 @pytest.fixture(scope="module")
@@ -577,10 +578,7 @@ def test_every_transfer_setting_validates_from_both_teacher_sources(
   (teacher.init): feature distillation from the first failed on a field of the teacher's run config."""
   if mode == "copy" and what == "features":
     pytest.skip("features are distilled, not copied")
-  pretrained = demo.get_config()
-  pretrained.teacher.init = ""  # the demo's committed teacher aside: its teacher.pretrain
-  pretrained.data.eval_batch_size = pretrained.teacher.pretrain.data.eval_batch_size = 400
-  pretrained.transfer.update(dict(mode=mode, what=what))
+  pretrained = demo_pretraining_its_teacher(**{"transfer.mode": mode, "transfer.what": what})
   exported = tiny_config(mode=mode, what=what)
   exported.teacher.init = teacher_export
   for config in (pretrained, exported):

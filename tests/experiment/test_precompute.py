@@ -21,8 +21,7 @@ from at_jax.experiment import loop, precompute, validation
 from at_jax.models import vit
 from at_jax.training import classify as train_step
 from at_jax.transfer import spec
-from configs import demo
-from tests.conftest import subprocess_env
+from tests.conftest import shrunk_demo, subprocess_env
 
 N, SIZE, BATCH = 37, 28, 16  # 37 examples: the last batch is padded
 TEACHER = dict(num_classes=0, patch_size=7, width=32, depth=2, mlp_dim=64, num_heads=2)
@@ -417,24 +416,10 @@ def fake_fashion_mnist(monkeypatch):
 
 def _config(teacher_dir, **transfer_fields):
   """The demo config shrunk to seconds, distilling layer 0 from stored targets."""
-  c = demo.get_config()
-  c.unlock()
-  c.model.variant = "Pico/7"
+  c = shrunk_demo(steps=4, **{"source": "precomputed", **transfer_fields})
   c.model.num_classes = 64  # _fake_make_source labels each of its 64 examples by its index
-  c.data.update(
-    dict(
-      batch_size=16,
-      eval_batch_size=16,
-      train_split="train[:64]",
-      eval_split="test[:40]",
-      num_threads=0,
-    )
-  )
-  c.schedule.update(dict(steps=4, log_every_steps=2))
-  c.mesh.update(dict(data=4, fsdp=2))
-  c.teacher.pretrain = None
+  c.data.update(dict(eval_batch_size=16, train_split="train[:64]", eval_split="test[:40]"))
   c.teacher.init = teacher_dir
-  c.transfer.update({"layers": "first:1", "source": "precomputed", **transfer_fields})
   return c
 
 

@@ -8,19 +8,7 @@ import pytest
 from at_jax.errors import ConfigError
 from at_jax.experiment import job, validation
 from configs import demo
-
-
-def _demo(**overrides):
-  """configs/demo.py with `--config.a.b=value` style overrides (eval batches of 400, not 500: the
-  tests' 8 emulated devices must divide them, for the student and its MAE teacher), its teacher
-  pre-trained first (`teacher.init` empty): checks must come before that training too."""
-  c = demo.get_config()
-  c.teacher.init = ""
-  c.data.eval_batch_size = c.teacher.pretrain.data.eval_batch_size = 400
-  for dotted, value in overrides.items():
-    *groups, name = dotted.split(".")
-    (c[groups[0]] if groups else c)[name] = value
-  return c
+from tests.conftest import demo_pretraining_its_teacher as _demo
 
 
 def test_the_compile_check_sees_a_compilation(no_compiles):

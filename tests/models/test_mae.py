@@ -10,12 +10,13 @@ import numpy as np
 import optax
 import pytest
 
-from at_jax import optim, sharding
+from at_jax import sharding
 from at_jax.data import sources, transforms
 from at_jax.errors import ConfigError
 from at_jax.models import inits, mae, vit
 from at_jax.training import mae as mae_steps
 from at_jax.training import state as train_state
+from tests.conftest import adamw
 
 S = 28  # Image size: 4 x 4 = 16 patches of 7 px.
 ENCODER = {"variant": "Pico/7", "num_classes": 0, "pool": "cls"}
@@ -243,15 +244,10 @@ def _jitted(num_devices, fsdp):
   model = mae.MAE(**TRAIN_MAE)
   schedule = optax.warmup_cosine_decay_schedule(0.0, 2e-3, 5, STEPS, end_value=1e-4)
   # AdamW with MAE's decay set; the fixed table is never decayed (optax.adamw alone would decay it).
-  tx = optim.make_optimizer(
+  tx = adamw(
     jax.eval_shape(mae_steps.params_initializer(model, S), jax.random.key(0)),
-    schedule=schedule,
-    b1=0.9,
-    b2=0.95,
-    eps=1e-8,
-    weight_decay=0.05,
-    layer_decay=1.0,
     depth=2,
+    schedule=schedule,
     decay_rule="mae",
     frozen_posemb=True,
   )

@@ -8,6 +8,7 @@ import numpy as np
 from at_jax import optim
 from at_jax.models import vit
 from at_jax.transfer import spec
+from tests.conftest import adamw
 
 B, S = 16, 16  # batch and image size
 
@@ -38,16 +39,7 @@ def build_step(
   abstract = jax.eval_shape(
     lambda: student.init(jax.random.key(0), jnp.zeros((1, S, S, 3)), train=False)
   )
-  tx = optim.make_optimizer(
-    abstract["params"],
-    schedule=schedule,
-    b1=0.9,
-    b2=0.999,
-    eps=1e-8,
-    weight_decay=0.05,
-    layer_decay=0.75,
-    depth=student.depth,
-  )
+  tx = adamw(abstract["params"], depth=student.depth, schedule=schedule, b2=0.999, layer_decay=0.75)
   tp = teacher.init(jax.random.key(9), jnp.zeros((1, S, S, 3)), train=False)["params"]
   return student, teacher, t, schedule, tx, tp
 

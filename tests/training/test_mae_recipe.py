@@ -7,11 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from at_jax import checkpoint, optim
+from at_jax import checkpoint
 from at_jax.experiment import teachers
 from at_jax.models import inits, mae, vit
 from at_jax.training import mae as mae_steps
 from configs import mae_fmnist
+from tests.conftest import adamw
 
 S, STEPS = 28, 3
 ENCODER = {"variant": "Pico/7", "num_classes": 0, "pool": "cls"}
@@ -29,15 +30,11 @@ def _train():
   """(initial state, state after STEPS steps at a high lr and weight decay) of the recipe's MAE."""
   module, c = _module()
   schedule = optax.constant_schedule(1e-2)
-  tx = optim.make_optimizer(
+  tx = adamw(
     jax.eval_shape(mae_steps.params_initializer(module, S), jax.random.key(0)),
-    schedule=schedule,
-    b1=0.9,
-    b2=0.95,
-    eps=1e-8,
-    weight_decay=0.5,
-    layer_decay=1.0,
     depth=2,
+    schedule=schedule,
+    weight_decay=0.5,
     decay_rule=c.optim.decay_rule,
     frozen_posemb=c.model.posemb == "sincos2d",
   )
