@@ -124,16 +124,16 @@ def test_photos_mode_times_ours_and_torch_side_by_side():
 def test_process_cpu_seconds_reads_a_running_child(monkeypatch):
   """The DataLoader workers' CPU time comes from /proc/<pid>/stat: a child that spins 0.5 s reads so."""
   monkeypatch.syspath_prepend(str(BENCHMARKS))
-  import input_pipeline  # pylint: disable=import-outside-toplevel
+  import pipeline_timing  # pylint: disable=import-outside-toplevel
 
   spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass\ntime.sleep(60)"
   child = subprocess.Popen([sys.executable, "-c", spin])
   try:
     deadline = time.monotonic() + 30
-    while input_pipeline.process_cpu_seconds([child.pid]) < 0.5 and time.monotonic() < deadline:
+    while pipeline_timing.process_cpu_seconds([child.pid]) < 0.5 and time.monotonic() < deadline:
       time.sleep(0.05)
-    assert 0.5 <= input_pipeline.process_cpu_seconds([child.pid]) < 5
+    assert 0.5 <= pipeline_timing.process_cpu_seconds([child.pid]) < 5
   finally:
     child.kill()
     child.wait()
-  assert input_pipeline.process_cpu_seconds([child.pid]) == 0.0  # gone: counts nothing
+  assert pipeline_timing.process_cpu_seconds([child.pid]) == 0.0  # gone: counts nothing
