@@ -50,47 +50,82 @@ def load_vit(
   default_tower: str | None = "student",
   image_size: int = 0,
 ) -> tuple[dict, Any]:
-  """(model_config, numpy params) of a ViT fitted to data.image_size, from our params export (a directory
-  with model_config.json), a PyTorch/timm/big_vision checkpoint file or a Hugging Face folder (converted by
-  at_jax.convert; `FILE#SELECTOR` picks the weights of a training checkpoint, see
+  """(model_config, numpy params, read-only) of a ViT fitted to data.image_size, from our params export (a
+  directory with model_config.json), a PyTorch/timm/big_vision checkpoint file or a Hugging Face folder
+  (converted by at_jax.convert; `FILE#SELECTOR` picks the weights of a training checkpoint, see
   at_jax.convert.selection).
 
   The teacher.* conversion fields apply: resample_posemb (bicubic resampling of a position table made for
   another image size; otherwise that is an error), and for files num_heads and family. `default_tower`:
   the tower of the reference's dual checkpoints when the path names none -- the student for model.init
   and evaluation; None (teacher.init) makes the path name it.
+
+  Read once per process for each version of the files and setting (`_load`): the run places the teacher
+  on its mesh and the end-of-run report compares with it, and a ViT-L is over a gigabyte.
   """
   size, t = image_size or config.data.image_size, config.teacher
-  if is_checkpoint_file(path):
-    file = selection.split(path)[0]
-    return _convert_file(
-      storage.absolute(path),
-      # None in a bucket: converted once per process. A folder's own mtime misses files rewritten in it.
-      hf_folder.mtime_ns(file) if storage.isdir(file) else storage.mtime_ns(file),
-      size,
-      t.resample_posemb,
-      t.family or None,
-      t.num_heads or None,
-      default_tower,
-    )
-  model_config, params = checkpoint.load_params(path)
-  posemb.fit_posemb(params, model_config, path, size, t.resample_posemb)
-  return model_config, params
+  files = selection.split(path)[0] if is_checkpoint_file(path) else path
+  return _load(
+    storage.absolute(path),
+    _version(files),
+    size,
+    t.resample_posemb,
+    t.family or None,
+    t.num_heads or None,
+    default_tower,
+  )
+
+
+def _version(path: str) -> int | None:
+  """The newest mtime of a file, or of a folder and the entries in it (a folder rewritten in place keeps
+  its own mtime; its files do not); None in a bucket, where an entry is then read once per process."""
+  if not storage.isdir(path):
+    return storage.mtime_ns(path)
+  if storage.is_remote(path):
+    return None
+  if hf_folder.is_hf_folder(path):
+    return hf_folder.mtime_ns(path)  # a hub cache's snapshot: its files live elsewhere
+  times = [storage.mtime_ns(path)] + [
+    storage.mtime_ns(os.path.join(path, name)) for name in storage.listdir(path)
+  ]
+  return max((t for t in times if t is not None), default=None)
 
 
 @functools.lru_cache(maxsize=2)
-def _convert_file(
+def _load(
   path: str,
-  mtime: int | None,
+  version: int | None,
   image_size: int,
   resample: bool,
   family: str | None,
   num_heads: int | None,
   default_tower: str | None,
 ) -> tuple[dict, Any]:
-  """One conversion per file and setting: start-up reads the teacher's architecture (model.arch=teacher)
-  and its weights, and a ViT-L .pth is over a gigabyte. `mtime` makes a rewritten file a new entry."""
-  del mtime
+  """One read (and conversion) per version and setting; the params are made read-only, since every
+  caller shares them. `version` makes a rewritten export or file a new entry."""
+  del version
+  if is_checkpoint_file(path):
+    model_config, params = _convert_file(
+      path, image_size, resample, family, num_heads, default_tower
+    )
+  else:
+    model_config, params = checkpoint.load_params(path)
+    posemb.fit_posemb(params, model_config, path, image_size, resample)
+  for leaf in jax.tree.leaves(params):
+    if isinstance(leaf, np.ndarray):
+      leaf.setflags(write=False)
+  return model_config, params
+
+
+def _convert_file(
+  path: str,
+  image_size: int,
+  resample: bool,
+  family: str | None,
+  num_heads: int | None,
+  default_tower: str | None,
+) -> tuple[dict, Any]:
+  """A checkpoint file or Hugging Face folder converted; the converter's field names become teacher.*."""
   try:
     return convert.load_checkpoint(
       path,

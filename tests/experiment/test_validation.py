@@ -1,6 +1,8 @@
 """Bad input is refused at start-up, naming the config field, before anything is compiled or a teacher
 is trained: each case goes through `job.run_with_teacher` (what launch/main.py calls) on the demo."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -96,9 +98,12 @@ def test_a_missing_bucket_is_refused_before_anything_compiles(tiny_config, gcs_b
   assert e.value.field == "teacher.init"
 
 
-def test_a_launch_validates_its_config_once(tmp_path, tiny_config, monkeypatch):
+def test_a_launch_validates_its_config_once_and_reads_its_teacher_once(
+  tmp_path, tiny_config, monkeypatch
+):
   """job.run_with_teacher checks the student's config before a teacher could train, and its run takes
-  that result: the config is not validated a second time in the loop."""
+  that result: the config is not validated a second time in the loop. The teacher's weights are read
+  once for the run and its end-of-run report."""
   from at_jax.experiment import runs  # pylint: disable=import-outside-toplevel
 
   calls, original = [], validation.validate
@@ -115,5 +120,12 @@ def test_a_launch_validates_its_config_once(tmp_path, tiny_config, monkeypatch):
   )
   c = tiny_config(steps=2, mode="distill")
   c.teacher.init = str(tmp_path / "teacher")
+  reads, load_params = [], checkpoint.load_params
+  monkeypatch.setattr(
+    checkpoint, "load_params", lambda path, *a: reads.append(path) or load_params(path, *a)
+  )
   job.run_with_teacher(c, str(tmp_path / "run"))
   assert calls == [str(tmp_path / "run")]
+  # The teacher's weights are read once: the run placed them; the attention report reused them.
+  assert os.path.exists(tmp_path / "run" / "attention.png")
+  assert reads.count(c.teacher.init) == 1, reads

@@ -105,21 +105,26 @@ def test_precomputed_equals_jointly(what):
   assert_params_close(pj, pp)
 
 
-def test_teacher_and_student_share_drop_path_masks():
-  """With student == teacher and drop path on, the distill term is at its minimum (zero gradient)
-  only if the teacher ran with the student's masks."""
-  # Depth 4: masks of layers 1-2 change the inputs of later layers' attention (layer 0 has rate 0).
-  student, teacher, t, *_ = build_step("distill", drop_path=0.5, layers="all", depth=4)
-  tp = student.init(jax.random.key(3), jnp.zeros((1, S, S, 3)), train=False)["params"]
-  # Sharpen the attention (random init is near-uniform and barely sensitive to its inputs).
-  tp = jax.tree_util.tree_map_with_path(
+def _sharp_params(model):
+  """Fresh params with query and key kernels scaled by 10: random init's attention is near-uniform and
+  barely sensitive to its inputs; sharpened, a wrong teacher target shows in the gradient."""
+  params = model.init(jax.random.key(3), jnp.zeros((1, S, S, 3)), train=False)["params"]
+  return jax.tree_util.tree_map_with_path(
     lambda p, x: (
       10 * x
       if [getattr(k, "key", "") for k in p][-2:] in (["query", "kernel"], ["key", "kernel"])
       else x
     ),
-    tp,
+    params,
   )
+
+
+def test_teacher_and_student_share_drop_path_masks():
+  """With student == teacher and drop path on, the distill term is at its minimum (zero gradient)
+  only if the teacher ran with the student's masks."""
+  # Depth 4: masks of layers 1-2 change the inputs of later layers' attention (layer 0 has rate 0).
+  student, teacher, t, *_ = build_step("distill", drop_path=0.5, layers="all", depth=4)
+  tp = _sharp_params(student)
   batch = {k: jnp.asarray(v) for k, v in _batches()[0].items()}
   loss_fn = train_step.make_loss_fn(student, teacher, t, label_smoothing=0.0)
   distill = lambda p: loss_fn(p, batch, tp, jax.random.key(11))[1]["distill_loss"]
@@ -140,15 +145,7 @@ def test_teacher_and_student_share_drop_path_masks():
 def test_teacher_sees_the_mixed_batch():
   """Mixup/CutMix happen before the teacher runs: with student == teacher the distill term is minimal."""
   student, teacher, t, *_ = build_step("distill", layers="all")
-  tp = student.init(jax.random.key(3), jnp.zeros((1, S, S, 3)), train=False)["params"]
-  tp = jax.tree_util.tree_map_with_path(
-    lambda p, x: (
-      10 * x
-      if [getattr(k, "key", "") for k in p][-2:] in (["query", "kernel"], ["key", "kernel"])
-      else x
-    ),
-    tp,
-  )
+  tp = _sharp_params(student)
   batch = {k: jnp.asarray(v) for k, v in _batches()[0].items()}
   mix = dict(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, prob=1.0)
   loss_fn = train_step.make_loss_fn(student, teacher, t, label_smoothing=0.1, mix=mix)
