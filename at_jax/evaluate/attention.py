@@ -98,7 +98,7 @@ def save_attention_figure(
 
 
 def compare_attention(
-  models: Mapping[str, tuple[object, object]], images_BHWC: np.ndarray, out_png: str
+  models: Mapping[str, tuple[object, object]], images_BHWC: np.ndarray, out_png: str | None
 ) -> dict[str, dict[str, np.ndarray]]:
   """Draws `models`' cls-token maps on `images` and returns each model's agreement with the first, per
   layer that both have (head-averaged where their head counts differ).
@@ -106,16 +106,17 @@ def compare_attention(
   Args:
     models: name -> (ViT module, params); the first entry is the reference (the teacher).
     images_BHWC: normalised images, as the models expect them.
-    out_png: where the figure goes.
+    out_png: where the figure goes (None: no figure).
   """
   maps, logits = {}, {}
   for name, (model, params) in models.items():
     _, out = model.apply({"params": params}, images_BHWC, train=False)
     logits[name] = out["attn_logits"]
     maps[name] = query_maps(out["attn_logits"], num_prefix=model.num_prefix)
-  save_attention_figure(
-    out_png, images_BHWC, maps, title="cls-token attention over patches, head-averaged, per layer"
-  )
+  if out_png:
+    save_attention_figure(
+      out_png, images_BHWC, maps, title="cls-token attention over patches, head-averaged, per layer"
+    )
   first, *rest = list(models)
   tokens = logits[first].shape[-1]  # models of another token grid are drawn, not compared
   return {
@@ -132,13 +133,14 @@ def compare_with_teacher(
   teacher_params: Any,
   images_BHWC: np.ndarray,
   transfer: spec.Transfer,
-  out_png: str,
+  out_png: str | None,
 ) -> dict[str, np.ndarray]:
   """The student's attention in each transferred layer against the teacher's maps it was taught there:
   the teacher layer `transfer.layer_map` pairs with it, heads picked or mixed and tokens resampled as in
   training (`targets.run_teacher`), over the tokens the loss saw (`transfer.prefix`). A learned head mix
-  is dropped from exports: both sides are then averaged over their heads. Draws both; returns the
-  agreement per transferred layer, with "student_layer" and "teacher_layer"."""
+  is dropped from exports: both sides are then averaged over their heads. Draws both into `out_png`
+  (None: no figure); returns the agreement per transferred layer, with "student_layer" and
+  "teacher_layer"."""
   as_maps = dataclasses.replace(transfer, mode="copy", average="none")  # maps, per image
   taught = targets.run_teacher(teacher, teacher_params, jnp.asarray(images_BHWC), as_maps)
   taught_SBHNN = taught["attn_logits"]
@@ -151,14 +153,15 @@ def compare_with_teacher(
     "student": query_maps(own_SBHNN, num_prefix=prefix),
   }
   pairs = zip(transfer.layers, transfer.teacher_layers, strict=True)
-  save_attention_figure(
-    out_png,
-    images_BHWC,
-    maps,
-    title=f"{'first patch' if skip else 'cls'}-token attention, head-averaged: each student layer "
-    "and the teacher's maps it was taught",
-    column_titles=[f"s{s} <- t{t}" for s, t in pairs],
-  )
+  if out_png:
+    save_attention_figure(
+      out_png,
+      images_BHWC,
+      maps,
+      title=f"{'first patch' if skip else 'cls'}-token attention, head-averaged: each student layer "
+      "and the teacher's maps it was taught",
+      column_titles=[f"s{s} <- t{t}" for s, t in pairs],
+    )
   return {
     **attention_agreement(*_comparable(taught_SBHNN, own_SBHNN)),
     "student_layer": np.asarray(transfer.layers),

@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import jax
 import ml_collections
@@ -148,36 +149,44 @@ def _run_with_teacher(
 
 def attention_report(config: ml_collections.ConfigDict, workdir: str, num_images: int = 4) -> None:
   """Writes <workdir>/attention.png (teacher vs student maps) and prints their per-layer agreement."""
+  png = os.path.join(workdir, "attention.png")
+  agreement = attention_agreement(config, workdir, eval_images(config, workdir, num_images), png)
+  print(evaluate.format_agreement(agreement, "teacher") + f"\nattention maps: {png}", flush=True)
+
+
+def eval_images(config: ml_collections.ConfigDict, workdir: str, num_images: int) -> Any:
+  """The first `num_images` images of data.eval_split, in the eval view."""
   d = config.data
   source = sources.from_config(d, "data.eval_split", workdir)
-  images = next(
-    pipeline.eval_iterator(
-      source,
-      global_batch_size=num_images,
-      **options.eval_view(d),
-      num_threads=0,
-    )
-  )["image"]
+  view = options.eval_view(d)
+  batches = pipeline.eval_iterator(source, global_batch_size=num_images, **view, num_threads=0)
+  return next(batches)["image"]
+
+
+def attention_agreement(
+  config: ml_collections.ConfigDict, workdir: str, images_BHWC: Any, png: str | None = None
+) -> dict[str, dict[str, Any]]:
+  """{"student": per-layer agreement} of the run's exported student with its teacher on `images_BHWC`
+  (`evaluate.attention_agreement`'s cross-entropy, teacher entropy and JSD): attention maps are compared
+  with the maps each layer was taught (`evaluate.compare_with_teacher`), other transfers layer by layer.
+  Draws the maps into `png` when given."""
   # The teacher as the run loaded it: an export or a (converted) checkpoint file, fitted to its size.
   loaded = {
     "teacher": load_teacher(config, workdir),
     "student": checkpoint.load_params(os.path.join(workdir, EXPORT_DIR)),
   }
   models = {name: (vit.build(mc), params) for name, (mc, params) in loaded.items()}
-  png = os.path.join(workdir, "attention.png")
-  if config.transfer.get("what", "attn") == "attn":  # each layer against the maps it was taught
-    (teacher, teacher_params), (student, student_params) = models["teacher"], models["student"]
-    transfer = transfer_spec.resolve(
-      config.transfer.to_dict(),
-      student,
-      teacher,
-      d.image_size,
-      teacher_image_size=teachers.teacher_image_size(config),
-    )
-    taught = evaluate.compare_with_teacher(
-      student, student_params, teacher, teacher_params, images, transfer, png
-    )
-    agreement = {"student": taught}
-  else:
-    agreement = evaluate.compare_attention(models, images, png)
-  print(evaluate.format_agreement(agreement, "teacher") + f"\nattention maps: {png}", flush=True)
+  if config.transfer.get("what", "attn") != "attn":
+    return evaluate.compare_attention(models, images_BHWC, png)
+  (teacher, teacher_params), (student, student_params) = models["teacher"], models["student"]
+  transfer = transfer_spec.resolve(
+    config.transfer.to_dict(),
+    student,
+    teacher,
+    config.data.image_size,
+    teacher_image_size=teachers.teacher_image_size(config),
+  )
+  taught = evaluate.compare_with_teacher(
+    student, student_params, teacher, teacher_params, images_BHWC, transfer, png
+  )
+  return {"student": taught}

@@ -11,8 +11,11 @@ import numpy as np
 
 from at_jax import metrics, storage
 from at_jax.experiment import studies
+from at_jax.experiment.job import attention_agreement, eval_images
+from at_jax.experiment.paths import EXPORT_DIR
 from projects.cross_shape import plan
 
+TAUGHT_IMAGES = 512  # the first test images, on which each student's maps meet those it was taught
 TEACHER_EXPORT = "teacher"  # <out>/teacher: the deep teacher's export, committed (~2.4 MB)
 # (finding, setting A, setting B): "A beats B" under studies.beats's rule (2 standard errors)
 FINDINGS = {
@@ -47,21 +50,45 @@ def _distill_losses(run_dir: str) -> list[float]:
   return [x["train/distill_loss"] for x in metrics.read_jsonl(path) if "train/distill_loss" in x]
 
 
+def taught(workdir: str, path: str) -> dict[str, float] | None:
+  """How close a distilled student's attention came to the maps it was taught, on the first
+  TAUGHT_IMAGES test images, per distilled layer (mean over them, in nats): the maps' entropy (the
+  distillation loss's floor: flat, averaged maps have a high one), the cross-entropy the student
+  reaches and their difference, the KL divergence left. None for scratch students, for a learned head mix
+  (its export drops the mix, so the maps it taught are unknown) and for runs without their export."""
+  group, setting, seed = path.split("/")
+  config = plan.student_config(workdir, group, setting, int(seed.removeprefix("seed")))
+  run_dir = os.path.join(workdir, path)
+  if config.transfer.mode == "none" or config.transfer.get("head_map") == "learned":
+    return None
+  if not storage.exists(os.path.join(run_dir, EXPORT_DIR)):
+    return None
+  images = eval_images(config, run_dir, TAUGHT_IMAGES)
+  layers = attention_agreement(config, run_dir, images)["student"]
+  entropy, cross = (float(np.mean(layers[k])) for k in ("teacher_entropy", "cross_entropy"))
+  return {"entropy": entropy, "cross_entropy": cross, "kl": cross - entropy}
+
+
 def collect(
   workdir: str, jobs: Sequence[studies.Job], recorded: Mapping[str, Any]
 ) -> dict[str, Any]:
-  """{path: results} of every finished job, with its first and last logged distillation loss (from
-  its metrics.jsonl when the workdir has it, else as recorded before)."""
+  """{path: results} of every finished job, with its first and last logged distillation loss and its
+  agreement with the maps it was taught (`taught`), each from the workdir where it has them, else as
+  recorded before."""
   runs = {}
   for job in jobs:
     found = studies.read_results(workdir, job)
     if found is None:
       continue
+    before = recorded.get(job.path, {})
     losses = _distill_losses(os.path.join(workdir, job.path))
     if any(losses):  # scratch runs log none, or zeros
       found = {**found, "distill_loss_first_last": [losses[0], losses[-1]]}
-    elif "distill_loss_first_last" in recorded.get(job.path, {}):
-      found = {**found, "distill_loss_first_last": recorded[job.path]["distill_loss_first_last"]}
+    elif "distill_loss_first_last" in before:
+      found = {**found, "distill_loss_first_last": before["distill_loss_first_last"]}
+    if job.kind == "student":
+      agreement = before.get("taught") or taught(workdir, job.path)
+      found = {**found, **({"taught": agreement} if agreement else {})}
     runs[job.path] = found
   return runs
 
@@ -89,26 +116,53 @@ def _describe(group: str, setting: str) -> str:
   return f"{variant} from {name}" + "".join(f", {k}={v}" for k, v in shown.items())
 
 
+def _taught(runs: Mapping[str, Any], group: str, setting: str) -> str:
+  """The setting's `taught` entropy and KL (nats per distilled layer), mean over the seeds that have it."""
+  found = [
+    r["taught"] for p, r in runs.items() if p.startswith(f"{group}/{setting}/") and "taught" in r
+  ]
+  if not found:
+    return " | "
+  return " | ".join(f"{np.mean([t[k] for t in found]):.3f}" for k in ("entropy", "kl"))
+
+
 def markdown(runs: Mapping[str, Any]) -> str:
   summary = summarise(runs)
   lines = []
   for group, settings in plan.GROUPS.items():
     lines += [f"### {group}", "", "| setting | student and transfer | top-1 (mean +- std, seeds) | "
-              "distill loss first -> last |", "|---|---|---|---|"]  # fmt: skip
+              "distill loss first -> last | taught maps' entropy | KL left |", "|---|---|---|---|---|---|"]  # fmt: skip
     for setting in settings:
       row = summary.get(group, {}).get(setting)
       cell = "not run yet" if row is None else "{:.2f} +- {:.2f} ({})".format(*row["top1"])
       losses = [runs[p]["distill_loss_first_last"] for p in runs if p.startswith(f"{group}/{setting}/")
                 if any(runs[p].get("distill_loss_first_last", []))]  # fmt: skip
       loss = " / ".join(f"{a:.2f} -> {b:.2f}" for a, b in losses)
-      lines.append(f"| {setting} | {_describe(group, setting)} | {cell} | {loss} |")
+      lines.append(
+        f"| {setting} | {_describe(group, setting)} | {cell} | {loss} | {_taught(runs, group, setting)} |"
+      )
     lines += ["", "| finding | holds | numbers |", "|---|---|---|"]
     for text, a, b in FINDINGS[group]:
       a_est, b_est = (studies.mean_se(summary, group, s) for s in (a, b))
       holds, numbers = studies.beats(a_est, b_est)
       lines.append(f"| {text} | {holds} | {numbers} |")
+    lines.append(_sharpness_line(runs, group))
     lines.append("")
   return "\n".join(lines)
+
+
+def _sharpness_line(runs: Mapping[str, Any], group: str) -> str:
+  """The rank correlation, over the group's distilled settings, of top-1 with the taught maps'
+  entropy (negative: sharper maps, higher top-1); settings' means, so a handful of points."""
+  found = sharpness(runs, group)
+  if len(found) < 3:
+    return ""
+  entropy, top1 = (np.argsort(np.argsort(v)) for v in zip(*found.values(), strict=True))
+  rho = float(np.corrcoef(entropy, top1)[0, 1])
+  return (
+    f"\nTop-1 against the entropy of the taught maps over the {len(found)} distilled settings: "
+    f"Spearman rank correlation {rho:+.2f} (negative: sharper maps, higher top-1; settings' means)."
+  )
 
 
 def plot(runs: Mapping[str, Any], path: str) -> None:
@@ -118,8 +172,8 @@ def plot(runs: Mapping[str, Any], path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-  fig, axes = plt.subplots(1, len(plan.GROUPS), figsize=(11, 3.6), squeeze=False)
-  for ax, (group, settings) in zip(axes[0], plan.GROUPS.items(), strict=True):
+  fig, axes = plt.subplots(1, len(plan.GROUPS) + 1, figsize=(15, 3.6), squeeze=False)
+  for ax, (group, settings) in zip(axes[0], plan.GROUPS.items()):
     for y, setting in enumerate(settings):
       values = [r["top1"] for p, r in runs.items() if p.startswith(f"{group}/{setting}/")]
       if values:
@@ -130,6 +184,7 @@ def plot(runs: Mapping[str, Any], path: str) -> None:
     ax.set_yticks(range(len(settings)), list(settings), fontsize=8)
     ax.set_xlabel("test top-1 (%)")
     ax.set_title(group, fontsize=9)
+  _plot_sharpness(axes[0, -1], runs)
   fig.suptitle(
     "cross-shape attention distillation on Fashion-MNIST (dots: seeds; bar: mean)", fontsize=9
   )
@@ -138,6 +193,27 @@ def plot(runs: Mapping[str, Any], path: str) -> None:
   fig.savefig(buffer, format="png", dpi=110)
   storage.write_atomic(path, buffer.getvalue())
   plt.close(fig)
+
+
+def sharpness(runs: Mapping[str, Any], group: str) -> dict[str, tuple[float, float]]:
+  """{setting: (mean entropy of its taught maps, mean top-1)} of the group's settings that have both."""
+  found = {}
+  for setting in plan.GROUPS[group]:
+    seeds = [r for p, r in runs.items() if p.startswith(f"{group}/{setting}/") and "taught" in r]
+    if seeds:
+      entropy = float(np.mean([r["taught"]["entropy"] for r in seeds]))
+      found[setting] = (entropy, float(np.mean([r["top1"] for r in seeds])))
+  return found
+
+
+def _plot_sharpness(ax: Any, runs: Mapping[str, Any]) -> None:
+  """The deeper group's settings: top-1 against the entropy of the maps each was taught."""
+  for setting, (entropy, top1) in sharpness(runs, "deeper").items():
+    ax.scatter([entropy], [top1], s=18, color="tab:orange")
+    ax.annotate(setting, (entropy, top1), fontsize=7, xytext=(3, 3), textcoords="offset points")
+  ax.set_xlabel("entropy of the taught maps (nats per layer; uniform: ln 17 = 2.83)", fontsize=8)
+  ax.set_ylabel("test top-1 (%), mean over seeds", fontsize=8)
+  ax.set_title("deeper: sharper taught maps, higher top-1?", fontsize=9)
 
 
 def write(workdir: str, jobs: Sequence[studies.Job], out: str) -> str:

@@ -1,12 +1,15 @@
 """projects/cross_shape: every planned student is a valid run before the study spends CPU on it, the
 plan's order and seeds, and the report's findings and plot."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
 
 from at_jax import checkpoint
-from at_jax.experiment import validation
+from at_jax.experiment import teachers, validation
+from at_jax.experiment.paths import EXPORT_DIR
 from at_jax.models import vit
 from projects.cross_shape import plan, report
 
@@ -84,3 +87,47 @@ def test_restore_teacher_copies_a_committed_export_once(tmp_path, missing):
     _random_export(str(out / report.TEACHER_EXPORT), plan.DEEP_TEACHER)
   report.restore_teacher(str(out), workdir)
   assert checkpoint.is_export(plan.teacher_dir(workdir)) == (missing == "none")
+
+
+def _student_export(workdir: str, path: str, encoder_from: str | None = None) -> None:
+  """A freshly initialised student of the planned run `path` exported into its run folder; with
+  `encoder_from`, every leaf that export has (the encoder: all but the head) taken from it."""
+  group, setting, seed = path.split("/")
+  config = plan.student_config(workdir, group, setting, int(seed.removeprefix("seed")))
+  student = vit.build(teachers.model_config(config, workdir))
+  params = student.init(jax.random.key(1), np.zeros((1, 28, 28, 3), np.float32), train=False)
+  params = jax.device_get(params["params"])
+  if encoder_from:
+    params, kept, unused = teachers.init_from_pretrained(
+      params, checkpoint.load_params(encoder_from)[1], scan=student.scan
+    )
+    assert [k for k in kept if "head" not in k] == [] and unused == [], (kept, unused)
+  export = os.path.join(workdir, path, EXPORT_DIR)
+  checkpoint.save_params(export, params, vit.model_fields(student))
+
+
+def test_taught_measures_each_student_against_the_maps_it_was_taught(tmp_path, monkeypatch):
+  """On the first test images: a student whose encoder is its teacher's reaches the maps' entropy
+  exactly (KL 0); a random student of another teacher shape is somewhere above it; scratch and a
+  learned mix (dropped from exports) have no taught maps."""
+  workdir = str(tmp_path)
+  monkeypatch.setattr(report, "TAUGHT_IMAGES", 16)
+  same = _random_export(str(tmp_path / "same"), "Mini/7")
+  monkeypatch.setattr(plan, "SAME_SHAPE_TEACHER", same)
+  _random_export(plan.teacher_dir(workdir), plan.DEEP_TEACHER)
+  _student_export(workdir, "deeper/same_shape/seed0", encoder_from=same)
+  _student_export(workdir, "deeper/uniform_group/seed0")
+  itself = report.taught(workdir, "deeper/same_shape/seed0")
+  assert abs(itself["kl"]) < 1e-5 and 0 < itself["entropy"] <= np.log(17) + 1e-6, itself
+  other = report.taught(workdir, "deeper/uniform_group/seed0")
+  assert other["kl"] > 1e-4 and np.isclose(other["cross_entropy"] - other["entropy"], other["kl"])
+  assert report.taught(workdir, "deeper/scratch/seed0") is None
+  assert report.taught(workdir, "deeper/uniform_learned/seed0") is None
+  runs = {
+    "deeper/same_shape/seed0": {"top1": 76.0, "taught": itself},
+    "deeper/uniform_group/seed0": {"top1": 75.0, "taught": other},
+    "deeper/uniform_first/seed0": {"top1": 77.0, "taught": {**other, "entropy": 0.5}},
+  }
+  text = report.markdown(runs)
+  assert f"| {itself['entropy']:.3f} | {itself['kl']:.3f} |" in text
+  assert "over the 3 distilled settings: Spearman rank correlation" in text
