@@ -100,6 +100,8 @@ def _timm_architecture(f: Mapping[str, Any], channels: int, pos_len: int) -> tim
     patch=f["patch_size"],
     depth=f["depth"],
     mlp_dim=f["mlp_dim"],
+    mlp_act=f["mlp_act"],  # a timm export has a plain MLP: `refusals` refuse SwiGLU before this
+    mlp_keys=("fc1", "fc2"),
     heads=f["num_heads"],
     qk_norm=f["qk_norm"],
     qkv_bias=f["qkv_bias"],

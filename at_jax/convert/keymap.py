@@ -34,7 +34,6 @@ _UNSUPPORTED = (
   (r"attn_pool\.|MAPHead_", "attention-pooling (MAP) head"),
   (r"\.attn\.norm\.", "a LayerNorm on the attention output (timm scale_attn_norm)"),
   (r"\.mlp\.norm\.", "a LayerNorm inside the MLP (timm scale_mlp_norm)"),
-  (r"\.mlp\.(fc1_g|fc1_x|w12|w3)\.", "a SwiGLU MLP (e.g. DINOv2 ViT-g)"),
   (r"\.attn\.gate\.", "gated attention"),
   (r"patch_embed\.backbone|^stem\.", "a hybrid CNN stem"),
   (r"pre_logits", "a pre-logits representation layer"),

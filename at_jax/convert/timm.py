@@ -1,5 +1,5 @@
 """timm-named PyTorch state dicts -> our ViT: DeiT, AugReg, MAE, MoCo-v3, DINO, DINOv2 (with registers,
-in timm's or Meta's own names) and timm's CLIP towers.
+in timm's or Meta's own names; ViT-g's SwiGLU MLP packed or unpacked) and timm's CLIP towers.
 
 The architecture is read off the keys and shapes (`_architecture`); then one rule per key maps it into
 our layout (`_embedding_rules`, `_head_rules`, `_block_rules`).
@@ -36,6 +36,8 @@ class _Architecture:
   patch: int
   depth: int
   mlp_dim: int
+  mlp_act: str  # "gelu", or "swiglu" (DINOv2-g), read off the MLP's keys and shapes (`_mlp`)
+  mlp_keys: tuple[str, ...]  # the MLP's layers under `blocks.<i>.mlp.`: first layer(s), then second
   heads: int
   qk_norm: bool
   qkv_bias: bool
@@ -72,8 +74,12 @@ def from_timm(raw: Mapping[str, Any], path: str, num_heads: int | None) -> tuple
   rules.update(_head_rules(a))
   for i in range(a.depth):
     rules.update(_block_rules(a, i))
-  what = f"a ViT of width {a.width}, depth {a.depth}, MLP {a.mlp_dim}, patch {a.patch}"
+  what = (
+    f"a ViT of width {a.width}, depth {a.depth}, MLP {a.mlp_dim} ({a.mlp_act}), patch {a.patch}"
+  )
   params = keymap.apply(sd, rules, path, what)
+  if len(a.mlp_keys) == 3:  # timm's unpacked SwiGLU: fc1_g, fc1_x -> our [gate | value] Dense_0
+    _pack_gates(params, a.depth)
   params.setdefault("embedding", {}).setdefault("bias", np.zeros((a.width,), np.float32))
   posemb_prefix = a.posemb_prefix
   if a.meta_registers and posemb_prefix:
@@ -101,7 +107,7 @@ def _architecture(sd: Mapping[str, Any], path: str, num_heads: int | None) -> _A
     raise ConfigError(path, f"patch_embed.proj.weight has shape {kernel}: non-square patches")
   width, channels, patch, _ = kernel
   depth = keymap.depth_of(list(sd), r"blocks\.(\d+)\.", path, "blocks.0.attn.qkv.weight")
-  mlp_dim = keymap.shape_of(sd, "blocks.0.mlp.fc1.weight", path, 2)[0]
+  mlp_act, mlp_dim, mlp_keys = _mlp(sd, path)
   qk_norm = "blocks.0.attn.q_norm.weight" in sd
   # QK-norm weights are per head_dim: the one checkpoint kind that reveals its number of heads.
   head_dim = keymap.shape_of(sd, "blocks.0.attn.q_norm.weight", path, 1)[0] if qk_norm else 0
@@ -123,6 +129,8 @@ def _architecture(sd: Mapping[str, Any], path: str, num_heads: int | None) -> _A
     patch=patch,
     depth=depth,
     mlp_dim=mlp_dim,
+    mlp_act=mlp_act,
+    mlp_keys=mlp_keys,
     heads=heads,
     qk_norm=qk_norm,
     qkv_bias=qkv_bias,
@@ -136,6 +144,33 @@ def _architecture(sd: Mapping[str, Any], path: str, num_heads: int | None) -> _A
     pos_len=pos_len,
     posemb_prefix=posemb_prefix,
   )
+
+
+def _mlp(sd: Mapping[str, Any], path: str) -> tuple[str, int, tuple[str, ...]]:
+  """(activation, mlp_dim, layer names) of block 0's MLP: fc1/fc2, a plain MLP or, with fc1 twice fc2's
+  input wide, timm's SwiGLUPacked (act(first half) * second half); Meta's DINOv2 w12/w3, packed the same
+  way; timm's unpacked SwiGLU fc1_g/fc1_x/fc2. The packed halves are [gate | value], our Dense_0's."""
+  if "blocks.0.mlp.fc1_g.weight" in sd:
+    names, factors = ("fc1_g", "fc1_x", "fc2"), (1,)
+  elif "blocks.0.mlp.w12.weight" in sd:
+    names, factors = ("w12", "w3"), (2,)
+  else:
+    names, factors = ("fc1", "fc2"), (1, 2)
+  first, second = (f"blocks.0.mlp.{name}.weight" for name in (names[0], names[-1]))
+  rows = keymap.shape_of(sd, first, path, 2)[0]
+  inner = keymap.shape_of(sd, second, path, 2)[1]
+  if rows not in [f * inner for f in factors]:
+    kinds = {
+      1: "as many (plain MLP)" if names[0] == "fc1" else "as many",
+      2: "twice as many (SwiGLU)",
+    }
+    raise ConfigError(
+      path,
+      f"{first} has {rows} output features and {second} {inner} input features; expected "
+      + " or ".join(kinds[f] for f in factors),
+    )
+  gated = names[0] != "fc1" or rows == 2 * inner
+  return ("swiglu" if gated else "gelu"), inner, names
 
 
 def _final_norm(sd: Mapping[str, Any], class_token: bool, path: str) -> bool:
@@ -238,14 +273,38 @@ def _block_rules(a: _Architecture, i: int) -> Rules:
     lambda w: {f"{attn}/out/kernel": w.T.reshape(heads, head_dim, width)},
   )
   rules[src + "attn.proj.bias"] = ((width,), lambda w: {f"{attn}/out/bias": w})
-  for j, fc, shape in ((0, "fc1", (a.mlp_dim, width)), (1, "fc2", (width, a.mlp_dim))):
-    mlp = f"{dst}MlpBlock_0/Dense_{j}"
-    rules[f"{src}mlp.{fc}.weight"] = (shape, lambda w, m=mlp: {f"{m}/kernel": w.T})
-    rules[f"{src}mlp.{fc}.bias"] = ((shape[0],), lambda w, m=mlp: {f"{m}/bias": w})
+  rules.update(_mlp_rules(a, src, f"{dst}MlpBlock_0/"))
   if a.layerscale:
     for j in (0, 1):
       rules[f"{src}ls{j + 1}.gamma"] = ((width,), lambda w, n=f"{dst}layerscale_{j}": {n: w})
   return rules
+
+
+def _mlp_rules(a: _Architecture, src: str, dst: str) -> Rules:
+  """The MLP's first layer -> Dense_0 (SwiGLU's packed [gate | value] as is; timm's unpacked fc1_g and
+  fc1_x -> gate_* and value_* halves, concatenated by `_pack_gates`), its second -> Dense_1."""
+  *first, second = a.mlp_keys
+  rows = a.mlp_dim * (2 if a.mlp_act == "swiglu" and len(first) == 1 else 1)
+  rules: Rules = {}
+  for name, half in zip(first, ("", "") if len(first) == 1 else ("gate_", "value_")):
+    m = f"{dst}Dense_0/{half}"
+    rules[f"{src}mlp.{name}.weight"] = ((rows, a.width), lambda w, m=m: {f"{m}kernel": w.T})
+    rules[f"{src}mlp.{name}.bias"] = ((rows,), lambda w, m=m: {f"{m}bias": w})
+  rules[f"{src}mlp.{second}.weight"] = (
+    (a.width, a.mlp_dim),
+    lambda w: {f"{dst}Dense_1/kernel": w.T},
+  )
+  rules[f"{src}mlp.{second}.bias"] = ((a.width,), lambda w: {f"{dst}Dense_1/bias": w})
+  return rules
+
+
+def _pack_gates(params: dict, depth: int) -> None:
+  """Each block's Dense_0 gate_* and value_* halves (timm's fc1_g, fc1_x) -> one [gate | value] layer."""
+  for i in range(depth):
+    dense = params["Transformer"][f"encoderblock_{i}"]["MlpBlock_0"]["Dense_0"]
+    for leaf in ("kernel", "bias"):
+      halves = [dense.pop(f"{half}_{leaf}") for half in ("gate", "value")]
+      dense[leaf] = np.concatenate(halves, axis=-1)
 
 
 def _config(a: _Architecture, posemb_prefix: bool) -> dict:
@@ -265,7 +324,7 @@ def _config(a: _Architecture, posemb_prefix: bool) -> dict:
     qkv_bias=a.qkv_bias,
     qk_norm=a.qk_norm,
     layerscale_init=_DEFAULT_LAYERSCALE if a.layerscale else 0.0,
-    mlp_act="gelu",
+    mlp_act=a.mlp_act,
     norm_eps=1e-6,
     scan=False,
   )

@@ -52,13 +52,24 @@ def test_beit_relative_position_bias_is_unsupported(write_state_dict):
       lambda sd: sd.update({"blocks.1.mlp.fc1.bias": torch.zeros(7)}),
       r"blocks\.1\.mlp\.fc1\.bias has shape \(7,\), expected \(512,\)",
     ),
+    (
+      # fc1 neither as wide as fc2's input (plain MLP) nor twice as wide (SwiGLU, [gate | value]).
+      lambda sd: sd.update(
+        {
+          "blocks.0.mlp.fc1.weight": torch.zeros(300, 128),
+          "blocks.0.mlp.fc1.bias": torch.zeros(300),
+        }
+      ),
+      r"blocks\.0\.mlp\.fc1\.weight has 300 output features and blocks\.0\.mlp\.fc2\.weight 512 "
+      r"input features; expected as many \(plain MLP\) or twice as many \(SwiGLU\)",
+    ),
     (lambda sd: sd.update({"pos_embed": torch.zeros(1, 15, 128)}), r"pos_embed has 15 positions"),
     (
       lambda sd: sd.update({"fc_norm.weight": torch.ones(128), "fc_norm.bias": torch.zeros(128)}),
       r"exactly one final LayerNorm.*found both",
     ),
   ],
-  ids=["missing", "unknown", "shape", "positions", "two_norms"],
+  ids=["missing", "unknown", "shape", "mlp_width", "positions", "two_norms"],
 )
 def test_key_problems_are_named(edit, pattern, make_vit, state_dict_of, write_state_dict):
   sd = state_dict_of(make_vit(embed_dim=128, num_heads=2, num_classes=10))

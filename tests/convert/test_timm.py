@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from timm import layers as timm_layers
 
 from at_jax.convert.load import load_checkpoint
 from at_jax.data import sources, transforms
@@ -23,6 +24,14 @@ def _meta_dinov2(sd: dict) -> dict:
   sd["register_tokens"] = sd.pop("reg_token")
   sd["mask_token"] = torch.zeros(1, sd["pos_embed"].shape[-1])
   return sd
+
+
+def _meta_dinov2_g(sd: dict) -> dict:
+  """timm's DINOv2-g (SwiGLUPacked, registers) in Meta's names: its fused SwiGLU fc1/fc2 are w12/w3."""
+  sd = _meta_dinov2(sd)
+  return {
+    k.replace(".mlp.fc1.", ".mlp.w12.").replace(".mlp.fc2.", ".mlp.w3."): v for k, v in sd.items()
+  }
 
 
 def _mae_pretrain(sd: dict) -> dict:
@@ -59,6 +68,17 @@ def _mocov3(sd: dict) -> dict:
     "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]},
   }
 
+
+# A small DINOv2-g: a SiLU-gated MLP (timm's vit_giant_patch14_dinov2 passes act_layer=SiLU).
+_DINOV2_G = dict(
+  img_size=56,
+  patch_size=14,
+  embed_dim=128,
+  num_heads=2,
+  num_classes=0,
+  init_values=1e-5,
+  act_layer=torch.nn.SiLU,
+)
 
 _FAMILIES = {
   # name: (timm kwargs, file name, state-dict wrapper, load_checkpoint kwargs, expected config fields)
@@ -142,6 +162,35 @@ _FAMILIES = {
     _meta_dinov2,
     dict(num_heads=2),
     dict(num_registers=4, posemb_prefix=False),
+  ),
+  # DINOv2-g's SwiGLU MLP: timm's SwiGLUPacked (fc1 [gate | value], as vit_giant_patch14_dinov2: 2 x
+  # 2.66667 x width wide), timm's unpacked SwiGLU (fc1_g, fc1_x) and Meta's w12/w3 (SwiGLUFFNFused).
+  "dinov2_g_packed": (
+    dict(_DINOV2_G, mlp_ratio=2.66667 * 2, mlp_layer=timm_layers.SwiGLUPacked),
+    "dinov2_g.safetensors",
+    None,
+    dict(num_heads=2),
+    dict(mlp_act="swiglu", mlp_dim=341, layerscale_init=1e-5),
+  ),
+  "dinov2_g_unpacked": (
+    dict(_DINOV2_G, mlp_ratio=2.66667, mlp_layer=timm_layers.SwiGLU),
+    "dinov2_g_unpacked.pth",
+    None,
+    dict(num_heads=2),
+    dict(mlp_act="swiglu", mlp_dim=341),
+  ),
+  "dinov2_g_reg_meta": (
+    dict(
+      _DINOV2_G,
+      mlp_ratio=2.66667 * 2,
+      mlp_layer=timm_layers.SwiGLUPacked,
+      reg_tokens=4,
+      no_embed_class=True,
+    ),
+    "dinov2_g_reg_meta.pth",
+    _meta_dinov2_g,
+    dict(num_heads=2),
+    dict(mlp_act="swiglu", mlp_dim=341, num_registers=4, posemb_prefix=False),
   ),
   "qk_norm_no_qkv_bias": (
     dict(embed_dim=128, num_heads=4, qk_norm=True, qkv_bias=False, num_classes=5),
