@@ -1,6 +1,8 @@
 """Docs that cannot drift: the configuration reference against the config, every relative link and
-anchor against the files and headings, and every shell command shown against what checks it."""
+anchor against the files and headings, every code name and path shown against the code, and every shell
+command shown against what checks it."""
 
+import importlib
 import pathlib
 import re
 import sys
@@ -129,3 +131,32 @@ def test_a_command_naming_a_field_the_config_lacks_fails_the_check(monkeypatch):
   """The check above can fail: the field the old README offered (and the config never had)."""
   with pytest.raises(Exception, match="num_registers"):
     _config_flags_parse("python launch/main.py --config.model.num_registers=4", monkeypatch)
+
+
+def _resolves(dotted: str) -> bool:
+  """Whether `a.b.c` is a module, or an attribute of the longest importable module prefix."""
+  parts = dotted.split(".")
+  for cut in range(len(parts), 0, -1):
+    try:
+      found = importlib.import_module(".".join(parts[:cut]))
+    except ImportError:
+      continue
+    for name in parts[cut:]:
+      if not hasattr(found, name):
+        return False
+      found = getattr(found, name)
+    return True
+  return False
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_code_names_and_paths_shown_exist(page):
+  """Every `at_jax.x.y` shown in backticks imports (a module, or a name in one), and every repository
+  path shown in backticks (`at_jax/transfer/pairing.py`, `benchmarks/gpu.sh`) is there."""
+  text = page.read_text()
+  missing = [n for n in re.findall(r"`(at_jax(?:\.\w+)+)`", text) if not _resolves(n)]
+  tops = "at_jax|benchmarks|configs|launch|projects|tests|examples|docs"
+  for path in re.findall(rf"`((?:{tops})/[\w/.\-]*\w)/?`", text):
+    if not (ROOT / path).exists():
+      missing.append(path)
+  assert not missing, f"{page.relative_to(ROOT)}: names or paths that do not exist: {missing}"
