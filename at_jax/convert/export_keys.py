@@ -1,9 +1,9 @@
 """Our params -> timm's and Hugging Face's key names, and what each of them cannot express.
 
-timm's names come from inverting the importer's own rules (`timm._embedding_rules`, `_head_rules`,
-`_block_rules`), not from a second table: every rule's function only rearranges its array (transposes,
-reshapes, splits the fused qkv), so applying it to the key's element indices says where each of our
-values sits in that key's tensor (`invert`). Hugging Face's names are timm's renamed (`_HF_NAMES`), the
+timm's names come from inverting the importer's own rules (`timm.key_rules`), not from a second table:
+every rule's function only rearranges its array (transposes, reshapes, splits the fused qkv), so
+applying it to the key's element indices says where each of our values sits in that key's tensor
+(`invert`). Hugging Face's names are timm's renamed (`_HF_NAMES`), the
 fused qkv split in three: transformers 4's `ViTModel` names, which transformers 5 renames on loading.
 """
 
@@ -92,9 +92,9 @@ def unsupported(f: Mapping[str, Any]) -> dict[str, list[str]]:
   return {"timm": timm_cannot, "hf": hf_cannot}
 
 
-def _timm_architecture(f: Mapping[str, Any], channels: int, pos_len: int) -> timm._Architecture:
+def _timm_architecture(f: Mapping[str, Any], channels: int, pos_len: int) -> timm.Architecture:
   """The importer's description of the timm ViT that `f` is."""
-  return timm._Architecture(
+  return timm.Architecture(
     width=f["width"],
     channels=channels,
     patch=f["patch_size"],
@@ -157,11 +157,7 @@ def timm_state_dict(
     ours["pos_embedding"] = table_BND
   a = _timm_architecture(f, channels, ours["pos_embedding"].shape[1])
   # The importer reads the patch bias where the checkpoint has one: it has one unless pre_norm.
-  rules = timm._embedding_rules({} if f["pre_norm"] else {"patch_embed.proj.bias": None}, a)
-  rules.update(timm._head_rules(a))
-  for i in range(f["depth"]):
-    rules.update(timm._block_rules(a, i))
-  return invert(rules, ours)
+  return invert(timm.key_rules(a, patch_bias=not f["pre_norm"]), ours)
 
 
 def _timm_name(f: Mapping[str, Any], image_size: int) -> str:

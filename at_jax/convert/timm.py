@@ -2,7 +2,7 @@
 in timm's or Meta's own names; ViT-g's SwiGLU MLP packed or unpacked) and timm's CLIP towers.
 
 The architecture is read off the keys and shapes (`_architecture`); then one rule per key maps it into
-our layout (`_embedding_rules`, `_head_rules`, `_block_rules`).
+our layout (`key_rules`: `_embedding_rules`, `_head_rules`, `_block_rules`).
 """
 
 import dataclasses
@@ -28,7 +28,7 @@ _DEFAULT_LAYERSCALE = 1e-5
 
 
 @dataclasses.dataclass(frozen=True)
-class _Architecture:
+class Architecture:
   """What a timm state dict's keys and shapes say about its ViT."""
 
   width: int
@@ -70,10 +70,7 @@ def from_timm(raw: Mapping[str, Any], path: str, num_heads: int | None) -> tuple
   if "patch_embed.proj.weight" not in sd:
     raise keymap.not_a_vit(keys, path, "patch_embed.proj.weight")
   a = _architecture(sd, path, num_heads)
-  rules = _embedding_rules(sd, a)
-  rules.update(_head_rules(a))
-  for i in range(a.depth):
-    rules.update(_block_rules(a, i))
+  rules = key_rules(a, patch_bias="patch_embed.proj.bias" in sd)
   what = (
     f"a ViT of width {a.width}, depth {a.depth}, MLP {a.mlp_dim} ({a.mlp_act}), patch {a.patch}"
   )
@@ -101,7 +98,7 @@ def _encoder_keys(raw: Mapping[str, Any]) -> dict[str, Any]:
   return sd
 
 
-def _architecture(sd: Mapping[str, Any], path: str, num_heads: int | None) -> _Architecture:
+def _architecture(sd: Mapping[str, Any], path: str, num_heads: int | None) -> Architecture:
   kernel = keymap.shape_of(sd, "patch_embed.proj.weight", path, 4)
   if kernel[2] != kernel[3]:
     raise ConfigError(path, f"patch_embed.proj.weight has shape {kernel}: non-square patches")
@@ -123,7 +120,7 @@ def _architecture(sd: Mapping[str, Any], path: str, num_heads: int | None) -> _A
   num_classes = keymap.shape_of(sd, "head.weight", path, 2)[0] if "head.weight" in sd else 0
   has_norm = _final_norm(sd, class_token, path)
   pos_len, posemb_prefix = _position_table(sd, class_token, registers, meta_registers, path)
-  return _Architecture(
+  return Architecture(
     width=width,
     channels=channels,
     patch=patch,
@@ -208,7 +205,17 @@ def _position_table(
   return pos_len, posemb.has_prefix(pos_len, num_prefix, path)
 
 
-def _embedding_rules(sd: Mapping[str, Any], a: _Architecture) -> Rules:
+def key_rules(a: Architecture, patch_bias: bool) -> Rules:
+  """One rule per key of the timm ViT that `a` describes (with a patch-embedding bias or not): the
+  importer's table, which `export_keys` inverts to write timm's and Hugging Face's keys."""
+  rules = _embedding_rules(a, patch_bias)
+  rules.update(_head_rules(a))
+  for i in range(a.depth):
+    rules.update(_block_rules(a, i))
+  return rules
+
+
+def _embedding_rules(a: Architecture, patch_bias: bool) -> Rules:
   """Patch embedding, position table, cls and register tokens, and CLIP's LayerNorm before the blocks."""
   width = a.width
   rules: Rules = {
@@ -219,7 +226,7 @@ def _embedding_rules(sd: Mapping[str, Any], a: _Architecture) -> Rules:
     "pos_embed": ((1, a.pos_len, width), lambda w: {"pos_embedding": w}),
   }
   # CLIP-style stems have no patch bias; ours always has one, so it stays zero.
-  if "patch_embed.proj.bias" in sd:
+  if patch_bias:
     rules["patch_embed.proj.bias"] = ((width,), lambda w: {"embedding/bias": w})
   if a.class_token:
     rules["cls_token"] = ((1, 1, width), lambda w: {"cls": w})
@@ -230,7 +237,7 @@ def _embedding_rules(sd: Mapping[str, Any], a: _Architecture) -> Rules:
   return rules
 
 
-def _head_rules(a: _Architecture) -> Rules:
+def _head_rules(a: Architecture) -> Rules:
   """The final LayerNorm (`norm` or `fc_norm`) and the classifier, if any."""
   rules: Rules = {}
   keymap.layer_norm(
@@ -253,7 +260,7 @@ def _split_qkv(w: Array, dst: str, heads: int, head_dim: int) -> dict[str, Array
   }
 
 
-def _block_rules(a: _Architecture, i: int) -> Rules:
+def _block_rules(a: Architecture, i: int) -> Rules:
   """Block `i`: its two LayerNorms, attention (fused qkv split per head, QK-norm), MLP, LayerScale."""
   width, heads, head_dim = a.width, a.heads, a.head_dim
   src, dst = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
@@ -280,7 +287,7 @@ def _block_rules(a: _Architecture, i: int) -> Rules:
   return rules
 
 
-def _mlp_rules(a: _Architecture, src: str, dst: str) -> Rules:
+def _mlp_rules(a: Architecture, src: str, dst: str) -> Rules:
   """The MLP's first layer -> Dense_0 (SwiGLU's packed [gate | value] as is; timm's unpacked fc1_g and
   fc1_x -> gate_* and value_* halves, concatenated by `_pack_gates`), its second -> Dense_1."""
   *first, second = a.mlp_keys
@@ -307,7 +314,7 @@ def _pack_gates(params: dict, depth: int) -> None:
       dense[leaf] = np.concatenate(halves, axis=-1)
 
 
-def _config(a: _Architecture, posemb_prefix: bool) -> dict:
+def _config(a: Architecture, posemb_prefix: bool) -> dict:
   """The `vit.build` config; PyTorch ViTs use exact GELU and LayerNorm eps 1e-6 unless a family says."""
   return dict(
     num_classes=a.num_classes,
