@@ -5,6 +5,7 @@ every rule's function only rearranges its array (transposes, reshapes, splits th
 applying it to the key's element indices says where each of our values sits in that key's tensor
 (`invert`). Hugging Face's names are timm's renamed (`_HF_NAMES`), the
 fused qkv split in three: transformers 4's `ViTModel` names, which transformers 5 renames on loading.
+A SwiGLU ViT goes to timm only, as DINOv2-g's `SwiGLUPacked` (`mlp.fc1` [gate | value], as our Dense_0).
 """
 
 import math
@@ -22,12 +23,23 @@ TARGET_NAMES = {
   "hf": "Hugging Face's ViT (ViTModel / ViTForImageClassification)",
 }
 # Our MLP activations -> timm's `act_layer` names (timm.layers.get_act_layer) and Hugging Face's
-# `hidden_act` (transformers' ACT2FN): exact GELU, tanh GELU, OpenAI's QuickGELU in both.
-_TIMM_ACTS = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "quick_gelu": "quick_gelu"}
+# `hidden_act` (transformers' ACT2FN): exact GELU, tanh GELU, OpenAI's QuickGELU in both. SwiGLU is
+# SiLU in timm's `SwiGLUPacked`, a `mlp_layer` no JSON kwarg can name: only the DINOv2-g entrypoints
+# build it (`_TIMM_SWIGLU`), and our HF export writes ViTModel's plain MLP only.
+_TIMM_ACTS = {
+  "gelu": "gelu",
+  "gelu_tanh": "gelu_tanh",
+  "quick_gelu": "quick_gelu",
+  "swiglu": "silu",
+}
 _HF_ACTS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu"}
 # timm's LayerNorm eps is no JSON kwarg: the entrypoint carries it. Standard ViTs use 1e-6, the CLIP
 # towers 1e-5 (`vit_*_clip_*`); every other architecture field is a kwarg that overrides the name's.
 _TIMM_EPS_NAMES = ((1e-6, ""), (1e-5, "_clip"))
+# SwiGLU ViTs: timm's DINOv2-g entrypoints (mlp_layer=SwiGLUPacked, act_layer=nn.SiLU, eps 1e-6), by
+# register count; their other fields (size, LayerScale, registers, no_embed_class) are kwargs too.
+_TIMM_SWIGLU = {0: "vit_giant_patch14_dinov2", 4: "vit_giant_patch14_reg4_dinov2"}
+_TIMM_SWIGLU_EPS = 1e-6
 # (width, depth, heads) -> timm's size name; with 4x MLP, patch and image size they name a model.
 _TIMM_SIZES = {
   (192, 12, 3): "tiny",
@@ -67,7 +79,13 @@ def _eps_suffix(eps: float) -> str | None:
 def unsupported(f: Mapping[str, Any]) -> dict[str, list[str]]:
   """Per target ("timm", "hf"), what of the ViT fields `f` it cannot express (empty: it can)."""
   timm_cannot = []
-  if _eps_suffix(f["norm_eps"]) is None:
+  if f["mlp_act"] == "swiglu":
+    if not math.isclose(f["norm_eps"], _TIMM_SWIGLU_EPS, rel_tol=1e-6):
+      timm_cannot.append(
+        f"LayerNorm eps {f['norm_eps']} with SwiGLU (norm_eps; its SwiGLU entrypoints, DINOv2-g's, "
+        "fix 1e-6)"
+      )
+  elif _eps_suffix(f["norm_eps"]) is None:
     timm_cannot.append(
       f"LayerNorm eps {f['norm_eps']} (norm_eps; its entrypoints fix 1e-6, or 1e-5 for CLIP towers)"
     )
@@ -100,7 +118,7 @@ def _timm_architecture(f: Mapping[str, Any], channels: int, pos_len: int) -> tim
     patch=f["patch_size"],
     depth=f["depth"],
     mlp_dim=f["mlp_dim"],
-    mlp_act=f["mlp_act"],  # a timm export has a plain MLP: `refusals` refuse SwiGLU before this
+    mlp_act=f["mlp_act"],  # SwiGLU: timm's SwiGLUPacked, fc1 2 * mlp_dim wide ([gate | value])
     mlp_keys=("fc1", "fc2"),
     heads=f["num_heads"],
     qk_norm=f["qk_norm"],
@@ -162,7 +180,10 @@ def timm_state_dict(
 
 def _timm_name(f: Mapping[str, Any], image_size: int) -> str:
   """The timm entrypoint: the model `f` is where there is one, else a stock one whose architecture the
-  kwargs override whole; with the LayerNorm eps of `f`, which no kwarg can set."""
+  kwargs override whole; with the LayerNorm eps of `f`, which no kwarg can set. SwiGLU: DINOv2-g's
+  (the one with registers for 4), the only entrypoints that build timm's SwiGLUPacked."""
+  if f["mlp_act"] == "swiglu":
+    return _TIMM_SWIGLU.get(f["num_registers"], _TIMM_SWIGLU[0])
   clip = _eps_suffix(f["norm_eps"])
   size = _TIMM_SIZES.get((f["width"], f["depth"], f["num_heads"]))
   named = f"vit_{size}_patch{f['patch_size']}{clip}_{image_size}"
@@ -173,9 +194,11 @@ def _timm_name(f: Mapping[str, Any], image_size: int) -> str:
 
 def timm_args(f: Mapping[str, Any], image_size: int, channels: int) -> dict[str, Any]:
   """{"model_name", "kwargs"} for `timm.create_model(model_name, pretrained=False, **kwargs)`."""
-  width, mlp_dim = f["width"], f["mlp_dim"]
-  # timm builds int(width * mlp_ratio) hidden units: nudge a ratio that float rounding would truncate.
-  ratio = mlp_dim / width if int(width * (mlp_dim / width)) == mlp_dim else (mlp_dim + 0.5) / width
+  width = f["width"]
+  # timm builds int(width * mlp_ratio) hidden units (SwiGLUPacked: fc1's, [gate | value], twice
+  # mlp_dim; it halves them for fc2): nudge a ratio that float rounding would truncate.
+  hidden = f["mlp_dim"] * (2 if f["mlp_act"] == "swiglu" else 1)
+  ratio = hidden / width if int(width * (hidden / width)) == hidden else (hidden + 0.5) / width
   prefix = f["class_token"] or f["num_registers"] > 0
   kwargs = dict(
     img_size=image_size,

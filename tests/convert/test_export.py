@@ -50,6 +50,18 @@ KINDS = {
   "cls_without_prefix_slot": dict(posemb_prefix=False, norm_eps=1e-5),
   "scan_layout": dict(scan=True),
   "gray_28px": dict(patch_size=7, mlp_dim=48),
+  # DINOv2-g-like (timm's SwiGLUPacked, 4 registers without table slots, LayerScale), 28 px; its
+  # odd width makes float rounding truncate timm's int(88 * 458 / 88) to 457: the nudged mlp_ratio
+  "swiglu_registers_layerscale": dict(
+    mlp_act="swiglu",
+    width=88,
+    num_heads=4,
+    mlp_dim=229,
+    patch_size=7,
+    layerscale_init=0.1,
+    num_registers=4,
+    posemb_prefix=False,
+  ),
 }
 _HF_KINDS = [
   "cls_head",
@@ -72,7 +84,7 @@ _ARCH_FIELDS = (
 
 def _input(kind: str) -> tuple[int, int]:
   """(image size, channels)."""
-  return (28, 1) if kind == "gray_28px" else (32, 3)
+  return {"gray_28px": (28, 1), "swiglu_registers_layerscale": (28, 3)}.get(kind, (32, 3))
 
 
 def _randomized(params: dict, seed: int) -> dict:
@@ -197,6 +209,10 @@ def test_timm_computes_what_we_compute(kind, exported, tmp_path):
   model = _timm_model(str(tmp_path))
   norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
   assert norms and all(m.eps == pytest.approx(fields["norm_eps"]) for m in norms)
+  if fields["mlp_act"] == "swiglu":  # timm's SwiGLUPacked: act(fc1's first half) * second half
+    mlp = model.blocks[0].mlp
+    assert isinstance(mlp, timm.layers.GluMlp) and isinstance(mlp.act, torch.nn.SiLU)
+    assert not mlp.gate_last and mlp.fc2.in_features == fields["mlp_dim"]
   images_BCYX = _images(kind)
   _assert_close(_ours(fields, params, images_BCYX), _timm_run(model, images_BCYX))
 
@@ -213,7 +229,14 @@ def test_hugging_face_computes_what_we_compute(kind, exported, tmp_path):
 
 
 @pytest.mark.parametrize(
-  "kind", ["cls_head", "registers_no_prefix_slots_gap", "layerscale_qk_norm", "scan_layout"]
+  "kind",
+  [
+    "cls_head",
+    "registers_no_prefix_slots_gap",
+    "layerscale_qk_norm",
+    "scan_layout",
+    "swiglu_registers_layerscale",
+  ],
 )
 def test_timm_export_reads_back_unchanged(kind, exported, tmp_path):
   src, fields, _ = exported(kind)
@@ -263,6 +286,21 @@ def test_timm_args_name_a_stock_model_when_there_is_one():
   assert int(96 * odd["kwargs"]["mlp_ratio"]) == 250
 
 
+def test_timm_args_build_swiglu_on_the_dinov2_g_entrypoints():
+  """timm builds SwiGLUPacked only through DINOv2-g's names; the kwargs override its architecture."""
+  giant = dict(width=1536, depth=40, num_heads=24, patch_size=14, mlp_dim=4096, mlp_act="swiglu")
+  fields = vit.model_fields(vit.build({**giant, "num_classes": 0, "layerscale_init": 1e-5}))
+  args = export_keys.timm_args(fields, 518, 3)
+  assert args["model_name"] == "vit_giant_patch14_dinov2"
+  assert int(1536 * args["kwargs"]["mlp_ratio"]) == 2 * 4096  # fc1: [gate | value]
+  assert args["kwargs"]["act_layer"] == "silu" and args["kwargs"]["init_values"] == 1e-5
+  regs = {**fields, "num_registers": 4, "posemb_prefix": False}
+  assert export_keys.timm_args(regs, 518, 3)["model_name"] == "vit_giant_patch14_reg4_dinov2"
+  small = export_keys.timm_args({**fields, "width": 88, "num_heads": 4, "mlp_dim": 229}, 28, 3)
+  assert small["model_name"] == "vit_giant_patch14_dinov2"
+  assert small["kwargs"]["embed_dim"] == 88 and int(88 * small["kwargs"]["mlp_ratio"]) == 458
+
+
 def _config_only(path, **fields) -> str:
   """A directory with only model_config.json: enough for the refusals, which come before the params."""
   os.makedirs(path)
@@ -282,6 +320,20 @@ def test_hugging_face_refuses_what_it_cannot_express_and_names_timm(tmp_path):
     assert what in e.value.message
   assert src in e.value.message and "--to=timm, which can take it" in e.value.message
   assert not os.path.exists(tmp_path / "out")
+
+
+def test_hugging_face_refuses_swiglu_and_names_timm(tmp_path):
+  src = _config_only(tmp_path / "x", mlp_act="swiglu")
+  with pytest.raises(ConfigError, match=r"MLP activation 'swiglu'.*--to=timm, which can take") as e:
+    export.export(src, str(tmp_path / "out"), "hf")
+  assert e.value.field == "to"
+
+
+def test_timm_refuses_swiglu_with_an_eps_dinov2_g_does_not_fix(tmp_path):
+  src = _config_only(tmp_path / "x", mlp_act="swiglu", norm_eps=1e-5)
+  with pytest.raises(ConfigError, match=r"LayerNorm eps 1e-05 with SwiGLU.*neither timm nor") as e:
+    export.export(src, str(tmp_path / "out"), "timm")
+  assert e.value.field == "to" and "hf: the MLP activation 'swiglu'" in e.value.message
 
 
 def test_hugging_face_refuses_a_vit_without_cls_token(tmp_path):
