@@ -35,6 +35,8 @@ RUN_BY_TESTS = {
   "git ": "(version control)",
   "pip install": "launch/setup.sh (CI)",
 }
+# The repository's top-level folders: a path shown that starts with one must exist.
+TOPS = "at_jax|benchmarks|configs|launch|projects|tests|examples|docs"
 NEEDS = re.compile(
   r"#\s*needs:"
 )  # a command that needs what CI lacks says so: "# needs: ImageNet, a GPU"
@@ -101,6 +103,9 @@ def _config_flags_parse(command: str, monkeypatch: pytest.MonkeyPatch) -> None:
   lacks, or a value of the wrong type, fails here."""
   args = [a for a in command.split("#")[0].split() if a.startswith("--config")]
   argv = ["main", *[a.replace("configs/", str(ROOT / "configs") + "/", 1) for a in args]]
+  repo_paths = [a.split("=", 1)[1] for a in args if "=" in a]
+  missing = [v for v in repo_paths if re.match(rf"({TOPS})/", v) and not (ROOT / v).exists()]
+  assert not missing, f"{command}: names repository paths that do not exist: {missing}"
   monkeypatch.setattr(sys, "argv", argv)
   values = flags.FlagValues()
   default = str(ROOT / "configs" / "demo.py")
@@ -128,9 +133,12 @@ def test_every_command_shown_is_checked_or_says_what_it_needs(page, monkeypatch)
 
 
 def test_a_command_naming_a_field_the_config_lacks_fails_the_check(monkeypatch):
-  """The check above can fail: the field the old README offered (and the config never had)."""
+  """The check above can fail: the field the old README offered (and the config never had), and a
+  path in the repository that is not there."""
   with pytest.raises(Exception, match="num_registers"):
     _config_flags_parse("python launch/main.py --config.model.num_registers=4", monkeypatch)
+  with pytest.raises(AssertionError, match="projects/none"):
+    _config_flags_parse("python launch/main.py --config.teacher.init=projects/none", monkeypatch)
 
 
 def _resolves(dotted: str) -> bool:
@@ -155,8 +163,7 @@ def test_code_names_and_paths_shown_exist(page):
   path shown in backticks (`at_jax/transfer/pairing.py`, `benchmarks/gpu.sh`) is there."""
   text = page.read_text()
   missing = [n for n in re.findall(r"`(at_jax(?:\.\w+)+)`", text) if not _resolves(n)]
-  tops = "at_jax|benchmarks|configs|launch|projects|tests|examples|docs"
-  for path in re.findall(rf"`((?:{tops})/[\w/.\-]*\w)/?`", text):
+  for path in re.findall(rf"`((?:{TOPS})/[\w/.\-]*\w)/?`", text):
     if not (ROOT / path).exists():
       missing.append(path)
   assert not missing, f"{page.relative_to(ROOT)}: names or paths that do not exist: {missing}"
