@@ -74,6 +74,9 @@ def base() -> ml_collections.ConfigDict:
     heads="all",
     layer_map="same",
     head_map="same",
+    # head_map "learned": where each student head's mix starts: "mean" (every head the same) or
+    # "group" (halfway between its group of teacher heads and the mean: distinct starts).
+    head_mix_init="mean",
     # keep: a teacher of another token grid has its cls row/column kept, registers dropped; drop: the
     # loss is over patch rows and patch keys only, both maps renormalised there (HASTE), any grid.
     prefix="keep",

@@ -28,6 +28,10 @@ LAYER_MAPS = ("same", "uniform", "last")
 # group, mean and merge average probability maps (which stay distributions): they need the teacher's maps, not
 # its q and k, so the streamed losses (`loss_impl`) and q/k/v transfer take same or first only.
 HEAD_MAPS = ("same", "first", "group", "mean", "merge", "learned")
+# Where a learned mix starts: every student head at the mean of the teacher's maps, or each halfway
+# between its `group` and that mean (distinct starts: from the mean, all heads are taught one map, learn
+# alike and stay alike; the cross-shape study found its four heads' mixes equal to 0.01).
+HEAD_MIX_INITS = ("mean", "group")
 
 
 def _parse_count(selection: str, field: str, limit: int) -> int:
@@ -118,6 +122,16 @@ def head_mixing(head_map: str, student_heads: int, teacher_heads: int) -> np.nda
   else:  # more student heads: each reads one teacher head, in order
     mix[np.arange(student_heads), np.arange(student_heads) * teacher_heads // student_heads] = 1.0
   return mix
+
+
+def head_mix_prior(init: str, student_heads: int, teacher_heads: int) -> np.ndarray:
+  """[H_s, H_t] logits the learned mix `softmax(prior + head_mix)` starts from (its param starts at 0,
+  and weight decay pulls it back to this prior): zeros for "mean"; for "group", the log of halfway
+  between each head's `group` and the mean, so that softmax(prior) is exactly that."""
+  if init == "mean":
+    return np.zeros((student_heads, teacher_heads), np.float32)
+  group = head_mixing("group", student_heads, teacher_heads)
+  return np.log(0.5 * group + 0.5 / teacher_heads).astype(np.float32)
 
 
 def teacher_layers_for(

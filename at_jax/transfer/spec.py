@@ -59,6 +59,7 @@ class Transfer:
   # transfer.prefix "drop": the student's leading (cls, register) tokens left out of the loss, whose
   # maps are then its patch rows over its patch keys, renormalised (as the teacher's targets are).
   student_prefix: int = 0
+  head_mix_init: str = "mean"  # head_map "learned": where the mix starts (pairing.HEAD_MIX_INITS)
 
   @property
   def active(self) -> bool:
@@ -68,6 +69,11 @@ class Transfer:
   def teacher_depth(self) -> int:
     """How many of the teacher's layers the transfer reads: it can be cut after the deepest."""
     return max(self.teacher_layers) + 1
+
+  def head_mix_prior(self) -> np.ndarray:
+    """head_map "learned": the [H_s, H_t] logits its mix starts from (`pairing.head_mix_prior`)."""
+    teacher_heads = self.teacher_heads or self.num_heads
+    return pairing.head_mix_prior(self.head_mix_init, self.num_heads, teacher_heads)
 
   def head_mixing(self) -> np.ndarray | None:
     """[H_s, H_t] rows summing to 1: the mix of teacher maps each student head distils under head_map
@@ -265,6 +271,7 @@ def resolve(
     teacher_layers,
     head_map,
     teacher_heads,
+    head_mix_init=cfg.get("head_mix_init", "mean"),
   )
   return (
     t
@@ -275,6 +282,14 @@ def resolve(
 
 def _check_shape_maps(cfg: Mapping[str, Any], mode: str, head_map: str) -> None:
   """What the shape maps need: a learned mix of heads and a loss without the prefix, distillation."""
+  init = cfg.get("head_mix_init", "mean")
+  if init not in pairing.HEAD_MIX_INITS:
+    raise ConfigError("transfer.head_mix_init", f"{init!r}: use one of {pairing.HEAD_MIX_INITS}")
+  if init != "mean" and head_map != "learned":
+    raise ConfigError(
+      "transfer.head_mix_init",
+      f"{init!r} sets where a learned mix starts; head_map is {head_map!r} (use 'mean', or 'learned')",
+    )
   if head_map == "learned" and mode != "distill":
     raise ConfigError(
       "transfer.head_map",

@@ -75,11 +75,14 @@ def _to_student(targets: Targets, transfer: spec.Transfer) -> Targets:
   return adapted
 
 
-def learned_mix(targets: Targets, head_mix_SHT: Array) -> Targets:
-  """head_map "learned": each student head's target is softmax(`head_mix_SHT`)-weighted over the
-  teacher's maps of its layer, "attn_logits" [S, B, H_t, N, N] -> "attn_probs" [S, B, H_s, N, N], a
-  target differentiable in the mix (the student's param; the teacher's maps have no gradient)."""
-  mix_SHT = jax.nn.softmax(head_mix_SHT.astype(jnp.float32), -1)
+def learned_mix(targets: Targets, head_mix_SHT: Array, prior_HT: Any = 0.0) -> Targets:
+  """head_map "learned": each student head's target is softmax(`prior_HT` + `head_mix_SHT`)-weighted
+  over the teacher's maps of its layer, "attn_logits" [S, B, H_t, N, N] -> "attn_probs" [S, B, H_s, N,
+  N], a target differentiable in the mix (the student's param; the teacher's maps have no gradient).
+  `prior_HT`: where the mix starts (`Transfer.head_mix_prior`; 0: the mean)."""
+  mix_SHT = jax.nn.softmax(
+    jnp.asarray(prior_HT, jnp.float32) + head_mix_SHT.astype(jnp.float32), -1
+  )
   probs = jax.nn.softmax(targets["attn_logits"].astype(jnp.float32), -1)
   rest = {k: v for k, v in targets.items() if k != "attn_logits"}
   return {**rest, "attn_probs": jnp.einsum("Sst,SBtqk->SBsqk", mix_SHT, probs)}

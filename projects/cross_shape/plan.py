@@ -11,6 +11,9 @@ data, `train[:10000]`) for EPOCHS epochs, each setting against its own scratch s
           the teacher's maps resampled onto the student's grid (`transfer.prefix` keep, drop), or the
           teacher shown the images at 49 px (`teacher.image_size`: its grid becomes the student's).
 
+The learned mix runs twice: from the mean (every student head taught one map at first) and from
+halfway between each head's group and the mean (`transfer.head_mix_init=group`), added when the first
+was found to keep its four heads' mixes equal.
 `merge` is left out: for 8 teacher heads into 4 it is one round of adjacent pairs averaged, which is
 `group` exactly (tests/transfer/test_pairing.py).
 """
@@ -42,6 +45,7 @@ GROUPS: dict[str, dict[str, Setting]] = {
     "same_shape": ("Mini/7", SAME, DISTILL, 3),
     "uniform_group": ("Mini/7", DEEP, {**DISTILL, "transfer.layer_map": "uniform", "transfer.head_map": "group"}, 3),
     "uniform_learned": ("Mini/7", DEEP, {**DISTILL, "transfer.layer_map": "uniform", "transfer.head_map": "learned"}, 3),
+    "uniform_learned_group": ("Mini/7", DEEP, {**DISTILL, "transfer.layer_map": "uniform", "transfer.head_map": "learned", "transfer.head_mix_init": "group"}, 3),
     "uniform_first": ("Mini/7", DEEP, {**DISTILL, "transfer.layer_map": "uniform", "transfer.head_map": "first"}, 2),
     "uniform_mean": ("Mini/7", DEEP, {**DISTILL, "transfer.layer_map": "uniform", "transfer.head_map": "mean"}, 2),
     "last_group": ("Mini/7", DEEP, {**DISTILL, "transfer.layer_map": "last", "transfer.head_map": "group"}, 2),

@@ -13,6 +13,7 @@ from at_jax import metrics, storage
 from at_jax.experiment import studies
 from at_jax.experiment.job import attention_agreement, eval_images
 from at_jax.experiment.paths import EXPORT_DIR
+from at_jax.transfer import pairing
 from projects.cross_shape import plan
 
 TAUGHT_IMAGES = 512  # the first test images, on which each student's maps meet those it was taught
@@ -27,6 +28,8 @@ FINDINGS = {
     ("... as much as the same-shape teacher (uniform/group vs same shape)", "uniform_group", "same_shape"),
     ("the same-shape teacher beats scratch", "same_shape", "scratch"),
     ("a learned mix of heads beats fixed groups", "uniform_learned", "uniform_group"),
+    ("a learned mix started apart (head_mix_init=group) beats one started at the mean", "uniform_learned_group", "uniform_learned"),
+    ("... and fixed groups", "uniform_learned_group", "uniform_group"),
     ("groups of heads beat the first 4 heads alone", "uniform_group", "uniform_first"),
     ("groups of heads beat one mean map for every head", "uniform_group", "uniform_mean"),
     ("spread layers (uniform) beat the teacher's last layers", "uniform_group", "last_group"),
@@ -72,6 +75,29 @@ def taught(workdir: str, path: str) -> dict[str, float] | None:
   return {"entropy": entropy, "cross_entropy": cross, "kl": cross - entropy}
 
 
+def learned_mix(workdir: str, path: str) -> dict[str, float] | None:
+  """A learned head mix as the run's last checkpoint holds it (the export drops it): "spread", the
+  largest difference of one teacher head's weight between two student heads of a layer (0: every head
+  mixes alike), and "heads", how many teacher heads a student head mixes (exp of its weights' entropy,
+  mean; 8 is the uniform mean, 1 one head). None for other runs or without checkpoints."""
+  group, setting, seed = path.split("/")
+  config = plan.student_config(workdir, group, setting, int(seed.removeprefix("seed")))
+  directory = os.path.join(workdir, path, "checkpoints")
+  if config.transfer.get("head_map") != "learned" or not storage.exists(directory):
+    return None
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  last = max(int(step) for step in storage.listdir(directory) if step.isdigit())
+  state = ocp.StandardCheckpointer().restore(os.path.join(directory, str(last), "state"))
+  logits_SHT = np.asarray(state["params"]["head_mix"], np.float64)
+  prior_HT = pairing.head_mix_prior(config.transfer.head_mix_init, *logits_SHT.shape[1:])
+  weights = np.exp(logits_SHT + prior_HT)
+  weights /= weights.sum(-1, keepdims=True)
+  spread = float((weights.max(axis=1) - weights.min(axis=1)).max())
+  heads = float(np.exp(-(weights * np.log(weights)).sum(-1)).mean())
+  return {"spread": spread, "heads": heads}
+
+
 def collect(
   workdir: str, jobs: Sequence[studies.Job], recorded: Mapping[str, Any]
 ) -> dict[str, Any]:
@@ -91,7 +117,9 @@ def collect(
       found = {**found, "distill_loss_first_last": before["distill_loss_first_last"]}
     if job.kind == "student":
       agreement = before.get("taught") or taught(workdir, job.path)
+      mix = before.get("learned_mix") or learned_mix(workdir, job.path)
       found = {**found, **({"taught": agreement} if agreement else {})}
+      found = {**found, **({"learned_mix": mix} if mix else {})}
     runs[job.path] = found
   return runs
 
@@ -151,8 +179,28 @@ def markdown(runs: Mapping[str, Any]) -> str:
       lines.append(f"| {text} | {holds} | {numbers} |")
     if group == SHARPNESS_GROUP:
       lines.append(_sharpness_line(runs, group))
+    lines += _learned_lines(runs, group)
     lines.append("")
   return "\n".join(lines)
+
+
+def _learned_lines(runs: Mapping[str, Any], group: str) -> list[str]:
+  """Per setting with a learned mix, its weights at the last checkpoint (`learned_mix`), mean over seeds."""
+  lines = []
+  for setting in plan.GROUPS[group]:
+    mixes = [
+      r["learned_mix"]
+      for p, r in runs.items()
+      if p.startswith(f"{group}/{setting}/") and "learned_mix" in r
+    ]
+    if mixes:
+      spread, heads = (np.mean([m[k] for m in mixes]) for k in ("spread", "heads"))
+      lines.append(
+        f"\n{setting}'s learned mix at its last checkpoint ({len(mixes)} seeds): student heads differ "
+        f"by at most {spread:.3f} in any teacher head's weight (0: all alike); each mixes "
+        f"{heads:.2f} teacher heads' worth (exp of the weights' entropy)."
+      )
+  return lines
 
 
 def _sharpness_line(runs: Mapping[str, Any], group: str) -> str:

@@ -606,10 +606,11 @@ def _random_teacher(path: str, **fields) -> str:
       ((1, 3), 4, 16),
     ),
     # The same, each student head's mix of the teacher's heads learned with it (not in the export),
-    # scored over patch tokens only (transfer.prefix=drop: cls row and column out, renormalised).
+    # started from its group, scored over patch tokens only (transfer.prefix=drop: cls row and column
+    # out, renormalised).
     (
       dict(depth=4, num_heads=4),
-      dict(layer_map="uniform", head_map="learned", prefix="drop"),
+      dict(layer_map="uniform", head_map="learned", head_mix_init="group", prefix="drop"),
       "Pico/7",
       ((1, 3), 4, 16),
     ),

@@ -131,3 +131,26 @@ def test_taught_measures_each_student_against_the_maps_it_was_taught(tmp_path, m
   text = report.markdown(runs)
   assert f"| {itself['entropy']:.3f} | {itself['kl']:.3f} |" in text
   assert "over the 3 distilled settings: Spearman rank correlation" in text
+
+
+def test_learned_mix_reads_the_mix_the_last_checkpoint_holds(tmp_path):
+  """Logits that keep each student head at its group's start (head_mix_init=group, mix zeros) read back
+  as heads apart; equal logits from the mean, as heads alike mixing all 8 teacher heads."""
+  workdir = str(tmp_path)
+  for setting, logits in (
+    ("uniform_learned_group", np.zeros((4, 4, 8), np.float32)),
+    ("uniform_learned", np.zeros((4, 4, 8), np.float32)),
+  ):
+    path = f"deeper/{setting}/seed0"
+    manager = checkpoint.Checkpointer(
+      os.path.join(workdir, path, "checkpoints"), save_every=1, keep=2
+    )
+    for step in (1, 2):  # the last one is read (step 1's mix leans on teacher head 0)
+      manager.save(step, {"params": {"head_mix": logits + 5.0 * (step == 1) * np.eye(8)[0]}})
+    manager.wait()
+  apart = report.learned_mix(workdir, "deeper/uniform_learned_group/seed0")
+  # Halfway between a group of 2 and the mean of 8: weights .3125 (twice) and .0625; heads differ by .25.
+  assert np.isclose(apart["spread"], 0.25) and apart["heads"] < 8
+  alike = report.learned_mix(workdir, "deeper/uniform_learned/seed0")
+  assert np.isclose(alike["spread"], 0.0) and np.isclose(alike["heads"], 8.0)
+  assert report.learned_mix(workdir, "deeper/uniform_group/seed0") is None

@@ -302,3 +302,26 @@ def test_a_learned_head_mix_starts_as_the_mean_and_trains(shapes):
     assert e.value.field == field
   fields, exported = vit.export_view(mixed, params)
   assert "head_mix" not in exported and "head_mix" not in fields
+
+
+def test_a_learned_mix_from_group_starts_halfway_between_each_group_and_the_mean(shapes):
+  """head_mix_init "group": at head_mix = 0 each student head distils 0.5 * its group + 0.5 * the mean
+  of the teacher's maps (a numpy mix of the teacher's probabilities), so heads start apart; "mean"
+  keeps the old start; the field is refused where no mix is learned."""
+  student, teacher, sp, tp, images = shapes
+  t = resolve_distill(
+    student, teacher, layer_map="uniform", head_map="learned", head_mix_init="group"
+  )
+  handed = targets.run_teacher(teacher, tp, images, t)
+  zeros = jnp.zeros((len(t.layers), student.num_heads, teacher.num_heads))
+  got = targets.learned_mix(handed, zeros, t.head_mix_prior())["attn_probs"]
+  mix = 0.5 * pairing.head_mixing("group", 2, 4) + 0.5 / 4  # rows [.375 .375 .125 .125], ...
+  probs = jax.nn.softmax(np.asarray(handed["attn_logits"], np.float64), -1)
+  np.testing.assert_allclose(got, np.einsum("st,SBtqk->SBsqk", mix, probs), atol=1e-6)
+  assert not np.allclose(got[:, :, 0], got[:, :, 1])  # the two student heads are taught apart
+  mean = resolve_distill(student, teacher, layer_map="uniform", head_map="learned")
+  assert mean.head_mix_init == "mean" and not mean.head_mix_prior().any()
+  for cfg in ({"head_mix_init": "first"}, {"head_mix_init": "group", "head_map": "group"}):
+    with pytest.raises(ConfigError) as e:
+      resolve_distill(student, teacher, **{"head_map": "learned", **cfg})
+    assert e.value.field == "transfer.head_mix_init", e.value
