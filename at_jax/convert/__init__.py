@@ -14,5 +14,6 @@ package that knows foreign key names.
   posemb       the position table: its prefix slots, resampling to another image size
   export       an export -> timm (`timm_args.json` + safetensors) or transformers (`save_pretrained` folder)
   export_keys  the export's key names (timm's rules inverted), configs and what each target cannot express
+  export_hf    Hugging Face's DINOv2 (LayerScale, registers, SwiGLU): hf's rules inverted, its config.json
   __main__     `python -m at_jax.convert CHECKPOINT[#SELECTOR] OUT_DIR`, `... --export PARAMS OUT --to=timm|hf`
 """

@@ -1,5 +1,5 @@
 """A params export (any run's `params/` or `params_ema/`, a teacher's) -> PyTorch: timm's
-VisionTransformer or Hugging Face's ViT. The inverse of `load_checkpoint`:
+VisionTransformer or Hugging Face's ViT / DINOv2. The inverse of `load_checkpoint`:
 
   python -m at_jax.convert --export <workdir>/params /tmp/student_timm --to=timm
   python -m at_jax.convert --export <workdir>/params /tmp/student_hf --to=hf
@@ -11,10 +11,15 @@ name and kwargs that rebuild the architecture:
   model = timm.create_model(args["model_name"], pretrained=False, **args["kwargs"])
   model.load_state_dict(safetensors.torch.load_file(f"{out}/model.safetensors"), strict=True)
 
-Hugging Face: what `save_pretrained` writes (config.json, model.safetensors):
-`transformers.ViTForImageClassification.from_pretrained(out)` with a head (num_classes > 0, cls pooling),
-else `transformers.ViTModel.from_pretrained(out, add_pooling_layer=False)` (the export has no pooler; the
-pre-logits are `last_hidden_state[:, 0]`).
+Hugging Face: what `save_pretrained` writes (config.json, model.safetensors); config.json's
+`architectures` names the class (`transformers.AutoModel` / `AutoModelForImageClassification` find it):
+  a plain ViT: `ViTForImageClassification.from_pretrained(out)` with a head (num_classes > 0, cls
+    pooling), else `ViTModel.from_pretrained(out, add_pooling_layer=False)` (the export has no pooler;
+    the pre-logits are `last_hidden_state[:, 0]`);
+  LayerScale or SwiGLU: DINOv2, `Dinov2ForImageClassification` / `Dinov2Model` (pre-logits:
+    `pooler_output`); with registers `Dinov2WithRegistersForImageClassification` /
+    `Dinov2WithRegistersModel`. Their classifier reads [cls | mean patch token]: ours goes into the cls
+    half, zeros into the other (`export_hf`).
 
 Both take NCHW float images normalised as the run's `data.normalization` did, at the export's image
 size (the position grid times the patch size). What a target cannot express is refused before anything
@@ -32,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from at_jax import checkpoint, storage
-from at_jax.convert import export_keys
+from at_jax.convert import export_hf, export_keys
 from at_jax.errors import ConfigError
 from at_jax.models import vit
 
@@ -62,9 +67,10 @@ def export(src: str, dst: str, to: str) -> tuple[dict[str, Any], list[str]]:
   if to == "timm":
     state = export_keys.timm_state_dict(fields, params, image_size)
     meta_name, meta = "timm_args.json", export_keys.timm_args(fields, image_size, channels)
-  else:
-    state = export_keys.hf_state_dict(fields, params, image_size)
-    meta_name, meta = "config.json", export_keys.hf_config(fields, image_size, channels)
+  else:  # a plain ViT goes to ViTModel, one with LayerScale, registers or SwiGLU to DINOv2
+    keys = export_keys if export_keys.hf_model_type(fields) == "vit" else export_hf
+    state = keys.hf_state_dict(fields, params, image_size)
+    meta_name, meta = "config.json", keys.hf_config(fields, image_size, channels)
   _write(dst, state, {meta_name: meta})
   return meta, notes
 

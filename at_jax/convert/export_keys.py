@@ -3,9 +3,11 @@
 timm's names come from inverting the importer's own rules (`timm.key_rules`), not from a second table:
 every rule's function only rearranges its array (transposes, reshapes, splits the fused qkv), so
 applying it to the key's element indices says where each of our values sits in that key's tensor
-(`invert`). Hugging Face's names are timm's renamed (`_HF_NAMES`), the
+(`invert`). Hugging Face's names for a plain ViT are timm's renamed (`_HF_NAMES`), the
 fused qkv split in three: transformers 4's `ViTModel` names, which transformers 5 renames on loading.
-A SwiGLU ViT goes to timm only, as DINOv2-g's `SwiGLUPacked` (`mlp.fc1` [gate | value], as our Dense_0).
+A ViT with LayerScale, registers or SwiGLU goes to Hugging Face as DINOv2 instead (`hf_model_type`;
+`export_hf` writes it). A SwiGLU ViT goes to timm as DINOv2-g's `SwiGLUPacked` (`mlp.fc1` [gate |
+value], as our Dense_0).
 """
 
 import math
@@ -20,19 +22,19 @@ from at_jax.convert.keymap import Rules
 
 TARGET_NAMES = {
   "timm": "timm's VisionTransformer",
-  "hf": "Hugging Face's ViT (ViTModel / ViTForImageClassification)",
+  "hf": "Hugging Face's ViT or DINOv2 (ViTModel, Dinov2Model, Dinov2WithRegistersModel)",
 }
 # Our MLP activations -> timm's `act_layer` names (timm.layers.get_act_layer) and Hugging Face's
 # `hidden_act` (transformers' ACT2FN): exact GELU, tanh GELU, OpenAI's QuickGELU in both. SwiGLU is
 # SiLU in timm's `SwiGLUPacked`, a `mlp_layer` no JSON kwarg can name: only the DINOv2-g entrypoints
-# build it (`_TIMM_SWIGLU`), and our HF export writes ViTModel's plain MLP only.
+# build it (`_TIMM_SWIGLU`); in Hugging Face it is DINOv2's `use_swiglu_ffn`, not a `hidden_act`.
 _TIMM_ACTS = {
   "gelu": "gelu",
   "gelu_tanh": "gelu_tanh",
   "quick_gelu": "quick_gelu",
   "swiglu": "silu",
 }
-_HF_ACTS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu"}
+HF_ACTS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu"}
 # timm's LayerNorm eps is no JSON kwarg: the entrypoint carries it. Standard ViTs use 1e-6, the CLIP
 # towers 1e-5 (`vit_*_clip_*`); every other architecture field is a kwarg that overrides the name's.
 _TIMM_EPS_NAMES = ((1e-6, ""), (1e-5, "_clip"))
@@ -94,8 +96,6 @@ def unsupported(f: Mapping[str, Any]) -> dict[str, list[str]]:
   hf_cannot = [
     what
     for cannot, what in (
-      (f["num_registers"] > 0, f"{f['num_registers']} register tokens (num_registers)"),
-      (f["layerscale_init"] > 0, "LayerScale (layerscale_init > 0)"),
       (f["qk_norm"], "QK-norm (qk_norm)"),
       (f["pre_norm"], "a LayerNorm before the blocks (pre_norm)"),
       (not f["class_token"], "a ViT without a cls token (class_token=False)"),
@@ -103,11 +103,42 @@ def unsupported(f: Mapping[str, Any]) -> dict[str, list[str]]:
         f["pool"] != "cls",
         f"{f['pool']!r} pooling (pool; it reads the LayerNorm-ed cls token, no fc_norm)",
       ),
-      (f["mlp_act"] not in _HF_ACTS, f"the MLP activation {f['mlp_act']!r} (mlp_act)"),
+      (
+        f["mlp_act"] not in HF_ACTS and f["mlp_act"] != "swiglu",
+        f"the MLP activation {f['mlp_act']!r} (mlp_act)",
+      ),
+      (
+        hf_model_type(f) != "vit" and dinov2_mlp_ratio(f) is None,
+        f"an MLP {f['mlp_dim']} wide at width {f['width']} (mlp_dim; DINOv2's config builds "
+        "int(width * mlp_ratio) hidden units for a whole mlp_ratio, SwiGLU 2/3 of them rounded up "
+        "to a multiple of 8)",
+      ),
     )
     if cannot
   ]
   return {"timm": timm_cannot, "hf": hf_cannot}
+
+
+def hf_model_type(f: Mapping[str, Any]) -> str:
+  """The transformers `model_type` that holds the ViT `f`: "vit" (ViTModel) for a plain one; DINOv2's
+  for LayerScale or SwiGLU ("dinov2"), with registers "dinov2_with_registers"."""
+  if f["num_registers"] > 0:
+    return "dinov2_with_registers"
+  if f["layerscale_init"] > 0 or f["mlp_act"] == "swiglu":
+    return "dinov2"
+  return "vit"
+
+
+def dinov2_mlp_ratio(f: Mapping[str, Any]) -> int | None:
+  """The whole `mlp_ratio` (transformers 5's config takes no other) from which DINOv2 builds the MLP of
+  `f` (as `hf._architecture` reads it back), or None where none does."""
+  for ratio in range(1, 2 * (f["mlp_dim"] + 8) // f["width"] + 2):
+    hidden = f["width"] * ratio
+    if f["mlp_act"] == "swiglu":
+      hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+    if hidden == f["mlp_dim"]:
+      return ratio
+  return None
 
 
 def _timm_architecture(f: Mapping[str, Any], channels: int, pos_len: int) -> timm.Architecture:
@@ -235,7 +266,8 @@ def _hf_split_qkv(key: str, value: np.ndarray) -> dict[str, np.ndarray]:
 def hf_state_dict(
   f: Mapping[str, Any], params: Mapping[str, np.ndarray], image_size: int
 ) -> dict[str, np.ndarray]:
-  """Hugging Face's ViT state dict holding `params` (`unsupported(f)["hf"]` must be empty)."""
+  """Hugging Face's ViT state dict holding `params` (`unsupported(f)["hf"]` must be empty, and
+  `hf_model_type(f)` "vit": the others are `export_hf`'s)."""
   head = f["num_classes"] > 0
   out = {}
   for key, value in timm_state_dict(f, params, image_size).items():
@@ -257,7 +289,7 @@ def hf_state_dict(
 
 
 def hf_config(f: Mapping[str, Any], image_size: int, channels: int) -> dict[str, Any]:
-  """config.json for `ViTForImageClassification` (with a head) or `ViTModel` (headless)."""
+  """config.json for `ViTForImageClassification` (with a head) or `ViTModel` (headless): plain ViTs."""
   config = dict(
     model_type="vit",
     architectures=["ViTForImageClassification" if f["num_classes"] > 0 else "ViTModel"],
@@ -265,7 +297,7 @@ def hf_config(f: Mapping[str, Any], image_size: int, channels: int) -> dict[str,
     num_hidden_layers=f["depth"],
     num_attention_heads=f["num_heads"],
     intermediate_size=f["mlp_dim"],
-    hidden_act=_HF_ACTS[f["mlp_act"]],
+    hidden_act=HF_ACTS[f["mlp_act"]],
     hidden_dropout_prob=0.0,
     attention_probs_dropout_prob=0.0,
     layer_norm_eps=f["norm_eps"],

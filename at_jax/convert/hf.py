@@ -136,7 +136,7 @@ _ALWAYS_DROPPED = re.compile(r"^embeddings\.(mask_token|position_ids)$")
 
 
 @dataclasses.dataclass(frozen=True)
-class _Arch:
+class Architecture:
   """What a config.json says about its ViT."""
 
   model_type: str
@@ -184,7 +184,7 @@ def from_hf(
     f"the {model_type} ViT its config.json describes (width {a.width}, depth {a.depth}, MLP "
     f"{a.mlp_dim}, patch {a.patch}, {a.grid}x{a.grid} position grid)"
   )
-  params = keymap.apply(sd, _rules(a, num_classes), path, what)
+  params = keymap.apply(sd, key_rules(a, num_classes), path, what)
   params.setdefault("embedding", {}).setdefault("bias", np.zeros((a.width,), np.float32))
   posemb_prefix = True
   if a.registers:
@@ -216,7 +216,7 @@ def _square(value: Any, name: str, config_path: str) -> int:
 
 def _architecture(
   model_type: str, config: Mapping[str, Any], config_path: str, num_heads: int | None
-) -> _Arch:
+) -> Architecture:
   vision = config.get("vision_config", {}) if model_type == "clip" else config
   get = lambda name: _get(vision, model_type, name)
   width, heads = int(get("hidden_size")), int(get("num_attention_heads"))
@@ -244,7 +244,7 @@ def _architecture(
     raise ConfigError(
       config_path, f"layerscale_value {layerscale}: at_jax needs > 0 for LayerScale"
     )
-  return _Arch(
+  return Architecture(
     model_type=model_type,
     width=width,
     depth=int(get("num_hidden_layers")),
@@ -275,8 +275,9 @@ def _encoder_keys(raw: Mapping[str, Any], names: _Names) -> dict[str, Any]:
   return sd
 
 
-def _rules(a: _Arch, num_classes: int) -> Rules:
-  """One rule per weight: embeddings, (CLIP's) pre-norm, every block, the final norm, the head."""
+def key_rules(a: Architecture, num_classes: int) -> Rules:
+  """One rule per weight: embeddings, (CLIP's) pre-norm, every block, the final norm, the head (the
+  importer's table, which `export_hf` inverts to write DINOv2 folders)."""
   width, names = a.width, FAMILIES[a.model_type]
   conv = lambda w: {"embedding/kernel": w.transpose(2, 3, 1, 0)}  # OIHW -> HWIO
   kernel = (width, a.channels, a.patch, a.patch)
@@ -312,7 +313,7 @@ def _rules(a: _Arch, num_classes: int) -> Rules:
   return rules
 
 
-def _block_rules(a: _Arch, names: _Names, i: int) -> Rules:
+def _block_rules(a: Architecture, names: _Names, i: int) -> Rules:
   """Block `i`: LayerNorms, separate q/k/v split per head, output projection, MLP, LayerScale."""
   width, heads, head_dim = a.width, a.heads, a.width // a.heads
   src, dst = names.block.format(i=i), f"Transformer/encoderblock_{i}/"
@@ -352,7 +353,7 @@ def _block_rules(a: _Arch, names: _Names, i: int) -> Rules:
   return rules
 
 
-def _config(a: _Arch, num_classes: int, posemb_prefix: bool) -> dict:
+def _config(a: Architecture, num_classes: int, posemb_prefix: bool) -> dict:
   """The `vit.build` config. Every family reads out the cls token after the final LayerNorm."""
   return dict(
     num_classes=num_classes,

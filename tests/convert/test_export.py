@@ -1,4 +1,4 @@
-"""at_jax.convert.export: a params export, written as timm's or Hugging Face's ViT, loads with the real
+"""at_jax.convert.export: a params export, written as timm's or Hugging Face's ViT / DINOv2, loads with the real
 library and computes what ours computes (logits or pre-logits, and every layer's attention probabilities,
 to ~1e-5); it reads back through at_jax's own importer unchanged; what a target cannot express is refused
 naming the target that can; what is not an export is refused naming it; the CLI drives it.
@@ -25,7 +25,7 @@ import transformers
 
 from at_jax import checkpoint
 from at_jax.convert import __main__ as cli
-from at_jax.convert import export, export_keys
+from at_jax.convert import export, export_hf, export_keys
 from at_jax.convert.load import load_checkpoint
 from at_jax.errors import ConfigError
 from at_jax.models import vit
@@ -63,6 +63,25 @@ KINDS = {
     posemb_prefix=False,
   ),
 }
+# Hugging Face's DINOv2 only (timm's parity has these architectures above), 28 px at patch 7: LayerScale
+# with a head (Dinov2ForImageClassification), headless with registers (Dinov2WithRegistersModel), SwiGLU
+# (mlp_ratio 4: 2/3 of 256 rounded up to 176) with a head.
+_DINOV2_KINDS = {
+  "dinov2_layerscale": dict(layerscale_init=0.1, width=64, num_heads=4, mlp_dim=256, patch_size=7),
+  "dinov2_registers_layerscale": dict(
+    layerscale_init=0.1,
+    num_registers=4,
+    posemb_prefix=False,
+    num_classes=0,
+    width=64,
+    num_heads=4,
+    mlp_dim=256,
+    patch_size=7,
+  ),
+  "dinov2_swiglu": dict(
+    mlp_act="swiglu", layerscale_init=0.1, width=64, num_heads=4, mlp_dim=176, patch_size=7
+  ),
+}
 _HF_KINDS = [
   "cls_head",
   "sincos_quick_gelu",
@@ -70,6 +89,9 @@ _HF_KINDS = [
   "cls_without_prefix_slot",
   "scan_layout",
   "gray_28px",
+  # DINOv2 with registers, no LayerScale (lambda1 = 1), register slots folded into the tokens
+  "registers",
+  *_DINOV2_KINDS,
 ]
 
 
@@ -84,6 +106,8 @@ _ARCH_FIELDS = (
 
 def _input(kind: str) -> tuple[int, int]:
   """(image size, channels)."""
+  if kind in _DINOV2_KINDS:
+    return 28, 3
   return {"gray_28px": (28, 1), "swiglu_registers_layerscale": (28, 3)}.get(kind, (32, 3))
 
 
@@ -109,7 +133,7 @@ def _randomized(params: dict, seed: int) -> dict:
 
 def _make_export(path: str, kind: str, seed: int = 0, **extra) -> tuple[dict, dict]:
   """Writes a random ViT of `kind` as a params export at `path`; (its fields, its params)."""
-  fields = {**_BASE, **KINDS[kind], **extra}
+  fields = {**_BASE, **{**KINDS, **_DINOV2_KINDS}[kind], **extra}
   scan = fields.pop("scan", False)
   model = vit.build(fields)
   size, channels = _input(kind)
@@ -175,20 +199,25 @@ def _timm_run(model: torch.nn.Module, images_BCYX: np.ndarray) -> tuple[np.ndarr
 
 
 def _hf_run(out_dir: str, head: bool, images_BCYX: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """transformers' logits (pre-logits: the cls token of last_hidden_state when headless) and
-  attention probabilities [L, B, H, N, N]; asserts every weight was loaded."""
-  if head:
-    model, info = transformers.ViTForImageClassification.from_pretrained(
-      out_dir, attn_implementation="eager", output_loading_info=True
-    )
-  else:
-    model, info = transformers.ViTModel.from_pretrained(
-      out_dir, add_pooling_layer=False, attn_implementation="eager", output_loading_info=True
-    )
+  """transformers' logits (pre-logits when headless: ViTModel's cls token of last_hidden_state,
+  DINOv2's pooler_output) and attention probabilities [L, B, H, N, N], from the class config.json
+  names; asserts every weight was loaded."""
+  with open(os.path.join(out_dir, "config.json")) as f:
+    (name,) = json.load(f)["architectures"]
+  kwargs = dict(add_pooling_layer=False) if name == "ViTModel" else {}
+  model, info = getattr(transformers, name).from_pretrained(
+    out_dir, attn_implementation="eager", output_loading_info=True, **kwargs
+  )
   assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
   with torch.no_grad():
     result = model.eval()(pixel_values=torch.from_numpy(images_BCYX), output_attentions=True)
-  out = result.logits if head else result.last_hidden_state[:, 0]
+  if head:
+    out = result.logits
+  elif name == "ViTModel":
+    out = result.last_hidden_state[:, 0]
+  else:
+    out = result.pooler_output
+    torch.testing.assert_close(out, result.last_hidden_state[:, 0], rtol=0, atol=0)
   return out.numpy(), np.stack([a.numpy() for a in result.attentions])
 
 
@@ -222,7 +251,11 @@ def test_hugging_face_computes_what_we_compute(kind, exported, tmp_path):
   src, fields, params = exported(kind)
   config, _ = export.export(src, str(tmp_path), "hf")
   head = fields["num_classes"] > 0
-  assert config["architectures"] == ["ViTForImageClassification" if head else "ViTModel"]
+  family = {"vit": "ViT", "dinov2": "Dinov2", "dinov2_with_registers": "Dinov2WithRegisters"}
+  assert config["model_type"] == export_keys.hf_model_type(fields)
+  want_class = family[config["model_type"]] + ("ForImageClassification" if head else "Model")
+  assert config["architectures"] == [want_class]
+  assert (config["model_type"] == "vit") == (kind not in ("registers", *_DINOV2_KINDS))
   images_BCYX = _images(kind)
   want = _hf_run(str(tmp_path), head, images_BCYX)
   _assert_close(_ours(fields, params, images_BCYX), want)
@@ -255,13 +288,19 @@ def test_timm_export_reads_back_unchanged(kind, exported, tmp_path):
   assert {k: config[k] for k in _ARCH_FIELDS} == {k: fields[k] for k in _ARCH_FIELDS}
 
 
-@pytest.mark.parametrize("kind", ["cls_head", "headless_tanh_no_qkv_bias", "scan_layout"])
+@pytest.mark.parametrize(
+  "kind", ["cls_head", "headless_tanh_no_qkv_bias", "scan_layout", *_DINOV2_KINDS]
+)
 def test_hugging_face_export_reads_back_unchanged(kind, exported, tmp_path):
-  """Through at_jax's Hugging Face importer (`hf`, its own table of transformers' names)."""
+  """Through at_jax's Hugging Face importer (`hf`, its own table of transformers' names). It drops
+  DINOv2's heads (they read the mean patch token too), so a DINOv2 export reads back headless."""
   pytest.importorskip("at_jax.convert.hf_folder", reason="needs at_jax's Hugging Face importer")
   src, fields, _ = exported(kind)
-  export.export(src, str(tmp_path), "hf")
+  config_json, _ = export.export(src, str(tmp_path), "hf")
   want, _ = export.read_params(src, export.read_fields(src))
+  if config_json["model_type"] != "vit":
+    want = {k: v for k, v in want.items() if not k.startswith("head/")}
+    fields = {**fields, "num_classes": 0}
   config, params = load_checkpoint(str(tmp_path))
   got = {
     "/".join(str(getattr(k, "key", k)) for k in path): leaf
@@ -270,7 +309,7 @@ def test_hugging_face_export_reads_back_unchanged(kind, exported, tmp_path):
   assert sorted(got) == sorted(want)
   for key, value in want.items():
     np.testing.assert_array_equal(got[key], value, err_msg=key)
-  arch = (*_ARCH_FIELDS, "mlp_act", "norm_eps")
+  arch = (*_ARCH_FIELDS, "mlp_act", "norm_eps", "layerscale_init")
   assert {k: config[k] for k in arch} == {k: fields[k] for k in arch}
 
 
@@ -316,24 +355,50 @@ def test_hugging_face_refuses_what_it_cannot_express_and_names_timm(tmp_path):
   with pytest.raises(ConfigError) as e:
     export.export(src, str(tmp_path / "out"), "hf")
   assert e.value.field == "to"
-  for what in ("4 register tokens", "LayerScale", "QK-norm", "pre_norm", "'gap' pooling"):
+  for what in ("QK-norm", "pre_norm", "'gap' pooling"):
     assert what in e.value.message
+  # registers and LayerScale are DINOv2's, which Hugging Face takes
+  assert "register" not in e.value.message and "LayerScale" not in e.value.message
   assert src in e.value.message and "--to=timm, which can take it" in e.value.message
   assert not os.path.exists(tmp_path / "out")
 
 
-def test_hugging_face_refuses_swiglu_and_names_timm(tmp_path):
-  src = _config_only(tmp_path / "x", mlp_act="swiglu")
-  with pytest.raises(ConfigError, match=r"MLP activation 'swiglu'.*--to=timm, which can take") as e:
-    export.export(src, str(tmp_path / "out"), "hf")
-  assert e.value.field == "to"
+def test_hugging_face_refuses_an_mlp_dinov2_cannot_state_and_names_timm(tmp_path):
+  """DINOv2's config states int(width * mlp_ratio) hidden units, a whole ratio (transformers 5 takes
+  no other); SwiGLU 2/3 of them rounded up to a multiple of 8. ViTModel states any width."""
+  swiglu = _config_only(tmp_path / "s", mlp_act="swiglu", width=88, num_heads=4, mlp_dim=229)
+  layerscale = _config_only(tmp_path / "l", layerscale_init=0.1, mlp_dim=48)
+  for src, what in ((swiglu, "an MLP 229 wide at width 88"), (layerscale, "an MLP 48 wide")):
+    with pytest.raises(ConfigError, match=rf"{what}.*\(mlp_dim;.*--to=timm, which can take") as e:
+      export.export(src, str(tmp_path / "out"), "hf")
+    assert e.value.field == "to"
+  assert not export_keys.unsupported(export.read_fields(layerscale) | {"layerscale_init": 0.0})[
+    "hf"
+  ]
+
+
+def test_hugging_face_config_states_dinov2_sizes():
+  """The hub's DINOv2 sizes get their whole mlp_ratio 4 back; transformers' strict configs take it."""
+  for width, mlp_dim, act in ((384, 1536, "gelu"), (1024, 4096, "gelu"), (1536, 4096, "swiglu")):
+    size = dict(width=width, num_heads=width // 64, mlp_dim=mlp_dim, mlp_act=act)
+    fields = vit.model_fields(vit.build(dict(num_classes=0, layerscale_init=1e-5, **size)))
+    assert export_keys.dinov2_mlp_ratio(fields) == 4
+  config = export_hf.hf_config({**fields, "num_registers": 4, "posemb_prefix": False}, 518, 3)
+  assert config["architectures"] == ["Dinov2WithRegistersModel"]
+  built = transformers.Dinov2WithRegistersConfig.from_dict(config)
+  assert built.use_swiglu_ffn and built.num_register_tokens == 4 and built.layerscale_value == 1e-5
+  head = export_hf.hf_config({**fields, "num_classes": 3, "layerscale_init": 0.0}, 518, 3)
+  assert head["architectures"] == ["Dinov2ForImageClassification"]
+  assert transformers.Dinov2Config.from_dict(head).num_labels == 3
 
 
 def test_timm_refuses_swiglu_with_an_eps_dinov2_g_does_not_fix(tmp_path):
   src = _config_only(tmp_path / "x", mlp_act="swiglu", norm_eps=1e-5)
-  with pytest.raises(ConfigError, match=r"LayerNorm eps 1e-05 with SwiGLU.*neither timm nor") as e:
+  with pytest.raises(
+    ConfigError, match=r"LayerNorm eps 1e-05 with SwiGLU.*--to=hf, which can"
+  ) as e:
     export.export(src, str(tmp_path / "out"), "timm")
-  assert e.value.field == "to" and "hf: the MLP activation 'swiglu'" in e.value.message
+  assert e.value.field == "to"
 
 
 def test_hugging_face_refuses_a_vit_without_cls_token(tmp_path):
@@ -351,8 +416,8 @@ def test_timm_refuses_an_eps_no_entrypoint_has_and_names_hugging_face(tmp_path):
 
 
 def test_a_vit_neither_target_can_express_is_refused_saying_so(tmp_path):
-  src = _config_only(tmp_path / "x", norm_eps=1e-3, num_registers=1)
-  with pytest.raises(ConfigError, match=r"neither timm nor Hugging Face.*hf: 1 register tokens"):
+  src = _config_only(tmp_path / "x", norm_eps=1e-3, qk_norm=True)
+  with pytest.raises(ConfigError, match=r"neither timm nor Hugging Face.*hf: QK-norm"):
     export.export(src, str(tmp_path / "out"), "timm")
 
 
