@@ -13,7 +13,7 @@ package that knows foreign key names.
   keymap       what the mappings share: rules, shapes read off keys, heads, errors that name keys
   posemb       the position table: its prefix slots, resampling to another image size
   export       an export -> timm (`timm_args.json` + safetensors) or transformers (`save_pretrained` folder)
-  export_keys  the export's key names (timm's rules inverted), configs and what each target cannot express
-  export_hf    Hugging Face's DINOv2 (LayerScale, registers, SwiGLU): hf's rules inverted, its config.json
+  export_keys  timm's key names (its importer's rules inverted), timm's args, what each target cannot express
+  export_hf    Hugging Face's ViT or DINOv2 (LayerScale, registers, SwiGLU): hf's rules inverted, config.json
   __main__     `python -m at_jax.convert CHECKPOINT[#SELECTOR] OUT_DIR`, `... --export PARAMS OUT --to=timm|hf`
 """

@@ -68,9 +68,8 @@ def export(src: str, dst: str, to: str) -> tuple[dict[str, Any], list[str]]:
     state = export_keys.timm_state_dict(fields, params, image_size)
     meta_name, meta = "timm_args.json", export_keys.timm_args(fields, image_size, channels)
   else:  # a plain ViT goes to ViTModel, one with LayerScale, registers or SwiGLU to DINOv2
-    keys = export_keys if export_keys.hf_model_type(fields) == "vit" else export_hf
-    state = keys.hf_state_dict(fields, params, image_size)
-    meta_name, meta = "config.json", keys.hf_config(fields, image_size, channels)
+    state = export_hf.hf_state_dict(fields, params, image_size)
+    meta_name, meta = "config.json", export_hf.hf_config(fields, image_size, channels)
   _write(dst, state, {meta_name: meta})
   return meta, notes
 

@@ -1,8 +1,9 @@
-"""Our params -> Hugging Face's DINOv2: the ViTs with LayerScale, registers or SwiGLU, which ViTModel
-cannot hold (`export_keys.hf_model_type`; plain ViTs keep `export_keys`' ViTModel path).
+"""Our params -> Hugging Face's ViT or DINOv2 (`export_keys.hf_model_type`): plain ViTs as ViTModel, those
+with LayerScale, registers or SwiGLU as DINOv2.
 
-  model_type             headless            with a head (cls pooling)
-  dinov2                 Dinov2Model         Dinov2ForImageClassification
+  model_type             headless                  with a head (cls pooling)
+  vit                    ViTModel                  ViTForImageClassification
+  dinov2                 Dinov2Model               Dinov2ForImageClassification
   dinov2_with_registers  Dinov2WithRegistersModel  Dinov2WithRegistersForImageClassification
 
 The key names are the importer's own (`hf.key_rules`, inverted by `export_keys.invert`): transformers 4's
@@ -12,13 +13,14 @@ Dense_0), which transformers 5 renames on loading. What the importer undoes is d
                   prefix slots gets a zero there; register slots (`posemb_prefix`) are added to the
                   register tokens, the sum our forward pass makes (it reads back patches-only, as equal).
   LayerScale      DINOv2 always has it: a ViT without gets lambda1 = 1 (it reads back as LayerScale 1.0).
-  mask token      zeros, as transformers initialises it (only `bool_masked_pos` reads it); dropped back.
-  head            DINOv2's classifier reads [cls | mean of the patch tokens] (2 * width inputs); ours
-                  reads the cls token: its weights, zeros for the mean half, give our logits exactly. The
-                  importer drops DINOv2 heads, so a headed export reads back headless.
+  mask token      DINOv2's: zeros, as transformers initialises it (only `bool_masked_pos` reads it).
+  head            ViT's classifier reads the cls token, as ours. DINOv2's reads [cls | mean of the patch
+                  tokens] (2 * width inputs): our weights, zeros for the mean half, give our logits
+                  exactly. The importer drops DINOv2 heads, so a headed DINOv2 export reads back headless.
 config.json's `image_size` is the export's: the table then has exactly that size's grid, which
 `interpolate_pos_encoding` returns unchanged (at other sizes transformers resamples it: bicubic,
-antialiased with registers, as `hf_posemb` does). `mlp_ratio` is whole (`export_keys.dinov2_mlp_ratio`).
+antialiased with registers, as `hf_posemb` does). DINOv2's `mlp_ratio` is whole
+(`export_keys.dinov2_mlp_ratio`).
 """
 
 from collections.abc import Mapping
@@ -29,14 +31,15 @@ import numpy as np
 from at_jax.convert import export_keys, hf
 
 # model_type -> the transformers class names' stem, e.g. Dinov2WithRegistersModel.
-_CLASSES = {"dinov2": "Dinov2", "dinov2_with_registers": "Dinov2WithRegisters"}
+_CLASSES = {"vit": "ViT", "dinov2": "Dinov2", "dinov2_with_registers": "Dinov2WithRegisters"}
 _HEAD = ("head/kernel", "head/bias")
 
 
 def _arch(f: Mapping[str, Any], image_size: int, channels: int) -> hf.Architecture:
-  """The importer's description of the DINOv2 that `f` is exported as."""
+  """The importer's description of the ViT or DINOv2 that `f` is exported as."""
+  model_type = export_keys.hf_model_type(f)
   return hf.Architecture(
-    model_type=export_keys.hf_model_type(f),
+    model_type=model_type,
     width=f["width"],
     depth=f["depth"],
     heads=f["num_heads"],
@@ -47,7 +50,7 @@ def _arch(f: Mapping[str, Any], image_size: int, channels: int) -> hf.Architectu
     act=f["mlp_act"],
     eps=f["norm_eps"],
     qkv_bias=f["qkv_bias"],
-    layerscale=_layerscale_value(f),
+    layerscale=0.0 if model_type == "vit" else _layerscale_value(f),
     registers=f["num_registers"],
   )
 
@@ -66,7 +69,7 @@ def _as_imported(f: Mapping[str, Any], params: Mapping[str, np.ndarray]) -> dict
   if slots > 1:  # transformers gives registers no position: fold theirs in (our forward's sum)
     ours["registers"] = ours["registers"] + table_BND[:, 1:slots]
   ours["pos_embedding"] = np.concatenate([cls_slot_BED, table_BND[:, slots:]], axis=1)
-  if f["layerscale_init"] <= 0:
+  if f["layerscale_init"] <= 0 and export_keys.hf_model_type(f) != "vit":
     for i in range(f["depth"]):
       for j in (0, 1):
         ours[f"Transformer/encoderblock_{i}/layerscale_{j}"] = np.ones(f["width"], np.float32)
@@ -76,23 +79,27 @@ def _as_imported(f: Mapping[str, Any], params: Mapping[str, np.ndarray]) -> dict
 def hf_state_dict(
   f: Mapping[str, Any], params: Mapping[str, np.ndarray], image_size: int
 ) -> dict[str, np.ndarray]:
-  """The DINOv2 state dict holding `params` ({'/' path: array}; `unsupported(f)["hf"]` must be empty)."""
+  """The ViT or DINOv2 state dict holding `params` ({'/' path: array}; `unsupported(f)["hf"]` must be
+  empty)."""
   channels = params["embedding/kernel"].shape[2]
   a = _arch(f, image_size, channels)
   out = export_keys.invert(hf.key_rules(a, num_classes=0), _as_imported(f, params))
-  out["embeddings.mask_token"] = np.zeros((1, f["width"]), np.float32)
+  if a.model_type != "vit":
+    out["embeddings.mask_token"] = np.zeros((1, f["width"]), np.float32)
   if f["num_classes"] == 0:
     return out
-  # The task classes keep the encoder under their base_model_prefix, the model_type's name.
+  # The task classes keep the encoder under their base_model_prefix: `vit.`, `dinov2.`, ...
   out = {f"{a.model_type}.{k}": v for k, v in out.items()}
-  kernel_DV = params["head/kernel"]
-  out["classifier.weight"] = np.concatenate([kernel_DV.T, np.zeros_like(kernel_DV.T)], axis=1)
+  kernel_VD = np.asarray(params["head/kernel"]).T
+  if a.model_type != "vit":  # [cls | mean patch token] inputs: ours reads the cls token only
+    kernel_VD = np.concatenate([kernel_VD, np.zeros_like(kernel_VD)], axis=1)
+  out["classifier.weight"] = kernel_VD
   out["classifier.bias"] = np.asarray(params["head/bias"])
   return out
 
 
 def hf_config(f: Mapping[str, Any], image_size: int, channels: int) -> dict[str, Any]:
-  """config.json for the DINOv2 class that holds `f` (module docstring's table)."""
+  """config.json for the ViT or DINOv2 class that holds `f` (module docstring's table)."""
   model_type = export_keys.hf_model_type(f)
   head = f["num_classes"] > 0
   config = dict(
@@ -101,20 +108,25 @@ def hf_config(f: Mapping[str, Any], image_size: int, channels: int) -> dict[str,
     hidden_size=f["width"],
     num_hidden_layers=f["depth"],
     num_attention_heads=f["num_heads"],
-    mlp_ratio=export_keys.dinov2_mlp_ratio(f),
-    use_swiglu_ffn=f["mlp_act"] == "swiglu",
     # SwiGLU's SiLU is built in (hidden_act is then unused).
     hidden_act=export_keys.HF_ACTS.get(f["mlp_act"], "silu"),
-    layerscale_value=_layerscale_value(f),
     hidden_dropout_prob=0.0,
     attention_probs_dropout_prob=0.0,
-    drop_path_rate=0.0,
     layer_norm_eps=f["norm_eps"],
     image_size=image_size,
     patch_size=f["patch_size"],
     num_channels=channels,
     qkv_bias=f["qkv_bias"],
   )
+  if model_type == "vit":
+    config["intermediate_size"] = f["mlp_dim"]
+  else:
+    config.update(
+      mlp_ratio=export_keys.dinov2_mlp_ratio(f),
+      use_swiglu_ffn=f["mlp_act"] == "swiglu",
+      layerscale_value=_layerscale_value(f),
+      drop_path_rate=0.0,
+    )
   if f["num_registers"]:
     config["num_register_tokens"] = f["num_registers"]
   if head:  # HF reads the number of labels off id2label

@@ -3,15 +3,12 @@
 timm's names come from inverting the importer's own rules (`timm.key_rules`), not from a second table:
 every rule's function only rearranges its array (transposes, reshapes, splits the fused qkv), so
 applying it to the key's element indices says where each of our values sits in that key's tensor
-(`invert`). Hugging Face's names for a plain ViT are timm's renamed (`_HF_NAMES`), the
-fused qkv split in three: transformers 4's `ViTModel` names, which transformers 5 renames on loading.
-A ViT with LayerScale, registers or SwiGLU goes to Hugging Face as DINOv2 instead (`hf_model_type`;
-`export_hf` writes it). A SwiGLU ViT goes to timm as DINOv2-g's `SwiGLUPacked` (`mlp.fc1` [gate |
+(`invert`). Hugging Face's names come the same way from its importer's rules (`export_hf`): ViTModel
+for a plain ViT, DINOv2 for one with LayerScale, registers or SwiGLU (`hf_model_type`). A SwiGLU ViT goes to timm as DINOv2-g's `SwiGLUPacked` (`mlp.fc1` [gate |
 value], as our Dense_0).
 """
 
 import math
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -59,21 +56,6 @@ _TIMM_ENTRYPOINTS = {
   "vit_large_patch14_clip_224",
 }
 # fmt: on
-# timm key (regex) -> transformers 4's ViTModel key; the fused qkv is split apart (`_hf_split_qkv`).
-_HF_NAMES = (
-  (r"cls_token", "embeddings.cls_token"),
-  (r"pos_embed", "embeddings.position_embeddings"),
-  (r"patch_embed\.proj\.", "embeddings.patch_embeddings.projection."),
-  (r"blocks\.(\d+)\.norm1\.", r"encoder.layer.\1.layernorm_before."),
-  (r"blocks\.(\d+)\.attn\.proj\.", r"encoder.layer.\1.attention.output.dense."),
-  (r"blocks\.(\d+)\.norm2\.", r"encoder.layer.\1.layernorm_after."),
-  (r"blocks\.(\d+)\.mlp\.fc1\.", r"encoder.layer.\1.intermediate.dense."),
-  (r"blocks\.(\d+)\.mlp\.fc2\.", r"encoder.layer.\1.output.dense."),
-  (r"norm\.", "layernorm."),
-  (r"head\.", "classifier."),
-)
-
-
 def _eps_suffix(eps: float) -> str | None:
   return next((s for e, s in _TIMM_EPS_NAMES if math.isclose(eps, e, rel_tol=1e-6)), None)
 
@@ -252,61 +234,3 @@ def timm_args(f: Mapping[str, Any], image_size: int, channels: int) -> dict[str,
     act_layer=_TIMM_ACTS[f["mlp_act"]],
   )
   return {"model_name": _timm_name(f, image_size), "kwargs": kwargs}
-
-
-def _hf_split_qkv(key: str, value: np.ndarray) -> dict[str, np.ndarray]:
-  """timm's fused blocks.N.attn.qkv.{weight,bias} ([3D, ...], q then k then v) -> HF's three."""
-  i, kind = re.fullmatch(r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)", key).groups()
-  return {
-    f"encoder.layer.{i}.attention.attention.{name}.{kind}": part
-    for name, part in zip(("query", "key", "value"), np.split(value, 3))
-  }
-
-
-def hf_state_dict(
-  f: Mapping[str, Any], params: Mapping[str, np.ndarray], image_size: int
-) -> dict[str, np.ndarray]:
-  """Hugging Face's ViT state dict holding `params` (`unsupported(f)["hf"]` must be empty, and
-  `hf_model_type(f)` "vit": the others are `export_hf`'s)."""
-  head = f["num_classes"] > 0
-  out = {}
-  for key, value in timm_state_dict(f, params, image_size).items():
-    if key == "pos_embed" and not f["posemb_prefix"]:
-      # HF's table always has the cls slot; a zero there adds nothing to the cls token, as ours.
-      value = np.concatenate([np.zeros_like(value[:, :1]), value], axis=1)
-    if ".attn.qkv." in key:
-      renamed = _hf_split_qkv(key, value)
-    else:
-      name = next((re.sub(f"^{p}", r, key) for p, r in _HF_NAMES if re.match(p, key)), None)
-      if name is None:
-        raise RuntimeError(f"export bug: no Hugging Face name for timm's {key}")
-      renamed = {name: value}
-    # ViTForImageClassification keeps the encoder under `vit.`; a headless export is a ViTModel.
-    out.update(
-      {k if not head or k.startswith("classifier.") else f"vit.{k}": v for k, v in renamed.items()}
-    )
-  return out
-
-
-def hf_config(f: Mapping[str, Any], image_size: int, channels: int) -> dict[str, Any]:
-  """config.json for `ViTForImageClassification` (with a head) or `ViTModel` (headless): plain ViTs."""
-  config = dict(
-    model_type="vit",
-    architectures=["ViTForImageClassification" if f["num_classes"] > 0 else "ViTModel"],
-    hidden_size=f["width"],
-    num_hidden_layers=f["depth"],
-    num_attention_heads=f["num_heads"],
-    intermediate_size=f["mlp_dim"],
-    hidden_act=HF_ACTS[f["mlp_act"]],
-    hidden_dropout_prob=0.0,
-    attention_probs_dropout_prob=0.0,
-    layer_norm_eps=f["norm_eps"],
-    image_size=image_size,
-    patch_size=f["patch_size"],
-    num_channels=channels,
-    qkv_bias=f["qkv_bias"],
-  )
-  if f["num_classes"] > 0:  # HF reads the number of labels off id2label
-    config["id2label"] = {str(i): f"LABEL_{i}" for i in range(f["num_classes"])}
-    config["label2id"] = {f"LABEL_{i}": i for i in range(f["num_classes"])}
-  return config
