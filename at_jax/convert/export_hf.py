@@ -16,7 +16,7 @@ Dense_0), which transformers 5 renames on loading. What the importer undoes is d
   mask token      DINOv2's: zeros, as transformers initialises it (only `bool_masked_pos` reads it).
   head            ViT's classifier reads the cls token, as ours. DINOv2's reads [cls | mean of the patch
                   tokens] (2 * width inputs): our weights, zeros for the mean half, give our logits
-                  exactly. The importer drops DINOv2 heads, so a headed DINOv2 export reads back headless.
+                  exactly; the importer reads such a classifier back as our head.
 config.json's `image_size` is the export's: the table then has exactly that size's grid, which
 `interpolate_pos_encoding` returns unchanged (at other sizes transformers resamples it: bicubic,
 antialiased with registers, as `hf_posemb` does). DINOv2's `mlp_ratio` is whole

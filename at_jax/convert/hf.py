@@ -6,8 +6,9 @@ Families, by config.json's `model_type` (`FAMILIES`):
                          or token depends on) is dropped.
   vit_mae                ViTMAEModel / ViTMAEForPreTraining: the encoder; decoder and mask token dropped.
   dinov2                 LayerScale; SwiGLU MLP (`mlp_act="swiglu"`) when `use_swiglu_ffn`. The mask
-                         token and Dinov2ForImageClassification's head (on cls + mean patch token, which
-                         our ViT cannot express) are dropped.
+                         token is dropped, and Dinov2ForImageClassification's head (on cls + mean patch
+                         token, which our ViT cannot express) unless its mean half is zero (as our
+                         exports write it): then its cls half is our `head`.
   dinov2_with_registers  the same, with register tokens.
   clip, clip_vision_model  the vision tower only: pre-LayerNorm, `hidden_act`, eps from the config; the
                          text tower and projections are dropped.
@@ -107,7 +108,7 @@ _VIT_NAMES = _Names(
 )
 _DINOV2_NAMES = _Names(
   ("dinov2.", "dinov2_with_registers."),
-  r"^classifier\.",
+  r"^$",  # the classifier: `_cls_head` decides
   "encoder.layer.{i}.",
   ("norm1", "norm2", "layernorm"),
   _BERT_ATTN,
@@ -178,7 +179,7 @@ def from_hf(
       f"{', '.join(sorted(FAMILIES))}",
     )
   a = _architecture(model_type, config, config_path, num_heads)
-  sd = _encoder_keys(hf_folder.read_weights(folder), FAMILIES[model_type])
+  sd = _cls_head(_encoder_keys(hf_folder.read_weights(folder), FAMILIES[model_type]), model_type)
   num_classes = int(sd["classifier.weight"].shape[0]) if "classifier.weight" in sd else 0
   what = (
     f"the {model_type} ViT its config.json describes (width {a.width}, depth {a.depth}, MLP "
@@ -259,6 +260,19 @@ def _architecture(
     layerscale=layerscale,
     registers=int(get("num_register_tokens")) if "num_register_tokens" in defaults else 0,
   )
+
+
+def _cls_head(sd: dict[str, Any], model_type: str) -> dict[str, Any]:
+  """DINOv2's classifier reads [cls | mean patch token]: kept as our cls-token head (its cls half) when
+  the mean half is zero, as `export_hf` writes ours; else dropped, as our ViT cannot express it."""
+  if not model_type.startswith("dinov2") or "classifier.weight" not in sd:
+    return sd
+  weight_VD = np.asarray(sd.pop("classifier.weight"))
+  bias_V = sd.pop("classifier.bias")
+  width = weight_VD.shape[1] // 2
+  if np.any(weight_VD[:, width:]):
+    return sd
+  return {**sd, "classifier.weight": weight_VD[:, :width], "classifier.bias": bias_V}
 
 
 def _encoder_keys(raw: Mapping[str, Any], names: _Names) -> dict[str, Any]:
