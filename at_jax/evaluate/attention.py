@@ -134,16 +134,21 @@ def compare_with_teacher(
   images_BHWC: np.ndarray,
   transfer: spec.Transfer,
   out_png: str | None,
+  head_mix_SHT: Any = None,
 ) -> dict[str, np.ndarray]:
   """The student's attention in each transferred layer against the teacher's maps it was taught there:
   the teacher layer `transfer.layer_map` pairs with it, heads picked or mixed and tokens resampled as in
   training (`targets.run_teacher`), over the tokens the loss saw (`transfer.prefix`). A learned head mix
-  is dropped from exports: both sides are then averaged over their heads. Draws both into `out_png`
-  (None: no figure); returns the agreement per transferred layer, with "student_layer" and
-  "teacher_layer"."""
+  is dropped from exports: given its logits (`head_mix_SHT`, e.g. from a checkpoint) each student head
+  is compared with its mix, as trained; without them both sides are averaged over their heads. Draws
+  both into `out_png` (None: no figure); returns the agreement per transferred layer, with
+  "student_layer" and "teacher_layer"."""
   as_maps = dataclasses.replace(transfer, mode="copy", average="none")  # maps, per image
   taught = targets.run_teacher(teacher, teacher_params, jnp.asarray(images_BHWC), as_maps)
   taught_SBHNN = taught["attn_logits"]
+  if head_mix_SHT is not None:  # log-probabilities are logits; a float32 floor keeps them finite
+    mixed = targets.learned_mix(taught, jnp.asarray(head_mix_SHT), transfer.head_mix_prior())
+    taught_SBHNN = jnp.log(jnp.maximum(mixed["attn_probs"], jnp.finfo(jnp.float32).tiny))
   _, out = student.apply({"params": student_params}, images_BHWC, train=False)
   skip = transfer.student_prefix
   own_SBHNN = out["attn_logits"][np.asarray(transfer.layers)][..., skip:, skip:]

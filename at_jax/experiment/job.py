@@ -164,12 +164,17 @@ def eval_images(config: ml_collections.ConfigDict, workdir: str, num_images: int
 
 
 def attention_agreement(
-  config: ml_collections.ConfigDict, workdir: str, images_BHWC: Any, png: str | None = None
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  images_BHWC: Any,
+  png: str | None = None,
+  head_mix: Any = None,
 ) -> dict[str, dict[str, Any]]:
   """{"student": per-layer agreement} of the run's exported student with its teacher on `images_BHWC`
   (`evaluate.attention_agreement`'s cross-entropy, teacher entropy and JSD): attention maps are compared
   with the maps each layer was taught (`evaluate.compare_with_teacher`), other transfers layer by layer.
-  Draws the maps into `png` when given."""
+  Draws the maps into `png` when given; `head_mix`: a learned mix's logits, which exports drop (e.g. a
+  checkpoint's), so that each student head meets its own mix."""
   # The teacher as the run loaded it: an export or a (converted) checkpoint file, fitted to its size.
   loaded = {
     "teacher": load_teacher(config, workdir),
@@ -187,6 +192,6 @@ def attention_agreement(
     teacher_image_size=teachers.teacher_image_size(config),
   )
   taught = evaluate.compare_with_teacher(
-    student, student_params, teacher, teacher_params, images_BHWC, transfer, png
+    student, student_params, teacher, teacher_params, images_BHWC, transfer, png, head_mix
   )
   return {"student": taught}

@@ -60,19 +60,35 @@ def taught(workdir: str, path: str) -> dict[str, float] | None:
   """How close a distilled student's attention came to the maps it was taught, on the first
   TAUGHT_IMAGES test images, per distilled layer (mean over them, in nats): the maps' entropy (the
   distillation loss's floor: flat, averaged maps have a high one), the cross-entropy the student
-  reaches and their difference, the KL divergence left. None for scratch students, for a learned head mix
-  (its export drops the mix, so the maps it taught are unknown) and for runs without their export."""
+  reaches and their difference, the KL divergence left. A learned head mix, which the export drops, is
+  read from the last checkpoint. None for scratch students and runs without their export (or, with a
+  learned mix, their checkpoints)."""
   group, setting, seed = path.split("/")
   config = plan.student_config(workdir, group, setting, int(seed.removeprefix("seed")))
   run_dir = os.path.join(workdir, path)
-  if config.transfer.mode == "none" or config.transfer.get("head_map") == "learned":
+  if config.transfer.mode == "none" or not storage.exists(os.path.join(run_dir, EXPORT_DIR)):
     return None
-  if not storage.exists(os.path.join(run_dir, EXPORT_DIR)):
-    return None
+  mix = None
+  if config.transfer.get("head_map") == "learned":
+    mix = _checkpoint_mix(workdir, path)
+    if mix is None:
+      return None
   images = eval_images(config, run_dir, TAUGHT_IMAGES)
-  layers = attention_agreement(config, run_dir, images)["student"]
+  layers = attention_agreement(config, run_dir, images, head_mix=mix)["student"]
   entropy, cross = (float(np.mean(layers[k])) for k in ("teacher_entropy", "cross_entropy"))
   return {"entropy": entropy, "cross_entropy": cross, "kl": cross - entropy}
+
+
+def _checkpoint_mix(workdir: str, path: str) -> np.ndarray | None:
+  """The learned head mix's logits [S, H_s, H_t] in the run's last checkpoint; None without one."""
+  directory = os.path.join(workdir, path, "checkpoints")
+  if not storage.exists(directory):
+    return None
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  last = max(int(step) for step in storage.listdir(directory) if step.isdigit())
+  state = ocp.StandardCheckpointer().restore(os.path.join(directory, str(last), "state"))
+  return np.asarray(state["params"]["head_mix"], np.float64)
 
 
 def learned_mix(workdir: str, path: str) -> dict[str, float] | None:
@@ -82,14 +98,11 @@ def learned_mix(workdir: str, path: str) -> dict[str, float] | None:
   mean; 8 is the uniform mean, 1 one head). None for other runs or without checkpoints."""
   group, setting, seed = path.split("/")
   config = plan.student_config(workdir, group, setting, int(seed.removeprefix("seed")))
-  directory = os.path.join(workdir, path, "checkpoints")
-  if config.transfer.get("head_map") != "learned" or not storage.exists(directory):
+  logits_SHT = (
+    _checkpoint_mix(workdir, path) if config.transfer.get("head_map") == "learned" else None
+  )
+  if logits_SHT is None:
     return None
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-
-  last = max(int(step) for step in storage.listdir(directory) if step.isdigit())
-  state = ocp.StandardCheckpointer().restore(os.path.join(directory, str(last), "state"))
-  logits_SHT = np.asarray(state["params"]["head_mix"], np.float64)
   prior_HT = pairing.head_mix_prior(config.transfer.head_mix_init, *logits_SHT.shape[1:])
   weights = np.exp(logits_SHT + prior_HT)
   weights /= weights.sum(-1, keepdims=True)

@@ -122,7 +122,21 @@ def test_taught_measures_each_student_against_the_maps_it_was_taught(tmp_path, m
   other = report.taught(workdir, "deeper/uniform_group/seed0")
   assert other["kl"] > 1e-4 and np.isclose(other["cross_entropy"] - other["entropy"], other["kl"])
   assert report.taught(workdir, "deeper/scratch/seed0") is None
-  assert report.taught(workdir, "deeper/uniform_learned/seed0") is None
+  assert report.taught(workdir, "deeper/uniform_learned/seed0") is None  # no export, no checkpoint
+  # A learned mix read from its checkpoint: at zeros from the mean start, each head is taught the mean
+  # map, so the same student measures as under head_map=mean.
+  for setting in ("uniform_mean", "uniform_learned"):
+    _student_export(workdir, f"deeper/{setting}/seed0")
+  manager = checkpoint.Checkpointer(
+    os.path.join(workdir, "deeper/uniform_learned/seed0/checkpoints"), save_every=1
+  )
+  manager.save(1, {"params": {"head_mix": np.zeros((4, 4, 8), np.float32)}})
+  manager.wait()
+  learned = report.taught(workdir, "deeper/uniform_learned/seed0")
+  mean = report.taught(workdir, "deeper/uniform_mean/seed0")
+  assert learned.keys() == mean.keys()
+  for key in mean:
+    np.testing.assert_allclose(learned[key], mean[key], rtol=1e-5, err_msg=key)
   runs = {
     "deeper/same_shape/seed0": {"top1": 76.0, "taught": itself},
     "deeper/uniform_group/seed0": {"top1": 75.0, "taught": other},
