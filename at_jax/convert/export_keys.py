@@ -4,8 +4,8 @@ timm's names come from inverting the importer's own rules (`timm.key_rules`), no
 every rule's function only rearranges its array (transposes, reshapes, splits the fused qkv), so
 applying it to the key's element indices says where each of our values sits in that key's tensor
 (`invert`). Hugging Face's names come the same way from its importer's rules (`export_hf`): ViTModel
-for a plain ViT, DINOv2 for one with LayerScale, registers or SwiGLU (`hf_model_type`). A SwiGLU ViT goes to timm as DINOv2-g's `SwiGLUPacked` (`mlp.fc1` [gate |
-value], as our Dense_0).
+for a plain ViT, DINOv2 for one with LayerScale, registers or SwiGLU (`hf_model_type`). A SwiGLU ViT
+goes to timm as DINOv2-g's `SwiGLUPacked` (`mlp.fc1` [gate | value], as our Dense_0).
 """
 
 import math
@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from at_jax.convert import timm
+from at_jax.convert import hf, timm
 from at_jax.convert.keymap import Rules
 
 TARGET_NAMES = {
@@ -113,12 +113,10 @@ def hf_model_type(f: Mapping[str, Any]) -> str:
 
 def dinov2_mlp_ratio(f: Mapping[str, Any]) -> int | None:
   """The whole `mlp_ratio` (transformers 5's config takes no other) from which DINOv2 builds the MLP of
-  `f` (as `hf._architecture` reads it back), or None where none does."""
+  `f` (as `hf.dinov2_mlp_dim` reads it back), or None where none does."""
+  swiglu = f["mlp_act"] == "swiglu"
   for ratio in range(1, 2 * (f["mlp_dim"] + 8) // f["width"] + 2):
-    hidden = f["width"] * ratio
-    if f["mlp_act"] == "swiglu":
-      hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
-    if hidden == f["mlp_dim"]:
+    if hf.dinov2_mlp_dim(f["width"], ratio, swiglu) == f["mlp_dim"]:
       return ratio
   return None
 

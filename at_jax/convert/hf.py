@@ -202,6 +202,13 @@ def from_hf(
   return _config(a, num_classes, posemb_prefix), params
 
 
+def dinov2_mlp_dim(width: int, mlp_ratio: float, swiglu: bool) -> int:
+  """The MLP width transformers' DINOv2 builds: int(width * mlp_ratio), SwiGLU 2/3 of it rounded up to a
+  multiple of 8."""
+  hidden = int(width * mlp_ratio)
+  return (int(hidden * 2 / 3) + 7) // 8 * 8 if swiglu else hidden
+
+
 def _get(vision: Mapping[str, Any], model_type: str, name: str) -> Any:
   return vision.get(name, _DEFAULTS[model_type][name])
 
@@ -229,9 +236,8 @@ def _architecture(
   image = _square(get("image_size"), "image_size", config_path)
   defaults = _DEFAULTS[model_type]
   swiglu = bool(get("use_swiglu_ffn")) if "use_swiglu_ffn" in defaults else False
-  if "mlp_ratio" in defaults:  # DINOv2: int(width * mlp_ratio), SwiGLU 2/3 of it to a multiple of 8
-    mlp_dim = int(width * get("mlp_ratio"))
-    mlp_dim = (int(mlp_dim * 2 / 3) + 7) // 8 * 8 if swiglu else mlp_dim
+  if "mlp_ratio" in defaults:
+    mlp_dim = dinov2_mlp_dim(width, get("mlp_ratio"), swiglu)
   else:
     mlp_dim = int(get("intermediate_size"))
   act = "swiglu" if swiglu else _ACTS.get(get("hidden_act"))
