@@ -13,6 +13,7 @@ import numpy as np
 
 from at_jax import storage
 from at_jax.evaluate import similarity
+from at_jax.ops import attn_ce
 from at_jax.transfer import loss, spec, targets
 
 Array = jax.Array
@@ -146,9 +147,9 @@ def compare_with_teacher(
   as_maps = dataclasses.replace(transfer, mode="copy", average="none")  # maps, per image
   taught = targets.run_teacher(teacher, teacher_params, jnp.asarray(images_BHWC), as_maps)
   taught_SBHNN = taught["attn_logits"]
-  if head_mix_SHT is not None:  # log-probabilities are logits; a float32 floor keeps them finite
+  if head_mix_SHT is not None:  # each student head's mix of the teacher's maps, as trained
     mixed = targets.learned_mix(taught, jnp.asarray(head_mix_SHT), transfer.head_mix_prior())
-    taught_SBHNN = jnp.log(jnp.maximum(mixed["attn_probs"], jnp.finfo(jnp.float32).tiny))
+    taught_SBHNN = attn_ce.logits_of(mixed["attn_probs"])
   _, out = student.apply({"params": student_params}, images_BHWC, train=False)
   skip = transfer.student_prefix
   own_SBHNN = out["attn_logits"][np.asarray(transfer.layers)][..., skip:, skip:]
