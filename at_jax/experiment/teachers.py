@@ -105,9 +105,20 @@ def _load(
   caller shares them. `version` makes a rewritten export or file a new entry."""
   del version
   if is_checkpoint_file(path):
-    model_config, params = _convert_file(
-      path, image_size, resample, family, num_heads, default_tower
-    )
+    try:
+      model_config, params = convert.load_checkpoint(
+        path,
+        image_size=image_size,
+        resample_posemb=resample,
+        family=family,
+        num_heads=num_heads,
+        default_tower=default_tower,
+      )
+    except ConfigError as e:
+      if e.field in ("num_heads", "family"):  # the converter's own names: here they are teacher.*
+        message = e.message.replace(f"pass {e.field} (--{e.field})", f"set teacher.{e.field}")
+        raise ConfigError(f"teacher.{e.field}", message) from None
+      raise
   else:
     model_config, params = checkpoint.load_params(path)
     posemb.fit_posemb(params, model_config, path, image_size, resample)
@@ -115,31 +126,6 @@ def _load(
     if isinstance(leaf, np.ndarray):
       leaf.setflags(write=False)
   return model_config, params
-
-
-def _convert_file(
-  path: str,
-  image_size: int,
-  resample: bool,
-  family: str | None,
-  num_heads: int | None,
-  default_tower: str | None,
-) -> tuple[dict, Any]:
-  """A checkpoint file or Hugging Face folder converted; the converter's field names become teacher.*."""
-  try:
-    return convert.load_checkpoint(
-      path,
-      image_size=image_size,
-      resample_posemb=resample,
-      family=family,
-      num_heads=num_heads,
-      default_tower=default_tower,
-    )
-  except ConfigError as e:
-    if e.field in ("num_heads", "family"):  # the converter's own names: here they are teacher.*
-      message = e.message.replace(f"pass {e.field} (--{e.field})", f"set teacher.{e.field}")
-      raise ConfigError(f"teacher.{e.field}", message) from None
-    raise
 
 
 def load_teacher(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, Any]:
