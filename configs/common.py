@@ -77,6 +77,9 @@ def base() -> ml_collections.ConfigDict:
     # head_map "learned": where each student head's mix starts: "mean" (every head the same) or
     # "group" (halfway between its group of teacher heads and the mean: distinct starts).
     head_mix_init="mean",
+    # what="attn": the taught maps are softmax(teacher logits / T), mixed maps p^(1/T) renormalised:
+    # below 1 sharper, above 1 flatter (1: the teacher's own maps, the paper).
+    target_temperature=1.0,
     # keep: a teacher of another token grid has its cls row/column kept, registers dropped; drop: the
     # loss is over patch rows and patch keys only, both maps renormalised there (HASTE), any grid.
     prefix="keep",

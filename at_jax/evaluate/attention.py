@@ -148,7 +148,7 @@ def compare_with_teacher(
   taught = targets.run_teacher(teacher, teacher_params, jnp.asarray(images_BHWC), as_maps)
   taught_SBHNN = taught["attn_logits"]
   if head_mix_SHT is not None:  # each student head's mix of the teacher's maps, as trained
-    mixed = targets.learned_mix(taught, jnp.asarray(head_mix_SHT), transfer.head_mix_prior())
+    mixed = targets.learned_mix(taught, jnp.asarray(head_mix_SHT), transfer)
     taught_SBHNN = attn_ce.logits_of(mixed["attn_probs"])
   _, out = student.apply({"params": student_params}, images_BHWC, train=False)
   skip = transfer.student_prefix

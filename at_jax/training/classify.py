@@ -118,7 +118,7 @@ def make_loss_fn(
     if (
       t.head_map == "learned"
     ):  # the student's own mix of the teacher's heads, trained by this loss
-      teacher_targets = targets.learned_mix(teacher_targets, params["head_mix"], t.head_mix_prior())
+      teacher_targets = targets.learned_mix(teacher_targets, params["head_mix"], t)
     override = targets.copy_override(teacher_targets, t) if t.mode == "copy" else None
     distilling = t.mode == "distill"
     logits, out = model.apply(

@@ -244,3 +244,25 @@ def resolve_heads(
         f"{[h for h in heads if h >= k]} have no partner",
       )
   return head_map, heads, h_t
+
+
+def check_shape_maps(cfg: Mapping[str, Any], mode: str, head_map: str) -> None:
+  """What the shape maps need: a learned mix of heads and a loss without the prefix, distillation."""
+  init = cfg.get("head_mix_init", "mean")
+  if init not in HEAD_MIX_INITS:
+    raise ConfigError("transfer.head_mix_init", f"{init!r}: use one of {HEAD_MIX_INITS}")
+  if init != "mean" and head_map != "learned":
+    raise ConfigError(
+      "transfer.head_mix_init",
+      f"{init!r} sets where a learned mix starts; head_map is {head_map!r} (use 'mean', or 'learned')",
+    )
+  if head_map == "learned" and mode != "distill":
+    raise ConfigError(
+      "transfer.head_map",
+      "'learned' mixes are trained by the distillation loss; copy takes the others",
+    )
+  if cfg.get("prefix", "keep") == "drop" and mode != "distill":
+    raise ConfigError(
+      "transfer.prefix",
+      "'drop' leaves the cls row and column out of the distillation loss; copy replaces whole maps",
+    )

@@ -60,6 +60,8 @@ class Transfer:
   # maps are then its patch rows over its patch keys, renormalised (as the teacher's targets are).
   student_prefix: int = 0
   head_mix_init: str = "mean"  # head_map "learned": where the mix starts (pairing.HEAD_MIX_INITS)
+  # The taught maps are softmax(logits / T): sharper below 1, flatter above (`targets._tempered`).
+  target_temperature: float = 1.0
 
   @property
   def active(self) -> bool:
@@ -166,6 +168,19 @@ def _check_loss_block(loss_block: Any, loss_impl: str) -> int:
   return int(loss_block)
 
 
+def _check_temperature(value: Any, what: str) -> float:
+  """`transfer.target_temperature` as a float > 0; one other than 1 reshapes attention maps."""
+  number = isinstance(value, int | float | np.floating) and not isinstance(value, bool)
+  if not number or not 0 < value < float("inf"):
+    raise ConfigError("transfer.target_temperature", f"must be a number > 0, got {value!r}")
+  if value != 1 and what != "attn":
+    raise ConfigError(
+      "transfer.target_temperature",
+      f"{value} sharpens or flattens attention maps; what is {what!r} (use 1.0, or what='attn')",
+    )
+  return float(value)
+
+
 def _check_features(mode: str, source: str, heads: Any) -> None:
   """Feature distillation is a distillation of whole block outputs, from a jointly run teacher."""
   if mode != "distill":
@@ -255,7 +270,7 @@ def resolve(
   _check_loss_impl(loss_impl, mode, what, average)
   loss_block = _check_loss_block(cfg.get("loss_block", 0), loss_impl)
   head_map, heads, teacher_heads = pairing.resolve_heads(cfg, student, teacher, what, loss_impl)
-  _check_shape_maps(cfg, mode, head_map)
+  pairing.check_shape_maps(cfg, mode, head_map)
   t = Transfer(
     mode,
     what,
@@ -272,34 +287,13 @@ def resolve(
     head_map,
     teacher_heads,
     head_mix_init=cfg.get("head_mix_init", "mean"),
+    target_temperature=_check_temperature(cfg.get("target_temperature", 1.0), what),
   )
   return (
     t
     if teacher is None
     else _against_teacher(cfg, t, student, teacher, image_size, teacher_image_size)
   )
-
-
-def _check_shape_maps(cfg: Mapping[str, Any], mode: str, head_map: str) -> None:
-  """What the shape maps need: a learned mix of heads and a loss without the prefix, distillation."""
-  init = cfg.get("head_mix_init", "mean")
-  if init not in pairing.HEAD_MIX_INITS:
-    raise ConfigError("transfer.head_mix_init", f"{init!r}: use one of {pairing.HEAD_MIX_INITS}")
-  if init != "mean" and head_map != "learned":
-    raise ConfigError(
-      "transfer.head_mix_init",
-      f"{init!r} sets where a learned mix starts; head_map is {head_map!r} (use 'mean', or 'learned')",
-    )
-  if head_map == "learned" and mode != "distill":
-    raise ConfigError(
-      "transfer.head_map",
-      "'learned' mixes are trained by the distillation loss; copy takes the others",
-    )
-  if cfg.get("prefix", "keep") == "drop" and mode != "distill":
-    raise ConfigError(
-      "transfer.prefix",
-      "'drop' leaves the cls row and column out of the distillation loss; copy replaces whole maps",
-    )
 
 
 def _against_teacher(

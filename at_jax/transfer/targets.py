@@ -67,25 +67,41 @@ def _to_student_heads(targets: Targets, transfer: spec.Transfer) -> Targets:
 
 
 def _to_student(targets: Targets, transfer: spec.Transfer) -> Targets:
-  """The teacher's targets at the student's heads, then on the student's tokens (`grids`)."""
+  """The teacher's targets at the student's heads, then on the student's tokens (`grids`), then at the
+  taught maps' temperature (`_tempered`)."""
   adapted = _to_student_heads(targets, transfer)
   if transfer.token_map and "attn_logits" in adapted:
     weights = grids.token_weights(*transfer.token_map)
     adapted = {**adapted, "attn_logits": grids.resample_logits(adapted["attn_logits"], weights)}
-  return adapted
+  return _tempered(adapted, transfer)
 
 
-def learned_mix(targets: Targets, head_mix_SHT: Array, prior_HT: Any = 0.0) -> Targets:
-  """head_map "learned": each student head's target is softmax(`prior_HT` + `head_mix_SHT`)-weighted
-  over the teacher's maps of its layer, "attn_logits" [S, B, H_t, N, N] -> "attn_probs" [S, B, H_s, N,
-  N], a target differentiable in the mix (the student's param; the teacher's maps have no gradient).
-  `prior_HT`: where the mix starts (`Transfer.head_mix_prior`; 0: the mean)."""
-  mix_SHT = jax.nn.softmax(
-    jnp.asarray(prior_HT, jnp.float32) + head_mix_SHT.astype(jnp.float32), -1
-  )
+def _tempered(targets: Targets, transfer: spec.Transfer) -> Targets:
+  """The taught maps at `transfer.target_temperature` T: softmax(logits / T), handed over as logits / T
+  (or as q / T beside k, which form them). Mixed or resampled maps arrive as log-probabilities log p, so
+  theirs become p^(1/T) renormalised: the map itself is sharpened (T < 1) or flattened (T > 1), after
+  any mixing. A learned mix is tempered where it is mixed (`learned_mix`)."""
+  temperature = transfer.target_temperature
+  if temperature == 1 or transfer.what != "attn" or transfer.head_map == "learned":
+    return targets
+  key = "attn_logits" if "attn_logits" in targets else "q"
+  return {**targets, key: targets[key] / temperature}
+
+
+def learned_mix(targets: Targets, head_mix_SHT: Array, transfer: spec.Transfer) -> Targets:
+  """head_map "learned": each student head's target is softmax(prior + `head_mix_SHT`)-weighted over
+  the teacher's maps of its layer, "attn_logits" [S, B, H_t, N, N] -> "attn_probs" [S, B, H_s, N, N],
+  a target differentiable in the mix (the student's param; the teacher's maps have no gradient). The
+  prior is where the mix starts (`Transfer.head_mix_prior`); the mixed maps are then tempered as
+  fixed mixes are (`_tempered`)."""
+  prior_HT = jnp.asarray(transfer.head_mix_prior(), jnp.float32)
+  mix_SHT = jax.nn.softmax(prior_HT + head_mix_SHT.astype(jnp.float32), -1)
   probs = jax.nn.softmax(targets["attn_logits"].astype(jnp.float32), -1)
+  mixed = jnp.einsum("Sst,SBtqk->SBsqk", mix_SHT, probs)
+  if transfer.target_temperature != 1:
+    mixed = jax.nn.softmax(attn_ce.logits_of(mixed) / transfer.target_temperature, -1)
   rest = {k: v for k, v in targets.items() if k != "attn_logits"}
-  return {**rest, "attn_probs": jnp.einsum("Sst,SBtqk->SBsqk", mix_SHT, probs)}
+  return {**rest, "attn_probs": mixed}
 
 
 def _average(targets: Targets, transfer: spec.Transfer) -> Targets:

@@ -606,11 +606,17 @@ def _random_teacher(path: str, **fields) -> str:
       ((1, 3), 4, 16),
     ),
     # The same, each student head's mix of the teacher's heads learned with it (not in the export),
-    # started from its group, scored over patch tokens only (transfer.prefix=drop: cls row and column
-    # out, renormalised).
+    # started from its group, sharpened (target_temperature), scored over patch tokens only
+    # (transfer.prefix=drop: cls row and column out, renormalised).
     (
       dict(depth=4, num_heads=4),
-      dict(layer_map="uniform", head_map="learned", head_mix_init="group", prefix="drop"),
+      dict(
+        layer_map="uniform",
+        head_map="learned",
+        head_mix_init="group",
+        prefix="drop",
+        target_temperature=0.5,
+      ),
       "Pico/7",
       ((1, 3), 4, 16),
     ),

@@ -273,7 +273,7 @@ def test_a_learned_head_mix_starts_as_the_mean_and_trains(shapes):
   _, s_out = student.apply({"params": sp}, images, train=False)
 
   def distill(head_mix):
-    return loss.distill_loss(s_out, targets.learned_mix(handed, head_mix), t)
+    return loss.distill_loss(s_out, targets.learned_mix(handed, head_mix, t), t)
 
   np.testing.assert_allclose(
     distill(params["head_mix"]),
@@ -283,7 +283,7 @@ def test_a_learned_head_mix_starts_as_the_mean_and_trains(shapes):
   assert float(jnp.abs(jax.grad(distill)(params["head_mix"])).max()) > 0
 
   def in_block(head_mix):  # the step's path: the student's blocks score themselves
-    mixed_targets = targets.learned_mix(handed, head_mix)
+    mixed_targets = targets.learned_mix(handed, head_mix, t)
     target = targets.attn_target(mixed_targets, t)
     _, out = student.apply({"params": sp}, images, train=False, attn_target=target)
     return loss.distill_loss(out, mixed_targets, t)
@@ -314,7 +314,7 @@ def test_a_learned_mix_from_group_starts_halfway_between_each_group_and_the_mean
   )
   handed = targets.run_teacher(teacher, tp, images, t)
   zeros = jnp.zeros((len(t.layers), student.num_heads, teacher.num_heads))
-  got = targets.learned_mix(handed, zeros, t.head_mix_prior())["attn_probs"]
+  got = targets.learned_mix(handed, zeros, t)["attn_probs"]
   mix = 0.5 * pairing.head_mixing("group", 2, 4) + 0.5 / 4  # rows [.375 .375 .125 .125], ...
   probs = jax.nn.softmax(np.asarray(handed["attn_logits"], np.float64), -1)
   np.testing.assert_allclose(got, np.einsum("st,SBtqk->SBsqk", mix, probs), atol=1e-6)
