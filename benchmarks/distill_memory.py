@@ -11,7 +11,8 @@ one process (the allocator's process-wide peak would mix rows, and is not shown)
 is the recipe's per-device batch: at batch 1 a GPU runs a few dozen thread blocks on 132 SMs and the time
 is latency, not throughput. A row that fails (an OOM, a kernel that does not compile) prints its error and
 the table goes on. "N x N map" is one float32 [B, H, N, N] map, for scale: direct holds several. Times
-from a CPU say little; its memory numbers do. benchmarks/gpu_bench.py's loss_memory stage calls `measure`.
+from a CPU say little; its memory numbers do. gpu_bench.py's loss_memory stage (benchmarks/gpu_kernels.py)
+calls `measure`.
 """
 
 from __future__ import annotations

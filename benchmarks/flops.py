@@ -1,6 +1,6 @@
 """Analytic model FLOPs of one attention-transfer train step, and device peaks for MFU.
 
-Pure Python (no JAX or PyTorch import), shared by benchmarks/step.py and benchmarks/torch_reference.py so
+Pure Python (no JAX or PyTorch import), shared by benchmarks/step.py and benchmarks/torch_compare.py so
 that both report MFU against the same count.
 """
 
@@ -107,7 +107,7 @@ def step_figures(
 ) -> dict[str, float | None]:
   """One step's figures from its timed repetitions (seconds per step each): ms/step median and min,
   images/s and TFLOP/s at the median, and MFU in percent of `peak` TFLOP/s (None where the peak is
-  unknown, e.g. a CPU). Shared by benchmarks/torch_reference.py and benchmarks/gpu_report.py."""
+  unknown, e.g. a CPU). Shared by benchmarks/torch_compare.py and benchmarks/gpu_report.py."""
   median = 1000 * statistics.median(seconds_per_step)
   tflops = batch * flop_per_image / (median / 1000) / 1e12
   return {

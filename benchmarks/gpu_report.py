@@ -8,6 +8,9 @@ module reads them (no JAX, no GPU: it runs on any machine, the CPU dry run's rec
 derives the tables. `--results` replaces the text between RESULTS.md's two `gpu-report` markers with
 the tables, so that file's GPU figures are always the records' own. A stage killed by its budget shows
 as killed, with the row it was running and every figure it wrote before.
+
+This file holds the command line, the loading of the records and the summaries derived from them;
+gpu_tables.py beside it writes the summaries' markdown.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 
 import flops  # benchmarks/flops.py
 import gpu_plan  # benchmarks/gpu_plan.py
+import gpu_tables  # benchmarks/gpu_tables.py
 
 BEGIN = (
   "<!-- gpu-report:begin (written by benchmarks/gpu_report.py from the records named in it) -->"
@@ -58,22 +62,6 @@ def load(paths: Iterable[str]) -> list[Record]:
 
 def _of(records: list[Record], kind: str, **match: Any) -> list[Record]:
   return [r for r in records if r["kind"] == kind and all(r.get(k) == v for k, v in match.items())]
-
-
-def _fmt(x: Any, digits: int = 1) -> str:
-  if x is None:
-    return "-"
-  if isinstance(x, bool):
-    return "yes" if x else "no"
-  if isinstance(x, float):
-    return f"{x:.{digits}f}"
-  return str(x)
-
-
-def _table(header: list[str], rows: list[list[Any]], digits: int = 1) -> list[str]:
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  lines += ["| " + " | ".join(_fmt(c, digits) for c in row) + " |" for row in rows]
-  return lines
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -246,245 +234,15 @@ def summarize(records: list[Record]) -> dict[str, Any]:
 
 
 def render(summary: dict[str, Any], source: str) -> str:
-  d = summary["device"]
-  dry = (
-    " (dry run: tiny shapes on the CPU; times are the CPU's, budgets the GPU's)"
-    if d["dry_run"]
-    else ""
-  )
-  lines = [
-    f"Records: `{source}`. Device: {', '.join(d['device_kinds']) or '?'} ({d['backend']}), jax {d['jax']}{dry}.",
-    "",
-  ]
-  if d["ceiling_bf16_tflops"] is not None:
-    lines.append(
-      f"Measured matmul ceiling: bf16 {_fmt(d['ceiling_bf16_tflops'])} TFLOP/s (datasheet "
-      f"{_fmt(d['datasheet_bf16_tflops'])}), default-precision f32 {_fmt(d['ceiling_f32_tflops'])} "
-      f"(datasheet TF32 {_fmt(d['datasheet_tf32_tflops'])}); default f32 dot's max relative error "
-      f"{_fmt(d['f32_max_rel_error'], 7)} (~1e-3: TF32 or one bf16 pass; ~1e-6: full f32)."
-    )
-    lines.append("")
-  lines += ["**Stages** (budget and model: benchmarks/gpu_plan.py)", ""]
-  lines += _table(
-    [
-      "cmd",
-      "stage",
-      "status",
-      "s",
-      "start s",
-      "compiled",
-      "cached",
-      "compile s",
-      "budget s",
-      "model s",
-      "errors",
-      "last row started",
-    ],
-    [
-      [
-        s["command"],
-        s["stage"],
-        s["status"],
-        s["seconds"],
-        s["start_s"],
-        s["compiles"],
-        s["cache_hits"],
-        s["compile_s"],
-        s["budget_s"],
-        s["model_s"],
-        s["errors"],
-        json.dumps(s["last_row"]) if s["last_row"] else "",
-      ]
-      for s in summary["stages"]
-    ],
-  )
-  if summary["train_steps"]:
-    lines += ["", "**Train steps** (bf16, scan, dots remat; MFU: model FLOPs / time / peak)", ""]
-    lines += _table(
-      [
-        "group",
-        "model",
-        "mode",
-        "attention",
-        "loss",
-        "ms median",
-        "min",
-        "img/s",
-        "TFLOP/s",
-        "MFU %",
-        "MFU % of ceiling",
-        "vs scratch",
-        "compile s",
-        "temp GiB",
-        "cuDNN",
-        "reps",
-      ],
-      [
-        [
-          r["group"],
-          r["model"],
-          r["mode"],
-          r["attention"],
-          r["loss_impl"],
-          r["ms_median"],
-          r["ms_min"],
-          r["img_s"],
-          r["tflops"],
-          r["mfu_pct"],
-          r["mfu_ceiling_pct"],
-          _ratio(r["vs_scratch"]),
-          r["compile_s"],
-          r["temp_gib"],
-          r["cudnn_in_text"],
-          r["reps"],
-        ]
-        for r in summary["train_steps"]
-      ],
-    )
-  if summary["torch"]:
-    lines += [
-      "",
-      "**Ours against PyTorch/timm** (same weights and batch; speedup = PyTorch ms / ours)",
-      "",
-    ]
-    lines += _table(
-      [
-        "stage",
-        "model",
-        "batch",
-        "dtype",
-        "mode",
-        "precision ours / torch",
-        "ours ms",
-        "PyTorch ms",
-        "speedup",
-        "timm SDPA ms",
-        "vs SDPA",
-        "ours MFU %",
-        "PyTorch MFU %",
-        "first CE ours / torch",
-        "reps",
-      ],
-      [
-        [
-          r["stage"],
-          r["model"],
-          r["batch"],
-          r["dtype"],
-          r["mode"],
-          r["precision"],
-          r["ours_ms"],
-          r["torch_ms"],
-          _ratio(r["speedup"]),
-          r["native_ms"],
-          _ratio(r["speedup_native"]),
-          r["ours_mfu_pct"],
-          r["torch_mfu_pct"],
-          " / ".join(f"{x:.5f}" for x in r["first_ce"]) if r["first_ce"] else "-",
-          r["reps"],
-        ]
-        for r in summary["torch"]
-      ],
-    )
-  if summary["ce_checks"] or summary["small_steps"]:
-    lines += [
-      "",
-      "**Kernel checks** (relative max difference against the direct loss at full f32 precision)",
-      "",
-    ]
-    lines += _table(
-      ["impl", "tokens", "dtype", "backend", "value", "d q_s", "d k_s"],
-      [
-        [
-          r["impl"],
-          r["tokens"],
-          r["dtype"],
-          r["backend"],
-          f"{r['rel_diff_value']:.1e}",
-          f"{r['rel_diff_dq']:.1e}",
-          f"{r['rel_diff_dk']:.1e}",
-        ]
-        for r in summary["ce_checks"]
-      ],
-    )
-    if summary["cudnn"]:
-      lines += [""]
-      lines += _table(
-        [
-          "tokens",
-          "batch",
-          "XLA ms",
-          "cuDNN ms",
-          "XLA temp MiB",
-          "cuDNN temp MiB",
-          "cuDNN in text",
-          "grad rel diff (q, k, v)",
-        ],
-        [
-          [
-            r["tokens"],
-            r["batch"],
-            r["xla"]["ms"],
-            r["cudnn"]["ms"],
-            r["xla"]["temp_mib"],
-            r["cudnn"]["temp_mib"],
-            r["cudnn"]["cudnn_in_text"],
-            ", ".join(f"{g:.1e}" for g in r["rel_diff_grads"]),
-          ]
-          for r in summary["cudnn"]
-        ],
-      )
-    if summary["small_steps"]:
-      lines += [""]
-      lines += _table(
-        [
-          "distill step",
-          "attention",
-          "loss",
-          "first CE",
-          "first distill",
-          "ms",
-          "compile s",
-          "cuDNN",
-        ],
-        [
-          [
-            r["model"],
-            r["attention"],
-            r["loss_impl"],
-            f"{r['first_ce']:.6f}",
-            f"{r['first_distill']:.6f}",
-            r["ms"],
-            r["compile_s"],
-            r["cudnn_in_text"],
-          ]
-          for r in summary["small_steps"]
-        ],
-      )
-  if summary["loss_memory"]:
-    lines += [
-      "",
-      "**One layer's distillation loss + gradient** (bf16 q/k; compiled temp memory)",
-      "",
-    ]
-    lines += _table(
-      ["tokens", "batch", "impl", "temp MiB", "one f32 map MiB", "ms"],
-      [
-        [r["tokens"], r["batch"], r["impl"], r["temp_mib"], r["one_map_mib"], r["ms"]]
-        for r in summary["loss_memory"]
-      ],
-    )
-  if summary["errors"]:
-    lines += ["", "**Errors**", ""]
-    lines += [
-      f"- {r['stage']}: {json.dumps(r.get('row', {}))}: {r['error'].splitlines()[-1][:300]}"
-      for r in summary["errors"]
-    ]
+  """The report as markdown: where the records are and the device, then each table that has rows."""
+  lines = gpu_tables.device_lines(summary["device"], source)
+  lines += gpu_tables.stages_table(summary["stages"])
+  lines += gpu_tables.train_steps_table(summary["train_steps"])
+  lines += gpu_tables.torch_table(summary["torch"])
+  lines += gpu_tables.kernel_tables(summary)
+  lines += gpu_tables.loss_memory_table(summary["loss_memory"])
+  lines += gpu_tables.error_lines(summary["errors"])
   return "\n".join(lines) + "\n"
-
-
-def _ratio(x: float | None) -> str:
-  return "-" if x is None else f"{x:.2f}x"
 
 
 def write_results(path: str, text: str) -> None:

@@ -15,7 +15,7 @@ step (benchmarks/flops.py: teacher forward + student forward and backward, atten
 achieved and MFU against the device's peak (a table by device kind, or --peak_tflops). "vs scratch" is
 the transfer overhead: the ratio of the step's median time to the scratch step's of the same model.
 
-Append tables to benchmarks/RESULTS.md with the machine and date. benchmarks/torch_reference.py imports
+Append tables to benchmarks/RESULTS.md with the machine and date. benchmarks/torch_compare.py imports
 `JaxStep` from here to time the same step against PyTorch.
 """
 
@@ -67,6 +67,87 @@ def parse_model(entry: str) -> tuple[str, int, int]:
   return variant, size, batch
 
 
+def _model(variant: str, dtype: str, scan: bool, remat: str, attention: str) -> Any:
+  """The ViT of JaxStep's settings (1000 classes), from at_jax.models.vit."""
+  from at_jax.models import vit
+
+  cfg = {
+    "variant": variant,
+    "num_classes": 1000,
+    "dtype_mm": dtype,
+    "scan": scan,
+    "remat_policy": remat,
+    "attention_impl": attention,
+  }
+  return vit.build(cfg)
+
+
+def _transfer(
+  model: Any, teacher: Any, image_size: int, mode: str, layers: str, loss_impl: str
+) -> Any:
+  """The resolved transfer spec (loss_impl counts for distill only)."""
+  from at_jax.transfer import spec
+
+  return spec.resolve(
+    {"mode": mode, "layers": layers, "loss_impl": loss_impl if mode == "distill" else "direct"},
+    model,
+    teacher,
+    image_size,
+  )
+
+
+def _state(
+  model: Any, image_size: int, batch: int, mesh: Any, ones: Any, params: Any
+) -> tuple[Any, Any, Any, Any]:
+  """(schedule, optimizer, sharded train state, its shardings): AdamW as the recipes', the params
+  given (else random init)."""
+  import jax
+
+  from at_jax import optim
+  from at_jax.training import classify as train_step
+  from at_jax.training import state as train_state
+
+  schedule = optim.make_schedule(
+    base_lr=1e-4, batch_size=batch, warmup_steps=1, total_steps=1000, min_lr=0.0
+  )
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), ones, train=False))
+  tx = optim.make_optimizer(
+    abstract["params"],
+    schedule=schedule,
+    b1=0.9,
+    b2=0.95,
+    eps=1e-8,
+    weight_decay=0.05,
+    layer_decay=1.0,
+    depth=model.depth,
+  )
+  state, shardings = train_state.create_sharded_state(
+    lambda r: train_step.init_state(model, tx, r, image_size), jax.random.key(0), mesh
+  )
+  if (
+    params is not None
+  ):  # Two puts: params and EMA must be distinct buffers (the state is donated).
+    state = state.replace(
+      params=jax.device_put(params, shardings.params),
+      ema_params=jax.device_put(params, shardings.ema_params),
+    )
+  return schedule, tx, state, shardings
+
+
+def _teacher(teacher: Any, teacher_params: Any, t: Any, mesh: Any, ones: Any) -> tuple[Any, Any]:
+  """The teacher, cut, and its params (given, else random init) put on the mesh."""
+  import jax
+
+  from at_jax import sharding
+  from at_jax.models import vit
+
+  if teacher_params is None:
+    teacher_params = jax.jit(lambda: teacher.init(jax.random.key(1), ones, train=False)["params"])()
+  # Cut after the last transferred layer, as train.setup does.
+  teacher, teacher_params = vit.truncate(teacher, teacher_params, t.teacher_depth)
+  return teacher, jax.device_put(teacher_params, sharding.tree_shardings(mesh, teacher_params))
+
+
 class JaxStep:
   """Our jitted train step (at_jax.training.classify, as training runs it), compiled, with its state and batch.
 
@@ -98,13 +179,10 @@ class JaxStep:
   ):
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
-    from at_jax import optim, sharding
-    from at_jax.models import vit
+    from at_jax import sharding
     from at_jax.training import classify as train_step
     from at_jax.training import state as train_state
-    from at_jax.transfer import spec
 
     self.variant, self.image_size, self.batch, self.mode, self.dtype, self.remat = (
       variant,
@@ -115,56 +193,14 @@ class JaxStep:
       remat,
     )
     mesh = sharding.make_mesh(-1, 1)
-    cfg = {
-      "variant": variant,
-      "num_classes": 1000,
-      "dtype_mm": dtype,
-      "scan": scan,
-      "remat_policy": remat,
-      "attention_impl": attention,
-    }
-    self.model = model = teacher = vit.build(cfg)
-    t = spec.resolve(
-      {"mode": mode, "layers": layers, "loss_impl": loss_impl if mode == "distill" else "direct"},
-      model,
-      teacher,
-      image_size,
-    )
+    self.model = model = teacher = _model(variant, dtype, scan, remat, attention)
+    t = _transfer(model, teacher, image_size, mode, layers, loss_impl)
     self.layers = t.layers
-    schedule = optim.make_schedule(
-      base_lr=1e-4, batch_size=batch, warmup_steps=1, total_steps=1000, min_lr=0.0
-    )
     ones = jnp.zeros((1, image_size, image_size, 3))
-    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), ones, train=False))
-    tx = optim.make_optimizer(
-      abstract["params"],
-      schedule=schedule,
-      b1=0.9,
-      b2=0.95,
-      eps=1e-8,
-      weight_decay=0.05,
-      layer_decay=1.0,
-      depth=model.depth,
-    )
-    state, shardings = train_state.create_sharded_state(
-      lambda r: train_step.init_state(model, tx, r, image_size), jax.random.key(0), mesh
-    )
-    if (
-      params is not None
-    ):  # Two puts: params and EMA must be distinct buffers (the state is donated).
-      state = state.replace(
-        params=jax.device_put(params, shardings.params),
-        ema_params=jax.device_put(params, shardings.ema_params),
-      )
+    schedule, tx, state, shardings = _state(model, image_size, batch, mesh, ones, params)
     tp = None
     if mode != "none":
-      if teacher_params is None:
-        teacher_params = jax.jit(
-          lambda: teacher.init(jax.random.key(1), ones, train=False)["params"]
-        )()
-      # Cut after the last transferred layer, as train.setup does.
-      teacher, teacher_params = vit.truncate(teacher, teacher_params, t.teacher_depth)
-      tp = jax.device_put(teacher_params, sharding.tree_shardings(mesh, teacher_params))
+      teacher, tp = _teacher(teacher, teacher_params, t, mesh, ones)
     t_sh = None if tp is None else jax.tree.map(lambda a: a.sharding, tp)
     step = train_step.make_train_step(
       model, teacher, tx, t, schedule=schedule, label_smoothing=0.1, ema_decay=0.9999
@@ -172,10 +208,21 @@ class JaxStep:
     train, _ = train_state.jit_steps(
       step, train_step.make_eval_step(model, teacher, t), mesh, shardings, t_sh
     )
+    self._compile(train, state, tp, images, labels, mesh)
+    self.state, self.teacher_params = state, tp
+    self.first_metrics = None
+    self.times: list[float] = []  # seconds per step, one entry per timed repetition
+
+  def _compile(self, train: Any, state: Any, tp: Any, images: Any, labels: Any, mesh: Any) -> None:
+    """Compiles the step on the batch (random unless given), and keeps its compile time and memory."""
+    import numpy as np
+
+    from at_jax import sharding
+
     rng = np.random.default_rng(0)
     if images is None:
-      images = rng.normal(size=(batch, image_size, image_size, 3)).astype(np.float32)
-      labels = rng.integers(0, 1000, batch).astype(np.int32)
+      images = rng.normal(size=(self.batch, self.image_size, self.image_size, 3)).astype(np.float32)
+      labels = rng.integers(0, 1000, self.batch).astype(np.int32)
     self.batch_ = sharding.global_batch({"image": images, "label": labels}, mesh)
     t0 = time.perf_counter()
     self.compiled = train.lower(state, self.batch_, tp).compile()
@@ -188,9 +235,6 @@ class JaxStep:
       + mem.temp_size_in_bytes
     )
     self.temp_bytes = mem.temp_size_in_bytes
-    self.state, self.teacher_params = state, tp
-    self.first_metrics = None
-    self.times: list[float] = []  # seconds per step, one entry per timed repetition
 
   def run(self, steps: int) -> float:
     """Runs `steps` steps; returns seconds per step (blocking on the last step's metrics)."""

@@ -1,4 +1,4 @@
-"""benchmarks/flops.py's device peaks tell bf16, TF32 and plain fp32 apart. (torch_reference.compare, ours
+"""benchmarks/flops.py's device peaks tell bf16, TF32 and plain fp32 apart. (torch_compare.compare, ours
 and PyTorch on the same converted weights, runs in tests/benchmarks/test_gpu_dry_run.py.)"""
 
 import pathlib

@@ -111,7 +111,7 @@ def test_train_step_rows_are_derived_from_their_repetitions(dry_run):
 
 
 def test_ours_and_pytorch_start_from_the_same_losses(dry_run):
-  """torch_reference.compare on the scan layout (the converter's loop layout stacked): the same weights
+  """torch_compare.compare on the scan layout (the converter's loop layout stacked): the same weights
   give the same first-step losses, and every row has both sides' times."""
   records = dry_run["records"]
   # Weights made once per stage.
