@@ -91,6 +91,15 @@ def mtime_ns(path: str) -> int | None:
     return None
 
 
+def newest_mtime_ns(folder: str) -> int | None:
+  """The newest mtime of a local folder and the entries in it (a folder rewritten in place keeps its own
+  mtime; its files do not); None in a bucket."""
+  if is_remote(folder):
+    return None
+  paths = [folder] + [os.path.join(folder, name) for name in listdir(folder)]
+  return max((t for t in map(mtime_ns, paths) if t is not None), default=None)
+
+
 def open_file(path: str, mode: str = "r") -> IO[Any]:
   return epath.Path(path).open(mode)
 

@@ -32,6 +32,23 @@ def test_files_round_trip(root):
   assert storage.absolute("gs://b/x") == "gs://b/x" and os.path.isabs(storage.absolute("x"))
 
 
+def test_a_folder_rewritten_in_place_is_newer(root):
+  """newest_mtime_ns: a file rewritten inside a folder makes the folder newer, though the folder's own
+  mtime stays (what tells a cached teacher export from its rewrite); None in a bucket."""
+  folder = f"{root}/export"
+  storage.write_atomic(f"{folder}/config.json", "{}")
+  storage.write_atomic(f"{folder}/params.msgpack", b"\x00")
+  before = storage.newest_mtime_ns(folder)
+  if storage.is_remote(root):
+    assert before is None
+    return
+  own = storage.mtime_ns(folder)
+  os.utime(
+    f"{folder}/params.msgpack", ns=(before + 10**9, before + 10**9)
+  )  # rewritten a second later
+  assert storage.mtime_ns(folder) == own and storage.newest_mtime_ns(folder) == before + 10**9
+
+
 def test_metrics_resume_appending_and_tensorboard_is_uploaded(root):
   writer = metrics.MetricWriter(root, enabled=True)
   writer.write(1, {"loss": 2.0})

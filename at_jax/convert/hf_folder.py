@@ -92,9 +92,7 @@ def read_weights(folder: str) -> dict[str, Any]:
 def mtime_ns(path: str) -> int | None:
   """The newest modification time of the folder's config and weight files (None in a bucket): a
   folder rewritten in place by save_pretrained keeps its own mtime, its files do not."""
-  folder = resolve(path)
-  times = [storage.mtime_ns(os.path.join(folder, name)) for name in storage.listdir(folder)]
-  return max((t for t in times if t is not None), default=None)
+  return storage.newest_mtime_ns(resolve(path))
 
 
 def _state_dict(path: str) -> dict[str, Any]:

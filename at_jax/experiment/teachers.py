@@ -81,14 +81,9 @@ def _version(path: str) -> int | None:
   its own mtime; its files do not); None in a bucket, where an entry is then read once per process."""
   if not storage.isdir(path):
     return storage.mtime_ns(path)
-  if storage.is_remote(path):
-    return None
-  if hf_folder.is_hf_folder(path):
+  if not storage.is_remote(path) and hf_folder.is_hf_folder(path):
     return hf_folder.mtime_ns(path)  # a hub cache's snapshot: its files live elsewhere
-  times = [storage.mtime_ns(path)] + [
-    storage.mtime_ns(os.path.join(path, name)) for name in storage.listdir(path)
-  ]
-  return max((t for t in times if t is not None), default=None)
+  return storage.newest_mtime_ns(path)
 
 
 @functools.lru_cache(maxsize=2)
