@@ -14,6 +14,9 @@ data, `train[:10000]`) for EPOCHS epochs, each setting against its own scratch s
 The learned mix runs twice: from the mean (every student head taught one map at first) and from
 halfway between each head's group and the mean (`transfer.head_mix_init=group`), added when the first
 was found to keep its four heads' mixes equal.
+Two settings change only the taught maps' temperature (`transfer.target_temperature`), added to test
+what the first settings only correlated (sharper taught maps, higher top-1): the flattest maps, `mean`'s,
+sharpened (T = 1/2), and the best, the same-shape teacher's, flattened (T = 2).
 `merge` is left out: for 8 teacher heads into 4 it is one round of adjacent pairs averaged, which is
 `group` exactly (tests/transfer/test_pairing.py).
 """
@@ -47,7 +50,9 @@ GROUPS: dict[str, dict[str, Setting]] = {
     "uniform_learned": ("Mini/7", DEEP, {**DISTILL, "transfer.layer_map": "uniform", "transfer.head_map": "learned"}, 3),
     "uniform_learned_group": ("Mini/7", DEEP, {**DISTILL, "transfer.layer_map": "uniform", "transfer.head_map": "learned", "transfer.head_mix_init": "group"}, 3),
     "uniform_first": ("Mini/7", DEEP, {**DISTILL, "transfer.layer_map": "uniform", "transfer.head_map": "first"}, 2),
-    "uniform_mean": ("Mini/7", DEEP, {**DISTILL, "transfer.layer_map": "uniform", "transfer.head_map": "mean"}, 2),
+    "uniform_mean": ("Mini/7", DEEP, {**DISTILL, "transfer.layer_map": "uniform", "transfer.head_map": "mean"}, 3),
+    "uniform_mean_sharp": ("Mini/7", DEEP, {**DISTILL, "transfer.layer_map": "uniform", "transfer.head_map": "mean", "transfer.target_temperature": 0.5}, 3),
+    "same_shape_flat": ("Mini/7", SAME, {**DISTILL, "transfer.target_temperature": 2.0}, 3),
     "last_group": ("Mini/7", DEEP, {**DISTILL, "transfer.layer_map": "last", "transfer.head_map": "group"}, 2),
   },
   "finer": {

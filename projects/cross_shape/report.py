@@ -1,6 +1,7 @@
 """The cross-shape study's record: results.json (every finished run), results.md (a table per group and
 the findings, each with its noise) and cross_shape.png (top-1 per setting, mean and spread over seeds)."""
 
+import functools
 import io
 import json
 import os
@@ -33,6 +34,8 @@ FINDINGS = {
     ("groups of heads beat the first 4 heads alone", "uniform_group", "uniform_first"),
     ("groups of heads beat one mean map for every head", "uniform_group", "uniform_mean"),
     ("spread layers (uniform) beat the teacher's last layers", "uniform_group", "last_group"),
+    ("sharpening the mean maps (target_temperature 0.5) helps", "uniform_mean_sharp", "uniform_mean"),
+    ("flattening the same-shape teacher's maps (target_temperature 2) hurts", "same_shape", "same_shape_flat"),
   ],
   "finer": [
     ("resampled maps from a coarser teacher beat scratch", "resample_keep", "scratch"),
@@ -79,8 +82,10 @@ def taught(workdir: str, path: str) -> dict[str, float] | None:
   return {"entropy": entropy, "cross_entropy": cross, "kl": cross - entropy}
 
 
+@functools.lru_cache(maxsize=1)  # `collect` asks for a run's mix twice (`taught`, `learned_mix`)
 def _checkpoint_mix(workdir: str, path: str) -> np.ndarray | None:
-  """The learned head mix's logits [S, H_s, H_t] in the run's last checkpoint; None without one."""
+  """The learned head mix's logits [S, H_s, H_t] in the run's last checkpoint, read-only (cached);
+  None without one."""
   directory = os.path.join(workdir, path, "checkpoints")
   if not storage.exists(directory):
     return None
@@ -88,7 +93,9 @@ def _checkpoint_mix(workdir: str, path: str) -> np.ndarray | None:
 
   last = max(int(step) for step in storage.listdir(directory) if step.isdigit())
   state = ocp.StandardCheckpointer().restore(os.path.join(directory, str(last), "state"))
-  return np.asarray(state["params"]["head_mix"], np.float64)
+  logits_SHT = np.asarray(state["params"]["head_mix"], np.float64)
+  logits_SHT.flags.writeable = False
+  return logits_SHT
 
 
 def learned_mix(workdir: str, path: str) -> dict[str, float] | None:
