@@ -36,6 +36,8 @@ def base() -> ml_collections.ConfigDict:
   # num_classes, pool, drop_path, head_init_std, dtype_mm, scan, remat_policy, attention_impl are taken
   # from here. attention_impl: "materialized" | "fused" (jax.nn.dot_product_attention: cuDNN flash
   # attention on GPUs with bf16 matmuls, in the layers that need no maps; the teacher follows the student).
+  # pool: "gap" (mean of the patch tokens, then fc_norm) | "cls" (the cls token after the final norm) |
+  # "cls_mean" ([cls | mean patch token] after the final norm, 2 x width: transformers' DINOv2 classifier).
   # posemb: "learned" (trunc-normal, trained) | "sincos2d" (MAE's fixed 2-D sin-cos table, not trained).
   # weight_init: "timm" (trunc_normal(0.02) linears, as timm's ViT) | "mae" (xavier-uniform linears and
   # patch embedding, as MAE's pre-training).

@@ -10,6 +10,7 @@ package that knows foreign key names.
   hf           transformers ViT, ViT-MAE, DINOv2 (registers, LayerScale, SwiGLU), CLIP vision -> our layout
   hf_folder    a `save_pretrained` folder or hub-cache snapshot: finding it, its config.json, its weights
   hf_posemb    position tables resized as transformers' `interpolate_pos_encoding` does
+  hf_dinov2    DINOv2's MLP width and its [cls | mean patch token] classifier (our `cls_mean` pooling)
   keymap       what the mappings share: rules, shapes read off keys, heads, errors that name keys
   posemb       the position table: its prefix slots, resampling to another image size
   export       an export -> timm (`timm_args.json` + safetensors) or transformers (`save_pretrained` folder)

@@ -16,10 +16,11 @@ Hugging Face: what `save_pretrained` writes (config.json, model.safetensors); co
   a plain ViT: `ViTForImageClassification.from_pretrained(out)` with a head (num_classes > 0, cls
     pooling), else `ViTModel.from_pretrained(out, add_pooling_layer=False)` (the export has no pooler;
     the pre-logits are `last_hidden_state[:, 0]`);
-  LayerScale or SwiGLU: DINOv2, `Dinov2ForImageClassification` / `Dinov2Model` (pre-logits:
-    `pooler_output`); with registers `Dinov2WithRegistersForImageClassification` /
-    `Dinov2WithRegistersModel`. Their classifier reads [cls | mean patch token]: ours goes into the cls
-    half, zeros into the other (`export_hf`).
+  LayerScale, SwiGLU or `cls_mean` pooling: DINOv2, `Dinov2ForImageClassification` / `Dinov2Model`
+    (pre-logits: `pooler_output`); with registers `Dinov2WithRegistersForImageClassification` /
+    `Dinov2WithRegistersModel`. Their classifier reads [cls | mean patch token]: a `cls_mean` head is
+    written unchanged, a `cls` head into the cls half with zeros in the other (`export_hf`). timm has
+    no such head: a `cls_mean` ViT (with a head) goes to Hugging Face only.
 
 Both take NCHW float images normalised as the run's `data.normalization` did, at the export's image
 size (the position grid times the patch size). What a target cannot express is refused before anything

@@ -1,7 +1,7 @@
 """Our params -> Hugging Face's ViT or DINOv2 (`export_keys.hf_model_type`): plain ViTs as ViTModel, those
-with LayerScale, registers or SwiGLU as DINOv2.
+with LayerScale, registers, SwiGLU or `cls_mean` pooling as DINOv2.
 
-  model_type             headless                  with a head (cls pooling)
+  model_type             headless                  with a head (cls or cls_mean pooling)
   vit                    ViTModel                  ViTForImageClassification
   dinov2                 Dinov2Model               Dinov2ForImageClassification
   dinov2_with_registers  Dinov2WithRegistersModel  Dinov2WithRegistersForImageClassification
@@ -15,8 +15,9 @@ Dense_0), which transformers 5 renames on loading. What the importer undoes is d
   LayerScale      DINOv2 always has it: a ViT without gets lambda1 = 1 (it reads back as LayerScale 1.0).
   mask token      DINOv2's: zeros, as transformers initialises it (only `bool_masked_pos` reads it).
   head            ViT's classifier reads the cls token, as ours. DINOv2's reads [cls | mean of the patch
-                  tokens] (2 * width inputs): our weights, zeros for the mean half, give our logits
-                  exactly; the importer reads such a classifier back as our head.
+                  tokens] (2 * width inputs): a `cls_mean` head is that classifier as it is; a `cls`
+                  head, with zeros for the mean half, gives our logits exactly. The importer reads
+                  either back as it was (`hf_dinov2.classifier`).
 config.json's `image_size` is the export's: the table then has exactly that size's grid, which
 `interpolate_pos_encoding` returns unchanged (at other sizes transformers resamples it: bicubic,
 antialiased with registers, as `hf_posemb` does). DINOv2's `mlp_ratio` is whole
@@ -91,7 +92,7 @@ def hf_state_dict(
   # The task classes keep the encoder under their base_model_prefix: `vit.`, `dinov2.`, ...
   out = {f"{a.model_type}.{k}": v for k, v in out.items()}
   kernel_VD = np.asarray(params["head/kernel"]).T
-  if a.model_type != "vit":  # [cls | mean patch token] inputs: ours reads the cls token only
+  if a.model_type != "vit" and f["pool"] == "cls":  # [cls | mean patch token]: ours reads cls only
     kernel_VD = np.concatenate([kernel_VD, np.zeros_like(kernel_VD)], axis=1)
   out["classifier.weight"] = kernel_VD
   out["classifier.bias"] = np.asarray(params["head/bias"])

@@ -4,8 +4,9 @@ timm's names come from inverting the importer's own rules (`timm.key_rules`), no
 every rule's function only rearranges its array (transposes, reshapes, splits the fused qkv), so
 applying it to the key's element indices says where each of our values sits in that key's tensor
 (`invert`). Hugging Face's names come the same way from its importer's rules (`export_hf`): ViTModel
-for a plain ViT, DINOv2 for one with LayerScale, registers or SwiGLU (`hf_model_type`). A SwiGLU ViT
-goes to timm as DINOv2-g's `SwiGLUPacked` (`mlp.fc1` [gate | value], as our Dense_0).
+for a plain ViT, DINOv2 for one with LayerScale, registers, SwiGLU or `cls_mean` pooling
+(`hf_model_type`). A SwiGLU ViT goes to timm as DINOv2-g's `SwiGLUPacked` (`mlp.fc1` [gate | value], as
+our Dense_0).
 """
 
 import math
@@ -14,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from at_jax.convert import hf, timm
+from at_jax.convert import hf_dinov2, timm
 from at_jax.convert.keymap import Rules
 
 TARGET_NAMES = {
@@ -75,6 +76,11 @@ def unsupported(f: Mapping[str, Any]) -> dict[str, list[str]]:
     )
   if f["mlp_act"] not in _TIMM_ACTS:
     timm_cannot.append(f"the MLP activation {f['mlp_act']!r} (mlp_act)")
+  if f["pool"] == "cls_mean":
+    timm_cannot.append(
+      "'cls_mean' pooling (model.pool; timm's head reads the cls token or the patch tokens' mean, "
+      "not both: DINOv2's [cls | mean patch token] classifier is transformers')"
+    )
   hf_cannot = [
     what
     for cannot, what in (
@@ -82,8 +88,12 @@ def unsupported(f: Mapping[str, Any]) -> dict[str, list[str]]:
       (f["pre_norm"], "a LayerNorm before the blocks (pre_norm)"),
       (not f["class_token"], "a ViT without a cls token (class_token=False)"),
       (
-        f["pool"] != "cls",
+        f["pool"] not in ("cls", "cls_mean"),
         f"{f['pool']!r} pooling (pool; it reads the LayerNorm-ed cls token, no fc_norm)",
+      ),
+      (
+        f["pool"] == "cls_mean" and not f["num_classes"],
+        "'cls_mean' pooling without a head (model.pool; a headless DINOv2 pools the cls token alone)",
       ),
       (
         f["mlp_act"] not in HF_ACTS and f["mlp_act"] != "swiglu",
@@ -103,20 +113,21 @@ def unsupported(f: Mapping[str, Any]) -> dict[str, list[str]]:
 
 def hf_model_type(f: Mapping[str, Any]) -> str:
   """The transformers `model_type` that holds the ViT `f`: "vit" (ViTModel) for a plain one; DINOv2's
-  for LayerScale or SwiGLU ("dinov2"), with registers "dinov2_with_registers"."""
+  for LayerScale, SwiGLU or `cls_mean` pooling (its classifier's) ("dinov2"), with registers
+  "dinov2_with_registers"."""
   if f["num_registers"] > 0:
     return "dinov2_with_registers"
-  if f["layerscale_init"] > 0 or f["mlp_act"] == "swiglu":
+  if f["layerscale_init"] > 0 or f["mlp_act"] == "swiglu" or f["pool"] == "cls_mean":
     return "dinov2"
   return "vit"
 
 
 def dinov2_mlp_ratio(f: Mapping[str, Any]) -> int | None:
   """The whole `mlp_ratio` (transformers 5's config takes no other) from which DINOv2 builds the MLP of
-  `f` (as `hf.dinov2_mlp_dim` reads it back), or None where none does."""
+  `f` (as `hf_dinov2.dinov2_mlp_dim` reads it back), or None where none does."""
   swiglu = f["mlp_act"] == "swiglu"
   for ratio in range(1, 2 * (f["mlp_dim"] + 8) // f["width"] + 2):
-    if hf.dinov2_mlp_dim(f["width"], ratio, swiglu) == f["mlp_dim"]:
+    if hf_dinov2.dinov2_mlp_dim(f["width"], ratio, swiglu) == f["mlp_dim"]:
       return ratio
   return None
 

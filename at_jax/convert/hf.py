@@ -6,9 +6,9 @@ Families, by config.json's `model_type` (`FAMILIES`):
                          or token depends on) is dropped.
   vit_mae                ViTMAEModel / ViTMAEForPreTraining: the encoder; decoder and mask token dropped.
   dinov2                 LayerScale; SwiGLU MLP (`mlp_act="swiglu"`) when `use_swiglu_ffn`. The mask
-                         token is dropped, and Dinov2ForImageClassification's head (on cls + mean patch
-                         token, which our ViT cannot express) unless its mean half is zero (as our
-                         exports write it): then its cls half is our `head`.
+                         token is dropped. Dinov2ForImageClassification's classifier (on [cls | mean
+                         patch token]) is our `head` with `pool="cls_mean"`, or with `pool="cls"` its cls
+                         half when the mean half is zero, as our exports write it (`hf_dinov2`).
   dinov2_with_registers  the same, with register tokens.
   clip, clip_vision_model  the vision tower only: pre-LayerNorm, `hidden_act`, eps from the config; the
                          text tower and projections are dropped.
@@ -32,9 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from at_jax.convert import hf_folder, hf_posemb, keymap
+from at_jax.convert import hf_dinov2, hf_folder, hf_posemb, keymap
 from at_jax.convert.keymap import Rules
 from at_jax.errors import ConfigError
+from at_jax.models import pooling
 
 # The config-class defaults of the fields read (transformers 4.x/5.x ViTConfig, ViTMAEConfig,
 # Dinov2Config, Dinov2WithRegistersConfig, CLIPVisionConfig).
@@ -108,7 +109,7 @@ _VIT_NAMES = _Names(
 )
 _DINOV2_NAMES = _Names(
   ("dinov2.", "dinov2_with_registers."),
-  r"^$",  # the classifier: `_cls_head` decides
+  r"^$",  # the classifier: `hf_dinov2.classifier` reads it
   "encoder.layer.{i}.",
   ("norm1", "norm2", "layernorm"),
   _BERT_ATTN,
@@ -179,13 +180,15 @@ def from_hf(
       f"{', '.join(sorted(FAMILIES))}",
     )
   a = _architecture(model_type, config, config_path, num_heads)
-  sd = _cls_head(_encoder_keys(hf_folder.read_weights(folder), FAMILIES[model_type]), model_type)
+  sd, pool = _encoder_keys(hf_folder.read_weights(folder), FAMILIES[model_type]), "cls"
+  if model_type.startswith("dinov2"):
+    sd, pool = hf_dinov2.classifier(sd)
   num_classes = int(sd["classifier.weight"].shape[0]) if "classifier.weight" in sd else 0
   what = (
     f"the {model_type} ViT its config.json describes (width {a.width}, depth {a.depth}, MLP "
     f"{a.mlp_dim}, patch {a.patch}, {a.grid}x{a.grid} position grid)"
   )
-  params = keymap.apply(sd, key_rules(a, num_classes), path, what)
+  params = keymap.apply(sd, key_rules(a, num_classes, pool), path, what)
   params.setdefault("embedding", {}).setdefault("bias", np.zeros((a.width,), np.float32))
   posemb_prefix = True
   if a.registers:
@@ -199,14 +202,7 @@ def from_hf(
     params["pos_embedding"] = hf_posemb.resample_like_hf(
       params["pos_embedding"], slots, image_size // a.patch, model_type in _ANTIALIASED
     )
-  return _config(a, num_classes, posemb_prefix), params
-
-
-def dinov2_mlp_dim(width: int, mlp_ratio: float, swiglu: bool) -> int:
-  """The MLP width transformers' DINOv2 builds: int(width * mlp_ratio), SwiGLU 2/3 of it rounded up to a
-  multiple of 8."""
-  hidden = int(width * mlp_ratio)
-  return (int(hidden * 2 / 3) + 7) // 8 * 8 if swiglu else hidden
+  return _config(a, num_classes, posemb_prefix, pool), params
 
 
 def _get(vision: Mapping[str, Any], model_type: str, name: str) -> Any:
@@ -237,7 +233,7 @@ def _architecture(
   defaults = _DEFAULTS[model_type]
   swiglu = bool(get("use_swiglu_ffn")) if "use_swiglu_ffn" in defaults else False
   if "mlp_ratio" in defaults:
-    mlp_dim = dinov2_mlp_dim(width, get("mlp_ratio"), swiglu)
+    mlp_dim = hf_dinov2.dinov2_mlp_dim(width, get("mlp_ratio"), swiglu)
   else:
     mlp_dim = int(get("intermediate_size"))
   act = "swiglu" if swiglu else _ACTS.get(get("hidden_act"))
@@ -268,19 +264,6 @@ def _architecture(
   )
 
 
-def _cls_head(sd: dict[str, Any], model_type: str) -> dict[str, Any]:
-  """DINOv2's classifier reads [cls | mean patch token]: kept as our cls-token head (its cls half) when
-  the mean half is zero, as `export_hf` writes ours; else dropped, as our ViT cannot express it."""
-  if not model_type.startswith("dinov2") or "classifier.weight" not in sd:
-    return sd
-  weight_VD = np.asarray(sd.pop("classifier.weight"))
-  bias_V = sd.pop("classifier.bias")
-  width = weight_VD.shape[1] // 2
-  if np.any(weight_VD[:, width:]):
-    return sd
-  return {**sd, "classifier.weight": weight_VD[:, :width], "classifier.bias": bias_V}
-
-
 def _encoder_keys(raw: Mapping[str, Any], names: _Names) -> dict[str, Any]:
   """The vision encoder's entries: base-model prefix stripped, the family's other parts dropped."""
   dropped = re.compile(names.dropped)
@@ -295,9 +278,9 @@ def _encoder_keys(raw: Mapping[str, Any], names: _Names) -> dict[str, Any]:
   return sd
 
 
-def key_rules(a: Architecture, num_classes: int) -> Rules:
-  """One rule per weight: embeddings, (CLIP's) pre-norm, every block, the final norm, the head (the
-  importer's table, which `export_hf` inverts to write DINOv2 folders)."""
+def key_rules(a: Architecture, num_classes: int, pool: str = "cls") -> Rules:
+  """One rule per weight: embeddings, (CLIP's) pre-norm, every block, the final norm, the head on `pool`'s
+  pre-logits (the importer's table, which `export_hf` inverts to write DINOv2 folders)."""
   width, names = a.width, FAMILIES[a.model_type]
   conv = lambda w: {"embedding/kernel": w.transpose(2, 3, 1, 0)}  # OIHW -> HWIO
   kernel = (width, a.channels, a.patch, a.patch)
@@ -326,7 +309,8 @@ def key_rules(a: Architecture, num_classes: int) -> Rules:
     )
   keymap.layer_norm(names.norms[2], "encoder_norm", width, rules)
   if num_classes:
-    rules["classifier.weight"] = ((num_classes, width), lambda w: {"head/kernel": w.T})
+    head_in = pooling.pre_logits_width(pool, width)
+    rules["classifier.weight"] = ((num_classes, head_in), lambda w: {"head/kernel": w.T})
     rules["classifier.bias"] = ((num_classes,), lambda w: {"head/bias": w})
   for i in range(a.depth):
     rules.update(_block_rules(a, names, i))
@@ -373,8 +357,9 @@ def _block_rules(a: Architecture, names: _Names, i: int) -> Rules:
   return rules
 
 
-def _config(a: Architecture, num_classes: int, posemb_prefix: bool) -> dict:
-  """The `vit.build` config. Every family reads out the cls token after the final LayerNorm."""
+def _config(a: Architecture, num_classes: int, posemb_prefix: bool, pool: str) -> dict:
+  """The `vit.build` config. Every family reads out the cls token after the final LayerNorm (DINOv2's
+  classifier the mean patch token too: `pool`)."""
   return dict(
     num_classes=num_classes,
     patch_size=a.patch,
@@ -382,7 +367,7 @@ def _config(a: Architecture, num_classes: int, posemb_prefix: bool) -> dict:
     depth=a.depth,
     mlp_dim=a.mlp_dim,
     num_heads=a.heads,
-    pool="cls",
+    pool=pool,
     class_token=True,
     num_registers=a.registers,
     posemb_prefix=posemb_prefix,

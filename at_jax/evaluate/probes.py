@@ -2,7 +2,8 @@
 student of attention transfer learns its own features, and why its ensemble with the teacher helps).
 
 The features are the pooled representation the head sees (`ViT`'s ``out["pre_logits"]``: the gap
-tokens' `fc_norm`, or the cls token after `encoder_norm`), of the eval view, on a train and a test split.
+tokens' `fc_norm`, the cls token after `encoder_norm`, or with `cls_mean` pooling that token and the mean
+patch token after it, 2 x width), of the eval view, on a train and a test split.
 
 * k-NN: DINO's weighted k-NN (Caron et al. 2021, `eval_knn.py`'s `knn_classifier`): L2-normalised
   features, cosine similarity, the k=20 most similar training examples vote with weight exp(sim / T),

@@ -109,9 +109,9 @@ def encoder_config(mae: "MAE") -> dict[str, Any]:
 def encoder_params(params: Mapping[str, Any]) -> dict[str, Any]:
   """The encoder's params (`params["encoder"]`), a ViT of `encoder_config(mae)`: the teacher export.
 
-  With `pool="cls"` the ViT's own `encoder_norm` is the LayerNorm over all tokens that MAE's `norm` is, so
-  the trained MAE `encoder_norm` replaces it (the ViT's copy got no gradient); this is what MAE's
-  fine-tuning without global pooling keeps. With gap pooling `fc_norm` is a new layer and stays as is.
+  With `pool="cls"` (or "cls_mean") the ViT's own `encoder_norm` is the LayerNorm over all tokens that
+  MAE's `norm` is, so the trained MAE `encoder_norm` replaces it (the ViT's copy got no gradient); this is
+  what MAE's fine-tuning without global pooling keeps. With gap pooling `fc_norm` is a new layer and stays as is.
   """
   enc = dict(params["encoder"])
   if "encoder_norm" in enc:

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from at_jax.errors import ConfigError
-from at_jax.models import attention, encoder, inits, projection
+from at_jax.models import attention, encoder, inits, pooling, projection
 from at_jax.ops import attn_ce
 
 Array = jax.Array
@@ -87,9 +87,11 @@ class ViT(nn.Module):
   The token sequence is [cls (if class_token), registers (num_registers), patches].
 
   Attributes:
-    pool: "gap" (mean of patch tokens, then LayerNorm `fc_norm`, as MAE and the paper) or "cls"
-      (LayerNorm `encoder_norm` over the sequence, then the cls token). The cls token stays in the sequence
-      with gap pooling too (`class_token`), so student and teacher maps are both (1 + patches)^2.
+    pool: `pooling.POOLS`: "gap" (mean of patch tokens, then LayerNorm `fc_norm`, as MAE and the paper),
+      "cls" (LayerNorm `encoder_norm` over the sequence, then the cls token) or "cls_mean" (the same
+      LayerNorm, then [cls | mean patch token], 2 * width: transformers' DINOv2 classifier's input). The
+      cls token stays in the sequence with gap pooling too (`class_token`), so student and teacher maps
+      are both (1 + patches)^2.
     posemb_prefix: the learned position table also covers the cls/register tokens (timm's default, MAE);
       False: patches only (big_vision, timm `no_embed_class`, DINOv2 with registers).
     pre_norm: LayerNorm on the token sequence before the first block (CLIP's ln_pre, timm norm_pre).
@@ -197,18 +199,6 @@ class ViT(nn.Module):
       self.weight_init,
     )
 
-  def _pool(self, x_BND: Array) -> Array:
-    """The pre-logits [B, D]: see `pool`."""
-    if self.pool == "gap":
-      return nn.LayerNorm(epsilon=self.norm_eps, name="fc_norm")(
-        x_BND[:, self.num_prefix :].mean(axis=1)
-      )
-    if self.pool == "cls":
-      if not self.class_token:
-        raise ConfigError("model.pool", "'cls' pooling needs model.class_token=True")
-      return nn.LayerNorm(epsilon=self.norm_eps, name="encoder_norm")(x_BND)[:, 0]
-    raise ConfigError("model.pool", f"unknown pooling {self.pool!r}; use 'gap' or 'cls'")
-
   @nn.compact
   def __call__(
     self,
@@ -238,10 +228,10 @@ class ViT(nn.Module):
         [L, H] (zero in the other layers).
 
     Returns:
-      logits [B, V] (pre-logits [B, D] when num_classes == 0), and a dict with "attn_logits"
-      [L, B, H, N, N] float32, "pre_logits" [B, D], "tokens" [B, N, D] (the encoder's output before any
-      final norm), "features" [L, B, N, D] (each block's output, for feature distillation), and
-      "q"/"k"/"v" if asked.
+      logits [B, V] (pre-logits when num_classes == 0), and a dict with "attn_logits"
+      [L, B, H, N, N] float32, "pre_logits" [B, D] ([B, 2D] with "cls_mean" pooling), "tokens"
+      [B, N, D] (the encoder's output before any final norm), "features" [L, B, N, D] (each block's
+      output, for feature distillation), and "q"/"k"/"v" if asked.
     """
     x_BND = self._tokens(images_BYXC, patch_keep)
     if drop_masks is None and train and self.drop_path > 0:
@@ -262,15 +252,16 @@ class ViT(nn.Module):
       )(x_LBND)
     if self.head_mix:  # zeros: each head starts at the mean of the teacher's maps
       self.param("head_mix", nn.initializers.zeros, tuple(self.head_mix))
-    pre_BD = self._pool(x_BND)
-    out["pre_logits"] = pre_BD
+    pooling.check(self.pool, self.class_token)  # a ViT built without `build`
+    pre = pooling.pre_logits(self.pool, x_BND, self.num_prefix, self.norm_eps)  # [B, D] or [B, 2D]
+    out["pre_logits"] = pre
     if self.num_classes == 0:
-      return pre_BD, out
+      return pre, out
     logits_BV = nn.Dense(
       self.num_classes,
       kernel_init=inits.trunc_normal(self.head_init_std),  # timm's trunc_normal_ (std 2e-5: MAE's)
       name="head",
-    )(pre_BD)
+    )(pre)
     return logits_BV, out
 
   def tokens_for(self, image_size: int) -> int:
@@ -327,6 +318,7 @@ def build(model_config: Mapping[str, Any]) -> ViT:
     raise ConfigError(
       "model.mlp_act", f"{kwargs['mlp_act']!r} is not one of {sorted(encoder.ACTIVATIONS)}"
     )
+  pooling.check(kwargs.get("pool", "gap"), kwargs.get("class_token", True))
   inits.check(
     kwargs.get("posemb", "learned"), kwargs.get("weight_init", "timm"), kwargs.get("width", 768)
   )

@@ -65,7 +65,9 @@ KINDS = {
 }
 # Hugging Face's DINOv2 only (timm's parity has these architectures above), 28 px at patch 7: LayerScale
 # with a head (Dinov2ForImageClassification), headless with registers (Dinov2WithRegistersModel), SwiGLU
-# (mlp_ratio 4: 2/3 of 256 rounded up to 176) with a head.
+# (mlp_ratio 4: 2/3 of 256 rounded up to 176) with a head; cls_mean heads (DINOv2's classifier as it is,
+# which timm cannot express): with LayerScale, and with registers (in table slots, folded into the
+# tokens) and no LayerScale (lambda1 = 1), a plain ViT otherwise, at _BASE's width.
 _DINOV2_KINDS = {
   "dinov2_layerscale": dict(layerscale_init=0.1, width=64, num_heads=4, mlp_dim=256, patch_size=7),
   "dinov2_registers_layerscale": dict(
@@ -81,6 +83,8 @@ _DINOV2_KINDS = {
   "dinov2_swiglu": dict(
     mlp_act="swiglu", layerscale_init=0.1, width=64, num_heads=4, mlp_dim=176, patch_size=7
   ),
+  "dinov2_cls_mean": dict(pool="cls_mean", layerscale_init=0.1, patch_size=7),
+  "dinov2_registers_cls_mean": dict(pool="cls_mean", num_registers=2, patch_size=7),
 }
 _HF_KINDS = [
   "cls_head",
@@ -289,11 +293,18 @@ def test_timm_export_reads_back_unchanged(kind, exported, tmp_path):
 
 
 @pytest.mark.parametrize(
-  "kind", ["cls_head", "headless_tanh_no_qkv_bias", "scan_layout", *_DINOV2_KINDS]
+  "kind",
+  [
+    "cls_head",
+    "headless_tanh_no_qkv_bias",
+    "scan_layout",
+    *(k for k in _DINOV2_KINDS if k != "dinov2_registers_cls_mean"),  # it reads back LayerScale 1
+  ],
 )
 def test_hugging_face_export_reads_back_unchanged(kind, exported, tmp_path):
   """Through at_jax's Hugging Face importer (`hf`, its own table of transformers' names), heads too: a
-  DINOv2 classifier whose mean-patch half is zero, as ours are written, reads back as our head."""
+  DINOv2 classifier whose mean-patch half is zero, as ours are written, reads back as our cls head; a
+  cls_mean head as itself."""
   pytest.importorskip("at_jax.convert.hf_folder", reason="needs at_jax's Hugging Face importer")
   src, fields, _ = exported(kind)
   export.export(src, str(tmp_path), "hf")
@@ -387,6 +398,28 @@ def test_hugging_face_config_states_dinov2_sizes():
   head = export_hf.hf_config({**fields, "num_classes": 3, "layerscale_init": 0.0}, 518, 3)
   assert head["architectures"] == ["Dinov2ForImageClassification"]
   assert transformers.Dinov2Config.from_dict(head).num_labels == 3
+
+
+def test_cls_mean_pooling_goes_to_hugging_face_only(tmp_path):
+  """timm's heads read the cls token or the patch mean, not both: refused, naming model.pool and the
+  target that takes it. Hugging Face takes it as DINOv2's classifier, which a headless DINOv2 lacks."""
+  src = _config_only(tmp_path / "x", pool="cls_mean")
+  with pytest.raises(
+    ConfigError, match=r"'cls_mean' pooling \(model.pool;.*--to=hf, which can"
+  ) as e:
+    export.export(src, str(tmp_path / "out"), "timm")
+  assert e.value.field == "to" and not os.path.exists(tmp_path / "out")
+  assert (
+    export_keys.hf_model_type(export.read_fields(src)) == "dinov2"
+  )  # no LayerScale: still DINOv2
+  headless = _config_only(tmp_path / "h", pool="cls_mean", num_classes=0)
+  with pytest.raises(ConfigError, match=r"'cls_mean' pooling without a head.*neither timm nor"):
+    export.export(headless, str(tmp_path / "out"), "hf")
+  with pytest.raises(
+    ConfigError, match="model.pool"
+  ) as e:  # as 'cls' pooling, it needs a cls token
+    _config_only(tmp_path / "n", pool="cls_mean", class_token=False)
+  assert e.value.field == "model.pool"
 
 
 def test_timm_refuses_swiglu_with_an_eps_dinov2_g_does_not_fix(tmp_path):

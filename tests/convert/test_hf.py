@@ -172,7 +172,7 @@ def test_vit_mae_encoder(tmp_path):
   [
     ("Dinov2Model", False, 28, 28),  # LayerScale, its own image size
     # SwiGLU, patch 14, a table made for 56 px seen at 28 px (as DINOv2's 518-px table at 224 px), with
-    # Dinov2ForImageClassification's cls + mean head dropped.
+    # Dinov2ForImageClassification's classifier on [cls | mean patch token]: our cls_mean head.
     ("Dinov2ForImageClassification", True, 56, 28),
   ],
 )
@@ -181,19 +181,20 @@ def test_dinov2(tmp_path, cls_name, swiglu, table_size, image_size):
     cls_name, "Dinov2Config", **{**_DINO, "image_size": table_size}, use_swiglu_ffn=swiglu
   )
   folder = _save(model, tmp_path)
-  stored = load_file(os.path.join(folder, "model.safetensors"))
-  assert ("classifier.weight" in stored) == (cls_name != "Dinov2Model")  # on [cls, mean]: dropped
+  head = cls_name != "Dinov2Model"
   config, params = load_checkpoint(folder, image_size=image_size, resample_posemb=True)
-  assert config["layerscale_init"] == 1.0 and config["num_classes"] == 0
+  assert config["layerscale_init"] == 1.0 and config["num_classes"] == (2 if head else 0)
+  assert config["pool"] == ("cls_mean" if head else "cls")  # 2 labels: transformers' default
   assert config["mlp_act"] == ("swiglu" if swiglu else "gelu")
   if swiglu:  # transformers' Dinov2SwiGLUFFN: 2/3 of 64, to a multiple of 8
     assert config["mlp_dim"] == 48
     mlp = params["Transformer"]["encoderblock_0"]["MlpBlock_0"]
     assert mlp["Dense_0"]["kernel"].shape == (32, 96)  # [gate | value], as weights_in
   images = _images(image_size)
-  base = model if cls_name == "Dinov2Model" else model.dinov2
-  out = _run(base, images)  # Dinov2 resizes its table itself at another image size
-  _check_parity(config, params, out, images, normed=out.last_hidden_state, pooled=out.pooler_output)
+  out = _run(model, images)  # Dinov2 resizes its table itself at another image size
+  normed = _run(model.dinov2, images).last_hidden_state if head else out.last_hidden_state
+  pooled = out.logits if head else out.pooler_output
+  _check_parity(config, params, out, images, normed=normed, pooled=pooled)
   if table_size != image_size:  # what timm's resampling would have given instead
     table = load_checkpoint(folder)[1]["pos_embedding"]
     timm_like = posemb.resample_posemb(table, image_size // 14, 1)
@@ -220,6 +221,34 @@ def test_dinov2_with_registers(tmp_path, image_size):
   images = _images(image_size)
   out = _run(model, images)
   _check_parity(config, params, out, images, normed=out.last_hidden_state, pooled=out.pooler_output)
+
+
+def test_dinov2_classifier_on_cls_and_mean_patch_token(tmp_path):
+  """Dinov2WithRegistersForImageClassification's classifier reads [cls | mean patch token] (registers
+  not averaged): our cls_mean head, read exactly. Its mean half zeroed (as our exports write a cls head),
+  it is our cls head, its cls half."""
+  model = _build(
+    "Dinov2WithRegistersForImageClassification",
+    "Dinov2WithRegistersConfig",
+    **_DINO,
+    num_register_tokens=2,
+    num_labels=3,
+  )
+  config, params = load_checkpoint(_save(model, tmp_path / "cls_mean"))
+  assert (config["pool"], config["num_classes"], config["num_registers"]) == ("cls_mean", 3, 2)
+  weight_VD = model.classifier.weight.detach().numpy().copy()  # [3, 2 * 32]
+  np.testing.assert_array_equal(params["head"]["kernel"], weight_VD.T)
+  images = _images(28)
+  out = _run(model, images)
+  normed = _run(model.dinov2_with_registers, images).last_hidden_state
+  _check_parity(config, params, out, images, normed=normed, pooled=out.logits)
+  with torch.no_grad():
+    model.classifier.weight[:, 32:] = 0
+  config, params = load_checkpoint(_save(model, tmp_path / "cls"))
+  assert (config["pool"], config["num_classes"]) == ("cls", 3)
+  np.testing.assert_array_equal(params["head"]["kernel"], weight_VD[:, :32].T)
+  out = _run(model, images)
+  _check_parity(config, params, out, images, pooled=out.logits)
 
 
 @pytest.mark.parametrize("whole", [False, True])

@@ -1,5 +1,6 @@
 """The ViT contract: shapes, loop == scan, truncation, drop-path masks, pooling, variants, dtypes."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -142,6 +143,40 @@ def test_cls_pool_and_headless(setup):
   assert no_cls.apply({"params": p}, images, train=False)[1]["attn_logits"].shape[-1] == 49
   with pytest.raises(ConfigError, match="model.pool"):
     build_model(pool="cls", class_token=False).init(jax.random.key(0), images, train=False)
+
+
+def test_cls_mean_pool_reads_the_normed_cls_and_mean_patch_token(setup):
+  """[cls | mean of the patches] after the one final LayerNorm (transformers' DINOv2 classifier input):
+  registers are not averaged, the head reads 2 x width, and it needs a cls token as 'cls' does."""
+  _, _, images = setup
+  model = build_model(pool="cls_mean", num_registers=2)
+  p = model.init(jax.random.key(0), images, train=False)["params"]
+  assert "encoder_norm" in p and "fc_norm" not in p and p["head"]["kernel"].shape == (64, 10)
+  logits, out = model.apply({"params": p}, images, train=False)
+  normed = nn.LayerNorm(epsilon=model.norm_eps).apply({"params": p["encoder_norm"]}, out["tokens"])
+  want = jnp.concatenate([normed[:, 0], normed[:, 3:].mean(axis=1)], axis=-1)  # 1 cls + 2 registers
+  np.testing.assert_allclose(out["pre_logits"], want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(logits, want @ p["head"]["kernel"] + p["head"]["bias"], rtol=1e-5)
+  # 'cls' pooling of the same encoder (its one LayerNorm too) gives the cls half.
+  cls = build_model(pool="cls", num_registers=2, num_classes=0)
+  encoder = {k: v for k, v in p.items() if k != "head"}
+  np.testing.assert_array_equal(
+    cls.apply({"params": encoder}, images, train=False)[0], out["pre_logits"][:, :32]
+  )
+  headless = build_model(pool="cls_mean", num_classes=0)
+  hp = headless.init(jax.random.key(0), images, train=False)["params"]
+  assert headless.apply({"params": hp}, images, train=False)[0].shape == (B, 64)
+  for build in (
+    lambda: build_model(pool="cls_mean", class_token=False),
+    lambda: build_model(pool="x"),
+  ):
+    with pytest.raises(ConfigError, match="model.pool") as e:
+      build()
+    assert e.value.field == "model.pool"
+  with pytest.raises(ConfigError, match="'cls_mean' pooling needs model.class_token=True"):
+    vit.ViT(10, 4, 32, 2, 64, 2, pool="cls_mean", class_token=False).init(
+      jax.random.key(0), images, train=False
+    )
 
 
 def test_bf16_matmuls_keep_float32_logits(setup):
