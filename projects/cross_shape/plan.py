@@ -16,7 +16,8 @@ halfway between each head's group and the mean (`transfer.head_mix_init=group`),
 was found to keep its four heads' mixes equal.
 Two settings change only the taught maps' temperature (`transfer.target_temperature`), added to test
 what the first settings only correlated (sharper taught maps, higher top-1): the flattest maps, `mean`'s,
-sharpened (T = 1/2), and the best, the same-shape teacher's, flattened (T = 2).
+sharpened (T = 1/2), and the best, the same-shape teacher's, flattened (T = 2) and sharpened (T = 1/2):
+whether the teacher's own sharpness (T = 1, the paper's) is where more sharpness stops helping.
 `merge` is left out: for 8 teacher heads into 4 it is one round of adjacent pairs averaged, which is
 `group` exactly (tests/transfer/test_pairing.py).
 """
@@ -53,6 +54,7 @@ GROUPS: dict[str, dict[str, Setting]] = {
     "uniform_mean": ("Mini/7", DEEP, {**DISTILL, "transfer.layer_map": "uniform", "transfer.head_map": "mean"}, 3),
     "uniform_mean_sharp": ("Mini/7", DEEP, {**DISTILL, "transfer.layer_map": "uniform", "transfer.head_map": "mean", "transfer.target_temperature": 0.5}, 3),
     "same_shape_flat": ("Mini/7", SAME, {**DISTILL, "transfer.target_temperature": 2.0}, 3),
+    "same_shape_sharp": ("Mini/7", SAME, {**DISTILL, "transfer.target_temperature": 0.5}, 3),
     "last_group": ("Mini/7", DEEP, {**DISTILL, "transfer.layer_map": "last", "transfer.head_map": "group"}, 2),
   },
   "finer": {

@@ -36,6 +36,7 @@ FINDINGS = {
     ("spread layers (uniform) beat the teacher's last layers", "uniform_group", "last_group"),
     ("sharpening the mean maps (target_temperature 0.5) helps", "uniform_mean_sharp", "uniform_mean"),
     ("flattening the same-shape teacher's maps (target_temperature 2) hurts", "same_shape", "same_shape_flat"),
+    ("sharpening the same-shape teacher's maps (target_temperature 0.5) helps", "same_shape_sharp", "same_shape"),
   ],
   "finer": [
     ("resampled maps from a coarser teacher beat scratch", "resample_keep", "scratch"),
@@ -278,14 +279,32 @@ def sharpness(runs: Mapping[str, Any], group: str) -> dict[str, tuple[float, flo
   return found
 
 
+def untempered(group: str, setting: str) -> str | None:
+  """The setting whose maps `setting` takes at another `transfer.target_temperature` (the same
+  student, teacher and other overrides); None for a setting at the teacher's own temperature."""
+  variant, teacher, overrides, _ = plan.GROUPS[group][setting]
+  key = "transfer.target_temperature"
+  if key not in overrides:
+    return None
+  base = (variant, teacher, {k: v for k, v in overrides.items() if k != key})
+  found = [name for name, (v, t, o, _) in plan.GROUPS[group].items() if (v, t, o) == base]
+  return found[0] if found else None
+
+
 def _plot_sharpness(ax: Any, runs: Mapping[str, Any]) -> None:
-  """The deeper group's settings: top-1 against the entropy of the maps each was taught."""
-  for setting, (entropy, top1) in sharpness(runs, SHARPNESS_GROUP).items():
+  """The deeper group's settings: top-1 against the entropy of the maps each was taught; an arrow from
+  a setting to the same maps at another temperature (the intervention on sharpness alone)."""
+  points = sharpness(runs, SHARPNESS_GROUP)
+  for setting, (entropy, top1) in points.items():
     ax.scatter([entropy], [top1], s=18, color="tab:orange")
     ax.annotate(setting, (entropy, top1), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    base = untempered(SHARPNESS_GROUP, setting)
+    if base in points:
+      arrow = dict(arrowstyle="->", color="gray", alpha=0.7, shrinkA=4, shrinkB=4)
+      ax.annotate("", xy=(entropy, top1), xytext=points[base], arrowprops=arrow)
   ax.set_xlabel("entropy of the taught maps (nats per layer; uniform: ln 17 = 2.83)", fontsize=8)
   ax.set_ylabel("test top-1 (%), mean over seeds", fontsize=8)
-  ax.set_title("deeper: sharper taught maps, higher top-1?", fontsize=9)
+  ax.set_title("deeper: sharper taught maps, higher top-1? (arrows: T changed)", fontsize=9)
 
 
 def write(workdir: str, jobs: Sequence[studies.Job], out: str) -> str:

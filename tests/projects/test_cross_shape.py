@@ -168,3 +168,12 @@ def test_learned_mix_reads_the_mix_the_last_checkpoint_holds(tmp_path):
   alike = report.learned_mix(workdir, "deeper/uniform_learned/seed0")
   assert np.isclose(alike["spread"], 0.0) and np.isclose(alike["heads"], 8.0)
   assert report.learned_mix(workdir, "deeper/uniform_group/seed0") is None
+
+
+def test_tempered_settings_point_at_the_maps_they_temper():
+  """The plot's arrows: each target_temperature setting's untempered twin has the same student, teacher
+  and other overrides; settings at the teacher's temperature have none."""
+  assert report.untempered("deeper", "same_shape_flat") == "same_shape"
+  assert report.untempered("deeper", "same_shape_sharp") == "same_shape"
+  assert report.untempered("deeper", "uniform_mean_sharp") == "uniform_mean"
+  assert report.untempered("deeper", "uniform_mean") is None
