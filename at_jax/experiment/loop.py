@@ -387,12 +387,7 @@ def _log(pending, writer: metrics.MetricWriter, progress: metrics.Progress, ckpt
 
 def _describe(run: Run, start: int) -> None:
   m, spec = run.model, run.transfer
-  what = ""
-  if spec.active:
-    what = (
-      f" | {spec.mode} {spec.what}, layers {transfer_spec.selected(spec.layers)}, heads "
-      f"{transfer_spec.selected(spec.heads)}, weight {spec.weight}"
-    )
+  what = f" | {transfer_spec.describe(spec)}" if spec.active else ""
   metrics.say(
     f"ViT width {m.width} depth {m.depth} heads {m.num_heads} patch {m.patch_size}{what} | "
     f"{run.total_steps} steps of {run.config.data.batch_size} on mesh {dict(run.mesh.shape)}"

@@ -386,3 +386,13 @@ def selected(values: Sequence[int]) -> str:
   if v and v == list(range(v[0], v[-1] + 1)):
     return f"{v[0]}-{v[-1]}" if len(v) > 1 else str(v[0])
   return ",".join(map(str, v))
+
+
+def describe(t: Transfer) -> str:
+  """An active transfer in one line, for logs: what, where from, and any setting off the paper's."""
+  text = f"{t.mode} {t.what}, layers {selected(t.layers)}"
+  if t.teacher_layers != t.layers:
+    text += f" <- teacher's {selected(t.teacher_layers)}"
+  text += f", heads {selected(t.heads)}" + (f" ({t.head_map})" if t.head_map != "same" else "")
+  sharpness = f", maps at T={t.target_temperature:g}" if t.target_temperature != 1 else ""
+  return f"{text}, weight {t.weight}{sharpness}"

@@ -135,3 +135,18 @@ def test_selected_description():
   assert spec.selected((0, 1, 2, 3)) == "0-3"
   assert spec.selected((0, 2, 5)) == "0,2,5"
   assert spec.selected((4,)) == "4"
+
+
+def test_describe_says_what_differs_from_the_paper():
+  student, deep = build_model(), build_model(depth=8, num_heads=4)
+  plain = spec.resolve({"mode": "distill"}, student, student, S)
+  assert spec.describe(plain) == "distill attn, layers 0-3, heads 0-1, weight 3.0"
+  mapped = spec.resolve(
+    {"mode": "distill", "layer_map": "uniform", "head_map": "group", "target_temperature": 0.5},
+    student,
+    deep,
+    S,
+  )
+  assert spec.describe(mapped) == (
+    "distill attn, layers 0-3 <- teacher's 1,3,5,7, heads 0-1 (group), weight 3.0, maps at T=0.5"
+  )
