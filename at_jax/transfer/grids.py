@@ -13,11 +13,14 @@ dropped. The student's own register tokens have no counterpart in the teacher's 
 """
 
 import functools
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from at_jax.errors import ConfigError
 from at_jax.ops import attn_ce
 
 Array = jax.Array
@@ -85,3 +88,59 @@ def resample_logits(logits: Array, weights: tuple[np.ndarray, np.ndarray]) -> Ar
   resampled = jnp.einsum("sq,...qk,tk->...st", q, probs, k)
   resampled = resampled / resampled.sum(-1, keepdims=True)
   return attn_ce.logits_of(resampled)
+
+
+def token_map(
+  cfg: Mapping[str, Any],
+  student: Any,
+  teacher: Any,
+  what: str,
+  loss_impl: str,
+  sizes: tuple[int, int],
+) -> tuple[int, ...]:
+  """`Transfer.token_map` for a teacher of another token grid or prefix, the arguments of
+  `token_weights` (() where the tokens match), with an error naming the field for every combination it
+  cannot serve. `sizes`: (the student's image size, the teacher's)."""
+  image_size, t_size = sizes
+  prefix = cfg.get("prefix", "keep")
+  if prefix not in PREFIXES:
+    raise ConfigError("transfer.prefix", f"unknown {prefix!r}; use one of {PREFIXES}")
+  s_grid, t_grid = image_size // student.patch_size, t_size // teacher.patch_size
+  s_tokens, t_tokens = student.tokens_for(image_size), teacher.tokens_for(t_size)
+  if t_size % teacher.patch_size:
+    field = "teacher.image_size" if t_size != image_size else "teacher.init"
+    raise ConfigError(
+      field, f"the teacher's patch {teacher.patch_size} does not divide its image size {t_size}"
+    )
+  s_shape = (s_grid, student.class_token, student.num_registers)
+  same_tokens = s_shape == (t_grid, teacher.class_token, teacher.num_registers)
+  if (same_tokens and prefix == "keep") or what == "features":
+    return ()
+  if what != "attn" and prefix == "drop":
+    raise ConfigError("transfer.prefix", f"'drop' applies to attention maps, not {what!r}")
+  if what != "attn":
+    raise ConfigError(
+      "teacher.init",
+      f"teacher sees {t_tokens} tokens per image and the student {s_tokens}: {what!r} is handed "
+      "over token by token; match model.patch_size/class_token to the teacher, or set "
+      "teacher.image_size to give it the student's grid",
+    )
+  if loss_impl != "direct":
+    raise ConfigError(
+      "transfer.loss_impl",
+      f"{loss_impl!r} streams the teacher's maps from its q and k; maps resampled from its "
+      f"{t_grid}x{t_grid} grid to the student's {s_grid}x{s_grid} need 'direct'",
+    )
+  if prefix == "drop":  # patch rows over patch keys on both sides (the student's cut in the loss)
+    return (int(teacher.class_token), teacher.num_registers, t_grid, 0, s_grid)
+  if student.num_registers:
+    raise ConfigError(
+      "transfer.prefix",
+      f"the student's {student.num_registers} register tokens have no counterpart in the teacher's "
+      "resampled maps ('keep' drops the teacher's registers); give the student none",
+    )
+  if student.class_token and not teacher.class_token:
+    raise ConfigError(
+      "model.class_token", "the teacher has no cls token whose map row the student's could keep"
+    )
+  return (int(teacher.class_token), teacher.num_registers, t_grid, int(student.class_token), s_grid)

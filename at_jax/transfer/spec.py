@@ -309,7 +309,7 @@ def _against_teacher(
   t_size = teacher_size or image_size
   if t_size != image_size and t.source == "precomputed":
     raise ConfigError("teacher.image_size", "stored targets were computed at data.image_size")
-  token_map = _token_map(cfg, student, teacher, t, image_size, t_size)
+  token_map = grids.token_map(cfg, student, teacher, t.what, t.loss_impl, (image_size, t_size))
   teacher_image_size = t_size if t_size != image_size else 0
   dropped = (
     int(student.class_token) + student.num_registers if token_map and not token_map[3] else 0
@@ -317,53 +317,6 @@ def _against_teacher(
   return dataclasses.replace(
     t, token_map=token_map, teacher_image_size=teacher_image_size, student_prefix=dropped
   )
-
-
-def _token_map(
-  cfg: Mapping[str, Any], student: Any, teacher: Any, t: Transfer, image_size: int, t_size: int
-) -> tuple[int, ...]:
-  """`Transfer.token_map` for a teacher of another token grid or prefix (at_jax.transfer.grids), with an
-  error naming the field for every combination it cannot serve."""
-  prefix = pairing.choice("transfer.prefix", cfg.get("prefix", "keep"), grids.PREFIXES)
-  s_grid, t_grid = image_size // student.patch_size, t_size // teacher.patch_size
-  s_tokens, t_tokens = student.tokens_for(image_size), teacher.tokens_for(t_size)
-  if t_size % teacher.patch_size:
-    field = "teacher.image_size" if t_size != image_size else "teacher.init"
-    raise ConfigError(
-      field, f"the teacher's patch {teacher.patch_size} does not divide its image size {t_size}"
-    )
-  s_shape = (s_grid, student.class_token, student.num_registers)
-  same_tokens = s_shape == (t_grid, teacher.class_token, teacher.num_registers)
-  if (same_tokens and prefix == "keep") or t.what == "features":
-    return ()
-  if t.what != "attn" and prefix == "drop":
-    raise ConfigError("transfer.prefix", f"'drop' applies to attention maps, not {t.what!r}")
-  if t.what != "attn":
-    raise ConfigError(
-      "teacher.init",
-      f"teacher sees {t_tokens} tokens per image and the student {s_tokens}: {t.what!r} is handed "
-      "over token by token; match model.patch_size/class_token to the teacher, or set "
-      "teacher.image_size to give it the student's grid",
-    )
-  if t.loss_impl != "direct":
-    raise ConfigError(
-      "transfer.loss_impl",
-      f"{t.loss_impl!r} streams the teacher's maps from its q and k; maps resampled from its "
-      f"{t_grid}x{t_grid} grid to the student's {s_grid}x{s_grid} need 'direct'",
-    )
-  if prefix == "drop":  # patch rows over patch keys on both sides (the student's cut in the loss)
-    return (int(teacher.class_token), teacher.num_registers, t_grid, 0, s_grid)
-  if student.num_registers:
-    raise ConfigError(
-      "transfer.prefix",
-      f"the student's {student.num_registers} register tokens have no counterpart in the teacher's "
-      "resampled maps ('keep' drops the teacher's registers); give the student none",
-    )
-  if student.class_token and not teacher.class_token:
-    raise ConfigError(
-      "model.class_token", "the teacher has no cls token whose map row the student's could keep"
-    )
-  return (int(teacher.class_token), teacher.num_registers, t_grid, int(student.class_token), s_grid)
 
 
 # The teacher `out` keys that a ViT returns only when run with `want_qkv`.
