@@ -68,7 +68,7 @@ def base() -> ml_collections.ConfigDict:
   # them ("": <workdir>/teacher_targets).
   # layer_map / head_map: which teacher layer and heads each student layer and head reads, for a teacher
   # of another depth or head count (at_jax.transfer.pairing): layer_map "same" | "uniform" | "last" |
-  # pairs "s:t,s:t"; head_map "same" | "first" | "group" | "mean" | "merge" | "learned".
+  # pairs "s:t,s:t"; head_map "same" | "first" | "pick" | "group" | "mean" | "merge" | "learned".
   c.transfer = dict(
     mode="none",
     what="attn",
@@ -79,6 +79,9 @@ def base() -> ml_collections.ConfigDict:
     # head_map "learned": where each student head's mix starts: "mean" (every head the same) or
     # "group" (halfway between its group of teacher heads and the mean: distinct starts).
     head_mix_init="mean",
+    # head_map "pick": the teacher head each student head reads, "3,5,6,7" (every selected layer) or
+    # "3,5,6,7;0,1,2,4;..." (one group per selected layer; e.g. job.sharpest_teacher_heads's).
+    head_pick="",
     # what="attn": the taught maps are softmax(teacher logits / T), mixed maps p^(1/T) renormalised:
     # below 1 sharper, above 1 flatter (1: the teacher's own maps, the paper).
     target_temperature=1.0,

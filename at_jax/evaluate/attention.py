@@ -38,6 +38,14 @@ def attention_agreement(
   }
 
 
+def head_entropy(model: Any, params: Any, images_BHWC: Any) -> np.ndarray:
+  """[L, H]: each layer's and head's attention entropy (nats) over keys, averaged over the images and
+  query tokens; low is sharp (`pairing.sharpest_heads` ranks teacher heads by it)."""
+  _, out = model.apply({"params": params}, jnp.asarray(images_BHWC), train=False)
+  log_p = jax.nn.log_softmax(out["attn_logits"].astype(jnp.float32), -1)  # [L, B, H, N, N]
+  return np.asarray(-(jnp.exp(log_p) * log_p).sum(-1).mean(axis=(1, 3)))
+
+
 def query_maps(logits_LBHNN: Array, *, num_prefix: int, query: int = 0) -> np.ndarray:
   """Attention of one query token over the patch tokens, head-averaged, as grids [L, B, g, g]."""
   probs = jax.nn.softmax(logits_LBHNN.astype(jnp.float32), axis=-1)[:, :, :, query, num_prefix:]

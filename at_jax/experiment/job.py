@@ -21,6 +21,7 @@ from at_jax.experiment.paths import EXPORT_DIR, TEACHER_DIR
 from at_jax.experiment.teachers import load_teacher
 from at_jax.experiment.validation import validate
 from at_jax.models import vit
+from at_jax.transfer import pairing
 from at_jax.transfer import spec as transfer_spec
 
 
@@ -154,10 +155,12 @@ def attention_report(config: ml_collections.ConfigDict, workdir: str, num_images
   print(evaluate.format_agreement(agreement, "teacher") + f"\nattention maps: {png}", flush=True)
 
 
-def eval_images(config: ml_collections.ConfigDict, workdir: str, num_images: int) -> Any:
-  """The first `num_images` images of data.eval_split, in the eval view."""
+def eval_images(
+  config: ml_collections.ConfigDict, workdir: str, num_images: int, split: str = "data.eval_split"
+) -> Any:
+  """The first `num_images` images of the `split` field's split (data.eval_split), in the eval view."""
   d = config.data
-  source = sources.from_config(d, "data.eval_split", workdir)
+  source = sources.from_config(d, split, workdir)
   view = options.eval_view(d)
   batches = pipeline.eval_iterator(source, global_batch_size=num_images, **view, num_threads=0)
   return next(batches)["image"]
@@ -195,3 +198,27 @@ def attention_agreement(
     student, student_params, teacher, teacher_params, images_BHWC, transfer, png, head_mix
   )
   return {"student": taught}
+
+
+def sharpest_teacher_heads(
+  config: ml_collections.ConfigDict, workdir: str, num_images: int = 512, *, flattest: bool = False
+) -> str:
+  """The `transfer.head_pick` (head_map "pick") that gives each distilled student head one of the
+  sharpest heads of the teacher layer it reads: per layer, the student's head count of teacher heads
+  with the lowest mean attention entropy on the first `num_images` training images (eval view), in the
+  teacher's head order (`pairing.sharpest_heads`); `flattest`: the highest instead (a control).
+  Deterministic for a teacher and data; write the string into the config, so that the run's identity
+  holds it."""
+  teacher_config, params = load_teacher(config, workdir)
+  teacher, student = vit.build(teacher_config), vit.build(teachers.model_config(config, workdir))
+  first = {**config.transfer.to_dict(), "head_map": "first", "head_pick": ""}
+  size = teachers.teacher_image_size(config) or config.data.image_size
+  transfer = transfer_spec.resolve(
+    first, student, teacher, config.data.image_size, teacher_image_size=size
+  )
+  images = eval_images(config, workdir, num_images, "data.train_split")
+  if size != images.shape[1]:  # the teacher sees the images as in training (`targets.run_teacher`)
+    images = jax.image.resize(images, (images.shape[0], size, size, images.shape[3]), "bilinear")
+  entropy_LH = evaluate.head_entropy(teacher, params, images)
+  ranked_LH = -entropy_LH if flattest else entropy_LH
+  return pairing.sharpest_heads(ranked_LH, transfer.teacher_layers, student.num_heads)

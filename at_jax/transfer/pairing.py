@@ -25,9 +25,11 @@ LAYER_MAPS = ("same", "uniform", "last")
 #        trained with the student (`ViT.head_mix`, dropped from exports; it starts as "mean");
 # merge  SHD's (arXiv 2502.07436) merging of adjacent teacher heads, A = (A_p + A_q) / 2, round after round
 #        (9 -> 5 -> 3), merging in the last round only as many pairs as reach the student's count.
+# pick   student head h of the s-th selected layer reads teacher head `transfer.head_pick`[s][h], heads
+#        chosen by the researcher (e.g. the sharpest: `evaluate.head_entropy`, `sharpest_heads`).
 # group, mean and merge average probability maps (which stay distributions): they need the teacher's maps, not
 # its q and k, so the streamed losses (`loss_impl`) and q/k/v transfer take same or first only.
-HEAD_MAPS = ("same", "first", "group", "mean", "merge", "learned")
+HEAD_MAPS = ("same", "first", "pick", "group", "mean", "merge", "learned")
 # Where a learned mix starts: every student head at the mean of the teacher's maps, or each halfway
 # between its `group` and that mean (distinct starts: from the mean, all heads are taught one map, learn
 # alike and stay alike; the cross-shape study found its four heads' mixes equal to 0.01).
@@ -266,3 +268,48 @@ def check_shape_maps(cfg: Mapping[str, Any], mode: str, head_map: str) -> None:
       "transfer.prefix",
       "'drop' leaves the cls row and column out of the distillation loss; copy replaces whole maps",
     )
+
+
+def parse_head_pick(
+  value: Any, head_map: str, layers: int, student_heads: int, teacher_heads: int
+) -> tuple[tuple[int, ...], ...]:
+  """`transfer.head_pick` for head_map "pick": per selected student layer, the teacher head each student
+  head reads, [S][H_s]. Given as "3,5,6,7" (every layer alike) or "3,5,6,7;0,1,2,4;..." (one group per
+  selected layer, in order), or as nested lists. `teacher_heads` 0: not known here (stored targets), the
+  range is then checked where the targets arrive (`targets`)."""
+  if isinstance(value, str):
+    value = [group.split(",") for group in value.split(";")] if value.strip() else []
+  if not value and head_map != "pick":
+    return ()
+  if head_map != "pick":
+    raise ConfigError(
+      "transfer.head_pick", f"names teacher heads for head_map 'pick', not {head_map!r}"
+    )
+  try:
+    groups = [tuple(int(h) for h in group) for group in value]
+  except (TypeError, ValueError):
+    raise ConfigError("transfer.head_pick", f"{value!r}: use '3,5,6,7' or '3,5;0,1;...'") from None
+  if not groups:
+    raise ConfigError(
+      "transfer.head_pick", "head_map 'pick' needs the teacher head of each student head"
+    )
+  if len(groups) == 1:
+    groups = groups * layers
+  if len(groups) != layers or any(len(g) != student_heads for g in groups):
+    raise ConfigError(
+      "transfer.head_pick",
+      f"needs {student_heads} teacher heads (one per student head) for each of the {layers} selected "
+      f"layers, or one group for all; got {[len(g) for g in groups]}",
+    )
+  limit = teacher_heads or max(h for g in groups for h in g) + 1
+  if any(not 0 <= h < limit for g in groups for h in g):
+    raise ConfigError("transfer.head_pick", f"teacher heads are 0..{limit - 1}; got {groups}")
+  return tuple(groups)
+
+
+def sharpest_heads(entropy_LH: np.ndarray, teacher_layers: Sequence[int], count: int) -> str:
+  """The `transfer.head_pick` that gives each selected student layer the `count` teacher heads with the
+  lowest mean attention entropy in the teacher layer it reads (`entropy_LH`: [L_t, H_t], e.g.
+  `evaluate.head_entropy`), in the teacher's head order."""
+  picks = [sorted(np.argsort(entropy_LH[t], kind="stable")[:count]) for t in teacher_layers]
+  return ";".join(",".join(str(int(h)) for h in pick) for pick in picks)

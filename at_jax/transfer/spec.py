@@ -62,6 +62,7 @@ class Transfer:
   head_mix_init: str = "mean"  # head_map "learned": where the mix starts (pairing.HEAD_MIX_INITS)
   # The taught maps are softmax(logits / T): sharper below 1, flatter above (`targets._tempered`).
   target_temperature: float = 1.0
+  head_pick: tuple[tuple[int, ...], ...] = ()  # head_map "pick": [S][H_s] teacher heads read
 
   @property
   def active(self) -> bool:
@@ -288,6 +289,9 @@ def resolve(
     teacher_heads,
     head_mix_init=cfg.get("head_mix_init", "mean"),
     target_temperature=_check_temperature(cfg.get("target_temperature", 1.0), what),
+    head_pick=pairing.parse_head_pick(
+      cfg.get("head_pick", ""), head_map, len(layers), student.num_heads, teacher_heads
+    ),
   )
   return (
     t

@@ -46,12 +46,26 @@ def _first_heads(x: Array, axis: int, heads: int) -> Array:
   return x
 
 
+def _picked_heads(x: Array, key: str, pick: tuple[tuple[int, ...], ...]) -> Array:
+  """head_map "pick": for each selected layer s the teacher heads `pick`[s], in order, of `key`'s
+  [S, B, H, N, N] maps or [S, B, N, H, K] q/k."""
+  axis = 2 if key == "attn_logits" else 3
+  if max(max(g) for g in pick) >= x.shape[axis]:
+    raise ConfigError("transfer.head_pick", f"{pick}: the teacher has {x.shape[axis]} heads")
+  index = np.asarray(pick).reshape(
+    (len(pick), 1) + (1,) * (axis - 2) + (-1,) + (1,) * (x.ndim - axis - 1)
+  )
+  return jnp.take_along_axis(x, jnp.asarray(index), axis=axis)
+
+
 def _to_student_heads(targets: Targets, transfer: spec.Transfer) -> Targets:
   """The teacher's targets at the student's head count (`transfer.head_map`, see `pairing.HEAD_MAPS`):
   "first" picks heads of maps or of q and k; "group" and "mean" mix probability maps (rows stay
   distributions) and hand them over as log-probabilities, which are logits of exactly those maps."""
   if transfer.head_map in ("same", "learned"):  # learned: mixed in the step by the student's param
     return targets
+  if transfer.head_map == "pick":
+    return {k: _picked_heads(v, k, transfer.head_pick) for k, v in targets.items()}
   mix = transfer.head_mixing()
   adapted = dict(targets)
   for key, value in targets.items():

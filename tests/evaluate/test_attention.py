@@ -24,6 +24,24 @@ def test_agreement_identical_and_different():
   assert other["jsd"][0] == pytest.approx(ref.mean(), rel=1e-4)
 
 
+def test_head_entropy_is_each_heads_mean_entropy():
+  """[L, H] against numpy; scaled weights give peaked maps, which rank the heads apart."""
+  model = vit.build({"variant": "Pico/7", "num_classes": 10})
+  images = jax.random.normal(jax.random.key(0), (2, 28, 28, 3))
+  params = jax.tree.map(
+    lambda x: 3 * x, model.init(jax.random.key(1), images, train=False)["params"]
+  )
+  got = evaluate.head_entropy(model, params, images)
+  _, out = model.apply({"params": params}, images, train=False)
+  logits = np.asarray(out["attn_logits"], np.float64)  # [L, B, H, N, N]
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  want = -(p * np.log(p)).sum(-1).mean(axis=(1, 3))
+  assert got.shape == (model.depth, model.num_heads)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert np.all(got < np.log(17)) and np.ptp(got) > 0.01
+
+
 def test_query_maps_and_figure(tmp_path):
   model = vit.build({"variant": "Pico/7", "num_classes": 10, "num_registers": 2})
   images = jax.random.normal(jax.random.key(0), (2, 28, 28, 3))

@@ -9,7 +9,7 @@ import pytest
 
 from at_jax.errors import ConfigError
 from at_jax.models import vit
-from at_jax.transfer import loss, pairing, targets
+from at_jax.transfer import loss, pairing, spec, targets
 from tests.transfer.conftest import build_model, resolve_distill
 
 
@@ -119,9 +119,11 @@ def test_resolved_pairs_and_errors(shapes):
 
 def _reference_loss(t_logits_LBHNN, s_logits_LBHNN, pairs, mix, weight=3.0):
   """numpy: weight * sum over (student, teacher) layer pairs of the mean over batch, heads and queries
-  of -sum_j p_j log q_j, p the teacher maps mixed by `mix` [H_s, H_t] (or picked: a one-hot mix)."""
+  of -sum_j p_j log q_j, p the teacher maps mixed by `mix` [H_s, H_t] (or picked: a one-hot mix), or by
+  one mix per pair (a list)."""
   total = 0.0
-  for s_layer, t_layer in pairs:
+  mixes = mix if isinstance(mix, list) else [mix] * len(pairs)
+  for (s_layer, t_layer), mix in zip(pairs, mixes, strict=True):
     t = np.asarray(t_logits_LBHNN[t_layer], np.float64)
     p_t = np.exp(t - t.max(-1, keepdims=True))
     p_t /= p_t.sum(-1, keepdims=True)
@@ -156,12 +158,81 @@ def test_cross_shape_loss_equals_the_numpy_reference(shapes, head_map, layer_map
   if mix is None:  # "first": student head h reads teacher head h
     mix = np.eye(student.num_heads, teacher.num_heads)
   expected = _reference_loss(
-    t_out["attn_logits"], s_out["attn_logits"], zip(t.layers, t.teacher_layers), mix
+    t_out["attn_logits"], s_out["attn_logits"], list(zip(t.layers, t.teacher_layers)), mix
   )
   np.testing.assert_allclose(loss.distill_loss(s_out, handed, t), expected, rtol=2e-5)
   if loss_impl == "direct":  # the reference formula's path: the student's stacked maps
     stacked = {"attn_logits": s_out["attn_logits"]}
     np.testing.assert_allclose(loss.distill_loss(stacked, handed, t), expected, rtol=2e-5)
+
+
+@pytest.mark.parametrize("loss_impl", ["direct", "blockwise", "pallas"])
+def test_picked_heads_equal_the_numpy_reference(shapes, loss_impl):
+  """head_map "pick": student head h of selected layer s reads teacher head head_pick[s][h] (any heads,
+  repeats too), from the maps or streamed from q and k; one group serves every layer."""
+  student, teacher, sp, tp, images = shapes
+  pick = "3,1;0,2;2,2;1,0"
+  t = resolve_distill(
+    student, teacher, layer_map="uniform", head_map="pick", head_pick=pick, loss_impl=loss_impl
+  )
+  assert t.head_pick == ((3, 1), (0, 2), (2, 2), (1, 0)) and t.target_keys == ("q", "k")
+  _, t_out = teacher.apply({"params": tp}, images, train=False)
+  handed = targets.run_teacher(teacher, tp, images, t)
+  _, s_out = student.apply(
+    {"params": sp}, images, train=False, attn_target=targets.attn_target(handed, t)
+  )
+  mixes = [np.eye(teacher.num_heads)[list(group)] for group in t.head_pick]
+  pairs = list(zip(t.layers, t.teacher_layers))
+  expected = _reference_loss(t_out["attn_logits"], s_out["attn_logits"], pairs, mixes)
+  np.testing.assert_allclose(loss.distill_loss(s_out, handed, t), expected, rtol=2e-5)
+  one = resolve_distill(student, teacher, layer_map="uniform", head_map="pick", head_pick="0,1")
+  first = resolve_distill(student, teacher, layer_map="uniform", head_map="first")
+  assert one.head_pick == ((0, 1),) * 4
+  np.testing.assert_allclose(
+    loss.distill_loss(s_out, targets.run_teacher(teacher, tp, images, one), one),
+    loss.distill_loss(s_out, targets.run_teacher(teacher, tp, images, first), first),
+    rtol=1e-6,
+  )
+
+
+@pytest.mark.parametrize(
+  "cfg,match",
+  [
+    ({"head_map": "first", "head_pick": "0,1"}, "for head_map 'pick'"),
+    ({"head_map": "pick"}, "needs the teacher head"),
+    ({"head_map": "pick", "head_pick": "0,1,2"}, "needs 2 teacher heads"),
+    ({"head_map": "pick", "head_pick": "0,1;2,3"}, "each of the 4 selected"),
+    ({"head_map": "pick", "head_pick": "0,4"}, "teacher heads are 0..3"),
+    ({"head_map": "pick", "head_pick": "a,b"}, "use '3,5,6,7'"),
+  ],
+)
+def test_a_bad_head_pick_names_its_field(shapes, cfg, match):
+  student, teacher, *_ = shapes
+  with pytest.raises(ConfigError, match=match) as e:
+    resolve_distill(student, teacher, layer_map="uniform", **cfg)
+  assert e.value.field == "transfer.head_pick", e.value
+
+
+def test_picks_out_of_the_stored_targets_range_are_refused(shapes):
+  """Without a teacher (stored targets) the pick's range is checked where the targets arrive."""
+  student, teacher, _, tp, images = shapes
+  t = spec.resolve(
+    {"mode": "distill", "source": "precomputed", "head_map": "pick", "head_pick": "0,7"},
+    student,
+    None,
+    16,
+  )
+  _, t_out = teacher.apply({"params": tp}, images, train=False)
+  stored = {"teacher_attn_logits": jnp.swapaxes(t_out["attn_logits"][:4], 0, 1)}
+  with pytest.raises(ConfigError, match="the teacher has 4 heads") as e:
+    targets.precomputed_targets(stored, t)
+  assert e.value.field == "transfer.head_pick"
+
+
+def test_sharpest_heads_by_hand():
+  entropy_LH = np.array([[2.0, 1.0, 3.0, 0.5], [0.1, 0.2, 0.3, 0.4]])
+  assert pairing.sharpest_heads(entropy_LH, (0, 1, 1), 2) == "1,3;0,1;0,1"
+  assert pairing.sharpest_heads(-entropy_LH, (0,), 3) == "0,1,2"  # the flattest, by negation
 
 
 def test_a_student_with_more_heads_than_its_teacher(shapes):
