@@ -18,6 +18,9 @@ Two settings change only the taught maps' temperature (`transfer.target_temperat
 what the first settings only correlated (sharper taught maps, higher top-1): the flattest maps, `mean`'s,
 sharpened (T = 1/2), and the best, the same-shape teacher's, flattened (T = 2) and sharpened (T = 1/2):
 whether the teacher's own sharpness (T = 1, the paper's) is where more sharpness stops helping.
+Which teacher heads to keep (`transfer.head_map=pick`), added when the sharpness test found that
+averaging heads loses what no temperature restores: the sharpest 4 of 8 per layer, and the flattest as
+the control, against `first` (heads 0-3).
 `merge` is left out: for 8 teacher heads into 4 it is one round of adjacent pairs averaged, which is
 `group` exactly (tests/transfer/test_pairing.py).
 """
@@ -40,6 +43,12 @@ EPOCHS, EVAL_EVERY_EPOCHS = 10, 5
 DATA = {"data.train_split": "train[:10000]"}
 DISTILL = {"transfer.mode": "distill"}  # the demo's layers 0-3 of 6 (end_layer:-2)
 DEEP, SAME = "deep", "same"  # which teacher a setting reads
+# head_map "pick": per distilled layer (reading teacher layers 1, 3, 5, 7), the 4 of the deep teacher's 8
+# heads with the lowest (SHARPEST) and highest (FLATTEST) mean attention entropy on the first 512
+# training images (`job.sharpest_teacher_heads`; the flattest by negated entropy). Written out so that
+# the runs' configs need no teacher to build; tests/projects/test_cross_shape.py derives them again.
+SHARPEST = "1,2,4,5;0,1,2,4;0,1,3,4;0,3,6,7"
+FLATTEST = "0,3,6,7;3,5,6,7;2,5,6,7;1,2,4,5"
 
 # name -> (student variant, teacher, overrides, seeds)
 Setting = tuple[str, str | None, dict[str, Any], int]
@@ -50,7 +59,9 @@ GROUPS: dict[str, dict[str, Setting]] = {
     "uniform_group": ("Mini/7", DEEP, {**DISTILL, "transfer.layer_map": "uniform", "transfer.head_map": "group"}, 3),
     "uniform_learned": ("Mini/7", DEEP, {**DISTILL, "transfer.layer_map": "uniform", "transfer.head_map": "learned"}, 3),
     "uniform_learned_group": ("Mini/7", DEEP, {**DISTILL, "transfer.layer_map": "uniform", "transfer.head_map": "learned", "transfer.head_mix_init": "group"}, 3),
-    "uniform_first": ("Mini/7", DEEP, {**DISTILL, "transfer.layer_map": "uniform", "transfer.head_map": "first"}, 2),
+    "uniform_first": ("Mini/7", DEEP, {**DISTILL, "transfer.layer_map": "uniform", "transfer.head_map": "first"}, 3),
+    "uniform_sharpest": ("Mini/7", DEEP, {**DISTILL, "transfer.layer_map": "uniform", "transfer.head_map": "pick", "transfer.head_pick": SHARPEST}, 3),
+    "uniform_flattest": ("Mini/7", DEEP, {**DISTILL, "transfer.layer_map": "uniform", "transfer.head_map": "pick", "transfer.head_pick": FLATTEST}, 3),
     "uniform_mean": ("Mini/7", DEEP, {**DISTILL, "transfer.layer_map": "uniform", "transfer.head_map": "mean"}, 3),
     "uniform_mean_sharp": ("Mini/7", DEEP, {**DISTILL, "transfer.layer_map": "uniform", "transfer.head_map": "mean", "transfer.target_temperature": 0.5}, 3),
     "same_shape_flat": ("Mini/7", SAME, {**DISTILL, "transfer.target_temperature": 2.0}, 3),

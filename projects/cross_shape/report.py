@@ -37,6 +37,8 @@ FINDINGS = {
     ("sharpening the mean maps (target_temperature 0.5) helps", "uniform_mean_sharp", "uniform_mean"),
     ("flattening the same-shape teacher's maps (target_temperature 2) hurts", "same_shape", "same_shape_flat"),
     ("sharpening the same-shape teacher's maps (target_temperature 0.5) helps", "same_shape_sharp", "same_shape"),
+    ("the sharpest 4 teacher heads (head_map=pick) beat the first 4", "uniform_sharpest", "uniform_first"),
+    ("... and the flattest 4", "uniform_sharpest", "uniform_flattest"),
   ],
   "finer": [
     ("resampled maps from a coarser teacher beat scratch", "resample_keep", "scratch"),

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from at_jax import checkpoint
+from at_jax.experiment import job as run_job
 from at_jax.experiment import teachers, validation
 from at_jax.experiment.paths import EXPORT_DIR
 from at_jax.models import vit
@@ -177,3 +178,14 @@ def test_tempered_settings_point_at_the_maps_they_temper():
   assert report.untempered("deeper", "same_shape_sharp") == "same_shape"
   assert report.untempered("deeper", "uniform_mean_sharp") == "uniform_mean"
   assert report.untempered("deeper", "uniform_mean") is None
+
+
+def test_the_picked_heads_are_the_teachers_sharpest_and_flattest(tmp_path):
+  """plan.SHARPEST and FLATTEST are what job.sharpest_teacher_heads finds in the committed deep teacher
+  on the first 512 Fashion-MNIST training images, for the layers `uniform` reads."""
+  workdir = str(tmp_path)
+  report.restore_teacher(os.path.join(os.path.dirname(plan.__file__), "results"), workdir)
+  config = plan.student_config(workdir, "deeper", "uniform_first", 0)
+  run_dir = os.path.join(workdir, "deeper/uniform_first/seed0")
+  assert run_job.sharpest_teacher_heads(config, run_dir) == plan.SHARPEST
+  assert run_job.sharpest_teacher_heads(config, run_dir, flattest=True) == plan.FLATTEST
