@@ -37,6 +37,9 @@ HPARAM_RANGES = {
   "ema_decay": (0, True, 1, False),
 }
 _HPARAM_NOTES = {"layer_decay": " (1: no layer decay)", "grad_clip": " (0: no clipping)"}
+# MAE's AdamW constants with no layer decay, for callers without a config whose subject is not the
+# optimizer (benchmarks' steps, tests): `make_optimizer(params, schedule=..., depth=..., **MAE_ADAMW)`.
+MAE_ADAMW = dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05, layer_decay=1.0)
 
 
 def check_hparams(**values: float) -> None:

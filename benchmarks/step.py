@@ -112,14 +112,7 @@ def _state(
   )
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), ones, train=False))
   tx = optim.make_optimizer(
-    abstract["params"],
-    schedule=schedule,
-    b1=0.9,
-    b2=0.95,
-    eps=1e-8,
-    weight_decay=0.05,
-    layer_decay=1.0,
-    depth=model.depth,
+    abstract["params"], schedule=schedule, depth=model.depth, **optim.MAE_ADAMW
   )
   state, shardings = train_state.create_sharded_state(
     lambda r: train_step.init_state(model, tx, r, image_size), jax.random.key(0), mesh

@@ -61,16 +61,7 @@ def _abstract_state(model, size: int):
   schedule = optim.make_schedule(
     base_lr=1e-4, batch_size=FLAGS.batch, warmup_steps=1, total_steps=10, min_lr=0.0
   )
-  tx = optim.make_optimizer(
-    abstract,
-    schedule=schedule,
-    b1=0.9,
-    b2=0.95,
-    eps=1e-8,
-    weight_decay=0.05,
-    layer_decay=1.0,
-    depth=model.depth,
-  )
+  tx = optim.make_optimizer(abstract, schedule=schedule, depth=model.depth, **optim.MAE_ADAMW)
   state = jax.eval_shape(
     lambda r, m=model, s=size: train_step.init_state(m, tx, r, s), jax.random.key(0)
   )

@@ -106,7 +106,7 @@ def adamw(params, *, depth=0, schedule=None, **hparams):
 
   from at_jax import optim  # pylint: disable=import-outside-toplevel  # After the XLA flags above.
 
-  settings = dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05, layer_decay=1.0) | hparams
+  settings = optim.MAE_ADAMW | hparams
   schedule = schedule or optax.constant_schedule(1e-3)
   return optim.make_optimizer(params, schedule=schedule, depth=depth, **settings)
 
