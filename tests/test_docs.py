@@ -30,8 +30,9 @@ RUN_BY_TESTS = {
   "python examples/own_flax_model.py": "tests/test_examples.py",
   "python -m projects.": "tests/projects/ (their plans validated; chunks run by hand)",
   "python launch/precompute.py": "tests/experiment/test_precompute.py (precompute.run)",
-  "python launch/evaluate.py": "tests/launch/test_evaluate.py",
-  "python launch/attention_maps.py": "tests/launch/test_attention_maps.py",
+  "python launch/evaluate.py": "tests/evaluate/test_evaluate_command.py",
+  "python launch/attention_maps.py": "tests/evaluate/test_similarity.py",
+  "python launch/teacher_heads.py": "tests/launch/test_teacher_heads.py",
   "git ": "(version control)",
   "pip install": "launch/setup.sh (CI)",
 }
@@ -130,6 +131,14 @@ def test_every_command_shown_is_checked_or_says_what_it_needs(page, monkeypatch)
     f"{page.relative_to(ROOT)}: commands no test runs or parses; add them to a test (RUN_BY_TESTS) "
     f"or end them with '# needs: <what CI lacks>': {unchecked}"
   )
+
+
+def test_the_tests_said_to_run_the_commands_exist():
+  """RUN_BY_TESTS names test files and folders that exist (two it named had moved)."""
+  named = {
+    path for says in RUN_BY_TESTS.values() for path in re.findall(r"\S+\.py|\S+/(?=[ ,]|$)", says)
+  }
+  assert named and sorted(p for p in named if not (ROOT / p).exists()) == []
 
 
 def test_a_command_naming_a_field_the_config_lacks_fails_the_check(monkeypatch):

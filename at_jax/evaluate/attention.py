@@ -46,6 +46,23 @@ def head_entropy(model: Any, params: Any, images_BHWC: Any) -> np.ndarray:
   return np.asarray(-(jnp.exp(log_p) * log_p).sum(-1).mean(axis=(1, 3)))
 
 
+def format_head_entropy(
+  entropy_LH: np.ndarray, teacher_layers: Sequence[int], picks: Mapping[str, str]
+) -> str:
+  """`head_entropy` as a table, one row per teacher layer read (the student's distilled layers' order),
+  one column per head, then each of `picks` (name: a `transfer.head_pick` string, one group per row)
+  as a column of the heads it picks."""
+  heads = entropy_LH.shape[1]
+  groups = {name: pick.split(";") for name, pick in picks.items()}
+  header = ["teacher layer"] + [f"head {h}" for h in range(heads)] + list(picks)
+  rows = [
+    [str(t)] + [f"{e:.3f}" for e in entropy_LH[t]] + [groups[name][s] for name in picks]
+    for s, t in enumerate(teacher_layers)
+  ]
+  widths = [max(len(row[c]) for row in [header, *rows]) for c in range(len(header))]
+  return "\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in [header, *rows])
+
+
 def query_maps(logits_LBHNN: Array, *, num_prefix: int, query: int = 0) -> np.ndarray:
   """Attention of one query token over the patch tokens, head-averaged, as grids [L, B, g, g]."""
   probs = jax.nn.softmax(logits_LBHNN.astype(jnp.float32), axis=-1)[:, :, :, query, num_prefix:]

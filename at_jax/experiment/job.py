@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from at_jax import checkpoint, metrics, storage
 from at_jax.data import options, pipeline, sources
@@ -200,25 +201,34 @@ def attention_agreement(
   return {"student": taught}
 
 
-def sharpest_teacher_heads(
-  config: ml_collections.ConfigDict, workdir: str, num_images: int = 512, *, flattest: bool = False
-) -> str:
-  """The `transfer.head_pick` (head_map "pick") that gives each distilled student head one of the
-  sharpest heads of the teacher layer it reads: per layer, the student's head count of teacher heads
-  with the lowest mean attention entropy on the first `num_images` training images (eval view), in the
-  teacher's head order (`pairing.sharpest_heads`); `flattest`: the highest instead (a control).
-  Deterministic for a teacher and data; write the string into the config, so that the run's identity
-  holds it."""
+def teacher_head_entropy(
+  config: ml_collections.ConfigDict, workdir: str, num_images: int = 512
+) -> tuple[np.ndarray, tuple[int, ...], int]:
+  """How sharp each teacher head is, for choosing `transfer.head_pick`: (the teacher's [L_t, H_t] mean
+  attention entropy over keys on the first `num_images` training images in the eval view,
+  `evaluate.head_entropy`; the teacher layers the distilled student layers read, in order; the
+  student's head count). The images reach the teacher as in training (`targets.run_teacher`)."""
   teacher_config, params = load_teacher(config, workdir)
   teacher, student = vit.build(teacher_config), vit.build(teachers.model_config(config, workdir))
-  first = {**config.transfer.to_dict(), "head_map": "first", "head_pick": ""}
+  first = {**config.transfer.to_dict(), "head_map": "first", "head_pick": ""}  # layers, not heads
   size = teachers.teacher_image_size(config) or config.data.image_size
   transfer = transfer_spec.resolve(
     first, student, teacher, config.data.image_size, teacher_image_size=size
   )
   images = eval_images(config, workdir, num_images, "data.train_split")
-  if size != images.shape[1]:  # the teacher sees the images as in training (`targets.run_teacher`)
+  if size != images.shape[1]:
     images = jax.image.resize(images, (images.shape[0], size, size, images.shape[3]), "bilinear")
   entropy_LH = evaluate.head_entropy(teacher, params, images)
-  ranked_LH = -entropy_LH if flattest else entropy_LH
-  return pairing.sharpest_heads(ranked_LH, transfer.teacher_layers, student.num_heads)
+  return entropy_LH, transfer.teacher_layers, student.num_heads
+
+
+def sharpest_teacher_heads(
+  config: ml_collections.ConfigDict, workdir: str, num_images: int = 512, *, flattest: bool = False
+) -> str:
+  """The `transfer.head_pick` (head_map "pick") that gives each distilled student head one of the
+  sharpest heads of the teacher layer it reads: per layer, the student's head count of teacher heads
+  with the lowest `teacher_head_entropy`, in the teacher's head order (`pairing.sharpest_heads`);
+  `flattest`: the highest instead (a control). Deterministic for a teacher and data; write the string
+  into the config, so that the run's identity holds it (launch/teacher_heads.py prints it)."""
+  entropy_LH, teacher_layers, heads = teacher_head_entropy(config, workdir, num_images)
+  return pairing.sharpest_heads(-entropy_LH if flattest else entropy_LH, teacher_layers, heads)
