@@ -85,6 +85,9 @@ def base() -> ml_collections.ConfigDict:
     # what="attn": the taught maps are softmax(teacher logits / T), mixed maps p^(1/T) renormalised:
     # below 1 sharper, above 1 flatter (1: the teacher's own maps, the paper).
     target_temperature=1.0,
+    # distill: the fraction of training steps that distil; the rest train on labels alone, the teacher
+    # not run (HASTE, arXiv 2505.16792, ends its alignment early). 1.0: every step (the paper).
+    until=1.0,
     # keep: a teacher of another token grid has its cls row/column kept, registers dropped; drop: the
     # loss is over patch rows and patch keys only, both maps renormalised there (HASTE), any grid.
     prefix="keep",

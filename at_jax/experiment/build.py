@@ -49,8 +49,10 @@ def task(
   teacher: vit.ViT | None,
   spec: Transfer,
   lr: optax.Schedule,
+  total_steps: int,
 ) -> Task:
-  """`config.task`: the student ViT on labels (with `spec`'s transfer), or an MAE around it."""
+  """`config.task`: the student ViT on labels (with `spec`'s transfer), or an MAE around it; a
+  distillation with `transfer.until` < 1 distils its first ceil(until x `total_steps`) steps."""
   image_size, o, d = config.data.image_size, config.optim, config.data
   if config.task == "mae":
     module = mae.MAE(encoder=vit.model_fields(model), **config.mae.to_dict())
@@ -74,6 +76,7 @@ def task(
     ema_decay=o.ema_decay,
     mix=mix,
     accum_steps=o.accum_steps,
+    distill_steps=math.ceil(spec.until * total_steps) if spec.until < 1 else 0,
   )
 
 

@@ -97,7 +97,7 @@ def setup(
   else:
     teacher, teacher_params, spec = teachers.teacher_on_mesh(config, workdir, model, mesh)
   lr, total = build.schedule(config, len(train_source))
-  task = build.task(config, model, teacher, spec, lr)
+  task = build.task(config, model, teacher, spec, lr, total)
   tx = build.optimizer(config, task, lr, model.depth)
   step_fn, eval_fn = task.make_steps(tx)
   return Run(

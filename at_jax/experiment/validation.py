@@ -344,8 +344,8 @@ def _check_memory(
   num_examples: int,
 ) -> str:
   """The start-up memory estimate against one device's memory (host RAM on CPU), from shapes."""
-  lr, _ = build.schedule(config, num_examples)
-  task = build.task(config, model, teacher, spec, lr)
+  lr, total = build.schedule(config, num_examples)
+  task = build.task(config, model, teacher, spec, lr, total)
   tx = build.optimizer(config, task, lr, model.depth)
   teacher_params = None
   if teacher is not None:  # as teachers.teacher_on_mesh will place it: cut after its last layer

@@ -50,9 +50,10 @@ def classify_task(
   ema_decay: float,
   mix: Mapping[str, float] | None = None,
   accum_steps: int = 1,
+  distill_steps: int = 0,
 ) -> Task:
-  """A ViT classifier trained on labels, with `spec`'s attention transfer from `teacher`; `mix` and
-  `accum_steps` as `classify.make_train_step` takes them."""
+  """A ViT classifier trained on labels, with `spec`'s attention transfer from `teacher`; `mix`,
+  `accum_steps` and `distill_steps` as `classify.make_train_step` takes them."""
 
   def make_steps(tx: optax.GradientTransformation) -> tuple[TrainStep, EvalStep]:
     step = classify.make_train_step(
@@ -65,6 +66,7 @@ def classify_task(
       ema_decay=ema_decay,
       mix=mix,
       accum_steps=accum_steps,
+      distill_steps=distill_steps,
     )
     return step, classify.make_eval_step(model, teacher, spec)
 

@@ -63,6 +63,9 @@ class Transfer:
   # The taught maps are softmax(logits / T): sharper below 1, flatter above (`targets._tempered`).
   target_temperature: float = 1.0
   head_pick: tuple[tuple[int, ...], ...] = ()  # head_map "pick": [S][H_s] teacher heads read
+  # distill: the fraction of training steps that distil (HASTE ends its alignment early); the steps
+  # after train on labels alone, the teacher not run (`classify.make_train_step`).
+  until: float = 1.0
 
   @property
   def active(self) -> bool:
@@ -182,6 +185,21 @@ def _check_temperature(value: Any, what: str) -> float:
   return float(value)
 
 
+def _check_until(value: Any, mode: str) -> float:
+  """`transfer.until` as a fraction in (0, 1]; below 1 only for distillation."""
+  number = isinstance(value, int | float | np.floating) and not isinstance(value, bool)
+  if not number or not 0 < value <= 1:
+    raise ConfigError(
+      "transfer.until", f"the fraction of training that distils, (0, 1]; got {value!r}"
+    )
+  if value < 1 and mode != "distill":
+    raise ConfigError(
+      "transfer.until",
+      f"{value}: copy runs the teacher at every step and at test; only distill stops",
+    )
+  return float(value)
+
+
 def _check_features(mode: str, source: str, heads: Any) -> None:
   """Feature distillation is a distillation of whole block outputs, from a jointly run teacher."""
   if mode != "distill":
@@ -292,6 +310,7 @@ def resolve(
     head_pick=pairing.parse_head_pick(
       cfg.get("head_pick", ""), head_map, len(layers), student.num_heads, teacher_heads
     ),
+    until=_check_until(cfg.get("until", 1.0), mode),
   )
   return (
     t
@@ -352,4 +371,5 @@ def describe(t: Transfer) -> str:
     text += f" <- teacher's {selected(t.teacher_layers)}"
   text += f", heads {selected(t.heads)}" + (f" ({t.head_map})" if t.head_map != "same" else "")
   sharpness = f", maps at T={t.target_temperature:g}" if t.target_temperature != 1 else ""
-  return f"{text}, weight {t.weight}{sharpness}"
+  until = f", for the first {t.until:.0%} of steps" if t.until < 1 else ""
+  return f"{text}, weight {t.weight}{sharpness}{until}"

@@ -74,6 +74,29 @@ def test_interrupted_run_resumes_exactly(tmp_path, teacher_export, tiny_config):
   assert sorted(os.listdir(os.path.join(interrupted, "checkpoints"))) == ["2", "4"]
 
 
+def test_a_distillation_stopped_half_way_resumes_exactly_across_the_switch(
+  tmp_path, teacher_export, tiny_config
+):
+  """transfer.until=0.5 of 6 steps: steps 1-3 distil, 4-6 train on labels alone. Killed after the step-2
+  checkpoint, the relaunch crosses the switch where the straight run did, bitwise."""
+  c = tiny_config(steps=6, mode="distill", layers="first:1", until=0.5)
+  c.teacher.init = teacher_export
+  straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+  loop.train_and_evaluate(c, straight)
+  loop.train_and_evaluate(c, interrupted)
+  # Killed after the step-2 checkpoint: the later ones and the export never happened.
+  for step in ("4", "6"):
+    shutil.rmtree(os.path.join(interrupted, "checkpoints", step))
+  shutil.rmtree(os.path.join(interrupted, paths.EXPORT_DIR))
+  loop.train_and_evaluate(c, interrupted)
+  _, a = checkpoint.load_params(os.path.join(straight, paths.EXPORT_DIR))
+  _, b = checkpoint.load_params(os.path.join(interrupted, paths.EXPORT_DIR))
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  lines = metrics.read_jsonl(os.path.join(straight, "metrics.jsonl"))
+  distill = {x["step"]: x["train/distill_loss"] for x in lines if "train/loss" in x}
+  assert distill[2] > 0 and distill[4] == distill[6] == 0, distill
+
+
 @pytest.mark.slow
 def test_evaluate_checkpoint_reproduces_logged_eval(teacher_export, tiny_config):
   workdir = os.path.dirname(teacher_export)

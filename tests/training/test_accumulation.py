@@ -201,8 +201,8 @@ def test_memory_estimate_counts_one_micro_batch(tiny_config, tmp_path):
     model = vit.build(teachers.model_config(config, str(tmp_path)))
     spec = transfer_spec.resolve({"mode": "none"}, model, None, config.data.image_size)
     mesh = sharding.make_mesh(4, 2)
-    lr, _ = build.schedule(config, 320)
-    task = build.task(config, model, None, spec, lr)
+    lr, total = build.schedule(config, 320)
+    task = build.task(config, model, None, spec, lr, total)
     tx = build.optimizer(config, task, lr, model.depth)
     return memory.estimate(config, mesh, model, spec, build.init_fn(task, tx), None)
 
@@ -231,8 +231,8 @@ def test_memory_estimate_counts_a_teacher_of_another_shapes_maps(
   teacher = vit.build({"variant": "Pico/7", "num_classes": 0, **teacher_fields})
   spec = transfer_spec.resolve(config.transfer, student, teacher, config.data.image_size)
   mesh = sharding.make_mesh(4, 2)
-  lr, _ = build.schedule(config, 320)
-  task = build.task(config, student, teacher, spec, lr)
+  lr, total = build.schedule(config, 320)
+  task = build.task(config, student, teacher, spec, lr, total)
   tx = build.optimizer(config, task, lr, student.depth)
   found = memory.estimate(config, mesh, student, spec, build.init_fn(task, tx), None)
   examples = config.data.batch_size // mesh.size
