@@ -21,6 +21,9 @@ whether the teacher's own sharpness (T = 1, the paper's) is where more sharpness
 Which teacher heads to keep (`transfer.head_map=pick`), added when the sharpness test found that
 averaging heads loses what no temperature restores: the sharpest 4 of 8 per layer, and the flattest as
 the control, against `first` (heads 0-3).
+When to stop distilling (`transfer.until`: the first fraction of training distils, the rest trains on
+labels alone with no teacher run), added after HASTE's report that ending the alignment early helps: the
+same-shape teacher's distillation stopped half-way and a quarter of the way.
 `merge` is left out: for 8 teacher heads into 4 it is one round of adjacent pairs averaged, which is
 `group` exactly (tests/transfer/test_pairing.py).
 """
@@ -66,6 +69,8 @@ GROUPS: dict[str, dict[str, Setting]] = {
     "uniform_mean_sharp": ("Mini/7", DEEP, {**DISTILL, "transfer.layer_map": "uniform", "transfer.head_map": "mean", "transfer.target_temperature": 0.5}, 3),
     "same_shape_flat": ("Mini/7", SAME, {**DISTILL, "transfer.target_temperature": 2.0}, 3),
     "same_shape_sharp": ("Mini/7", SAME, {**DISTILL, "transfer.target_temperature": 0.5}, 3),
+    "same_shape_until_half": ("Mini/7", SAME, {**DISTILL, "transfer.until": 0.5}, 3),
+    "same_shape_until_quarter": ("Mini/7", SAME, {**DISTILL, "transfer.until": 0.25}, 3),
     "last_group": ("Mini/7", DEEP, {**DISTILL, "transfer.layer_map": "last", "transfer.head_map": "group"}, 2),
   },
   "finer": {

@@ -39,6 +39,9 @@ FINDINGS = {
     ("sharpening the same-shape teacher's maps (target_temperature 0.5) helps", "same_shape_sharp", "same_shape"),
     ("the sharpest 4 teacher heads (head_map=pick) beat the first 4", "uniform_sharpest", "uniform_first"),
     ("... and the flattest 4", "uniform_sharpest", "uniform_flattest"),
+    ("stopping distillation half-way (transfer.until 0.5) beats distilling throughout", "same_shape_until_half", "same_shape"),
+    ("... a quarter of the way (transfer.until 0.25)", "same_shape_until_quarter", "same_shape"),
+    ("... which still beats scratch", "same_shape_until_quarter", "scratch"),
   ],
   "finer": [
     ("resampled maps from a coarser teacher beat scratch", "resample_keep", "scratch"),
@@ -271,9 +274,12 @@ def plot(runs: Mapping[str, Any], path: str) -> None:
 
 
 def sharpness(runs: Mapping[str, Any], group: str) -> dict[str, tuple[float, float]]:
-  """{setting: (mean entropy of its taught maps, mean top-1)} of the group's settings that have both."""
+  """{setting: (mean entropy of its taught maps, mean top-1)} of the group's settings that have both
+  and distil throughout (a setting that stops early, `transfer.until`, is not taught its maps to the end)."""
   found = {}
-  for setting in plan.GROUPS[group]:
+  for setting, (_, _, overrides, _) in plan.GROUPS[group].items():
+    if overrides.get("transfer.until", 1.0) < 1:
+      continue
     seeds = [r for p, r in runs.items() if p.startswith(f"{group}/{setting}/") and "taught" in r]
     if seeds:
       entropy = float(np.mean([r["taught"]["entropy"] for r in seeds]))

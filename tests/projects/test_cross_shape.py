@@ -171,6 +171,16 @@ def test_learned_mix_reads_the_mix_the_last_checkpoint_holds(tmp_path):
   assert report.learned_mix(workdir, "deeper/uniform_group/seed0") is None
 
 
+def test_the_sharpness_correlation_leaves_out_students_that_stop_distilling_early():
+  """A student taught its maps for part of training (transfer.until) is not a point of the sharpness
+  correlation: its maps were not the target to the end."""
+  runs = {
+    f"deeper/{setting}/seed0": {"top1": 75.0, "taught": {"entropy": 2.5, "kl": 0.1}}
+    for setting in ("same_shape", "same_shape_until_half", "uniform_first")
+  }
+  assert sorted(report.sharpness(runs, "deeper")) == ["same_shape", "uniform_first"]
+
+
 def test_tempered_settings_point_at_the_maps_they_temper():
   """The plot's arrows: each target_temperature setting's untempered twin has the same student, teacher
   and other overrides; settings at the teacher's temperature have none."""
