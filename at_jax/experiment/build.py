@@ -76,7 +76,7 @@ def task(
     ema_decay=o.ema_decay,
     mix=mix,
     accum_steps=o.accum_steps,
-    distill_steps=math.ceil(spec.until * total_steps) if spec.until < 1 else 0,
+    distill_steps=spec.distill_steps(total_steps),
   )
 
 

@@ -15,6 +15,7 @@ override or attention target), the distillation loss in `loss`.
 """
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -70,6 +71,10 @@ class Transfer:
   @property
   def active(self) -> bool:
     return self.mode != "none"
+
+  def distill_steps(self, total_steps: int) -> int:
+    """`transfer.until` in steps: how many steps, from the first, distil (0: every step)."""
+    return math.ceil(self.until * total_steps) if self.until < 1 else 0
 
   @property
   def teacher_depth(self) -> int:

@@ -75,7 +75,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, teacher_export, tiny_config):
 
 
 def test_a_distillation_stopped_half_way_resumes_exactly_across_the_switch(
-  tmp_path, teacher_export, tiny_config
+  tmp_path, teacher_export, tiny_config, capsys
 ):
   """transfer.until=0.5 of 6 steps: steps 1-3 distil, 4-6 train on labels alone. Killed after the step-2
   checkpoint, the relaunch crosses the switch where the straight run did, bitwise."""
@@ -83,6 +83,7 @@ def test_a_distillation_stopped_half_way_resumes_exactly_across_the_switch(
   c.teacher.init = teacher_export
   straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
   loop.train_and_evaluate(c, straight)
+  assert "for the first 50% of steps (steps 1-3, then labels alone)" in capsys.readouterr().out
   loop.train_and_evaluate(c, interrupted)
   # Killed after the step-2 checkpoint: the later ones and the export never happened.
   for step in ("4", "6"):

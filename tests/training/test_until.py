@@ -80,3 +80,4 @@ def test_a_bad_until_names_the_field(mode, until, says):
   assert e.value.field == "transfer.until"
   half = spec.resolve({**cfg, "mode": "distill", "until": 0.5}, student, teacher, S)
   assert half.until == 0.5 and "for the first 50% of steps" in spec.describe(half)
+  assert (half.distill_steps(7), spec.Transfer().distill_steps(7)) == (4, 0)  # ceil; 0: every step
