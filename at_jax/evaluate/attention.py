@@ -38,25 +38,42 @@ def attention_agreement(
   }
 
 
-def head_entropy(model: Any, params: Any, images_BHWC: Any) -> np.ndarray:
-  """[L, H]: each layer's and head's attention entropy (nats) over keys, averaged over the images and
-  query tokens; low is sharp (`pairing.sharpest_heads` ranks teacher heads by it)."""
+# `head_statistics`' measures, as the tables of launch/teacher_heads.py name them.
+HEAD_STATISTICS = {
+  "entropy": "attention entropy over keys (nats; low is sharp)",
+  "self": "attention mass on the query's own token",
+  "prefix": "attention mass on the prefix tokens (cls, registers)",
+}
+
+
+def head_statistics(model: Any, params: Any, images_BHWC: Any) -> dict[str, np.ndarray]:
+  """Per layer and head, [L, H], averaged over the images and query tokens (`HEAD_STATISTICS`): how
+  sharp each head is, and how much of its mass sits on the query itself or on the prefix tokens. A sharp
+  head whose mass sits there (an attention sink) says little about where in the image to look, which
+  entropy alone does not show (`pairing.sharpest_heads` ranks by entropy)."""
   _, out = model.apply({"params": params}, jnp.asarray(images_BHWC), train=False)
   log_p = jax.nn.log_softmax(out["attn_logits"].astype(jnp.float32), -1)  # [L, B, H, N, N]
-  return np.asarray(-(jnp.exp(log_p) * log_p).sum(-1).mean(axis=(1, 3)))
+  p = jnp.exp(log_p)
+  per_query = {
+    "entropy": -(p * log_p).sum(-1),
+    "self": jnp.diagonal(p, axis1=-2, axis2=-1),
+    "prefix": p[..., : model.num_prefix].sum(-1),
+  }
+  return {k: np.asarray(v.mean(axis=(1, 3))) for k, v in per_query.items()}
 
 
-def format_head_entropy(
-  entropy_LH: np.ndarray, teacher_layers: Sequence[int], picks: Mapping[str, str]
+def format_heads(
+  values_LH: np.ndarray, teacher_layers: Sequence[int], picks: Mapping[str, str] | None = None
 ) -> str:
-  """`head_entropy` as a table, one row per teacher layer read (the student's distilled layers' order),
-  one column per head, then each of `picks` (name: a `transfer.head_pick` string, one group per row)
-  as a column of the heads it picks."""
-  heads = entropy_LH.shape[1]
+  """A `head_statistics` measure as a table, one row per teacher layer read (the student's distilled
+  layers' order), one column per head, then each of `picks` (name: a `transfer.head_pick` string, one
+  group per row) as a column of the heads it picks."""
+  picks = picks or {}
+  heads = values_LH.shape[1]
   groups = {name: pick.split(";") for name, pick in picks.items()}
   header = ["teacher layer"] + [f"head {h}" for h in range(heads)] + list(picks)
   rows = [
-    [str(t)] + [f"{e:.3f}" for e in entropy_LH[t]] + [groups[name][s] for name in picks]
+    [str(t)] + [f"{v:.3f}" for v in values_LH[t]] + [groups[name][s] for name in picks]
     for s, t in enumerate(teacher_layers)
   ]
   widths = [max(len(row[c]) for row in [header, *rows]) for c in range(len(header))]

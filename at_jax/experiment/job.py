@@ -201,13 +201,13 @@ def attention_agreement(
   return {"student": taught}
 
 
-def teacher_head_entropy(
+def teacher_head_statistics(
   config: ml_collections.ConfigDict, workdir: str, num_images: int = 512
-) -> tuple[np.ndarray, tuple[int, ...], int]:
-  """How sharp each teacher head is, for choosing `transfer.head_pick`: (the teacher's [L_t, H_t] mean
-  attention entropy over keys on the first `num_images` training images in the eval view,
-  `evaluate.head_entropy`; the teacher layers the distilled student layers read, in order; the
-  student's head count). The images reach the teacher as in training (`targets.run_teacher`)."""
+) -> tuple[dict[str, np.ndarray], tuple[int, ...], int]:
+  """How each teacher head attends, for choosing `transfer.head_pick`: (the teacher's [L_t, H_t]
+  `evaluate.head_statistics` on the first `num_images` training images in the eval view; the teacher
+  layers the distilled student layers read, in order; the student's head count). The images reach the
+  teacher as in training (`targets.run_teacher`)."""
   teacher_config, params = load_teacher(config, workdir)
   teacher, student = vit.build(teacher_config), vit.build(teachers.model_config(config, workdir))
   first = {**config.transfer.to_dict(), "head_map": "first", "head_pick": ""}  # layers, not heads
@@ -218,8 +218,8 @@ def teacher_head_entropy(
   images = eval_images(config, workdir, num_images, "data.train_split")
   if size != images.shape[1]:
     images = jax.image.resize(images, (images.shape[0], size, size, images.shape[3]), "bilinear")
-  entropy_LH = evaluate.head_entropy(teacher, params, images)
-  return entropy_LH, transfer.teacher_layers, student.num_heads
+  statistics = evaluate.head_statistics(teacher, params, images)
+  return statistics, transfer.teacher_layers, student.num_heads
 
 
 def sharpest_teacher_heads(
@@ -227,8 +227,10 @@ def sharpest_teacher_heads(
 ) -> str:
   """The `transfer.head_pick` (head_map "pick") that gives each distilled student head one of the
   sharpest heads of the teacher layer it reads: per layer, the student's head count of teacher heads
-  with the lowest `teacher_head_entropy`, in the teacher's head order (`pairing.sharpest_heads`);
-  `flattest`: the highest instead (a control). Deterministic for a teacher and data; write the string
-  into the config, so that the run's identity holds it (launch/teacher_heads.py prints it)."""
-  entropy_LH, teacher_layers, heads = teacher_head_entropy(config, workdir, num_images)
+  with the lowest mean attention entropy (`teacher_head_statistics`), in the teacher's head order
+  (`pairing.sharpest_heads`); `flattest`: the highest instead (a control). Deterministic for a teacher
+  and data; write the string into the config, so that the run's identity holds it
+  (launch/teacher_heads.py prints it)."""
+  statistics, teacher_layers, heads = teacher_head_statistics(config, workdir, num_images)
+  entropy_LH = statistics["entropy"]
   return pairing.sharpest_heads(-entropy_LH if flattest else entropy_LH, teacher_layers, heads)

@@ -26,7 +26,7 @@ LAYER_MAPS = ("same", "uniform", "last")
 # merge  SHD's (arXiv 2502.07436) merging of adjacent teacher heads, A = (A_p + A_q) / 2, round after round
 #        (9 -> 5 -> 3), merging in the last round only as many pairs as reach the student's count.
 # pick   student head h of the s-th selected layer reads teacher head `transfer.head_pick`[s][h], heads
-#        chosen by the researcher (e.g. the sharpest: `evaluate.head_entropy`, `sharpest_heads`).
+#        chosen by the researcher (e.g. the sharpest: `evaluate.head_statistics`, `sharpest_heads`).
 # group, mean and merge average probability maps (which stay distributions): they need the teacher's maps, not
 # its q and k, so the streamed losses (`loss_impl`) and q/k/v transfer take same or first only.
 HEAD_MAPS = ("same", "first", "pick", "group", "mean", "merge", "learned")
@@ -310,6 +310,6 @@ def parse_head_pick(
 def sharpest_heads(entropy_LH: np.ndarray, teacher_layers: Sequence[int], count: int) -> str:
   """The `transfer.head_pick` that gives each selected student layer the `count` teacher heads with the
   lowest mean attention entropy in the teacher layer it reads (`entropy_LH`: [L_t, H_t], e.g.
-  `evaluate.head_entropy`), in the teacher's head order."""
+  `evaluate.head_statistics`), in the teacher's head order."""
   picks = [sorted(np.argsort(entropy_LH[t], kind="stable")[:count]) for t in teacher_layers]
   return ";".join(",".join(str(int(h)) for h in pick) for pick in picks)

@@ -24,22 +24,29 @@ def test_agreement_identical_and_different():
   assert other["jsd"][0] == pytest.approx(ref.mean(), rel=1e-4)
 
 
-def test_head_entropy_is_each_heads_mean_entropy():
-  """[L, H] against numpy; scaled weights give peaked maps, which rank the heads apart."""
-  model = vit.build({"variant": "Pico/7", "num_classes": 10})
+def test_head_statistics_against_numpy():
+  """[L, H] entropy, mass on the query's own token and on the prefix (cls and a register) against
+  numpy; scaled weights give peaked maps, which rank the heads apart."""
+  model = vit.build({"variant": "Pico/7", "num_classes": 10, "num_registers": 1})
   images = jax.random.normal(jax.random.key(0), (2, 28, 28, 3))
   params = jax.tree.map(
     lambda x: 3 * x, model.init(jax.random.key(1), images, train=False)["params"]
   )
-  got = evaluate.head_entropy(model, params, images)
+  got = evaluate.head_statistics(model, params, images)
   _, out = model.apply({"params": params}, images, train=False)
   logits = np.asarray(out["attn_logits"], np.float64)  # [L, B, H, N, N]
   p = np.exp(logits - logits.max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)
-  want = -(p * np.log(p)).sum(-1).mean(axis=(1, 3))
-  assert got.shape == (model.depth, model.num_heads)
-  np.testing.assert_allclose(got, want, rtol=1e-5)
-  assert np.all(got < np.log(17)) and np.ptp(got) > 0.01
+  want = {
+    "entropy": -(p * np.log(p)).sum(-1),
+    "self": np.diagonal(p, axis1=-2, axis2=-1),
+    "prefix": p[..., :2].sum(-1),  # cls and the register
+  }
+  assert set(got) == set(want) == set(evaluate.HEAD_STATISTICS)
+  for key, per_query in want.items():
+    assert got[key].shape == (model.depth, model.num_heads)
+    np.testing.assert_allclose(got[key], per_query.mean(axis=(1, 3)), rtol=1e-5, err_msg=key)
+  assert np.all(got["entropy"] < np.log(18)) and np.ptp(got["entropy"]) > 0.01
 
 
 def test_query_maps_and_figure(tmp_path):

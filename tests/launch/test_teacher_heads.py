@@ -30,9 +30,12 @@ def _teacher_heads(workdir: str, *overrides: str) -> subprocess.CompletedProcess
 def test_prints_each_read_layers_heads_and_the_picks_that_follow_from_them(tmp_path):
   done = _teacher_heads(str(tmp_path), "--config.transfer.layer_map=uniform")
   assert done.returncode == 0, done.stderr[-2000:]
-  rows = [
+  tables = [
     line.split() for line in done.stdout.splitlines() if re.match(r"\s+\d+\s+\d\.\d{3}", line)
   ]
+  rows = [row for row in tables if len(row) == 11]  # entropy: layer, 8 heads, sharpest, flattest
+  masses = np.array([[float(v) for v in row[1:]] for row in tables if len(row) == 9])
+  assert masses.shape == (8, 8) and np.all((masses > 0) & (masses < 1))  # own token, then prefix
   assert [int(row[0]) for row in rows] == [1, 3, 5, 7]  # student layer i reads teacher layer 2i + 1
   entropy = np.array([[float(v) for v in row[1:9]] for row in rows])
   assert np.all((entropy > 0) & (entropy < np.log(17)))  # 17 tokens: below uniform's ln 17
