@@ -58,11 +58,14 @@ def restore_teacher(out: str, workdir: str) -> None:
 
 
 def _distill_losses(run_dir: str) -> list[float]:
-  """The run's logged train/distill_loss, in order: whether the loss fell (empty for scratch)."""
+  """The run's logged train/distill_loss on steps that distil, in order: whether the loss fell (empty
+  for scratch). A step that does not distil (scratch; after `transfer.until`) logs exactly 0, which an
+  attention cross-entropy (at least the taught maps' entropy) never is."""
   path = os.path.join(run_dir, metrics.METRICS_FILE)
   if not storage.exists(path):
     return []
-  return [x["train/distill_loss"] for x in metrics.read_jsonl(path) if "train/distill_loss" in x]
+  logged = (x.get("train/distill_loss", 0.0) for x in metrics.read_jsonl(path))
+  return [loss for loss in logged if loss > 0]
 
 
 def taught(workdir: str, path: str) -> dict[str, float] | None:
@@ -250,7 +253,7 @@ def plot(runs: Mapping[str, Any], path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-  fig, axes = plt.subplots(1, len(plan.GROUPS) + 1, figsize=(15, 3.6), squeeze=False)
+  fig, axes = plt.subplots(1, len(plan.GROUPS) + 1, figsize=(15, 4.4), squeeze=False)
   for ax, (group, settings) in zip(axes[0], plan.GROUPS.items()):
     for y, setting in enumerate(settings):
       values = [r["top1"] for p, r in runs.items() if p.startswith(f"{group}/{setting}/")]
@@ -305,14 +308,39 @@ def _plot_sharpness(ax: Any, runs: Mapping[str, Any]) -> None:
   points = sharpness(runs, SHARPNESS_GROUP)
   for setting, (entropy, top1) in points.items():
     ax.scatter([entropy], [top1], s=18, color="tab:orange")
-    ax.annotate(setting, (entropy, top1), fontsize=7, xytext=(3, 3), textcoords="offset points")
     base = untempered(SHARPNESS_GROUP, setting)
     if base in points:
       arrow = dict(arrowstyle="->", color="gray", alpha=0.7, shrinkA=4, shrinkB=4)
       ax.annotate("", xy=(entropy, top1), xytext=points[base], arrowprops=arrow)
+  ax.margins(x=0.25, y=0.08)  # room for the labels; the limits are fixed before placing them
+  ax.set_xlim(ax.get_xlim())
+  ax.set_ylim(ax.get_ylim())
+  renderer, placed = ax.figure.canvas.get_renderer(), []
+  for setting, xy in points.items():
+    placed.append(_free_label(ax, renderer, placed, setting, xy))
   ax.set_xlabel("entropy of the taught maps (nats per layer; uniform: ln 17 = 2.83)", fontsize=8)
   ax.set_ylabel("test top-1 (%), mean over seeds", fontsize=8)
   ax.set_title("deeper: sharper taught maps, higher top-1? (arrows: T changed)", fontsize=9)
+
+
+def _free_label(ax: Any, renderer: Any, placed: list, text: str, xy: tuple[float, float]) -> Any:
+  """`text` beside its point, on the first side (right, left; above, below) where it overlaps no label
+  in `placed`; the first side if none is free. Returns the label's box."""
+  sides = [(3, 2), (3, -10), (-3, 2), (-3, -10), (3, 9), (3, -17)]
+  for offset in sides:
+    label = ax.annotate(
+      text,
+      xy,
+      fontsize=7,
+      xytext=offset,
+      textcoords="offset points",
+      ha="left" if offset[0] > 0 else "right",
+    )
+    box = label.get_window_extent(renderer)
+    if not any(box.overlaps(other) for other in placed) or offset == sides[-1]:
+      return box
+    label.remove()
+  raise AssertionError("unreachable")
 
 
 def write(workdir: str, jobs: Sequence[studies.Job], out: str) -> str:
