@@ -208,9 +208,40 @@ def markdown(runs: Mapping[str, Any]) -> str:
       lines.append(f"| {text} | {holds} | {numbers} |")
     if group == SHARPNESS_GROUP:
       lines.append(_sharpness_line(runs, group))
-    lines += _learned_lines(runs, group)
+    lines += _learned_lines(runs, group) + _stopped_lines(runs, group)
     lines.append("")
   return "\n".join(lines)
+
+
+def paired_difference(
+  runs: Mapping[str, Any], group: str, a: str, b: str
+) -> tuple[float, float, int, int]:
+  """(mean, standard error, seeds, seeds where a is above) of top-1 of `a` minus `b`, seed by seed over
+  the seeds both have. For a setting that stops distilling early against the same setting distilled
+  throughout the pairs are the same run up to the switch (same init, data order and steps), so the
+  difference is the stop's alone, without the seed-to-seed spread the unpaired verdict carries."""
+  seeds = [p.rsplit("/", 1)[1] for p in runs if p.startswith(f"{group}/{a}/")]
+  pairs = [(runs[f"{group}/{a}/{s}"]["top1"], runs[f"{group}/{b}/{s}"]["top1"]) for s in seeds
+           if f"{group}/{b}/{s}" in runs]  # fmt: skip
+  diff = np.array([x - y for x, y in pairs])
+  se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+  return float(diff.mean()), se, len(diff), int((diff > 0).sum())
+
+
+def _stopped_lines(runs: Mapping[str, Any], group: str) -> list[str]:
+  """Per setting that stops distilling early (`transfer.until`), its paired difference from the same
+  setting distilled throughout."""
+  lines = []
+  for setting in plan.GROUPS[group]:
+    throughout = twin(group, setting, "transfer.until")
+    if throughout is None or not any(p.startswith(f"{group}/{setting}/") for p in runs):
+      continue
+    mean, se, count, above = paired_difference(runs, group, setting, throughout)
+    lines.append(
+      f"\n{setting} - {throughout}, seed by seed (the same run up to the switch): {mean:+.2f} +- {se:.2f} "
+      f"(standard error, {count} seeds; above in {above})."
+    )
+  return lines
 
 
 def _learned_lines(runs: Mapping[str, Any], group: str) -> list[str]:
@@ -290,16 +321,21 @@ def sharpness(runs: Mapping[str, Any], group: str) -> dict[str, tuple[float, flo
   return found
 
 
-def untempered(group: str, setting: str) -> str | None:
-  """The setting whose maps `setting` takes at another `transfer.target_temperature` (the same
-  student, teacher and other overrides); None for a setting at the teacher's own temperature."""
+def twin(group: str, setting: str, key: str) -> str | None:
+  """The setting that is `setting` without its `key` override (the same student, teacher and other
+  overrides); None where `setting` does not set `key` or no such setting is planned."""
   variant, teacher, overrides, _ = plan.GROUPS[group][setting]
-  key = "transfer.target_temperature"
   if key not in overrides:
     return None
   base = (variant, teacher, {k: v for k, v in overrides.items() if k != key})
   found = [name for name, (v, t, o, _) in plan.GROUPS[group].items() if (v, t, o) == base]
   return found[0] if found else None
+
+
+def untempered(group: str, setting: str) -> str | None:
+  """The setting whose maps `setting` takes at another `transfer.target_temperature`; None for a
+  setting at the teacher's own temperature."""
+  return twin(group, setting, "transfer.target_temperature")
 
 
 def _plot_sharpness(ax: Any, runs: Mapping[str, Any]) -> None:

@@ -181,6 +181,28 @@ def test_the_sharpness_correlation_leaves_out_students_that_stop_distilling_earl
   assert sorted(report.sharpness(runs, "deeper")) == ["same_shape", "uniform_first"]
 
 
+def test_a_setting_that_stops_early_is_compared_seed_by_seed_with_its_twin_distilled_throughout():
+  """Seeds the two share pair up (seed2 of same_shape has no twin); the report says the difference."""
+  runs = _fake_runs(
+    {
+      "same_shape": [76.5, 77.0, 76.0],
+      "same_shape_until_half": [77.0, 77.25],
+      "scratch": [74.0, 74.5],
+    }
+  )
+  mean, se, count, above = report.paired_difference(
+    runs, "deeper", "same_shape_until_half", "same_shape"
+  )
+  assert (mean, count, above) == (0.375, 2, 2) and np.isclose(se, 0.125)
+  assert report.twin("deeper", "same_shape_until_half", "transfer.until") == "same_shape"
+  text = report.markdown(runs)
+  assert (
+    "same_shape_until_half - same_shape, seed by seed (the same run up to the switch): +0.38"
+    in text
+  )
+  assert "same_shape_until_quarter - same_shape" not in text  # not run
+
+
 def test_tempered_settings_point_at_the_maps_they_temper():
   """The plot's arrows: each target_temperature setting's untempered twin has the same student, teacher
   and other overrides; settings at the teacher's temperature have none."""
