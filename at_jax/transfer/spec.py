@@ -177,10 +177,14 @@ def _check_loss_block(loss_block: Any, loss_impl: str) -> int:
   return int(loss_block)
 
 
+def _is_number(value: Any) -> bool:
+  """A real number as a config holds one (not a bool, which Python counts as an int)."""
+  return isinstance(value, int | float | np.floating) and not isinstance(value, bool)
+
+
 def _check_temperature(value: Any, what: str) -> float:
   """`transfer.target_temperature` as a float > 0; one other than 1 reshapes attention maps."""
-  number = isinstance(value, int | float | np.floating) and not isinstance(value, bool)
-  if not number or not 0 < value < float("inf"):
+  if not _is_number(value) or not 0 < value < float("inf"):
     raise ConfigError("transfer.target_temperature", f"must be a number > 0, got {value!r}")
   if value != 1 and what != "attn":
     raise ConfigError(
@@ -192,8 +196,7 @@ def _check_temperature(value: Any, what: str) -> float:
 
 def _check_until(value: Any, mode: str) -> float:
   """`transfer.until` as a fraction in (0, 1]; below 1 only for distillation."""
-  number = isinstance(value, int | float | np.floating) and not isinstance(value, bool)
-  if not number or not 0 < value <= 1:
+  if not _is_number(value) or not 0 < value <= 1:
     raise ConfigError(
       "transfer.until", f"the fraction of training that distils, (0, 1]; got {value!r}"
     )
