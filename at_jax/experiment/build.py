@@ -76,7 +76,7 @@ def task(
     ema_decay=o.ema_decay,
     mix=mix,
     accum_steps=o.accum_steps,
-    distill_steps=spec.distill_steps(total_steps),
+    switch_step=spec.distill_steps(total_steps),
   )
 
 

@@ -5,7 +5,7 @@ No model math here: the steps come from the run's task (at_jax.training).
 
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -144,17 +144,19 @@ def _checkpointer(run: Run) -> checkpoint.Checkpointer:
 
 
 def _fresh_state_and_steps(run: Run):
-  """A fresh sharded state and the jitted (train, eval) steps."""
+  """A fresh sharded state, the jitted train step of each step number (`step -> fn`: after a
+  `transfer.until` switch the label-only step, a second program compiled when first called) and the
+  jitted eval step."""
   state, shardings = train_state.create_sharded_state(
     run.init_fn, jax.random.key(run.config.seed), run.mesh
   )
-  teacher_shardings = (
-    None if run.teacher_params is None else jax.tree.map(lambda a: a.sharding, run.teacher_params)
-  )
-  train_fn, eval_fn = train_state.jit_steps(
-    run.step_fn, run.eval_fn, run.mesh, shardings, teacher_shardings
-  )
-  return state, shardings, train_fn, eval_fn
+  teacher = run.teacher_params
+  teacher_shardings = None if teacher is None else jax.tree.map(lambda a: a.sharding, teacher)
+  jit = lambda fn: train_state.jit_steps(fn, run.eval_fn, run.mesh, shardings, teacher_shardings)
+  train_fn, eval_fn = jit(run.step_fn)
+  label_fn = jit(run.label_step_fn)[0] if run.label_step_fn else train_fn
+  switch = run.task.switch_step
+  return state, shardings, lambda step: train_fn if step <= switch else label_fn, eval_fn
 
 
 def _data_position(run: Run, step: int, skipped_examples: int = 0) -> dict[str, Any]:
@@ -218,7 +220,7 @@ def train_and_evaluate(
 
 def _train_and_evaluate(run: Run, ckpt: checkpoint.Checkpointer) -> dict[str, float]:
   config, workdir = run.config, run.workdir
-  state, shardings, train_fn, eval_fn = _fresh_state_and_steps(run)
+  state, shardings, train_fn_at, eval_fn = _fresh_state_and_steps(run)
   state, saved = _starting_state(run, state, shardings, ckpt)
   start = int(jax.device_get(state.step))
   # Lines a killed run logged past its last checkpoint are logged again from there: drop them first.
@@ -232,7 +234,7 @@ def _train_and_evaluate(run: Run, ckpt: checkpoint.Checkpointer) -> dict[str, fl
       # A checkpoint of an older format has no count: absent, it starts from 0.
       skipped_before = int(saved.get("skipped_examples", 0))
       state, skipped_total = _train(
-        run, state, start, skipped_before, train_fn, evaluations, ckpt, writer, sigterm, trace
+        run, state, start, skipped_before, train_fn_at, evaluations, ckpt, writer, sigterm, trace
       )
     extra = {**_data_position(run, run.total_steps, skipped_total), **evaluations.extra()}
     ckpt.save(run.total_steps, state, extra=extra, force=True)
@@ -294,7 +296,7 @@ def _train(
   state: train_state.TrainState,
   start: int,
   skipped_before: int,
-  train_fn: Any,
+  train_fn_at: Callable[[int], Any],
   evaluations: Evaluations,
   ckpt: checkpoint.Checkpointer,
   writer: metrics.MetricWriter,
@@ -323,7 +325,7 @@ def _train(
     batch = next(batches)
     skipped += int(batch.pop("skipped").sum())  # a host-side count, not an input of the step
     trace.before(step)
-    state, step_metrics = train_fn(
+    state, step_metrics = train_fn_at(step)(
       state, sharding.global_batch(batch, run.mesh), run.teacher_params
     )
     trace.after(step, state)

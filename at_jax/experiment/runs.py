@@ -27,6 +27,7 @@ class Run:
     task: what is trained (classify or MAE): its params, steps and export.
     init_fn: key -> the fresh TrainState (jit it with out_shardings).
     step_fn, eval_fn: the task's pure train and eval steps for `tx`.
+    label_step_fn: the train step after `task.switch_step` (`transfer.until`), else None.
     memory: the per-device memory estimate that validation checked (params, optimizer, EMA, teacher,
       activations), to print.
   """
@@ -48,6 +49,7 @@ class Run:
   step_fn: TrainStep
   eval_fn: EvalStep
   memory: str
+  label_step_fn: TrainStep | None = None
 
   def export(self, params: Any) -> tuple[dict, Any]:
     """Final params (raw or EMA) -> (model config, params) of the ViT this run leaves, usable as
@@ -118,4 +120,5 @@ def setup(
     step_fn=step_fn,
     eval_fn=eval_fn,
     memory=memory_line,
+    label_step_fn=task.make_label_step(tx) if task.make_label_step else None,
   )

@@ -154,47 +154,14 @@ def make_train_step(
   ema_decay: float,
   mix: Mapping[str, float] | None = None,
   accum_steps: int = 1,
-  distill_steps: int = 0,
 ) -> Callable[[TrainState, Batch, Any], tuple[TrainState, dict]]:
   """The pure step `(state, batch, teacher_params) -> (state, metrics)`; jit it with shardings.
 
   With `accum_steps` k > 1 the batch is k micro-batches (`train_state.accumulate_gradients`, whole mix
   groups each): the teacher, drop-path masks and mixing run per micro-batch, the grads and metrics are
   their means, and the optimizer, EMA and schedule take one step.
-
-  `distill_steps` > 0 (`transfer.until` < 1): the steps with `state.step` below it distil, the later
-  ones train on labels alone. One program: `lax.cond` runs one branch per step, so after the switch
-  the teacher does not run, and a resumed run switches at the same step.
   """
   loss_fn = make_loss_fn(model, teacher, t, label_smoothing=label_smoothing, mix=mix)
-  distilling = _step(loss_fn, tx, schedule, ema_decay, accum_steps, mix)
-  if not distill_steps:
-    return distilling
-  labels_only = _step(
-    make_loss_fn(model, None, spec.Transfer(), label_smoothing=label_smoothing, mix=mix),
-    tx,
-    schedule,
-    ema_decay,
-    accum_steps,
-    mix,
-  )
-
-  def step(state: TrainState, batch: Batch, teacher_params: Any) -> tuple[TrainState, dict]:
-    stage = state.step < distill_steps
-    return jax.lax.cond(stage, distilling, labels_only, state, batch, teacher_params)
-
-  return step
-
-
-def _step(
-  loss_fn: Callable,
-  tx: optax.GradientTransformation,
-  schedule: optax.Schedule,
-  ema_decay: float,
-  accum_steps: int,
-  mix: Mapping[str, float] | None,
-) -> Callable[[TrainState, Batch, Any], tuple[TrainState, dict]]:
-  """`make_train_step`'s step for one loss."""
   unit = int((mix or {}).get("group_size", 0)) or 1
 
   def step(state: TrainState, batch: Batch, teacher_params: Any) -> tuple[TrainState, dict]:

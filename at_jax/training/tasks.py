@@ -37,6 +37,12 @@ class Task:
   init_params: Callable[[Array], Any]
   make_steps: Callable[[optax.GradientTransformation], tuple[TrainStep, EvalStep]]
   export: Callable[[Any], tuple[dict, Any]]
+  # A distillation that stops (`transfer.until`): after step `switch_step` the loop runs this train
+  # step instead, on labels alone with no teacher. A second program, not a `lax.cond` in one: a cond
+  # step ran 1.4-1.5x slower in both phases on the CPU (docs/recipe.md), and on a GPU a conditional's
+  # predicate can cost a device-to-host read per step.
+  make_label_step: Callable[[optax.GradientTransformation], TrainStep] | None = None
+  switch_step: int = 0
 
 
 def classify_task(
@@ -50,31 +56,36 @@ def classify_task(
   ema_decay: float,
   mix: Mapping[str, float] | None = None,
   accum_steps: int = 1,
-  distill_steps: int = 0,
+  switch_step: int = 0,
 ) -> Task:
-  """A ViT classifier trained on labels, with `spec`'s attention transfer from `teacher`; `mix`,
-  `accum_steps` and `distill_steps` as `classify.make_train_step` takes them."""
+  """A ViT classifier trained on labels, with `spec`'s attention transfer from `teacher`; `mix` and
+  `accum_steps` as `classify.make_train_step` takes them; `switch_step` > 0: the transfer stops after
+  that step (`Task.make_label_step`)."""
 
-  def make_steps(tx: optax.GradientTransformation) -> tuple[TrainStep, EvalStep]:
-    step = classify.make_train_step(
+  def train_step(tx: optax.GradientTransformation, with_teacher: bool) -> TrainStep:
+    transfer = spec if with_teacher else Transfer()
+    return classify.make_train_step(
       model,
-      teacher,
+      teacher if with_teacher else None,
       tx,
-      spec,
+      transfer,
       schedule=schedule,
       label_smoothing=label_smoothing,
       ema_decay=ema_decay,
       mix=mix,
       accum_steps=accum_steps,
-      distill_steps=distill_steps,
     )
-    return step, classify.make_eval_step(model, teacher, spec)
+
+  def make_steps(tx: optax.GradientTransformation) -> tuple[TrainStep, EvalStep]:
+    return train_step(tx, True), classify.make_eval_step(model, teacher, spec)
 
   return Task(
     name="classify",
     init_params=classify.params_initializer(model, image_size),
     make_steps=make_steps,
     export=lambda params: vit.export_view(model, params),
+    make_label_step=(lambda tx: train_step(tx, False)) if switch_step else None,
+    switch_step=switch_step,
   )
 
 

@@ -65,7 +65,7 @@ class Transfer:
   target_temperature: float = 1.0
   head_pick: tuple[tuple[int, ...], ...] = ()  # head_map "pick": [S][H_s] teacher heads read
   # distill: the fraction of training steps that distil (HASTE ends its alignment early); the steps
-  # after train on labels alone, the teacher not run (`classify.make_train_step`).
+  # after train on labels alone, the teacher not run (`Task.make_label_step`).
   until: float = 1.0
 
   @property
