@@ -315,15 +315,15 @@ def _train(
   )
   batches = _train_iter(run, start)
   pending = None  # (step, metrics) of the step before, fetched after the next one is dispatched
-  skipped = (
-    0  # examples of this process's batches that stood in for unreadable ones, since (re)start
-  )
+  skipped = 0  # this process's examples that stood in for unreadable ones, since (re)start
   skipped_total = skipped_before  # the run's count over all processes, as of the last sum
   if evaluations.due(start):  # preempted at an evaluation step: it saved before evaluating
     evaluations(start, state)
   for step in range(start + 1, run.total_steps + 1):
     batch = next(batches)
     skipped += int(batch.pop("skipped").sum())  # a host-side count, not an input of the step
+    if step == run.task.switch_step + 1 and run.label_step_fn:
+      metrics.say(f"step {step}: the distillation ends (transfer.until); labels alone from here")
     trace.before(step)
     state, step_metrics = train_fn_at(step)(
       state, sharding.global_batch(batch, run.mesh), run.teacher_params

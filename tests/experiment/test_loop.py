@@ -83,7 +83,9 @@ def test_a_distillation_stopped_half_way_resumes_exactly_across_the_switch(
   c.teacher.init = teacher_export
   straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
   loop.train_and_evaluate(c, straight)
-  assert "for the first 50% of steps (steps 1-3, then labels alone)" in capsys.readouterr().out
+  said = capsys.readouterr().out
+  assert "for the first 50% of steps (steps 1-3, then labels alone)" in said
+  assert "step 4: the distillation ends (transfer.until); labels alone from here" in said
   loop.train_and_evaluate(c, interrupted)
   # Killed after the step-2 checkpoint: the later ones and the export never happened.
   for step in ("4", "6"):
