@@ -22,7 +22,7 @@ from at_jax.experiment.paths import EXPORT_DIR, TEACHER_DIR
 from at_jax.experiment.teachers import load_teacher
 from at_jax.experiment.validation import validate
 from at_jax.models import vit
-from at_jax.transfer import pairing
+from at_jax.transfer import pairing, targets
 from at_jax.transfer import spec as transfer_spec
 
 
@@ -207,7 +207,7 @@ def teacher_head_statistics(
   """How each teacher head attends, for choosing `transfer.head_pick`: (the teacher's [L_t, H_t]
   `evaluate.head_statistics` on the first `num_images` training images in the eval view; the teacher
   layers the distilled student layers read, in order; the student's head count). The images reach the
-  teacher as in training (`targets.run_teacher`)."""
+  teacher as in training (`targets.teacher_view`)."""
   teacher_config, params = load_teacher(config, workdir)
   teacher, student = vit.build(teacher_config), vit.build(teachers.model_config(config, workdir))
   first = {**config.transfer.to_dict(), "head_map": "first", "head_pick": ""}  # layers, not heads
@@ -215,9 +215,9 @@ def teacher_head_statistics(
   transfer = transfer_spec.resolve(
     first, student, teacher, config.data.image_size, teacher_image_size=size
   )
-  images = eval_images(config, workdir, num_images, "data.train_split")
-  if size != images.shape[1]:
-    images = jax.image.resize(images, (images.shape[0], size, size, images.shape[3]), "bilinear")
+  images = targets.teacher_view(
+    eval_images(config, workdir, num_images, "data.train_split"), transfer
+  )
   statistics = evaluate.head_statistics(teacher, params, images)
   return statistics, transfer.teacher_layers, student.num_heads
 

@@ -390,8 +390,8 @@ def _log(pending, writer: metrics.MetricWriter, progress: metrics.Progress, ckpt
 def _describe(run: Run, start: int) -> None:
   m, spec = run.model, run.transfer
   what = f" | {transfer_spec.describe(spec)}" if spec.active else ""
-  if spec.until < 1:
-    what += f" (steps 1-{spec.distill_steps(run.total_steps)}, then labels alone)"
+  if run.task.switch_step:
+    what += f" (steps 1-{run.task.switch_step}, then labels alone)"
   metrics.say(
     f"ViT width {m.width} depth {m.depth} heads {m.num_heads} patch {m.patch_size}{what} | "
     f"{run.total_steps} steps of {run.config.data.batch_size} on mesh {dict(run.mesh.shape)}"

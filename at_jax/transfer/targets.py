@@ -160,6 +160,16 @@ def teacher_outputs(
   return _select(out, layers, keys)
 
 
+def teacher_view(images_BYXC: Array, transfer: spec.Transfer) -> Array:
+  """The images as the teacher sees them: bilinearly resized to `transfer.teacher_image_size` where
+  that is set and differs (antialiased when shrinking)."""
+  size = transfer.teacher_image_size
+  if not size or images_BYXC.shape[1:3] == (size, size):
+    return images_BYXC
+  shape = (images_BYXC.shape[0], size, size, images_BYXC.shape[3])
+  return jax.image.resize(images_BYXC, shape, "bilinear")
+
+
 def run_teacher(
   teacher: vit.ViT,
   teacher_params: Any,
@@ -171,15 +181,11 @@ def run_teacher(
   """What a jointly run teacher hands over: `transfer.target_keys` of the teacher layers the selected
   student layers read, at the student's head count and tokens, averaged over images if asked,
   {key: [S, B, ...]}, with no gradient. The teacher sees the images at `transfer.teacher_image_size`
-  where that is set (bilinearly resized); `drop_masks` as in `teacher_outputs`."""
-  size = transfer.teacher_image_size
-  if size and images_BYXC.shape[1:3] != (size, size):
-    shape = (images_BYXC.shape[0], size, size, images_BYXC.shape[3])
-    images_BYXC = jax.image.resize(images_BYXC, shape, "bilinear")  # antialiased when shrinking
+  where that is set (`teacher_view`); `drop_masks` as in `teacher_outputs`."""
   stacked = teacher_outputs(
     teacher,
     teacher_params,
-    images_BYXC,
+    teacher_view(images_BYXC, transfer),
     transfer.teacher_layers,
     transfer.target_keys,
     drop_masks=drop_masks,
