@@ -360,23 +360,21 @@ def _plot_sharpness(ax: Any, runs: Mapping[str, Any]) -> None:
 
 
 def _free_label(ax: Any, renderer: Any, placed: list, text: str, xy: tuple[float, float]) -> Any:
-  """`text` beside its point, on the first side (right, left; above, below) where it overlaps no label
-  in `placed`; the first side if none is free. Returns the label's box."""
-  sides = [(3, 2), (3, -10), (-3, 2), (-3, -10), (3, 9), (3, -17)]
+  """`text` beside its point, on the first side (right, left; above, below; then further out) where it
+  overlaps no label in `placed`; on the last side if none is free. Returns the label's box."""
+  *sides, last = [(3, 2), (3, -10), (-3, 2), (-3, -10), (3, 9), (3, -17)]
   for offset in sides:
-    label = ax.annotate(
-      text,
-      xy,
-      fontsize=7,
-      xytext=offset,
-      textcoords="offset points",
-      ha="left" if offset[0] > 0 else "right",
-    )
+    label = _label(ax, text, xy, offset)
     box = label.get_window_extent(renderer)
-    if not any(box.overlaps(other) for other in placed) or offset == sides[-1]:
+    if not any(box.overlaps(other) for other in placed):
       return box
     label.remove()
-  raise AssertionError("unreachable")
+  return _label(ax, text, xy, last).get_window_extent(renderer)
+
+
+def _label(ax: Any, text: str, xy: tuple[float, float], offset: tuple[int, int]) -> Any:
+  ha = "left" if offset[0] > 0 else "right"
+  return ax.annotate(text, xy, fontsize=7, xytext=offset, textcoords="offset points", ha=ha)
 
 
 def write(workdir: str, jobs: Sequence[studies.Job], out: str) -> str:
