@@ -255,8 +255,12 @@ class Progress:
     self.enabled = _is_main_process() if enabled is None else enabled
     self._start_time = time.monotonic()
 
-  def update(self, step: int, metrics: Mapping[str, float] | None = None) -> str:
-    """Prints (if enabled) and returns the progress line for `step`."""
+  def update(
+    self, step: int, metrics: Mapping[str, float] | None = None, *, name: str | None = None
+  ) -> str:
+    """Prints (if enabled) and returns the progress line for `step`; `name` renames the loop from here
+    (a run that changes phase, e.g. a distillation that stops)."""
+    self.name = name or self.name
     fraction = min(max(step / self.total, 0.0), 1.0) if self.total else 1.0
     filled = int(fraction * self._BAR_WIDTH)
     bar = "#" * filled + "-" * (self._BAR_WIDTH - filled)

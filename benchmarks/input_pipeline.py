@@ -7,7 +7,7 @@
   python benchmarks/input_pipeline.py --source=photos --image_folder=/data/imagenet  # any ImageFolder tree
 
 --source=fashion_mnist (the default) times `at_jax.data.pipeline.train_iterator` (as
-at_jax.experiment.loop._train_iter calls it) on Fashion-MNIST (Debian's dataset-fashion-mnist, read into
+at_jax.experiment.stream.train_batches calls it) on Fashion-MNIST (Debian's dataset-fashion-mnist, read into
 memory), resized by the random-resized crop to each --sizes, in two settings: "crop+flip" (the base
 geometry: random-resized crop and horizontal flip) and "full recipe" (+ RandAugment and random erasing),
 both with the ImageNet recipe's values read from configs/distill_vitl.py. Mixup and cutmix are no host

@@ -5,18 +5,17 @@ No model math here: the steps come from the run's task (at_jax.training).
 
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from jax.experimental import multihost_utils
 
 from at_jax import checkpoint, metrics, sharding
-from at_jax.data import options, pipeline, sources, target_store
+from at_jax.data import options, pipeline
 from at_jax.errors import ConfigError
-from at_jax.experiment import preemption, profiling, validation
+from at_jax.experiment import preemption, profiling, stream, validation
 from at_jax.experiment import workdir as workdir_claim
 from at_jax.experiment.paths import EMA_EXPORT_DIR, EXPORT_DIR
 from at_jax.experiment.preemption import Preempted
@@ -102,39 +101,6 @@ class Evaluations:
     return {BEST_KEY: self.best, LAST_EVAL_KEY: self.last_step}
 
 
-def _train_iter(run: Run, start_step: int) -> Iterator[dict[str, np.ndarray]]:
-  """Training batches; with precomputed targets, in the fixed view they were computed on, carrying them."""
-  d = run.config.data
-  targets = None
-  if run.transfer.active and run.transfer.source == "precomputed":
-    directory = target_store.targets_dir(run.config.transfer.targets_dir, run.workdir)
-    targets = target_store.TeacherTargets(directory, run.transfer.teacher_layers)
-    metrics.say(
-      f"Teacher targets: {', '.join(targets.metadata['keys'])} from {directory} (teacher "
-      f"{targets.metadata['teacher']}); training on their fixed view ({target_store.TARGETS_VIEW}), "
-      "which replaces random-resized crop and flip"
-      + (
-        "; the teacher ran without the student's drop-path masks" if run.model.drop_path > 0 else ""
-      )
-    )
-  return pipeline.train_iterator(
-    run.train_source,
-    global_batch_size=d.batch_size,
-    **options.eval_view(d),
-    seed=run.config.seed,
-    start_step=start_step,
-    rrc_scale=tuple(d.rrc_scale),
-    hflip=d.hflip,
-    randaugment=d.randaugment,
-    random_erase=d.random_erase,
-    fixed_view=targets is not None,
-    targets=targets,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-    num_threads=d.num_threads,
-  )
-
-
 def _checkpointer(run: Run) -> checkpoint.Checkpointer:
   return checkpoint.Checkpointer(
     os.path.join(run.workdir, "checkpoints"),
@@ -157,40 +123,6 @@ def _fresh_state_and_steps(run: Run):
   label_fn = jit(run.label_step_fn)[0] if run.label_step_fn else train_fn
   switch = run.task.switch_step
   return state, shardings, lambda step: train_fn if step <= switch else label_fn, eval_fn
-
-
-def _data_position(run: Run, step: int, skipped_examples: int = 0) -> dict[str, Any]:
-  """The data iterator's position, saved with each checkpoint: the stream is a pure function of these, and
-  after `step` steps it stands at example `step * batch_size` of it. `skipped_examples`: how many of those
-  examples stood in for unreadable records (all processes), so the logged count continues on resume."""
-  d = run.config.data
-  return {
-    "step": step,
-    "examples_seen": step * d.batch_size,
-    "skipped_examples": skipped_examples,
-    "seed": run.config.seed,
-    "data.batch_size": d.batch_size,
-    "data.name": d.name,
-    "data.train_split": d.train_split,
-    "num_examples": len(run.train_source),
-    "fingerprint": sources.fingerprint(run.train_source),
-  }
-
-
-def _check_data_position(run: Run, saved: Mapping[str, Any]) -> None:
-  """Refuses to resume on a data stream other than the checkpoint's: it would replay or skip examples."""
-  now = _data_position(run, int(saved.get("step", 0)))
-  # An image folder's fingerprint before its count: an edited folder is the cause, not the split.
-  fields = {"fingerprint": "data.dir", "num_examples": "data.train_split"}
-  for key in ("seed", "data.batch_size", "data.name", "data.train_split", *fields):
-    if key in saved and saved[key] != now[key]:
-      what = " (count:hash of the image folder's files: they changed)" * (key == "fingerprint")
-      raise ConfigError(
-        fields.get(key, key),
-        f"the checkpoint in {run.workdir}/checkpoints was written with {key}="
-        f"{saved[key]!r}, this run has {now[key]!r}{what}: resuming would not continue its data "
-        "stream. Restore the setting or use a new --workdir",
-      )
 
 
 def train_and_evaluate(
@@ -236,7 +168,7 @@ def _train_and_evaluate(run: Run, ckpt: checkpoint.Checkpointer) -> dict[str, fl
       state, skipped_total = _train(
         run, state, start, skipped_before, train_fn_at, evaluations, ckpt, writer, sigterm, trace
       )
-    extra = {**_data_position(run, run.total_steps, skipped_total), **evaluations.extra()}
+    extra = {**stream.position(run, run.total_steps, skipped_total), **evaluations.extra()}
     ckpt.save(run.total_steps, state, extra=extra, force=True)
     ckpt.wait()
     # Not in the final checkpoint's best: a relaunch of a finished run evaluates its last step again.
@@ -273,7 +205,7 @@ def _starting_state(
   config = run.config
   if ckpt.latest_step() is not None:
     state, extra = ckpt.restore(state)
-    _check_data_position(run, extra)
+    stream.check_position(run, extra)
     print(f"Resumed from {run.workdir}/checkpoints at step {int(state.step)}", flush=True)
     return state, extra
   if config.model.init:
@@ -309,11 +241,11 @@ def _train(
   Raises Preempted (after saving, the same step on every process) on a SIGTERM to any process.
   """
   config, s = run.config, run.config.schedule
-  name = "mae" if config.task == "mae" else run.transfer.mode
+  name = f"train[{run.phase(start + 1)}]"
   progress = metrics.Progress(
-    f"train[{name}]", run.total_steps, start=start, unit_per_step=config.data.batch_size
+    name, run.total_steps, start=start, unit_per_step=config.data.batch_size
   )
-  batches = _train_iter(run, start)
+  batches = stream.train_batches(run, start)
   pending = None  # (step, metrics) of the step before, fetched after the next one is dispatched
   skipped = 0  # this process's examples that stood in for unreadable ones, since (re)start
   skipped_total = skipped_before  # the run's count over all processes, as of the last sum
@@ -330,7 +262,7 @@ def _train(
     )
     trace.after(step, state)
     if pending is not None:
-      _log(pending, writer, progress, ckpt)
+      _log(run, pending, writer, progress, ckpt)
     pending = None
     log_now = step % s.log_every_steps == 0 or step == run.total_steps
     preempted = sigterm.stop_at(step)  # the same answer on every process
@@ -343,7 +275,7 @@ def _train(
     if evaluations.due(step) and not preempted:
       # Before the save, so that the checkpoint's best includes it; a preempted run saves at once.
       evaluations(step, state)
-    extra = {**_data_position(run, step, skipped_total), **evaluations.extra()}
+    extra = {**stream.position(run, step, skipped_total), **evaluations.extra()}
     ckpt.save(step, state, extra=extra, force=preempted)
     if preempted:
       ckpt.wait()
@@ -354,7 +286,7 @@ def _train(
         "same workdir to resume exactly"
       )
   if pending is not None:
-    _log(pending, writer, progress, ckpt)
+    _log(run, pending, writer, progress, ckpt)
   return state, skipped_total
 
 
@@ -370,7 +302,7 @@ def evaluate_checkpoint(
   return evaluate_run(run, eval_fn, state)
 
 
-def _log(pending, writer: metrics.MetricWriter, progress: metrics.Progress, ckpt) -> None:
+def _log(run: Run, pending, writer: metrics.MetricWriter, progress: metrics.Progress, ckpt) -> None:
   step, device_metrics = pending
   values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
   if not math.isfinite(values["loss"]):
@@ -382,9 +314,9 @@ def _log(pending, writer: metrics.MetricWriter, progress: metrics.Progress, ckpt
     )
     raise FloatingPointError(f"non-finite loss {values['loss']} at step {step}; {kept}")
   writer.write(step, {f"train/{k}": v for k, v in values.items()})
-  progress.update(
-    step, {k: values[k] for k in ("loss", "distill_loss", "train_acc") if k in values}
-  )
+  phase = run.phase(step)  # after a switch the label step's distill_loss is a placeholder 0
+  shown = ("loss", "distill_loss", "train_acc") if phase == "distill" else ("loss", "train_acc")
+  progress.update(step, {k: values[k] for k in shown if k in values}, name=f"train[{phase}]")
 
 
 def _describe(run: Run, start: int) -> None:

@@ -61,6 +61,14 @@ class Run:
     """Steps of one pass over the training split, as build.schedule counts an epoch."""
     return build.steps_per_epoch(self.config, len(self.train_source))
 
+  def phase(self, step: int) -> str:
+    """What step `step` trains, as the progress line names it: the transfer mode (`none` for scratch
+    and after a `transfer.until` switch), or `mae`."""
+    if self.config.task == "mae":
+      return "mae"
+    distilling = self.label_step_fn is None or step <= self.task.switch_step
+    return self.transfer.mode if distilling else "none"
+
   def eval_steps(self) -> frozenset[int]:
     """The steps before the last at which the run evaluates: multiples of evals.every_steps, or the
     ends of every evals.every_epochs epochs (rounded to a step each, so fractions of an epoch do not

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -86,6 +87,10 @@ def test_a_distillation_stopped_half_way_resumes_exactly_across_the_switch(
   said = capsys.readouterr().out
   assert "for the first 50% of steps (steps 1-3, then labels alone)" in said
   assert "step 4: the distillation ends (transfer.until); labels alone from here" in said
+  # The progress lines name the phase each logged step trained, and drop the placeholder distill_loss.
+  assert re.search(r"train\[distill\] +2/6 .*\| distill_loss ", said), said
+  assert re.search(r"train\[none\] +4/6 ", said) and "6/6" in said, said
+  assert not re.search(r"[46]/6 .*distill_loss", said), said
   loop.train_and_evaluate(c, interrupted)
   # Killed after the step-2 checkpoint: the later ones and the export never happened.
   for step in ("4", "6"):

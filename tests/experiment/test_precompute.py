@@ -1,5 +1,6 @@
 """Precomputed teacher targets: stored values, alignment with the examples, resume, the loss, start-up checks."""
 
+import itertools
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ import pytest
 from at_jax import checkpoint, metrics, sharding
 from at_jax.data import pipeline, sources, target_store
 from at_jax.errors import ConfigError
-from at_jax.experiment import loop, precompute, validation
+from at_jax.experiment import loop, precompute, runs, stream, validation
 from at_jax.models import vit
 from at_jax.training import classify as train_step
 from at_jax.transfer import spec
@@ -447,19 +448,48 @@ def precomputed(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_train_with_stored_targets(precomputed, fake_fashion_mnist, tmp_path, capsys):
+@pytest.mark.parametrize("until", [1.0, 0.5])
+def test_train_with_stored_targets(precomputed, fake_fashion_mnist, tmp_path, capsys, until):
+  """Distilling from stored targets every step, or (until=0.5 of 4) steps 1-2, then labels alone."""
   export, targets_workdir = precomputed
-  c = _config(export, targets_dir=os.path.join(targets_workdir, target_store.TARGETS_DIR))
+  c = _config(
+    export, targets_dir=os.path.join(targets_workdir, target_store.TARGETS_DIR), until=until
+  )
   workdir = str(tmp_path)
   evals = loop.train_and_evaluate(c, workdir)
   assert 0 <= evals["top1"] <= 100
   out = capsys.readouterr().out
   assert "Teacher targets: attn_logits" in out and "replaces random-resized crop and flip" in out
+  assert ("read for steps 1-2, the distilling ones" in out) == (until < 1), out
   lines = [
     x for x in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "train/loss" in x
   ]
   assert [x["step"] for x in lines] == [2, 4]
-  assert all(x["train/distill_loss"] > 0 and x["train/skipped_examples"] == 0 for x in lines)
+  assert all(x["train/skipped_examples"] == 0 for x in lines)
+  distilled = [x["train/distill_loss"] > 0 for x in lines]
+  assert distilled == [True, until == 1.0], lines
+
+
+def test_a_distillation_that_stops_reads_no_stored_targets_after_it(
+  precomputed, fake_fashion_mnist, tmp_path
+):
+  """transfer.until=0.5 of 4 steps: the batches of steps 1-2 carry their stored targets, those of 3-4
+  the same images (the fixed view) without them; a resume past the switch reads none either."""
+  export, targets_workdir = precomputed
+  targets_dir = os.path.join(targets_workdir, target_store.TARGETS_DIR)
+  run, throughout = (
+    runs.setup(_config(export, targets_dir=targets_dir, until=until), str(tmp_path / str(until)))
+    for until in (0.5, 1.0)
+  )
+  stopping = list(itertools.islice(stream.train_batches(run, 0), 4))
+  reference = list(itertools.islice(stream.train_batches(throughout, 0), 4))
+  assert [("teacher_attn_logits" in b) for b in stopping] == [True, True, False, False]
+  for got, want in zip(stopping, reference):
+    for key, value in got.items():
+      np.testing.assert_array_equal(value, want[key])
+  resumed = next(stream.train_batches(run, 3))
+  assert resumed.keys() == stopping[3].keys()
+  np.testing.assert_array_equal(resumed["image"], reference[3]["image"])
 
 
 @pytest.mark.slow
