@@ -191,9 +191,11 @@ def resolve_layer_map(
     )
   if not pairs or any(len(p) != 2 for p in pairs):
     raise ConfigError("transfer.layer_map", f"{layer_map!r}: pairs of (student, teacher) layers")
-  pairs = sorted(pairs)
+  # Validated and sorted as a selection (negative student indices count from the end); each keeps
+  # its teacher layer through that.
   layers = parse_selection([s for s, _ in pairs], student.depth, "transfer.layer_map", "layers")
-  teacher_layers = tuple(t for _, t in pairs)
+  teacher_of = {s % student.depth: t for s, t in pairs}
+  teacher_layers = tuple(teacher_of[s] for s in layers)
   depth = teacher.depth if teacher is not None else None
   bad = [t for t in teacher_layers if t < 0 or (depth is not None and t >= depth)]
   if bad:

@@ -90,6 +90,10 @@ def test_resolved_pairs_and_errors(shapes):
   )
   t = resolve_distill(student, teacher, layers="last:2", layer_map="last", head_map="mean")
   assert t.teacher_layers == (6, 7)
+  # A negative student index counts from the end and keeps its own teacher layer, in any order.
+  for pairs in ("-1:7,0:1", "0:1,-1:7", [(3, 7), (0, 1)]):
+    t = resolve_distill(student, teacher, layer_map=pairs, head_map="first")
+    assert (t.layers, t.teacher_layers) == ((0, 3), (1, 7)), pairs
   cases = [
     ({}, "transfer.head_map"),  # 'same' with 4 vs 2 heads
     ({"head_map": "group", "loss_impl": "blockwise"}, "transfer.loss_impl"),
