@@ -114,7 +114,7 @@ def token_map(
     )
   s_shape = (s_grid, student.class_token, student.num_registers)
   same_tokens = s_shape == (t_grid, teacher.class_token, teacher.num_registers)
-  if (same_tokens and prefix == "keep") or what == "features":
+  if same_tokens and prefix == "keep":
     return ()
   if what != "attn" and prefix == "drop":
     raise ConfigError("transfer.prefix", f"'drop' applies to attention maps, not {what!r}")

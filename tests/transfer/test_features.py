@@ -79,6 +79,19 @@ def test_settings_that_cannot_distill_features_name_their_field(setup, cfg, fiel
   assert e.value.field == field
 
 
+def test_features_are_handed_over_token_by_token():
+  """A teacher of another token grid, or a prefix dropped, is refused naming the field (the loss would
+  otherwise fail to broadcast [b, n_s, d] against [b, n_t, d] at the first step)."""
+  student = build_model()
+  for cfg, teacher, field in [
+    ({}, build_model(patch_size=2 * student.patch_size), "teacher.init"),
+    ({"prefix": "drop"}, build_model(), "transfer.prefix"),
+  ]:
+    with pytest.raises(ConfigError, match="features") as e:
+      spec.resolve({"mode": "distill", "what": "features", **cfg}, student, teacher, S)
+    assert e.value.field == field
+
+
 def test_heads_need_not_match_and_other_widths_need_the_projection():
   student = build_model()
   other_heads = build_model(num_heads=1)
