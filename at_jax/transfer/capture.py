@@ -124,6 +124,7 @@ def _capturing(
     sow(logits_HNN)
     return original(*args, **kwargs)
 
+  capturing.at_jax_capturing = True  # type: ignore[attr-defined]
   return capturing
 
 
@@ -183,6 +184,9 @@ def _linen_interceptor(seen: dict[tuple[Any, ...], int]) -> Callable[..., Any]:
       return next_fun(*args, **kwargs)
     path = tuple(module.scope.path)
     original = module.attention_fn
+    if getattr(original, "at_jax_capturing", False):
+      # A subclass's __call__ calling its base's (nn.SelfAttention): already wrapped, once is enough.
+      return next_fun(*args, **kwargs)
     _check_fn(original, nn.dot_product_attention, _name(path))
     sow = functools.partial(module.sow, COLLECTION, SOWN)
     # A linen module's fields are frozen after construction; the swap lasts this one call.

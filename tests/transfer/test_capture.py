@@ -139,6 +139,25 @@ def test_linen_capture_is_qk_of_the_users_attention_params(user):
     np.testing.assert_allclose(logits_BHNN, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_a_subclass_of_flax_attention_is_captured_once():
+  """nn.SelfAttention's __call__ calls its base's: the interceptor sees the module twice per call."""
+
+  class SelfAttentionUser(nn.Module):
+    @nn.compact
+    def __call__(self, x_BND):
+      return nn.SelfAttention(HEADS)(x_BND)
+
+  x_BND = jax.random.normal(jax.random.key(0), (B, TOKENS, WIDTH))
+  model = SelfAttentionUser()
+  params = model.init(jax.random.key(1), x_BND)["params"]
+  out, captured = capture.apply_linen(model, {"params": params}, x_BND)
+  np.testing.assert_array_equal(out, model.apply({"params": params}, x_BND))
+  assert captured.names == ("SelfAttention_0",)
+  attn = params["SelfAttention_0"]
+  expected = _qk_by_hand(x_BND, attn["query"], attn["key"])
+  np.testing.assert_allclose(captured.logits[0], expected, rtol=1e-4, atol=1e-4)
+
+
 def test_loss_equals_the_numpy_reference(user):
   model, params, images, teacher_LBHNN = user
   _, captured = capture.apply_linen(model, {"params": params}, images)
