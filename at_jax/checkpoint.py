@@ -60,6 +60,8 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
       self.directory, options=options, item_names=("state", "extra")
     )
+    # Steps a restore of "the latest" fell back past: damaged, so the resumed run saves them again.
+    self._unreadable: set[int] = set()
 
   def all_steps(self) -> list[int]:
     """The committed steps, oldest first (in a bucket, a step still uploading has no commit marker)."""
@@ -74,7 +76,8 @@ class Checkpointer:
 
     A step is due if `step % save_every == 0`, or `force`, or orbax reports a
     preemption at this step. A step that is already saved is never saved again
-    (so a forced final save may follow a periodic one at the same step).
+    (so a forced final save may follow a periodic one at the same step), unless
+    `restore` found it unreadable: then the new save replaces it.
 
     Args:
       step: the training step the state belongs to.
@@ -88,6 +91,9 @@ class Checkpointer:
     Returns:
       Whether a save was started.
     """
+    if step in self._unreadable:
+      self._manager.delete(step)  # retrained from an older step: the damaged save makes way
+      self._unreadable.discard(step)
     if step in self._manager.all_steps():
       return False
     args = ocp.args.Composite(
@@ -144,6 +150,7 @@ class Checkpointer:
         continue
       if errors:
         print(f"WARNING: resumed from step {candidate}, the newest readable checkpoint", flush=True)
+        self._unreadable.update(s for s in steps if s > candidate)
       return restored.state, restored.extra
     raise ConfigError(self.directory, "no readable checkpoint: " + "; ".join(errors))
 

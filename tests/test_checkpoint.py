@@ -172,7 +172,14 @@ def test_torn_latest_checkpoint_falls_back_to_previous(tmp_path, capsys):
   assert "resumed from step 2" in capsys.readouterr().out
   with pytest.raises(Exception):  # noqa: B017 - an explicit step restores as asked, or fails
     ckpt.restore(_state(0), step=3)
-  for step in (1, 2):
+  # The run retrains step 3 from step 2: its save replaces the damaged one, so a second interruption
+  # resumes from it rather than falling back to step 2 again.
+  capsys.readouterr()
+  assert ckpt.save(3, _state(33), extra={"step": 3})
+  state, extra = ckpt.restore(_state(0))
+  _assert_state_equal(state, _state(33))
+  assert extra == {"step": 3} and "unreadable" not in capsys.readouterr().out
+  for step in (1, 2, 3):
     _truncate(glob.glob(os.path.join(str(tmp_path), str(step), "state", "_METADATA")))
   with pytest.raises(ConfigError, match="no readable checkpoint"):
     ckpt.restore(_state(0))
