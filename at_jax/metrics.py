@@ -88,7 +88,14 @@ def _format_number(value: float) -> str:
 class MetricWriter:
   """Appends metrics to workdir/metrics.jsonl and to TensorBoard."""
 
-  def __init__(self, workdir: str, *, enabled: bool | None = None, after_step: int | None = None):
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    enabled: bool | None = None,
+    after_step: int | None = None,
+    evals_at_step: bool = False,
+  ):
     """Opens the writers.
 
     Args:
@@ -96,6 +103,8 @@ class MetricWriter:
       enabled: whether to write; default: only on process 0.
       after_step: a resumed run's first step - 1: lines of later steps (logged by a killed run past
         its last checkpoint, and about to be logged again) are dropped from metrics.jsonl first.
+      evals_at_step: also drop the `eval/` lines of `after_step` itself (a finished run relaunched
+        evaluates its last step again).
     """
     self.enabled = _is_main_process() if enabled is None else enabled
     self.path = os.path.join(workdir, METRICS_FILE)
@@ -106,7 +115,7 @@ class MetricWriter:
       # Append: a resumed run continues the same file. A bucket object cannot be appended to, so there
       # the lines are kept and the object rewritten at each write (kilobytes, every log step).
       if after_step is not None and storage.exists(self.path):
-        _drop_lines_after(self.path, after_step)
+        _drop_lines_after(self.path, after_step, evals_at_step)
       if storage.is_remote(self.path):
         self._text = ""
         if storage.exists(self.path):
@@ -160,17 +169,21 @@ class MetricWriter:
       self._file = self._tensorboard = None
 
 
-def _drop_lines_after(path: str, step: int) -> None:
-  """Rewrites the metrics file `path` without its lines of steps after `step` (and a torn last line)."""
+def _drop_lines_after(path: str, step: int, evals_at_step: bool = False) -> None:
+  """Rewrites the metrics file `path` without its lines of steps after `step` (and a torn last line),
+  and with `evals_at_step` without the evaluations of `step` either."""
   with storage.open_file(path) as f:
     lines = f.read().splitlines(keepends=True)
   kept = []
   for line in lines:
     try:
-      if json.loads(line)["step"] <= step:
-        kept.append(line if line.endswith("\n") else line + "\n")
+      record = json.loads(line)
+      at = record["step"]
     except (ValueError, KeyError):
       continue  # a line cut short by the kill
+    evaluated = any(key.startswith("eval/") for key in record)
+    if at < step or (at == step and not (evals_at_step and evaluated)):
+      kept.append(line if line.endswith("\n") else line + "\n")
   if len(kept) != len(lines):
     storage.write_atomic(path, "".join(kept))
 

@@ -156,7 +156,8 @@ def _train_and_evaluate(run: Run, ckpt: checkpoint.Checkpointer) -> dict[str, fl
   state, saved = _starting_state(run, state, shardings, ckpt)
   start = int(jax.device_get(state.step))
   # Lines a killed run logged past its last checkpoint are logged again from there: drop them first.
-  writer = metrics.MetricWriter(workdir, after_step=start)
+  # A finished run relaunched evaluates its last step again: that line too.
+  writer = metrics.MetricWriter(workdir, after_step=start, evals_at_step=start == run.total_steps)
   evaluations = Evaluations(run, eval_fn, writer, saved)
   _describe(run, start)
   # One SIGTERM/SIGINT policy from the first step to the export: in the loop every process saves the
@@ -251,6 +252,7 @@ def _train(
   skipped_total = skipped_before  # the run's count over all processes, as of the last sum
   if evaluations.due(start):  # preempted at an evaluation step: it saved before evaluating
     evaluations(start, state)
+  preempted = False
   for step in range(start + 1, run.total_steps + 1):
     batch = next(batches)
     skipped += int(batch.pop("skipped").sum())  # a host-side count, not an input of the step
@@ -278,16 +280,23 @@ def _train(
     extra = {**stream.position(run, step, skipped_total), **evaluations.extra()}
     ckpt.save(step, state, extra=extra, force=preempted)
     if preempted:
-      ckpt.wait()
-      ckpt.close()
-      writer.close()
-      raise Preempted(
-        f"preempted at step {step}: checkpoint saved in {ckpt.directory}; relaunch with the "
-        "same workdir to resume exactly"
-      )
-  if pending is not None:
+      break
+  if pending is not None:  # also when preempted: the relaunch starts after this step
     _log(run, pending, writer, progress, ckpt)
+  if preempted:
+    _stop_preempted(step, ckpt, writer)
   return state, skipped_total
+
+
+def _stop_preempted(step: int, ckpt: checkpoint.Checkpointer, writer: metrics.MetricWriter) -> None:
+  """Lets the save of `step` finish, closes the run's files and raises Preempted."""
+  ckpt.wait()
+  ckpt.close()
+  writer.close()
+  raise Preempted(
+    f"preempted at step {step}: checkpoint saved in {ckpt.directory}; relaunch with the "
+    "same workdir to resume exactly"
+  )
 
 
 def evaluate_checkpoint(

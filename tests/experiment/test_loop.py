@@ -12,7 +12,7 @@ import pytest
 from at_jax import checkpoint, metrics
 from at_jax.data import sources
 from at_jax.errors import ConfigError
-from at_jax.experiment import job, loop, paths, runs, teachers, validation
+from at_jax.experiment import job, loop, paths, preemption, runs, teachers, validation
 from at_jax.models import vit
 from configs import mae_fmnist
 from tests.conftest import demo_pretraining_its_teacher
@@ -483,6 +483,12 @@ def _evals_by_step(workdir) -> dict[int, dict]:
   return {x["step"]: x for x in lines if "eval/top1" in x}
 
 
+def _lines(workdir) -> list[dict]:
+  """metrics.jsonl's lines, ordered by step (a train line before an evaluation)."""
+  lines = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  return sorted(lines, key=lambda x: (x["step"], "eval/top1" in x))
+
+
 def _kill_after_checkpoint(straight, workdir, step: int) -> None:
   """What a run killed after its checkpoint at `step` leaves: checkpoints and metrics up to `step`, no
   exports (a killed run may also leave metrics past its checkpoint: the relaunch writes them again)."""
@@ -497,7 +503,7 @@ def _kill_after_checkpoint(straight, workdir, step: int) -> None:
 
 
 @pytest.mark.slow
-def test_best_evaluation_is_reported_and_survives_resume(tmp_path, tiny_config):
+def test_best_evaluation_is_reported_and_survives_resume(tmp_path, tiny_config, monkeypatch):
   """Evaluations every 0.1 epoch (2 steps): the run returns the last one and the running best, raw and
   EMA, as the reference's max accuracy; logged at each evaluation; a relaunch reports the same."""
   c = tiny_config(steps=8, mode="none")
@@ -529,26 +535,25 @@ def test_best_evaluation_is_reported_and_survives_resume(tmp_path, tiny_config):
   assert loop.train_and_evaluate(c, str(resumed)) == results
   assert _evals_by_step(resumed) == evals
 
-  # Preempted at step 4: it saved before evaluating it (best and last evaluation as of step 2); the
-  # relaunch evaluates step 4 first, then goes on as the uninterrupted run did.
+  # Preempted at step 4 (SIGTERM during it; `stop_at` is the loop's view of the signal): it saves
+  # before evaluating step 4 and logs step 4's train line; the relaunch evaluates step 4 first, then
+  # goes on as the uninterrupted run did: the same results and the same log lines (step 4's train line
+  # now before its evaluation).
+  logged = _lines(straight)
   preempted = tmp_path / "preempted"
-  _kill_after_checkpoint(straight, preempted, 4)
-  extra_file = preempted / "checkpoints" / "4" / "extra" / "metadata"
-  extra = json.loads(extra_file.read_text())
-  assert extra[loop.LAST_EVAL_KEY] == 4 and extra[loop.BEST_KEY]["best_top1_step"] <= 4
-  at_2 = {k[len("eval/") :]: v for k, v in evals[2].items() if "/best_" not in k and k != "step"}
-  extra[loop.BEST_KEY] = metrics.update_best({}, 2, at_2)
-  extra[loop.LAST_EVAL_KEY] = 2
-  extra_file.write_text(json.dumps(extra))
-  (preempted / "metrics.jsonl").write_text(
-    "".join(
-      json.dumps(x) + "\n"
-      for x in metrics.read_jsonl(str(preempted / "metrics.jsonl"))
-      if not (x["step"] == 4 and "eval/top1" in x)
-    )
+  real_stop_at = preemption.Training.stop_at
+  monkeypatch.setattr(
+    preemption.Training, "stop_at", lambda self, step: real_stop_at(self, step) or step == 4
   )
+  with pytest.raises(preemption.Preempted, match="preempted at step 4"):
+    loop.train_and_evaluate(c, str(preempted))
+  monkeypatch.undo()
+  assert sorted(_evals_by_step(preempted)) == [2]
   assert loop.train_and_evaluate(c, str(preempted)) == results
-  assert _evals_by_step(preempted) == evals
+  assert _lines(preempted) == logged
+  # A finished run relaunched evaluates its last step again, and logs it once.
+  assert loop.train_and_evaluate(c, str(straight)) == results
+  assert _lines(straight) == logged
 
 
 @pytest.mark.slow
