@@ -35,14 +35,18 @@ def ensure_teacher(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
     return None
   teacher_dir = os.path.join(workdir, TEACHER_DIR)
   results_file = os.path.join(teacher_dir, "results.json")
-  if _will_train_teacher(config, workdir):
+  if not _will_train_teacher(config, workdir):
+    with storage.open_file(results_file) as f:
+      return json.load(f)
+  if checkpoint.is_export(os.path.join(teacher_dir, EXPORT_DIR)):
+    metrics.say(f"== The teacher in {teacher_dir} stopped before its results: finishing it ==")
+  else:
     metrics.say(f"== No teacher in {teacher_dir}: training one ==")
-    with _named_as_teacher():
-      evals = train_and_evaluate(config.teacher.pretrain, teacher_dir)
-    if jax.process_index() == 0:
-      storage.write_atomic(results_file, json.dumps(evals))
-  with storage.open_file(results_file) as f:
-    return json.load(f)
+  with _named_as_teacher():
+    evals = train_and_evaluate(config.teacher.pretrain, teacher_dir)
+  if jax.process_index() == 0:
+    storage.write_atomic(results_file, json.dumps(evals))
+  return evals  # every process's own: none waits for process 0's file
 
 
 @contextlib.contextmanager
@@ -70,9 +74,13 @@ def _say_teacher_data(config: ml_collections.ConfigDict) -> None:
 
 
 def _will_train_teacher(config: ml_collections.ConfigDict, workdir: str) -> bool:
-  """Whether `ensure_teacher` has a teacher to train: the config says how, and none is there yet."""
-  export = os.path.join(workdir, TEACHER_DIR, EXPORT_DIR)
-  return _pretrains_teacher(config) and not checkpoint.is_export(export)
+  """Whether `ensure_teacher` has a teacher to train: the config says how, and none is there yet, or
+  its run was stopped before it wrote its results (the relaunch then evaluates its last step again)."""
+  teacher_dir = os.path.join(workdir, TEACHER_DIR)
+  done = checkpoint.is_export(os.path.join(teacher_dir, EXPORT_DIR)) and storage.exists(
+    os.path.join(teacher_dir, "results.json")
+  )
+  return _pretrains_teacher(config) and not done
 
 
 def _pretrains_teacher(config: ml_collections.ConfigDict) -> bool:

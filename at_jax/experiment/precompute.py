@@ -40,6 +40,7 @@ from at_jax.data import options, pipeline, sources, target_store
 from at_jax.data.sources import Source
 from at_jax.errors import ConfigError
 from at_jax.experiment import job, teachers, validation
+from at_jax.experiment import workdir as workdir_claim
 from at_jax.models import vit
 from at_jax.transfer import spec, targets
 
@@ -322,9 +323,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   Writes to `transfer.targets_dir` (default <workdir>/teacher_targets), where a training run of the same
   config with `transfer.source = "precomputed"` reads them. Batches of `data.eval_batch_size`.
 
+  Holds the workdir's lock (`workdir.claimed`), as a training run in it does.
+
   Returns:
     The metadata written.
   """
+  with workdir_claim.claimed(workdir):
+    return _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   model, mesh, train_source, _, _ = validation.validate(config, workdir, check_targets=False)
   if config.transfer.mode != "distill":
     raise ConfigError(

@@ -2,8 +2,8 @@
 same run.
 
 The lock, <workdir>/run.lock, is taken by process 0 for every process of a job before anything is
-written into the workdir, and held until the job ends (teacher, student, exports: a workdir inside a held
-one needs no lock of its own). Taking it is one exclusive create (O_EXCL on disk, an upload conditional on
+written into the workdir, and held until the job ends (teacher, student, exports; the teacher's
+workdir inside it is locked too while the teacher trains). Taking it is one exclusive create (O_EXCL on disk, an upload conditional on
 no object in a bucket), so of two launches exactly one wins; the other stops with one line naming the
 holder (host, pid, start time). The holder rewrites its heartbeat every `HEARTBEAT_S`; a lock is stale,
 and taken over without a person, when its process is gone (same host) or its heartbeat is older than
@@ -208,11 +208,12 @@ _claims = 0  # counts claims, to name each one's agreement among processes
 @contextlib.contextmanager
 def claimed(workdir: str) -> Iterator[None]:
   """Holds <workdir>'s lock for the block: process 0 takes it, every process learns the outcome (and
-  raises the same ConfigError if it failed). Re-entrant: a workdir inside a held one (<workdir>/teacher)
-  needs nothing more."""
+  raises the same ConfigError if it failed). Re-entrant for the same workdir. A workdir inside a held
+  one (<workdir>/teacher) takes its own lock too: a launch straight into it would otherwise train
+  there beside the job."""
   global _claims
   path = storage.absolute(workdir).rstrip("/")
-  if any(path == held or path.startswith(held + "/") for held in _held):
+  if path in _held:
     yield
     return
   lock = WorkdirLock(path) if jax.process_index() == 0 else None

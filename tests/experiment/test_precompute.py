@@ -19,6 +19,7 @@ from at_jax import checkpoint, metrics, sharding
 from at_jax.data import pipeline, sources, target_store
 from at_jax.errors import ConfigError
 from at_jax.experiment import loop, precompute, runs, stream, validation
+from at_jax.experiment import workdir as workdir_claim
 from at_jax.models import vit
 from at_jax.training import classify as train_step
 from at_jax.transfer import spec
@@ -445,6 +446,20 @@ def precomputed(tmp_path_factory):
   assert meta["complete"] and meta["layers"] == [0] and meta["num_examples"] == 64
   assert meta["teacher"] == export and meta["teacher_config"]["depth"] == 2
   return export, workdir
+
+
+def test_precompute_holds_the_workdir(precomputed, fake_fashion_mnist, tmp_path):
+  """A workdir in use (a training run, or another precompute) is refused before anything is computed;
+  precompute would otherwise train its teacher, or write its targets, beside that run."""
+  export, _ = precomputed
+  lock = workdir_claim.WorkdirLock(str(tmp_path))
+  lock.acquire()
+  try:
+    with pytest.raises(ConfigError, match="in use by another run"):
+      precompute.run(_config(export), str(tmp_path))
+  finally:
+    lock.release()
+  assert sorted(os.listdir(tmp_path)) == []
 
 
 @pytest.mark.slow

@@ -45,6 +45,23 @@ def test_a_second_lock_on_this_host_is_refused_naming_the_holder(tmp_path):
   second.release()
 
 
+def test_a_workdir_inside_a_held_one_is_locked_too(tmp_path):
+  """The job's teacher workdir (<workdir>/teacher) is locked while the job trains there, so a launch
+  straight into it is refused; and a launch already there stops the job that would train there."""
+  teacher = tmp_path / "teacher"
+  with workdir.claimed(str(tmp_path)):
+    with workdir.claimed(str(teacher)):
+      assert _holder(str(teacher))["pid"] == os.getpid()
+      with pytest.raises(ConfigError, match="in use by another run"):
+        workdir.WorkdirLock(str(teacher)).acquire()
+      with workdir.claimed(str(teacher)):  # the same workdir again: re-entrant
+        pass
+    assert not os.path.exists(teacher / workdir.LOCK_FILE)
+    _write_holder(str(teacher), host=workdir._HOST, pid=os.getpid(), token="a-launch-in-teacher")
+    with pytest.raises(ConfigError, match="in use by another run"), workdir.claimed(str(teacher)):
+      pass
+
+
 def test_stale_locks_are_taken_over_without_a_person(tmp_path, capsys):
   # A crashed run on this host: its process is gone.
   dead = subprocess.run(

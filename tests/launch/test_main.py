@@ -65,10 +65,14 @@ def test_demo_end_to_end_and_resume(tmp_path):
     "teacher/params/model_config.json",
   ):
     assert os.path.exists(os.path.join(workdir, path)), path
-  # Running again on the same workdir resumes: no new teacher, the student restores step 4.
+  # Running again on the same workdir resumes: no new teacher, the student restores step 4. Here the
+  # first launch is as if killed between the teacher's export and its results: the teacher's run is
+  # finished again (its last step evaluated once more) rather than read from a missing file.
+  os.remove(os.path.join(workdir, "teacher", "results.json"))
   again = _main(f"--workdir={workdir}", *TINY)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "No teacher" not in again.stdout and "Resumed" in again.stdout
+  assert "stopped before its results: finishing it" in again.stdout
   assert json.load(open(os.path.join(workdir, "results.json"))) == results
   history = json.load(open(os.path.join(workdir, "run.json")))["history"]
   assert [h["event"] for h in history] == ["start", "resume"]
