@@ -62,6 +62,8 @@ KINDS = {
     num_registers=4,
     posemb_prefix=False,
   ),
+  # SwiGLU without LayerScale: timm's entrypoint defaults to LayerScale unless told 0.0 (None is dropped)
+  "swiglu_no_layerscale_gap": dict(mlp_act="swiglu", mlp_dim=40, class_token=False, pool="gap"),
 }
 # Hugging Face's DINOv2 only (timm's parity has these architectures above), 28 px at patch 7: LayerScale
 # with a head (Dinov2ForImageClassification), headless with registers (Dinov2WithRegistersModel), SwiGLU
