@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from at_jax.convert import keymap
+
 
 def dinov2_mlp_dim(width: int, mlp_ratio: float, swiglu: bool) -> int:
   """The MLP width transformers' DINOv2 builds: int(width * mlp_ratio), SwiGLU 2/3 of it rounded up to a
@@ -24,7 +26,7 @@ def classifier(sd: dict[str, Any]) -> tuple[dict[str, Any], str]:
   when the mean half is zero, else `cls_mean` and the classifier as it is. Headless: `cls`."""
   if "classifier.weight" not in sd:
     return sd, "cls"
-  weight = np.asarray(sd["classifier.weight"])  # [classes, 2 * width]: [cls | mean] inputs
+  weight = keymap.f32(sd["classifier.weight"])  # [classes, 2 * width]: [cls | mean] inputs
   width = weight.shape[1] // 2
   if np.any(weight[:, width:]):
     return sd, "cls_mean"

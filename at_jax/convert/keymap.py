@@ -113,10 +113,10 @@ def layer_norm(src: str, dst: str, width: int, rules: Rules) -> None:
   rules[f"{src}.bias"] = ((width,), lambda a: {f"{dst}/bias": a})
 
 
-def _f32(value: Any) -> Array:
-  if hasattr(
-    value, "detach"
-  ):  # A torch tensor (bf16/fp16 have no numpy twin: cast in torch first).
+def f32(value: Any) -> Array:
+  """A checkpoint's array as float32 numpy; a torch tensor is cast in torch first (bf16 has no numpy
+  twin)."""
+  if hasattr(value, "detach"):
     value = value.detach().float().numpy()
   return np.asarray(value, np.float32)
 
@@ -135,7 +135,7 @@ def apply(flat: Mapping[str, Any], rules: Rules, path: str, what: str) -> dict[s
     got = tuple(flat[key].shape)
     if got != shape:
       raise ConfigError(path, f"{key} has shape {got}, expected {shape} for {what}")
-    for dst, array in to_ours(_f32(flat[key])).items():
+    for dst, array in to_ours(f32(flat[key])).items():
       *parents, leaf = dst.split("/")
       node = params
       for name in parents:

@@ -238,6 +238,17 @@ def test_dinov2_classifier_on_cls_and_mean_patch_token(tmp_path):
   assert (config["pool"], config["num_classes"], config["num_registers"]) == ("cls_mean", 3, 2)
   weight_VD = model.classifier.weight.detach().numpy().copy()  # [3, 2 * 32]
   np.testing.assert_array_equal(params["head"]["kernel"], weight_VD.T)
+  # Saved in bf16 as pytorch_model.bin (torch tensors numpy cannot hold): the same head, bf16-rounded.
+  bf16 = shutil.copytree(tmp_path / "cls_mean", tmp_path / "bf16_bin")
+  state = load_file(os.path.join(bf16, "model.safetensors"))
+  state = {k: v.to(torch.bfloat16) for k, v in state.items()}
+  torch.save(state, os.path.join(bf16, "pytorch_model.bin"))
+  os.remove(os.path.join(bf16, "model.safetensors"))
+  config_bf16, params_bf16 = load_checkpoint(str(bf16))
+  assert config_bf16 == config
+  np.testing.assert_array_equal(
+    params_bf16["head"]["kernel"], state["classifier.weight"].float().numpy().T
+  )
   images = _images(28)
   out = _run(model, images)
   normed = _run(model.dinov2_with_registers, images).last_hidden_state
