@@ -29,18 +29,16 @@ is written, naming the fields and the target that can (`export_keys.unsupported`
 """
 
 import json
-import math
 import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from at_jax import checkpoint, storage
 from at_jax.convert import export_hf, export_keys
 from at_jax.errors import ConfigError
-from at_jax.models import vit
+from at_jax.models import fit, vit
 
 TARGETS = ("timm", "hf")
 # The heads a training run adds beside the ViT (`vit.export_view` drops them from exports already).
@@ -153,39 +151,19 @@ def read_params(src: str, fields: dict[str, Any]) -> tuple[dict[str, np.ndarray]
 
 
 def input_shape(fields: dict[str, Any], params: dict[str, np.ndarray], src: str) -> tuple[int, int]:
-  """(image size, channels): the position table's square grid times the patch size, and the patch
-  kernel's input channels."""
-  if "pos_embedding" not in params or "embedding/kernel" not in params:
-    raise ConfigError(src, "no pos_embedding or embedding/kernel: not the params of a ViT")
-  table = params["pos_embedding"].shape[1]
-  patches = table - (vit.build(fields).num_prefix if fields["posemb_prefix"] else 0)
-  grid = math.isqrt(max(patches, 0))
-  if patches <= 0 or grid * grid != patches:
-    raise ConfigError(
-      src,
-      f"its position table has {patches} patch slots, not a square grid: timm's and Hugging "
-      "Face's ViTs are built for a square image size",
-    )
-  return grid * fields["patch_size"], int(params["embedding/kernel"].shape[2])
+  """(image size, channels) of the square images `params` are for (`fit.input_shape`)."""
+  try:
+    return fit.input_shape(vit.build(fields), params)
+  except ValueError as e:
+    raise ConfigError(src, str(e)) from None
 
 
 def _check_fits(fields: dict[str, Any], params: dict[str, np.ndarray], src: str) -> None:
   """ConfigError unless `params` has exactly the leaves and shapes of the ViT `fields` describes."""
-  image_size, channels = input_shape(fields, params, src)
-  images = jax.ShapeDtypeStruct((1, image_size, image_size, channels), jnp.float32)
-  model = vit.build(fields)
-  want = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)["params"]
-  want = {
-    "/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
-    for path, leaf in jax.tree_util.tree_leaves_with_path(want)
-  }
-  got = {k: tuple(v.shape) for k, v in params.items()}
-  if want != got:
-    diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+  differ = fit.mismatches(vit.build(fields), params, *input_shape(fields, params, src))
+  if differ:
     raise ConfigError(
-      src,
-      "its params do not match its model_config.json: "
-      + ", ".join(f"{k} {got.get(k)} vs {want.get(k)}" for k in diff[:10]),
+      src, "its params do not match its model_config.json: " + ", ".join(differ[:10])
     )
 
 

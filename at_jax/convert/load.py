@@ -24,12 +24,9 @@ position table with the prefix slots when the checkpoint has them):
 
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-
 from at_jax.convert import big_vision, hf, hf_folder, keymap, posemb, readers, selection, timm
 from at_jax.errors import ConfigError
-from at_jax.models import vit
+from at_jax.models import fit, vit
 
 # Per family, the architecture fields a checkpoint does not store. Empty: the reader's defaults fit (exact
 # GELU and eps 1e-6 for PyTorch files; tanh GELU, flax's nn.gelu, for big_vision .npz).
@@ -131,15 +128,10 @@ def _from_file(
 
 def _check_against_model(config: dict, params: dict, image_size: int, path: str) -> None:
   """Guards against drift between this converter and `vit.ViT`: same tree, same shapes."""
-  model = vit.build(config)
   channels = params["embedding"]["kernel"].shape[2]
-  images = jax.ShapeDtypeStruct((1, image_size, image_size, channels), jnp.float32)
-  want = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)["params"]
-  want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(want)}
-  got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(params)}
-  if want != got:
-    diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+  differ = fit.mismatches(vit.build(config), params, image_size, channels)
+  if differ:
     raise RuntimeError(
       f"at_jax.convert bug: params converted from {path} do not fit vit.ViT({config}): "
-      + ", ".join(f"{k}: {got.get(k)} vs {want.get(k)}" for k in diff[: keymap.MAX_LISTED])
+      + ", ".join(differ[: keymap.MAX_LISTED])
     )

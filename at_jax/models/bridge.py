@@ -26,7 +26,8 @@ from flax import nnx
 from flax.nnx.bridge import variables as bridge_variables
 
 from at_jax import checkpoint
-from at_jax.models import attention, vit
+from at_jax.errors import ConfigError
+from at_jax.models import attention, fit, vit
 
 Array = jax.Array
 
@@ -91,9 +92,19 @@ def from_params(
   model_config: Mapping[str, Any], params: Mapping[str, Any], *, rngs: nnx.Rngs | int = 0
 ) -> ViTNNX:
   """The ViT `model_config` describes (`vit.build`'s dict) holding `params` (the linen tree, e.g. from
-  `checkpoint.load_params`), as an NNX module. No init runs: the params become its variables as they are,
-  and a params tree that does not fit the config fails on the first call with linen's shape error."""
-  nnx_model = ViTNNX(vit.build(model_config), rngs=_rngs(rngs))
+  `checkpoint.load_params`), as an NNX module. No init runs: the params become its variables as they are.
+  Raises ConfigError (field `params`) when they are not that ViT's: a leaf missing, extra (linen would
+  ignore it: a deeper checkpoint would run truncated) or of another shape."""
+  model = vit.build(model_config)
+  try:
+    differ = fit.mismatches(model, params, *fit.input_shape(model, params))
+  except ValueError as e:
+    differ = [str(e)]
+  if differ:
+    raise ConfigError(
+      "params", f"not the params of the ViT model_config describes: {', '.join(differ[:10])}"
+    )
+  nnx_model = ViTNNX(model, rngs=_rngs(rngs))
   arrays = jax.tree.map(jnp.asarray, dict(params))  # numpy leaves from an export -> device arrays
   # What the bridge does with the variables its lazy init creates: one nnx.Param per leaf, grouped in
   # attributes named after the top-level entries of the linen tree.

@@ -2,7 +2,6 @@
 every layer's attention logits, an attention-copy override), gradients through `nnx.grad`, a params
 export loaded, and an `nnx.Optimizer` step."""
 
-import flax.errors
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,11 +110,19 @@ def test_params_export_loads(setup, tmp_path):
     bridge.from_export(str(tmp_path / "missing"))
 
 
-def test_params_that_do_not_fit_the_config_fail_on_the_first_call(setup):
-  model, params, images = setup
-  wrong = bridge.from_params({**_fields(model), "width": 64, "mlp_dim": 128}, params)
-  with pytest.raises(flax.errors.ScopeParamShapeError):
-    wrong(images, train=False)
+def test_params_that_are_not_the_configs_vit_are_refused(setup):
+  """Other shapes (a wider config), and params the config does not use (a deeper model's blocks and
+  a head into a shallower, headless config: linen would run them truncated, silently)."""
+  model, params, _ = setup
+  fields = _fields(model)
+  for config, says in [
+    ({**fields, "width": 64, "mlp_dim": 128}, r"LayerNorm_0/bias: \(32,\) vs \(64,\)"),
+    ({**fields, "depth": fields["depth"] - 1}, r"encoderblock_1/LayerNorm_0/bias: \(32,\) vs None"),
+    ({**fields, "num_classes": 0}, r"head/kernel: \(32, 10\) vs None"),
+  ]:
+    with pytest.raises(ConfigError, match=says) as e:
+      bridge.from_params(config, params)
+    assert e.value.field == "params"
 
 
 def test_one_optax_step_through_nnx_optimizer(setup):
