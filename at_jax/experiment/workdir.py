@@ -11,7 +11,7 @@ and taken over without a person, when its process is gone (same host) or its hea
 exclusive create, of a marker named after the stale lock's token, so two launches cannot both take over.
 
 The identity, <workdir>/run.json, is what defines the run: every field of `IDENTITY_SECTIONS` except
-those of `NOT_IDENTITY`, written at the run's first start with a history of its launches. A relaunch
+those of `NOT_IDENTITY` and those the run does not read (a run without transfer reads no teacher), written at the run's first start with a history of its launches. A relaunch
 with any of them changed is refused, naming each, before anything is computed, unless the config says
 `resume="override"`, which is recorded in the history.
 """
@@ -261,7 +261,7 @@ def identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
   flat: dict[str, Any] = {}
 
   def walk(value: Any, field: str) -> None:
-    if field in NOT_IDENTITY:
+    if field in NOT_IDENTITY or _unused(config, field):
       return
     if field == "teacher.pretrain" and value is not None:
       flat.update({f"{field}.{k}": v for k, v in identity(config.teacher.pretrain).items()})
@@ -275,6 +275,16 @@ def identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
     if section in fields:
       walk(fields[section], section)
   return flat
+
+
+def _unused(config: ml_collections.ConfigDict, field: str) -> bool:
+  """Whether `field` computes nothing in this config: a run without transfer (transfer.mode "none")
+  reads no teacher and no other transfer field, so changing them changes nothing."""
+  if config.get("transfer", {}).get("mode", "none") != "none":
+    return False
+  return field.startswith("teacher.") or (
+    field.startswith("transfer.") and field != "transfer.mode"
+  )
 
 
 def read_record(workdir: str) -> dict[str, Any] | None:
@@ -296,11 +306,12 @@ def check(config: ml_collections.ConfigDict, workdir: str, prefix: str = "") -> 
   if record is None:
     return {}
   before, now = record["identity"], identity(config)
-  # A field the record lacks came with a newer at_jax than the run's start: not a change of the run.
+  # A field the record lacks came with a newer at_jax than the run's start: not a change of the run;
+  # nor is one this config does not use (recorded by an older at_jax, which kept them).
   changed = {
     k: [before.get(k, "(absent)"), now.get(k, "(absent)")]
     for k in sorted(before)
-    if before[k] != now.get(k, "(absent)")
+    if before[k] != now.get(k, "(absent)") and not _unused(config, k)
   }
   if changed and resume != "override":
     listed = "; ".join(f"{prefix}{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())

@@ -193,6 +193,26 @@ def test_identity_names_each_changed_field_and_records_an_override(tmp_path, tin
     workdir.check(c, path)
 
 
+def test_a_run_without_transfer_is_not_defined_by_teacher_or_transfer_fields(tmp_path, tiny_config):
+  """Scratch (transfer.mode "none") reads no teacher: a relaunch naming another one, or another
+  distillation weight, is the same run, also against a record that kept those fields (older at_jax);
+  turning the transfer on is not."""
+  path = str(tmp_path)
+  c = tiny_config(steps=4, mode="none")
+  c.teacher.init = "/old/teacher"
+  assert not any(k.startswith(("teacher.", "transfer.layers")) for k in workdir.identity(c))
+  workdir.record(c, path, {}, resuming=False)
+  c.teacher.init, c.transfer.weight = "/moved/teacher", 1.0
+  assert workdir.check(c, path) == {}
+  older = workdir.read_record(path)
+  older["identity"].update({"teacher.init": "/old/teacher", "transfer.weight": 3.0})
+  storage.write_atomic(os.path.join(path, workdir.IDENTITY_FILE), json.dumps(older))
+  assert workdir.check(c, path) == {}
+  c.transfer.mode = "distill"
+  with pytest.raises(ConfigError, match=r"transfer.mode: 'none' -> 'distill'"):
+    workdir.check(c, path)
+
+
 def test_a_teacher_of_another_recipe_is_named_under_its_prefix(tmp_path):
   from configs import demo  # pylint: disable=import-outside-toplevel
 
