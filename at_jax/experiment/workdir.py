@@ -2,18 +2,20 @@
 same run.
 
 The lock, <workdir>/run.lock, is taken by process 0 for every process of a job before anything is
-written into the workdir, and held until the job ends (teacher, student, exports; the teacher's
-workdir inside it is locked too while the teacher trains). Taking it is one exclusive create (O_EXCL on disk, an upload conditional on
-no object in a bucket), so of two launches exactly one wins; the other stops with one line naming the
-holder (host, pid, start time). The holder rewrites its heartbeat every `HEARTBEAT_S`; a lock is stale,
-and taken over without a person, when its process is gone (same host) or its heartbeat is older than
-`STALE_S` (any host: a launch on another host waits that long before refusing). A takeover is itself one
-exclusive create, of a marker named after the stale lock's token, so two launches cannot both take over.
+written into the workdir, and held until the job ends (teacher, student, exports; the teacher's workdir
+inside it is locked too while the teacher trains). Taking it is one exclusive create (O_EXCL on disk,
+an upload conditional on no object in a bucket), so of two launches exactly one wins; the other stops
+with one line naming the holder (host, pid, start time). The holder rewrites its heartbeat every
+`HEARTBEAT_S`; a lock is stale, and taken over without a person, when its process is gone (same host)
+or its heartbeat is older than `STALE_S` (any host: a launch on another host waits that long before
+refusing). A takeover is itself one exclusive create, of a marker named after the stale lock's token,
+so two launches cannot both take over.
 
 The identity, <workdir>/run.json, is what defines the run: every field of `IDENTITY_SECTIONS` except
-those of `NOT_IDENTITY` and those the run does not read (a run without transfer reads no teacher), written at the run's first start with a history of its launches. A relaunch
-with any of them changed is refused, naming each, before anything is computed, unless the config says
-`resume="override"`, which is recorded in the history.
+those of `NOT_IDENTITY` and those the run does not read (a run without transfer reads no teacher),
+written at the run's first start with a history of its launches. A relaunch with any of them changed is
+refused, naming each, before anything is computed, unless the config says `resume="override"`, which is
+recorded in the history.
 """
 
 import contextlib
