@@ -333,6 +333,13 @@ def _check_stored_targets(
   stored.check(
     **expected
   )  # the stored teacher's shape went through `spec.resolve` (its heads, tokens)
+  if spec.loss_impl != "direct" and "q" not in stored.metadata["keys"]:
+    raise ConfigError(
+      "transfer.loss_impl",
+      f"{spec.loss_impl!r} streams the teacher's maps from its q and k, but {directory} holds its "
+      "attention logits (precompute.store='logits'): precompute q and k "
+      "(--config.precompute.store=qk) or use 'direct'",
+    )
 
 
 def _check_memory(

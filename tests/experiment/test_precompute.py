@@ -542,6 +542,7 @@ def test_train_from_a_deeper_teachers_stored_targets(fake_fashion_mnist, tmp_pat
     (dict(data=dict(normalization="unit")), "data.normalization"),
     (dict(transfer=dict(layers="all")), "transfer.layers"),
     (dict(transfer=dict(what="q")), "transfer.what"),
+    (dict(transfer=dict(loss_impl="blockwise")), "transfer.loss_impl"),  # logits stored, not q/k
   ],
 )
 def test_validate_names_what_disagrees_with_the_stored_targets(
