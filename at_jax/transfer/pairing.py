@@ -78,6 +78,10 @@ def parse_selection(selection: Any, size: int, field: str, what: str = "layers")
         f"{selection!r}: use 'all', 'first:k', 'last:k', 'end_layer:e' or a list "
         f"of indices like '0,3,5'",
       ) from None
+  if not isinstance(selection, Sequence) or not all(_is_index(i) for i in selection):
+    raise ConfigError(
+      field, f"{selection!r}: use 'all', 'first:k', 'last:k', 'end_layer:e' or a list of integers"
+    )
   indices = []
   for i in selection:
     if not -size <= int(i) < size:
@@ -88,6 +92,11 @@ def parse_selection(selection: Any, size: int, field: str, what: str = "layers")
   if len(set(indices)) != len(indices):
     raise ConfigError(field, f"repeated indices in {list(selection)}")
   return tuple(sorted(indices))
+
+
+def _is_index(value: Any) -> bool:
+  """An integer (numpy's too), not a bool or a float that int() would truncate."""
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def choice(field: str, value: str, options: Sequence[str]) -> str:

@@ -38,6 +38,9 @@ def test_parse_selection(selection, expected):
     ("1,1", "repeated"),
     ([], "selects nothing"),
     ("first:x", "integer"),
+    (3, "list of integers"),  # not a list
+    ([1.9], "list of integers"),  # would be truncated to 1
+    ([True], "list of integers"),
   ],
 )
 def test_parse_selection_errors(selection, match):
