@@ -200,7 +200,9 @@ def make_eval_step(
   def evaluate(params: Any, ema_params: Any, batch: Batch, teacher_params: Any) -> dict:
     override = None
     if t.teacher_in_eval:
-      copied = targets.run_teacher(teacher, teacher_params, batch["image"], t)
+      copied = targets.run_teacher(
+        teacher, teacher_params, batch["image"], t, weights_B=batch["mask"]
+      )
       override = targets.copy_override(copied, t)
     mask = batch["mask"].astype(jnp.float32)
 

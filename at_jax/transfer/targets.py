@@ -118,19 +118,24 @@ def learned_mix(targets: Targets, head_mix_SHT: Array, transfer: spec.Transfer) 
   return {**rest, "attn_probs": mixed}
 
 
-def _average(targets: Targets, transfer: spec.Transfer) -> Targets:
-  """With `average = "images"`, every image's transferred quantity replaced by its mean over the batch."""
+def _average(targets: Targets, transfer: spec.Transfer, weights_B: Array | None = None) -> Targets:
+  """With `average = "images"`, every image's transferred quantity replaced by its mean over the batch,
+  over the images `weights_B` marks (an eval batch's mask: padding left out); all when None."""
   if transfer.average != "images":
     return targets
   key = transfer.teacher_key
   stacked = targets[key]  # [S, B, ...]
-  if (
-    transfer.what == "attn"
-  ):  # average the maps, not the logits; log(mean map) is a logit whose softmax is it
-    mean = jnp.log(jax.nn.softmax(stacked.astype(jnp.float32), -1).mean(axis=1, keepdims=True))
+  attn = transfer.what == "attn"  # average the maps, not the logits: log(mean map) is a logit of it
+  values = jax.nn.softmax(stacked.astype(jnp.float32), -1) if attn else stacked
+  if weights_B is None:
+    mean = values.mean(axis=1, keepdims=True)
   else:
-    mean = stacked.mean(axis=1, keepdims=True)
-  return {**targets, key: jnp.broadcast_to(mean, stacked.shape)}
+    w_B = weights_B.astype(jnp.float32)
+    w_B = jnp.where(w_B.sum() > 0, w_B, 1.0)  # padding alone: no image is counted, any mean serves
+    w = w_B.reshape((1, -1) + (1,) * (values.ndim - 2))
+    mean = (values.astype(jnp.float32) * w).sum(1, keepdims=True) / w.sum(1, keepdims=True)
+    mean = mean if attn else mean.astype(stacked.dtype)
+  return {**targets, key: jnp.broadcast_to(jnp.log(mean) if attn else mean, stacked.shape)}
 
 
 def teacher_outputs(
@@ -177,11 +182,13 @@ def run_teacher(
   transfer: spec.Transfer,
   *,
   drop_masks: Array | None = None,
+  weights_B: Array | None = None,
 ) -> Targets:
   """What a jointly run teacher hands over: `transfer.target_keys` of the teacher layers the selected
-  student layers read, at the student's head count and tokens, averaged over images if asked,
-  {key: [S, B, ...]}, with no gradient. The teacher sees the images at `transfer.teacher_image_size`
-  where that is set (`teacher_view`); `drop_masks` as in `teacher_outputs`."""
+  student layers read, at the student's head count and tokens, averaged over images if asked (over
+  those `weights_B` marks, e.g. an eval batch's mask), {key: [S, B, ...]}, with no gradient. The teacher
+  sees the images at `transfer.teacher_image_size` where that is set (`teacher_view`); `drop_masks` as
+  in `teacher_outputs`."""
   stacked = teacher_outputs(
     teacher,
     teacher_params,
@@ -190,7 +197,7 @@ def run_teacher(
     transfer.target_keys,
     drop_masks=drop_masks,
   )
-  return _average(_to_student(stacked, transfer), transfer)
+  return _average(_to_student(stacked, transfer), transfer, weights_B)
 
 
 def teacher_targets(teacher_out: Mapping[str, Array], transfer: spec.Transfer) -> Targets:

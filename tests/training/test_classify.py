@@ -105,16 +105,14 @@ def test_precomputed_equals_jointly(what):
   assert_params_close(pj, pp)
 
 
-def _sharp_params(model):
-  """Fresh params with query and key kernels scaled by 10: random init's attention is near-uniform and
-  barely sensitive to its inputs; sharpened, a wrong teacher target shows in the gradient."""
-  params = model.init(jax.random.key(3), jnp.zeros((1, S, S, 3)), train=False)["params"]
+def _sharp_params(model, seed=3, sharpened=("query", "key")):
+  """Fresh params with the `sharpened` kernels scaled by 10: random init's attention is near-uniform
+  and barely sensitive to its inputs; sharpened, a wrong teacher target shows in the gradient (and,
+  with value and out too, the attention moves the predictions)."""
+  params = model.init(jax.random.key(seed), jnp.zeros((1, S, S, 3)), train=False)["params"]
+  kernels = {(name, "kernel") for name in sharpened}
   return jax.tree_util.tree_map_with_path(
-    lambda p, x: (
-      10 * x
-      if [getattr(k, "key", "") for k in p][-2:] in (["query", "kernel"], ["key", "kernel"])
-      else x
-    ),
+    lambda p, x: 10 * x if tuple(getattr(k, "key", "") for k in p[-2:]) in kernels else x,
     params,
   )
 
@@ -185,24 +183,44 @@ def test_cross_entropy_label_smoothing_and_soft_labels():
 
 
 def test_copy_eval_runs_teacher():
-  """Copy-mode evaluation overrides with the teacher's maps; distill-mode evaluation does not."""
-  batches = _batches()
-  student, teacher, t_copy, *_, tp = build_step("copy", layers="all")
+  """Copy-mode evaluation overrides with the teacher's maps; distill-mode evaluation does not. The
+  labels are the copied student's predictions, so only the evaluation that copies scores 100%."""
+  student, teacher, t_copy, *_ = build_step("copy", layers="all")
   t_distill = spec.resolve({"mode": "distill"}, student, teacher, S)
-  sp = student.init(jax.random.key(4), jnp.zeros((1, S, S, 3)), train=False)["params"]
-  batch = {k: jnp.asarray(v) for k, v in batches[0].items()}
-  _, out = teacher.apply({"params": tp}, batch["image"], train=False)
-  logits_copy, _ = student.apply(
-    {"params": sp},
-    batch["image"],
-    train=False,
-    override={"logits": out["attn_logits"], "mask": jnp.ones((2, 2), bool)},
-  )
-  logits_own, _ = student.apply({"params": sp}, batch["image"], train=False)
-  for t, logits in ((t_copy, logits_copy), (t_distill, logits_own)):
+  tp, sp = _sharp_params(teacher), _sharp_params(student, 4, ("query", "key", "value", "out"))
+  images = jnp.asarray(_batches()[0]["image"])
+  _, out = teacher.apply({"params": tp}, images, train=False)
+  override = {"logits": out["attn_logits"], "mask": jnp.ones((2, 2), bool)}
+  copied = student.apply({"params": sp}, images, train=False, override=override)[0].argmax(-1)
+  own = student.apply({"params": sp}, images, train=False)[0].argmax(-1)
+  assert bool(jnp.any(copied != own))  # the teacher's maps change predictions: the test can fail
+  batch = {"image": images, "label": copied, "mask": jnp.ones(B, bool)}
+  for t, hits in ((t_copy, B), (t_distill, int(jnp.sum(own == copied)))):
     sums = train_step.make_eval_step(student, teacher, t)(sp, sp, batch, tp)
-    assert float(sums["top1"]) == 100 * float(jnp.sum(logits.argmax(-1) == batch["label"]))
-    assert float(sums["count"]) == B
+    assert (float(sums["top1"]), float(sums["count"])) == (100 * hits, B)
+
+
+def test_copy_eval_of_averaged_maps_leaves_padding_out():
+  """average="images" copies the maps averaged over the batch's real images: padding (mask False, zero
+  images as the eval iterator pads) added to the batch changes no real example's prediction."""
+  student, teacher, *_ = build_step("copy", layers="all")
+  t = spec.resolve({"mode": "copy", "average": "images"}, student, teacher, S)
+  tp, sp = _sharp_params(teacher), _sharp_params(student, 4, ("query", "key", "value", "out"))
+  n, pads = 48, 16
+  images = jnp.asarray(np.random.default_rng(1).normal(size=(n + pads, S, S, 3)), jnp.float32)
+  images = images.at[n:].set(0.0)
+  copied = targets.copy_override(targets.run_teacher(teacher, tp, images[:n], t), t)
+  labels = student.apply({"params": sp}, images[:n], train=False, override=copied)[0].argmax(-1)
+  evaluate = train_step.make_eval_step(student, teacher, t)
+  real = {"image": images[:n], "label": labels, "mask": jnp.ones(n, bool)}
+  padded = {
+    "image": images,
+    "label": jnp.concatenate([labels, jnp.zeros(pads, labels.dtype)]),
+    "mask": jnp.arange(n + pads) < n,
+  }
+  for batch in (real, padded):
+    sums = evaluate(sp, sp, batch, tp)
+    assert (float(sums["top1"]), float(sums["count"])) == (100 * n, n)
 
 
 @pytest.mark.parametrize("scan", [False, True])
