@@ -95,6 +95,8 @@ def test_masking_keeps_k_per_sample_and_is_deterministic():
   )
   with pytest.raises(ConfigError, match="mask_ratio"):
     mae.num_kept(16, 1.0)
+  # MAE's len_keep = int(L * (1 - mask_ratio)): truncated, not rounded.
+  assert [mae.num_kept(196, 0.9), mae.num_kept(49, 0.6), mae.num_kept(16, 0.7)] == [19, 19, 4]
 
 
 def test_encoder_sees_only_visible_patches():
