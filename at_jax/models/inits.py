@@ -92,7 +92,9 @@ def dense_kernel(weight_init: str, fused: int = 1) -> Initializer:
 def patch_kernel(weight_init: str) -> Initializer:
   """The patch embedding's kernel [p, p, C, D]: MAE's xavier-uniform as a Linear ("mae"), or PyTorch's
   default Conv2d init, U(+-1/sqrt(fan_in)) ("timm": timm's init leaves the conv alone, as the paper's
-  student does)."""
+  student does). Its bias starts at zero in both, where PyTorch's default draws it from the same
+  U(+-1/sqrt(fan_in)) (+-0.036 at 16x16x3): a difference kept so that the committed studies and demo
+  figures reproduce (docs/faithfulness.md)."""
   if weight_init == "mae":
     return xavier_uniform()
   return nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
