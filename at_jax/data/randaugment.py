@@ -287,6 +287,8 @@ def parse_randaugment(spec: str) -> RandAugmentSpec:
     raise fail("p must be in [0, 1]")
   if values.get("magnitude_std", 0) > 100:  # timm: uniform sampling.
     values["magnitude_std"] = math.inf
+  if values.get("magnitude_max") == 0:  # timm: `magnitude_max or 10`, so mmax0 is the default bound
+    values["magnitude_max"] = 10
   values["increasing"] = bool(values.get("increasing", 0))
   return RandAugmentSpec(**values)
 

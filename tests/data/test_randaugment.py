@@ -41,7 +41,14 @@ class _FixedSign:
 
 
 @pytest.mark.parametrize(
-  "spec", ["rand-m9-mstd0.5-inc1", "rand", "rand-n3-m5-p1.0-mmax12-inc0", "rand-inc1-mstd101-m7"]
+  "spec",
+  [
+    "rand-m9-mstd0.5-inc1",
+    "rand",
+    "rand-n3-m5-p1.0-mmax12-inc0",
+    "rand-inc1-mstd101-m7",
+    "rand-m9-mmax0",  # timm reads 0 as its default bound, 10
+  ],
 )
 def test_parse_randaugment_matches_timm(spec):
   ours = randaugment.parse_randaugment(spec)
@@ -50,7 +57,7 @@ def test_parse_randaugment_matches_timm(spec):
   assert ours.num_ops == theirs.num_layers
   assert ours.magnitude == op.magnitude and ours.prob == op.prob
   assert ours.magnitude_std == op.hparams.get("magnitude_std", 0)
-  assert ours.magnitude_max == (op.hparams.get("magnitude_max") or 10)
+  assert ours.magnitude_max == (op.hparams.get("magnitude_max") or 10) > 0
   names = randaugment.INCREASING_OPS if ours.increasing else randaugment.DEFAULT_OPS
   assert list(names) == [o.name for o in theirs.ops]
 
