@@ -18,7 +18,8 @@ def parse_split(split: str, field: str = "data.train_split") -> tuple[str, Calla
     (name, bounds): `bounds` maps the split's size n to a `slice` of it.
 
   Raises:
-    ConfigError: (field `field`) `split` does not parse.
+    ConfigError: (field `field`) `split` does not parse; `bounds` raises it for bounds beyond the
+      split's size or a selection of no example.
   """
   m = re.fullmatch(r"(\w+)(?:\[(-?\d+%?)?:(-?\d+%?)?\])?", split.strip())
   if m is None:
@@ -28,11 +29,21 @@ def parse_split(split: str, field: str = "data.train_split") -> tuple[str, Calla
     )
 
   def bounds(n: int) -> slice:
+    # Out-of-range bounds are refused, as tfds refuses them, not clamped as a Python slice would be.
     def bound(text: str | None) -> int | None:
-      if text is None or not text.endswith("%"):
-        return None if text is None else int(text)
-      return round(int(text[:-1]) * n / 100)  # Closest example, like tfds.
+      if text is None:
+        return None
+      if text.endswith("%"):
+        if not -100 <= int(text[:-1]) <= 100:
+          raise ConfigError(field, f"{split!r}: {text} is not within -100%..100%")
+        return round(int(text[:-1]) * n / 100)  # Closest example, like tfds.
+      if not -n <= int(text) <= n:
+        raise ConfigError(field, f"{split!r}: {text} is beyond the {n} examples of {m[1]!r}")
+      return int(text)
 
-    return slice(bound(m[2]), bound(m[3]))
+    selected = slice(bound(m[2]), bound(m[3]))
+    if not range(n)[selected]:
+      raise ConfigError(field, f"{split!r} selects none of the {n} examples of {m[1]!r}")
+    return selected
 
   return m[1], bounds
