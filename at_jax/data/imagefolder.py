@@ -38,7 +38,7 @@ CACHE_FORMAT = 1
 
 
 class FileList(NamedTuple):
-  """One split's images, sorted by relative path.
+  """One split's images, in a fixed order: depth-first, each folder's entries sorted by name.
 
   Attributes:
     root: the split's folder.
@@ -236,8 +236,19 @@ def _write_cache(path: str, files: FileList, labels_path: str) -> None:
     print(f"WARNING: cannot write the file list cache {path} ({e}); the next start lists again.")
 
 
-def _has_images(root: str) -> bool:
-  return any(not is_folder and is_image(name) for name, is_folder in storage.scandir(root))
+def _is_flat(root: str) -> bool:
+  """Whether `root` is a flat folder of images (no class folders). Images beside class folders are
+  left out, as torchvision's ImageFolder leaves them, and said."""
+  entries = list(storage.scandir(root))
+  images = [name for name, is_folder in entries if not is_folder and is_image(name)]
+  if images and any(is_folder for _, is_folder in entries):
+    print(
+      f"Note: {root} holds class folders and {len(images)} image(s) beside them "
+      f"({', '.join(sorted(images)[:3])}{' ...' if len(images) > 3 else ''}): those are left out",
+      flush=True,
+    )
+    return False
+  return bool(images)
 
 
 def file_list(
@@ -256,7 +267,7 @@ def file_list(
   cached = _read_cache(path, root, classes, labels_path) if path else None
   if cached is not None:
     return cached
-  flat = _has_images(root)
+  flat = _is_flat(root)
   if flat != bool(labels_path):
     raise ConfigError(
       "data.eval_labels",

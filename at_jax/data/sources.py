@@ -345,6 +345,11 @@ def make_source(
       downloading.
   """
   data_dir = data_dir or None
+  if labels and name != "imagefolder":
+    raise ConfigError(
+      "data.eval_labels",
+      f"{labels!r} labels a flat image folder's eval split; {name!r} carries its own labels: set ''",
+    )
   if name in ("fashion_mnist", "mnist_5k"):
     return _array_source(split, data_dir, field, name)
   if name == "imagefolder":

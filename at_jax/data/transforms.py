@@ -145,7 +145,7 @@ def finish(pil: Image.Image, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
 
   A lookup in a [256, 3] table of pixels * scale - offset: 2-5x faster than
   the arithmetic on [S, S, 3] arrays (whose innermost axis has length 3),
-  with the same float32 values.
+  equal to it within float32 rounding (a few entries differ by <= 5e-7).
   """
   table = np.arange(256, dtype=np.float32)[:, None] * (1 / (255 * std)) - (mean / std)
   x = np.asarray(pil)

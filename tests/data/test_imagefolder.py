@@ -45,10 +45,11 @@ def _source(root, split="train", **kw):
   return sources.make_source("imagefolder", split, str(root), field=field, **kw)
 
 
-def test_files_and_labels_match_torchvision_imagefolder(tmp_path):
+def test_files_and_labels_match_torchvision_imagefolder(tmp_path, capsys):
   root = _tree(tmp_path)
   train = os.path.join(root, "train")
   _jpeg(os.path.join(train, "bee", "nested", "deep", "x.jpeg"), seed=7)  # nested: walked
+  _jpeg(os.path.join(train, "preview.jpg"), seed=9)  # beside the class folders: left out, said
   Image.new("L", (9, 9)).save(os.path.join(train, "ant", "gray.png"))
   for ignored in ("notes.txt", "labels.csv", "README"):
     (tmp_path / "train" / "cat" / ignored).write_text("not an image")
@@ -57,6 +58,7 @@ def test_files_and_labels_match_torchvision_imagefolder(tmp_path):
   assert source.files.classes == tuple(reference.classes) == ("ant", "bee", "cat")
   expected = [(os.path.relpath(p, train), label) for p, label in reference.samples]
   assert list(zip(source.files.paths, source.files.labels.tolist())) == sorted(expected)
+  assert "1 image(s) beside them (preview.jpg): those are left out" in capsys.readouterr().out
   example = source[0]
   assert isinstance(example["image"], Image.Image) and example["label"] == 0
 

@@ -342,6 +342,12 @@ def test_bad_split_names_its_field(fake_system_copy, split, field):
   assert repr(split) in str(e.value)
 
 
+def test_eval_labels_of_a_dataset_with_its_own_are_refused(fake_system_copy):
+  with pytest.raises(ConfigError, match="carries its own labels") as e:
+    sources.make_source("fashion_mnist", "test", field="data.eval_split", labels="/x/labels.csv")
+  assert e.value.field == "data.eval_labels"
+
+
 def test_bad_split_names_the_train_split_by_default(fake_system_copy):
   with pytest.raises(ConfigError) as e:
     sources.make_source("fashion_mnist", "validation")
