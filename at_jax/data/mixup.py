@@ -175,19 +175,21 @@ def mix_batch(
 
 
 def check_group_size(group_size: int, batch_size: int, what: str = "the global batch") -> None:
-  """Raises ConfigError("data.mix_group_size") unless it is 0 or an integer >= 2 dividing `batch_size`.
+  """Raises ConfigError("data.mix_group_size") unless it is 0 or an even integer dividing `batch_size`.
 
-  1 is refused: an example paired with itself stays unmixed, so it would turn mixing off silently.
+  Odd sizes are refused: an example paired with itself stays unmixed (at 1, every example: mixing
+  would be off silently).
   `what` names the batch in the message (with gradient accumulation: the micro-batch).
   """
   if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 0:
     raise ConfigError(
       "data.mix_group_size", f"must be an integer >= 0 (0: one draw per batch), got {group_size!r}"
     )
-  if group_size == 1:
+  if group_size % 2:
     raise ConfigError(
       "data.mix_group_size",
-      "1 pairs every example with itself, which mixes nothing; use 0 (one draw per batch) or >= 2",
+      f"{group_size} is odd: a group pairs example i with its mirror, so its middle example would "
+      "be paired with itself and never mixed (timm asks for an even batch); use 0 or an even size",
     )
   if group_size and batch_size % group_size:
     raise ConfigError(

@@ -317,6 +317,12 @@ def test_a_bad_group_size_names_the_field(group_size):
   assert e.value.field == "data.mix_group_size"
 
 
+def test_an_odd_group_size_that_divides_the_batch_is_refused():
+  with pytest.raises(ConfigError, match="is odd") as e:
+    mixup.check_group_size(3, 21)
+  assert e.value.field == "data.mix_group_size"
+
+
 def test_check_group_size_accepts_divisors_and_zero():
   for group_size in (0, 2, 4, 10, 20):
     mixup.check_group_size(group_size, 20)
