@@ -265,15 +265,25 @@ def _learned_lines(runs: Mapping[str, Any], group: str) -> list[str]:
 
 def _sharpness_line(runs: Mapping[str, Any], group: str) -> str:
   """The rank correlation, over the group's distilled settings, of top-1 with the taught maps'
-  entropy (negative: sharper maps, higher top-1); settings' means, so a handful of points."""
+  entropy (negative: sharper maps, higher top-1), over all of them and over those at the teacher's own
+  temperature; settings' means, so a handful of points."""
   found = sharpness(runs, group)
-  if len(found) < 3:
+  own = {s: v for s, v in found.items() if untempered(group, s) is None}
+  if len(own) < 3:
     return ""
-  entropy, top1 = (np.argsort(np.argsort(v)) for v in zip(*found.values(), strict=True))
-  rho = float(np.corrcoef(entropy, top1)[0, 1])
+
+  def rho(points: Mapping[str, tuple[float, float]]) -> float:
+    entropy, top1 = (np.argsort(np.argsort(v)) for v in zip(*points.values(), strict=True))
+    return float(np.corrcoef(entropy, top1)[0, 1])
+
+  tempered = len(found) - len(own)
+  over_all = f"; {rho(found):+.2f} over all {len(found)}, the {tempered} tempered included" * bool(
+    tempered
+  )
   return (
-    f"\nTop-1 against the entropy of the taught maps over the {len(found)} distilled settings: "
-    f"Spearman rank correlation {rho:+.2f} (negative: sharper maps, higher top-1; settings' means)."
+    f"\nTop-1 against the entropy of the taught maps over the {len(own)} distilled settings at the "
+    f"teacher's own temperature: Spearman rank correlation {rho(own):+.2f}{over_all} (negative: "
+    "sharper maps, higher top-1; settings' means)."
   )
 
 

@@ -145,7 +145,8 @@ def test_taught_measures_each_student_against_the_maps_it_was_taught(tmp_path, m
   }
   text = report.markdown(runs)
   assert f"| {itself['entropy']:.3f} | {itself['kl']:.3f} |" in text
-  assert "over the 3 distilled settings: Spearman rank correlation" in text
+  own = "over the 3 distilled settings at the teacher's own temperature: Spearman rank correlation"
+  assert own in text and "tempered included" not in text  # none tempered here
 
 
 def test_learned_mix_reads_the_mix_the_last_checkpoint_holds(tmp_path):
