@@ -7,9 +7,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from at_jax.transfer import pairing
 from tests.conftest import subprocess_env
+
+# Real processes (`pytest -m 'not slow'` skips them), as the rest of tests/launch.
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TEACHER = "--config.teacher.init=projects/cross_shape/results/teacher"
