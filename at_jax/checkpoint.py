@@ -19,6 +19,7 @@ from at_jax import storage
 from at_jax.errors import ConfigError
 
 _MODEL_CONFIG_FILE = "model_config.json"
+_COPY_STUDENT_FILE = "copy_student.json"  # `save_params(copies_attention_of=...)`
 _PARAMS_SUBDIR = "params"
 
 
@@ -187,7 +188,9 @@ class Checkpointer:
     self._manager.close()
 
 
-def save_params(path: str, params: Any, model_config: dict) -> None:
+def save_params(
+  path: str, params: Any, model_config: dict, *, copies_attention_of: str = ""
+) -> None:
   """Exports params for use as a teacher (`teacher.init` points at `path`).
 
   Writes `params` with orbax under path/params and `model_config` as
@@ -197,21 +200,46 @@ def save_params(path: str, params: Any, model_config: dict) -> None:
     path: export directory.
     params: nested dict of (possibly sharded) arrays.
     model_config: JSON-able dict of the ViT's constructor kwargs.
+    copies_attention_of: the student of an attention-copy run: the teacher it attends with, recorded
+      in path/copy_student.json, so that nothing uses it as a model on its own (`check_standalone`).
   """
   path = storage.absolute(path)
   config_file = os.path.join(path, _MODEL_CONFIG_FILE)
+  marker = os.path.join(path, _COPY_STUDENT_FILE)
   config_json = json.dumps(model_config, indent=2, sort_keys=True)
   is_writer = jax.process_index() == 0
   # Drop the old config first: an export interrupted from here on then reads
   # as incomplete instead of as new params with a stale config.
   if is_writer and storage.exists(config_file):
     storage.remove(config_file)
+  if is_writer and storage.exists(marker):
+    storage.remove(marker)
   checkpointer = ocp.PyTreeCheckpointer()  # Synchronous.
   checkpointer.save(
     os.path.join(path, _PARAMS_SUBDIR), args=ocp.args.PyTreeSave(params), force=True
   )  # Overwrite.
   if is_writer:
+    if copies_attention_of:
+      storage.write_atomic(marker, json.dumps({"teacher": copies_attention_of}))
     storage.write_atomic(config_file, config_json)
+
+
+def check_standalone(path: str, field: str, use: str) -> None:
+  """Raises ConfigError(`field`) when the export `path` is the student of an attention-copy run:
+  it attends with its teacher's maps at test time too, and its own queries and keys in the copied
+  layers never trained, so on its own it is not the model its run evaluated. `use`: what it was
+  given to (named in the message)."""
+  marker = os.path.join(storage.absolute(path), _COPY_STUDENT_FILE)
+  if not storage.exists(marker):
+    return
+  with storage.open_file(marker) as f:
+    teacher = json.load(f).get("teacher", "?")
+  raise ConfigError(
+    field,
+    f"{path} is the student of an attention-copy run: it takes its attention from its teacher "
+    f"({teacher}) at test time too, so on its own it is not the model its run evaluated; {use} "
+    "needs a model on its own (evaluate the copy run with its teacher: launch/evaluate.py --workdir)",
+  )
 
 
 def is_export(path: str) -> bool:

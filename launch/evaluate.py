@@ -31,11 +31,13 @@ FLAGS = flags.FLAGS
 
 def _load(config, paths: list[str]) -> dict:
   """path -> (ViT, params) of params exports / checkpoint files."""
+  from at_jax import checkpoint
   from at_jax.experiment import teachers
   from at_jax.models import vit
 
   members = {}
   for path in paths:
+    checkpoint.check_standalone(path, path, "an evaluation of models on their own")
     model_config, params = teachers.load_vit(path, config)
     members[path] = (vit.build(model_config), params)
   return members
@@ -153,6 +155,8 @@ def main(argv):
 
   config = FLAGS.config
   try:
+    if (FLAGS.shift or FLAGS.probe) and FLAGS.ensemble:
+      raise ConfigError("--ensemble", "--shift/--probe score each of --models; give those instead")
     if FLAGS.shift or FLAGS.probe:
       _shift_and_probes(config)
     elif FLAGS.ensemble:

@@ -95,6 +95,7 @@ def read_fields(src: str) -> dict[str, Any]:
   """The complete `vit.ViT` fields of the export `src`, as exported (no training heads, loop layout)."""
   if not checkpoint.is_export(src):
     raise ConfigError(src, _not_an_export(src))
+  checkpoint.check_standalone(src, src, "an export to PyTorch")
   config = checkpoint.read_model_config(src)
   # The training heads' fields describe no part of the exported ViT; scan is a layout read_params undoes.
   config = {**config, "feature_dim": 0, "projected": "features", "head_mix": (), "scan": False}

@@ -20,7 +20,7 @@ from at_jax.experiment import workdir as workdir_claim
 from at_jax.experiment.paths import EMA_EXPORT_DIR, EXPORT_DIR
 from at_jax.experiment.preemption import Preempted
 from at_jax.experiment.runs import Run, setup
-from at_jax.experiment.teachers import init_from_pretrained, load_vit
+from at_jax.experiment.teachers import init_from_pretrained, load_vit, teacher_path
 from at_jax.training import state as train_state
 from at_jax.transfer import spec as transfer_spec
 
@@ -193,7 +193,10 @@ def _export(run: Run, state: train_state.TrainState) -> None:
   for directory, params in ((EMA_EXPORT_DIR, state.ema_params), (EXPORT_DIR, state.params)):
     # Params may be sharded across processes: every process gathers the full values before the export.
     export_config, export_params = run.export(multihost_utils.process_allgather(params, tiled=True))
-    checkpoint.save_params(os.path.join(run.workdir, directory), export_params, export_config)
+    copies = teacher_path(run.config, run.workdir) if run.transfer.mode == "copy" else ""
+    checkpoint.save_params(
+      os.path.join(run.workdir, directory), export_params, export_config, copies_attention_of=copies
+    )
 
 
 def _starting_state(

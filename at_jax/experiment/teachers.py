@@ -165,6 +165,7 @@ def teacher_model_config(config: ml_collections.ConfigDict, workdir: str) -> dic
   if config.teacher.init and is_checkpoint_file(config.teacher.init):
     return load_teacher(config, workdir)[0]
   if config.teacher.init:
+    checkpoint.check_standalone(config.teacher.init, "teacher.init", "a teacher")
     return checkpoint.read_model_config(config.teacher.init)
   if config.teacher.pretrain is not None:
     # Its architecture: not the recipe fields of its own run (arch, init), which no ViT has.

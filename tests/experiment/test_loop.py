@@ -4,18 +4,21 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
 from at_jax import checkpoint, metrics
+from at_jax.convert import export as convert_export
 from at_jax.data import sources
 from at_jax.errors import ConfigError
 from at_jax.experiment import job, loop, paths, preemption, runs, teachers, validation
 from at_jax.models import vit
 from configs import mae_fmnist
-from tests.conftest import demo_pretraining_its_teacher
+from tests.conftest import demo_pretraining_its_teacher, subprocess_env
 
 
 @pytest.fixture(scope="module")
@@ -119,10 +122,28 @@ def test_evaluate_checkpoint_reproduces_logged_eval(teacher_export, tiny_config)
 
 @pytest.mark.slow
 def test_copy_mode_trains_and_evaluates_with_teacher(tmp_path, teacher_export, tiny_config):
+  """...and its exports, which are no models on their own (they attend with the teacher's maps), are
+  refused as a teacher, for export to PyTorch and by launch/evaluate.py, naming what they are."""
   c = tiny_config(steps=2, mode="copy", layers="all")
   c.teacher.init = teacher_export
-  evals = loop.train_and_evaluate(c, str(tmp_path))
+  evals = loop.train_and_evaluate(c, str(tmp_path / "copy"))
   assert 0 <= evals["top1"] <= 100 and evals["top5"] >= evals["top1"]
+  student = str(tmp_path / "copy" / paths.EXPORT_DIR)
+  distill = tiny_config(steps=2, mode="distill")
+  distill.teacher.init = student
+  with pytest.raises(ConfigError, match=f"student of an attention-copy run.*{teacher_export}") as e:
+    validation.validate(distill, str(tmp_path / "distill"))
+  assert e.value.field == "teacher.init"
+  with pytest.raises(ConfigError, match="an export to PyTorch needs a model on its own"):
+    convert_export.export(student, str(tmp_path / "timm"), "timm")
+  evaluate = subprocess.run(
+    [sys.executable, "launch/evaluate.py", "--config=configs/demo.py", f"--ensemble={student}"],
+    cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    env=subprocess_env(),
+    capture_output=True,
+    text=True,
+  )
+  assert evaluate.returncode == 2 and "attention-copy run" in evaluate.stderr, evaluate.stderr
 
 
 @pytest.mark.slow
