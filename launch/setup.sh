@@ -10,7 +10,13 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq dataset-fashion-mnist
 fi
-[ -x .venv/bin/python ] || python3 -m venv .venv
+# `python3 -m venv` needs ensurepip, which Debian ships apart (python3-venv); a venv left without pip by a
+# failed first try is made again.
+if ! python3 -c "import ensurepip" 2>/dev/null; then
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq python3-venv
+fi
+[ -x .venv/bin/pip ] || { rm -rf .venv && python3 -m venv .venv; }
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -r requirements.txt
 # at_jax itself (with configs/), editable: scripts, tests and the colab import this checkout's code.

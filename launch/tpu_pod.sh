@@ -38,8 +38,13 @@ git ls-files -z | tar --null -czf "$archive" -T -
 gcloud compute tpus tpu-vm scp "$archive" "$TPU":~/at_jax.tar.gz --zone="$ZONE" "${PROJECT_FLAG[@]}" --worker=all
 ssh_all "rm -rf ~/at_jax && mkdir -p ~/at_jax && tar -xzf ~/at_jax.tar.gz -C ~/at_jax"
 
-echo "== installing (idempotent)"
-ssh_all "cd ~/at_jax && python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt 'jax[tpu]==0.10.2'"
+echo "== installing"
+# The TPU VM images ship Python 3.10 and at_jax needs >= 3.11: uv fetches a 3.11 interpreter for the
+# venv. at_jax itself (with configs/) is installed editable, as launch/setup.sh does: the scripts import it.
+uv='~/.local/bin/uv'
+ssh_all "cd ~/at_jax && python3 -m pip install -q --user uv && $uv venv -q --python 3.11 .venv \
+  && $uv pip install -q --python .venv/bin/python -r requirements.txt 'jax[tpu]==0.10.2' \
+  && $uv pip install -q --python .venv/bin/python --no-deps -e ."
 
 echo "== running on all workers: python launch/main.py --multihost $*"
 args="$(printf ' %q' "$@")"
