@@ -106,7 +106,8 @@ class Recorder:
     try:
       yield
     except Exception as e:  # one failing row must not cost the rest of the stage
-      self({"kind": "error", **what, "error": f"{type(e).__name__}: {e}"[:2000]})
+      # `kind` last: the row's own kind (ce_check, step, ...) would otherwise hide the failure.
+      self({**what, "kind": "error", "error": f"{type(e).__name__}: {e}"[:2000]})
       traceback.print_exc()
     finally:
       self.current = {}

@@ -132,6 +132,26 @@ def test_a_stage_killed_mid_way_keeps_what_it_measured(bench, tmp_path):
   assert "killed at budget" in text and "| recipe | Pico/7@28:8 | distill |" in text
 
 
+def test_a_failing_row_is_recorded_as_an_error_and_reported(bench, tmp_path):
+  """A row that raises (on a GPU: a Triton or cuDNN refusal, an OOM) is an `error` record carrying the
+  row's fields, whatever kind the row measures; the stage goes on, and the report lists it."""
+  _, gpu_report, _ = bench
+  import gpu_stage  # pylint: disable=import-outside-toplevel
+
+  out = tmp_path / "results2.jsonl"
+  record = gpu_stage.Recorder(str(out), "kernels")
+  record({"kind": "stage_start", "device_kind": "cpu", "backend": "cpu", "start_s": 1.0})
+  with record.row(kind="ce_check", impl="pallas", n=197):
+    raise RuntimeError("out of shared memory")
+  record({"kind": "stage_done", "seconds": 2.0})
+  records = gpu_report.load([str(out)])
+  (error,) = [r for r in records if r["kind"] == "error"]
+  assert error["impl"] == "pallas" and "out of shared memory" in error["error"]
+  summary = gpu_report.summarize(records)
+  assert {s["stage"]: s["errors"] for s in summary["stages"]}["kernels"] == 1
+  assert "out of shared memory" in gpu_report.render(summary, str(out))
+
+
 def test_results_md_gpu_section_is_the_report_of_its_records(bench):
   """RESULTS.md's GPU section is exactly what gpu_report renders from the committed records it names:
   no figure in it was typed by hand, and none can drift from its JSONL."""
