@@ -12,7 +12,7 @@ refusing). A takeover is itself one exclusive create, of a marker named after th
 so two launches cannot both take over.
 
 The identity, <workdir>/run.json, is what defines the run: every field of `IDENTITY_SECTIONS` except
-those of `NOT_IDENTITY` and those the run does not read (a run without transfer reads no teacher),
+those of `NOT_IDENTITY` and those the run does not read (a run without transfer, `_unused`),
 written at the run's first start with a history of its launches. A relaunch with any of them changed is
 refused, naming each, before anything is computed, unless the config says `resume="override"`, which is
 recorded in the history.
@@ -281,12 +281,14 @@ def identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def _unused(config: ml_collections.ConfigDict, field: str) -> bool:
   """Whether `field` computes nothing in this config: a run without transfer (transfer.mode "none")
-  reads no teacher and no other transfer field, so changing them changes nothing."""
+  reads no other transfer field, and no teacher unless its architecture is the teacher's
+  (`model.arch` "teacher" or "teacher_components", read from `teacher.*`)."""
   if config.get("transfer", {}).get("mode", "none") != "none":
     return False
-  return field.startswith("teacher.") or (
-    field.startswith("transfer.") and field != "transfer.mode"
-  )
+  if field.startswith("transfer."):
+    return field != "transfer.mode"
+  mirrors_teacher = config.get("model", {}).get("arch", "own") != "own"
+  return field.startswith("teacher.") and not mirrors_teacher
 
 
 def read_record(workdir: str) -> dict[str, Any] | None:

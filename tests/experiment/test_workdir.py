@@ -211,6 +211,14 @@ def test_a_run_without_transfer_is_not_defined_by_teacher_or_transfer_fields(tmp
   c.transfer.mode = "distill"
   with pytest.raises(ConfigError, match=r"transfer.mode: 'none' -> 'distill'"):
     workdir.check(c, path)
+  # A scratch student of the teacher's architecture (model.arch) reads the teacher: part of the run.
+  mirrored = str(tmp_path / "mirrored")
+  c = tiny_config(steps=4, mode="none")
+  c.model.arch, c.teacher.init = "teacher", "/old/teacher"
+  workdir.record(c, mirrored, {}, resuming=False)
+  c.teacher.init = "/other/teacher"
+  with pytest.raises(ConfigError, match=r"teacher.init: '/old/teacher' -> '/other/teacher'"):
+    workdir.check(c, mirrored)
 
 
 def test_a_teacher_of_another_recipe_is_named_under_its_prefix(tmp_path):
