@@ -92,9 +92,11 @@ class Checkpointer:
     Returns:
       Whether a save was started.
     """
-    if step in self._unreadable:
-      self._manager.delete(step)  # retrained from an older step: the damaged save makes way
-      self._unreadable.discard(step)
+    # The run was resumed from before its damaged steps and retrains them: all make way at its first
+    # save (orbax saves no step below its latest, so a damaged later one would keep blocking).
+    for damaged in sorted(self._unreadable):
+      self._manager.delete(damaged)
+    self._unreadable.clear()
     if step in self._manager.all_steps():
       return False
     args = ocp.args.Composite(

@@ -186,6 +186,23 @@ def test_torn_latest_checkpoint_falls_back_to_previous(tmp_path, capsys):
   ckpt.close()
 
 
+def test_two_damaged_steps_make_way_for_the_retrained_ones(tmp_path):
+  """Steps 2 and 3 unreadable: resumed from 1, the run's save of 2 replaces 2 and drops 3 (orbax saves
+  no step below its latest), so the next resume starts from the retrained 2."""
+  ckpt = checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=4)
+  for step in (1, 2, 3):
+    ckpt.save(step, _state(step), extra={"step": step})
+  ckpt.wait()
+  for step in (2, 3):
+    _truncate(glob.glob(os.path.join(str(tmp_path), str(step), "state", "_METADATA")))
+  _assert_state_equal(ckpt.restore(_state(0))[0], _state(1))
+  assert ckpt.save(2, _state(22), extra={"step": 2})
+  ckpt.wait()
+  assert ckpt.all_steps() == [1, 2]
+  _assert_state_equal(ckpt.restore(_state(0))[0], _state(22))
+  ckpt.close()
+
+
 def test_a_checkpoint_of_another_model_is_named_as_such(tmp_path):
   """Arrays of other shapes are another run's state, not a damaged file: one error naming the first
   that differs, rather than 'unreadable' for every step and a fallback that cannot help."""
