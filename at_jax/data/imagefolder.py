@@ -236,12 +236,13 @@ def _write_cache(path: str, files: FileList, labels_path: str) -> None:
     print(f"WARNING: cannot write the file list cache {path} ({e}); the next start lists again.")
 
 
-def _is_flat(root: str) -> bool:
-  """Whether `root` is a flat folder of images (no class folders). Images beside class folders are
-  left out, as torchvision's ImageFolder leaves them, and said."""
+def _is_flat(root: str, labels_path: str) -> bool:
+  """Whether `root` is a flat folder of images. With a label file, any images directly in it make it
+  one (its sub-folders are no classes: e.g. .ipynb_checkpoints). Without one, images beside class
+  folders are left out, as torchvision's ImageFolder leaves them, and said."""
   entries = list(storage.scandir(root))
   images = [name for name, is_folder in entries if not is_folder and is_image(name)]
-  if images and any(is_folder for _, is_folder in entries):
+  if images and not labels_path and any(is_folder for _, is_folder in entries):
     print(
       f"Note: {root} holds class folders and {len(images)} image(s) beside them "
       f"({', '.join(sorted(images)[:3])}{' ...' if len(images) > 3 else ''}): those are left out",
@@ -267,7 +268,7 @@ def file_list(
   cached = _read_cache(path, root, classes, labels_path) if path else None
   if cached is not None:
     return cached
-  flat = _is_flat(root)
+  flat = _is_flat(root, labels_path)
   if flat != bool(labels_path):
     raise ConfigError(
       "data.eval_labels",

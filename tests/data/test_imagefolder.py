@@ -67,6 +67,9 @@ def test_flat_eval_split_with_label_files(tmp_path):
   root = _tree(tmp_path, splits=("train",))
   for i in range(4):
     _jpeg(str(tmp_path / "val" / f"ILSVRC2012_val_{i:08d}.JPEG"), seed=i)
+  os.makedirs(
+    tmp_path / "val" / ".ipynb_checkpoints"
+  )  # a sub-folder is no class of a labelled split
   names = [f"ILSVRC2012_val_{i:08d}" for i in range(4)]
   formats = {
     # ImageNet's LOC_val_solution.csv: a header, names without extension, the class first.
