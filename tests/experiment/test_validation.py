@@ -129,3 +129,18 @@ def test_a_launch_validates_its_config_once_and_reads_its_teacher_once(
   # The teacher's weights are read once: the run placed them; the attention report reused them.
   assert os.path.exists(tmp_path / "run" / "attention.png")
   assert reads.count(c.teacher.init) == 1, reads
+
+
+def test_an_odd_batch_that_mixes_is_refused_on_one_device():
+  """With mixup/CutMix drawn per batch (data.mix_group_size=0) the middle example of an odd batch
+  would be paired with itself, never mixed. Only a mesh of an odd device count admits an odd batch:
+  one GPU, here one of the emulated devices."""
+  from at_jax import sharding  # pylint: disable=import-outside-toplevel
+
+  one = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+  config = _demo(**{"data.batch_size": 127, "data.mixup": 0.8})
+  with pytest.raises(ConfigError, match="127 examples is odd") as e:
+    validation._check_micro_batches(config, one)  # pylint: disable=protected-access
+  assert e.value.field == "data.batch_size"
+  config = _demo(**{"data.batch_size": 127})  # the control: no mixing, any batch
+  validation._check_micro_batches(config, one)  # pylint: disable=protected-access
