@@ -29,13 +29,17 @@ from at_jax.transfer import spec as transfer_spec
 def ensure_teacher(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float] | None:
   """Trains `teacher.pretrain` into <workdir>/teacher when the config says how and it isn't there yet.
 
-  Returns the teacher's evals, or None when the config names its teacher (`teacher.init`) or needs none.
+  Returns the teacher's evals, or None when the config names its teacher (`teacher.init`), needs none,
+  or finds an export put in <workdir>/teacher by hand (no run beside it: used as it is).
   """
   if not _pretrains_teacher(config):
     return None
   teacher_dir = os.path.join(workdir, TEACHER_DIR)
   results_file = os.path.join(teacher_dir, "results.json")
   if not _will_train_teacher(config, workdir):
+    if not storage.exists(results_file):  # an export put there by hand, without its run
+      metrics.say(f"Note: {teacher_dir} holds an export without its run: its evals are not known")
+      return None
     with storage.open_file(results_file) as f:
       return json.load(f)
   if checkpoint.is_export(os.path.join(teacher_dir, EXPORT_DIR)):
@@ -75,12 +79,15 @@ def _say_teacher_data(config: ml_collections.ConfigDict) -> None:
 
 def _will_train_teacher(config: ml_collections.ConfigDict, workdir: str) -> bool:
   """Whether `ensure_teacher` has a teacher to train: the config says how, and none is there yet, or
-  its run was stopped before it wrote its results (the relaunch then evaluates its last step again)."""
+  its run was stopped between its export and its results (the relaunch then evaluates its last step
+  again). An export without checkpoints beside it (put there by hand) is used as it is."""
   teacher_dir = os.path.join(workdir, TEACHER_DIR)
-  done = checkpoint.is_export(os.path.join(teacher_dir, EXPORT_DIR)) and storage.exists(
-    os.path.join(teacher_dir, "results.json")
+  if not checkpoint.is_export(os.path.join(teacher_dir, EXPORT_DIR)):
+    return _pretrains_teacher(config)
+  stopped = not storage.exists(os.path.join(teacher_dir, "results.json")) and storage.isdir(
+    os.path.join(teacher_dir, "checkpoints")
   )
-  return _pretrains_teacher(config) and not done
+  return _pretrains_teacher(config) and stopped
 
 
 def _pretrains_teacher(config: ml_collections.ConfigDict) -> bool:

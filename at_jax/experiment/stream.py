@@ -23,9 +23,8 @@ def train_batches(run: Run, start_step: int) -> Iterator[dict[str, np.ndarray]]:
   after it get the same images, without their targets read)."""
   d = run.config.data
   stop = run.task.switch_step if run.label_step_fn else None  # the last step that reads targets
-  targets = (
-    _targets(run, stop) if run.transfer.active and run.transfer.source == "precomputed" else None
-  )
+  precomputed = run.transfer.active and run.transfer.source == "precomputed"
+  targets = _targets(run, stop, start_step) if precomputed else None
 
   def from_step(step: int, read_targets: bool) -> Iterator[dict[str, np.ndarray]]:
     return pipeline.train_iterator(
@@ -60,8 +59,8 @@ def _later(make: Callable[[], Iterator[dict[str, np.ndarray]]]) -> Iterator[dict
   yield from make()
 
 
-def _targets(run: Run, stop: int | None) -> target_store.TeacherTargets:
-  """The run's stored targets, said in one line."""
+def _targets(run: Run, stop: int | None, start_step: int) -> target_store.TeacherTargets:
+  """The run's stored targets, said in one line (which steps read them)."""
   directory = target_store.targets_dir(run.config.transfer.targets_dir, run.workdir)
   targets = target_store.TeacherTargets(directory, run.transfer.teacher_layers)
   metrics.say(
@@ -69,6 +68,11 @@ def _targets(run: Run, stop: int | None) -> target_store.TeacherTargets:
     f"{targets.metadata['teacher']}); training on their fixed view ({target_store.TARGETS_VIEW}), "
     "which replaces random-resized crop and flip"
     + (f"; read for steps 1-{stop}, the distilling ones" if stop is not None else "")
+    + (
+      "; none from here: the run resumes after them"
+      if stop is not None and start_step >= stop
+      else ""
+    )
     + ("; the teacher ran without the student's drop-path masks" if run.model.drop_path > 0 else "")
   )
   return targets

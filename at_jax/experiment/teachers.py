@@ -128,6 +128,8 @@ def load_teacher(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict,
   A dual checkpoint of the reference must name its tower here: both are plausible teachers (the frozen one
   it trained with, the student it trained), and a wrong guess would run a different experiment."""
   path = teacher_path(config, workdir)
+  if config.teacher.init:
+    checkpoint.check_standalone(path, "teacher.init", "a teacher")
   return load_vit(path, config, default_tower=None, image_size=teacher_image_size(config))
 
 

@@ -172,6 +172,19 @@ def test_copy_mode_with_teacher_and_workdir_in_a_bucket_equals_on_disk(
   jax.tree.map(np.testing.assert_array_equal, results["bucket"][2], results["disk"][2])
 
 
+def test_a_teacher_export_put_in_place_by_hand_is_used_as_it_is(tmp_path, tiny_config, capsys):
+  """<workdir>/teacher/params without the run that would write it (no checkpoints, no results.json):
+  not trained over, not an error; its evals are unknown."""
+  c = tiny_config(steps=2, mode="distill")
+  c.teacher.pretrain = tiny_config(steps=2, mode="none")
+  export = _random_teacher(str(tmp_path / "teacher" / paths.EXPORT_DIR))
+  before = os.path.getmtime(os.path.join(export, "model_config.json"))
+  assert job.ensure_teacher(c, str(tmp_path)) is None
+  assert "holds an export without its run" in capsys.readouterr().out
+  assert os.path.getmtime(os.path.join(export, "model_config.json")) == before
+  assert not os.path.exists(tmp_path / "teacher" / "checkpoints")
+
+
 @pytest.mark.slow
 def test_run_with_teacher_trains_then_reuses_teacher(tmp_path, tiny_config):
   c = tiny_config(steps=2, mode="distill")
