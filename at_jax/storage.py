@@ -11,6 +11,7 @@ by itself, and "appending" rewrites it), and a writer that appends in place (Ten
 import os
 import shutil
 import tempfile
+import uuid
 from typing import IO, Any
 
 import fsspec
@@ -116,10 +117,19 @@ def write_atomic(path: str, content: str | bytes) -> None:
     with open_file(path, mode) as f:
       f.write(content)
     return
-  makedirs(os.path.dirname(path) or ".")
-  with open(path + ".tmp", mode) as f:
-    f.write(content)
-  os.replace(path + ".tmp", path)
+  folder = os.path.dirname(path) or "."
+  makedirs(folder)
+  # A temporary file of its own per writer: two writers of one path (two runs sharing a file-list
+  # cache) must not truncate each other's file before its rename.
+  # (Named, not mkstemp's: its 0600 mode would outlive the rename; this one gets the umask's.)
+  temporary = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
+  try:
+    with open(temporary, mode.replace("w", "x")) as f:
+      f.write(content)
+    os.replace(temporary, path)
+  except BaseException:
+    os.unlink(temporary)
+    raise
 
 
 def create_exclusive(path: str, content: str) -> bool:

@@ -2,6 +2,7 @@
 `gcs_bucket` fixture), and the same calls on local disk."""
 
 import os
+import threading
 
 import jax
 import numpy as np
@@ -68,3 +69,35 @@ def test_params_export_round_trip(root):
   config, loaded = checkpoint.load_params(f"{root}/params")
   assert config == {"variant": "Pico/7"}
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
+def test_two_writers_of_one_local_path_never_tear_it(tmp_path):
+  """Each writer renames its own temporary file into place: a reader sees one writer's whole content,
+  never a file the other truncated; nothing is left behind, and the file has the umask's mode."""
+  path = str(tmp_path / "list.json")
+  size = 1 << 20
+  storage.write_atomic(path, "a" * size)
+  errors, torn = [], []
+
+  def write(char: str) -> None:
+    try:
+      for _ in range(20):
+        storage.write_atomic(path, char * size)
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      errors.append(e)
+
+  writers = [threading.Thread(target=write, args=(c,)) for c in "ab"]
+  for w in writers:
+    w.start()
+  while any(w.is_alive() for w in writers):
+    with open(path) as f:
+      text = f.read()
+    if len(text) != size or len(set(text)) != 1:
+      torn.append(len(text))
+  for w in writers:
+    w.join()
+  assert errors == [] and torn == []
+  assert os.listdir(tmp_path) == ["list.json"]
+  umask = os.umask(0)
+  os.umask(umask)
+  assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
