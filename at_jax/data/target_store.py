@@ -226,7 +226,12 @@ def open_arrays(
   """
   arrays = {}
   for key in metadata["keys"]:
-    spec = targets_array_spec(directory, key, metadata["format"])
+    # A row equal to the fill value (all zeros) is stored too: a missing chunk means a skipped example
+    # to the reader. Not saved with the array, so set on every open for writing.
+    spec = {
+      **targets_array_spec(directory, key, metadata["format"]),
+      "store_data_equal_to_fill_value": True,
+    }
     if create:
       shape = metadata["shapes"][key]
       arrays[key] = ts.open(

@@ -83,6 +83,21 @@ def test_written_rows_read_back_per_example(tmp_path):
   np.testing.assert_array_equal(arrays["k"][2].read().result(), _rows(2)["k"])
 
 
+def test_an_all_zero_row_is_stored_not_taken_for_a_skipped_example(tmp_path):
+  """zarr leaves out chunks equal to the fill value unless told: an all-zero row would then read as
+  never written (an unreadable example)."""
+  directory = str(tmp_path)
+  metadata = {**METADATA, "num_examples": 2, "done_examples": 2, "shard_examples": 1}
+  arrays = target_store.open_arrays(directory, metadata, create=True)
+  zeros = {key: np.zeros(shape, ml_dtypes.bfloat16) for key, shape in SHAPES.items()}
+  for key in SHAPES:
+    target_store.write_rows(arrays[key], [0, 1], [zeros[key], _rows(1)[key]]).result()
+  target_store.write_metadata(directory, metadata)
+  targets = target_store.TeacherTargets(directory)
+  np.testing.assert_array_equal(targets[0]["teacher_q"], zeros["q"])
+  np.testing.assert_array_equal(targets[1]["teacher_k"], _rows(1)["k"])
+
+
 def test_teacher_targets_name_what_to_fix(tmp_path):
   with pytest.raises(ConfigError) as e:
     target_store.TeacherTargets(str(tmp_path))
