@@ -558,6 +558,18 @@ def test_validate_names_what_disagrees_with_the_stored_targets(
   assert e.value.field == field
 
 
+def test_validate_refuses_stored_targets_of_another_teacher(
+  precomputed, fake_fashion_mnist, tmp_path
+):
+  """The run reads the store's teacher; a config naming another must not be ignored silently."""
+  export, workdir = precomputed
+  other = str(tmp_path / "other_teacher")
+  shutil.copytree(export, other)
+  with pytest.raises(ConfigError, match=f"holds the targets of the teacher {export}") as e:
+    validation.validate(_config(other), workdir)
+  assert e.value.field == "teacher.init"
+
+
 def test_precompute_refuses_modes_without_a_distilled_target(
   precomputed, fake_fashion_mnist, tmp_path
 ):
