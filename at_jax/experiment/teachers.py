@@ -8,7 +8,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from at_jax import checkpoint, sharding, storage
+from at_jax import checkpoint, metrics, sharding, storage
 from at_jax.convert import hf_folder, posemb, selection
 from at_jax.convert import load as convert
 from at_jax.data import target_store
@@ -272,3 +272,35 @@ def teacher_on_mesh(
   )
   teacher, params = vit.truncate(teacher, params, t.teacher_depth)
   return teacher, jax.device_put(params, sharding.tree_shardings(mesh, params)), t
+
+
+def check_stored_teacher(
+  config: ml_collections.ConfigDict, workdir: str, directory: str, metadata: dict
+) -> None:
+  """A config that names its teacher (teacher.init, or teacher.pretrain's export) against the teacher
+  whose targets are stored, which the run distils: another architecture is refused; the same one at
+  another path (a store or export moved, or another checkpoint of that model) is said."""
+  stored = metadata.get("teacher", "")
+  if not (config.teacher.init or config.teacher.pretrain is not None) or not stored:
+    return
+  named = teacher_path(config, workdir)
+  if storage.absolute(named) == storage.absolute(stored):
+    return
+  field = "teacher.init" if config.teacher.init else "teacher.pretrain"
+  try:
+    named_fields = vit.model_fields(vit.build(teacher_model_config(config, workdir)))
+  except ConfigError:  # not readable from here (moved away): the stored one is all there is
+    named_fields = None
+  stored_fields = vit.model_fields(vit.build(metadata["teacher_config"]))
+  if named_fields is not None and named_fields != stored_fields:
+    differ = sorted(k for k in stored_fields if named_fields.get(k) != stored_fields[k])
+    raise ConfigError(
+      field,
+      f"{directory} holds the targets of the teacher {stored}, of another architecture than "
+      f"{named}, which this config names ({', '.join(differ[:5])} differ): precompute its targets "
+      f"(launch/precompute.py) or name {stored}",
+    )
+  metrics.say(
+    f"Note: this config names the teacher {named}; the stored targets are of {stored} (the same "
+    "architecture), which the run distils"
+  )

@@ -340,29 +340,13 @@ def _check_stored_targets(
   stored.check(
     **expected
   )  # the stored teacher's shape went through `spec.resolve` (its heads, tokens)
-  _check_stored_teacher(config, workdir, directory, stored.metadata.get("teacher", ""))
+  teachers.check_stored_teacher(config, workdir, directory, stored.metadata)
   if spec.loss_impl != "direct" and "q" not in stored.metadata["keys"]:
     raise ConfigError(
       "transfer.loss_impl",
       f"{spec.loss_impl!r} streams the teacher's maps from its q and k, but {directory} holds its "
       "attention logits (precompute.store='logits'): precompute q and k "
       "(--config.precompute.store=qk) or use 'direct'",
-    )
-
-
-def _check_stored_teacher(
-  config: ml_collections.ConfigDict, workdir: str, directory: str, stored: str
-) -> None:
-  """A config that names its teacher (teacher.init, or teacher.pretrain's export) must name the one
-  whose targets are stored: the run reads the store's, and would otherwise ignore the named one."""
-  if not (config.teacher.init or config.teacher.pretrain is not None) or not stored:
-    return
-  named = teachers.teacher_path(config, workdir)
-  if storage.absolute(named) != storage.absolute(stored):
-    raise ConfigError(
-      "teacher.init" if config.teacher.init else "teacher.pretrain",
-      f"{directory} holds the targets of the teacher {stored}, but this config names {named}: "
-      f"precompute its targets (launch/precompute.py) or name {stored}",
     )
 
 

@@ -558,16 +558,26 @@ def test_validate_names_what_disagrees_with_the_stored_targets(
   assert e.value.field == field
 
 
-def test_validate_refuses_stored_targets_of_another_teacher(
-  precomputed, fake_fashion_mnist, tmp_path
+def test_stored_targets_of_another_teacher_are_refused_or_said(
+  precomputed, fake_fashion_mnist, tmp_path, capsys
 ):
-  """The run reads the store's teacher; a config naming another must not be ignored silently."""
+  """The run distils the store's teacher: a config naming one of another architecture is refused;
+  the same architecture elsewhere (a moved export, another checkpoint of the model) is said."""
   export, workdir = precomputed
-  other = str(tmp_path / "other_teacher")
-  shutil.copytree(export, other)
-  with pytest.raises(ConfigError, match=f"holds the targets of the teacher {export}") as e:
-    validation.validate(_config(other), workdir)
-  assert e.value.field == "teacher.init"
+  deeper = str(tmp_path / "deeper_teacher")
+  fields = vit.model_fields(vit.build({"variant": "Pico/7", "num_classes": 0, "depth": 3}))
+  params = vit.build(fields).init(jax.random.key(6), jnp.zeros((1, SIZE, SIZE, 3)), train=False)
+  checkpoint.save_params(deeper, jax.device_get(params["params"]), fields)
+  with pytest.raises(
+    ConfigError, match=f"holds the targets of the teacher {export}, of another"
+  ) as e:
+    validation.validate(_config(deeper), workdir)
+  assert e.value.field == "teacher.init" and "depth" in e.value.message
+  moved = str(tmp_path / "moved_teacher")
+  shutil.copytree(export, moved)
+  capsys.readouterr()
+  validation.validate(_config(moved), workdir)
+  assert f"the stored targets are of {export} (the same architecture)" in capsys.readouterr().out
 
 
 def test_precompute_refuses_modes_without_a_distilled_target(
