@@ -174,12 +174,15 @@ def mix_batch(
   return mixed, mixup_target(labels, num_classes, lam, label_smoothing)
 
 
-def check_group_size(group_size: int, batch_size: int, what: str = "the global batch") -> None:
-  """Raises ConfigError("data.mix_group_size") unless it is 0 or an even integer dividing `batch_size`.
+def check_group_size(
+  group_size: int, batch_size: int, what: str = "the global batch", *, mixes: bool = True
+) -> None:
+  """Raises ConfigError("data.mix_group_size") unless it is 0 or an even integer dividing `batch_size`,
+  and ConfigError("data.batch_size") for an odd batch drawn as one group (0) when the step `mixes`.
 
-  Odd sizes are refused: an example paired with itself stays unmixed (at 1, every example: mixing
-  would be off silently).
-  `what` names the batch in the message (with gradient accumulation: the micro-batch).
+  Odd groups are refused: an example paired with itself stays unmixed (at 1, every example: mixing
+  would be off silently). `what` names the batch in the message (with gradient accumulation: the
+  micro-batch).
   """
   if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 0:
     raise ConfigError(
@@ -195,6 +198,12 @@ def check_group_size(group_size: int, batch_size: int, what: str = "the global b
     raise ConfigError(
       "data.mix_group_size",
       f"{group_size} does not divide {what} of {batch_size} examples into whole groups",
+    )
+  if mixes and not group_size and batch_size % 2:
+    raise ConfigError(
+      "data.batch_size",
+      f"{what} of {batch_size} examples is odd: mixup/CutMix pair example i with its mirror, "
+      "so the middle one would be paired with itself and never mixed; use an even batch",
     )
 
 

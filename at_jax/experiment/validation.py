@@ -279,14 +279,8 @@ def _check_micro_batches(config: ml_collections.ConfigDict, mesh: jax.sharding.M
   train_state.check_accum_steps(k, d.batch_size, mesh.size)
   if config.task == "classify":
     what = "the global batch" if k == 1 else "the micro-batch (data.batch_size / optim.accum_steps)"
-    mixup.check_group_size(d.mix_group_size, d.batch_size // k, what)
     mixing = (d.mixup > 0 or d.cutmix > 0) and d.mixup_prob > 0
-    if mixing and not d.mix_group_size and (d.batch_size // k) % 2:
-      raise ConfigError(
-        "data.batch_size",
-        f"{what} of {d.batch_size // k} examples is odd: mixup/CutMix pair example i with its mirror, "
-        "so the middle one would be paired with itself and never mixed; use an even batch",
-      )
+    mixup.check_group_size(d.mix_group_size, d.batch_size // k, what, mixes=mixing)
 
 
 def _check_fixed_view_recipe(d: ml_collections.ConfigDict, spec: Transfer) -> None:
