@@ -8,6 +8,7 @@ by itself, and "appending" rewrites it), and a writer that appends in place (Ten
 `jax.profiler` traces) writes to a local folder that `LocalMirror` uploads.
 """
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -128,7 +129,8 @@ def write_atomic(path: str, content: str | bytes) -> None:
       f.write(content)
     os.replace(temporary, path)
   except BaseException:
-    os.unlink(temporary)
+    with contextlib.suppress(FileNotFoundError):  # not created, or already renamed: nothing to undo
+      os.unlink(temporary)
     raise
 
 
