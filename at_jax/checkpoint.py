@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 from orbax import checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_policies
 
@@ -224,6 +225,10 @@ def save_params(
     if copies_attention_of:
       storage.write_atomic(marker, json.dumps({"teacher": copies_attention_of}))
     storage.write_atomic(config_file, config_json)
+  if jax.process_count() > 1:
+    # Orbax's last barrier came before process 0's config write: without this one another process
+    # could read the export (a job's teacher, just trained) before it is complete.
+    multihost_utils.sync_global_devices(f"at_jax: params exported to {path}")
 
 
 def check_standalone(path: str, field: str, use: str) -> None:
