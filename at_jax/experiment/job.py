@@ -18,7 +18,7 @@ from at_jax.evaluate import attention as evaluate
 from at_jax.experiment import teachers
 from at_jax.experiment import workdir as workdir_claim
 from at_jax.experiment.loop import train_and_evaluate
-from at_jax.experiment.paths import EXPORT_DIR, TEACHER_DIR
+from at_jax.experiment.paths import CHECKPOINT_DIR, EXPORT_DIR, RESULTS_FILE, TEACHER_DIR
 from at_jax.experiment.teachers import load_teacher
 from at_jax.experiment.validation import validate
 from at_jax.models import vit
@@ -35,7 +35,7 @@ def ensure_teacher(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   if not _pretrains_teacher(config):
     return None
   teacher_dir = os.path.join(workdir, TEACHER_DIR)
-  results_file = os.path.join(teacher_dir, "results.json")
+  results_file = os.path.join(teacher_dir, RESULTS_FILE)
   if not _will_train_teacher(config, workdir):
     if not storage.exists(results_file):  # an export put there by hand, without its run
       metrics.say(f"Note: {teacher_dir} holds an export without its run: its evals are not known")
@@ -84,8 +84,8 @@ def _will_train_teacher(config: ml_collections.ConfigDict, workdir: str) -> bool
   teacher_dir = os.path.join(workdir, TEACHER_DIR)
   if not checkpoint.is_export(os.path.join(teacher_dir, EXPORT_DIR)):
     return _pretrains_teacher(config)
-  stopped = not storage.exists(os.path.join(teacher_dir, "results.json")) and storage.isdir(
-    os.path.join(teacher_dir, "checkpoints")
+  stopped = not storage.exists(os.path.join(teacher_dir, RESULTS_FILE)) and storage.isdir(
+    os.path.join(teacher_dir, CHECKPOINT_DIR)
   )
   return _pretrains_teacher(config) and stopped
 
@@ -158,7 +158,7 @@ def _run_with_teacher(
   table = metrics.format_table(rows, ["model"] + columns)
   if jax.process_index() == 0:
     print(table, flush=True)
-    storage.write_atomic(os.path.join(workdir, "results.json"), json.dumps(results, indent=1))
+    storage.write_atomic(os.path.join(workdir, RESULTS_FILE), json.dumps(results, indent=1))
     if config.transfer.mode != "none" and config.transfer.source == "jointly":
       attention_report(config, workdir)
   return results

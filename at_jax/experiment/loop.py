@@ -17,7 +17,7 @@ from at_jax.data import options, pipeline
 from at_jax.errors import ConfigError
 from at_jax.experiment import preemption, profiling, stream, validation
 from at_jax.experiment import workdir as workdir_claim
-from at_jax.experiment.paths import EMA_EXPORT_DIR, EXPORT_DIR
+from at_jax.experiment.paths import CHECKPOINT_DIR, EMA_EXPORT_DIR, EXPORT_DIR
 from at_jax.experiment.preemption import Preempted
 from at_jax.experiment.runs import Run, setup
 from at_jax.experiment.teachers import init_from_pretrained, load_vit, teacher_path
@@ -103,7 +103,7 @@ class Evaluations:
 
 def _checkpointer(run: Run) -> checkpoint.Checkpointer:
   return checkpoint.Checkpointer(
-    os.path.join(run.workdir, "checkpoints"),
+    os.path.join(run.workdir, CHECKPOINT_DIR),
     save_every=run.config.ckpt.every_steps,
     keep=run.config.ckpt.keep,
   )
