@@ -36,7 +36,11 @@ def parse_split(split: str, field: str = "data.train_split") -> tuple[str, Calla
       if text.endswith("%"):
         if not -100 <= int(text[:-1]) <= 100:
           raise ConfigError(field, f"{split!r}: {text} is not within -100%..100%")
-        return round(int(text[:-1]) * n / 100)  # Closest example, like tfds.
+        percent = int(text[:-1])
+        examples = round(abs(percent) * n / 100)  # Closest example, like tfds.
+        # From the end counted before the sign: tfds's round(-10% of 3) is 0, which as a slice start
+        # would select the whole split instead of its (empty) last 10%.
+        return n - examples if text.startswith("-") else examples
       if not -n <= int(text) <= n:
         raise ConfigError(field, f"{split!r}: {text} is beyond the {n} examples of {m[1]!r}")
       return int(text)

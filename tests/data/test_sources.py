@@ -342,6 +342,16 @@ def test_bad_split_names_its_field(fake_system_copy, split, field):
   assert repr(split) in str(e.value)
 
 
+def test_a_negative_percent_counts_from_the_end_even_when_it_rounds_to_no_example():
+  # tfds rounds -10% of 3 examples to 0, and a slice from 0 is the whole split, not its last 10%.
+  _, bounds = sources.parse_split("train[-10%:]")
+  with pytest.raises(ConfigError, match="selects none of the 3 examples"):
+    bounds(3)
+  assert range(3)[sources.parse_split("train[:-10%]")[1](3)] == range(3)
+  assert range(1000)[sources.parse_split("train[-10%:]")[1](1000)] == range(900, 1000)
+  assert range(1000)[sources.parse_split("train[-100%:-50%]")[1](1000)] == range(0, 500)
+
+
 def test_eval_labels_of_a_dataset_with_its_own_are_refused(fake_system_copy):
   with pytest.raises(ConfigError, match="carries its own labels") as e:
     sources.make_source("fashion_mnist", "test", field="data.eval_split", labels="/x/labels.csv")
