@@ -1,7 +1,8 @@
 """Where a run keeps what it makes: the paths under its workdir, in one place."""
 
 TEACHER_DIR = "teacher"  # <workdir>/teacher: where a config's teacher.pretrain is trained
-CHECKPOINT_DIR = "checkpoints"  # <run workdir>/checkpoints: the orbax checkpoints a relaunch resumes
+# <run workdir>/checkpoints: the orbax checkpoints a relaunch resumes
+CHECKPOINT_DIR = "checkpoints"
 
 
 EXPORT_DIR = "params"  # <run workdir>/params: the final params export, usable as teacher.init
