@@ -280,6 +280,8 @@ def _train(
     if evaluations.due(step) and not preempted:
       # Before the save, so that the checkpoint's best includes it; a preempted run saves at once.
       evaluations(step, state)
+    if preempted or step % config.ckpt.every_steps == 0:  # never save a diverged state
+      _check_finite(step, jax.device_get(step_metrics), ckpt)
     extra = {**stream.position(run, step, skipped_total), **evaluations.extra()}
     ckpt.save(step, state, extra=extra, force=preempted)
     if preempted:
@@ -317,18 +319,35 @@ def evaluate_checkpoint(
 def _log(run: Run, pending, writer: metrics.MetricWriter, progress: metrics.Progress, ckpt) -> None:
   step, device_metrics = pending
   values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-  if not math.isfinite(values["loss"]):
-    last = ckpt.latest_step()
-    kept = (
-      f"the last good checkpoint (step {last}) is intact in {ckpt.directory}"
-      if last is not None
-      else f"no checkpoint was saved before it (ckpt.every_steps={ckpt.save_every})"
-    )
-    raise FloatingPointError(f"non-finite loss {values['loss']} at step {step}; {kept}")
+  _check_finite(step, values, ckpt)
   writer.write(step, {f"train/{k}": v for k, v in values.items()})
   phase = run.phase(step)  # after a switch the label step's distill_loss is a placeholder 0
   shown = ("loss", "distill_loss", "train_acc") if phase == "distill" else ("loss", "train_acc")
   progress.update(step, {k: values[k] for k in shown if k in values}, name=f"train[{phase}]")
+
+
+def _check_finite(step: int, values: dict[str, Any], ckpt: checkpoint.Checkpointer) -> None:
+  """FloatingPointError if step `step`'s loss or gradient norm is not finite, naming the newest
+  committed checkpoint.
+
+  Checked on every log step and before every save: a diverged state saved unnoticed until the next
+  log step could rotate the good checkpoints away (keep-N). A finite loss of step t means finite
+  params before it, a finite gradient norm finite params after it. At a save the fetch costs no
+  stall: the save waits on step t's state anyway.
+  """
+  bad = {k: float(values[k]) for k in ("loss", "grad_norm") if k in values}
+  bad = {k: v for k, v in bad.items() if not math.isfinite(v)}
+  if not bad:
+    return
+  ckpt.wait()  # a save still in flight is committed before the message names it
+  last = ckpt.latest_step()
+  kept = (
+    f"the last good checkpoint (step {last}) is intact in {ckpt.directory}"
+    if last is not None
+    else f"no checkpoint was saved before it (ckpt.every_steps={ckpt.save_every})"
+  )
+  what = ", ".join(f"{k} {v}" for k, v in bad.items())
+  raise FloatingPointError(f"non-finite {what} at step {step}; {kept}")
 
 
 def _describe(run: Run, start: int) -> None:

@@ -10,6 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from orbax import checkpoint as ocp
 
 from at_jax import checkpoint, metrics
 from at_jax.convert import export as convert_export
@@ -244,13 +245,22 @@ def test_mae_pretraining_exports_a_teacher(tmp_path, tiny_config):
 
 
 @pytest.mark.slow
-def test_nonfinite_loss_stops_with_step_and_checkpoint(tmp_path, tiny_config):
-  c = tiny_config(steps=6, mode="none")
-  c.optim.base_lr = 1e30
-  with pytest.raises(
-    FloatingPointError, match=r"non-finite loss .* at step \d+; the last good checkpoint"
-  ):
+def test_a_diverged_state_is_never_saved_and_the_named_checkpoint_is_good(tmp_path, tiny_config):
+  # Saves every 2 steps, logs only the last: the divergence must stop the run at a save, and what the
+  # message names must be committed and finite. The warm-up's first step (lr 0) keeps step 2 finite.
+  c = tiny_config(steps=8, mode="none")
+  c.schedule.update(dict(log_every_steps=8, warmup_epochs=0.3))  # 6 of 20 steps per epoch
+  c.optim.base_lr = 1e36
+  with pytest.raises(FloatingPointError, match=r"non-finite .* at step \d+;") as e:
     loop.train_and_evaluate(c, str(tmp_path))
+  stopped_at = int(re.search(r"at step (\d+);", str(e.value))[1])
+  named = int(re.search(r"the last good checkpoint \(step (\d+)\)", str(e.value))[1])
+  directory = tmp_path / "checkpoints"
+  committed = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+  assert stopped_at < 8 and committed[-1] == named < stopped_at
+  for step in committed:
+    restored = ocp.StandardCheckpointer().restore(directory / str(step) / "state")
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored["params"]))
 
 
 def _setup_error(c):
