@@ -13,7 +13,8 @@ import optax
 from at_jax.errors import ConfigError
 
 _LAYER_RE = re.compile(r"encoderblock_(\d+)")
-_EMBEDDING_NAMES = ("embedding", "pos_embedding", "cls")
+# The stem: layer 0 of layer-wise lr decay, as in timm (`cls_token|reg_token|pos_embed|patch_embed|norm_pre`).
+_EMBEDDING_NAMES = ("embedding", "pos_embedding", "cls", "registers", "pre_norm")
 # optim.decay_rule: which params weight decay skips (`weight_decay_mask`).
 DECAY_RULES = ("timm", "mae")
 # Leaves that are vectors in PyTorch (biases, LayerNorm, LayerScale): MAE's rule never decays them.
@@ -112,9 +113,10 @@ def weight_decay_mask(params: Any, rule: str = "timm", frozen_posemb: bool = Fal
 def layer_decay_scales(params: Any, depth: int, decay: float) -> Any:
   """lr multipliers decay ** (depth + 1 - layer_id), MAE's convention.
 
-  layer_id: 0 for the embeddings (patch, pos, cls), i + 1 for block i, depth + 1 for the final norm and
-  head. In the scan layout a block leaf is [L, ...] and gets a per-layer multiplier array broadcast over
-  its other axes, so loop and scan layouts get identical updates.
+  layer_id: 0 for the stem (patch and position embeddings, cls and register tokens, the pre-norm, as
+  timm), i + 1 for block i, depth + 1 for the final norm and head. In the scan layout a block leaf is
+  [L, ...] and gets a per-layer multiplier array broadcast over its other axes, so loop and scan
+  layouts get identical updates.
   """
 
   def scale(path, leaf):

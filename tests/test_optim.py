@@ -313,6 +313,45 @@ def test_layer_decay_scales_scan_layout(loop_params, scan_shapes):
       np.testing.assert_allclose(full, loop[p], rtol=1e-6)
 
 
+def test_layer_decay_scales_match_timms_param_groups_with_registers_and_pre_norm():
+  """timm's param_groups_layer_decay on its ViT with register tokens and norm_pre (DINOv2-reg, CLIP):
+  the same lr multiplier for every leaf; registers and the pre-norm are the stem's (layer 0)."""
+  pytest.importorskip("torch")
+  from timm.models.vision_transformer import VisionTransformer  # pylint: disable=import-outside-toplevel
+  from timm.optim import param_groups_layer_decay  # pylint: disable=import-outside-toplevel
+
+  d = 0.5
+  reference = VisionTransformer(
+    img_size=IMAGE, patch_size=4, embed_dim=32, depth=DEPTH, num_heads=2, mlp_ratio=2,
+    reg_tokens=2, pre_norm=True, global_pool="avg", fc_norm=True, num_classes=10,
+  )  # fmt: skip
+  theirs = {}
+  for group in param_groups_layer_decay(reference, weight_decay=0.05, layer_decay=d):
+    names = {id(p): n for n, p in reference.named_parameters()}
+    theirs.update({names[id(p)]: group["lr_scale"] for p in group["params"]})
+  model = vit.build({"variant": "Pico/4", "num_classes": 10, "num_registers": 2, "pre_norm": True})
+  images = jnp.zeros((1, IMAGE, IMAGE, 3))
+  shapes = jax.eval_shape(lambda k: model.init(k, images, train=False)["params"], jax.random.key(0))
+  ours = _paths(optim.layer_decay_scales(shapes, DEPTH, d))
+  stem_and_head = {
+    "cls": "cls_token",
+    "registers": "reg_token",
+    "pos_embedding": "pos_embed",
+    "embedding/kernel": "patch_embed.proj.weight",  # timm's norm_pre ViT has no patch bias
+    "pre_norm/scale": "norm_pre.weight",
+    "pre_norm/bias": "norm_pre.bias",
+    "fc_norm/scale": "fc_norm.weight",
+    "fc_norm/bias": "fc_norm.bias",
+    "head/kernel": "head.weight",
+    "head/bias": "head.bias",
+  }
+  for path, name in stem_and_head.items():
+    assert float(ours[path]) == pytest.approx(theirs[name]), path
+  for i in range(DEPTH):
+    block = {round(s, 9) for n, s in theirs.items() if n.startswith(f"blocks.{i}.")}
+    assert block == {round(float(s), 9) for p, s in ours.items() if f"encoderblock_{i}/" in p}
+
+
 # --------------------------------------------------------------- make_optimizer
 
 
