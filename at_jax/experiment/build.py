@@ -24,12 +24,22 @@ def steps_per_epoch(config: ml_collections.ConfigDict, num_examples: int) -> int
   return max(1, num_examples // config.data.batch_size)
 
 
+def warmup_steps(config: ml_collections.ConfigDict, num_examples: int) -> int:
+  """`schedule.warmup_epochs` in steps, as asked (`schedule` cuts it to fit `schedule.steps`)."""
+  return int(round(config.schedule.warmup_epochs * steps_per_epoch(config, num_examples)))
+
+
 def schedule(config: ml_collections.ConfigDict, num_examples: int) -> tuple[optax.Schedule, int]:
-  """(warmup + cosine lr schedule, total steps) for `num_examples` training examples per epoch."""
-  epoch = steps_per_epoch(config, num_examples)
+  """(warmup + cosine lr schedule, total steps) for `num_examples` training examples per epoch.
+
+  A run shortened with `schedule.steps` (a smoke test of a recipe) keeps its warm-up up to steps - 1
+  (the run's start-up line says so); given in epochs, a warm-up as long as the run is refused.
+  """
   s = config.schedule
-  total = s.steps if s.steps > 0 else int(math.ceil(s.epochs * epoch))
-  warmup = int(round(s.warmup_epochs * epoch))
+  total = (
+    s.steps if s.steps > 0 else int(math.ceil(s.epochs * steps_per_epoch(config, num_examples)))
+  )
+  warmup = warmup_steps(config, num_examples)
   if s.steps > 0:
     warmup = min(warmup, total - 1)
   o = config.optim

@@ -15,7 +15,7 @@ from jax.experimental import multihost_utils
 from at_jax import checkpoint, metrics, sharding
 from at_jax.data import options, pipeline
 from at_jax.errors import ConfigError
-from at_jax.experiment import preemption, profiling, stream, validation
+from at_jax.experiment import build, preemption, profiling, stream, validation
 from at_jax.experiment import workdir as workdir_claim
 from at_jax.experiment.paths import CHECKPOINT_DIR, EMA_EXPORT_DIR, EXPORT_DIR
 from at_jax.experiment.preemption import Preempted
@@ -355,6 +355,9 @@ def _describe(run: Run, start: int) -> None:
   what = f" | {transfer_spec.describe(spec)}" if spec.active else ""
   if run.task.switch_step:
     what += f" (steps 1-{run.task.switch_step}, then labels alone)"
+  warmup = build.warmup_steps(run.config, len(run.train_source))
+  if warmup >= run.total_steps:  # only with schedule.steps: given in epochs it is refused
+    what += f" | warm-up cut from {warmup} to {run.total_steps - 1} steps (schedule.steps)"
   metrics.say(
     f"ViT width {m.width} depth {m.depth} heads {m.num_heads} patch {m.patch_size}{what} | "
     f"{run.total_steps} steps of {run.config.data.batch_size} on mesh {dict(run.mesh.shape)}"

@@ -263,6 +263,15 @@ def test_a_diverged_state_is_never_saved_and_the_named_checkpoint_is_good(tmp_pa
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored["params"]))
 
 
+def test_a_run_shortened_by_schedule_steps_cuts_its_warmup_and_says_so(tiny_config, capsys):
+  c = tiny_config(steps=3, mode="none")  # the demo's warm-up: 0.2 of 20 steps per epoch, 4 steps
+  run = runs.setup(c, "/nonexistent-workdir")
+  peak = float(run.schedule(2))  # a 2-step warm-up: its peak at the last step
+  assert [float(run.schedule(i)) for i in range(3)] == pytest.approx([0.0, 0.5 * peak, peak])
+  loop._describe(run, 0)  # pylint: disable=protected-access
+  assert "warm-up cut from 4 to 2 steps (schedule.steps)" in capsys.readouterr().out
+
+
 def _setup_error(c):
   with pytest.raises(ConfigError) as e:
     runs.setup(c, "/nonexistent-workdir")
