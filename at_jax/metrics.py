@@ -103,8 +103,8 @@ class MetricWriter:
       enabled: whether to write; default: only on process 0.
       after_step: a resumed run's first step - 1: lines of later steps (logged by a killed run past
         its last checkpoint, and about to be logged again) are dropped from metrics.jsonl first.
-      evals_at_step: also drop the `eval/` lines of `after_step` itself (a finished run relaunched
-        evaluates its last step again).
+      evals_at_step: also drop the `eval/` lines of `after_step` itself (the resumed run evaluates
+        that step again: a finished run's last, or one saved before its evaluation).
     """
     self.enabled = _is_main_process() if enabled is None else enabled
     self.path = os.path.join(workdir, METRICS_FILE)

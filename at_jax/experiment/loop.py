@@ -68,11 +68,9 @@ class Evaluations:
   uninterrupted run does. The best lives in the checkpoint, not in metrics.jsonl: the log of a killed run
   may hold lines past its last checkpoint, which the relaunch writes again."""
 
-  def __init__(
-    self, run: Run, eval_fn: Any, writer: metrics.MetricWriter, saved: Mapping[str, Any]
-  ):
+  def __init__(self, run: Run, eval_fn: Any, saved: Mapping[str, Any]):
     """`saved`: the extra of the checkpoint the run starts from ({} for a fresh run)."""
-    self.run, self.eval_fn, self.writer = run, eval_fn, writer
+    self.run, self.eval_fn = run, eval_fn
     self.steps = run.eval_steps()
     self.best: dict[str, float] = dict(saved.get(BEST_KEY, {}))
     self.last_step = int(saved.get(LAST_EVAL_KEY, 0))
@@ -88,12 +86,14 @@ class Evaluations:
     """Whether `step` is an evaluation step before the last that has not been evaluated yet."""
     return step in self.steps and step > self.last_step
 
-  def __call__(self, step: int, state: train_state.TrainState) -> dict[str, float]:
+  def __call__(
+    self, step: int, state: train_state.TrainState, writer: metrics.MetricWriter
+  ) -> dict[str, float]:
     """Evaluates `state` (at `step`), updates the best, logs both; returns the evaluation."""
     evals = evaluate_run(self.run, self.eval_fn, state)
     self.best = metrics.update_best(self.best, step, evals)
     self.last_step = step
-    self.writer.write(step, {f"eval/{k}": v for k, v in {**evals, **self.best}.items()})
+    writer.write(step, {f"eval/{k}": v for k, v in {**evals, **self.best}.items()})
     return evals
 
   def extra(self) -> dict[str, Any]:
@@ -155,10 +155,12 @@ def _train_and_evaluate(run: Run, ckpt: checkpoint.Checkpointer) -> dict[str, fl
   state, shardings, train_fn_at, eval_fn = _fresh_state_and_steps(run)
   state, saved = _starting_state(run, state, shardings, ckpt)
   start = int(jax.device_get(state.step))
+  evaluations = Evaluations(run, eval_fn, saved)
   # Lines a killed run logged past its last checkpoint are logged again from there: drop them first.
-  # A finished run relaunched evaluates its last step again: that line too.
-  writer = metrics.MetricWriter(workdir, after_step=start, evals_at_step=start == run.total_steps)
-  evaluations = Evaluations(run, eval_fn, writer, saved)
+  # A step evaluated again drops its eval line too: a finished run's last, or one saved before its
+  # evaluation (preempted there), evaluated by a relaunch that was then killed before its next save.
+  evaluates_start_again = start == run.total_steps or evaluations.due(start)
+  writer = metrics.MetricWriter(workdir, after_step=start, evals_at_step=evaluates_start_again)
   _describe(run, start)
   # One SIGTERM/SIGINT policy from the first step to the export: in the loop every process saves the
   # same step and stops; after it, the final save, evaluation and export complete first.
@@ -173,7 +175,7 @@ def _train_and_evaluate(run: Run, ckpt: checkpoint.Checkpointer) -> dict[str, fl
     ckpt.save(run.total_steps, state, extra=extra, force=True)
     ckpt.wait()
     # Not in the final checkpoint's best: a relaunch of a finished run evaluates its last step again.
-    evals = evaluations(run.total_steps, state)
+    evals = evaluations(run.total_steps, state, writer)
     writer.close()
     ckpt.close()
     _export(run, state)
@@ -254,7 +256,7 @@ def _train(
   skipped = 0  # this process's examples that stood in for unreadable ones, since (re)start
   skipped_total = skipped_before  # the run's count over all processes, as of the last sum
   if evaluations.due(start):  # preempted at an evaluation step: it saved before evaluating
-    evaluations(start, state)
+    evaluations(start, state, writer)
   preempted = False
   for step in range(start + 1, run.total_steps + 1):
     batch = next(batches)
@@ -279,7 +281,7 @@ def _train(
       pending = (step, {**step_metrics, "skipped_examples": skipped_total})
     if evaluations.due(step) and not preempted:
       # Before the save, so that the checkpoint's best includes it; a preempted run saves at once.
-      evaluations(step, state)
+      evaluations(step, state, writer)
     if preempted or step % config.ckpt.every_steps == 0:  # never save a diverged state
       _check_finite(step, jax.device_get(step_metrics), ckpt)
     extra = {**stream.position(run, step, skipped_total), **evaluations.extra()}

@@ -602,6 +602,19 @@ def test_best_evaluation_is_reported_and_survives_resume(tmp_path, tiny_config, 
     loop.train_and_evaluate(c, str(preempted))
   monkeypatch.undo()
   assert sorted(_evals_by_step(preempted)) == [2]
+
+  # Its relaunch evaluates step 4, then dies at step 5, before its next save: the next relaunch
+  # evaluates step 4 again, and logs it once.
+  def host_lost_at_5(self, step):
+    if step == 5:
+      raise RuntimeError("host lost at step 5")
+    return real_stop_at(self, step)
+
+  monkeypatch.setattr(preemption.Training, "stop_at", host_lost_at_5)
+  with pytest.raises(RuntimeError, match="host lost"):
+    loop.train_and_evaluate(c, str(preempted))
+  monkeypatch.undo()
+  assert sorted(_evals_by_step(preempted)) == [2, 4]
   assert loop.train_and_evaluate(c, str(preempted)) == results
   assert _lines(preempted) == logged
   # A finished run relaunched evaluates its last step again, and logs it once.
