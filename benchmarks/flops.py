@@ -66,7 +66,8 @@ def train_step_flops(
   transferred layer (never its head), the student's forward, and its backward at twice the forward for
   every matmul except the patch embedding (its input needs no gradient: weight gradient only). In copy mode
   the student's own q, k projections and q @ k^T are not needed in the transferred layers (the teacher's
-  maps replace them). Softmax, LayerNorm, GELU and the losses are elementwise and not counted.
+  maps replace them), and maps @ V back-propagates to V alone (the frozen maps need no gradient): once its
+  forward, not twice. Softmax, LayerNorm, GELU and the losses are elementwise and not counted.
 
   Args:
     width, depth, mlp_dim, patch: the ViT's shape (teacher and student share it here).
@@ -89,7 +90,8 @@ def train_step_flops(
     block - (qk_proj + qk_t if mode == "copy" and i in layers else 0) for i in range(depth)
   ]
   student_fwd = embed + sum(student_block) + head
-  student_bwd = embed + 2 * (sum(student_block) + head)
+  copied = sum(1 for i in range(depth) if mode == "copy" and i in layers)
+  student_bwd = embed + 2 * (sum(student_block) + head) - copied * av
   teacher_fwd = 0.0
   if mode != "none":
     last = max(layers)
