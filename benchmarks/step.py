@@ -43,9 +43,12 @@ flags.DEFINE_string(
 flags.DEFINE_string(
   "loss_impl", "direct", "transfer.loss_impl for distill (direct, blockwise, pallas)."
 )
-flags.DEFINE_integer("steps", 5, "Steps per timed repetition.")
-flags.DEFINE_integer("reps", 5, "Timed repetitions per step (interleaved across modes).")
-flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+flags.DEFINE_integer("steps", 5, "Steps per timed repetition.", lower_bound=1)
+flags.DEFINE_integer(
+  "reps", 5, "Timed repetitions per step (interleaved across modes).", lower_bound=1
+)
+# At least one: the first step after compiling also fetches its metrics (the first-step losses).
+flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.", lower_bound=1)
 flags.DEFINE_float(
   "peak_tflops", 0.0, "Device peak TFLOP/s for MFU; 0: look device_kind up in flops.py."
 )
