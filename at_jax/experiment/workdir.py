@@ -195,12 +195,24 @@ class WorkdirLock:
 
   def _beat(self) -> None:
     while not self._stop.wait(self.heartbeat_s):
-      holder = self._read()
-      if holder is None or holder.token != self.me.token:
-        print(f"WARNING: lost the lock of {self.workdir} to {holder}", file=sys.stderr, flush=True)
-        return
-      beat = dataclasses.replace(self.me, heartbeat=time.time())
-      storage.write_atomic(self.path, json.dumps(dataclasses.asdict(beat)))
+      try:
+        holder = self._read()
+        if holder is None or holder.token != self.me.token:
+          print(
+            f"WARNING: lost the lock of {self.workdir} to {holder}", file=sys.stderr, flush=True
+          )
+          return
+        beat = dataclasses.replace(self.me, heartbeat=time.time())
+        storage.write_atomic(self.path, json.dumps(dataclasses.asdict(beat)))
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        # A storage error (a bucket's, after its client's retries) must not end the heartbeat: the
+        # lock would go stale while the run goes on, and another launch would take the workdir.
+        print(
+          f"WARNING: could not renew the lock of {self.workdir} ({type(e).__name__}: {e}); "
+          f"trying again in {self.heartbeat_s:g} s",
+          file=sys.stderr,
+          flush=True,
+        )
 
 
 _held: set[str] = set()  # the workdirs this process holds (process 0) or its job holds (the others)

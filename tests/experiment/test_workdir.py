@@ -111,6 +111,27 @@ def test_the_holder_keeps_its_heartbeat_fresh(tmp_path):
     lock.release()
 
 
+def test_a_storage_error_skips_one_heartbeat_not_the_rest(tmp_path, monkeypatch, capsys):
+  lock = workdir.WorkdirLock(str(tmp_path), heartbeat_s=0.1)
+  lock.acquire()
+  real_write, failures = storage.write_atomic, []
+
+  def flaky_write(path, text):
+    if not failures:
+      failures.append(path)
+      raise ConnectionError("the bucket hung up")
+    real_write(path, text)
+
+  monkeypatch.setattr(storage, "write_atomic", flaky_write)
+  try:
+    time.sleep(0.6)
+    assert failures and _holder(str(tmp_path))["heartbeat"] > lock.me.started
+    assert "could not renew the lock" in capsys.readouterr().err
+  finally:
+    monkeypatch.undo()
+    lock.release()
+
+
 def test_an_unwritable_workdir_is_named(tmp_path):
   (tmp_path / "a_file").write_text("x")
   with pytest.raises(ConfigError, match="cannot write there") as e:
