@@ -309,7 +309,13 @@ def _stop_preempted(step: int, ckpt: checkpoint.Checkpointer, writer: metrics.Me
 def evaluate_checkpoint(
   config: ml_collections.ConfigDict, workdir: str, step: int | None = None
 ) -> dict[str, float]:
-  """Evaluates <workdir>/checkpoints at `step` (default: the latest) exactly as training evaluated it."""
+  """Evaluates <workdir>/checkpoints at `step` (default: the latest) exactly as training evaluated it.
+
+  Raises ConfigError naming each field `config` changes against the run's record (<workdir>/run.json),
+  but its eval data and view (`workdir.EVALUATION_MAY_CHANGE`): a copy run evaluated as a distill
+  run would score its student without the teacher it attends with.
+  """
+  workdir_claim.check(config, workdir, evaluating=True)
   run = setup(config, workdir, check_targets=False)  # evaluation reads no stored teacher targets
   state, _, _, eval_fn = _fresh_state_and_steps(run)
   ckpt = _checkpointer(run)

@@ -67,6 +67,9 @@ NOT_IDENTITY = {
   "data.file_list_dir": "a cache",
   "schedule.log_every_steps": "logging",
 }
+# ... and these, which an evaluation of a run's checkpoint may change too: what it is evaluated on, and how
+# it is viewed (`loop.evaluate_checkpoint`); the model, its teacher and its transfer must be the run's.
+EVALUATION_MAY_CHANGE = ("data.dir", "data.eval_split", "data.eval_labels", "data.crop_pct")
 _HOST = socket.gethostname()
 
 
@@ -311,10 +314,13 @@ def read_record(workdir: str) -> dict[str, Any] | None:
     return json.load(f)
 
 
-def check(config: ml_collections.ConfigDict, workdir: str, prefix: str = "") -> dict[str, list]:
+def check(
+  config: ml_collections.ConfigDict, workdir: str, prefix: str = "", evaluating: bool = False
+) -> dict[str, list]:
   """{field: [recorded, now]} of the identity fields this launch changes against <workdir>/run.json
   ({} without one); raises ConfigError naming each unless `resume="override"`. `prefix`: where `config`
-  sits in the launched one (``teacher.pretrain.`` for its teacher), to name the fields in full."""
+  sits in the launched one (``teacher.pretrain.`` for its teacher), to name the fields in full.
+  `evaluating`: an evaluation of the run's checkpoint, which may change `EVALUATION_MAY_CHANGE`."""
   resume = config.get("resume", "auto")
   if resume not in RESUME_MODES:
     raise ConfigError(f"{prefix}resume", f"{resume!r} is not one of {RESUME_MODES}")
@@ -328,14 +334,21 @@ def check(config: ml_collections.ConfigDict, workdir: str, prefix: str = "") -> 
     k: [before.get(k, "(absent)"), now.get(k, "(absent)")]
     for k in sorted(before)
     if before[k] != now.get(k, "(absent)") and not _unused(config, k)
+    if not (evaluating and k in EVALUATION_MAY_CHANGE)
   }
   if changed and resume != "override":
     listed = "; ".join(f"{prefix}{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+    todo = (
+      "Evaluate it with its settings (the overrides it was launched with), or pass "
+      f"--config.{prefix}resume=override to evaluate its checkpoint as these settings would"
+      if evaluating
+      else f"Relaunch with its settings, use a new --workdir, or pass --config.{prefix}resume=override "
+      "to continue it with these"
+    )
     raise ConfigError(
       f"{prefix}{next(iter(changed))}",
       f"{workdir} holds a run started with other settings ({len(changed)} changed: {listed}). "
-      f"Relaunch with its settings, use a new --workdir, or pass --config.{prefix}resume=override "
-      f"to continue it with these (recorded in {os.path.join(workdir, IDENTITY_FILE)})",
+      f"{todo} (recorded in {os.path.join(workdir, IDENTITY_FILE)})",
     )
   return changed
 

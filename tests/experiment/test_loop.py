@@ -119,6 +119,15 @@ def test_evaluate_checkpoint_reproduces_logged_eval(teacher_export, tiny_config)
   # The logged line also holds the running best (eval/best_*), which is no figure of one checkpoint.
   evaluated = {k: v for k, v in logged.items() if k.startswith("eval/") and "/best_" not in k}
   assert got == {k[len("eval/") :]: v for k, v in evaluated.items()}
+  # Not the run's model: refused by field, before anything is built. Other eval data: evaluated.
+  other = tiny_config(steps=4, mode="none")
+  other.model.drop_path = 0.3
+  with pytest.raises(ConfigError, match=r"model.drop_path: 0.0 -> 0.3.* Evaluate it with its") as e:
+    loop.evaluate_checkpoint(other, workdir)
+  assert e.value.field == "model.drop_path"
+  elsewhere = tiny_config(steps=4, mode="none")
+  elsewhere.data.eval_split = "test[800:1200]"
+  assert set(loop.evaluate_checkpoint(elsewhere, workdir)) == set(got)  # not refused
 
 
 @pytest.mark.slow
