@@ -266,7 +266,8 @@ def read_model_config(path: str) -> dict:
   """The model_config.json of an export, without reading its params (cheap start-up checks)."""
   path = storage.absolute(path)
   if not storage.isdir(path):
-    raise ConfigError(path, f"no such directory; {_HINT}")
+    what = "not a directory" if storage.exists(path) else "does not exist"
+    raise ConfigError(path, f"{what}; {_HINT}")
   config_file = os.path.join(path, _MODEL_CONFIG_FILE)
   if not storage.isfile(config_file):
     raise ConfigError(path, f"no {_MODEL_CONFIG_FILE} (incomplete export?); {_HINT}")

@@ -286,7 +286,7 @@ def _assert_teacher_error(path: str, match: str):
 
 
 def test_load_params_missing_path(tmp_path):
-  _assert_teacher_error(str(tmp_path / "nope"), "no such directory")
+  _assert_teacher_error(str(tmp_path / "nope"), "does not exist")
 
 
 def test_load_params_missing_config(tmp_path):

@@ -112,7 +112,7 @@ def _not_an_export(src: str) -> str:
     "at_jax.checkpoint.save_params: a run leaves <workdir>/params and <workdir>/params_ema)"
   )
   if not storage.exists(src):
-    return f"no such directory; --export takes {what}"
+    return f"does not exist; --export takes {what}"
   if storage.isfile(src):
     return (
       f"a file, not {what}; to read a checkpoint file INTO an export, run "

@@ -162,11 +162,22 @@ def init_from_pretrained(fresh: Any, loaded: Any, scan: bool) -> tuple[dict, lis
   return params, kept, sorted(set(flat_loaded) - used)
 
 
+def check_exists(path: str, field: str) -> None:
+  """ConfigError(`field`) when `path` (teacher.init, model.init) is not there at all."""
+  if not storage.exists(path):
+    raise ConfigError(
+      field,
+      f"{path} does not exist; it should be a params export (a run's params/ folder), a Hugging "
+      "Face folder or a PyTorch/timm/big_vision checkpoint file",
+    )
+
+
 def teacher_model_config(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """The teacher's architecture, read without its weights where possible."""
   if config.teacher.init and is_checkpoint_file(config.teacher.init):
     return load_teacher(config, workdir)[0]
   if config.teacher.init:
+    check_exists(config.teacher.init, "teacher.init")
     checkpoint.check_standalone(config.teacher.init, "teacher.init", "a teacher")
     return checkpoint.read_model_config(config.teacher.init)
   if config.teacher.pretrain is not None:

@@ -194,12 +194,8 @@ def _check_model(config: ml_collections.ConfigDict, model: vit.ViT) -> None:
     # Converted now (and cached for the run's start), so that a file it cannot use or a `#selector` that
     # does not match the file fails before compiling.
     teachers.load_vit(config.model.init, config)
-  elif config.model.init and not storage.exists(config.model.init):
-    raise ConfigError(
-      "model.init",
-      f"{config.model.init} does not exist; it should be a params export "
-      "(a run's params/ folder) or a PyTorch/timm/big_vision checkpoint file",
-    )
+  elif config.model.init:
+    teachers.check_exists(config.model.init, "model.init")
   image_size = config.data.image_size
   if image_size % model.patch_size:
     raise ConfigError(

@@ -460,7 +460,7 @@ def test_what_is_not_an_export_is_refused_naming_it(tmp_path, exported):
   (tmp_path / "empty").mkdir()
   (tmp_path / "model.pth").write_bytes(b"weights")
   cases = {
-    str(tmp_path / "missing"): "no such directory",
+    str(tmp_path / "missing"): "does not exist",
     str(tmp_path / "empty"): "no model_config.json: not a params export",
     str(tmp_path / "model.pth"): "without --export",
     str(workdir): f"a run's workdir, not an export; its exports are {workdir}/params",
@@ -506,7 +506,7 @@ def test_cli_refusals_exit_2_naming_the_problem(tmp_path, capsys):
   missing = str(tmp_path / "missing")
   assert cli.main(["--export", missing, str(tmp_path / "out"), "--to=hf"]) == 2
   err = capsys.readouterr().err
-  assert err.startswith(f"error: {missing}: no such directory")
+  assert err.startswith(f"error: {missing}: does not exist")
   for argv, message in (
     (["--export", missing, "out"], "--export needs --to=timm or --to=hf"),
     ([missing, "out", "--to=hf"], "--to goes with --export"),

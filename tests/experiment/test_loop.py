@@ -300,6 +300,10 @@ def _setup_error(c):
     (lambda c: c.model.update(dict(variant="Giant/7")), "model.variant"),
     (lambda c: c.data.update(dict(name="imagenet2012", dir="/nonexistent")), "data.dir"),
     (lambda c: c.teacher.update(dict(init="")), "teacher.init"),
+    (
+      lambda c: c.teacher.update(dict(init="/nonexistent/mae_pretrain_vit_large.pth")),
+      "teacher.init",
+    ),
     (lambda c: c.update(dict(task="mim")), "task"),
     (lambda c: c.update(dict(task="mae")), "transfer.mode"),
   ],

@@ -106,7 +106,7 @@ def test_params_export_loads(setup, tmp_path):
   nnx_model = bridge.from_export(path)
   _assert_same(nnx_model(images, train=False), model.apply({"params": params}, images, train=False))
   jax.tree.map(np.testing.assert_array_equal, bridge.linen_params(nnx_model), params)
-  with pytest.raises(ConfigError, match="no such directory"):
+  with pytest.raises(ConfigError, match="does not exist"):
     bridge.from_export(str(tmp_path / "missing"))
 
 
