@@ -159,13 +159,24 @@ def _run_with_teacher(
   if jax.process_index() == 0:
     print(table, flush=True)
     storage.write_atomic(os.path.join(workdir, RESULTS_FILE), json.dumps(results, indent=1))
-    if config.transfer.mode != "none" and config.transfer.source == "jointly":
-      attention_report(config, workdir)
+    attention_report(config, workdir)
   return results
 
 
 def attention_report(config: ml_collections.ConfigDict, workdir: str, num_images: int = 4) -> None:
-  """Writes <workdir>/attention.png (teacher vs student maps) and prints their per-layer agreement."""
+  """Writes <workdir>/attention.png (teacher vs student maps) and prints their per-layer agreement, for
+  a run with a teacher: run jointly, or whose stored targets' teacher is at hand (its export named by
+  teacher.init, loaded for the report alone)."""
+  if config.transfer.mode == "none":
+    return
+  if config.transfer.source == "precomputed" and not (
+    config.teacher.init and storage.exists(config.teacher.init)
+  ):
+    metrics.say(
+      "Note: no attention report: it runs the teacher of the stored targets, which teacher.init "
+      "does not name here"
+    )
+    return
   png = os.path.join(workdir, "attention.png")
   agreement = attention_agreement(config, workdir, eval_images(config, workdir, num_images), png)
   print(evaluate.format_agreement(agreement, "teacher") + f"\nattention maps: {png}", flush=True)

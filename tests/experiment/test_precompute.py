@@ -18,7 +18,7 @@ import pytest
 from at_jax import checkpoint, metrics, sharding
 from at_jax.data import pipeline, sources, target_store
 from at_jax.errors import ConfigError
-from at_jax.experiment import loop, precompute, runs, stream, validation
+from at_jax.experiment import job, loop, precompute, runs, stream, validation
 from at_jax.experiment import workdir as workdir_claim
 from at_jax.models import vit
 from at_jax.training import classify as train_step
@@ -483,6 +483,13 @@ def test_train_with_stored_targets(precomputed, fake_fashion_mnist, tmp_path, ca
   assert all(x["train/skipped_examples"] == 0 for x in lines)
   distilled = [x["train/distill_loss"] > 0 for x in lines]
   assert distilled == [True, until == 1.0], lines
+  if until == 1.0:  # the attention report runs the stored targets' teacher, named by teacher.init
+    job.attention_report(c, workdir)
+    assert os.path.exists(os.path.join(workdir, "attention.png"))
+    assert "attention maps:" in capsys.readouterr().out
+    c.teacher.init = ""
+    job.attention_report(c, workdir)
+    assert "no attention report" in capsys.readouterr().out
 
 
 def test_a_distillation_that_stops_reads_no_stored_targets_after_it(
