@@ -59,8 +59,16 @@ class Checkpointer:
       enable_async_checkpointing=True,
       create=True,
     )
+    # Handlers named up front, not inferred from the first save's args: a manager that restores first
+    # (a resume) otherwise reads metadata without them, and orbax warns that each item "could not be
+    # restored" although it then restores them.
     self._manager = ocp.CheckpointManager(
-      self.directory, options=options, item_names=("state", "extra")
+      self.directory,
+      options=options,
+      item_handlers={
+        "state": ocp.StandardCheckpointHandler(),
+        "extra": ocp.JsonCheckpointHandler(),
+      },
     )
     # Steps a restore of "the latest" fell back past: damaged, so the resumed run saves them again.
     self._unreadable: set[int] = set()
