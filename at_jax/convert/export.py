@@ -65,7 +65,10 @@ def export(src: str, dst: str, to: str) -> tuple[dict[str, Any], list[str]]:
   image_size, channels = input_shape(fields, params, src)
   if to == "timm":
     state = export_keys.timm_state_dict(fields, params, image_size)
-    meta_name, meta = "timm_args.json", export_keys.timm_args(fields, image_size, channels)
+    meta_name, meta = (
+      export_keys.TIMM_ARGS_FILE,
+      export_keys.timm_args(fields, image_size, channels),
+    )
   else:  # a plain ViT goes to ViTModel, one with LayerScale, registers or SwiGLU to DINOv2
     state = export_hf.hf_state_dict(fields, params, image_size)
     meta_name, meta = "config.json", export_hf.hf_config(fields, image_size, channels)

@@ -18,6 +18,8 @@ import numpy as np
 from at_jax.convert import hf_dinov2, timm
 from at_jax.convert.keymap import Rules
 
+# What `timm_args` is written as beside the exported weights (read back by convert.load for the heads).
+TIMM_ARGS_FILE = "timm_args.json"
 TARGET_NAMES = {
   "timm": "timm's VisionTransformer",
   "hf": "Hugging Face's ViT or DINOv2 (ViTModel, Dinov2Model, Dinov2WithRegistersModel)",

@@ -22,9 +22,22 @@ position table with the prefix slots when the checkpoint has them):
   python -m at_jax.convert mae_pretrain_vit_large.pth /tmp/mae_l      # then --config.teacher.init=/tmp/mae_l
 """
 
+import json
+import os
 from typing import Any
 
-from at_jax.convert import big_vision, hf, hf_folder, keymap, posemb, readers, selection, timm
+from at_jax import storage
+from at_jax.convert import (
+  big_vision,
+  export_keys,
+  hf,
+  hf_folder,
+  keymap,
+  posemb,
+  readers,
+  selection,
+  timm,
+)
 from at_jax.errors import ConfigError
 from at_jax.models import fit, vit
 
@@ -114,7 +127,7 @@ def _from_file(
     config, params = big_vision.from_big_vision(contents, path, num_heads)
   else:
     flat = selection.pick(contents, selector, path, default_tower)
-    config, params = timm.from_timm(flat, path, num_heads)
+    config, params = timm.from_timm(flat, path, num_heads or _heads_beside(file))
   config.update(FAMILIES.get(family, {}))
   if config["pre_norm"] and family is None:
     raise ConfigError(
@@ -124,6 +137,16 @@ def _from_file(
       "(GELU, eps 1e-5) or 'clip_openai' (QuickGELU, eps 1e-5)",
     )
   return config, params
+
+
+def _heads_beside(file: str) -> int | None:
+  """The head count our timm export records beside its weights (<dir>/timm_args.json), which the
+  weights cannot tell for a width outside `keymap.HEADS_BY_WIDTH`; None without one."""
+  args_file = os.path.join(os.path.dirname(file), export_keys.TIMM_ARGS_FILE)
+  if not storage.isfile(args_file):
+    return None
+  with storage.open_file(args_file) as f:
+    return json.load(f).get("kwargs", {}).get("num_heads")
 
 
 def _check_against_model(config: dict, params: dict, image_size: int, path: str) -> None:
