@@ -18,12 +18,14 @@ def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
     prog="python -m at_jax.convert",
     description="Converts a pretrained ViT (timm/MAE/MoCo-v3/DINO/DINOv2 .pth/.safetensors, big_vision "
-    ".npz, training checkpoints) into a params export for --config.teacher.init; with --export, a "
+    ".npz, training checkpoints, Hugging Face folders) into a params export for "
+    "--config.teacher.init; with --export, a "
     "params export into PyTorch weights for timm or Hugging Face transformers.",
   )
   parser.add_argument(
     "src",
-    help="checkpoint file, optionally FILE#SELECTOR for a training checkpoint's weights, e.g. "
+    help="checkpoint file or Hugging Face folder (save_pretrained, a hub-cache snapshot), a file "
+    "optionally as FILE#SELECTOR for a training checkpoint's weights, e.g. "
     "checkpoint-199.pth#model_ema.student (a dual teacher + student one must name its tower); "
     "with --export, a params export directory (<workdir>/params or <workdir>/params_ema)",
   )
@@ -49,7 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     "--resample", action="store_true", help="resample position embeddings to image_size"
   )
   parser.add_argument(
-    "--num_heads", type=int, default=None, help="heads, for widths not in the size table"
+    "--num_heads",
+    type=int,
+    default=None,
+    help="heads, for widths not in the size table (our timm export's timm_args.json says it)",
   )
   parser.add_argument(
     "--family",
