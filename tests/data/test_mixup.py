@@ -122,6 +122,25 @@ def test_mix_batch_lam_and_switch_statistics():
   assert abs(lam.var() - 0.0962) < 0.01
 
 
+@pytest.mark.parametrize("switch_prob", [0.9, 0.2])
+def test_switch_prob_is_the_probability_of_cutmix(switch_prob):
+  """CutMix is chosen with probability `switch_prob`, not 1 - switch_prob: at the recipe's 0.5 the two
+  read alike, so draw at asymmetric values. CutMix copies pixels (weights exactly 0/1); Mixup's
+  Beta(0.8, 0.8) lam blends them (lam exactly 0 or 1 has probability 0)."""
+  images, labels = _two_images(8)
+  mix = {**MIX, "switch_prob": switch_prob}
+
+  @jax.jit
+  @jax.vmap
+  def is_cutmix(key):
+    mixed, _ = mixup.mix_batch(key, images, labels, 2, **mix)
+    return jnp.all((mixed == 0) | (mixed == 1))
+
+  fraction = float(np.mean(is_cutmix(jax.random.split(jax.random.key(1), 2000))))
+  # Binomial(2000, p): sd <= 0.009; 0.035 is > 3.8 sd, and the inverted switch is >= 0.6 away.
+  assert abs(fraction - switch_prob) < 0.035, fraction
+
+
 def test_mix_batch_jits_and_matches_eager():
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=(8, 12, 12, 3)), jnp.float32)

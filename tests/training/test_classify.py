@@ -3,9 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from at_jax import sharding
+from at_jax.data import mixup
 from at_jax.models import encoder, vit
 from at_jax.training import classify as train_step
 from at_jax.training import state as train_state
@@ -169,6 +171,57 @@ def test_ema_and_metrics():
   assert int(state.step) == 1
   assert losses[0]["lr"] == 0.0  # warmup starts at 0
   assert 0 <= losses[0]["train_acc"] <= 1 and losses[0]["grad_norm"] > 0
+
+
+def test_apply_gradients_ema_closed_form():
+  """EMA_t = d * EMA_{t-1} + (1 - d) * params_t, over two steps of SGD(1.0) with d = 0.9 (asymmetric:
+  the inverted update (1 - d) * EMA + d * params differs). test_ema_and_metrics steps at lr 0."""
+  p0 = {"w": jnp.array([1.0, -2.0]), "b": jnp.array(3.0)}
+  g1 = {"w": jnp.array([0.5, 1.0]), "b": jnp.array(-2.0)}
+  g2 = {"w": jnp.array([-1.0, 0.25]), "b": jnp.array(4.0)}
+  tx, d = optax.sgd(1.0), 0.9
+  state = train_state.new_state(p0, tx, jax.random.key(0))
+  s1 = train_state.apply_gradients(state, g1, tx, d)
+  s2 = train_state.apply_gradients(s1, g2, tx, d)
+  sub = lambda a, b: jax.tree.map(lambda x, y: np.asarray(x) - np.asarray(y), a, b)
+  p1, p2 = sub(p0, g1), sub(sub(p0, g1), g2)
+  ema1 = jax.tree.map(lambda e, p: d * np.asarray(e) + (1 - d) * p, p0, p1)
+  ema2 = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema1, p2)
+  for got, want in ((s1.params, p1), (s2.params, p2), (s1.ema_params, ema1), (s2.ema_params, ema2)):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, want)
+  assert (int(s1.step), int(s2.step)) == (1, 2)
+  # e.g. b: 0.9 * 3 + 0.1 * 5 = 3.2, the inverted update gives 0.1 * 3 + 0.9 * 5 = 4.8.
+  np.testing.assert_allclose(s1.ema_params["b"], 3.2, rtol=1e-6)
+
+
+def test_mixed_targets_are_smoothed_once():
+  """With mixup/CutMix on, label smoothing is folded into the mixed targets (timm: smoothed one-hots,
+  mixed with lam); the loss must not smooth them again. The recipe: mixup 0.8, cutmix 1.0, s = 0.1."""
+  student, teacher, t, *_ = build_step("none")
+  params = _sharp_params(student, sharpened=())
+  # The head's init (std 0.02) gives near-uniform softmax, where any target has CE ~ log 10: sharpen it.
+  params["head"] = jax.tree.map(lambda x: 100 * x, params["head"])
+  batch = {k: jnp.asarray(v) for k, v in _batches()[0].items()}
+  mix = dict(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, prob=1.0)
+  s, key = 0.1, jax.random.key(7)
+  loss_fn = train_step.make_loss_fn(student, teacher, t, label_smoothing=s, mix=mix)
+  total, aux = loss_fn(params, batch, None, key)
+  # The loss fn's split: (drop, model, mix). Unsmoothed mixed one-hots, then smoothed once (linear, so
+  # equal to timm's lam * smooth(y) + (1 - lam) * smooth(y_flipped)).
+  rng_mix = jax.random.split(key, 3)[2]
+  images, hard_mix = mixup.mix_groups(
+    rng_mix, batch["image"], batch["label"], 10, label_smoothing=0.0, **mix
+  )
+  expected = hard_mix * (1 - s) + s / 10
+  logits, _ = student.apply({"params": params}, images, train=True, rngs={"dropout": key})
+  np.testing.assert_allclose(aux["logits"], logits, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(aux["labels"], expected, atol=1e-6)
+  want = optax.softmax_cross_entropy(logits, expected).mean()
+  np.testing.assert_allclose(aux["ce_loss"], want, rtol=1e-5)
+  np.testing.assert_allclose(total, want, rtol=1e-5)
+  # Control: twice-smoothed targets give a clearly different loss, so the check above can fail.
+  twice = optax.softmax_cross_entropy(logits, optax.smooth_labels(expected, s)).mean()
+  assert abs(float(twice) - float(want)) > 1e-2 * float(want), (twice, want)
 
 
 def test_cross_entropy_label_smoothing_and_soft_labels():
