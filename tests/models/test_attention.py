@@ -102,6 +102,74 @@ def test_fully_copied_layers_skip_their_own_q_and_k(setup, scan, mask):
   assert flops["static"] < 0.9 * flops["traced"], flops
 
 
+def test_loop_equals_scan_when_only_some_layers_copy(setup):
+  """A static mask copying every head of layer 1 only: the scan's blocks share one `copied` flag, which
+  a partly copying stack must leave off (a copied block skips its own q and k and attends with the
+  override's logits, here layer 0 with teacher maps its mask does not select). Loop and scan attend
+  alike, layer 0 with its own logits."""
+  model, params, images = setup
+  scanned, scan_params = build_model(scan=True), vit.loop_to_scan(params)
+  n = (S // 4) ** 2 + 1
+  teacher_logits = 3 * jax.random.normal(jax.random.key(5), (2, B, 2, n, n))
+  override = {"logits": teacher_logits, "mask": np.array([[False, False], [True, True]])}
+  own, own_out = model.apply({"params": params}, images, train=False)
+  loop, loop_out = model.apply({"params": params}, images, train=False, override=override)
+  scan, scan_out = scanned.apply({"params": scan_params}, images, train=False, override=override)
+  assert not np.allclose(loop, own, atol=1e-4)  # the copy in layer 1 matters
+  np.testing.assert_allclose(scan, loop, rtol=1e-6, atol=1e-6)
+  for layer in range(2):
+    np.testing.assert_allclose(
+      scan_out["attn_logits"][layer],
+      loop_out["attn_logits"][layer],
+      rtol=1e-6,
+      atol=1e-6,
+      err_msg=f"layer {layer}",
+    )
+  np.testing.assert_allclose(scan_out["attn_logits"][0], own_out["attn_logits"][0], atol=1e-6)
+  np.testing.assert_array_equal(scan_out["attn_logits"][1], teacher_logits[1])
+
+
+def _peaked_qk(params, gain):
+  """The q and k kernels times `gain`: random init attends almost uniformly (logits ~0.05), where
+  rounding the logits barely shows."""
+  kernels = {("query", "kernel"), ("key", "kernel")}
+  return jax.tree_util.tree_map_with_path(
+    lambda p, x: gain * x if tuple(getattr(k, "key", "") for k in p[-2:]) in kernels else x,
+    params,
+  )
+
+
+def _ce_per_head(teacher_logits_LBHNN, student_logits_LBHNN) -> np.ndarray:
+  """numpy, float64: [L, H] mean over batch and queries of -sum_k softmax(t)_k log_softmax(s)_k."""
+  t = np.asarray(teacher_logits_LBHNN, np.float64)
+  p = np.exp(t - t.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  s = np.asarray(student_logits_LBHNN, np.float64)
+  log_q = s - s.max(-1, keepdims=True)
+  log_q -= np.log(np.exp(log_q).sum(-1, keepdims=True))
+  return -(p * log_q).sum(-1).mean((1, 3))
+
+
+def test_bf16_in_block_ce_reads_the_float32_logits(setup):
+  """dtype_mm bf16 rounds the matmuls' inputs, not the logits: softmax, logsumexp and the in-block
+  distillation CE run on the float32 logits each layer reports. Peaked maps (q, k kernels x20, logits
+  up to ~18) and few queries (one image of 17 tokens), so that bf16-rounded logits move the CE by
+  ~5e-4, far outside the tolerance."""
+  _, _, images = setup
+  model, images, rtol = build_model(variant="Pico/7", dtype_mm="bfloat16"), images[:1], 1e-6
+  params = _peaked_qk(model.init(jax.random.key(1), images, train=False)["params"], 20.0)
+  n = (S // 7) ** 2 + 1
+  teacher_logits = 3 * jax.random.normal(jax.random.key(5), (2, 1, 2, n, n))
+  target = attention.AttnTarget((0, 1), {"logits": teacher_logits})
+  _, out = model.apply({"params": params}, images, train=False, attn_target=target)
+  assert out["attn_logits"].dtype == jnp.float32 and out["attn_ce"].shape == (2, 2)
+  want = _ce_per_head(teacher_logits, out["attn_logits"])
+  np.testing.assert_allclose(out["attn_ce"], want, rtol=rtol)
+  # Control: the CE of the same logits rounded to bf16 is far outside `rtol`.
+  rounded = out["attn_logits"].astype(jnp.bfloat16).astype(jnp.float32)
+  assert np.abs(_ce_per_head(teacher_logits, rounded) / want - 1).max() > 100 * rtol
+
+
 @pytest.mark.parametrize("scan", [False, True])
 def test_fused_attention_matches_materialized(setup, scan):
   """`attention_impl="fused"` is the same function, also where a layer needs its maps (copied logits,

@@ -128,6 +128,35 @@ def test_all_ones_masks_equal_no_drop_path(setup):
   np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
+def test_each_branch_takes_its_own_drop_mask_row(setup):
+  """Masks are [L, R=2, B]: row 0 scales the attention branch, row 1 the MLP branch, per sample. Scaling
+  a branch by m equals scaling its output projection (kernel and bias) by m, with no masks, so each
+  sample matches an unmasked forward; a block reading one row for both branches does not."""
+  _, _, images = setup
+  model = build_model(depth=1)
+  params = model.init(jax.random.key(2), images, train=False)["params"]
+  attn_row, mlp_row = (0.0, 2.0, 1.0), (2.0, 0.0, 1.0)  # sample 0 drops attention, 1 the MLP
+  masks = jnp.array([[attn_row, mlp_row]])
+  masked, _ = model.apply({"params": params}, images, train=False, drop_masks=masks)
+
+  def scaled(attn, mlp):
+    p = jax.tree.map(lambda x: x, params)  # a copy whose dicts can be edited
+    block = p["Transformer"]["encoderblock_0"]
+    for parent, name, m in (
+      (block["MultiHeadDotProductAttention_0"], "out", attn),
+      (block["MlpBlock_0"], "Dense_1", mlp),
+    ):
+      parent[name] = jax.tree.map(lambda x, m=m: m * x, parent[name])
+    return model.apply({"params": p}, images, train=False)[0]
+
+  for b in range(B):
+    expected = scaled(attn_row[b], mlp_row[b])[b]
+    np.testing.assert_allclose(masked[b], expected, rtol=1e-5, atol=1e-6, err_msg=f"sample {b}")
+  # Control: the branches matter, so a swapped or shared row would show.
+  assert not np.allclose(scaled(0.0, 2.0)[0], scaled(2.0, 2.0)[0], atol=1e-4)
+  assert not np.allclose(scaled(2.0, 0.0)[1], scaled(2.0, 2.0)[1], atol=1e-4)
+
+
 def test_cls_pool_and_headless(setup):
   _, _, images = setup
   cls_model = build_model(pool="cls")

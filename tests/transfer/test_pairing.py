@@ -121,6 +121,28 @@ def test_resolved_pairs_and_errors(shapes):
   assert e.value.field == "transfer.heads"
 
 
+def _self_attending(params, gain=10.0):
+  """Params whose every layer's key projection is its query projection times `gain`: each token attends
+  mostly to itself, in the student and the teacher alike. At random init the maps are near uniform and
+  the two models' unrelated, so the loss barely depends on how sharp the teacher's maps are: a teacher
+  q.k scaled by the student's head dim (16**-0.5, not 8**-0.5) moved it by 1e-7; here by ~17%."""
+  blocks = {}
+  for name, block in params["Transformer"].items():
+    attn = dict(block["MultiHeadDotProductAttention_0"])
+    attn["query"] = jax.tree.map(lambda x: gain * x, attn["query"])
+    attn["key"] = attn["query"]
+    blocks[name] = {**block, "MultiHeadDotProductAttention_0": attn}
+  return {**params, "Transformer": blocks}
+
+
+def _assert_the_teacher_scale_shows(t_logits_LBHNN, s_logits_LBHNN, pairs, mix, expected, rtol):
+  """Control: the reference with the teacher's q.k scaled by the student's head dim (16**-0.5, not the
+  teacher's 8**-0.5) is far outside `rtol`, so a block using that scale would fail the test."""
+  wrong = np.asarray(t_logits_LBHNN, np.float64) * (8 / 16) ** 0.5
+  wrong_loss = _reference_loss(wrong, s_logits_LBHNN, pairs, mix)
+  assert abs(wrong_loss - expected) > 100 * rtol * abs(expected), (wrong_loss, expected)
+
+
 def _reference_loss(t_logits_LBHNN, s_logits_LBHNN, pairs, mix, weight=3.0):
   """numpy: weight * sum over (student, teacher) layer pairs of the mean over batch, heads and queries
   of -sum_j p_j log q_j, p the teacher maps mixed by `mix` [H_s, H_t] (or picked: a one-hot mix), or by
@@ -150,8 +172,10 @@ def _reference_loss(t_logits_LBHNN, s_logits_LBHNN, pairs, mix, weight=3.0):
   ],
 )
 def test_cross_shape_loss_equals_the_numpy_reference(shapes, head_map, layer_map, loss_impl):
-  """Through the step's path (teacher targets, the student's in-block loss) and the stacked-maps path."""
+  """Through the step's path (teacher targets, the student's in-block loss) and the stacked-maps path,
+  with self-attending (peaked) maps where the teacher's logit scale (its own head dim) shows."""
   student, teacher, sp, tp, images = shapes
+  sp, tp = _self_attending(sp), _self_attending(tp)
   t = resolve_distill(student, teacher, head_map=head_map, layer_map=layer_map, loss_impl=loss_impl)
   _, t_out = teacher.apply({"params": tp}, images, train=False)
   handed = targets.run_teacher(*vit.truncate(teacher, tp, t.teacher_depth), images, t)
@@ -161,10 +185,12 @@ def test_cross_shape_loss_equals_the_numpy_reference(shapes, head_map, layer_map
   mix = t.head_mixing()
   if mix is None:  # "first": student head h reads teacher head h
     mix = np.eye(student.num_heads, teacher.num_heads)
-  expected = _reference_loss(
-    t_out["attn_logits"], s_out["attn_logits"], list(zip(t.layers, t.teacher_layers)), mix
-  )
+  pairs = list(zip(t.layers, t.teacher_layers))
+  expected = _reference_loss(t_out["attn_logits"], s_out["attn_logits"], pairs, mix)
   np.testing.assert_allclose(loss.distill_loss(s_out, handed, t), expected, rtol=2e-5)
+  _assert_the_teacher_scale_shows(
+    t_out["attn_logits"], s_out["attn_logits"], pairs, mix, expected, 2e-5
+  )
   if loss_impl == "direct":  # the reference formula's path: the student's stacked maps
     stacked = {"attn_logits": s_out["attn_logits"]}
     np.testing.assert_allclose(loss.distill_loss(stacked, handed, t), expected, rtol=2e-5)
@@ -173,8 +199,10 @@ def test_cross_shape_loss_equals_the_numpy_reference(shapes, head_map, layer_map
 @pytest.mark.parametrize("loss_impl", ["direct", "blockwise", "pallas"])
 def test_picked_heads_equal_the_numpy_reference(shapes, loss_impl):
   """head_map "pick": student head h of selected layer s reads teacher head head_pick[s][h] (any heads,
-  repeats too), from the maps or streamed from q and k; one group serves every layer."""
+  repeats too), from the maps or streamed from q and k; one group serves every layer. Self-attending
+  (peaked) maps, so that the teacher's logit scale shows."""
   student, teacher, sp, tp, images = shapes
+  sp, tp = _self_attending(sp), _self_attending(tp)
   pick = "3,1;0,2;2,2;1,0"
   t = resolve_distill(
     student, teacher, layer_map="uniform", head_map="pick", head_pick=pick, loss_impl=loss_impl
@@ -189,6 +217,9 @@ def test_picked_heads_equal_the_numpy_reference(shapes, loss_impl):
   pairs = list(zip(t.layers, t.teacher_layers))
   expected = _reference_loss(t_out["attn_logits"], s_out["attn_logits"], pairs, mixes)
   np.testing.assert_allclose(loss.distill_loss(s_out, handed, t), expected, rtol=2e-5)
+  _assert_the_teacher_scale_shows(
+    t_out["attn_logits"], s_out["attn_logits"], pairs, mixes, expected, 2e-5
+  )
   one = resolve_distill(student, teacher, layer_map="uniform", head_map="pick", head_pick="0,1")
   first = resolve_distill(student, teacher, layer_map="uniform", head_map="first")
   assert one.head_pick == ((0, 1),) * 4
