@@ -282,8 +282,9 @@ def _train(
     if evaluations.due(step) and not preempted:
       # Before the save, so that the checkpoint's best includes it; a preempted run saves at once.
       evaluations(step, state, writer)
-    if preempted or step % config.ckpt.every_steps == 0:  # never save a diverged state
-      _check_finite(step, jax.device_get(step_metrics), ckpt)
+    if preempted or step % config.ckpt.every_steps == 0:
+      _before_save(run, step, step_metrics, pending, writer, progress, ckpt)
+      pending = None
     extra = {**stream.position(run, step, skipped_total), **evaluations.extra()}
     ckpt.save(step, state, extra=extra, force=preempted)
     if preempted:
@@ -293,6 +294,24 @@ def _train(
   if preempted:
     _stop_preempted(step, ckpt, writer)
   return state, skipped_total
+
+
+def _before_save(
+  run: Run,
+  step: int,
+  step_metrics: Any,
+  pending: tuple[int, Any] | None,
+  writer: metrics.MetricWriter,
+  progress: metrics.Progress,
+  ckpt: checkpoint.Checkpointer,
+) -> None:
+  """Before the save of `step`: its train line (`pending`) is written now, since a run killed after
+  the save resumes past the step and would never log it again; a diverged state is never saved
+  (`_check_finite`, which `_log` runs too)."""
+  if pending is not None:
+    _log(run, pending, writer, progress, ckpt)
+  else:
+    _check_finite(step, jax.device_get(step_metrics), ckpt)
 
 
 def _stop_preempted(step: int, ckpt: checkpoint.Checkpointer, writer: metrics.MetricWriter) -> None:

@@ -555,6 +555,31 @@ def _lines(workdir) -> list[dict]:
   return sorted(lines, key=lambda x: (x["step"], "eval/top1" in x))
 
 
+@pytest.mark.slow
+def test_a_run_killed_right_after_a_save_keeps_that_steps_train_line(
+  tmp_path, tiny_config, monkeypatch
+):
+  """Step 4 is logged and saved; the run dies once its save is committed: the relaunch resumes at step
+  5, so step 4's line must have been written before the save (it was written one step later)."""
+  c = tiny_config(steps=6, mode="none")
+  real_save = checkpoint.Checkpointer.save
+
+  def save_then_die(self, step, *args, **kwargs):
+    started = real_save(self, step, *args, **kwargs)
+    if step == 4:
+      self.wait()
+      raise RuntimeError("killed after the save of step 4")
+    return started
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_die)
+  with pytest.raises(RuntimeError, match="killed after the save"):
+    loop.train_and_evaluate(c, str(tmp_path))
+  monkeypatch.undo()
+  loop.train_and_evaluate(c, str(tmp_path))
+  steps = [x["step"] for x in _lines(tmp_path) if "train/loss" in x]
+  assert steps == [2, 4, 6]
+
+
 def _kill_after_checkpoint(straight, workdir, step: int) -> None:
   """What a run killed after its checkpoint at `step` leaves: checkpoints and metrics up to `step`, no
   exports (a killed run may also leave metrics past its checkpoint: the relaunch writes them again)."""
