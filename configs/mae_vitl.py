@@ -1,4 +1,5 @@
-"""MAE pre-training of ViT-L/16 on ImageNet-1K: the paper's teacher, made by us.
+"""MAE pre-training of ViT-L/16 on ImageNet-1K, to make a teacher of the paper's kind ourselves (the paper's
+own is MAE's released 1600-epoch mae_pretrain_vit_large.pth: convert that for its numbers; this runs 800).
 
   python launch/main.py --config=configs/mae_vitl.py --workdir=$WORKDIR \
       --config.data.dir=/path/to/tensorflow_datasets
