@@ -168,9 +168,12 @@ def activation_bytes(
 
   Per layer and example without remat: the float32 residual input and two LayerNorm outputs, q/k/v and
   the attention output in the matmul dtype, float32 logits and probabilities (H x N^2 each), and the MLP's
-  hidden pre/post activation. `full` remat keeps only each layer's input plus one layer's worth; `dots`
-  keeps the matmul outputs (about everything but the elementwise intermediates). `maps_kept` layers of
-  [H, N, N] float32 maps (teacher targets, student logits for the distillation loss) come on top.
+  hidden pre/post activation. `full` remat keeps only each layer's input; `dots` keeps the matmul
+  outputs (about everything but the elementwise intermediates); either way one more layer's worth is
+  alive in the backward pass (recomputed, or its cotangents). `maps_kept` layers of [H, N, N] float32
+  maps (teacher targets, student logits for the distillation loss) come on top. On XLA:CPU the compiled
+  step needs 0.8-1.8x the whole estimate (tests/experiment/test_memory.py): a count of what must be
+  alive, not of XLA's temporaries.
   """
   n, d = tokens, width
   per_layer = (
@@ -184,7 +187,7 @@ def activation_bytes(
       + per_layer
     )
   else:
-    kept = depth * per_layer
+    kept = (depth + 1) * per_layer
   return examples * (kept + maps_kept * 4 * heads * n * n)
 
 
@@ -216,7 +219,8 @@ def check_fits(estimate: dict[str, int], device: Any = None) -> str:
       raise ConfigError(
         "data.batch_size",
         f"{line}: will not fit. Lower data.batch_size, raise mesh.fsdp "
-        "(shards params/optimizer/EMA/teacher), set model.remat_policy=full or dots, or "
+        "(shards params/optimizer/EMA/teacher), set model.remat_policy=full or dots (with "
+        "model.scan=True), or "
         "model.dtype_mm=bfloat16",
       )
   return line

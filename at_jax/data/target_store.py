@@ -18,6 +18,7 @@ Stores of format 1 (zarr v2, one object per example) still read.
 """
 
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -92,6 +93,11 @@ def targets_array_spec(directory: str, key: str, layout: int = FORMAT) -> dict[s
     bucket, _, inside = path.removeprefix("gs://").partition("/")
     return {"driver": driver, "kvstore": {"driver": "gcs", "bucket": bucket, "path": inside}}
   return {"driver": driver, "kvstore": {"driver": "file", "path": path}}
+
+
+def example_bytes(metadata: Mapping[str, Any]) -> int:
+  """Bytes of one example's stored targets (every key, bfloat16), as a batch carries them."""
+  return sum(2 * math.prod(metadata["shapes"][key]) for key in metadata["keys"])
 
 
 def read_targets_metadata(directory: str) -> dict[str, Any] | None:

@@ -83,7 +83,7 @@ def validate(
     _check_stored_targets(
       config, workdir, model, spec, len(train_source), sources.fingerprint(train_source)
     )
-  memory_line = _check_memory(config, mesh, model, teacher, spec, len(train_source))
+  memory_line = _check_memory(config, workdir, mesh, model, teacher, spec, len(train_source))
   return Validated(model, mesh, train_source, eval_source, memory_line)
 
 
@@ -342,18 +342,26 @@ def _check_stored_targets(
 
 def _check_memory(
   config: ml_collections.ConfigDict,
+  workdir: str,
   mesh: jax.sharding.Mesh,
   model: vit.ViT,
   teacher: vit.ViT | None,
   spec: Transfer,
   num_examples: int,
 ) -> str:
-  """The start-up memory estimate against one device's memory (host RAM on CPU), from shapes."""
+  """The start-up memory estimate against one device's memory (host RAM on CPU), from shapes. A
+  precomputed run holds no teacher (`teacher` is its stored targets' architecture) but its batches
+  carry the stored targets."""
+  precomputed = config.transfer.source == "precomputed"
   lr, total = build.schedule(config, num_examples)
-  task = build.task(config, model, teacher, spec, lr, total)
+  task = build.task(config, model, None if precomputed else teacher, spec, lr, total)
   tx = build.optimizer(config, task, lr, model.depth)
-  teacher_params = None
-  if teacher is not None:  # as teachers.teacher_on_mesh will place it: cut after its last layer
+  teacher_params, stored_target_bytes = None, 0
+  if precomputed:
+    directory = target_store.targets_dir(config.transfer.targets_dir, workdir)
+    metadata = target_store.read_targets_metadata(directory)
+    stored_target_bytes = target_store.example_bytes(metadata) if metadata else 0
+  elif teacher is not None:  # as teachers.teacher_on_mesh will place it: cut after its last layer
     size = teachers.teacher_image_size(config)
     images = np.zeros((1, size, size, 3), np.float32)
     teacher_params = jax.eval_shape(
@@ -363,4 +371,6 @@ def _check_memory(
         spec.teacher_depth,
       )[1]
     )
-  return memory.check(config, mesh, model, spec, build.init_fn(task, tx), teacher_params)
+  return memory.check(
+    config, mesh, model, spec, build.init_fn(task, tx), teacher_params, stored_target_bytes
+  )

@@ -476,6 +476,9 @@ def test_train_with_stored_targets(precomputed, fake_fashion_mnist, tmp_path, ca
   out = capsys.readouterr().out
   assert "Teacher targets: attn_logits" in out and "replaces random-resized crop and flip" in out
   assert ("read for steps 1-2, the distilling ones" in out) == (until < 1), out
+  # The estimate charges the targets the batches carry, and no teacher: the run holds none.
+  estimate = next(x for x in out.splitlines() if x.startswith("per-device memory estimate"))
+  assert "stored_targets" in estimate and " teacher " not in estimate, estimate
   lines = [
     x for x in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "train/loss" in x
   ]
