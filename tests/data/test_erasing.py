@@ -61,3 +61,15 @@ def test_random_erase_prob_out_of_range_names_the_field(prob):
   assert e.value.field == "data.random_erase"
   for ok in (0.0, 0.25, 1.0):
     erasing.check_random_erase(ok)
+
+
+def test_random_erase_boxes_reach_the_bottom_and_right_edges(erased_box):
+  """top and left are uniform over every fitting position, the last (box flush with the edge) too."""
+  image = np.full((10, 12, 3), 5.0, np.float32)
+  bottoms, rights = set(), set()
+  for seed in range(200):
+    out = erasing.random_erase(image, np.random.default_rng(seed), prob=1.0, mode="const")
+    top, bottom, left, right = erased_box(image, out)
+    bottoms.add(int(bottom))
+    rights.add(int(right))
+  assert max(bottoms) == 10 and max(rights) == 12

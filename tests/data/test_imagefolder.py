@@ -12,7 +12,7 @@ import torchvision
 from PIL import Image
 from torchvision import transforms as tv
 
-from at_jax.data import pipeline, sources, transforms
+from at_jax.data import imagefolder, pipeline, sources, transforms
 from at_jax.errors import ConfigError
 
 
@@ -313,3 +313,35 @@ def test_a_folder_in_a_bucket_reads_as_on_disk(tmp_path, gcs_bucket, capsys):
   b = next(pipeline.train_iterator(bucket_source, **kw))
   for key in a:
     np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_eval_class_folders_take_the_training_splits_labels(tmp_path):
+  """An eval split with fewer class folders keeps the training split's indices (torchvision's
+  class_to_idx from train), not indices into its own folders."""
+  root = _tree(tmp_path, splits=("train",))
+  _tree(tmp_path, splits=("val",), classes=("ant", "cat"), per_class=2)
+  val = _source(root, "val")
+  classes = torchvision.datasets.ImageFolder(os.path.join(root, "train")).class_to_idx
+  assert classes == {"ant": 0, "bee": 1, "cat": 2}
+  expected = [classes[os.path.dirname(p)] for p in val.files.paths]
+  assert val.files.labels.tolist() == expected == [0, 0, 2, 2]
+  assert val.files.classes == ("ant", "bee", "cat") and val.num_classes == 3
+
+
+def test_file_list_cache_is_listed_again_when_the_training_classes_change(tmp_path, capsys):
+  """The cached labels index the classes they were listed with: other classes make it stale."""
+  root = _tree(tmp_path / "data", splits=("val",), classes=("ant", "cat"), per_class=2)
+  val, cache = os.path.join(root, "val"), str(tmp_path / "cache")
+
+  def listed(classes):
+    return imagefolder.file_list(
+      val, classes, labels_path="", cache_dir=cache, field="data.eval_split"
+    )
+
+  assert listed(("ant", "cat")).labels.tolist() == [0, 0, 1, 1]
+  assert "Listing" in capsys.readouterr().out
+  assert listed(("ant", "cat")).labels.tolist() == [0, 0, 1, 1]
+  assert "Listing" not in capsys.readouterr().out  # the cache, while the classes are the same
+  wider = listed(("ant", "bee", "cat"))
+  assert "Listing" in capsys.readouterr().out
+  assert wider.classes == ("ant", "bee", "cat") and wider.labels.tolist() == [0, 0, 2, 2]

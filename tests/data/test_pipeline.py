@@ -331,3 +331,37 @@ def test_eval_example_indices_name_each_batchs_examples(process_count, damaged_s
       np.testing.assert_array_equal(index, np.where(batch["mask"], batch["label"], -1))
       seen += list(index[index >= 0])
   assert sorted(seen) == [i for i in range(23) if i != 4]
+
+
+def test_process_slices_resume_at_start_step_and_start_batch(indexed_source, take, train_kw):
+  """Each process's resumed iterator (train at step k, eval at batch 1) yields its slices of the
+  fresh global batches from there: b per process, not the global batch size, per step."""
+  source = indexed_source(20)
+  fresh = take(pipeline.train_iterator(source, **train_kw), 6)
+  view = dict(global_batch_size=8, image_size=8, normalization="unit")
+  fresh_eval = list(pipeline.eval_iterator(source, **view))
+  assert len(fresh_eval) == 3
+  for p in range(2):
+    shard = dict(process_index=p, process_count=2)
+    resumed = take(pipeline.train_iterator(source, **train_kw, **shard, start_step=3), 3)
+    resumed_eval = list(pipeline.eval_iterator(source, **view, **shard, start_batch=1))
+    assert len(resumed_eval) == 2
+    for whole, part in [*zip(fresh[3:], resumed), *zip(fresh_eval[1:], resumed_eval)]:
+      for key in whole:
+        np.testing.assert_array_equal(part[key], whole[key][4 * p : 4 * (p + 1)])
+
+
+@pytest.mark.parametrize("n, global_batch_size", [(16, 8), (8, 8), (12, 4)])
+def test_eval_batches_count_is_the_ceiling(n, global_batch_size, indexed_source):
+  """A split that fills whole batches gets n / B of them: no batch of padding alone."""
+  batches = list(
+    pipeline.eval_iterator(
+      indexed_source(n), global_batch_size=global_batch_size, image_size=8, normalization="unit"
+    )
+  )
+  assert len(batches) == n // global_batch_size
+  assert all(b["mask"].all() for b in batches)
+  odd = pipeline.eval_iterator(
+    indexed_source(n + 1), global_batch_size=global_batch_size, image_size=8, normalization="unit"
+  )
+  assert len(list(odd)) == n // global_batch_size + 1

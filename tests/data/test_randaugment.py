@@ -197,3 +197,17 @@ def test_check_randaugment():
   with pytest.raises(ConfigError) as e:
     randaugment.check_randaugment("rand-m9-bogus")
   assert e.value.field == "data.randaugment"
+
+
+@pytest.mark.parametrize("name", ["Rotate", "TranslateXRel"])
+def test_rand_augment_fills_with_its_fill(name):
+  """Geometric ops fill what they uncover with the RandAugment's own `fill`, not a fixed grey."""
+  ra = randaugment.RandAugment("rand-n1-m9-p1.0", fill=(1, 2, 3))
+  ra.names = (name,)  # only this op is drawn
+  image = Image.new("RGB", (32, 32), (200, 200, 200))
+  for seed in range(4):
+    out = np.asarray(ra(image, np.random.default_rng(seed)))
+    # Rotating by 27 degrees uncovers every corner; translating by 0.405 * 32 px, a left or right edge.
+    corners = out[[16, 16, 0], [0, -1, 0]] if name == "TranslateXRel" else out[[0, -1], [0, -1]]
+    assert any(tuple(c) == (1, 2, 3) for c in corners), corners
+    assert tuple(out[16, 16]) == (200, 200, 200)

@@ -217,3 +217,84 @@ def test_fixed_view_is_the_eval_view(indexed_source):
     assert want["mask"] and "mask" not in got
     np.testing.assert_array_equal(got["image"], want["image"])
     assert got["label"] == want["label"] == i
+
+
+def _augment(seed: int, **kw):
+  """train_preprocessor with crop and flip only (scale, ratio and hflip overridable)."""
+  crop = dict(scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=True, **kw)
+  return transforms.train_preprocessor(
+    seed=seed,
+    image_size=8,
+    normalization="unit",
+    crop_pct=0.875,
+    fixed_view=False,
+    randaugment="",
+    random_erase=0.0,
+    **crop,
+  )
+
+
+def test_augmentation_depends_on_the_seed(indexed_source):
+  """Same example, same stream position, other seed: other crops (the seed feeds the generator)."""
+  example = indexed_source(1, size=32)[0]
+  a, b = _augment(3), _augment(4)
+  assert not np.array_equal(a(example, 0)["image"], b(example, 0)["image"])
+  np.testing.assert_array_equal(a(example, 0)["image"], _augment(3)(example, 0)["image"])
+
+
+def test_random_resized_crop_box_draws_within_scale_and_log_uniform_ratio():
+  """torchvision's get_params: area uniform in scale (its upper bound reached), ratio log-uniform."""
+  size, scale, ratio = 300, (0.1, 0.5), (3 / 4, 4 / 3)
+  rng = np.random.default_rng(0)
+  areas, log_ratios = [], []
+  for _ in range(500):
+    top, left, h, w = transforms.random_resized_crop_box(size, size, rng, scale, ratio)
+    assert 0 <= top <= size - h and 0 <= left <= size - w
+    areas.append(h * w / size**2)
+    log_ratios.append(np.log(w / h))
+  areas, log_ratios = np.array(areas), np.array(log_ratios)
+  # h and w are rounded (>= 94 px here): a little slack.
+  assert areas.min() >= scale[0] - 0.01 and areas.max() <= scale[1] + 0.01
+  assert np.all(np.abs(log_ratios) <= np.log(ratio[1]) + 0.02)
+  assert abs(log_ratios.mean()) < 0.02  # log-uniform: symmetric about w == h
+  assert areas.max() > scale[1] - 0.02  # the upper bound is drawn too
+  assert abs(areas.mean() - np.mean(scale)) < 0.02
+
+
+def test_hflip_flips_half_the_examples(indexed_source):
+  """With the crop the whole image, an output is the image or its mirror: mirrors ~1/2 of draws."""
+  image = indexed_source(1, size=8)[0]["image"]
+  mean, std = transforms.mean_std("unit")
+  flips = 0
+  for seed in range(400):
+    out = transforms.train_example(
+      {"image": image, "label": 0},
+      np.random.default_rng(seed),
+      image_size=8,
+      scale=(1.0, 1.0),
+      ratio=(1.0, 1.0),
+      hflip=True,
+      mean=mean,
+      std=std,
+    )
+    pixels = np.round((out["image"] * std + mean) * 255)
+    flipped = np.array_equal(pixels, image[:, ::-1])
+    assert flipped or np.array_equal(pixels, image)
+    flips += flipped
+  assert abs(flips / 400 - 0.5) < 0.08
+
+
+@pytest.mark.parametrize("hw, resize_to", [((20, 30), 11), ((30, 20), 10), ((25, 19), 12)])
+def test_eval_centre_crop_matches_torchvisions_resize_and_centre_crop(hw, resize_to):
+  """An odd margin (3 or 7 px, new_h - S) is split as CenterCrop does: round(), not floor."""
+  from torchvision import transforms as tv  # pylint: disable=import-outside-toplevel
+
+  image = np.random.default_rng(5).integers(0, 256, (*hw, 3), dtype=np.uint8)
+  unit = dict(mean=np.zeros(3, np.float32), std=np.full(3, 1 / 255, np.float32))
+  ours = transforms.eval_example(
+    {"image": image, "label": 0}, image_size=8, resize_to=resize_to, **unit
+  )["image"]
+  reference = tv.Compose([tv.Resize(resize_to, tv.InterpolationMode.BICUBIC), tv.CenterCrop(8)])
+  theirs = np.asarray(reference(Image.fromarray(image)), np.float32)
+  # One resize of the crop's box resamples what resize-then-crop does: at most 1 level apart.
+  assert np.abs(ours - theirs).max() <= 1
