@@ -11,7 +11,7 @@ import pytest
 
 from at_jax import optim
 from at_jax.errors import ConfigError
-from at_jax.experiment import runs, teachers
+from at_jax.experiment import build, runs, teachers
 from at_jax.models import vit
 from at_jax.transfer import spec
 
@@ -106,6 +106,16 @@ def test_paper_recipe_values():
     cp.model.drop_path,
   ) == (100, 5, 1e-3, 0.999, 0.05, 0.75, 0.0)
   assert np.isclose(d.optim.base_lr * d.data.batch_size / 256, 8e-4)
+
+
+def test_paper_recipe_steps_round_an_epoch_down():
+  """An epoch is the full batches of ImageNet's 1,281,167 images (training batches drop the
+  remainder): 625 steps of 2048, so 200 epochs are 125,000 steps, 20 of warm-up 12,500."""
+  d = _load("distill_vitl")
+  assert (d.data.batch_size, d.schedule.epochs, d.schedule.steps) == (2048, 200, 0)
+  assert build.steps_per_epoch(d, IMAGENET_TRAIN) == 625
+  assert build.schedule(d, IMAGENET_TRAIN)[1] == 200 * 625
+  assert build.warmup_steps(d, IMAGENET_TRAIN) == 20 * 625
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """Tests for at_jax.metrics."""
 
 import glob
+import json
 import os
 import re
 
@@ -112,6 +113,26 @@ def test_format_table():
   assert re.fullmatch(r"\| a +\|\n\|-+\|", metrics.format_table([], ["a"]))
 
 
+def test_a_resumed_writer_drops_later_lines_and_with_evals_at_step_that_steps_evaluation(tmp_path):
+  """A resume after step 4 logs steps 5.. again: their lines go. With `evals_at_step` it evaluates
+  step 4 again too, so step 4's eval line goes, its train line stays."""
+  lines = [{"step": s, "train/loss": float(s)} for s in (2, 4, 6)]
+  lines += [{"step": s, "eval/top1": 10.0 * s} for s in (2, 4, 6)]
+  lines.sort(key=lambda x: x["step"])
+  text = "".join(json.dumps(x) + "\n" for x in lines)
+
+  def resumed(evals_at_step):
+    (tmp_path / "metrics.jsonl").write_text(text)
+    metrics.MetricWriter(str(tmp_path), after_step=4, evals_at_step=evals_at_step).close()
+    return [
+      (x["step"], "eval/top1" in x) for x in metrics.read_jsonl(str(tmp_path / "metrics.jsonl"))
+    ]
+
+  kept = [(2, False), (2, True), (4, False)]  # (step, an eval line)
+  assert resumed(False) == kept + [(4, True)]
+  assert resumed(True) == kept
+
+
 def test_update_best_keeps_the_running_best_and_its_first_step():
   """The reference's max accuracy over evaluations, raw and EMA apart; MAE's losses are best lowest."""
   evals = [
@@ -141,6 +162,21 @@ def test_update_best_keeps_the_running_best_and_its_first_step():
     "best_ema_loss": 0.4,
     "best_ema_loss_step": 2,
   }
+
+
+def test_update_best_a_tie_last_keeps_the_first_step():
+  """The best's step is the first that reached it, also when the run ends on a tie."""
+  best = metrics.update_best({}, 2, {"top1": 30.0, "loss": 0.5})
+  best = metrics.update_best(best, 4, {"top1": 30.0, "loss": 0.5})
+  assert best == {"best_top1": 30.0, "best_top1_step": 2, "best_loss": 0.5, "best_loss_step": 2}
+
+
+def test_update_best_a_diverged_first_evaluation_is_no_best():
+  """A NaN first evaluation sets no bar: NaN compares false with anything, and would stay the best."""
+  best = metrics.update_best({}, 1, {"top1": float("nan"), "loss": float("nan")})
+  assert best == {}
+  best = metrics.update_best(best, 2, {"top1": 5.0, "loss": 5.0})
+  assert best == {"best_top1": 5.0, "best_top1_step": 2, "best_loss": 5.0, "best_loss_step": 2}
 
 
 def test_evals_table_shows_last_and_best():

@@ -101,6 +101,21 @@ def test_a_live_run_on_another_host_is_waited_for_then_refused(tmp_path):
     thread.join()
 
 
+def test_another_hosts_pid_is_not_looked_up_here(tmp_path):
+  """A pid from another host says nothing about this host's processes: a lock whose pid is dead here
+  but whose heartbeat is fresh is a live run there, waited for and then refused, not taken over."""
+  dead = subprocess.run(
+    [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
+  )
+  # A heartbeat in the future stays fresh for the whole wait, with no thread to renew it.
+  _write_holder(str(tmp_path), pid=int(dead.stdout), heartbeat=time.time() + 60, token="there")
+  start = time.monotonic()
+  with pytest.raises(ConfigError, match="in use by another run \\(host other-host"):
+    workdir.WorkdirLock(str(tmp_path), stale_s=0.5, heartbeat_s=0.1).acquire()
+  assert time.monotonic() - start >= 0.5  # waited for its heartbeat to stop first
+  assert _holder(str(tmp_path))["token"] == "there"
+
+
 def test_the_holder_keeps_its_heartbeat_fresh(tmp_path):
   lock = workdir.WorkdirLock(str(tmp_path), heartbeat_s=0.1)
   lock.acquire()
@@ -212,6 +227,29 @@ def test_identity_names_each_changed_field_and_records_an_override(tmp_path, tin
   c.resume = "sometimes"
   with pytest.raises(ConfigError, match="'sometimes' is not one of"):
     workdir.check(c, path)
+
+
+def test_another_seed_is_another_run(tmp_path, tiny_config):
+  """The seed draws the initialization and the data order: a relaunch with another one is refused."""
+  path = str(tmp_path)
+  c = tiny_config(steps=4, mode="distill")
+  workdir.record(c, path, {}, resuming=False)
+  c.seed += 1
+  with pytest.raises(ConfigError, match=r"1 changed: seed: ") as e:
+    workdir.check(c, path)
+  assert e.value.field == "seed"
+
+
+def test_only_an_evaluation_may_change_what_it_evaluates_on(tmp_path, tiny_config):
+  """`EVALUATION_MAY_CHANGE` (eval split, crop) is free for an evaluation of the checkpoint alone: a
+  training relaunch that changes it continues another run, and is refused."""
+  path = str(tmp_path)
+  c = tiny_config(steps=4, mode="distill")
+  workdir.record(c, path, {}, resuming=False)
+  c.data.crop_pct, c.data.eval_split = 0.5, "elsewhere"
+  with pytest.raises(ConfigError, match=r"2 changed: data.crop_pct: .* -> 0.5; data.eval_split"):
+    workdir.check(c, path)
+  assert workdir.check(c, path, evaluating=True) == {}
 
 
 def test_a_run_without_transfer_is_not_defined_by_teacher_or_transfer_fields(tmp_path, tiny_config):
