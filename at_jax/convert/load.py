@@ -127,7 +127,7 @@ def _from_file(
     config, params = big_vision.from_big_vision(contents, path, num_heads)
   else:
     flat = selection.pick(contents, selector, path, default_tower)
-    config, params = timm.from_timm(flat, path, num_heads or _heads_beside(file))
+    config, params = timm.from_timm(flat, path, num_heads or _heads_beside(file, flat))
   config.update(FAMILIES.get(family, {}))
   if config["pre_norm"] and family is None:
     raise ConfigError(
@@ -139,14 +139,19 @@ def _from_file(
   return config, params
 
 
-def _heads_beside(file: str) -> int | None:
+def _heads_beside(file: str, flat: dict[str, Any]) -> int | None:
   """The head count our timm export records beside its weights (<dir>/timm_args.json), which the
-  weights cannot tell for a width outside `keymap.HEADS_BY_WIDTH`; None without one."""
+  weights cannot tell for a width outside `keymap.HEADS_BY_WIDTH`; None without one, or when it
+  describes another width than these weights (another model's file in the same folder)."""
   args_file = os.path.join(os.path.dirname(file), export_keys.TIMM_ARGS_FILE)
   if not storage.isfile(args_file):
     return None
   with storage.open_file(args_file) as f:
-    return json.load(f).get("kwargs", {}).get("num_heads")
+    kwargs = json.load(f).get("kwargs", {})
+  patch = flat.get("patch_embed.proj.weight")
+  if patch is None or kwargs.get("embed_dim") != patch.shape[0]:
+    return None
+  return kwargs.get("num_heads")
 
 
 def _check_against_model(config: dict, params: dict, image_size: int, path: str) -> None:
