@@ -280,6 +280,16 @@ def _resume_point(
     )
   metadata["skipped"] = old["skipped"]
   metadata.update({k: old[k] for k in _LAYOUT if k in old})
+  local = batch_size // jax.process_count()
+  if local % metadata["shard_examples"]:
+    # Laid out for another process count: a shard would straddle two processes' rows (two writers).
+    raise ConfigError(
+      "transfer.targets_dir",
+      f"the unfinished precompute in {directory} was laid out in shards of "
+      f"{metadata['shard_examples']} examples, which do not divide this launch's {local} per "
+      f"process ({batch_size} over {jax.process_count()}): resume it on as many processes as "
+      f"started it, or delete {directory}",
+    )
   metrics.say(f"Resuming the precompute in {directory} at example {old['done_examples']}")
   return old["done_examples"] // batch_size
 

@@ -344,6 +344,21 @@ def test_precompute_resumes_where_it_stopped(teacher, stores, tmp_path, capsys):
   assert "nothing to do" in capsys.readouterr().out
 
 
+def test_a_resume_on_another_process_count_whose_slices_split_a_shard_is_refused(
+  teacher, stores, tmp_path
+):
+  """A store laid out for other per-process slices (here shards of 3, as 3 processes of a batch of
+  48 would have it) cannot take this launch's rows of 16 without two writers sharing a shard."""
+  directory = tmp_path / "targets"
+  shutil.copytree(stores["logits"], directory)
+  meta = json.load(open(directory / target_store.TARGETS_METADATA))
+  meta.update(done_examples=BATCH, complete=False, shard_examples=3)
+  json.dump(meta, open(directory / target_store.TARGETS_METADATA, "w"))
+  with pytest.raises(ConfigError, match="shards of 3 examples, which do not divide") as e:
+    _write(teacher, directory, "logits")
+  assert e.value.field == "transfer.targets_dir"
+
+
 def test_precompute_refuses_a_folder_of_another_setting(teacher, stores, tmp_path):
   directory = tmp_path / "targets"
   shutil.copytree(stores["logits"], directory)
