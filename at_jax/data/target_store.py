@@ -95,9 +95,13 @@ def targets_array_spec(directory: str, key: str, layout: int = FORMAT) -> dict[s
   return {"driver": driver, "kvstore": {"driver": "file", "path": path}}
 
 
-def example_bytes(metadata: Mapping[str, Any]) -> int:
-  """Bytes of one example's stored targets (every key, bfloat16), as a batch carries them."""
-  return sum(2 * math.prod(metadata["shapes"][key]) for key in metadata["keys"])
+def example_bytes(metadata: Mapping[str, Any], layers: Sequence[int] | None = None) -> int:
+  """Bytes of one example's targets as a batch carries them: every key, bfloat16, of the stored layers
+  `layers` (default: all; each key's first axis is the stored layers, as `TeacherTargets` reads)."""
+  return sum(
+    2 * math.prod(shape[1:]) * (len(layers) if layers is not None else shape[0])
+    for shape in (metadata["shapes"][key] for key in metadata["keys"])
+  )
 
 
 def read_targets_metadata(directory: str) -> dict[str, Any] | None:

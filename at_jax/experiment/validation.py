@@ -360,7 +360,8 @@ def _check_memory(
   if precomputed:
     directory = target_store.targets_dir(config.transfer.targets_dir, workdir)
     metadata = target_store.read_targets_metadata(directory)
-    stored_target_bytes = target_store.example_bytes(metadata) if metadata else 0
+    if metadata:
+      stored_target_bytes = target_store.example_bytes(metadata, spec.teacher_layers)
   elif teacher is not None:  # as teachers.teacher_on_mesh will place it: cut after its last layer
     size = teachers.teacher_image_size(config)
     images = np.zeros((1, size, size, 3), np.float32)

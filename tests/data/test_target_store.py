@@ -147,3 +147,10 @@ def test_a_shard_is_one_processs_rows_of_one_batch():
   assert target_store.shard_examples(24, target_store.SHARD_BYTES // 10) == 8
   assert target_store.shard_examples(7, target_store.SHARD_BYTES) == 1
   assert target_store.shard_examples(7, 10 * target_store.SHARD_BYTES) == 1
+
+
+def test_example_bytes_counts_the_layers_a_batch_carries():
+  """What the memory estimate charges per example: bfloat16, every key, only the layers read."""
+  metadata = {"keys": ["q", "k"], "shapes": {"q": [3, 5, 2, 4], "k": [3, 5, 2, 4]}}
+  assert target_store.example_bytes(metadata) == 2 * 2 * 3 * 5 * 2 * 4
+  assert target_store.example_bytes(metadata, [2]) == 2 * 2 * 1 * 5 * 2 * 4
